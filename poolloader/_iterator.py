@@ -1,0 +1,233 @@
+"""One epoch over the pool: the prefetch window and in-order delivery.
+
+The iterator walks the (batch) sampler in the consumer's thread, only as far
+as the window needs: at most ``prefetch_factor * num_workers`` tasks are
+*unfinished* at once, and at most ``reorder_buffer`` more finished batches wait
+behind a slow one. A slow batch therefore does not stop the other workers: they
+keep loading the batches after it until the reorder buffer is full. Batches are
+yielded in sampler order (``in_order=True``) or as they finish.
+
+The sampler is never read ahead of the window, so a change to it (say a new
+``max_duration``) applies from the next batch the iterator asks it for.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, wait
+from typing import TYPE_CHECKING, Any
+
+from torch.utils.data._utils.pin_memory import pin_memory
+from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
+
+from ._pool import Ended, Loaded, Outcome, Pool, Raised, TaskRecord, _short
+from .errors import LoaderTimeoutError
+
+if TYPE_CHECKING:
+    from .loader import DataLoader
+
+#: Seconds between health checks while the consumer waits for a batch with
+#: ``timeout=0``. The pool fails waiting futures itself when it breaks; this
+#: only guards against a wait that nothing would ever end.
+WAIT_SLICE = 5.0
+
+
+class PoolIterator(_BaseDataLoaderIter):
+    """Iterates one epoch of a poolloader :class:`~poolloader.DataLoader`."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        super().__init__(loader)
+        self._loader_stats = loader._stats
+        self._window: deque[TaskRecord] = deque()
+        self._limit = (loader.prefetch_factor or 2) * loader.num_workers
+        self._max_window = self._limit + loader._reorder_buffer
+        self._in_order = loader.in_order
+        self._iterable = self._dataset_kind == _DatasetKind.Iterable
+        self._start_epoch(loader)
+
+    # ------------------------------------------------------------ epochs
+
+    def _start_epoch(self, loader: DataLoader[Any]) -> None:
+        self._epoch, self._pool = loader._begin_epoch(self._base_seed)
+        self._window = deque()
+        self._next_position = 0
+        self._sampler_done = False
+        self._active_workers = list(range(self._num_workers))
+        self._round_robin = itertools.cycle(range(self._num_workers))
+        self._fill()
+
+    def _reset(self, loader: Any, first_iter: bool = False) -> None:
+        # persistent_workers=True: torch keeps one iterator and resets it per epoch.
+        self._abandon()
+        super()._reset(loader, first_iter)
+        self._start_epoch(loader)
+
+    def _abandon(self) -> None:
+        if self._window:
+            self._pool.cancel(list(self._window))
+            self._window.clear()
+        self._pool.end_epoch(self._epoch)
+
+    def close(self) -> None:
+        """Cancel the batches loaded ahead; the iterator yields nothing more."""
+        self._sampler_done = True
+        if not self._pool.closed:
+            self._abandon()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------- submitting
+
+    def _unfinished(self) -> int:
+        return sum(1 for r in self._window if not r.future.done())
+
+    def _fill(self) -> None:
+        while (
+            not self._sampler_done
+            and len(self._window) < self._max_window
+            and self._unfinished() < self._limit
+        ):
+            self._submit_next()
+
+    def _submit_next(self) -> None:
+        pin = self._next_pin() if self._iterable else None
+        if self._iterable and pin is None:
+            self._sampler_done = True
+            return
+        try:
+            index = self._next_index()
+        except StopIteration:
+            self._sampler_done = True
+            return
+        record = self._pool.submit(self._epoch, self._next_position, index, pin)
+        self._next_position += 1
+        self._window.append(record)
+
+    def _next_pin(self) -> int | None:
+        # IterableDataset: each worker iterates its own shard; tasks go round-robin
+        # to the workers whose shard is not exhausted yet, as in torch.
+        for _ in range(self._num_workers):
+            worker = next(self._round_robin)
+            if worker in self._active_workers:
+                return worker
+        return None
+
+    def refresh(self) -> int:
+        """Discard the batches loaded ahead and load them again with every change
+        made so far; returns how many were reloaded."""
+        stale = list(self._window)
+        self._pool.cancel(stale)
+        self._window.clear()
+        for old in stale:
+            self._window.append(self._pool.submit(self._epoch, old.position, old.index, old.pin))
+        return len(stale)
+
+    # ------------------------------------------------------------- delivery
+
+    def _next_data(self) -> Any:
+        while True:
+            if not self._window:
+                self._finish()
+                raise StopIteration
+            record = self._take()
+            outcome = record.future.result()
+            self._fill()
+            data = self._deliver(record, outcome)
+            if data is not _SKIP:
+                return data
+
+    def _finish(self) -> None:
+        self._sampler_done = True
+        self._pool.end_epoch(self._epoch)
+
+    def _take(self) -> TaskRecord:
+        started = time.perf_counter()
+        record = self._window[0] if self._in_order else self._first_done()
+        self._wait(record)
+        self._window.remove(record)
+        self._loader_stats.record_wait(time.perf_counter() - started)
+        return record
+
+    def _first_done(self) -> TaskRecord:
+        for record in self._window:
+            if record.future.done():
+                return record
+        timeout = self._timeout if self._timeout > 0 else None
+        wait([r.future for r in self._window], timeout=timeout, return_when=FIRST_COMPLETED)
+        for record in self._window:
+            if record.future.done():
+                return record
+        return self._window[0]  # timed out: _wait raises for the oldest
+
+    def _wait(self, record: TaskRecord) -> None:
+        if self._timeout > 0:
+            done, _ = wait([record.future], timeout=self._timeout)
+            if not done:
+                raise self._timeout_error(record)
+            return
+        while not wait([record.future], timeout=WAIT_SLICE)[0]:
+            broken = self._pool.broken
+            if broken is not None:
+                raise broken
+
+    def _timeout_error(self, record: TaskRecord) -> LoaderTimeoutError:
+        where = f" at worker {record.worker}" if record.worker is not None else " (not started)"
+        return LoaderTimeoutError(
+            f"DataLoader timed out after {self._timeout} seconds waiting for batch "
+            f"{record.position} (indices {_short(record.index)}){where}. Raise `timeout`, "
+            "or look for a dataset __getitem__ that hangs."
+        )
+
+    def _deliver(self, record: TaskRecord, outcome: Outcome) -> Any:
+        if isinstance(outcome, Ended):
+            if outcome.worker_id in self._active_workers:
+                self._active_workers.remove(outcome.worker_id)
+            self._fill()
+            return _SKIP
+        if isinstance(outcome, Raised):
+            raise _reraise(outcome, record)
+        assert isinstance(outcome, Loaded)
+        self._loader_stats.batches += 1
+        data = outcome.data
+        if self._pin_memory:
+            data = pin_memory(data, self._pin_memory_device)
+        return data
+
+
+_SKIP = object()
+
+
+def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
+    """The worker's exception, as its own type, with where it happened in the message."""
+    exc = outcome.error.rebuild()
+    context = (
+        f"raised in DataLoader worker {outcome.worker_id} (pid {outcome.pid}) while loading "
+        f"batch {record.position} with indices {_short(record.index)}"
+    )
+    if _message_is_plain(exc):
+        original = str(exc.args[0]) if exc.args else ""
+        message = f"{original}\n({context})" if original else f"({context})"
+        exc.args = (_Message(message),) if isinstance(exc, KeyError) else (message,)
+    else:
+        exc.add_note(context.capitalize())
+    return exc
+
+
+def _message_is_plain(exc: BaseException) -> bool:
+    """Whether rewriting ``args`` changes the message and nothing else."""
+    if len(exc.args) > 1 or (exc.args and not isinstance(exc.args[0], str)):
+        return False
+    return type(exc).__str__ in (BaseException.__str__, KeyError.__str__)
+
+
+class _Message(str):
+    """A KeyError message that prints as text, not as the repr of a key."""
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -1,0 +1,171 @@
+"""The messages that travel between the main process and its workers.
+
+Each message is a small frozen dataclass with one meaning. Main → worker:
+:class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
+:class:`DelAttr`, :class:`SetItem`, :class:`DelItem`, :class:`Broadcast`,
+:class:`Replace`) and :class:`Stop`. Worker → main: :class:`Ready`,
+:class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`.
+
+Values chosen by the user (attribute values, broadcast functions, datasets) are
+pickled once in the main process, when the change is made, and travel as
+``bytes``: a value that cannot be pickled fails at the assignment, and the same
+bytes serve every worker, including workers started later to replace dead ones.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from dataclasses import dataclass
+from typing import Any, Union
+
+from .errors import RemoteTraceback
+
+#: One step of a path from the dataset to a nested object: ("attr", name) or ("item", key).
+Step = tuple[str, Any]
+Path = tuple[Step, ...]
+
+
+# ---------------------------------------------------------------- main → worker
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """Load one batch: ``index`` is what the sampler yielded for batch ``position``."""
+
+    seq: int
+    epoch: int
+    position: int
+    index: Any
+
+
+@dataclass(frozen=True, slots=True)
+class EpochStart:
+    """Sent to a worker before its first task of an epoch."""
+
+    epoch: int
+    base_seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetAttr:
+    path: Path
+    name: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DelAttr:
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetItem:
+    path: Path
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DelItem:
+    path: Path
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    """Run ``fn(dataset, *args, **kwargs)``; ``call`` pickles ``(fn, args, kwargs)``."""
+
+    call: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Replace:
+    """Swap in a fresh copy of the dataset and run ``worker_init_fn`` again."""
+
+    dataset: bytes
+
+
+Update = Union[SetAttr, DelAttr, SetItem, DelItem, Broadcast, Replace]
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Finish: stop the processes the worker started, then exit."""
+
+
+# ---------------------------------------------------------------- worker → main
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteError:
+    """An exception raised in a worker, packed so it can be re-raised as its own type."""
+
+    type_name: str
+    message: str
+    traceback: str
+    pickled: bytes | None
+
+    @classmethod
+    def capture(cls, exc: BaseException) -> RemoteError:
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        try:
+            pickled: bytes | None = pickle.dumps(exc)
+            pickle.loads(pickled)
+        except Exception:
+            pickled = None
+        name = f"{type(exc).__module__}.{type(exc).__qualname__}"
+        return cls(type_name=name, message=str(exc), traceback=text, pickled=pickled)
+
+    def rebuild(self) -> BaseException:
+        """The original exception if it survived pickling, else a RuntimeError naming it."""
+        exc: BaseException | None = None
+        if self.pickled is not None:
+            try:
+                exc = pickle.loads(self.pickled)
+            except Exception:
+                exc = None
+        if exc is None:
+            exc = RuntimeError(f"{self.type_name}: {self.message}")
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{self.traceback}"""')
+        return exc
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartFailed:
+    worker_id: int
+    pid: int
+    error: RemoteError
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Batch ``seq`` loaded; ``payload`` is the transport's reference to it."""
+
+    seq: int
+    payload: Any
+    nbytes: int
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Dataset or collate code raised while loading batch ``seq``."""
+
+    seq: int
+    error: RemoteError
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class Exhausted:
+    """The worker's iterable-dataset shard has no more items for this epoch."""
+
+    seq: int

@@ -1,0 +1,107 @@
+"""Pickling for spawn workers, with errors that name the object that failed.
+
+A bare ``PicklingError: cannot pickle '_thread.lock' object`` from deep inside
+``Process.start()`` tells nobody which attribute of which dataset holds the
+lock. :func:`dumps` pickles an object once and, when that fails, walks its
+attributes to name the culprit (``dataset.reader._fh``) and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import types
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import NotPicklableError
+
+#: How deep :func:`find_culprit` looks for the unpicklable part. Deeper finds
+#: the exact attribute in more cases but costs a pickling attempt per object.
+CULPRIT_SEARCH_DEPTH = 4
+#: Containers longer than this are searched only at their first items.
+CULPRIT_SEARCH_WIDTH = 32
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(obj: object, what: str) -> bytes:
+    """Pickle ``obj`` for spawn workers, or raise :class:`NotPicklableError` naming it.
+
+    Args:
+        obj: The object to send.
+        what: How the user knows the object, e.g. ``"dataset"`` or ``"collate_fn"``.
+    """
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception as exc:
+        raise not_picklable(obj, what, exc) from exc
+
+
+def not_picklable(obj: object, what: str, exc: BaseException) -> NotPicklableError:
+    """Build the error for ``obj`` (known to the user as ``what``) failing with ``exc``."""
+    path, part = find_culprit(obj, what)
+    subject = what if path == what else f"{path} (part of {what})"
+    message = (
+        f"{subject} cannot be pickled, but spawn worker processes receive it by pickling: "
+        f"{type(exc).__name__}: {exc}. {_hint(part)}"
+    )
+    return NotPicklableError(message)
+
+
+def find_culprit(obj: object, name: str, depth: int = CULPRIT_SEARCH_DEPTH) -> tuple[str, object]:
+    """The most specific part of ``obj`` that fails to pickle, as ``(path, part)``."""
+    if depth > 0:
+        for child_name, child in _children(obj, name):
+            if not _pickles(child):
+                return find_culprit(child, child_name, depth - 1)
+    return name, obj
+
+
+def _pickles(obj: object) -> bool:
+    try:
+        pickle.dump(obj, _NullWriter(), protocol=PROTOCOL)
+    except Exception:
+        return False
+    return True
+
+
+class _NullWriter(io.RawIOBase):
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+def _children(obj: object, name: str) -> Iterator[tuple[str, object]]:
+    if isinstance(obj, dict):
+        for i, (key, value) in enumerate(obj.items()):
+            if i >= CULPRIT_SEARCH_WIDTH:
+                return
+            yield f"{name}[{key!r}]", value
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj[:CULPRIT_SEARCH_WIDTH]):
+            yield f"{name}[{i}]", value
+    elif isinstance(obj, types.FunctionType | types.MethodType | type):
+        return
+    else:
+        state = getattr(obj, "__dict__", None)
+        if isinstance(state, dict):
+            for key, value in list(state.items())[:CULPRIT_SEARCH_WIDTH]:
+                yield f"{name}.{key}", value
+
+
+def _hint(part: object) -> str:
+    if isinstance(part, types.FunctionType) and (
+        part.__name__ == "<lambda>" or "<locals>" in part.__qualname__
+    ):
+        return (
+            "Spawn workers import functions by their qualified name, so lambdas and functions "
+            "defined inside other functions cannot reach them: define it with `def` at module "
+            "level (functools.partial of a module-level function works too)."
+        )
+    if isinstance(part, types.GeneratorType):
+        return "Generators cannot be pickled: create the iterator inside the worker instead."
+    return (
+        "Open files, locks, sockets, database handles and similar resources cannot be "
+        "pickled: create them lazily in the worker (on first use in __getitem__, or in "
+        "worker_init_fn), or leave them out in __getstate__."
+    )

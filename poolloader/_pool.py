@@ -1,0 +1,588 @@
+"""The worker process pool: start, dispatch, health, respawn, shutdown.
+
+::
+
+    consumer thread                I/O thread ("poolloader-io")          workers
+    ───────────────                ───────────────────────────          ───────
+    submit(task) ──► pending ──┐   wait(connections + sentinels)
+                               └─► dispatch: a worker with a free slot  ──► inbox
+                                   takes the first pending task it may      │
+                                   run; missing control updates first       ▼
+    future.result() ◄── Future ◄── Done / Failed / Exhausted ◄────────── result
+                                   a sentinel fires: requeue the dead
+                                   worker's tasks, start a replacement
+
+Each worker has one duplex connection. The main process keeps at most
+:data:`TASKS_PER_WORKER` tasks at a worker and the rest in ``pending``, so a
+free worker always takes the next task (no queue of tasks stuck behind a slow
+batch, as with per-worker index queues), and a dead worker's tasks are known
+exactly. Workers are not daemonic: dataset code may start processes of its own.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import multiprocessing.util  # noqa: F401 - registered first, so our atexit hook runs before its
+import os
+import pickle
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import psutil
+
+from . import _worker
+from ._control import Channel
+from ._messages import (
+    Done,
+    EpochStart,
+    Exhausted,
+    Failed,
+    Ready,
+    RemoteError,
+    StartFailed,
+    Stop,
+    Task,
+)
+from ._pickling import not_picklable
+from .errors import LoaderClosedError, PoolBrokenError, WorkerCrashedError, WorkerStartError
+
+logger = logging.getLogger("poolloader")
+
+#: Tasks handed to one worker at a time: one running and one waiting in its
+#: inbox, so it never idles for a round trip to the main process. More would
+#: let tasks queue behind a slow batch; fewer leaves the worker waiting for the
+#: I/O thread (which may wait for the GIL) after every batch.
+TASKS_PER_WORKER = 2
+#: Seconds the I/O thread sleeps between checks when nothing happens. Events
+#: (results, deaths, wake-ups) end the wait at once; this only bounds how long
+#: a missed wake-up could go unnoticed.
+IO_POLL_INTERVAL = 1.0
+#: Seconds workers get to finish after Stop before they are terminated.
+STOP_GRACE = 2.0
+#: Seconds after SIGTERM before SIGKILL.
+TERMINATE_GRACE = 1.0
+
+
+# ----------------------------------------------------------------- outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    data: Any
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Raised:
+    error: RemoteError
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    worker_id: int
+
+
+Outcome = Loaded | Raised | Ended
+
+
+@dataclass(eq=False)
+class TaskRecord:
+    """A submitted task, as the main process tracks it until its outcome arrives."""
+
+    seq: int
+    epoch: int
+    position: int
+    index: Any
+    generation: int
+    pin: int | None
+    future: Future[Outcome] = field(default_factory=Future)
+    worker: int | None = None
+    deaths: int = 0
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Worker:
+    id: int
+    process: Any
+    conn: Connection
+    generation: int
+    pid: int = 0
+    ready: bool = False
+    epoch: int = -1
+    tasks: dict[int, TaskRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    tasks_done: int
+    restarts: int
+    bytes_moved: int
+    busy_seconds: float
+    uptime_seconds: float
+    pending: int
+    running: int
+    control_messages: int
+
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Runs before multiprocessing's own exit hook, which would otherwise wait
+    # forever for our non-daemonic workers to exit.
+    for pool in list(_live_pools):
+        pool.close()
+
+
+class Pool:
+    """``num_workers`` spawn/forkserver workers fed from one pending queue."""
+
+    def __init__(
+        self,
+        *,
+        context: Any,
+        num_workers: int,
+        setup: _worker.WorkerSetup,
+        channel: Channel,
+        transport: Any,
+        max_restarts: int,
+        resumable: bool,
+    ) -> None:
+        self._context = context
+        self._num_workers = num_workers
+        self._setup = setup
+        self._channel = channel
+        self._transport = transport
+        self._max_restarts = max_restarts
+        self._resumable = resumable
+        self._lock = threading.RLock()
+        self._pending: deque[TaskRecord] = deque()
+        self._workers: list[_Worker] = []
+        self._epochs: dict[int, EpochStart] = {}
+        self._seq = itertools.count()
+        self._broken: PoolBrokenError | None = None
+        self._closing = False
+        self._closed = False
+        self._exitcodes: list[int] = []
+        self._stats = {"tasks_done": 0, "restarts": 0, "bytes_moved": 0, "busy": 0.0}
+        self._control_messages = 0
+        self._started_at = time.monotonic()
+        self._wakeup_r, self._wakeup_w = os.pipe()
+        os.set_blocking(self._wakeup_w, False)
+        self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
+
+    # ---------------------------------------------------------------- life
+
+    def start(self) -> None:
+        logger.debug("starting %d workers", self._num_workers)
+        with self._lock:
+            self._workers = [self._spawn(i) for i in range(self._num_workers)]
+        _live_pools.add(self)
+        self._thread.start()
+
+    def _spawn(self, worker_id: int) -> _Worker:
+        generation, dataset = self._channel.base
+        setup = replace(self._setup, worker_id=worker_id, dataset=dataset)
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_worker.run,
+            args=(setup, child),
+            name=f"poolloader-worker-{worker_id}",
+            daemon=False,
+        )
+        process.start()
+        child.close()
+        logger.debug("worker %d started (pid %s)", worker_id, process.pid)
+        return _Worker(worker_id, process, parent, generation, pid=process.pid)
+
+    @property
+    def broken(self) -> PoolBrokenError | None:
+        return self._broken
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._closing
+
+    @property
+    def worker_pids(self) -> list[int]:
+        with self._lock:
+            return [w.pid for w in self._workers]
+
+    def close(self) -> None:
+        """Stop every worker and every process they started; idempotent."""
+        with self._lock:
+            if self._closing:
+                return
+            self._closing = True
+            orphans = self._take_all_records()
+        _fail(orphans, LoaderClosedError("the DataLoader was closed"))
+        self._wake()
+        if threading.current_thread() is not self._thread and self._thread.is_alive():
+            self._thread.join()
+        self._stop_workers()
+        for fd in (self._wakeup_r, self._wakeup_w):
+            os.close(fd)
+        self._transport.close()
+        self._channel.stop()
+        _live_pools.discard(self)
+        self._closed = True
+        logger.debug("pool closed")
+
+    def _stop_workers(self) -> None:
+        workers = list(self._workers)
+        descendants = _descendants([w.pid for w in workers])
+        for w in workers:
+            self._send(w, pickle.dumps(Stop()))
+        deadline = time.monotonic() + STOP_GRACE
+        for w in workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+        stubborn = [w.process for w in workers if w.process.is_alive()]
+        for process in stubborn:
+            process.terminate()
+        for process in stubborn:
+            process.join(TERMINATE_GRACE)
+            if process.is_alive():
+                process.kill()
+                process.join(TERMINATE_GRACE)
+        _worker.terminate_all([p for p in descendants if p.is_running()])
+        for w in workers:
+            w.conn.close()
+            w.process.close()
+
+    # ----------------------------------------------------------- submitting
+
+    def begin_epoch(self, epoch: int, base_seed: int) -> None:
+        with self._lock:
+            self._epochs[epoch] = EpochStart(epoch, base_seed)
+            oldest = min(
+                (r.generation for r in self._all_records()), default=self._channel.generation
+            )
+            self._channel.rebase(oldest)
+
+    def end_epoch(self, epoch: int) -> None:
+        with self._lock:
+            self._epochs.pop(epoch, None)
+
+    def submit(self, epoch: int, position: int, index: Any, pin: int | None = None) -> TaskRecord:
+        """Queue batch ``position`` of ``epoch``; its outcome arrives on ``record.future``."""
+        with self._lock:
+            self._check_usable()
+            record = TaskRecord(
+                next(self._seq), epoch, position, index, self._channel.generation, pin
+            )
+            self._pending.append(record)
+            self._dispatch()
+        return record
+
+    def cancel(self, records: list[TaskRecord]) -> None:
+        """Forget tasks whose batches nobody will read."""
+        with self._lock:
+            for record in records:
+                record.cancelled = True
+                if record.worker is None and record in self._pending:
+                    self._pending.remove(record)
+                record.future.cancel()
+
+    def _check_usable(self) -> None:
+        if self._closing:
+            raise LoaderClosedError("the DataLoader was closed; create a new one to load more")
+        if self._broken is not None:
+            raise self._broken
+
+    # ------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        """Give each worker with a free slot the first pending task it may run (lock held)."""
+        progress = True
+        while progress and self._pending:
+            progress = False
+            for w in sorted(self._workers, key=lambda w: len(w.tasks)):
+                if len(w.tasks) < TASKS_PER_WORKER:
+                    record = self._take_for(w)
+                    if record is not None:
+                        self._send_task(w, record)
+                        progress = True
+
+    def _take_for(self, w: _Worker) -> TaskRecord | None:
+        # See NOTE [ Control ordering ] in _control.py: a worker never runs a
+        # task older than the newest change it has applied.
+        for i, record in enumerate(self._pending):
+            if (record.pin is None or record.pin == w.id) and record.generation >= w.generation:
+                del self._pending[i]
+                return record
+        return None
+
+    def _send_task(self, w: _Worker, record: TaskRecord) -> None:
+        try:
+            task = pickle.dumps(Task(record.seq, record.epoch, record.position, record.index))
+        except Exception as exc:
+            _fail([record], not_picklable(record.index, f"the index of batch {record.position}", exc))
+            return
+        messages = []
+        if w.epoch != record.epoch:
+            messages.append(pickle.dumps(self._epochs[record.epoch]))
+            w.epoch = record.epoch
+        if record.generation > w.generation:
+            for update in self._channel.updates(w.generation, record.generation):
+                messages.append(pickle.dumps(update))
+                self._control_messages += 1
+            w.generation = record.generation
+        record.worker = w.id
+        w.tasks[record.seq] = record
+        for message in (*messages, task):
+            self._send(w, message)
+
+    def _send(self, w: _Worker, message: bytes) -> None:
+        try:
+            w.conn.send_bytes(message)
+        except OSError:
+            pass  # the worker died; its sentinel tells the I/O thread
+
+    # ------------------------------------------------------------ I/O thread
+
+    def _io_loop(self) -> None:
+        try:
+            while not self._closing:
+                self._io_step()
+        except BaseException as exc:  # noqa: BLE001 - nothing may be left waiting
+            logger.exception("poolloader I/O thread failed")
+            self._break(PoolBrokenError(f"the worker pool's I/O thread failed: {exc!r}"))
+
+    def _io_step(self) -> None:
+        with self._lock:
+            by_conn = {w.conn: w for w in self._workers}
+            by_sentinel = {w.process.sentinel: w for w in self._workers}
+        ready = wait([*by_conn, *by_sentinel, self._wakeup_r], timeout=IO_POLL_INTERVAL)
+        if self._wakeup_r in ready:
+            os.read(self._wakeup_r, 4096)
+        for obj in ready:
+            if obj in by_conn:
+                self._drain(by_conn[obj])
+        for obj in ready:
+            if obj in by_sentinel and not self._closing:
+                self._on_exit(by_sentinel[obj])
+        with self._lock:
+            if not self._closing and self._broken is None:
+                self._dispatch()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wakeup_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain(self, w: _Worker) -> None:
+        while True:
+            try:
+                if not w.conn.poll(0):
+                    return
+                message = pickle.loads(w.conn.recv_bytes())
+            except (EOFError, OSError):
+                return
+            self._handle(w, message)
+
+    def _handle(self, w: _Worker, message: Any) -> None:
+        if isinstance(message, Ready):
+            w.ready = True
+            return
+        if isinstance(message, StartFailed):
+            self._break(_start_error(message))
+            return
+        with self._lock:
+            record = w.tasks.pop(message.seq, None)
+            wanted = record is not None and not record.cancelled
+            self._dispatch()
+        if isinstance(message, (Done, Failed)):
+            self._stats["busy"] += message.elapsed
+            self._stats["tasks_done"] += 1
+        if not wanted:
+            if isinstance(message, Done):
+                self._transport.discard(message.payload)
+            return
+        assert record is not None
+        _resolve(record.future, self._outcome(w, message))
+
+    def _outcome(self, w: _Worker, message: Done | Failed | Exhausted) -> Outcome:
+        if isinstance(message, Done):
+            self._stats["bytes_moved"] += message.nbytes
+            return Loaded(self._transport.unpack(message.payload), w.id, w.pid)
+        if isinstance(message, Failed):
+            return Raised(message.error, w.id, w.pid)
+        return Ended(w.id)
+
+    # ---------------------------------------------------------------- deaths
+
+    def _on_exit(self, w: _Worker) -> None:
+        self._drain(w)
+        w.process.join(TERMINATE_GRACE)
+        code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
+        if not w.ready:
+            self._break(_silent_start_error(w, code))
+            return
+        with self._lock:
+            lost = sorted(w.tasks.values(), key=lambda r: r.seq)
+            w.tasks.clear()
+            self._stats["restarts"] += 1
+            self._exitcodes.append(code)
+            logger.warning(
+                "poolloader worker %d (pid %d) died: %s; running batches %s again",
+                w.id, w.pid, describe_exit(code), [r.position for r in lost],
+            )  # fmt: skip
+            failure = self._crash_error(w, code, lost)
+            if failure is not None:
+                self._break(failure)
+                return
+            self._replace(w, lost)
+
+    def _crash_error(self, w: _Worker, code: int, lost: list[TaskRecord]) -> PoolBrokenError | None:
+        indices = lost[0].index if lost else None
+        exits = ", ".join(describe_exit(c) for c in self._exitcodes)
+        if self._stats["restarts"] > self._max_restarts:
+            return WorkerCrashedError(
+                f"DataLoader workers died {self._stats['restarts']} times, more than "
+                f"max_worker_restarts={self._max_restarts} allows ({exits}). The last, worker "
+                f"{w.id} (pid {w.pid}), was loading batch indices {_short(indices)}.",
+                exitcodes=tuple(self._exitcodes), indices=indices,
+            )  # fmt: skip
+        poison = [r for r in lost if r.deaths >= 1]
+        if poison:
+            return WorkerCrashedError(
+                f"batch {poison[0].position} (indices {_short(poison[0].index)}) killed two "
+                f"workers ({exits}); it is not retried again.",
+                exitcodes=tuple(self._exitcodes), indices=poison[0].index,
+            )  # fmt: skip
+        if lost and not self._resumable:
+            return WorkerCrashedError(
+                f"worker {w.id} (pid {w.pid}) died while iterating an IterableDataset "
+                f"({describe_exit(code)}); its position in its shard is lost, so the epoch "
+                "cannot continue exactly.",
+                exitcodes=tuple(self._exitcodes), indices=indices,
+            )  # fmt: skip
+        return None
+
+    def _replace(self, w: _Worker, lost: list[TaskRecord]) -> None:
+        w.conn.close()
+        w.process.close()
+        fresh = self._spawn(w.id)
+        self._workers[self._workers.index(w)] = fresh
+        for record in reversed(lost):
+            record.deaths += 1
+            record.worker = None
+            self._pending.appendleft(record)
+
+    def _break(self, error: PoolBrokenError) -> None:
+        with self._lock:
+            if self._broken is not None:
+                return
+            self._broken = error
+            records = self._take_all_records()
+        _fail(records, error)
+
+    def _all_records(self) -> list[TaskRecord]:
+        return [*self._pending, *(r for w in self._workers for r in w.tasks.values())]
+
+    def _take_all_records(self) -> list[TaskRecord]:
+        records = self._all_records()
+        self._pending.clear()
+        for w in self._workers:
+            w.tasks.clear()
+        return records
+
+    # ----------------------------------------------------------- statistics
+
+    def statistics(self) -> PoolStatistics:
+        with self._lock:
+            running = sum(len(w.tasks) for w in self._workers)
+            return PoolStatistics(
+                tasks_done=self._stats["tasks_done"],
+                restarts=self._stats["restarts"],
+                bytes_moved=self._stats["bytes_moved"],
+                busy_seconds=self._stats["busy"],
+                uptime_seconds=time.monotonic() - self._started_at,
+                pending=len(self._pending),
+                running=running,
+                control_messages=self._control_messages,
+            )
+
+
+def _resolve(future: Future[Outcome], outcome: Outcome) -> None:
+    try:
+        future.set_result(outcome)
+    except InvalidStateError:
+        pass  # cancelled by the consumer meanwhile
+
+
+def _fail(records: list[TaskRecord], error: BaseException) -> None:
+    for record in records:
+        try:
+            record.future.set_exception(error)
+        except InvalidStateError:
+            pass
+
+
+def _descendants(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.extend(psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return found
+
+
+def describe_exit(code: int) -> str:
+    """Words for a worker's exit code: ``-9`` → "killed by SIGKILL (...)"."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    cause = {
+        "SIGKILL": " (most often the out-of-memory killer)",
+        "SIGSEGV": " (a crash in native code, such as a decoder)",
+        "SIGBUS": " (often /dev/shm too small for shared memory)",
+    }.get(name, "")
+    return f"killed by {name}{cause}"
+
+
+def _short(obj: object, limit: int = 200) -> str:
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _start_error(message: StartFailed) -> WorkerStartError:
+    error = message.error
+    hint = ""
+    if "__main__" in error.message or "__mp_main__" in error.message:
+        hint = (
+            " Spawn workers cannot import classes or functions defined in an interactive "
+            "session's __main__: move them into a module (a .py file) and import them."
+        )
+    return WorkerStartError(
+        f"DataLoader worker {message.worker_id} (pid {message.pid}) failed to start: "
+        f"{error.type_name}: {error.message}.{hint}\nWorker traceback:\n{error.traceback}"
+    )
+
+
+def _silent_start_error(w: _Worker, code: int) -> WorkerStartError:
+    return WorkerStartError(
+        f"DataLoader worker {w.id} (pid {w.pid}) exited while starting ({describe_exit(code)}). "
+        "With the spawn and forkserver start methods each worker imports your main module: "
+        "a script that creates and iterates a DataLoader at module level must guard that code "
+        "with `if __name__ == '__main__':`."
+    )

@@ -1,0 +1,75 @@
+"""What the loader has done: counters kept while it runs, and their snapshot."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._pool import PoolStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class LoaderStatistics:
+    """A snapshot of a loader's work, from ``loader.statistics()``.
+
+    Attributes:
+        batches: Batches yielded to the consumer since the loader was created.
+        mean_wait_seconds: Mean time the consumer waited in ``next()`` per
+            batch; near zero when loading keeps ahead of training.
+        worker_busy_fraction: Share of the workers' time spent loading batches
+            since the pool started (0 to 1); low means the workers wait for the
+            consumer, high means they are the bottleneck.
+        in_flight: Batches submitted and not yet finished (pending plus running).
+        restarts: Workers replaced after dying.
+        bytes_moved: Bytes of batch data moved from workers to the main process.
+        control_messages: Changes recorded through ``loader.dataset`` and
+            ``loader.broadcast`` while workers were running.
+        control_messages_sent: Control messages actually sent to workers (each
+            change goes once to each worker that runs a batch after it).
+        tasks_done: Batches the workers finished, including ones discarded.
+    """
+
+    batches: int
+    mean_wait_seconds: float
+    worker_busy_fraction: float
+    in_flight: int
+    restarts: int
+    bytes_moved: int
+    control_messages: int
+    control_messages_sent: int
+    tasks_done: int
+
+
+class LoaderStats:
+    """Counters the consumer's thread updates; cheap enough for every batch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.batches = 0
+        self.wait_seconds = 0.0
+        self.waits = 0
+
+    def record_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.wait_seconds += seconds
+            self.waits += 1
+
+    def snapshot(
+        self, pool: PoolStatistics | None, num_workers: int, control_messages: int
+    ) -> LoaderStatistics:
+        busy = 0.0
+        if pool is not None and num_workers and pool.uptime_seconds > 0:
+            busy = min(1.0, pool.busy_seconds / (num_workers * pool.uptime_seconds))
+        return LoaderStatistics(
+            batches=self.batches,
+            mean_wait_seconds=self.wait_seconds / self.waits if self.waits else 0.0,
+            worker_busy_fraction=busy,
+            in_flight=(pool.pending + pool.running) if pool else 0,
+            restarts=pool.restarts if pool else 0,
+            bytes_moved=pool.bytes_moved if pool else 0,
+            control_messages=control_messages,
+            control_messages_sent=pool.control_messages if pool else 0,
+            tasks_done=pool.tasks_done if pool else 0,
+        )

@@ -1,0 +1,324 @@
+"""Everything that runs inside a worker process.
+
+Spawn pickles the process target by its qualified name, so the entry point
+:func:`run` and all it calls live at module level here. A worker:
+
+1. ignores SIGINT (the main process decides what Ctrl-C means), uses one
+   intra-op thread, and installs torch's SIGSEGV/SIGBUS reporters;
+2. starts an inbox thread that reads the connection to the main process, so
+   the main process never blocks on a busy worker, and that notices the main
+   process dying (end of file on the connection, or a new parent pid);
+3. unpickles the dataset, ``collate_fn`` and ``worker_init_fn`` it was given
+   once, sets :func:`get_worker_info`, runs ``worker_init_fn`` and reports
+   :class:`Ready` (or :class:`StartFailed`);
+4. serves messages in the order they were sent: control updates change the
+   cached dataset, tasks load batches. See NOTE [ Control ordering ] in
+   ``_control.py`` for why that order is all the synchronisation needed.
+
+On :class:`Stop`, or when the main process is gone, the worker ends every
+process it started (the whole tree, found with psutil) before exiting.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import psutil
+import torch
+
+from . import _control, _seeding
+from ._messages import (
+    Done,
+    EpochStart,
+    Exhausted,
+    Failed,
+    Ready,
+    RemoteError,
+    Replace,
+    StartFailed,
+    Stop,
+    Task,
+    Update,
+)
+
+#: Seconds between the inbox thread's checks that the main process still
+#: exists, when no message arrives. End of file on the connection is the fast
+#: path; this is the backstop for a main process whose socket was inherited by
+#: a process it forked. Short costs a syscall per interval; long delays the
+#: exit of orphans.
+PARENT_CHECK_INTERVAL = 2.0
+#: Seconds the processes a worker started get to exit on SIGTERM before SIGKILL.
+DESCENDANT_GRACE = 1.0
+#: Exit code of a worker that found its main process gone.
+EXIT_ORPHANED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """What a worker knows about itself; returned by :func:`get_worker_info`.
+
+    Attributes:
+        id: The worker's index, ``0 <= id < num_workers``. A worker started to
+            replace a dead one takes the dead one's id.
+        num_workers: How many workers the loader has.
+        seed: The worker's seed under torch's per-worker policy (``base_seed + id``).
+        dataset: This worker's copy of the dataset.
+    """
+
+    id: int
+    num_workers: int
+    seed: int
+    dataset: Any
+
+
+_worker_info: WorkerInfo | None = None
+
+
+def get_worker_info() -> WorkerInfo | None:
+    """The current worker's :class:`WorkerInfo`, or ``None`` in the main process.
+
+    torch's ``torch.utils.data.get_worker_info()`` works in poolloader workers
+    too and returns the same id, num_workers, seed and dataset.
+    """
+    return _worker_info
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSetup:
+    """What a worker process receives once, when it starts."""
+
+    worker_id: int
+    num_workers: int
+    dataset: bytes
+    functions: bytes  # pickled (collate_fn, worker_init_fn)
+    dataset_kind: int
+    auto_collation: bool
+    drop_last: bool
+    seeding: str
+    base_seed: int
+    packer_factory: Any
+
+
+def run(setup: WorkerSetup, conn: Connection) -> None:
+    """The worker process's entry point."""
+    _prepare_process()
+    inbox = _Inbox(conn)
+    try:
+        state = _State(setup)
+    except BaseException as exc:  # noqa: BLE001 - every failure is reported home
+        _send(conn, StartFailed(setup.worker_id, os.getpid(), RemoteError.capture(exc)))
+        _finish(1)
+    _send(conn, Ready(setup.worker_id, os.getpid()))
+    _serve(state, inbox, conn)
+    _finish(0)
+
+
+def _prepare_process() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    from torch.utils.data._utils import signal_handling
+
+    signal_handling._set_worker_signal_handlers()
+
+
+def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
+    while True:
+        message = inbox.get()
+        if isinstance(message, Task):
+            _send(conn, state.run(message))
+        elif isinstance(message, EpochStart):
+            state.start_epoch(message)
+        elif isinstance(message, Stop):
+            return
+        else:
+            state.apply(message)
+
+
+def _send(conn: Connection, message: object) -> None:
+    try:
+        conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    except (BrokenPipeError, ConnectionResetError, EOFError):
+        _orphaned()
+
+
+class _State:
+    """The worker's cached dataset, functions, epoch and fetcher."""
+
+    def __init__(self, setup: WorkerSetup) -> None:
+        self.setup = setup
+        self.collate_fn, self.init_fn = pickle.loads(setup.functions)
+        self.packer = setup.packer_factory()
+        self.epoch = -1
+        self.base_seed = setup.base_seed
+        self.exhausted = False
+        self.fetcher: Any = None
+        self.pending_error: RemoteError | None = None
+        self.install(pickle.loads(setup.dataset))
+
+    def install(self, dataset: Any) -> None:
+        """Cache ``dataset``, set the worker info and run ``worker_init_fn``."""
+        self.dataset = dataset
+        self.fetcher = None
+        self._set_info(self._seed(self.setup.seeding == "worker"))
+        if self.init_fn is not None:
+            self.init_fn(self.setup.worker_id)
+
+    def _seed(self, reseed: bool) -> int:
+        if reseed:
+            return _seeding.seed_worker(self.base_seed, self.setup.worker_id)
+        return self.base_seed + self.setup.worker_id
+
+    def _set_info(self, seed: int) -> None:
+        global _worker_info
+        from torch.utils.data._utils import worker as torch_worker
+
+        setup = self.setup
+        _worker_info = WorkerInfo(setup.worker_id, setup.num_workers, seed, self.dataset)
+        torch_worker._worker_info = torch_worker.WorkerInfo(
+            id=setup.worker_id, num_workers=setup.num_workers, seed=seed, dataset=self.dataset
+        )
+
+    def start_epoch(self, message: EpochStart) -> None:
+        self.epoch = message.epoch
+        self.exhausted = False
+        self.fetcher = None
+        if message.base_seed != self.base_seed:
+            # A new base seed means what new workers would mean to torch: reseed.
+            self.base_seed = message.base_seed
+            self._set_info(self._seed(self.setup.seeding == "worker"))
+
+    def apply(self, update: Update) -> None:
+        try:
+            if isinstance(update, Replace):
+                self.install(pickle.loads(update.dataset))
+            else:
+                _control.apply_update(self.dataset, update)
+        except Exception as exc:
+            self.pending_error = RemoteError.capture(exc)
+
+    def run(self, task: Task) -> Done | Failed | Exhausted:
+        if self.exhausted:
+            return Exhausted(task.seq)
+        started = time.perf_counter()
+        try:
+            batch = self._fetch(task)
+            payload, size = self.packer.pack(batch)
+        except StopIteration:
+            if self.setup.dataset_kind != _ITERABLE:
+                return Failed(task.seq, _stop_iteration_error(), time.perf_counter() - started)
+            self.exhausted = True
+            return Exhausted(task.seq)
+        except Exception as exc:
+            return Failed(task.seq, RemoteError.capture(exc), time.perf_counter() - started)
+        return Done(task.seq, payload, size, time.perf_counter() - started)
+
+    def _fetch(self, task: Task) -> Any:
+        if self.pending_error is not None:
+            error, self.pending_error = self.pending_error, None
+            raise _ControlFailure(error)
+        if self.setup.seeding == "batch":
+            _seeding.seed_batch(self.base_seed, task.epoch, task.position)
+        if self.fetcher is None:
+            self.fetcher = _make_fetcher(self.setup, self.dataset, self.collate_fn)
+        return self.fetcher.fetch(task.index)
+
+
+_ITERABLE = 1  # torch.utils.data.dataloader._DatasetKind.Iterable
+
+
+def _make_fetcher(setup: WorkerSetup, dataset: Any, collate_fn: Any) -> Any:
+    from torch.utils.data.dataloader import _DatasetKind
+
+    return _DatasetKind.create_fetcher(
+        setup.dataset_kind, dataset, setup.auto_collation, collate_fn, setup.drop_last
+    )
+
+
+class _ControlFailure(RuntimeError):
+    """A change made in the main process failed to apply in this worker."""
+
+    def __init__(self, error: RemoteError) -> None:
+        super().__init__(
+            "applying a change made through loader.dataset or loader.broadcast() failed in "
+            f"this worker with {error.type_name}: {error.message}\n{error.traceback}"
+        )
+
+
+def _stop_iteration_error() -> RemoteError:
+    return RemoteError.capture(
+        RuntimeError("a map-style dataset or collate_fn raised StopIteration")
+    )
+
+
+class _Inbox:
+    """Reads the main process's messages on a thread, so sends never block long."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._ppid = os.getppid()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        thread = threading.Thread(target=self._read, name="poolloader-inbox", daemon=True)
+        thread.start()
+
+    def get(self) -> object:
+        return self._queue.get()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                if not self._conn.poll(PARENT_CHECK_INTERVAL):
+                    if os.getppid() != self._ppid:
+                        _orphaned()
+                    continue
+                message = pickle.loads(self._conn.recv_bytes())
+            except (EOFError, OSError):
+                _orphaned()
+            self._queue.put(message)
+            if isinstance(message, Stop):
+                return
+
+
+def _orphaned() -> None:
+    """The main process is gone: end this worker's process tree, then exit."""
+    _finish(EXIT_ORPHANED)
+
+
+def _finish(code: int) -> None:
+    kill_descendants(psutil.Process())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -> None:
+    """Terminate every descendant of ``process``; kill those still alive after ``grace``."""
+    try:
+        children = process.children(recursive=True)
+    except psutil.Error:
+        return
+    terminate_all(children, grace)
+
+
+def terminate_all(processes: list[psutil.Process], grace: float = DESCENDANT_GRACE) -> None:
+    """SIGTERM ``processes``, wait up to ``grace`` seconds, SIGKILL the rest and reap."""
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)

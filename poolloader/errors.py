@@ -1,0 +1,102 @@
+"""Exceptions raised by poolloader.
+
+Every class refines a built-in exception, so code written against torch's
+``DataLoader`` (which raises ``RuntimeError`` for worker trouble) keeps
+catching what it caught before::
+
+    Exception
+    ├── RuntimeError
+    │   ├── LoaderClosedError ............ closed by you: the loader was closed
+    │   └── PoolBrokenError .............. broken by circumstance
+    │       ├── WorkerCrashedError ....... workers died too often, or one batch killed two
+    │       ├── WorkerStartError ......... a worker could not start (unpickling, worker_init_fn)
+    │       └── LoaderTimeoutError ....... (also TimeoutError) ``timeout`` seconds passed
+    ├── TypeError
+    │   └── NotPicklableError ............ (also pickle.PicklingError) an object cannot
+    │                                      be sent to spawn workers
+    └── ValueError
+        └── ResultTooLargeError .......... a batch does not fit the shared-memory transport
+
+Exceptions raised by dataset or collate code inside a worker are not wrapped in
+any of these: they come back as their own type, with the worker's traceback
+attached as ``__cause__`` (see :class:`RemoteTraceback`).
+"""
+
+from __future__ import annotations
+
+import pickle
+
+__all__ = [
+    "LoaderClosedError",
+    "LoaderTimeoutError",
+    "NotPicklableError",
+    "PoolBrokenError",
+    "RemoteTraceback",
+    "ResultTooLargeError",
+    "WorkerCrashedError",
+    "WorkerStartError",
+]
+
+
+class LoaderClosedError(RuntimeError):
+    """The loader was closed (``close()``, ``with`` exit) and cannot load any more."""
+
+
+class PoolBrokenError(RuntimeError):
+    """The worker pool can no longer deliver batches, through no call of the user's."""
+
+
+class WorkerCrashedError(PoolBrokenError):
+    """Worker processes died more often than ``max_worker_restarts`` allows.
+
+    Also raised when the same batch killed a worker twice (a "poison" batch),
+    since retrying it again would only kill a third.
+
+    Attributes:
+        exitcodes: The exit codes of the dead workers, negative for signals
+            (``-9`` is SIGKILL, most often the kernel's out-of-memory killer).
+        indices: The indices of the batch that was running when a worker died,
+            or ``None`` when no batch was.
+    """
+
+    def __init__(
+        self, message: str, *, exitcodes: tuple[int, ...] = (), indices: object = None
+    ) -> None:
+        super().__init__(message)
+        self.exitcodes = exitcodes
+        self.indices = indices
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_crash, (self.args[0], self.exitcodes, self.indices))
+
+
+def _rebuild_crash(message: str, exitcodes: tuple[int, ...], indices: object) -> WorkerCrashedError:
+    return WorkerCrashedError(message, exitcodes=exitcodes, indices=indices)
+
+
+class WorkerStartError(PoolBrokenError):
+    """A worker process failed while starting: the dataset, ``collate_fn`` or
+    ``worker_init_fn`` could not be unpickled there, or ``worker_init_fn`` raised."""
+
+
+class LoaderTimeoutError(PoolBrokenError, TimeoutError):
+    """No batch arrived within the loader's ``timeout`` seconds."""
+
+
+class NotPicklableError(TypeError, pickle.PicklingError):
+    """An object the workers need cannot be pickled, which spawn workers require."""
+
+
+class ResultTooLargeError(ValueError):
+    """A batch is larger than the shared-memory transport was allowed to allocate."""
+
+
+class RemoteTraceback(Exception):
+    """Carries a worker's formatted traceback as the ``__cause__`` of a re-raised error."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

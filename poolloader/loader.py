@@ -1,0 +1,331 @@
+"""``poolloader.DataLoader``: the drop-in front."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import torch.utils.data
+from torch.utils.data import Dataset, Sampler
+from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
+
+from . import _pickling, _seeding
+from ._control import Channel, Tracked, broadcast_payload, unwrap
+from ._iterator import PoolIterator
+from ._messages import Broadcast, Replace
+from ._pool import Pool
+from ._stats import LoaderStatistics, LoaderStats
+from ._transport import PickleTransport
+from ._worker import WorkerSetup
+from .errors import LoaderClosedError
+
+T_co = TypeVar("T_co", covariant=True)
+logger = logging.getLogger("poolloader")
+
+#: Default number of finished batches that may wait, beyond the prefetch
+#: window, behind one slow batch, as a multiple of ``num_workers``. Larger keeps
+#: workers busy behind longer stalls at the cost of that many batches of memory.
+REORDER_BUFFER_PER_WORKER = 2
+DEFAULT_MAX_WORKER_RESTARTS = 3
+
+
+class DataLoader(torch.utils.data.DataLoader[T_co]):
+    """torch's ``DataLoader``, with the same arguments and the same batches, on a
+    process pool.
+
+    ``poolloader.DataLoader`` is a subclass of ``torch.utils.data.DataLoader``:
+    change the import and everything else stays. Only these differ:
+
+    * Workers (``num_workers > 0``) start with ``"spawn"`` unless
+      ``multiprocessing_context`` says ``"forkserver"`` (``"fork"`` is refused:
+      the loader runs threads). They are **not daemonic**, so dataset code may
+      start processes of its own, and they live as long as the loader: a new
+      epoch starts no processes. ``persistent_workers=False`` still gives each
+      epoch a fresh copy of the dataset, as torch does, by sending it to the
+      live workers.
+    * A free worker takes the next batch; one slow batch does not hold up the
+      others. Batches still arrive in sampler order unless ``in_order=False``.
+    * ``loader.dataset`` is a live view: ``loader.dataset.duration = 2.0`` (at
+      any depth) and ``loader.broadcast(fn, ...)`` reach every worker, and are
+      seen by every batch submitted afterwards and by none submitted before.
+      Batches already loaded ahead (at most the prefetch window) keep what they
+      saw; ``loader.reload_prefetched()`` loads them again.
+    * Random state is seeded per batch from ``(base seed, epoch, batch
+      position)``, so augmentations do not depend on ``num_workers``
+      (``seeding="worker"`` restores torch's per-worker seeding).
+    * A worker that dies is replaced and its batches run again.
+    * ``close()``, ``with DataLoader(...) as loader:`` and ``statistics()``.
+
+    Keyword-only options beyond torch's:
+
+    Args:
+        seeding: ``"batch"`` (default) or ``"worker"``; see above.
+        reorder_buffer: How many finished batches may wait behind one slow
+            batch, beyond the ``prefetch_factor * num_workers`` in flight.
+            Default ``2 * num_workers``.
+        max_worker_restarts: How many worker deaths to survive before raising
+            :class:`~poolloader.errors.WorkerCrashedError`. Default 3.
+
+    Example::
+
+        from poolloader import DataLoader
+
+        if __name__ == "__main__":   # spawn workers import the main module
+            with DataLoader(dataset, batch_size=32, shuffle=True, num_workers=4) as loader:
+                for epoch in range(10):
+                    if epoch == 5:
+                        loader.dataset.duration = 2 * loader.dataset.duration
+                    for batch in loader:
+                        ...
+    """
+
+    _pool: Pool | None = None
+    _closed = False
+
+    def __init__(
+        self,
+        dataset: Dataset[T_co],
+        batch_size: int | None = 1,
+        shuffle: bool | None = None,
+        sampler: Sampler[Any] | Iterable[Any] | None = None,
+        batch_sampler: Sampler[Sequence[Any]] | Iterable[Sequence[Any]] | None = None,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[Any]], Any] | None = None,
+        pin_memory: bool = False,
+        drop_last: bool = False,
+        timeout: float = 0,
+        worker_init_fn: Callable[[int], None] | None = None,
+        multiprocessing_context: Any = None,
+        generator: Any = None,
+        *,
+        prefetch_factor: int | None = None,
+        persistent_workers: bool = False,
+        pin_memory_device: str = "",
+        in_order: bool = True,
+        seeding: str = "batch",
+        reorder_buffer: int | None = None,
+        max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS,
+    ) -> None:
+        _check_count("num_workers", num_workers, allow_negative=True)
+        _check_options(seeding, reorder_buffer, max_worker_restarts)
+        self._channel = Channel()
+        self._stats = LoaderStats()
+        self._lock = threading.Lock()
+        self._epochs_begun = 0
+        self._pool_key: tuple[Any, ...] | None = None
+        self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
+        self.seeding = seeding
+        self.max_worker_restarts = max_worker_restarts
+        self.reorder_buffer = reorder_buffer
+        super().__init__(
+            unwrap(dataset), batch_size, shuffle, sampler, batch_sampler, num_workers,
+            collate_fn, pin_memory, drop_last, timeout, worker_init_fn,
+            multiprocessing_context, generator, prefetch_factor=prefetch_factor,
+            persistent_workers=persistent_workers, pin_memory_device=pin_memory_device,
+            in_order=in_order,
+        )  # fmt: skip
+        if num_workers > 0:
+            _resolve_context(self.multiprocessing_context)
+            _pickling.dumps(self.collate_fn, "collate_fn")
+            _pickling.dumps(self.worker_init_fn, "worker_init_fn")
+
+    # ------------------------------------------------------------- dataset
+
+    @property  # type: ignore[override]
+    def dataset(self) -> Any:
+        """The dataset, as a live view: changes made through it reach every worker."""
+        return self._tracked_dataset
+
+    @dataset.setter
+    def dataset(self, value: Any) -> None:
+        self._dataset_target = unwrap(value)
+        self._tracked_dataset = Tracked(self._dataset_target, (), self._channel)
+
+    def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn(dataset, *args, **kwargs)`` here and in every worker.
+
+        For changes no assignment can express, such as method calls::
+
+            loader.broadcast(MyDataset.set_epoch, 5)
+            loader.broadcast(operator.methodcaller("load_vocabulary", "vocab.txt"))
+
+        Ordered like assignments: every batch submitted afterwards sees it.
+        ``fn`` and its arguments must pickle (module-level functions do);
+        otherwise :class:`~poolloader.errors.NotPicklableError` is raised here,
+        before anything runs.
+
+        Returns:
+            What ``fn`` returned in the main process.
+        """
+        if not callable(fn):
+            raise TypeError(f"broadcast() needs a callable, but got {fn!r}")
+        payload = broadcast_payload(fn, args, kwargs) if self.num_workers > 0 else None
+        result = fn(self._dataset_target, *args, **kwargs)
+        if payload is not None:
+            self._channel.record(Broadcast(payload))
+        return result
+
+    def reload_prefetched(self) -> int:
+        """Load again the batches loaded ahead but not yet yielded, so that every
+        change made so far applies at once. Returns how many were reloaded."""
+        return sum(it.refresh() for it in list(self._iterators))
+
+    # ----------------------------------------------------------- iteration
+
+    def _get_iterator(self) -> Any:
+        if self._closed:
+            raise LoaderClosedError("this DataLoader was closed; create a new one to load more")
+        if self.num_workers == 0:
+            return _SingleProcessIterator(self)
+        self.check_worker_number_rationality()
+        iterator = PoolIterator(self)
+        self._iterators.add(iterator)
+        return iterator
+
+    def _begin_epoch(self, base_seed: int) -> tuple[int, Pool]:
+        """Called by each new (or reset) iterator: the epoch's number and the pool."""
+        with self._lock:
+            pool = self._ensure_pool(base_seed)
+            if self._epochs_begun > 0 and not self.persistent_workers:
+                snapshot = _pickling.dumps(self._dataset_target, "dataset")
+                self._channel.record(Replace(snapshot))
+            epoch = self._epochs_begun
+            self._epochs_begun += 1
+            pool.begin_epoch(epoch, base_seed)
+            return epoch, pool
+
+    def _ensure_pool(self, base_seed: int) -> Pool:
+        key = (
+            self.num_workers, self.multiprocessing_context, id(self.collate_fn),
+            id(self.worker_init_fn), self.seeding, self.max_worker_restarts,
+        )  # fmt: skip
+        pool = self._pool
+        if pool is not None and (pool.broken or pool.closed or key != self._pool_key):
+            pool.close()
+            pool = None
+        if pool is None:
+            pool = self._start_pool(base_seed)
+            self._pool, self._pool_key, self._epochs_begun = pool, key, 0
+        return pool
+
+    def _start_pool(self, base_seed: int) -> Pool:
+        context = _resolve_context(self.multiprocessing_context)
+        self._channel.start(_pickling.dumps(self._dataset_target, "dataset"))
+        transport = PickleTransport()
+        setup = WorkerSetup(
+            worker_id=-1,
+            num_workers=self.num_workers,
+            dataset=b"",
+            functions=_pickling.dumps((self.collate_fn, self.worker_init_fn), "collate_fn"),
+            dataset_kind=self._dataset_kind,
+            auto_collation=self._auto_collation,
+            drop_last=self.drop_last,
+            seeding=self.seeding,
+            base_seed=base_seed,
+            packer_factory=transport.packer_factory(),
+        )
+        pool = Pool(
+            context=context,
+            num_workers=self.num_workers,
+            setup=setup,
+            channel=self._channel,
+            transport=transport,
+            max_restarts=self.max_worker_restarts,
+            resumable=self._dataset_kind == _DatasetKind.Map,
+        )
+        pool.start()
+        return pool
+
+    @property
+    def _reorder_buffer(self) -> int:
+        if self.reorder_buffer is None:
+            return REORDER_BUFFER_PER_WORKER * self.num_workers
+        return self.reorder_buffer
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        """Stop the workers and every process they started. Idempotent."""
+        self._closed = True
+        for iterator in list(self._iterators):
+            iterator.close()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+
+    def __enter__(self) -> DataLoader[T_co]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if sys.is_finalizing():
+            return  # the pool's atexit hook has already stopped the workers
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def statistics(self) -> LoaderStatistics:
+        """A snapshot of what the loader has done so far; see :class:`LoaderStatistics`."""
+        pool = self._pool.statistics() if self._pool is not None else None
+        return self._stats.snapshot(pool, self.num_workers, self._channel.messages_recorded)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("running" if self._pool else "idle")
+        return (
+            f"poolloader.DataLoader(dataset={type(self._dataset_target).__name__}, "
+            f"batch_size={self.batch_size}, num_workers={self.num_workers}, {state})"
+        )
+
+
+class _SingleProcessIterator(_SingleProcessDataLoaderIter):
+    """torch's in-process iterator, reading the dataset itself rather than its view."""
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        super().__init__(loader)
+        self._dataset = loader._dataset_target
+        self._dataset_fetcher = _DatasetKind.create_fetcher(
+            self._dataset_kind,
+            self._dataset,
+            self._auto_collation,
+            self._collate_fn,
+            self._drop_last,
+        )
+
+
+def _resolve_context(context: Any) -> Any:
+    if context is None:
+        return multiprocessing.get_context("spawn")
+    method = context.get_start_method()
+    if method == "fork":
+        raise ValueError(
+            "poolloader workers need the 'spawn' or 'forkserver' start method, but got "
+            "multiprocessing_context='fork': forking a process that runs threads (the loader's "
+            "I/O thread, torch's thread pools) can deadlock the child. Use 'forkserver' for "
+            "fast starts."
+        )
+    if method == "forkserver":
+        context.set_forkserver_preload(["__main__", "poolloader._worker"])
+    return context
+
+
+def _check_count(name: str, value: object, *, allow_negative: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be a non-negative integer, but got {name}={value!r}")
+    if value < 0 and not allow_negative:
+        raise ValueError(f"{name} should be a non-negative integer, but got {name}={value!r}")
+
+
+def _check_options(seeding: object, reorder_buffer: object, max_worker_restarts: object) -> None:
+    if seeding not in _seeding.SEEDING_POLICIES:
+        raise ValueError(f"seeding should be 'batch' or 'worker', but got seeding={seeding!r}")
+    if reorder_buffer is not None:
+        _check_count("reorder_buffer", reorder_buffer)
+    _check_count("max_worker_restarts", max_worker_restarts)

@@ -1,0 +1,203 @@
+"""Datasets and functions the tests send to workers (importable by spawn workers)."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+import poolloader
+
+
+class Squares(Dataset):
+    """Item i is {"x": tensor([i, i*i]), "i": i, "name": f"item{i}"}."""
+
+    def __init__(self, n: int = 23) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"x": torch.tensor([i, i * i]), "i": i, "name": f"item{i}"}
+
+
+class Plain(Dataset):
+    """Item i is the integer i times ``scale``."""
+
+    def __init__(self, n: int = 20, scale: int = 1) -> None:
+        self.n, self.scale = n, scale
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return i * self.scale
+
+
+class WhoLoaded(Dataset):
+    """Item i: (i, worker id, the dataset's ``value``) — records what each worker saw."""
+
+    def __init__(self, n: int = 40, value: float = 1.0, delay: float = 0.0) -> None:
+        self.n, self.value, self.delay = n, value, delay
+        self.transform = Scale(1.0)
+        self.cfg = {"crop": 1.0}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if self.delay:
+            time.sleep(self.delay)
+        info = get_worker_info()
+        worker = info.id if info is not None else -1
+        return (i, worker, self.value, self.transform.p, self.cfg.get("crop"))
+
+
+class Scale:
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+
+class Counted(IterableDataset):
+    """Each worker yields its shard of range(n) (by worker id), like torch's docs."""
+
+    def __init__(self, n: int = 25) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is None:
+            return iter(range(self.n))
+        return iter(range(info.id, self.n, info.num_workers))
+
+
+class Uneven(IterableDataset):
+    """Worker k yields 3 * (k + 1) items: shards end at different times."""
+
+    def __iter__(self):
+        info = get_worker_info()
+        k = info.id if info is not None else 0
+        return iter(range(100 * k, 100 * k + 3 * (k + 1)))
+
+
+class Random(Dataset):
+    """Items drawn from python, numpy and torch generators."""
+
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int):
+        import random
+
+        return torch.tensor([random.random(), float(np.random.rand()), torch.rand(()).item()])
+
+
+class Failing(Dataset):
+    """Raises ValueError for item ``bad``; KeyError for ``missing``."""
+
+    def __init__(self, n: int = 12, bad: int = 5, missing: int = -1) -> None:
+        self.n, self.bad, self.missing = n, bad, missing
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise ValueError(f"item {i} is corrupt")
+        if i == self.missing:
+            raise KeyError(f"utt{i}")
+        return i
+
+
+class Sleepy(Dataset):
+    """Item ``slow`` sleeps ``seconds``."""
+
+    def __init__(self, n: int = 8, slow: int = 2, seconds: float = 30.0) -> None:
+        self.n, self.slow, self.seconds = n, slow, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i == self.slow:
+            time.sleep(self.seconds)
+        return i
+
+
+class Nested(Dataset):
+    """Each item is computed in a process pool the dataset starts in its worker."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        if self.kind == "pool":
+            with get_context("spawn").Pool(1) as pool:
+                return pool.apply(_square, (i,))
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            return pool.submit(_square, i).result()
+
+
+def _square(i: int) -> int:
+    return i * i
+
+
+class SpawnsSleeper(Dataset):
+    """Starts a long-lived grandchild process (a `sleep`) and returns its pid."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        import subprocess
+
+        proc = subprocess.Popen(["sleep", "300"])
+        return proc.pid
+
+
+class HoldsLock(Dataset):
+    def __init__(self) -> None:
+        import threading
+
+        self.reader = Reader()
+        self.reader.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        return i
+
+
+class Reader:
+    pass
+
+
+def add_value(dataset, amount):
+    dataset.value += amount
+
+
+def record_pid(worker_id: int) -> None:
+    info = poolloader.get_worker_info()
+    assert info is not None and info.id == worker_id
+    os.environ["POOLLOADER_TEST_INIT"] = str(worker_id)
+
+
+def pid_of_worker(_):
+    return os.getpid()
+
+
+def collate_sum(batch):
+    return sum(batch)

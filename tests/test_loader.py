@@ -1,0 +1,254 @@
+"""poolloader.DataLoader yields what torch's DataLoader yields, for the same inputs."""
+
+from __future__ import annotations
+
+import pickle
+import typing
+
+import pytest
+import torch
+from _compare import assert_same, assert_same_epochs
+from _datasets import Counted, Plain, Squares, Uneven, collate_sum, record_pid
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+import poolloader
+from poolloader import DataLoader
+
+
+def _gen() -> torch.Generator:
+    return torch.Generator().manual_seed(1234)
+
+
+#: name → (dataset factory, loader keyword arguments built fresh per loader)
+MAP_CASES = {
+    "batch_size": (Squares, lambda: {"batch_size": 4}),
+    "drop_last": (Squares, lambda: {"batch_size": 4, "drop_last": True}),
+    "shuffle": (Squares, lambda: {"batch_size": 5, "shuffle": True, "generator": _gen()}),
+    "batch_sampler": (
+        Squares,
+        lambda: {"batch_sampler": BatchSampler(SequentialSampler(range(23)), 3, False)},
+    ),
+    "no_batching": (Squares, lambda: {"batch_size": None}),
+    "no_batching_shuffled": (
+        Squares,
+        lambda: {"batch_size": None, "sampler": RandomSampler(range(23), generator=_gen())},
+    ),
+    "collate_fn": (Plain, lambda: {"batch_size": 3, "collate_fn": collate_sum}),
+}
+ITERABLE_CASES = {
+    "iterable_batch": (Counted, lambda: {"batch_size": 4}),
+    "iterable_drop_last": (Counted, lambda: {"batch_size": 4, "drop_last": True}),
+    "iterable_no_batching": (Counted, lambda: {"batch_size": None}),
+    "iterable_uneven": (Uneven, lambda: {"batch_size": 2}),
+}
+
+
+def _pair(factory, kwargs, num_workers, start_method):
+    extra = {}
+    if num_workers:
+        extra = {"multiprocessing_context": start_method}
+    ours = DataLoader(factory(), num_workers=num_workers, **kwargs(), **extra)
+    theirs = torch.utils.data.DataLoader(factory(), num_workers=0, **kwargs())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("case", sorted(MAP_CASES))
+def test_map_style_matches_torch(case, num_workers):
+    ours, theirs = _pair(*MAP_CASES[case], num_workers, "forkserver")
+    with ours:
+        assert_same_epochs(ours, theirs)
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+@pytest.mark.parametrize("case", sorted(ITERABLE_CASES))
+def test_iterable_matches_torch(case, num_workers):
+    factory, kwargs = ITERABLE_CASES[case]
+    extra = {"multiprocessing_context": "forkserver"} if num_workers else {}
+    ours = DataLoader(factory(), num_workers=num_workers, **kwargs(), **extra)
+    theirs = torch.utils.data.DataLoader(factory(), num_workers=num_workers, **kwargs())
+    with ours:
+        assert_same_epochs(ours, theirs)
+
+
+@pytest.mark.parametrize("case", ["shuffle", "batch_sampler", "iterable_uneven"])
+def test_spawn_matches_torch(case):
+    factory, kwargs = {**MAP_CASES, **ITERABLE_CASES}[case]
+    iterable = case.startswith("iterable")
+    ours = DataLoader(factory(), num_workers=2, **kwargs())
+    theirs = torch.utils.data.DataLoader(factory(), num_workers=2 if iterable else 0, **kwargs())
+    with ours:
+        assert ours.multiprocessing_context is None  # torch's attribute keeps its value
+        assert_same_epochs(ours, theirs)
+
+
+def test_out_of_order_delivers_every_batch_once():
+    with DataLoader(Plain(40), batch_size=3, num_workers=2, in_order=False,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        got = sorted(tuple(b.tolist()) for b in loader)
+    want = sorted(tuple(b.tolist()) for b in torch.utils.data.DataLoader(Plain(40), batch_size=3))
+    assert got == want
+
+
+def test_is_a_torch_dataloader_and_generic():
+    loader = DataLoader(Plain(4))
+    assert isinstance(loader, torch.utils.data.DataLoader)
+    alias = DataLoader[torch.Tensor]
+    assert typing.get_origin(alias) is DataLoader
+    assert len(loader) == 4
+    assert loader.batch_size == 1 and loader.sampler is not None
+
+
+def test_same_signature_and_defaults_as_torch():
+    import inspect
+
+    ours = inspect.signature(DataLoader.__init__).parameters
+    theirs = inspect.signature(torch.utils.data.DataLoader.__init__).parameters
+    for name, param in theirs.items():
+        assert name in ours, name
+        assert ours[name].default == param.default, name
+        assert ours[name].kind == param.kind, name
+    extras = [p for n, p in ours.items() if n not in theirs]
+    assert extras and all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extras)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"num_workers": -1},
+        {"timeout": -1},
+        {"prefetch_factor": 2},
+        {"persistent_workers": True},
+        {"batch_size": None, "drop_last": True},
+        {"sampler": SequentialSampler(range(4)), "shuffle": True},
+        {"batch_sampler": BatchSampler(SequentialSampler(range(4)), 2, False), "batch_size": 2},
+        {"multiprocessing_context": "spawn"},
+    ],
+)
+def test_invalid_arguments_raise_like_torch(kwargs):
+    with pytest.raises(Exception) as theirs:
+        torch.utils.data.DataLoader(Plain(4), **kwargs)
+    with pytest.raises(type(theirs.value)) as ours:
+        DataLoader(Plain(4), **kwargs)
+    assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"num_workers": "2"}, TypeError, "num_workers should be a non-negative integer, but got num_workers='2'"),
+        ({"seeding": "epoch"}, ValueError, "seeding should be 'batch' or 'worker', but got seeding='epoch'"),
+        ({"reorder_buffer": -1}, ValueError, "reorder_buffer should be a non-negative integer, but got reorder_buffer=-1"),
+        ({"max_worker_restarts": 1.5}, TypeError, "max_worker_restarts should be a non-negative integer, but got max_worker_restarts=1.5"),
+        ({"num_workers": 1, "multiprocessing_context": "fork"}, ValueError, "need the 'spawn' or 'forkserver' start method"),
+    ],
+)  # fmt: skip
+def test_invalid_extra_options(kwargs, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        DataLoader(Plain(4), **kwargs)
+
+
+def test_guarded_attributes_stay_guarded():
+    loader = DataLoader(Plain(4))
+    for name in ("batch_size", "sampler", "dataset", "drop_last"):
+        with pytest.raises(ValueError, match=f"{name} attribute should not be set"):
+            setattr(loader, name, None)
+
+
+def test_get_worker_info_in_workers():
+    dataset = Plain(6)
+    with DataLoader(dataset, batch_size=None, num_workers=2, worker_init_fn=record_pid,
+                    collate_fn=_info, multiprocessing_context="forkserver") as loader:  # fmt: skip
+        infos = list(loader)
+    assert {i["id"] for i in infos} <= {0, 1}
+    for info in infos:
+        assert info["num_workers"] == 2
+        assert info["torch"] == (info["id"], 2, info["seed"], "Plain")
+        assert info["init"] == str(info["id"])
+    assert poolloader.get_worker_info() is None
+
+
+def _info(item):
+    import os
+
+    ours = poolloader.get_worker_info()
+    theirs = torch.utils.data.get_worker_info()
+    return {
+        "id": ours.id,
+        "num_workers": ours.num_workers,
+        "seed": ours.seed,
+        "torch": (theirs.id, theirs.num_workers, theirs.seed, type(theirs.dataset).__name__),
+        "init": os.environ.get("POOLLOADER_TEST_INIT"),
+    }
+
+
+def test_epochs_reuse_the_same_processes():
+    with DataLoader(Plain(8), batch_size=2, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        list(loader)
+        first = set(loader._pool.worker_pids)
+        list(loader)
+        assert set(loader._pool.worker_pids) == first
+
+
+def test_non_persistent_epochs_see_the_dataset_as_it_is():
+    dataset = Plain(4)
+    with DataLoader(dataset, batch_size=None, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert list(loader) == [0, 1, 2, 3]
+        dataset.scale = 10  # changed behind the loader's back, as torch users do
+        assert list(loader) == [0, 10, 20, 30]
+
+
+def test_persistent_workers_keep_their_copy():
+    dataset = Plain(4)
+    with DataLoader(dataset, batch_size=None, num_workers=2, persistent_workers=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert list(loader) == [0, 1, 2, 3]
+        dataset.scale = 10  # torch's persistent workers never see this either
+        assert list(loader) == [0, 1, 2, 3]
+        loader.dataset.scale = 10  # the control channel does
+        assert list(loader) == [0, 10, 20, 30]
+
+
+def test_break_and_start_again():
+    with DataLoader(Plain(30), batch_size=2, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        for i, _ in enumerate(loader):
+            if i == 3:
+                break
+        assert [b.tolist() for b in loader] == [[i, i + 1] for i in range(0, 30, 2)]
+        stats = loader.statistics()
+    assert stats.in_flight == 0
+
+
+def test_two_iterators_at_once():
+    with DataLoader(Plain(10), batch_size=5, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        pairs = [(a.tolist(), b.tolist()) for a, b in zip(loader, loader)]
+    assert pairs == [([0, 1, 2, 3, 4],) * 2, ([5, 6, 7, 8, 9],) * 2]
+
+
+def test_loader_does_not_pickle_its_pool_into_the_dataset():
+    loader = DataLoader(Plain(3), num_workers=1, multiprocessing_context="forkserver")
+    with loader:
+        list(loader)
+        restored = pickle.loads(pickle.dumps(loader.dataset))
+    assert type(restored) is Plain and restored.n == 3
+
+
+def test_pin_memory_without_accelerator_warns_like_torch():
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator")
+    with pytest.warns(UserWarning, match="no accelerator is found"):
+        with DataLoader(Plain(4), batch_size=2, num_workers=1, pin_memory=True,
+                        multiprocessing_context="forkserver") as loader:  # fmt: skip
+            batches = [b.tolist() for b in loader]
+    assert batches == [[0, 1], [2, 3]]
+
+
+def test_lengths_match_torch():
+    for kwargs in ({"batch_size": 3}, {"batch_size": 3, "drop_last": True}, {"batch_size": None}):
+        assert len(DataLoader(Plain(10), **kwargs)) == len(
+            torch.utils.data.DataLoader(Plain(10), **kwargs)
+        )
