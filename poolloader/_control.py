@@ -97,7 +97,8 @@ class Channel:
                 return
             self._generation += 1
             self._log.append((self._generation, update))
-            self.messages_recorded += 1
+            if not isinstance(update, Replace):  # epoch refreshes are not user changes
+                self.messages_recorded += 1
 
     def updates(self, after: int, upto: int) -> list[Update]:
         """The changes a worker at generation ``after`` needs to reach ``upto``.
@@ -297,7 +298,8 @@ def _payload(channel: Channel, value: Any, where: str) -> bytes | None:
 def broadcast_payload(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     """Pickle a broadcast call, failing with the function's name when it cannot be."""
     name = getattr(fn, "__qualname__", repr(fn))
-    return _pickling.dumps((fn, args, kwargs), f"the broadcast call {name}(dataset, ...)")
+    _pickling.dumps(fn, f"the broadcast function {name}")
+    return _pickling.dumps((fn, args, kwargs), f"the arguments of broadcast({name}, ...)")
 
 
 # ------------------------------------------------------------- in a worker

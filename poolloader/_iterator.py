@@ -118,6 +118,13 @@ class PoolIterator(_BaseDataLoaderIter):
                 return worker
         return None
 
+    @property
+    def submitted(self) -> int:
+        """How many batches of this epoch have been submitted to the workers so far.
+
+        Batch ``k`` sees every change made while ``submitted <= k``."""
+        return self._next_position
+
     def refresh(self) -> int:
         """Discard the batches loaded ahead and load them again with every change
         made so far; returns how many were reloaded."""

@@ -8,7 +8,7 @@ values                          in the batch
 tensors / arrays, >= 1 dim      padded along ``axis`` to the longest, stacked
                                 to ``(batch, ...)``; ``<key>_len`` int64 holds
                                 the original lengths
-0-dim tensors / arrays          stacked to ``(batch,)``
+0-dim tensors, numpy scalars    stacked to ``(batch,)``
 bool / int / float numbers      a tensor, as torch's ``default_collate`` makes
                                 (bool, int64, float64)
 strings, None, anything else    a list, as given
@@ -68,6 +68,11 @@ def pad_collate(batch: Sequence[Any], *, pad_value: PerKey = 0.0, axis: PerKeyAx
         >>> batch["x"].tolist(), batch["x_len"].tolist()
         ([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]], [2, 3])
     """
+    if isinstance(batch, (Mapping, str)) or not isinstance(batch, Sequence):
+        raise TypeError(
+            f"pad_collate takes a list of items, but got {type(batch).__name__} (an already "
+            "collated batch? a dataset whose list index collates needs no collate_fn)"
+        )
     if len(batch) == 0:
         raise ValueError("pad_collate got an empty batch; a batch needs at least one item")
     first = batch[0]
@@ -166,13 +171,13 @@ def _collate_sequences(batch: Sequence[Any], pad_value: PerKey, axis: PerKeyAxis
 
 
 def _is_array(value: Any) -> bool:
-    """Tell whether a value is a tensor or a numpy array."""
-    return isinstance(value, (torch.Tensor, np.ndarray))
+    """Tell whether a value is a tensor, a numpy array or a numpy scalar (a 0-dim array)."""
+    return isinstance(value, (torch.Tensor, np.ndarray, np.generic))
 
 
 def _is_number(value: Any) -> bool:
-    """Tell whether a value is a Python or numpy bool, int or float."""
-    return isinstance(value, (bool, int, float, np.bool_, np.integer, np.floating))
+    """Tell whether a value is a Python bool, int or float."""
+    return isinstance(value, (bool, int, float))
 
 
 def _collate_values(what: str, values: list[Any], pad_value: float, axis: int) -> Any:
@@ -187,11 +192,12 @@ def _collate_values(what: str, values: list[Any], pad_value: float, axis: int) -
     return values
 
 
-def _as_tensor(value: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Turn a numpy array into a tensor (sharing memory where it can); pass tensors through."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    return value
+def _as_tensor(value: torch.Tensor | np.ndarray | np.generic) -> torch.Tensor:
+    """Turn a numpy array or scalar into a tensor (sharing memory where it can)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    array = np.asarray(value)
+    return torch.from_numpy(array if array.flags.c_contiguous else array.copy())
 
 
 def _stack(what: str, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -34,11 +34,11 @@ from ._loaders import (
     read_audio,
 )
 from ._manifest import (
-    MAX_IDS_SHOWN,
     PathLike,
     PathOrPaths,
     Table,
     as_paths,
+    describe_ids,
     read_fields,
     read_numbers,
     read_tables,
@@ -225,11 +225,7 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         if isinstance(lengths, str) and lengths in self._columns:
             if self._loaders[lengths] == "audio":
                 return self._audio_lengths(lengths)
-            column = self._columns[lengths]
-            values = [
-                to_number(v, column.origin(p), self._ids[p]) for p, v in enumerate(column.values)
-            ]
-            return np.asarray(values, dtype=np.float64)
+            return self._field_lengths(lengths)
         if isinstance(lengths, str) and not os.path.exists(lengths):
             raise ValueError(
                 f"lengths={lengths!r} names neither a field of the dataset "
@@ -237,6 +233,12 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
                 "field, or utt2dur-style 'id number' file(s)"
             )
         return self._file_lengths(lengths)
+
+    def _field_lengths(self, name: str) -> np.ndarray:
+        """Lengths from a numeric field (a ``duration`` column), as written in the manifest."""
+        column = self._columns[name]
+        values = [to_number(v, column.origin(p), self._ids[p]) for p, v in enumerate(column.values)]
+        return np.asarray(values, dtype=np.float64)
 
     def _audio_lengths(self, name: str) -> np.ndarray:
         """Durations in seconds of an audio field, from the file headers."""
@@ -251,10 +253,10 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         numbers_by_id = read_numbers(paths, "lengths")
         missing = [key for key in self._ids if key not in numbers_by_id]
         if missing:
-            shown = ", ".join(repr(key) for key in missing[:MAX_IDS_SHOWN])
             raise ValueError(
                 f"lengths file(s) {', '.join(as_paths(paths, 'lengths'))} have no entry for "
-                f"{len(missing)} of the {len(self)} ids: {shown}; give a length for every id"
+                f"{len(missing)} of the {len(self)} ids: {describe_ids(missing)}; give a "
+                "length for every id"
             )
         return np.asarray([numbers_by_id[key] for key in self._ids], dtype=np.float64)
 
@@ -339,7 +341,7 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             raise ValueError("subset needs at least one id; got none")
         if len(set(positions)) != len(positions):
             twice = sorted(self._ids[p] for p, n in Counter(positions).items() if n > 1)
-            raise ValueError(f"subset got id(s) more than once: {twice[:MAX_IDS_SHOWN]}")
+            raise ValueError(f"subset got id(s) more than once: {describe_ids(twice)}")
         new = copy.copy(self)
         new._ids = tuple(self._ids[p] for p in positions)
         new._positions = {key: position for position, key in enumerate(new._ids)}

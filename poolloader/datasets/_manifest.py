@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,13 +235,25 @@ def _check_same_ids(first: _FieldReader, other: _FieldReader) -> None:
         raise ValueError(_mismatch_message(first, other, extra))
 
 
+def describe_ids(keys: Sequence[Any], origin: Callable[[Any], str] | None = None) -> str:
+    """List the first few ids for an error, with where each was read if ``origin`` says.
+
+    Returns:
+        ``"'u1', 'u2' and 3 more"``, or with ``origin`` ``"'u1' (data/text line 1), ..."``.
+    """
+    shown = ", ".join(
+        repr(key) if origin is None else f"{key!r} ({origin(key)})" for key in keys[:MAX_IDS_SHOWN]
+    )
+    more = len(keys) - MAX_IDS_SHOWN
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
 def _mismatch_message(lacking: _FieldReader, having: _FieldReader, keys: list[str]) -> str:
     """Describe ids that one field has and another lacks, with where they were found."""
-    shown = ", ".join(f"{key!r} ({having.origin(key)})" for key in keys[:MAX_IDS_SHOWN])
-    more = f" and {len(keys) - MAX_IDS_SHOWN} more" if len(keys) > MAX_IDS_SHOWN else ""
     return (
         f"field {lacking.name!r} has no entry for {len(keys)} id(s) of field "
-        f"{having.name!r}: {shown}{more}; every field needs the same ids: add them to "
+        f"{having.name!r}: {describe_ids(keys, having.origin)}; every field needs the same "
+        "ids: add them to "
         f"{', '.join(lacking.paths)} or remove them from {', '.join(having.paths)}"
     )
 

@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar, overload
 
 import numpy as np
 
-from ._manifest import MAX_IDS_SHOWN, PathOrPaths, read_numbers, to_number
+from ._manifest import PathOrPaths, describe_ids, read_numbers, to_number
 
 ORDER_MODES = ("order", "rev_order", "random")
 """Modes that select by position and take no metadata."""
@@ -271,7 +271,7 @@ def _ids_of(source: Any) -> list[str]:
     ids = list(source)
     wrong = [key for key in ids if not isinstance(key, str)]
     if wrong:
-        raise TypeError(f"ids should be strings, but got {wrong[:MAX_IDS_SHOWN]!r}")
+        raise TypeError(f"ids should be strings, but got {describe_ids(wrong)}")
     return ids
 
 
@@ -289,12 +289,10 @@ def _meta_values(source: Any, ids: list[str], mode: str, meta: Meta) -> np.ndarr
     mapping = meta if isinstance(meta, Mapping) else read_numbers(meta, "meta")
     missing = [key for key in ids if key not in mapping]
     if missing:
-        shown = ", ".join(repr(key) for key in missing[:MAX_IDS_SHOWN])
-        more = f" and {len(missing) - MAX_IDS_SHOWN} more" if len(missing) > MAX_IDS_SHOWN else ""
         where = "the mapping" if isinstance(meta, Mapping) else f"meta={meta!r}"
         raise ValueError(
-            f"{where} has no value for {len(missing)} of the {len(ids)} ids: {shown}{more}; "
-            "the metadata needs a number for every id being selected"
+            f"{where} has no value for {len(missing)} of the {len(ids)} ids: "
+            f"{describe_ids(missing)}; the metadata needs a number for every id being selected"
         )
     return np.array([to_number(mapping[key], "meta", key) for key in ids], dtype=np.float64)
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 from torch.utils.data import Sampler
 
@@ -46,7 +46,7 @@ from poolloader.samplers._distributed import resolve_rank_world_size
 
 __all__ = ["EpochIterator", "SamplerBase", "State", "StateValue"]
 
-StateValue = Union[int, float, str, None, list[int]]
+StateValue = int | float | str | None | list[int]
 State = dict[str, StateValue]
 
 

@@ -18,9 +18,10 @@ IntArray = npt.NDArray[np.int64]
 def estimate_bucket_boundaries(lengths: FloatArray, num_buckets: int) -> FloatArray:
     """Boundaries that split ``lengths`` into buckets of about equal total length (mass).
 
-    Boundary ``k`` is the length of the item at which the running mass of the sorted
-    lengths first reaches ``k / num_buckets`` of the total; each bucket's mass is therefore
-    within one item's length of ``total / num_buckets`` (ties can merge buckets).
+    The sorted lengths are cut where their running mass comes nearest to ``k / num_buckets``
+    of the total, and boundary ``k`` is the length of the first item after cut ``k``. With
+    distinct lengths each bucket's mass is therefore within one item's length of
+    ``total / num_buckets``; repeated lengths stay together, which can merge buckets.
 
     Args:
         lengths: Non-negative item lengths.
@@ -36,13 +37,15 @@ def estimate_bucket_boundaries(lengths: FloatArray, num_buckets: int) -> FloatAr
         [4.0]
     """
     ordered = np.sort(lengths)
-    mass = np.cumsum(ordered)
-    total = mass[-1] if mass.size else 0.0
+    before = np.concatenate(([0.0], np.cumsum(ordered)))  # mass of the first j items
+    total = before[-1]
     if num_buckets <= 1 or total <= 0:
         return np.empty(0, dtype=np.float64)
     targets = total * np.arange(1, num_buckets, dtype=np.float64) / num_buckets
-    crossing = np.minimum(np.searchsorted(mass, targets, side="left"), ordered.size - 1)
-    boundaries = np.unique(ordered[crossing])
+    above = np.searchsorted(before, targets, side="left")  # first cut reaching the target
+    nearer = before[above] - targets <= targets - before[above - 1]
+    cuts = np.where(nearer, above, above - 1)
+    boundaries = np.unique(ordered[cuts[cuts < ordered.size]])
     return boundaries[boundaries > ordered[0]]
 
 

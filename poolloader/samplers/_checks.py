@@ -130,6 +130,6 @@ def _check_values(values: npt.NDArray[np.float64]) -> None:
         first = int(bad[0])
         raise ValueError(
             "lengths should be finite and non-negative, but got "
-            f"lengths[{first}]={values[first]!r} ({bad.size} such item(s) in all); "
+            f"lengths[{first}]={float(values[first])!r} ({bad.size} such item(s) in all); "
             "drop or fix those items before building the sampler"
         )

@@ -1,0 +1,149 @@
+"""Errors from workers come home intact; bad input fails early and clearly."""
+
+from __future__ import annotations
+
+import pytest
+from _datasets import Failing, HoldsLock, Plain, Sleepy
+
+from poolloader import DataLoader
+from poolloader.errors import LoaderTimeoutError, NotPicklableError, RemoteTraceback
+
+
+def _loader(dataset, **kwargs):
+    kwargs.setdefault("num_workers", 2)
+    kwargs.setdefault("multiprocessing_context", "forkserver")
+    return DataLoader(dataset, **kwargs)
+
+
+def test_dataset_exception_keeps_its_type_and_says_where():
+    with _loader(Failing(bad=5), batch_size=2) as loader:
+        iterator = iter(loader)
+        assert next(iterator).tolist() == [0, 1]
+        assert next(iterator).tolist() == [2, 3]
+        with pytest.raises(ValueError) as info:
+            next(iterator)
+        message = str(info.value)
+        assert "item 5 is corrupt" in message
+        assert "while loading batch 2 with indices [4, 5]" in message
+        assert "DataLoader worker" in message and "pid" in message
+        cause = info.value.__cause__
+        assert isinstance(cause, RemoteTraceback)
+        assert "__getitem__" in cause.tb and "ValueError: item 5 is corrupt" in cause.tb
+        # The iterator goes on with the next batch, as torch's does.
+        assert next(iterator).tolist() == [6, 7]
+        # And the loader works for another epoch.
+        assert len(list(_skip_errors(loader))) == 5
+
+
+def _skip_errors(loader):
+    iterator = iter(loader)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except ValueError:
+            continue
+
+
+def test_key_error_message_reads_as_text():
+    with _loader(Failing(bad=-1, missing=3), batch_size=None) as loader:
+        with pytest.raises(KeyError) as info:
+            list(loader)
+    text = str(info.value)
+    assert text.startswith("utt3\n(raised in DataLoader worker"), text
+
+
+def test_exception_that_cannot_be_rebuilt_becomes_runtime_error():
+    with _loader(Plain(4), batch_size=2, collate_fn=_raise_unpicklable) as loader:
+        with pytest.raises(RuntimeError, match=r"_tests_local\..*Unpicklable: cannot rebuild me"):
+            next(iter(loader))
+
+
+def _raise_unpicklable(batch):
+    class Unpicklable(Exception):
+        pass
+
+    Unpicklable.__module__ = "_tests_local"
+    raise Unpicklable("cannot rebuild me")
+
+
+def test_lambda_collate_fn_fails_at_construction():
+    with pytest.raises(NotPicklableError) as info:
+        DataLoader(Plain(4), num_workers=2, collate_fn=lambda batch: batch)
+    message = str(info.value)
+    assert message.startswith("collate_fn cannot be pickled")
+    assert "at module level" in message
+    assert isinstance(info.value, TypeError)
+
+
+def test_dataset_holding_a_lock_names_the_attribute():
+    loader = DataLoader(HoldsLock(), num_workers=1)
+    with pytest.raises(NotPicklableError) as info:
+        iter(loader)
+    message = str(info.value)
+    assert message.startswith("dataset.reader.lock (part of dataset) cannot be pickled")
+    assert "lock" in message and "worker_init_fn" in message
+    loader.close()
+
+
+def test_unpicklable_batch_from_worker():
+    with _loader(Plain(4), batch_size=2, collate_fn=_generator_batch) as loader:
+        with pytest.raises(TypeError, match="cannot pickle 'generator' object"):
+            next(iter(loader))
+
+
+def _generator_batch(batch):
+    return (x for x in batch)
+
+
+def test_timeout_names_the_batch():
+    with _loader(Sleepy(slow=2, seconds=30), batch_size=2, timeout=1) as loader:
+        iterator = iter(loader)
+        assert next(iterator).tolist() == [0, 1]
+        with pytest.raises(LoaderTimeoutError) as info:
+            next(iterator)
+    message = str(info.value)
+    assert message.startswith("DataLoader timed out after 1 seconds waiting for batch 1")
+    assert "indices [2, 3]" in message
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value, TimeoutError)
+
+
+def test_unpicklable_index_from_sampler():
+    sampler = [[0, 1], [_Local()]]
+    with _loader(Plain(4), batch_sampler=sampler) as loader:
+        iterator = iter(loader)
+        with pytest.raises(NotPicklableError, match="the index of batch 1"):
+            next(iterator)
+            next(iterator)
+
+
+class _Local:
+    def __reduce__(self):
+        raise TypeError("no pickling for you")
+
+
+def test_index_out_of_range_comes_back_as_index_error():
+    with _loader(list(range(4)), batch_sampler=[[0, 1], [2, 9]]) as loader:
+        iterator = iter(loader)
+        next(iterator)
+        with pytest.raises(IndexError, match=r"list index out of range\n.*indices \[2, 9\]"):
+            next(iterator)
+
+
+def test_broadcast_of_a_lambda_fails_at_the_call():
+    with _loader(Plain(4)) as loader:
+        with pytest.raises(NotPicklableError, match=r"^the broadcast function .*<lambda> cannot be pickled"):
+            loader.broadcast(lambda ds: None)
+
+
+def test_assigning_an_unpicklable_value_fails_and_changes_nothing():
+    import threading
+
+    dataset = Plain(4)
+    with _loader(dataset, batch_size=None) as loader:
+        list(loader)
+        with pytest.raises(NotPicklableError, match=r"^dataset\.scale cannot be pickled"):
+            loader.dataset.scale = threading.Lock()
+        assert dataset.scale == 1
+        assert list(loader) == [0, 1, 2, 3]

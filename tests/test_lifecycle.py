@@ -1,0 +1,153 @@
+"""Processes: nested pools work, and nothing outlives the loader or its main process."""
+
+from __future__ import annotations
+
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+from _datasets import Nested, Plain, SpawnsSleeper, pid_of_worker
+
+from poolloader import DataLoader
+from poolloader.errors import LoaderClosedError
+
+TESTS = os.path.dirname(__file__)
+
+
+def _gone(pids, timeout=15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("kind", ["pool", "executor"])
+def test_dataset_may_start_its_own_process_pool(kind):
+    with DataLoader(Nested(kind), batch_size=2, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert [b.tolist() for b in loader] == [[0, 1], [4, 9]]
+
+
+def test_torch_refuses_what_poolloader_allows():
+    import torch
+
+    loader = torch.utils.data.DataLoader(Nested("pool"), batch_size=2, num_workers=1)
+    with pytest.raises(AssertionError, match="daemonic processes are not allowed to have children"):
+        list(loader)
+
+
+def test_close_ends_the_whole_process_tree(start_method):
+    loader = DataLoader(SpawnsSleeper(), batch_size=None, num_workers=2,
+                        multiprocessing_context=start_method)  # fmt: skip
+    sleepers = list(loader)
+    workers = loader._pool.worker_pids
+    assert all(psutil.pid_exists(p) for p in sleepers + workers)
+    loader.close()
+    assert _gone(sleepers + workers, timeout=1.0)
+    loader.close()  # idempotent
+    with pytest.raises(LoaderClosedError, match="closed"):
+        iter(loader)
+
+
+def test_garbage_collection_closes_the_pool():
+    loader = DataLoader(Plain(4), batch_size=2, num_workers=2,
+                        multiprocessing_context="forkserver")  # fmt: skip
+    next(iter(loader))
+    workers = loader._pool.worker_pids
+    del loader
+    gc.collect()
+    assert _gone(workers, timeout=5.0)
+
+
+def test_context_manager_closes():
+    with DataLoader(Plain(4), num_workers=1, multiprocessing_context="forkserver") as loader:
+        next(iter(loader))
+        workers = loader._pool.worker_pids
+    assert _gone(workers, timeout=1.0)
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from _datasets import SpawnsSleeper, Plain
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        loader = DataLoader({dataset}, batch_size=None, num_workers=2)
+        it = iter(loader)
+        first = next(it)
+        print("WORKERS", *loader._pool.worker_pids, flush=True)
+        print("FIRST", first, flush=True)
+        {ending}
+    """
+)
+
+
+def _run_script(dataset: str, ending: str) -> tuple[subprocess.Popen, list[int], int]:
+    code = SCRIPT.format(tests=TESTS, dataset=dataset, ending=ending)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()[1:]]
+    first = int(proc.stdout.readline().split()[1])
+    return proc, workers, first
+
+
+def test_workers_exit_when_the_main_process_is_killed():
+    proc, workers, sleeper = _run_script(
+        "SpawnsSleeper()", "os.kill(os.getpid(), 9)"
+    )
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert _gone(workers + [sleeper], timeout=15.0), "workers or their children outlived main"
+
+
+def test_interpreter_exit_without_close_does_not_hang():
+    proc, workers, sleeper = _run_script("SpawnsSleeper()", "print('bye')")
+    proc.wait(timeout=30)
+    assert proc.returncode == 0 and "bye" in proc.stdout.read()
+    assert _gone(workers + [sleeper], timeout=5.0)
+
+
+def test_keyboard_interrupt_in_the_main_process_ends_everything():
+    proc, workers, _ = _run_script(
+        "Plain(10**6)", "[next(it) for _ in range(10**9)]"
+    )
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    assert proc.returncode != 0
+    assert _gone(workers, timeout=5.0)
+
+
+def test_a_killed_worker_is_replaced_and_nothing_is_lost():
+    with DataLoader(Plain(40), batch_size=2, num_workers=2, collate_fn=_slow_sum,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        got = []
+        for i, batch in enumerate(loader):
+            got.append(batch)
+            if i == 3:
+                os.kill(loader._pool.worker_pids[0], signal.SIGKILL)
+        assert got == [4 * k + 1 for k in range(20)]
+        assert loader.statistics().restarts == 1
+
+
+def _slow_sum(batch):
+    time.sleep(0.02)
+    return sum(batch)
+
+
+def test_worker_pids_are_real_children():
+    with DataLoader(Plain(4), batch_size=None, num_workers=2, collate_fn=pid_of_worker,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        seen = set(loader)
+        assert seen <= set(loader._pool.worker_pids)

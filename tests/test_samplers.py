@@ -1,0 +1,637 @@
+"""Batch samplers: pure maths, limits, sharding, determinism and exact resume."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolloader import samplers
+from poolloader.samplers import BatchConstraint, DynamicBatchSampler, SortedBatchSampler
+from poolloader.samplers._base import SamplerBase
+from poolloader.samplers._bucketing import (
+    assign_buckets,
+    estimate_bucket_boundaries,
+    split_by_bucket,
+)
+from poolloader.samplers._constraint import FIRST_WINDOW, cut_batch, next_batch_end
+from poolloader.samplers._distributed import (
+    batches_per_rank,
+    rank_positions,
+    resolve_rank_world_size,
+)
+
+FEW = settings(max_examples=25, deadline=None)
+Batches = list[list[int]]
+
+
+def lognormal(count: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).lognormal(mean=1.5, sigma=0.7, size=count)
+
+
+def epoch(sampler: SamplerBase, number: int) -> Batches:
+    sampler.set_epoch(number)
+    return list(sampler)
+
+
+def padded_ratio(lengths: np.ndarray, batches: Batches) -> float:
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    return float(padded / lengths.sum())
+
+
+def dynamic(lengths: Sequence[float] | np.ndarray, **kwargs: object) -> DynamicBatchSampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return DynamicBatchSampler(lengths, **kwargs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- public surface
+
+
+def test_public_names_are_sorted_exported_and_documented() -> None:
+    assert samplers.__all__ == sorted(samplers.__all__)
+    for name in samplers.__all__:
+        obj = getattr(samplers, name)
+        assert obj.__doc__, name
+        for member, value in vars(obj).items():
+            if not member.startswith("_") and callable(value) or isinstance(value, property):
+                assert value.__doc__, f"{name}.{member}"
+
+
+def test_samplers_are_torch_batch_samplers() -> None:
+    lengths = lognormal(50)
+    sampler = dynamic(lengths, max_duration=30.0)
+    loader = torch.utils.data.DataLoader(range(50), batch_sampler=sampler)
+    assert isinstance(sampler, torch.utils.data.Sampler)
+    assert len(loader) == len(sampler)
+    assert sorted(int(i) for batch in loader for i in batch) == list(range(50))
+
+
+# ---------------------------------------------------------------- sharding maths
+
+
+@pytest.mark.parametrize(
+    ("batches", "world", "drop_last", "expected"),
+    [(10, 3, False, 4), (10, 3, True, 3), (9, 3, False, 3), (2, 4, False, 1), (2, 4, True, 0)],
+)
+def test_batches_per_rank_formula(batches: int, world: int, drop_last: bool, expected: int) -> None:
+    assert batches_per_rank(batches, world, drop_last) == expected
+
+
+@FEW
+@given(st.integers(1, 60), st.integers(1, 6), st.booleans())
+def test_rank_positions_are_equal_disjoint_and_cover(total: int, world: int, drop: bool) -> None:
+    shards = [rank_positions(total, rank, world, drop) for rank in range(world)]
+    per_rank = len(shards[0])
+    assert all(len(shard) == per_rank for shard in shards)
+    round_major = [shard[k] for k in range(per_rank) for shard in shards]
+    if drop:
+        assert round_major == list(range(total - total % world))
+    else:
+        assert round_major[:total] == list(range(total))
+        assert round_major[total:] == [p % total for p in range(total, per_rank * world)]
+        assert len(round_major) - total < world
+
+
+# ---------------------------------------------------------------- bucketing maths
+
+
+@FEW
+@given(
+    st.lists(st.floats(0.1, 100.0), min_size=1, max_size=300, unique=True),
+    st.integers(1, 12),
+)
+def test_boundaries_split_mass_evenly(values: list[float], buckets: int) -> None:
+    lengths = np.array(values)
+    boundaries = estimate_bucket_boundaries(lengths, buckets)
+    assert np.all(np.diff(boundaries) > 0) and np.all(boundaries > lengths.min())
+    assert boundaries.size <= buckets - 1
+    of = assign_buckets(lengths, boundaries)
+    masses = np.bincount(of, weights=lengths, minlength=boundaries.size + 1)
+    assert np.all(masses > 0)
+    if boundaries.size == buckets - 1:
+        assert np.all(np.abs(masses - lengths.sum() / buckets) <= lengths.max() + 1e-9)
+
+
+def test_boundaries_with_repeated_or_zero_lengths() -> None:
+    assert estimate_bucket_boundaries(np.zeros(5), 4).size == 0
+    assert estimate_bucket_boundaries(np.full(5, 2.0), 4).size == 0
+    assert estimate_bucket_boundaries(np.array([1.0, 1.0, 2.0, 4.0]), 2).tolist() == [4.0]
+
+
+def test_split_by_bucket_keeps_relative_order() -> None:
+    order = np.array([5, 0, 3, 1, 4, 2])
+    bucket_of = np.array([0, 1, 0, 1, 0, 1])
+    parts = split_by_bucket(order, bucket_of, 3)
+    assert [p.tolist() for p in parts] == [[0, 4, 2], [5, 3, 1], []]
+
+
+# ---------------------------------------------------------------- the constraint
+
+
+def test_constraint_costs_and_fullness() -> None:
+    summed = BatchConstraint(max_duration=10.0)
+    padded = BatchConstraint(max_duration=10.0, cost="padded")
+    counted = BatchConstraint(max_batch_size=2)
+    assert summed.fits([3.0, 4.0, 3.0]) and not summed.fits([3.0, 4.0, 3.5])
+    assert padded.fits([1.0, 5.0]) and not padded.fits([1.0, 1.0, 4.0])
+    assert counted.fits([9.0, 9.0]) and not counted.fits([1.0, 1.0, 1.0])
+    assert summed.is_full([3.0, 4.0]) and not summed.is_full([3.0, 3.0])
+    assert counted.is_full([1.0, 1.0]) and not counted.is_full([1.0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (
+            {"max_duration": -1},
+            ValueError,
+            "max_duration should be a positive number, but got max_duration=-1",
+        ),
+        ({"max_duration": "5"}, TypeError, "max_duration should be a positive number"),
+        (
+            {"max_batch_size": 0},
+            ValueError,
+            "max_batch_size should be a positive integer, but got max_batch_size=0",
+        ),
+        (
+            {"max_duration": 1.0, "cost": "max"},
+            ValueError,
+            "cost should be 'sum' or 'padded', but got cost='max'",
+        ),
+        ({}, ValueError, "needs at least one limit"),
+    ],
+)
+def test_constraint_rejects_bad_limits(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        BatchConstraint(**kwargs)  # type: ignore[arg-type]
+
+
+def test_cut_takes_longest_fitting_run_and_oversized_items_alone() -> None:
+    constraint = BatchConstraint(max_duration=10.0)
+    lengths = np.array([4.0, 4.0, 3.0, 12.0, 1.0])
+    assert cut_batch(lengths, 0, constraint) == 2
+    assert cut_batch(lengths, 2, constraint) == 3
+    assert cut_batch(lengths, 3, constraint) == 4
+    assert cut_batch(lengths, 4, constraint) == 5
+
+
+def test_cut_looks_past_the_first_window() -> None:
+    lengths = np.full(FIRST_WINDOW * 5, 0.5)
+    assert cut_batch(lengths, 0, BatchConstraint(max_duration=100.0)) == 200
+    assert cut_batch(lengths, 0, BatchConstraint(max_duration=1e9)) == lengths.size
+
+
+def test_drop_last_drops_only_an_incomplete_final_batch() -> None:
+    constraint = BatchConstraint(max_batch_size=3)
+    lengths = np.ones(5)
+    assert next_batch_end(lengths, 0, constraint, True) == (3, True)
+    assert next_batch_end(lengths, 3, constraint, True) == (5, False)
+    assert next_batch_end(lengths, 3, constraint, False) == (5, True)
+    assert next_batch_end(np.ones(6), 3, constraint, True) == (6, True)
+
+
+# ---------------------------------------------------------------- rank resolution
+
+
+@pytest.fixture
+def no_rank_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    return monkeypatch
+
+
+def test_rank_defaults_without_environment(no_rank_env: pytest.MonkeyPatch) -> None:
+    assert resolve_rank_world_size() == (0, 1)
+
+
+def test_environment_beats_default_and_argument_beats_environment(
+    no_rank_env: pytest.MonkeyPatch,
+) -> None:
+    no_rank_env.setenv("RANK", "2")
+    no_rank_env.setenv("WORLD_SIZE", "4")
+    assert resolve_rank_world_size() == (2, 4)
+    assert resolve_rank_world_size(rank=1) == (1, 4)
+    assert resolve_rank_world_size(rank=0, world_size=1) == (0, 1)
+    sampler = dynamic(lognormal(20), max_duration=20.0)
+    assert (sampler.rank, sampler.world_size) == (2, 4)
+
+
+def test_bad_ranks_are_rejected_with_their_source(no_rank_env: pytest.MonkeyPatch) -> None:
+    with pytest.raises(
+        ValueError, match=r"Invalid rank 2, rank should be in the interval \[0, 1\]"
+    ):
+        resolve_rank_world_size(rank=2, world_size=2)
+    no_rank_env.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="rank from the argument, world_size from the environ"):
+        resolve_rank_world_size(rank=3)
+    no_rank_env.setenv("RANK", "one")
+    with pytest.raises(ValueError, match="environment variable RANK, which should hold an int"):
+        resolve_rank_world_size()
+    with pytest.raises(ValueError, match="world_size should be a positive integer"):
+        resolve_rank_world_size(rank=0, world_size=0)
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+@pytest.mark.parametrize(
+    ("lengths", "error", "message"),
+    [
+        ([], ValueError, "non-empty, one-dimensional"),
+        ([[1.0], [2.0]], ValueError, "but got shape (2, 1)"),
+        ([1.0, -2.0, 3.0], ValueError, "lengths[1]=-2.0"),
+        ([1.0, float("nan")], ValueError, "lengths[1]=nan"),
+        (["a", "b"], TypeError, "lengths should hold numbers"),
+        ([True, False], TypeError, "lengths should hold numbers"),
+    ],
+)
+def test_lengths_are_validated(lengths: object, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=re.escape(message)):
+        DynamicBatchSampler(lengths, max_duration=5.0)  # type: ignore[arg-type]
+
+
+def test_lengths_from_numpy_and_torch_match_a_list() -> None:
+    values = lognormal(40)
+    reference = epoch(dynamic(values.tolist(), max_duration=25.0), 3)
+    assert epoch(dynamic(values, max_duration=25.0), 3) == reference
+    assert epoch(dynamic(torch.from_numpy(values), max_duration=25.0), 3) == reference
+
+
+def test_sampler_arguments_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"^max_duration should be a positive number, but got "):
+        DynamicBatchSampler([1.0], max_duration=-1)
+    with pytest.raises(ValueError, match="num_buckets should be a positive integer"):
+        DynamicBatchSampler([1.0], max_duration=1.0, num_buckets=0)
+    with pytest.raises(ValueError, match="seed should be a non-negative integer"):
+        DynamicBatchSampler([1.0], max_duration=1.0, seed=-3)
+    with pytest.raises(ValueError, match="exactly one of batch_size and max_duration"):
+        SortedBatchSampler([1.0], batch_size=2, max_duration=3.0)
+    with pytest.raises(ValueError, match="exactly one of batch_size and max_duration"):
+        SortedBatchSampler([1.0])
+    with pytest.raises(ValueError, match="descending should be True, False or None"):
+        SortedBatchSampler([1.0], batch_size=1, descending="yes")  # type: ignore[arg-type]
+    sampler = SortedBatchSampler([1.0, 2.0], batch_size=1)
+    with pytest.raises(ValueError, match="needs batch_size or max_duration"):
+        sampler.batch_size = None
+    with pytest.raises(ValueError, match="batch_size should be a positive integer"):
+        sampler.batch_size = 0
+
+
+def test_oversized_items_warn_and_come_alone() -> None:
+    lengths = [1.0, 2.0, 50.0, 1.0]
+    with pytest.warns(UserWarning, match="1 of 4 items are longer than max_duration=10.0"):
+        sampler = DynamicBatchSampler(lengths, max_duration=10.0, num_buckets=1)
+    assert [2] in list(sampler)
+
+
+# ---------------------------------------------------------------- batch properties
+
+
+dynamic_args = st.fixed_dictionaries(
+    {
+        "max_duration": st.floats(5.0, 60.0),
+        "max_batch_size": st.none() | st.integers(1, 8),
+        "num_buckets": st.integers(1, 6),
+        "cost": st.sampled_from(["sum", "padded"]),
+        "shuffle": st.booleans(),
+        "seed": st.integers(0, 1000),
+        "drop_last": st.booleans(),
+    }
+)
+lengths_lists = st.lists(st.floats(0.0, 20.0), min_size=1, max_size=120)
+
+
+def assert_within_limits(lengths: np.ndarray, batches: Batches, c: BatchConstraint) -> None:
+    for batch in batches:
+        values = lengths[batch]
+        if len(batch) > 1:
+            cost = values.sum() if c.cost == "sum" else len(batch) * values.max()
+            assert cost <= (c.max_duration or np.inf) * (1 + 1e-12)
+        assert len(batch) <= (c.max_batch_size or len(batch))
+
+
+@FEW
+@given(lengths_lists, dynamic_args)
+def test_dynamic_epoch_covers_items_once_within_limits(values: list[float], kwargs: dict) -> None:
+    lengths = np.array(values)
+    sampler = dynamic(lengths, **kwargs)
+    batches = epoch(sampler, 2)
+    assert len(sampler) == len(batches)
+    assert_within_limits(lengths, batches, sampler.constraint)
+    items = [i for batch in batches for i in batch]
+    assert len(items) == len(set(items))
+    if not kwargs["drop_last"]:
+        assert sorted(items) == list(range(lengths.size))
+    assert epoch(sampler, 2) == batches == epoch(dynamic(lengths, **kwargs), 2)
+
+
+@FEW
+@given(lengths_lists, dynamic_args, st.integers(2, 4))
+def test_ranks_take_the_formula_positions_of_the_global_order(
+    values: list[float], kwargs: dict, world: int
+) -> None:
+    lengths = np.array(values)
+    every = epoch(dynamic(lengths, **kwargs, rank=0, world_size=1), 1)
+    drop = kwargs["drop_last"]
+    counts = set()
+    for rank in range(world):
+        sampler = dynamic(lengths, **kwargs, rank=rank, world_size=world)
+        mine = epoch(sampler, 1)
+        counts.add(len(mine))
+        assert len(sampler) == len(mine)
+        assert mine == [every[p] for p in rank_positions(len(every), rank, world, drop)]
+    assert counts == {batches_per_rank(len(every), world, drop)}
+
+
+def test_ranks_are_disjoint_and_cover_all_items() -> None:
+    lengths = lognormal(301)
+    shards = [epoch(dynamic(lengths, max_duration=40.0, rank=r, world_size=3), 0) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    full_rounds = list(zip(*shards))[:-1]
+    flat = [i for batches in full_rounds for batch in batches for i in batch]
+    assert len(flat) == len(set(flat))
+    assert {i for s in shards for b in s for i in b} == set(range(301))
+
+
+def test_drop_last_keeps_only_full_batches_and_whole_rounds() -> None:
+    lengths = np.ones(103)
+    sampler = dynamic(lengths, max_duration=1e6, max_batch_size=4, num_buckets=1, drop_last=True)
+    batches = epoch(sampler, 0)
+    assert {len(b) for b in batches} == {4} and len(batches) == 25
+    shards = [
+        epoch(dynamic(np.ones(108), max_duration=5.5, drop_last=True, rank=r, world_size=4), 0)
+        for r in range(4)
+    ]
+    assert [len(s) for s in shards] == [5, 5, 5, 5]
+    assert all(len(b) == 5 for s in shards for b in s)
+
+
+def test_orders_differ_across_epochs_and_seeds() -> None:
+    sampler = dynamic(lognormal(400), max_duration=50.0)
+    first, second = epoch(sampler, 0), epoch(sampler, 1)
+    assert first != second
+    assert sorted(map(sorted, first)) != sorted(map(sorted, second))
+    assert epoch(dynamic(lognormal(400), max_duration=50.0, seed=1), 0) != first
+
+
+def test_bucketing_reduces_padding() -> None:
+    lengths = lognormal(4000, seed=3)
+    bucketed = epoch(dynamic(lengths, max_duration=200.0, num_buckets=10), 0)
+    unbucketed = epoch(dynamic(lengths, max_duration=200.0, num_buckets=1), 0)
+    size = round(lengths.size / len(bucketed))
+    order = np.random.default_rng(0).permutation(lengths.size)
+    fixed = [order[i : i + size].tolist() for i in range(0, lengths.size, size)]
+    assert padded_ratio(lengths, bucketed) < 1.15
+    assert padded_ratio(lengths, bucketed) < padded_ratio(lengths, unbucketed) - 0.3
+    assert padded_ratio(lengths, bucketed) < padded_ratio(lengths, fixed) - 0.3
+
+
+# ---------------------------------------------------------------- limits while iterating
+
+
+def test_limit_change_applies_from_the_next_batch() -> None:
+    lengths = lognormal(200)
+    sampler = dynamic(lengths, max_duration=20.0, num_buckets=1)
+    iterator = iter(sampler)
+    first = next(iterator)
+    sampler.max_duration = float(lengths.sum())
+    rest = list(iterator)
+    assert len(rest) == 1 and sorted(first + rest[0]) == list(range(200))
+
+
+def test_len_counts_yielded_plus_remaining_under_new_limits() -> None:
+    sampler = dynamic(lognormal(500), max_duration=30.0)
+    iterator = iter(sampler)
+    drawn = [next(iterator) for _ in range(5)]
+    sampler.max_duration = 90.0
+    expected = len(sampler)
+    assert expected == len(drawn) + len(list(iterator))
+    assert expected < len(epoch(dynamic(lognormal(500), max_duration=30.0), 0))
+
+
+# ---------------------------------------------------------------- exact resume
+
+Factory = Callable[[int], SamplerBase]
+FACTORIES: dict[str, Callable[..., SamplerBase]] = {
+    "dynamic": lambda **kw: dynamic(lognormal(300), max_duration=40.0, **kw),
+    "dynamic-padded-drop": lambda **kw: dynamic(
+        lognormal(300), max_duration=40.0, cost="padded", max_batch_size=6, drop_last=True, **kw
+    ),
+    "sorted": lambda **kw: SortedBatchSampler(lognormal(300), batch_size=7, **kw),
+    "sorted-duration": lambda **kw: SortedBatchSampler(lognormal(300), max_duration=40.0, **kw),
+    "sorted-clipped": lambda **kw: SortedBatchSampler(
+        lognormal(300), batch_size=7, batches_per_epoch=9, **kw
+    ),
+    "sorted-extended": lambda **kw: SortedBatchSampler(
+        lognormal(300), batch_size=7, batches_per_epoch=70, **kw
+    ),
+}
+
+
+def set_limit(sampler: SamplerBase, scale: float) -> None:
+    if isinstance(sampler, SortedBatchSampler) and sampler.batch_size is not None:
+        sampler.batch_size = max(1, round(sampler.batch_size * scale))
+    else:
+        sampler.max_duration = sampler.max_duration * scale  # type: ignore[attr-defined]
+
+
+def run_and_snapshot(
+    sampler: SamplerBase, cut: int, change_at: int | None
+) -> tuple[dict, Batches, int]:
+    """Run epoch 4, snapshot after ``cut`` batches: (state, batches left, batches drawn)."""
+    sampler.set_epoch(4)
+    iterator = iter(sampler)
+    drawn = 0
+    while drawn < cut and next(iterator, None) is not None:
+        drawn += 1
+        if drawn == change_at:
+            set_limit(sampler, 1.7)
+    return sampler.state_dict(), list(iterator), drawn
+
+
+def check_resume(name: str, cut: int, change_at: int | None, world: int = 1, rank: int = 0) -> None:
+    original = FACTORIES[name](rank=rank, world_size=world)
+    state, rest, drawn = run_and_snapshot(original, cut, change_at)
+    resumed = FACTORIES[name](rank=rank, world_size=world)
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    resumed.set_epoch(4)
+    assert len(resumed) == drawn + len(rest)
+    assert list(resumed) == rest
+    restarted = FACTORIES[name](rank=rank, world_size=world)
+    if change_at is not None and change_at <= drawn:
+        set_limit(restarted, 1.7)
+    assert list(resumed) == epoch(restarted, 4)
+    assert epoch(resumed, 5) == epoch(original, 5)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+@pytest.mark.parametrize("cut", [0, 1, 5, 30])
+def test_resume_yields_exactly_the_remaining_batches(name: str, cut: int) -> None:
+    check_resume(name, cut, change_at=None)
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_resume_after_a_mid_epoch_limit_change(name: str) -> None:
+    check_resume(name, cut=6, change_at=3)
+    check_resume(name, cut=4, change_at=4)
+
+
+@pytest.mark.parametrize("name", ["dynamic", "sorted", "sorted-extended"])
+def test_resume_on_several_ranks(name: str) -> None:
+    for rank in range(3):
+        check_resume(name, cut=3, change_at=2, world=3, rank=rank)
+
+
+@FEW
+@given(
+    st.sampled_from(sorted(FACTORIES)),
+    st.integers(0, 60),
+    st.none() | st.integers(1, 60),
+    st.integers(1, 3),
+)
+def test_resume_at_random_cut_points(name: str, cut: int, change: int | None, world: int) -> None:
+    check_resume(name, cut, change, world=world, rank=world - 1)
+
+
+def test_state_of_a_finished_epoch_resumes_to_nothing() -> None:
+    sampler = FACTORIES["dynamic"]()
+    full = epoch(sampler, 4)
+    resumed = FACTORIES["dynamic"]()
+    resumed.load_state_dict(sampler.state_dict())
+    assert list(resumed) == []
+    assert list(resumed) == full
+
+
+def test_state_is_small_and_does_not_grow_with_the_data() -> None:
+    sizes = []
+    for count in (100, 100_000):
+        sampler = dynamic(lognormal(count), max_duration=50.0)
+        iterator = iter(sampler)
+        next(iterator)
+        state = sampler.state_dict()
+        assert all(isinstance(v, (int, float, str, list, type(None))) for v in state.values())
+        sizes.append(len(json.dumps(state)))
+    assert max(sizes) < 400 and sizes[1] - sizes[0] < 60
+
+
+def test_state_round_trips_before_iterating() -> None:
+    sampler = FACTORIES["sorted-clipped"]()
+    sampler.set_epoch(3)
+    state = sampler.state_dict()
+    again = FACTORIES["sorted-clipped"]()
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+    assert list(again) == epoch(sampler, 3)
+
+
+def test_set_epoch_keeps_a_loaded_state_only_for_its_epoch() -> None:
+    state, rest, _ = run_and_snapshot(FACTORIES["dynamic"](), cut=3, change_at=None)
+    resumed = FACTORIES["dynamic"]()
+    resumed.load_state_dict(state)
+    resumed.set_epoch(5)
+    assert list(resumed) == epoch(FACTORIES["dynamic"](), 5)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(4)
+    assert list(resumed) == rest
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"extra": 1}, "unknown keys ['extra']"),
+        ({"cursors": None}, "state['cursors'] should be a list of"),
+        ({"seed": 9}, "saved with seed=9"),
+        ({"world_size": 2}, "saved with world_size=2"),
+        ({"sampler": "SortedBatchSampler"}, "saved by a 'SortedBatchSampler'"),
+        ({"max_duration": -1.0}, "state['max_duration'] should be a positive number"),
+        ({"pass": 7}, "state['pass'] should equal state['epoch']"),
+        ({"yielded": -1}, "state['yielded'] should be a non-negative integer"),
+    ],
+)
+def test_bad_states_are_rejected_and_change_nothing(change: dict, message: str) -> None:
+    state, _, _ = run_and_snapshot(FACTORIES["dynamic"](), cut=3, change_at=None)
+    state.update(change)
+    fresh = FACTORIES["dynamic"]()
+    before = fresh.state_dict()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fresh.load_state_dict(state)
+    assert fresh.state_dict() == before
+
+
+def test_missing_keys_are_named() -> None:
+    state = FACTORIES["sorted"]().state_dict()
+    del state["draws"]
+    with pytest.raises(ValueError, match=re.escape("missing keys ['draws']")):
+        FACTORIES["sorted"]().load_state_dict(state)
+
+
+def test_samplers_pickle_with_their_position() -> None:
+    sampler = FACTORIES["dynamic"]()
+    state, rest, _ = run_and_snapshot(sampler, cut=2, change_at=None)
+    copy = pickle.loads(pickle.dumps(FACTORIES["dynamic"]()))
+    copy.load_state_dict(state)
+    assert list(copy) == rest
+
+
+# ---------------------------------------------------------------- the sorted view
+
+
+def test_sorted_view_without_shuffle_is_speechains() -> None:
+    lengths = lognormal(53)
+    view = list(SortedBatchSampler(lengths, batch_size=8, shuffle=False))
+    order = np.argsort(-lengths, kind="stable").tolist()
+    assert view == [order[i : i + 8] for i in range(0, 53, 8)]
+    ascending = list(SortedBatchSampler(lengths, batch_size=8, shuffle=False, descending=False))
+    assert ascending[0] == np.argsort(lengths, kind="stable")[:8].tolist()
+    unsorted = list(SortedBatchSampler(lengths, batch_size=8, shuffle=False, descending=None))
+    assert unsorted[1] == list(range(8, 16))
+
+
+@pytest.mark.parametrize("limit", [{"batch_size": 5}, {"max_duration": 30.0}])
+def test_shuffling_reorders_the_same_batches(limit: dict) -> None:
+    lengths = lognormal(700)
+    view = list(SortedBatchSampler(lengths, shuffle=False, **limit))
+    sampler = SortedBatchSampler(lengths, seed=4, **limit)
+    first, second = epoch(sampler, 0), epoch(sampler, 1)
+    assert first != second != view
+    assert sorted(first) == sorted(second) == sorted(view)
+    assert len(sampler) == len(view)
+
+
+def test_batches_per_epoch_rotates_like_speechain() -> None:
+    lengths = lognormal(49)
+    view = list(SortedBatchSampler(lengths, batch_size=7, shuffle=False))
+    for per_epoch in (3, 10):
+        sampler = SortedBatchSampler(
+            lengths, batch_size=7, shuffle=False, batches_per_epoch=per_epoch
+        )
+        for number in range(4):
+            expected = [view[(number * per_epoch + i) % 7] for i in range(per_epoch)]
+            assert epoch(sampler, number) == expected
+            assert len(sampler) == per_epoch
+
+
+def test_batches_per_epoch_is_per_rank_and_shards_the_stream() -> None:
+    lengths = lognormal(60)
+    stream = epoch(SortedBatchSampler(lengths, batch_size=6, batches_per_epoch=8, seed=2), 0)
+    shards = [
+        epoch(
+            SortedBatchSampler(
+                lengths, batch_size=6, batches_per_epoch=4, seed=2, rank=r, world_size=2
+            ),
+            0,
+        )
+        for r in range(2)
+    ]
+    assert shards == [stream[0::2], stream[1::2]]
