@@ -2,16 +2,16 @@
 
 ::
 
-  main process                                        worker processes (spawn / forkserver, not daemonic)
-  ┌───────────────────────────────────────────────┐   ┌────────────────────────────────────────────────┐
-  │ DataLoader (a torch DataLoader subclass)      │   │ started once per loader with the dataset,      │
-  │  iterator: sampler → batch specs, in order    │   │   collate_fn and worker_init_fn (cached)       │
-  │   ≤ prefetch_factor*num_workers unfinished    │   │ inbox thread: reads messages, watches parent   │
-  │  pool: pending tasks → a free worker          ├──►│ control update → change the cached dataset     │
-  │   (control updates it lacks go first)         │   │ task → seed, fetch, collate, pack              │
-  │  I/O thread: results, deaths, respawns        │◄──┤ result / exception / shard exhausted           │
-  │  loader.dataset: live view, records changes   │   │ on Stop or parent death: end own process tree  │
-  └───────────────────────────────────────────────┘   └────────────────────────────────────────────────┘
+  main process                                   workers (spawn/forkserver, not daemonic)
+  ┌──────────────────────────────────────────┐   ┌───────────────────────────────────────┐
+  │ DataLoader (a torch DataLoader subclass) │   │ start: dataset, collate_fn and        │
+  │  iterator: sampler → batch specs         │   │   worker_init_fn arrive once, cached  │
+  │   ≤ prefetch_factor*num_workers running  │   │ inbox thread: reads the connection,   │
+  │  pool: pending tasks → a free worker,    ├──►│   exits if the main process dies      │
+  │   the control updates it lacks first     │   │ update → change the cached dataset    │
+  │  I/O thread: results, deaths, respawns   │◄──┤ task → seed, fetch, collate, pack     │
+  │  loader.dataset: records changes         │   │ stop → end own process tree, exit     │
+  └──────────────────────────────────────────┘   └───────────────────────────────────────┘
 
 Data flows one way: sampler → batch spec → worker → batch → consumer. Control
 flows beside it: each change to ``loader.dataset`` (or ``loader.broadcast``)

@@ -120,11 +120,13 @@ class Channel:
         """Drop what no worker can need: everything before the newest Replace at or
         below ``oldest_needed`` (the oldest generation of any unfinished task)."""
         with self._lock:
-            replaces = [(g, u) for g, u in self._log if isinstance(u, Replace) and g <= oldest_needed]
+            replaces = [
+                (g, u) for g, u in self._log if isinstance(u, Replace) and g <= oldest_needed
+            ]
             if not replaces:
                 return
             generation, newest = replaces[-1]
-            self._base, self._base_generation = newest.dataset, generation  # type: ignore[union-attr]
+            self._base, self._base_generation = newest.dataset, generation
             self._log = [(g, u) for g, u in self._log if g > generation]
 
 
@@ -174,7 +176,7 @@ class Tracked:
     come back as views too, so changes inside them are recorded.
     """
 
-    __slots__ = ("_pl_target", "_pl_path", "_pl_channel")
+    __slots__ = ("_pl_channel", "_pl_path", "_pl_target")
 
     def __init__(self, target: Any, path: Path, channel: Channel) -> None:
         object.__setattr__(self, "_pl_target", target)
@@ -183,7 +185,7 @@ class Tracked:
 
     # -- identity
     @property  # type: ignore[misc]
-    def __class__(self) -> type:  # noqa: D105
+    def __class__(self) -> type:
         return type(object.__getattribute__(self, "_pl_target"))
 
     def _pl(self) -> tuple[Any, Path, Channel]:

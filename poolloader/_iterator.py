@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
-from ._pool import Ended, Loaded, Outcome, Pool, Raised, TaskRecord, _short
+from ._pool import Ended, Loaded, Outcome, Raised, TaskRecord, _short
 from .errors import LoaderTimeoutError
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ class PoolIterator(_BaseDataLoaderIter):
     # ------------------------------------------------------------ epochs
 
     def _start_epoch(self, loader: DataLoader[Any]) -> None:
-        self._epoch, self._pool = loader._begin_epoch(self._base_seed)
+        self._epoch, self._pool = loader._begin_epoch(int(self._base_seed))
         self._window = deque()
         self._next_position = 0
         self._sampler_done = False
@@ -221,7 +221,7 @@ def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
         original = str(exc.args[0]) if exc.args else ""
         message = f"{original}\n({context})" if original else f"({context})"
         exc.args = (_Message(message),) if isinstance(exc, KeyError) else (message,)
-    else:
+    elif hasattr(exc, "add_note"):  # Python 3.11+
         exc.add_note(context.capitalize())
     return exc
 

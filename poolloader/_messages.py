@@ -17,7 +17,7 @@ from __future__ import annotations
 import pickle
 import traceback
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from .errors import RemoteTraceback
 
@@ -87,7 +87,7 @@ class Replace:
     dataset: bytes
 
 
-Update = Union[SetAttr, DelAttr, SetItem, DelItem, Broadcast, Replace]
+Update = SetAttr | DelAttr | SetItem | DelItem | Broadcast | Replace
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +110,9 @@ class RemoteError:
     @classmethod
     def capture(cls, exc: BaseException) -> RemoteError:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        pickled: bytes | None
         try:
-            pickled: bytes | None = pickle.dumps(exc)
+            pickled = pickle.dumps(exc)
             pickle.loads(pickled)
         except Exception:
             pickled = None

@@ -125,6 +125,17 @@ class _Worker:
     tasks: dict[int, TaskRecord] = field(default_factory=dict)
 
 
+@dataclass
+class _Counters:
+    tasks_done: int = 0
+    restarts: int = 0
+    bytes_moved: int = 0
+    busy: float = 0.0
+    control_messages: int = 0
+    control_bytes: int = 0
+    bytes_sent: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class PoolStatistics:
     tasks_done: int
@@ -135,6 +146,8 @@ class PoolStatistics:
     pending: int
     running: int
     control_messages: int
+    control_bytes: int
+    bytes_sent: int
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -178,8 +191,7 @@ class Pool:
         self._closing = False
         self._closed = False
         self._exitcodes: list[int] = []
-        self._stats = {"tasks_done": 0, "restarts": 0, "bytes_moved": 0, "busy": 0.0}
-        self._control_messages = 0
+        self._counters = _Counters()
         self._started_at = time.monotonic()
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
@@ -330,7 +342,9 @@ class Pool:
         try:
             task = pickle.dumps(Task(record.seq, record.epoch, record.position, record.index))
         except Exception as exc:
-            _fail([record], not_picklable(record.index, f"the index of batch {record.position}", exc))
+            _fail(
+                [record], not_picklable(record.index, f"the index of batch {record.position}", exc)
+            )
             return
         messages = []
         if w.epoch != record.epoch:
@@ -339,7 +353,8 @@ class Pool:
         if record.generation > w.generation:
             for update in self._channel.updates(w.generation, record.generation):
                 messages.append(pickle.dumps(update))
-                self._control_messages += 1
+                self._counters.control_messages += 1
+                self._counters.control_bytes += len(messages[-1])
             w.generation = record.generation
         record.worker = w.id
         w.tasks[record.seq] = record
@@ -347,6 +362,7 @@ class Pool:
             self._send(w, message)
 
     def _send(self, w: _Worker, message: bytes) -> None:
+        self._counters.bytes_sent += len(message)
         try:
             w.conn.send_bytes(message)
         except OSError:
@@ -358,7 +374,7 @@ class Pool:
         try:
             while not self._closing:
                 self._io_step()
-        except BaseException as exc:  # noqa: BLE001 - nothing may be left waiting
+        except BaseException as exc:
             logger.exception("poolloader I/O thread failed")
             self._break(PoolBrokenError(f"the worker pool's I/O thread failed: {exc!r}"))
 
@@ -407,8 +423,8 @@ class Pool:
             wanted = record is not None and not record.cancelled
             self._dispatch()
         if isinstance(message, (Done, Failed)):
-            self._stats["busy"] += message.elapsed
-            self._stats["tasks_done"] += 1
+            self._counters.busy += message.elapsed
+            self._counters.tasks_done += 1
         if not wanted:
             if isinstance(message, Done):
                 self._transport.discard(message.payload)
@@ -418,7 +434,7 @@ class Pool:
 
     def _outcome(self, w: _Worker, message: Done | Failed | Exhausted) -> Outcome:
         if isinstance(message, Done):
-            self._stats["bytes_moved"] += message.nbytes
+            self._counters.bytes_moved += message.nbytes
             return Loaded(self._transport.unpack(message.payload), w.id, w.pid)
         if isinstance(message, Failed):
             return Raised(message.error, w.id, w.pid)
@@ -436,7 +452,7 @@ class Pool:
         with self._lock:
             lost = sorted(w.tasks.values(), key=lambda r: r.seq)
             w.tasks.clear()
-            self._stats["restarts"] += 1
+            self._counters.restarts += 1
             self._exitcodes.append(code)
             logger.warning(
                 "poolloader worker %d (pid %d) died: %s; running batches %s again",
@@ -451,9 +467,9 @@ class Pool:
     def _crash_error(self, w: _Worker, code: int, lost: list[TaskRecord]) -> PoolBrokenError | None:
         indices = lost[0].index if lost else None
         exits = ", ".join(describe_exit(c) for c in self._exitcodes)
-        if self._stats["restarts"] > self._max_restarts:
+        if self._counters.restarts > self._max_restarts:
             return WorkerCrashedError(
-                f"DataLoader workers died {self._stats['restarts']} times, more than "
+                f"DataLoader workers died {self._counters.restarts} times, more than "
                 f"max_worker_restarts={self._max_restarts} allows ({exits}). The last, worker "
                 f"{w.id} (pid {w.pid}), was loading batch indices {_short(indices)}.",
                 exitcodes=tuple(self._exitcodes), indices=indices,
@@ -507,15 +523,18 @@ class Pool:
     def statistics(self) -> PoolStatistics:
         with self._lock:
             running = sum(len(w.tasks) for w in self._workers)
+            c = self._counters
             return PoolStatistics(
-                tasks_done=self._stats["tasks_done"],
-                restarts=self._stats["restarts"],
-                bytes_moved=self._stats["bytes_moved"],
-                busy_seconds=self._stats["busy"],
+                tasks_done=c.tasks_done,
+                restarts=c.restarts,
+                bytes_moved=c.bytes_moved,
+                busy_seconds=c.busy,
                 uptime_seconds=time.monotonic() - self._started_at,
                 pending=len(self._pending),
                 running=running,
-                control_messages=self._control_messages,
+                control_messages=c.control_messages,
+                control_bytes=c.control_bytes,
+                bytes_sent=c.bytes_sent,
             )
 
 

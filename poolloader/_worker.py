@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import torch
@@ -114,7 +114,7 @@ def run(setup: WorkerSetup, conn: Connection) -> None:
     inbox = _Inbox(conn)
     try:
         state = _State(setup)
-    except BaseException as exc:  # noqa: BLE001 - every failure is reported home
+    except BaseException as exc:
         _send(conn, StartFailed(setup.worker_id, os.getpid(), RemoteError.capture(exc)))
         _finish(1)
     _send(conn, Ready(setup.worker_id, os.getpid()))
@@ -140,7 +140,7 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
         elif isinstance(message, Stop):
             return
         else:
-            state.apply(message)
+            state.apply(cast(Update, message))
 
 
 def _send(conn: Connection, message: object) -> None:

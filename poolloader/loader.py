@@ -7,7 +7,7 @@ import multiprocessing
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch.utils.data
@@ -93,7 +93,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         batch_size: int | None = 1,
         shuffle: bool | None = None,
         sampler: Sampler[Any] | Iterable[Any] | None = None,
-        batch_sampler: Sampler[Sequence[Any]] | Iterable[Sequence[Any]] | None = None,
+        batch_sampler: Sampler[list[Any]] | Iterable[list[Any]] | None = None,
         num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         pin_memory: bool = False,
@@ -136,7 +136,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     # ------------------------------------------------------------- dataset
 
-    @property  # type: ignore[override]
+    @property
     def dataset(self) -> Any:
         """The dataset, as a live view: changes made through it reach every worker."""
         return self._tracked_dataset

@@ -133,7 +133,9 @@ def test_index_out_of_range_comes_back_as_index_error():
 
 def test_broadcast_of_a_lambda_fails_at_the_call():
     with _loader(Plain(4)) as loader:
-        with pytest.raises(NotPicklableError, match=r"^the broadcast function .*<lambda> cannot be pickled"):
+        with pytest.raises(
+            NotPicklableError, match=r"^the broadcast function .*<lambda> cannot be pickled"
+        ):
             loader.broadcast(lambda ds: None)
 
 

@@ -101,26 +101,22 @@ def _run_script(dataset: str, ending: str) -> tuple[subprocess.Popen, list[int],
 
 
 def test_workers_exit_when_the_main_process_is_killed():
-    proc, workers, sleeper = _run_script(
-        "SpawnsSleeper()", "os.kill(os.getpid(), 9)"
-    )
+    proc, workers, sleeper = _run_script("SpawnsSleeper()", "os.kill(os.getpid(), 9)")
     proc.wait(timeout=30)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    assert _gone(workers + [sleeper], timeout=15.0), "workers or their children outlived main"
+    assert _gone([*workers, sleeper], timeout=15.0), "workers or their children outlived main"
 
 
 def test_interpreter_exit_without_close_does_not_hang():
     proc, workers, sleeper = _run_script("SpawnsSleeper()", "print('bye')")
     proc.wait(timeout=30)
     assert proc.returncode == 0 and "bye" in proc.stdout.read()
-    assert _gone(workers + [sleeper], timeout=5.0)
+    assert _gone([*workers, sleeper], timeout=5.0)
 
 
 def test_keyboard_interrupt_in_the_main_process_ends_everything():
-    proc, workers, _ = _run_script(
-        "Plain(10**6)", "[next(it) for _ in range(10**9)]"
-    )
+    proc, workers, _ = _run_script("Plain(10**6)", "[next(it) for _ in range(10**9)]")
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)

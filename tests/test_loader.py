@@ -7,7 +7,7 @@ import typing
 
 import pytest
 import torch
-from _compare import assert_same, assert_same_epochs
+from _compare import assert_same_epochs
 from _datasets import Counted, Plain, Squares, Uneven, collate_sum, record_pid
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 

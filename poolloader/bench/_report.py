@@ -1,0 +1,98 @@
+"""The benchmark's table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from .._version import __version__
+
+
+@dataclass
+class Row:
+    """One line of the table: a figure for each loader and their ratio."""
+
+    name: str
+    unit: str
+    stock: float
+    ours: float
+    higher_is_better: bool
+    target: str = ""
+    met: bool | None = None
+
+    @property
+    def ratio(self) -> float:
+        if self.higher_is_better:
+            return self.ours / self.stock if self.stock else float("inf")
+        return self.stock / self.ours if self.ours else float("inf")
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "poolloader": __version__,
+        "cpus": psutil.cpu_count(),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+    }
+
+
+def table(rows: list[Row], extras: dict[str, Any]) -> str:
+    header = f"{'workload':<28} {'stock':>12} {'poolloader':>12} {'ratio':>8}  target"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        mark = "" if row.met is None else ("  ok" if row.met else "  MISSED")
+        lines.append(
+            f"{row.name:<28} {_fmt(row.stock, row.unit):>12} {_fmt(row.ours, row.unit):>12} "
+            f"{row.ratio:>7.2f}x  {row.target}{mark}"
+        )
+    lines.append("")
+    lines.append("ratio > 1 means poolloader is better (faster, or less memory)")
+    for key, value in extras.items():
+        lines.append(f"{key}: {value}")
+    return "\n".join(lines)
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "MB":
+        return f"{value / 2**20:.0f} MB"
+    if unit == "s":
+        return f"{value:.3f} s"
+    return f"{value:.1f} {unit}"
+
+
+def write_json(path: str, rows: list[Row], extras: dict[str, Any], raw: dict[str, Any]) -> None:
+    document = {
+        "machine": machine(),
+        "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows],
+        "extras": extras,
+        "raw": raw,
+    }
+    with open(path, "w") as fh:
+        json.dump(document, fh, indent=2, default=str)
+
+
+def plot(path: str, rows: list[Row]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise SystemExit("--plot needs matplotlib: pip install 'poolloader[plot]'") from exc
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
+    names = [r.name for r in rows]
+    ratios = [r.ratio for r in rows]
+    colors = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
+    ax.barh(names, ratios, color=colors)
+    ax.axvline(1.0, color="black", linewidth=1)
+    ax.set_xlabel("poolloader vs stock torch DataLoader (ratio, > 1 is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

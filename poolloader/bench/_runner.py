@@ -1,0 +1,196 @@
+"""Running workloads against the stock loader, alternating, in one process tree."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+import torch
+
+from ..loader import DataLoader
+from ._workloads import Tiny, Workload
+
+#: Seconds between memory samples while a workload runs. Shorter catches
+#: shorter peaks at the cost of CPU taken from the loaders being measured.
+MEMORY_SAMPLE_INTERVAL = 0.05
+
+
+@dataclass
+class Measurement:
+    """One loader's figures for one workload (medians over the repeats)."""
+
+    seconds: float
+    batches: int
+    peak_memory: int = 0  # bytes, proportional set size of main process plus workers
+
+    @property
+    def throughput(self) -> float:
+        return self.batches / self.seconds if self.seconds else 0.0
+
+
+Progress = Callable[[str], None]
+
+
+def make_loader(kind: str, workload: Workload, num_workers: int, **extra: Any) -> Any:
+    cls = DataLoader if kind == "poolloader" else torch.utils.data.DataLoader
+    return cls(workload.dataset, num_workers=num_workers, **workload.loader_kwargs, **extra)
+
+
+def measure_throughput(
+    workload: Workload, num_workers: int, repeats: int, progress: Progress
+) -> dict[str, Measurement]:
+    """Alternate stock and poolloader ``repeats`` times; an epoch each after a warm-up."""
+    runs: dict[str, list[Measurement]] = {"stock": [], "poolloader": []}
+    loaders = {
+        kind: make_loader(kind, workload, num_workers, persistent_workers=True) for kind in runs
+    }
+    try:
+        for kind, loader in loaders.items():
+            progress(f"{workload.name}: warming up {kind}")
+            _drain(loader)
+        for repeat in range(repeats):
+            for kind, loader in loaders.items():
+                progress(f"{workload.name}: {kind} run {repeat + 1}/{repeats}")
+                runs[kind].append(_timed_epoch(loader))
+    finally:
+        _close(loaders["poolloader"])
+        del loaders
+        gc.collect()
+    return {kind: _median(found) for kind, found in runs.items()}
+
+
+def _timed_epoch(loader: Any) -> Measurement:
+    with PeakMemory() as memory:
+        started = time.perf_counter()
+        batches = _drain(loader)
+        seconds = time.perf_counter() - started
+    return Measurement(seconds, batches, memory.peak)
+
+
+def _drain(loader: Any) -> int:
+    count = 0
+    for batch in loader:
+        count += 1
+        del batch
+    return count
+
+
+def _median(found: list[Measurement]) -> Measurement:
+    return Measurement(
+        statistics.median(m.seconds for m in found),
+        found[0].batches,
+        max(m.peak_memory for m in found),
+    )
+
+
+def _close(loader: Any) -> None:
+    close = getattr(loader, "close", None)
+    if close is not None:
+        close()
+
+
+class PeakMemory:
+    """Samples the proportional set size of this process and its descendants."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.wait(MEMORY_SAMPLE_INTERVAL):
+            total = 0
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    total += proc.memory_full_info().pss
+                except (psutil.Error, AttributeError):
+                    continue
+            self.peak = max(self.peak, total)
+
+
+def measure_startup(kind: str, method: str, num_workers: int, progress: Progress) -> float:
+    """Seconds from creating a second loader of that start method to its first
+    batch, in a fresh interpreter (see ``_startup.py``)."""
+    progress(f"startup: {kind} {method}")
+    command = [sys.executable, "-m", "poolloader.bench._startup", kind, method, str(num_workers)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def measure_turnaround(kind: str, num_workers: int, epochs: int, progress: Progress) -> float:
+    """Mean seconds from the end of one epoch to the first batch of the next, with
+    torch's defaults (spawned workers, ``persistent_workers=False``)."""
+    workload = Workload("turnaround", "", Tiny(64), {"batch_size": 4})
+    loader = make_loader(kind, workload, num_workers, multiprocessing_context="spawn")
+    gaps = []
+    try:
+        _drain(loader)
+        for epoch in range(epochs):
+            progress(f"epoch turnaround: {kind} epoch {epoch + 1}/{epochs}")
+            started = time.perf_counter()
+            iterator = iter(loader)
+            next(iterator)
+            gaps.append(time.perf_counter() - started)
+            for _ in iterator:
+                pass
+    finally:
+        _close(loader)
+    return statistics.mean(gaps)
+
+
+def measure_control(num_workers: int, progress: Progress) -> dict[str, float]:
+    """Bytes sent to workers per batch with the control channel idle, and what one
+    change costs (messages and bytes, once, not per batch)."""
+    progress("control channel: idle, then one change")
+    loader = DataLoader(Tiny(400), batch_size=4, num_workers=num_workers,
+                        persistent_workers=True, multiprocessing_context="forkserver")  # fmt: skip
+    try:
+        _drain(loader)
+        before = loader.statistics()
+        batches = _drain(loader)
+        idle = loader.statistics()
+        loader.dataset.n = 400  # one change
+        _drain(loader)
+        changed = loader.statistics()
+    finally:
+        loader.close()
+    return {
+        "bytes_per_batch_idle": (idle.bytes_sent - before.bytes_sent) / batches,
+        "control_bytes_per_batch_idle": (idle.control_bytes_sent - before.control_bytes_sent)
+        / batches,
+        "control_messages_after_one_change": changed.control_messages_sent
+        - idle.control_messages_sent,
+        "control_bytes_after_one_change": changed.control_bytes_sent - idle.control_bytes_sent,
+    }
+
+
+@contextmanager
+def quiet_warnings() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def stderr_progress(line: str) -> None:
+    sys.stderr.write(f"\r\033[K  … {line}")
+    sys.stderr.flush()

@@ -1,0 +1,121 @@
+"""The benchmark's workloads: datasets (module level, so spawn workers import
+them) and the loader arguments each workload runs with."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+class Images(Dataset):
+    """3×224×224 float32 images (~0.6 MB each) as tensors or numpy arrays."""
+
+    def __init__(self, n: int, as_numpy: bool = False) -> None:
+        self.n, self.as_numpy = n, as_numpy
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if self.as_numpy:
+            return np.full((3, 224, 224), i, dtype=np.float32)
+        return torch.full((3, 224, 224), float(i))
+
+
+def stack_numpy(batch: list[np.ndarray]) -> np.ndarray:
+    """Collate numpy arrays into one numpy array (no conversion to tensors)."""
+    return np.stack(batch)
+
+
+class Tiny(Dataset):
+    """Small integers: the loader's own per-batch overhead dominates."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class CpuBound(Dataset):
+    """Each item costs ~``ms`` milliseconds of pure-Python CPU work."""
+
+    def __init__(self, n: int, ms: float = 4.0) -> None:
+        self.n, self.ms = n, ms
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        end = time.thread_time() + self.ms / 1000
+        x = 0
+        while time.thread_time() < end:
+            x += 1
+        return torch.tensor([i, x % 7])
+
+
+class Skewed(Dataset):
+    """Per-batch stalls: most batches take ``base`` seconds, a seeded random
+    ``share`` of them ``slow`` (I/O stalls, long utterances in dynamic batching)."""
+
+    def __init__(self, n: int, base: float = 0.005, slow: float = 0.1, share: float = 0.15) -> None:
+        self.n, self.base, self.slow = n, base, slow
+        self.is_slow = np.random.default_rng(0).random(n) < share
+
+    def __len__(self) -> int:
+        return self.n
+
+    def cost(self, batch: int) -> float:
+        return self.slow if self.is_slow[batch] else self.base
+
+    def __getitem__(self, i: int) -> int:
+        time.sleep(self.cost(i))
+        return i
+
+
+@dataclass
+class Workload:
+    """One row of the benchmark table."""
+
+    name: str
+    description: str
+    dataset: Any
+    loader_kwargs: dict[str, Any] = field(default_factory=dict)
+    ideal_seconds: float | None = None  # work-conserving lower bound, where known
+
+
+def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
+    """The throughput workloads, sized for a few seconds each (less with ``quick``)."""
+    scale = 1 if quick else 3
+    skewed = Skewed(60 * scale)
+    return {
+        "big_tensor": Workload(
+            "big_tensor", "32×3×224×224 float32 tensor batches (19 MB)",
+            Images(32 * 12 * scale), {"batch_size": 32},
+        ),
+        "big_numpy": Workload(
+            "big_numpy", "32×3×224×224 float32 numpy batches (19 MB)",
+            Images(32 * 12 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
+        ),
+        "tiny_items": Workload(
+            "tiny_items", "batches of 4 small ints (per-batch overhead)",
+            Tiny(1500 * scale), {"batch_size": 4},
+        ),
+        "cpu_bound": Workload(
+            "cpu_bound", "4 ms of Python CPU work per item, batches of 8",
+            CpuBound(160 * scale), {"batch_size": 8},
+        ),
+        "skewed": Workload(
+            "skewed", "batches cost 5 ms, a random 15% of them 100 ms",
+            skewed, {"batch_size": None},
+            ideal_seconds=sum(skewed.cost(i) for i in range(skewed.n)) / num_workers,
+        ),
+    }  # fmt: skip
