@@ -129,22 +129,22 @@ def test_shapes_that_differ_off_the_pad_axis_are_refused_naming_them():
         "pad_collate: key 'feats' has shape (5, 40) in item 1 but (4, 80) in item 0; only "
         "axis 0 may differ (pass axis= to pad another one)"
     )
-    with pytest.raises(ValueError, match="has shape \\(2, 2\\) in item 1 but \\(3,\\) in item 0"):
+    with pytest.raises(ValueError, match=r"has shape \(2, 2\) in item 1 but \(3,\) in item 0"):
         pad_collate([{"x": ramp(3)}, {"x": ramp(2, 2)}])
 
 
 def test_batches_of_mismatched_items_are_refused():
-    with pytest.raises(ValueError, match="empty batch"):
+    with pytest.raises(ValueError, match=r"empty batch"):
         pad_collate([])
     with pytest.raises(ValueError, match=r"item 1 has keys \['y'\], but item 0 has \['x'\]"):
         pad_collate([{"x": 1}, {"y": 1}])
-    with pytest.raises(ValueError, match="item 1 is tuple of length 1, but item 0 has 2 elements"):
+    with pytest.raises(ValueError, match=r"item 1 is tuple of length 1, but item 0 has 2 elements"):
         pad_collate([(1, 2), (1,)])
     with pytest.raises(
         ValueError, match=r"key 'x' mixes scalars and arrays: shapes \[\(\), \(2,\)\]"
     ):
         pad_collate([{"x": torch.tensor(1.0)}, {"x": ramp(2)}])
-    with pytest.raises(TypeError, match="takes a list of items, but got dict"):
+    with pytest.raises(TypeError, match=r"takes a list of items, but got dict"):
         pad_collate({"x": [ramp(1)]})  # type: ignore[arg-type]
 
 
@@ -154,7 +154,7 @@ def test_axis_out_of_range_and_length_key_collisions_are_refused():
     ):
         pad_collate([{"x": ramp(2)}], axis=2)
     with pytest.raises(
-        ValueError, match="lengths go to 'x_len', but the items already have a key 'x_len'"
+        ValueError, match=r"lengths go to 'x_len', but the items already have a key 'x_len'"
     ):
         pad_collate([{"x": ramp(2), "x_len": 2}])
 

@@ -210,13 +210,13 @@ def test_collate_method_pads_by_default(corpora):
 
 def test_bad_indices_say_what_was_wrong(corpora):
     ds = mixed(corpora)
-    with pytest.raises(KeyError, match="no item with id 'zz' in this dataset"):
+    with pytest.raises(KeyError, match=r"no item with id 'zz' in this dataset"):
         ds["zz"]
-    with pytest.raises(IndexError, match="position 5 is out of range for a dataset of 5 items"):
+    with pytest.raises(IndexError, match=r"position 5 is out of range for a dataset of 5 items"):
         ds[5]
-    with pytest.raises(TypeError, match="should be an id .* but got float: 1.5"):
+    with pytest.raises(TypeError, match=r"should be an id .* but got float: 1.5"):
         ds[1.5]
-    with pytest.raises(TypeError, match="but got bool"):
+    with pytest.raises(TypeError, match=r"but got bool"):
         ds[True]
 
 
@@ -248,7 +248,7 @@ def test_lengths_from_an_audio_field_are_seconds_from_headers(corpora):
 def test_no_lengths_raises_attribute_error_with_a_hint(corpora):
     ds = mixed(corpora)
     assert not hasattr(ds, "lengths")
-    with pytest.raises(AttributeError, match="pass lengths="):
+    with pytest.raises(AttributeError, match=r"pass lengths="):
         _ = ds.lengths
 
 
@@ -262,7 +262,7 @@ def test_lengths_errors_name_ids_and_lines(corpora):
         ValueError, match=r"bad2dur line 2: expected a number for id 'a2', got 'long'"
     ):
         ManifestDataset({"audio": a / "wav.scp"}, lengths=bad)
-    with pytest.raises(ValueError, match="names neither a field of the dataset"):
+    with pytest.raises(ValueError, match=r"names neither a field of the dataset"):
         ManifestDataset({"audio": a / "wav.scp"}, lengths="durations")
 
 
@@ -308,11 +308,11 @@ def test_lambda_and_nested_loaders_are_refused_with_the_fix(tmp_path):
     def nested(value: str) -> str:
         return value
 
-    with pytest.raises(TypeError, match="the loader of field 'text' is a lambda.*module level"):
+    with pytest.raises(TypeError, match=r"the loader of field 'text' is a lambda.*module level"):
         ManifestDataset({"text": text}, loaders={"text": lambda v: v})
-    with pytest.raises(TypeError, match="defined inside another function.*module level"):
+    with pytest.raises(TypeError, match=r"defined inside another function.*module level"):
         ManifestDataset({"text": text}, loaders={"text": nested})
-    with pytest.raises(TypeError, match="collate_fn is a lambda"):
+    with pytest.raises(TypeError, match=r"collate_fn is a lambda"):
         ManifestDataset({"text": text}, collate_fn=lambda batch: batch)
 
 
@@ -402,7 +402,7 @@ def test_missing_npy_file_names_id_and_line(tmp_path):
 
 def test_user_loader_error_keeps_its_type_and_gains_a_note(tmp_path):
     ds = ManifestDataset({"n": write_lines(tmp_path / "n", "u1 1", "u2 x")}, loaders={"n": "int"})
-    with pytest.raises(ValueError, match="invalid literal") as info:
+    with pytest.raises(ValueError, match=r"invalid literal") as info:
         ds["u2"]
     assert any("for id 'u2' (field 'n', from" in note for note in info.value.__notes__)
 
@@ -415,11 +415,11 @@ def test_missing_manifest_file_says_which_field(tmp_path):
 
 
 def test_empty_manifests_and_reserved_names_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="no items in .*empty.scp"):
+    with pytest.raises(ValueError, match=r"no items in .*empty.scp"):
         ManifestDataset({"audio": write_lines(tmp_path / "empty.scp")})
-    with pytest.raises(ValueError, match="may not be called 'id'"):
+    with pytest.raises(ValueError, match=r"may not be called 'id'"):
         ManifestDataset({"id": write_lines(tmp_path / "ids", "u1 x")})
-    with pytest.raises(ValueError, match="non-empty mapping"):
+    with pytest.raises(ValueError, match=r"non-empty mapping"):
         ManifestDataset({})
 
 
@@ -501,11 +501,11 @@ def test_equally_long_audio_fields_of_one_item_share_the_crop(corpora):
 
 
 def test_invalid_duration_is_refused_when_given_and_when_used(corpora):
-    with pytest.raises(ValueError, match="positive number of seconds or None.*duration=0"):
+    with pytest.raises(ValueError, match=r"positive number of seconds or None.*duration=0"):
         mixed(corpora, duration=0)
     ds = mixed(corpora)
     ds.duration = -1.0
-    with pytest.raises(ValueError, match="but got duration=-1.0"):
+    with pytest.raises(ValueError, match=r"but got duration=-1.0"):
         ds["a1"]
 
 
@@ -546,9 +546,9 @@ def test_subset_keeps_settings_and_restricts_everything(corpora):
     assert part[0]["id"] == "b1" and part["a2"]["audio"].shape == (800,)
     assert ds.subset([4, 0]).ids == ("b2", "a1")
     assert len(ds) == 5
-    with pytest.raises(ValueError, match="more than once: 'a1'$"):
+    with pytest.raises(ValueError, match=r"more than once: 'a1'$"):
         ds.subset(["a1", 0])
-    with pytest.raises(KeyError, match="'nope'"):
+    with pytest.raises(KeyError, match=r"'nope'"):
         ds.subset(["nope"])
 
 

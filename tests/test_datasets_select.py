@@ -151,16 +151,16 @@ def test_a_count_must_be_between_one_and_the_size(num):
 
 @pytest.mark.parametrize("num", [True, None, [3]])
 def test_num_of_another_type_is_refused(num):
-    with pytest.raises(TypeError, match="num should be a ratio in"):
+    with pytest.raises(TypeError, match=r"num should be a ratio in"):
         select(IDS, "order", num)  # type: ignore[arg-type]
 
 
 def test_thresholds_only_for_min_and_max_and_only_numbers():
-    with pytest.raises(ValueError, match="only modes 'min' and 'max' take; mode 'middle'"):
+    with pytest.raises(ValueError, match=r"only modes 'min' and 'max' take; mode 'middle'"):
         select(IDS, "middle", "3.0", meta=META)
-    with pytest.raises(ValueError, match="only modes 'min' and 'max' take; mode 'order'"):
+    with pytest.raises(ValueError, match=r"only modes 'min' and 'max' take; mode 'order'"):
         select(IDS, "order", "3")
-    with pytest.raises(ValueError, match="num='short' is not a number"):
+    with pytest.raises(ValueError, match=r"num='short' is not a number"):
         select(IDS, "min", "short", meta=META)
 
 
@@ -170,12 +170,12 @@ def test_unknown_mode_and_meta_where_it_does_not_belong():
         match=r"mode should be one of \['order', 'rev_order', 'random', 'min', 'max', 'middle'\], but got mode='first'",
     ):
         select(IDS, "first", 0.5)
-    with pytest.raises(ValueError, match="mode 'random' selects by position and takes no meta"):
+    with pytest.raises(ValueError, match=r"mode 'random' selects by position and takes no meta"):
         select(IDS, "random", 0.5, meta=META)
 
 
 def test_meta_modes_need_metadata_for_every_id(tmp_path):
-    with pytest.raises(ValueError, match="mode 'min' selects by metadata: pass meta="):
+    with pytest.raises(ValueError, match=r"mode 'min' selects by metadata: pass meta="):
         select(IDS, "min", 0.5)
     partial = {k: META[k] for k in IDS[:7]}
     with pytest.raises(
@@ -189,7 +189,7 @@ def test_meta_modes_need_metadata_for_every_id(tmp_path):
 
 def test_a_dataset_without_lengths_needs_meta(tmp_path):
     ds = ManifestDataset({"text": write_lines(tmp_path / "text", "u0 a", "u1 b")})
-    with pytest.raises(ValueError, match="or select from a dataset that has lengths"):
+    with pytest.raises(ValueError, match=r"or select from a dataset that has lengths"):
         select(ds, "middle", -1)
 
 
@@ -198,12 +198,12 @@ def test_a_selection_that_keeps_nothing_says_so():
         ValueError, match=r"selection mode='order', num=0.05 keeps none of the 10 items"
     ):
         select(IDS, "order", 0.05)
-    with pytest.raises(ValueError, match="keeps none of the 10 items"):
+    with pytest.raises(ValueError, match=r"keeps none of the 10 items"):
         select(IDS, "min", "0.1", meta=META)
 
 
 def test_ids_must_be_a_collection_of_strings():
-    with pytest.raises(TypeError, match="select takes a list of ids or a dataset"):
+    with pytest.raises(TypeError, match=r"select takes a list of ids or a dataset"):
         select("u0 u1", "order", 1)
-    with pytest.raises(TypeError, match="ids should be strings, but got 3$"):
+    with pytest.raises(TypeError, match=r"ids should be strings, but got 3$"):
         select(["u0", 3], "order", 1)  # type: ignore[list-item]

@@ -3,14 +3,14 @@
 ::
 
     manifests on disk                      ManifestDataset                     a batch
-    ┌──────────────────────────┐   read   ┌──────────────────────────────┐
-    │ a/wav.scp  b/wav.scp     ├─────────►│ ids, one value per field and │  ds[i]: files opened,
-    │ a/text     b/text        │  once    │ item, the line each came from│  read, closed
-    │ utt2dur / train.csv ...  │          │ lengths, duration, collate_fn├────────────┐
-    └──────────────────────────┘          └──────────────┬───────────────┘            │
-                                                         │ select / select_steps      ▼
-                                                         ▼ (order, random, min ...)  pad_collate
-                                              a ManifestDataset of fewer ids       (padded + <key>_len)
+    ┌─────────────────────────┐  read  ┌───────────────────────────────┐
+    │ a/wav.scp  b/wav.scp    ├───────►│ ids, one value per field and  │ ds[i]: files opened,
+    │ a/text     b/text       │  once  │ item, the line each came from │ read, closed
+    │ utt2dur / train.csv ... │        │ lengths, duration, collate_fn ├──────────┐
+    └─────────────────────────┘        └───────────────┬───────────────┘          │
+                                                       │ select / select_steps    ▼
+                                                       ▼ (order, random, min)   pad_collate
+                                          a ManifestDataset of fewer ids   (padded, <key>_len)
 
 * :class:`ManifestDataset` reads Kaldi-style ``id value`` files (several per field
   mix several corpora) or, with :meth:`ManifestDataset.from_table`, CSV/TSV/JSON-lines

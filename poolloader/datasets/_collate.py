@@ -220,7 +220,7 @@ def _pad(
     shape[ax] = max(lengths)
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors))
     out = torch.full([len(tensors), *shape], pad_value, dtype=dtype)
-    for row, (tensor, length) in enumerate(zip(tensors, lengths)):
+    for row, (tensor, length) in enumerate(zip(tensors, lengths, strict=True)):
         out[row].narrow(ax, 0, length).copy_(tensor)
     return out, torch.tensor(lengths, dtype=torch.int64)
 

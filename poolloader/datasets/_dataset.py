@@ -49,7 +49,7 @@ CollateFn = Callable[[list[dict[str, Any]]], Any]
 """A function from a list of items to a batch."""
 
 if TYPE_CHECKING:
-    from typing import Self
+    from typing_extensions import Self
 
 ResultT = TypeVar("ResultT")
 
@@ -365,14 +365,9 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         """Turn a list-like index into a list of keys, refusing other types."""
         if isinstance(keys, (np.ndarray, torch.Tensor)):
             return list(keys.tolist())
-        if isinstance(keys, (list, tuple, range)) or (
-            isinstance(keys, Iterable) and not isinstance(keys, (str, bytes, Mapping))
-        ):
+        if isinstance(keys, Iterable) and not isinstance(keys, (str, bytes, Mapping)):
             return list(keys)
-        raise TypeError(
-            "ManifestDataset indices should be an id (str), a position (int) or a list of "
-            f"them, but got {type(keys).__name__}: {keys!r}"
-        )
+        raise _index_type_error(keys)
 
     def _position(self, key: Any) -> int:
         """Return the position of an id or a (possibly negative) position."""
@@ -384,10 +379,7 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
                     f"no item with id {key!r} in this dataset ({len(self)} items)"
                 ) from None
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
-            raise TypeError(
-                "ManifestDataset indices should be an id (str), a position (int) or a list of "
-                f"them, but got {type(key).__name__}: {key!r}"
-            )
+            raise _index_type_error(key)
         position = operator.index(key)
         if not -len(self) <= position < len(self):
             raise IndexError(
@@ -460,6 +452,14 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             if hasattr(exc, "add_note"):
                 exc.add_note(f"while loading {where}")
             raise
+
+
+def _index_type_error(key: object) -> TypeError:
+    """The error for an index that is neither an id, a position nor a list of them."""
+    return TypeError(
+        "ManifestDataset indices should be an id (str), a position (int) or a list of "
+        f"them, but got {type(key).__name__}: {key!r}"
+    )
 
 
 def check_duration(duration: Any) -> float | None:

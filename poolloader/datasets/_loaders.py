@@ -208,7 +208,7 @@ def crop_window(
     if count >= frames:
         return 0, frames
     key = (frames, count)
-    if True:
+    if key not in starts:
         starts[key] = int(torch.randint(0, frames - count + 1, (1,)).item())
     return starts[key], count
 

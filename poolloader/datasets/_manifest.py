@@ -309,7 +309,7 @@ def _iter_delimited(path: str, format: str) -> Iterator[tuple[dict[str, Any], in
                     f"{path} line {reader.line_num}: expected {len(header)} columns "
                     f"({', '.join(header)}), got {len(record)}: {record!r}"
                 )
-            yield dict(zip(header, record)), reader.line_num
+            yield dict(zip(header, record, strict=True)), reader.line_num
 
 
 def _read_header(path: str, reader: Iterator[list[str]]) -> list[str]:
@@ -338,7 +338,7 @@ def _iter_jsonl(path: str) -> Iterator[tuple[dict[str, Any], int]]:
                 ) from exc
             if not isinstance(row, dict):
                 # A malformed manifest line, like any other: ValueError, not TypeError.
-                raise ValueError(  # noqa: TRY004
+                raise ValueError(
                     f"{path} line {line_number}: expected a JSON object, got "
                     f"{type(row).__name__}: {line.strip()!r}"
                 )
