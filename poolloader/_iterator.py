@@ -16,9 +16,10 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
@@ -45,6 +46,8 @@ class PoolIterator(_BaseDataLoaderIter):
         self._max_window = self._limit + loader._reorder_buffer
         self._in_order = loader.in_order
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
+        self._outcomes: dict[int, Future[Outcome]] = {}
+        self._pinner = _start_pinner() if self._pin_memory else None
         self._start_epoch(loader)
 
     # ------------------------------------------------------------ epochs
@@ -68,6 +71,7 @@ class PoolIterator(_BaseDataLoaderIter):
         if self._window:
             self._pool.cancel(list(self._window))
             self._window.clear()
+            self._outcomes.clear()
         self._pool.end_epoch(self._epoch)
 
     def close(self) -> None:
@@ -75,6 +79,8 @@ class PoolIterator(_BaseDataLoaderIter):
         self._sampler_done = True
         if not self._pool.closed:
             self._abandon()
+        if self._pinner is not None:
+            self._pinner.shutdown(wait=False, cancel_futures=True)
 
     def __del__(self) -> None:
         try:
@@ -105,9 +111,19 @@ class PoolIterator(_BaseDataLoaderIter):
         except StopIteration:
             self._sampler_done = True
             return
-        record = self._pool.submit(self._epoch, self._next_position, index, pin)
+        self._track(self._pool.submit(self._epoch, self._next_position, index, pin))
         self._next_position += 1
+
+    def _track(self, record: TaskRecord) -> None:
         self._window.append(record)
+        if self._pinner is not None:
+            self._outcomes[record.seq] = _pin_when_done(
+                record.future, self._pinner, self._pin_memory_device
+            )
+
+    def _outcome_of(self, record: TaskRecord) -> Future[Outcome]:
+        """What the consumer waits for: the pinned batch when pinning, else the loaded one."""
+        return self._outcomes.get(record.seq, record.future)
 
     def _next_pin(self) -> int | None:
         # IterableDataset: each worker iterates its own shard; tasks go round-robin
@@ -131,8 +147,9 @@ class PoolIterator(_BaseDataLoaderIter):
         stale = list(self._window)
         self._pool.cancel(stale)
         self._window.clear()
+        self._outcomes.clear()
         for old in stale:
-            self._window.append(self._pool.submit(self._epoch, old.position, old.index, old.pin))
+            self._track(self._pool.submit(self._epoch, old.position, old.index, old.pin))
         return len(stale)
 
     # ------------------------------------------------------------- delivery
@@ -143,7 +160,7 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._finish()
                 raise StopIteration
             record = self._take()
-            outcome = record.future.result()
+            outcome = self._outcomes.pop(record.seq, record.future).result()
             self._fill()
             data = self._deliver(record, outcome)
             if data is not _SKIP:
@@ -163,22 +180,24 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _first_done(self) -> TaskRecord:
         for record in self._window:
-            if record.future.done():
+            if self._outcome_of(record).done():
                 return record
         timeout = self._timeout if self._timeout > 0 else None
-        wait([r.future for r in self._window], timeout=timeout, return_when=FIRST_COMPLETED)
+        futures = [self._outcome_of(r) for r in self._window]
+        wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
         for record in self._window:
-            if record.future.done():
+            if self._outcome_of(record).done():
                 return record
         return self._window[0]  # timed out: _wait raises for the oldest
 
     def _wait(self, record: TaskRecord) -> None:
+        future = self._outcome_of(record)
         if self._timeout > 0:
-            done, _ = wait([record.future], timeout=self._timeout)
+            done, _ = wait([future], timeout=self._timeout)
             if not done:
                 raise self._timeout_error(record)
             return
-        while not wait([record.future], timeout=WAIT_SLICE)[0]:
+        while not wait([future], timeout=WAIT_SLICE)[0]:
             broken = self._pool.broken
             if broken is not None:
                 raise broken
@@ -201,13 +220,53 @@ class PoolIterator(_BaseDataLoaderIter):
             raise _reraise(outcome, record)
         assert isinstance(outcome, Loaded)
         self._loader_stats.batches += 1
-        data = outcome.data
-        if self._pin_memory:
-            data = pin_memory(data, self._pin_memory_device)
-        return data
+        return outcome.data
 
 
 _SKIP = object()
+
+
+def _start_pinner() -> ThreadPoolExecutor:
+    """The thread that copies finished batches into pinned memory, as torch's does."""
+    device = torch.accelerator.current_device_index()
+    return ThreadPoolExecutor(
+        1, thread_name_prefix="poolloader-pin", initializer=_pin_thread_init, initargs=(device,)
+    )
+
+
+def _pin_thread_init(device: int) -> None:
+    torch.accelerator.set_device_index(device)
+
+
+def _pin_when_done(
+    loaded: Future[Outcome], pinner: ThreadPoolExecutor, device: str | None
+) -> Future[Outcome]:
+    """A future of the batch in pinned memory, pinned on ``pinner`` once ``loaded`` is done."""
+    pinned: Future[Outcome] = Future()
+
+    def pin(outcome: Loaded) -> None:
+        try:
+            data = pin_memory(outcome.data, device)
+        except BaseException as exc:  # delivered to the consumer
+            pinned.set_exception(exc)
+            return
+        pinned.set_result(Loaded(data, outcome.worker_id, outcome.pid))
+
+    def done(future: Future[Outcome]) -> None:
+        if future.cancelled():
+            pinned.cancel()
+        elif future.exception() is not None:
+            pinned.set_exception(future.exception())
+        elif isinstance(outcome := future.result(), Loaded):
+            try:
+                pinner.submit(pin, outcome)
+            except RuntimeError:  # the iterator was closed meanwhile
+                pinned.cancel()
+        else:
+            pinned.set_result(outcome)
+
+    loaded.add_done_callback(done)
+    return pinned
 
 
 def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:

@@ -252,3 +252,27 @@ def test_lengths_match_torch():
         assert len(DataLoader(Plain(10), **kwargs)) == len(
             torch.utils.data.DataLoader(Plain(10), **kwargs)
         )
+
+
+def _fake_pin(data, device):
+    """Stands in for torch's pin_memory, which needs CUDA: records where it ran."""
+    import threading
+
+    return {"data": data, "device": device, "thread": threading.current_thread().name}
+
+
+def test_pin_memory_pins_in_a_background_thread(monkeypatch):
+    # CUDA cannot run here: pretend an accelerator exists and record the pinning.
+    import poolloader._iterator as iterator_module
+
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
+    monkeypatch.setattr(torch.accelerator, "set_device_index", lambda index: None)
+    monkeypatch.setattr(iterator_module, "pin_memory", _fake_pin)
+    with DataLoader(Plain(6), batch_size=2, num_workers=2, pin_memory=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        batches = list(loader)
+    assert [b["data"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5]]
+    assert {b["device"] for b in batches} == {"cuda"}
+    assert all(b["thread"].startswith("poolloader-pin") for b in batches)
