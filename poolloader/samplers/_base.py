@@ -163,12 +163,17 @@ class SamplerBase(Sampler[list[int]], abc.ABC):
         self._epoch = epoch
 
     def __iter__(self) -> EpochIterator:
-        iterator = self._pending or self._start_epoch(self._epoch, None)
+        iterator = self._pending if self._pending is not None else self._fresh()
         self._pending = None
         self._active = iterator
         return iterator
 
     def __len__(self) -> int:
+        """Batches this rank yields in the current epoch with the limits in effect.
+
+        While an epoch is in progress (or loaded and not finished), that is the batches
+        already yielded plus those still to come; otherwise a whole fresh epoch.
+        """
         return self._in_progress().planned_length()
 
     def state_dict(self) -> State:
@@ -178,7 +183,9 @@ class SamplerBase(Sampler[list[int]], abc.ABC):
             A small dict (see NOTE [ Sampler protocol ]); safe to ``torch.save`` or dump as
             JSON.
         """
-        return self._state_at(self._pending or self._active or self._fresh())
+        if self._pending is not None:
+            return self._state_at(self._pending)
+        return self._state_at(self._active if self._active is not None else self._fresh())
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a position saved by :meth:`state_dict`; the next ``iter()`` resumes there.

@@ -124,17 +124,11 @@ class SortedBatchSampler(GroupedSampler):
         world_size: int | None = None,
     ) -> None:
         values = as_lengths(lengths)
-        if (batch_size is None) == (max_duration is None):
-            raise ValueError(
-                "SortedBatchSampler needs exactly one of batch_size and max_duration, but got "
-                f"batch_size={batch_size!r} and max_duration={max_duration!r}; pass "
-                "batch_size for a fixed number of items per batch, or max_duration"
-            )
+        constraint = _initial_constraint(batch_size, max_duration)
         if descending not in (True, False, None):
             raise ValueError(
                 f"descending should be True, False or None, but got descending={descending!r}"
             )
-        constraint = _constraint(batch_size, max_duration, "")
         super().__init__(
             values,
             constraint,
@@ -156,7 +150,7 @@ class SortedBatchSampler(GroupedSampler):
 
     @batch_size.setter
     def batch_size(self, value: int | None) -> None:
-        self._constraint = _constraint(value, self._constraint.max_duration, "")
+        self._constraint = _constraint(value, self._constraint.max_duration)
 
     @property
     def max_duration(self) -> float | None:
@@ -165,7 +159,7 @@ class SortedBatchSampler(GroupedSampler):
 
     @max_duration.setter
     def max_duration(self, value: float | None) -> None:
-        self._constraint = _constraint(self._constraint.max_batch_size, value, "")
+        self._constraint = _constraint(self._constraint.max_batch_size, value)
 
     @property
     def descending(self) -> bool | None:
@@ -195,16 +189,34 @@ class SortedBatchSampler(GroupedSampler):
         return {"batch_size": self.batch_size, "max_duration": self.max_duration}
 
     def _parse_limits(self, state: Mapping[str, Any]) -> BatchConstraint:
-        return _constraint(state["batch_size"], state["max_duration"], "state")
+        return _constraint(
+            state["batch_size"],
+            state["max_duration"],
+            names=("state['batch_size']", "state['max_duration']"),
+        )
 
 
-def _constraint(batch_size: object, max_duration: object, prefix: str) -> BatchConstraint:
-    """The constraint for the sorted sampler's limits, messages naming its arguments."""
-    name = (lambda key: f"{prefix}[{key!r}]") if prefix else (lambda key: key)
-    size = check_optional_positive_int(name("batch_size"), batch_size)
+def _initial_constraint(batch_size: object, max_duration: object) -> BatchConstraint:
+    """The constructor's limits: exactly one of the two, as SpeeChain asks."""
+    if (batch_size is None) == (max_duration is None):
+        raise ValueError(
+            "SortedBatchSampler needs exactly one of batch_size and max_duration, but got "
+            f"batch_size={batch_size!r} and max_duration={max_duration!r}; pass "
+            "batch_size for a fixed number of items per batch, or max_duration"
+        )
+    return _constraint(batch_size, max_duration)
+
+
+def _constraint(
+    batch_size: object,
+    max_duration: object,
+    names: tuple[str, str] = ("batch_size", "max_duration"),
+) -> BatchConstraint:
+    """The constraint for the sorted sampler's limits; messages use ``names``."""
+    size = check_optional_positive_int(names[0], batch_size)
     duration = None
     if max_duration is not None:
-        duration = check_positive_number(name("max_duration"), max_duration)
+        duration = check_positive_number(names[1], max_duration)
     if size is None and duration is None:
         raise ValueError(
             "SortedBatchSampler needs batch_size or max_duration, but both would be None; "

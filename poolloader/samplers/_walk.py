@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -123,7 +123,8 @@ class PassWalk:
         start = np.zeros(len(groups), dtype=np.int64) if cursors is None else cursors
         self.cursors = np.array(start, dtype=np.int64)
         self._left_mass = np.array(
-            [g.mass_from(c) for g, c in zip(groups, self.cursors.tolist())], dtype=np.float64
+            [g.mass_from(c) for g, c in zip(groups, self.cursors.tolist(), strict=True)],
+            dtype=np.float64,
         )
         bits = np.random.PCG64(pass_seed(seed, pass_index, _BATCH_STREAM))
         self._rng = np.random.Generator(bits.advance(draws))
@@ -163,7 +164,7 @@ class PassWalk:
     def count_remaining(self, constraint: BatchConstraint) -> int:
         """How many more batches this pass keeps if ``constraint`` stays in effect."""
         total = 0
-        for group, cursor in zip(self.groups, self.cursors.tolist()):
+        for group, cursor in zip(self.groups, self.cursors.tolist(), strict=True):
             while cursor < group.items.size:
                 cursor, keep = next_batch_end(group.lengths, cursor, constraint, self._drop_last)
                 total += keep
@@ -187,27 +188,36 @@ class GroupEpochIterator(EpochIterator):
         self.yielded = yielded
 
     def _next_batch(self) -> list[int] | None:
-        if self._group_sampler.batches_per_epoch is None:
-            batch = self._pass_round()
+        per_epoch = self._group_sampler.batches_per_epoch
+        if per_epoch is None:
+            own, complete = self._round(self._next_pass_cut)
+            batch = own if complete else self._last_round(own)
+        elif self.yielded < per_epoch:
+            own, complete = self._round(self._next_stream_cut)
+            batch = own if complete else None
         else:
-            batch = self._stream_round(self._group_sampler.batches_per_epoch)
+            batch = None
         if batch is not None:
             self.yielded += 1
         return batch
 
-    def _pass_round(self) -> list[int] | None:
+    def _round(self, next_cut: Callable[[], Cut | None]) -> tuple[list[int] | None, bool]:
+        """Cut one round of ``world_size`` batches: (this rank's batch, round complete?)."""
         sampler = self._group_sampler
-        constraint = sampler.constraint
         own: list[int] | None = None
         for slot in range(sampler.world_size):
-            cut = self._walk.next_cut(constraint)
+            cut = next_cut()
             if cut is None:
-                return self._last_round(own)
+                return own, False
             if slot == sampler.rank:
                 own = self._walk.indices(cut)
-        return own
+        return own, True
+
+    def _next_pass_cut(self) -> Cut | None:
+        return self._walk.next_cut(self._group_sampler.constraint)
 
     def _last_round(self, own: list[int] | None) -> list[int] | None:
+        """This rank's batch of a round the pass ran out in: its own, a pad, or none."""
         sampler = self._group_sampler
         total = self._walk.formed
         if self.yielded >= batches_per_rank(total, sampler.world_size, sampler.drop_last):
@@ -230,20 +240,8 @@ class GroupEpochIterator(EpochIterator):
             cuts.append(cut)
         return walk.indices(cuts[position % len(cuts)])
 
-    def _stream_round(self, batches_per_epoch: int) -> list[int] | None:
-        if self.yielded >= batches_per_epoch:
-            return None
-        sampler = self._group_sampler
-        own: list[int] | None = None
-        for slot in range(sampler.world_size):
-            cut = self._next_stream_cut()
-            if cut is None:
-                return None
-            if slot == sampler.rank:
-                own = self._walk.indices(cut)
-        return own
-
     def _next_stream_cut(self) -> Cut | None:
+        """The next cut of the endless stream of passes (``batches_per_epoch``)."""
         constraint = self._group_sampler.constraint
         cut = self._walk.next_cut(constraint)
         if cut is None:
@@ -391,7 +389,7 @@ class GroupedSampler(SamplerBase):
                 f"state['cursors'] should be a list of {len(sizes)} ints (one per group), but "
                 f"got {cursors!r}; was the state saved by a sampler built on other lengths?"
             )
-        for index, (value, size) in enumerate(zip(values, sizes)):
+        for index, (value, size) in enumerate(zip(values, sizes, strict=True)):
             cursor = check_non_negative_int(f"state['cursors'][{index}]", value)
             if cursor > size:
                 raise ValueError(

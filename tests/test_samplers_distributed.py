@@ -1,0 +1,147 @@
+"""Samplers under a real two-process ``torch.distributed`` group (gloo backend).
+
+Each rank builds its samplers with ``rank``/``world_size`` left to resolution, so they come
+from the process group, collects the batches it would train on, and the ranks exchange
+them with ``all_gather_object``. The parent process then checks the shards against the
+single-rank global order. Rendezvous goes through a file, so no port can be taken.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+
+from poolloader.samplers import DynamicBatchSampler, SortedBatchSampler
+from poolloader.samplers._base import SamplerBase
+from poolloader.samplers._distributed import rank_positions
+
+WORLD_SIZE = 2
+#: Seconds the ranks get in all (start, rendezvous, work); then they are killed and the
+#: test fails instead of hanging. Starting two spawned interpreters that import torch takes
+#: a few seconds on a loaded two-core machine.
+DEADLINE = 60.0
+EPOCH = 3
+
+Batches = list[list[int]]
+Factory = Callable[[], SamplerBase]
+
+
+def lengths() -> np.ndarray:
+    return np.random.default_rng(7).lognormal(mean=1.5, sigma=0.7, size=501)
+
+
+FACTORIES: dict[str, Factory] = {
+    "dynamic": lambda: DynamicBatchSampler(lengths(), max_duration=45.0, seed=5),
+    "dynamic-drop-last": lambda: DynamicBatchSampler(
+        lengths(), max_duration=45.0, max_batch_size=9, drop_last=True
+    ),
+    "sorted": lambda: SortedBatchSampler(lengths(), batch_size=16, seed=2),
+}
+
+
+def collect_rank_batches(sampler: SamplerBase, epoch: int) -> Batches:
+    """The batches this rank sees in ``epoch``, in order.
+
+    The one place to change when the batches should come through a poolloader
+    ``DataLoader`` with workers instead of straight from the sampler.
+    """
+    sampler.set_epoch(epoch)
+    return [list(batch) for batch in sampler]
+
+
+def _run_rank(rank: int, init_file: str, results: Any) -> None:
+    """Body of one rank process: join the group, collect, gather, report to the parent."""
+    os.environ.pop("RANK", None)
+    os.environ.pop("WORLD_SIZE", None)
+    try:
+        dist.init_process_group(
+            "gloo",
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=WORLD_SIZE,
+            timeout=timedelta(seconds=DEADLINE / 2),
+        )
+        report = {name: _rank_report(factory()) for name, factory in FACTORIES.items()}
+        gathered: list[Any] = [None] * WORLD_SIZE
+        dist.all_gather_object(gathered, report)
+        results.put(("ok", rank, gathered))
+    except BaseException:
+        results.put(("error", rank, traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rank_report(sampler: SamplerBase) -> dict[str, Any]:
+    batches = collect_rank_batches(sampler, EPOCH)
+    return {
+        "rank": sampler.rank,
+        "world_size": sampler.world_size,
+        "len": len(sampler),
+        "batches": batches,
+    }
+
+
+def _run_ranks(init_file: Path) -> list[Any]:
+    """Start the ranks, return what each gathered; kill them if they overrun the deadline."""
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [
+        context.Process(target=_run_rank, args=(rank, str(init_file), results))
+        for rank in range(WORLD_SIZE)
+    ]
+    for process in ranks:
+        process.start()
+    try:
+        outcomes = [results.get(timeout=DEADLINE) for _ in ranks]
+        for process in ranks:
+            process.join(timeout=DEADLINE)
+    except queue.Empty:
+        raise AssertionError(f"the ranks did not report within {DEADLINE} s") from None
+    finally:
+        for process in ranks:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        results.close()
+        results.join_thread()
+    errors = [detail for status, _, detail in outcomes if status == "error"]
+    assert not errors, "\n".join(errors)
+    return [gathered for _, _, gathered in sorted(outcomes, key=lambda o: o[1])]
+
+
+def test_ranks_from_torch_distributed_get_disjoint_equal_covering_shards(tmp_path: Path) -> None:
+    gathered = _run_ranks(tmp_path / "rendezvous")
+    assert gathered[0] == gathered[1], "all_gather_object gave the ranks different views"
+    for name, factory in FACTORIES.items():
+        reports = [per_rank[name] for per_rank in gathered[0]]
+        assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)], name
+        shards = [r["batches"] for r in reports]
+        assert len(shards[0]) == len(shards[1]) == reports[0]["len"] == reports[1]["len"], name
+        _check_shards(name, factory(), shards)
+
+
+def _check_shards(name: str, single: SamplerBase, shards: list[Batches]) -> None:
+    """Disjoint within every round but a padded last one, covering, per the formula."""
+    everything = collect_rank_batches(single, EPOCH)
+    drop_last = getattr(single, "drop_last", False)
+    for rank, shard in enumerate(shards):
+        positions = rank_positions(len(everything), rank, WORLD_SIZE, drop_last)
+        assert shard == [everything[p] for p in positions], (name, rank)
+    real_rounds = len(everything) // WORLD_SIZE
+    items = [i for shard in shards for batch in shard[:real_rounds] for i in batch]
+    assert len(items) == len(set(items)), name
+    covered = {i for shard in shards for batch in shard for i in batch}
+    assert covered == {i for batch in everything for i in batch}, name
+    if not drop_last:
+        assert covered == set(range(single.num_items)), name  # type: ignore[attr-defined]
