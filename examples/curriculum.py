@@ -32,7 +32,10 @@ class Utterances(torch.utils.data.Dataset):
         crop = int(self.duration * SAMPLE_RATE)
         start = int(torch.randint(0, len(audio) - crop + 1, ()).item())
         info = get_worker_info()
-        return {"audio": audio[start : start + crop], "worker": torch.tensor(info.id if info else -1)}
+        return {
+            "audio": audio[start : start + crop],
+            "worker": torch.tensor(info.id if info else -1),
+        }
 
 
 def main() -> None:

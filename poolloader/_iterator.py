@@ -43,7 +43,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._loader_stats = loader._stats
         self._window: deque[TaskRecord] = deque()
         self._limit = (loader.prefetch_factor or 2) * loader.num_workers
-        self._max_window = self._limit + loader._reorder_buffer
+        self._allowance = loader._reorder_allowance
         self._in_order = loader.in_order
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
         self._outcomes: dict[int, Future[Outcome]] = {}
@@ -96,10 +96,18 @@ class PoolIterator(_BaseDataLoaderIter):
     def _fill(self) -> None:
         while (
             not self._sampler_done
-            and len(self._window) < self._max_window
+            and len(self._window) < self._window_limit()
             and self._unfinished() < self._limit
         ):
             self._submit_next()
+
+    def _window_limit(self) -> int:
+        """``prefetch_factor * num_workers``, plus the reorder allowance while the
+        oldest batch is unfinished: extra batches only go ahead of a slow one,
+        never merely ahead of a slow consumer."""
+        if self._window and not self._window[0].future.done():
+            return self._limit + self._allowance(self._pool.mean_batch_bytes)
+        return self._limit
 
     def _submit_next(self) -> None:
         pin = self._next_pin() if self._iterable else None
@@ -191,15 +199,22 @@ class PoolIterator(_BaseDataLoaderIter):
         return self._window[0]  # timed out: _wait raises for the oldest
 
     def _wait(self, record: TaskRecord) -> None:
+        """Wait for ``record``, submitting more work each time another batch finishes.
+
+        While the consumer waits for a slow batch, the other workers finish the
+        batches after it; refilling the window as they do keeps them busy (the
+        stock loader only refills when a batch is consumed)."""
         future = self._outcome_of(record)
-        if self._timeout > 0:
-            done, _ = wait([future], timeout=self._timeout)
-            if not done:
+        deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
+        while not future.done():
+            left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            if left <= 0:
                 raise self._timeout_error(record)
-            return
-        while not wait([future], timeout=WAIT_SLICE)[0]:
+            running = [r.future for r in self._window if not r.future.done()]
+            wait([future, *running], timeout=min(left, WAIT_SLICE), return_when=FIRST_COMPLETED)
+            self._fill()
             broken = self._pool.broken
-            if broken is not None:
+            if broken is not None and not future.done():
                 raise broken
 
     def _timeout_error(self, record: TaskRecord) -> LoaderTimeoutError:

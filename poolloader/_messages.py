@@ -3,7 +3,7 @@
 Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`DelItem`, :class:`Broadcast`,
-:class:`Replace`) and :class:`Stop`. Worker → main: :class:`Ready`,
+:class:`Replace`), :class:`Release` and :class:`Stop`. Worker → main: :class:`Ready`,
 :class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`.
 
 Values chosen by the user (attribute values, broadcast functions, datasets) are
@@ -88,6 +88,15 @@ class Replace:
 
 
 Update = SetAttr | DelAttr | SetItem | DelItem | Broadcast | Replace
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """The main process dropped every batch in slab ``slab``: the worker may reuse it.
+
+    Handled by the worker's inbox thread at once, not queued behind tasks."""
+
+    slab: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ from ._messages import (
     Exhausted,
     Failed,
     Ready,
+    Release,
     RemoteError,
     StartFailed,
     Stop,
@@ -148,6 +149,8 @@ class PoolStatistics:
     control_messages: int
     control_bytes: int
     bytes_sent: int
+    slab_batches: int
+    slab_reused: int
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -218,6 +221,7 @@ class Pool:
         )
         process.start()
         child.close()
+        self._transport.attach(process.pid, parent)
         logger.debug("worker %d started (pid %s)", worker_id, process.pid)
         return _Worker(worker_id, process, parent, generation, pid=process.pid)
 
@@ -228,6 +232,12 @@ class Pool:
     @property
     def closed(self) -> bool:
         return self._closed or self._closing
+
+    @property
+    def mean_batch_bytes(self) -> float:
+        """Mean bytes of the batches loaded so far (0 before the first)."""
+        c = self._counters
+        return c.bytes_moved / c.tasks_done if c.tasks_done else 0.0
 
     @property
     def worker_pids(self) -> list[int]:
@@ -272,6 +282,7 @@ class Pool:
                 process.join(TERMINATE_GRACE)
         _worker.terminate_all([p for p in descendants if p.is_running()])
         for w in workers:
+            self._transport.detach(w.pid)
             w.conn.close()
             w.process.close()
 
@@ -319,6 +330,7 @@ class Pool:
 
     def _dispatch(self) -> None:
         """Give each worker with a free slot the first pending task it may run (lock held)."""
+        self._send_releases()
         progress = True
         while progress and self._pending:
             progress = False
@@ -360,6 +372,16 @@ class Pool:
         w.tasks[record.seq] = record
         for message in (*messages, task):
             self._send(w, message)
+
+    def _send_releases(self) -> None:
+        released = self._transport.take_releases()
+        if not released:
+            return
+        by_pid = {w.pid: w for w in self._workers}
+        for pid, slab in released:
+            w = by_pid.get(pid)
+            if w is not None:  # a dead worker's slabs went with it
+                self._send(w, pickle.dumps(Release(slab)))
 
     def _send(self, w: _Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)
@@ -407,6 +429,8 @@ class Pool:
                 if not w.conn.poll(0):
                     return
                 message = pickle.loads(w.conn.recv_bytes())
+                if isinstance(message, Done):
+                    self._transport.receive(w.pid, message.payload)
             except (EOFError, OSError):
                 return
             self._handle(w, message)
@@ -427,7 +451,7 @@ class Pool:
             self._counters.tasks_done += 1
         if not wanted:
             if isinstance(message, Done):
-                self._transport.discard(message.payload)
+                self._transport.discard(w.pid, message.payload)
             return
         assert record is not None
         _resolve(record.future, self._outcome(w, message))
@@ -435,7 +459,7 @@ class Pool:
     def _outcome(self, w: _Worker, message: Done | Failed | Exhausted) -> Outcome:
         if isinstance(message, Done):
             self._counters.bytes_moved += message.nbytes
-            return Loaded(self._transport.unpack(message.payload), w.id, w.pid)
+            return Loaded(self._transport.unpack(w.pid, message.payload), w.id, w.pid)
         if isinstance(message, Failed):
             return Raised(message.error, w.id, w.pid)
         return Ended(w.id)
@@ -491,6 +515,7 @@ class Pool:
         return None
 
     def _replace(self, w: _Worker, lost: list[TaskRecord]) -> None:
+        self._transport.detach(w.pid)
         w.conn.close()
         w.process.close()
         fresh = self._spawn(w.id)
@@ -535,6 +560,8 @@ class Pool:
                 control_messages=c.control_messages,
                 control_bytes=c.control_bytes,
                 bytes_sent=c.bytes_sent,
+                slab_batches=self._transport.slab_batches,
+                slab_reused=self._transport.slab_reused,
             )
 
 

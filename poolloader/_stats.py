@@ -34,6 +34,10 @@ class LoaderStatistics:
             changes this stays put: the channel costs nothing per batch.
         bytes_sent: Bytes of all messages sent to workers (tasks and control).
         tasks_done: Batches the workers finished, including ones discarded.
+        slab_batches: Batches that arrived through shared-memory slabs.
+        slab_reuse_rate: Share of those that reused an already-mapped slab
+            (near 1 in steady state; low means batches are kept alive and
+            the transport keeps allocating).
     """
 
     batches: int
@@ -47,6 +51,8 @@ class LoaderStatistics:
     control_bytes_sent: int
     bytes_sent: int
     tasks_done: int
+    slab_batches: int
+    slab_reuse_rate: float
 
 
 class LoaderStats:
@@ -81,4 +87,8 @@ class LoaderStats:
             control_bytes_sent=pool.control_bytes if pool else 0,
             bytes_sent=pool.bytes_sent if pool else 0,
             tasks_done=pool.tasks_done if pool else 0,
+            slab_batches=pool.slab_batches if pool else 0,
+            slab_reuse_rate=pool.slab_reused / pool.slab_batches
+            if pool and pool.slab_batches
+            else 0.0,
         )

@@ -21,6 +21,7 @@ process it started (the whole tree, found with psutil) before exiting.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import queue
@@ -42,6 +43,7 @@ from ._messages import (
     Exhausted,
     Failed,
     Ready,
+    Release,
     RemoteError,
     Replace,
     StartFailed,
@@ -81,6 +83,7 @@ class WorkerInfo:
 
 
 _worker_info: WorkerInfo | None = None
+_state: _State | None = None  # this worker's state, for the slab-aware collate
 
 
 def get_worker_info() -> WorkerInfo | None:
@@ -106,17 +109,20 @@ class WorkerSetup:
     seeding: str
     base_seed: int
     packer_factory: Any
+    collate_privately: bool
 
 
 def run(setup: WorkerSetup, conn: Connection) -> None:
     """The worker process's entry point."""
     _prepare_process()
     inbox = _Inbox(conn)
+    global _state
     try:
-        state = _State(setup)
-    except BaseException as exc:
+        state = _state = _State(setup, conn)
+    except BaseException as exc:  # every failure is reported home
         _send(conn, StartFailed(setup.worker_id, os.getpid(), RemoteError.capture(exc)))
         _finish(1)
+    inbox.on_release = state.packer.release
     _send(conn, Ready(setup.worker_id, os.getpid()))
     _serve(state, inbox, conn)
     _finish(0)
@@ -134,7 +140,10 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
     while True:
         message = inbox.get()
         if isinstance(message, Task):
-            _send(conn, state.run(message))
+            reply = state.run(message)
+            _send(conn, reply)
+            if isinstance(reply, Done):
+                state.packer.after_send(reply.payload)
         elif isinstance(message, EpochStart):
             state.start_epoch(message)
         elif isinstance(message, Stop):
@@ -153,10 +162,10 @@ def _send(conn: Connection, message: object) -> None:
 class _State:
     """The worker's cached dataset, functions, epoch and fetcher."""
 
-    def __init__(self, setup: WorkerSetup) -> None:
+    def __init__(self, setup: WorkerSetup, conn: Connection) -> None:
         self.setup = setup
         self.collate_fn, self.init_fn = pickle.loads(setup.functions)
-        self.packer = setup.packer_factory()
+        self.packer = setup.packer_factory(conn)
         self.epoch = -1
         self.base_seed = setup.base_seed
         self.exhausted = False
@@ -209,15 +218,18 @@ class _State:
         if self.exhausted:
             return Exhausted(task.seq)
         started = time.perf_counter()
+        self.packer.begin()
         try:
             batch = self._fetch(task)
             payload, size = self.packer.pack(batch)
         except StopIteration:
+            self.packer.end()
             if self.setup.dataset_kind != _ITERABLE:
                 return Failed(task.seq, _stop_iteration_error(), time.perf_counter() - started)
             self.exhausted = True
             return Exhausted(task.seq)
         except Exception as exc:
+            self.packer.end()
             return Failed(task.seq, RemoteError.capture(exc), time.perf_counter() - started)
         return Done(task.seq, payload, size, time.perf_counter() - started)
 
@@ -236,11 +248,50 @@ _ITERABLE = 1  # torch.utils.data.dataloader._DatasetKind.Iterable
 
 
 def _make_fetcher(setup: WorkerSetup, dataset: Any, collate_fn: Any) -> Any:
+    from torch.utils.data._utils.collate import default_collate
     from torch.utils.data.dataloader import _DatasetKind
 
+    if collate_fn is default_collate and setup.collate_privately:
+        collate_fn = _collate_privately
     return _DatasetKind.create_fetcher(
         setup.dataset_kind, dataset, setup.auto_collation, collate_fn, setup.drop_last
     )
+
+
+def _collate_privately(batch: Any) -> Any:
+    """torch's default_collate, writing each stacked tensor straight into a slab.
+
+    Inside a worker, torch's default_collate allocates every batch in a new
+    shared-memory segment, whose page faults cost more than the data they
+    hold. With the slab transport, stacked tensors go into a slab that is
+    already mapped, where the main process reads them in place: the batch is
+    written once. What does not fit is stacked into private memory and copied.
+    """
+    from torch.utils.data._utils import worker as torch_worker
+    from torch.utils.data._utils.collate import collate
+
+    saved, torch_worker._worker_info = torch_worker._worker_info, None
+    try:
+        return collate(batch, collate_fn_map=_slab_collate_map())
+    finally:
+        torch_worker._worker_info = saved
+
+
+@functools.cache
+def _slab_collate_map() -> dict[Any, Any]:
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    return {**default_collate_fn_map, torch.Tensor: _stack_into_slab}
+
+
+def _stack_into_slab(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
+    from torch.utils.data._utils.collate import collate_tensor_fn
+
+    elem = batch[0]
+    if _state is None or elem.is_nested or elem.layout != torch.strided:
+        return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    out = _state.packer.allocate(elem.dtype, (len(batch), *elem.shape))
+    return torch.stack(batch, 0, out=out)
 
 
 class _ControlFailure(RuntimeError):
@@ -266,6 +317,7 @@ class _Inbox:
         self._conn = conn
         self._ppid = os.getppid()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.on_release: Any = None
         thread = threading.Thread(target=self._read, name="poolloader-inbox", daemon=True)
         thread.start()
 
@@ -282,6 +334,10 @@ class _Inbox:
                 message = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 _orphaned()
+            if isinstance(message, Release):
+                if self.on_release is not None:
+                    self.on_release(message.slab)
+                continue
             self._queue.put(message)
             if isinstance(message, Stop):
                 return

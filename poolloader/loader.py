@@ -20,18 +20,22 @@ from ._iterator import PoolIterator
 from ._messages import Broadcast, Replace
 from ._pool import Pool
 from ._stats import LoaderStatistics, LoaderStats
-from ._transport import PickleTransport
+from ._transport import PickleTransport, SlabTransport
 from ._worker import WorkerSetup
 from .errors import LoaderClosedError
 
 T_co = TypeVar("T_co", covariant=True)
 logger = logging.getLogger("poolloader")
 
-#: Default number of finished batches that may wait, beyond the prefetch
-#: window, behind one slow batch, as a multiple of ``num_workers``. Larger keeps
-#: workers busy behind longer stalls at the cost of that many batches of memory.
-REORDER_BUFFER_PER_WORKER = 2
+#: Finished batches that may wait behind one slow batch (beyond the prefetch
+#: window), unless ``reorder_buffer`` says otherwise: as many as fit this many
+#: bytes, at least MIN and at most MAX per worker. More keeps workers busy
+#: behind longer stalls; each waiting batch holds its memory.
+REORDER_MEMORY_BUDGET = 128 * 2**20
+REORDER_MIN_PER_WORKER = 2
+REORDER_MAX_PER_WORKER = 16
 DEFAULT_MAX_WORKER_RESTARTS = 3
+TRANSPORTS = ("shm", "pickle")
 
 
 class DataLoader(torch.utils.data.DataLoader[T_co]):
@@ -66,8 +70,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     Args:
         seeding: ``"batch"`` (default) or ``"worker"``; see above.
         reorder_buffer: How many finished batches may wait behind one slow
-            batch, beyond the ``prefetch_factor * num_workers`` in flight.
-            Default ``2 * num_workers``.
+            batch, beyond the ``prefetch_factor * num_workers`` in flight. By
+            default it adapts: as many as fit 128 MiB at the batch size seen so
+            far, between ``2 * num_workers`` and ``16 * num_workers``.
         max_worker_restarts: How many worker deaths to survive before raising
             :class:`~poolloader.errors.WorkerCrashedError`. Default 3.
 
@@ -110,9 +115,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         seeding: str = "batch",
         reorder_buffer: int | None = None,
         max_worker_restarts: int = DEFAULT_MAX_WORKER_RESTARTS,
+        transport: str = "shm",
+        max_batch_bytes: int | None = None,
     ) -> None:
         _check_count("num_workers", num_workers, allow_negative=True)
-        _check_options(seeding, reorder_buffer, max_worker_restarts)
+        _check_options(seeding, reorder_buffer, max_worker_restarts, transport, max_batch_bytes)
         self._channel = Channel()
         self._stats = LoaderStats()
         self._lock = threading.Lock()
@@ -122,6 +129,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self.seeding = seeding
         self.max_worker_restarts = max_worker_restarts
         self.reorder_buffer = reorder_buffer
+        self.transport = transport
+        self.max_batch_bytes = max_batch_bytes
         super().__init__(
             unwrap(dataset), batch_size, shuffle, sampler, batch_sampler, num_workers,
             collate_fn, pin_memory, drop_last, timeout, worker_init_fn,
@@ -202,7 +211,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _ensure_pool(self, base_seed: int) -> Pool:
         key = (
             self.num_workers, self.multiprocessing_context, id(self.collate_fn),
-            id(self.worker_init_fn), self.seeding, self.max_worker_restarts,
+            id(self.worker_init_fn), self.seeding, self.max_worker_restarts, self.transport,
+            self.max_batch_bytes,
         )  # fmt: skip
         pool = self._pool
         if pool is not None and (pool.broken or pool.closed or key != self._pool_key):
@@ -216,7 +226,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _start_pool(self, base_seed: int) -> Pool:
         context = _resolve_context(self.multiprocessing_context)
         self._channel.start(_pickling.dumps(self._dataset_target, "dataset"))
-        transport = PickleTransport()
+        transport = self._make_transport()
         setup = WorkerSetup(
             worker_id=-1,
             num_workers=self.num_workers,
@@ -228,6 +238,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             seeding=self.seeding,
             base_seed=base_seed,
             packer_factory=transport.packer_factory(),
+            collate_privately=isinstance(transport, SlabTransport),
         )
         pool = Pool(
             context=context,
@@ -241,11 +252,32 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         pool.start()
         return pool
 
-    @property
-    def _reorder_buffer(self) -> int:
-        if self.reorder_buffer is None:
-            return REORDER_BUFFER_PER_WORKER * self.num_workers
-        return self.reorder_buffer
+    def _make_transport(self) -> PickleTransport | SlabTransport:
+        if self.transport == "pickle":
+            return PickleTransport()
+        # A worker's batches alive at once: its share of the window, one being
+        # consumed and one being packed.
+        most = self.reorder_buffer
+        if most is None:
+            most = REORDER_MAX_PER_WORKER * self.num_workers
+        window = (self.prefetch_factor or 2) * self.num_workers + most
+        slabs = -(-window // self.num_workers) + 2
+        return SlabTransport(slabs, self.max_batch_bytes)
+
+    def _reorder_allowance(self, mean_batch_bytes: float) -> int:
+        """How many finished batches may wait behind the oldest unfinished one.
+
+        ``reorder_buffer`` when given; otherwise as many as fit
+        :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, between
+        :data:`REORDER_MIN_PER_WORKER` and :data:`REORDER_MAX_PER_WORKER` per worker.
+        """
+        if self.reorder_buffer is not None:
+            return self.reorder_buffer
+        low = REORDER_MIN_PER_WORKER * self.num_workers
+        high = REORDER_MAX_PER_WORKER * self.num_workers
+        if mean_batch_bytes <= 0:
+            return low
+        return max(low, min(high, int(REORDER_MEMORY_BUDGET // mean_batch_bytes)))
 
     # ------------------------------------------------------------ lifecycle
 
@@ -323,9 +355,19 @@ def _check_count(name: str, value: object, *, allow_negative: bool = False) -> N
         raise ValueError(f"{name} should be a non-negative integer, but got {name}={value!r}")
 
 
-def _check_options(seeding: object, reorder_buffer: object, max_worker_restarts: object) -> None:
+def _check_options(
+    seeding: object,
+    reorder_buffer: object,
+    max_worker_restarts: object,
+    transport: object,
+    max_batch_bytes: object,
+) -> None:
     if seeding not in _seeding.SEEDING_POLICIES:
         raise ValueError(f"seeding should be 'batch' or 'worker', but got seeding={seeding!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport should be 'shm' or 'pickle', but got transport={transport!r}")
     if reorder_buffer is not None:
         _check_count("reorder_buffer", reorder_buffer)
+    if max_batch_bytes is not None:
+        _check_count("max_batch_bytes", max_batch_bytes)
     _check_count("max_worker_restarts", max_worker_restarts)

@@ -201,3 +201,63 @@ def pid_of_worker(_):
 
 def collate_sum(batch):
     return sum(batch)
+
+
+class Mixed(Dataset):
+    """Items with big and small tensors and arrays, strings and nesting."""
+
+    def __init__(self, n: int = 12, side: int = 64) -> None:
+        self.n, self.side = n, side
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        big = torch.full((self.side, self.side), float(i))
+        return {
+            "image": big,
+            "array": np.full((self.side, self.side), i, dtype=np.int32),
+            "small": torch.tensor([i, -i]),
+            "name": f"utt{i}",
+            "nested": [big[:2].t(), (np.arange(3) + i, torch.tensor(i, dtype=torch.bfloat16))],
+        }
+
+
+def keep_numpy(batch):
+    """Collate that keeps NumPy arrays as arrays (torch's would make tensors)."""
+    return {
+        "arrays": np.stack([item["array"] for item in batch]),
+        "names": [item["name"] for item in batch],
+        "image": torch.stack([item["image"] for item in batch]),
+    }
+
+
+class Growing(Dataset):
+    """Item i is a float tensor of 1000 * (i + 1) * 64 bytes: later batches outgrow slabs."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        return torch.full((1000 * (i + 1), 16), float(i))
+
+
+class DtypeZoo(Dataset):
+    """Tensors of many dtypes and layouts, some big enough for slabs."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        n = 20_000
+        base = torch.arange(n, dtype=torch.float32) + i
+        return {
+            "bf16": base.to(torch.bfloat16),
+            "f16": base.to(torch.float16),
+            "c64": torch.complex(base, -base),
+            "bool": base.to(torch.int64) % 3 == 0,
+            "u8": (base.to(torch.int64) % 256).to(torch.uint8),
+            "empty": torch.empty(0, 3),
+            "strided": base.view(100, 200).t(),
+            "grad": torch.ones(3, requires_grad=False),
+        }

@@ -161,13 +161,13 @@ class GrowingBatches:
 
 def test_sampler_changes_apply_from_the_next_batch_drawn():
     sampler = GrowingBatches(100, 2)
-    with DataLoader(Plain(100), batch_sampler=sampler, num_workers=2,
+    with DataLoader(Plain(100), batch_sampler=sampler, num_workers=2, reorder_buffer=2,
                     multiprocessing_context="forkserver") as loader:  # fmt: skip
         iterator = iter(loader)
         sizes = [len(next(iterator)) for _ in range(3)]
         drawn = sampler.drawn
         window = loader.prefetch_factor * loader.num_workers
-        assert drawn <= 3 + window + loader._reorder_buffer
+        assert drawn <= 3 + window + 2
         loader.batch_sampler.size = 10
         sizes += [len(b) for b in iterator]
     assert sizes[:drawn] == [2] * drawn

@@ -1,0 +1,138 @@
+"""The shared-memory slab transport: same batches, memory reused, nothing leaked."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _compare import assert_same, assert_same_epochs
+from _datasets import DtypeZoo, Growing, Mixed, keep_numpy
+
+from poolloader import DataLoader
+from poolloader.errors import ResultTooLargeError
+
+
+def _loader(dataset, **kwargs):
+    kwargs.setdefault("num_workers", 2)
+    kwargs.setdefault("multiprocessing_context", "forkserver")
+    return DataLoader(dataset, **kwargs)
+
+
+def _slab_maps() -> int:
+    with open("/proc/self/maps") as fh:
+        return sum("poolloader-slab" in line for line in fh)
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_nested_batches_match_torch(transport):
+    ours = _loader(Mixed(), batch_size=4, transport=transport)
+    theirs = torch.utils.data.DataLoader(Mixed(), batch_size=4)
+    with ours:
+        assert_same_epochs(ours, theirs)
+
+
+def test_numpy_arrays_stay_numpy_and_big_ones_use_slabs():
+    with _loader(Mixed(n=48, side=128), batch_size=4, collate_fn=keep_numpy,
+                 persistent_workers=True) as loader:  # fmt: skip
+        for _ in range(3):
+            for batch in loader:
+                assert type(batch["arrays"]) is np.ndarray and batch["arrays"].dtype == np.int32
+                assert batch["names"][0].startswith("utt")
+        stats = loader.statistics()
+    assert stats.slab_batches == 36
+    assert stats.slab_reuse_rate > 0.6, stats
+
+
+def _new_slabs(stats) -> int:
+    return round(stats.slab_batches * (1 - stats.slab_reuse_rate))
+
+
+def test_slabs_are_reused_in_steady_state():
+    with _loader(Mixed(n=64, side=256), batch_size=4, persistent_workers=True) as loader:
+        created = []
+        for _ in range(4):
+            for batch in loader:
+                assert batch["image"].shape == (4, 256, 256)
+            created.append(_new_slabs(loader.statistics()))
+    # Slabs are created while the pipeline fills, then (almost only) reused:
+    # epochs 2 to 4 move 48 batches with at most two new slabs.
+    assert created[-1] - created[0] <= 2, created
+    assert created[-1] <= 2 * 8, created
+
+
+def test_batches_kept_alive_fall_back_to_fresh_memory():
+    want = [b["image"].clone() for b in torch.utils.data.DataLoader(Mixed(n=80), batch_size=2)]
+    with _loader(Mixed(n=80), batch_size=2, reorder_buffer=2) as loader:
+        kept = list(loader)  # every batch stays alive: slabs run out, nothing waits
+    assert len(kept) == 40
+    for got, expected in zip(kept, want):
+        assert torch.equal(got["image"], expected)
+
+
+def test_batches_larger_than_any_slab():
+    with _loader(Growing(), batch_size=None) as loader:
+        sizes = [b.shape[0] for b in loader]
+        got = [b.clone() for b in loader]
+    assert sizes == [1000 * (k + 1) for k in range(12)]
+    want = list(torch.utils.data.DataLoader(Growing(), batch_size=None))
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_dtypes_layouts_and_empty_tensors():
+    ours = _loader(DtypeZoo(), batch_size=2)
+    theirs = torch.utils.data.DataLoader(DtypeZoo(), batch_size=2)
+    with ours:
+        assert_same_epochs(ours, theirs, epochs=1)
+
+
+def test_too_large_batch_is_an_error_and_the_loader_goes_on():
+    with _loader(Growing(), batch_size=None, max_batch_bytes=200_000) as loader:
+        iterator = iter(loader)
+        assert next(iterator).shape == (1000, 16)
+        assert next(iterator).shape == (2000, 16)
+        assert next(iterator).shape == (3000, 16)
+        with pytest.raises(ResultTooLargeError, match="more than max_batch_bytes=200000 allows"):
+            next(iterator)
+        with pytest.raises(ResultTooLargeError):
+            next(iterator)
+
+
+def test_delivered_tensors_are_views_of_a_slab_and_mappings_go_away():
+    loader = _loader(Mixed(n=8, side=256), batch_size=4)
+    batch = next(iter(loader))
+    assert _slab_maps() >= 1
+    image = batch["image"]
+    assert not image.is_shared()  # a view of a slab, not a torch shared-memory segment
+    image += 1  # writable, and the slab is this batch's alone
+    del batch
+    loader.close()
+    assert _slab_maps() >= 1, "the tensor still holds its slab"
+    del image
+    assert _slab_maps() == 0
+
+
+def test_abandoned_epoch_releases_its_slabs():
+    with _loader(Mixed(n=64, side=256), batch_size=4, persistent_workers=True) as loader:
+        for i, _ in enumerate(loader):
+            if i == 2:
+                break
+        batches = [b["image"].sum().item() for b in loader]
+        stats = loader.statistics()
+    assert len(batches) == 16
+    assert stats.slab_reuse_rate > 0.5, stats
+
+
+def test_unknown_transport_is_refused():
+    with pytest.raises(
+        ValueError, match="transport should be 'shm' or 'pickle', but got transport='tcp'"
+    ):
+        DataLoader(Mixed(), transport="tcp")
+
+
+def test_same_result_as_torch_for_collate_output_kept_in_slab():
+    with _loader(Mixed(n=8, side=200), batch_size=4) as loader:
+        got = [b["image"] for b in loader]
+    want = [b["image"] for b in torch.utils.data.DataLoader(Mixed(n=8, side=200), batch_size=4)]
+    for a, b in zip(got, want):
+        assert_same(a, b)
