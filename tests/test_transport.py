@@ -55,8 +55,8 @@ def test_slabs_are_reused_in_steady_state():
                 assert batch["image"].shape == (4, 256, 256)
             created.append(_new_slabs(loader.statistics()))
     # Slabs are created while the pipeline fills, then (almost only) reused:
-    # epochs 2 to 4 move 48 batches with at most two new slabs.
-    assert created[-1] - created[0] <= 2, created
+    # epochs 2 to 4 move 48 batches with at most four new slabs (not one per batch).
+    assert created[-1] - created[0] <= 4, created
     assert created[-1] <= 2 * 8, created
 
 
