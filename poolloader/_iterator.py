@@ -69,7 +69,7 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _abandon(self) -> None:
         if self._window:
-            self._pool.cancel(list(self._window))
+            self._pool.cancel(_tasks(self._window))
             self._window.clear()
             self._outcomes.clear()
         self._pool.end_epoch(self._epoch)
@@ -119,8 +119,18 @@ class PoolIterator(_BaseDataLoaderIter):
         except StopIteration:
             self._sampler_done = True
             return
-        self._track(self._pool.submit(self._epoch, self._next_position, index, pin))
+        self._track(self._submit(self._next_position, index, pin))
         self._next_position += 1
+
+    def _submit(self, position: int, index: Any, pin: int | None) -> TaskRecord:
+        split = getattr(index, "poolloader_split", None)
+        if split is None or self._iterable:
+            return self._pool.submit(self._epoch, position, index, pin)
+        parts = [
+            self._pool.submit(self._epoch, position, part, worker)
+            for worker, part in split(self._num_workers)
+        ]
+        return GroupRecord.of(parts, index, position)
 
     def _track(self, record: TaskRecord) -> None:
         self._window.append(record)
@@ -153,11 +163,11 @@ class PoolIterator(_BaseDataLoaderIter):
         """Discard the batches loaded ahead and load them again with every change
         made so far; returns how many were reloaded."""
         stale = list(self._window)
-        self._pool.cancel(stale)
+        self._pool.cancel(_tasks(stale))
         self._window.clear()
         self._outcomes.clear()
         for old in stale:
-            self._track(self._pool.submit(self._epoch, old.position, old.index, old.pin))
+            self._track(self._submit(old.position, old.index, old.pin))
         return len(stale)
 
     # ------------------------------------------------------------- delivery
@@ -239,6 +249,60 @@ class PoolIterator(_BaseDataLoaderIter):
 
 
 _SKIP = object()
+
+
+class GroupRecord(TaskRecord):
+    """One batch loaded in parts by several workers and merged in the main process.
+
+    A batch index may split itself: if it has ``poolloader_split(num_workers)``
+    returning ``[(worker or None, part), ...]`` and ``poolloader_merge(parts)``
+    returning the batch, each part becomes a task (pinned to its worker when
+    one is named) and the batch is ``index.poolloader_merge([part batches])``,
+    in the order the parts were given. Worker affinity for stateful readers
+    (iterator-style streams) is built on this.
+    """
+
+    parts: list[TaskRecord]
+
+    @classmethod
+    def of(cls, parts: list[TaskRecord], index: Any, position: int) -> GroupRecord:
+        group = cls(parts[0].seq, parts[0].epoch, position, index, parts[0].generation, None)
+        group.parts = parts
+        merge = index.poolloader_merge
+        remaining = [len(parts)]
+
+        def done(_: Future[Outcome]) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                _merge_into(group.future, parts, merge)
+
+        for part in parts:
+            part.future.add_done_callback(done)
+        return group
+
+
+def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) -> None:
+    try:
+        outcomes = [p.future.result() for p in parts]
+        failed = [o for o in outcomes if not isinstance(o, Loaded)]
+        if failed:
+            future.set_result(failed[0])
+            return
+        loaded = [o for o in outcomes if isinstance(o, Loaded)]
+        future.set_result(
+            Loaded(merge([o.data for o in loaded]), loaded[0].worker_id, loaded[0].pid)
+        )
+    except BaseException as exc:  # a part failed, was cancelled, or merge raised
+        if not future.done():
+            future.set_exception(exc)
+
+
+def _tasks(records: Any) -> list[TaskRecord]:
+    """The pool's tasks behind window entries (a group's parts)."""
+    found: list[TaskRecord] = []
+    for record in records:
+        found.extend(record.parts if isinstance(record, GroupRecord) else [record])
+    return found
 
 
 def _start_pinner() -> ThreadPoolExecutor:

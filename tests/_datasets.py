@@ -261,3 +261,35 @@ class DtypeZoo(Dataset):
             "strided": base.view(100, 200).t(),
             "grad": torch.ones(3, requires_grad=False),
         }
+
+
+class Slots:
+    """A batch index that splits by slot: slot b is loaded by worker b % num_workers."""
+
+    def __init__(self, items: list[int]) -> None:
+        self.items = items
+
+    def poolloader_split(self, num_workers: int):
+        return [(w, SlotPart(self.items[w::num_workers], w)) for w in range(num_workers)]
+
+    def poolloader_merge(self, parts):
+        merged = [None] * len(self.items)
+        for w, part in enumerate(parts):
+            merged[w :: len(parts)] = part
+        return merged
+
+
+class SlotPart:
+    def __init__(self, items: list[int], worker: int) -> None:
+        self.items, self.worker = items, worker
+
+
+class SlotReader(Dataset):
+    """Reads a whole Slots index (num_workers=0) or one worker's part of it."""
+
+    def __getitem__(self, index):
+        info = get_worker_info()
+        if isinstance(index, SlotPart):
+            assert info is not None and info.id == index.worker, "part ran on the wrong worker"
+            return [(i, info.id) for i in index.items]
+        return [(i, -1) for i in index.items]

@@ -276,3 +276,19 @@ def test_pin_memory_pins_in_a_background_thread(monkeypatch):
     assert [b["data"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5]]
     assert {b["device"] for b in batches} == {"cuda"}
     assert all(b["thread"].startswith("poolloader-pin") for b in batches)
+
+
+def test_a_batch_index_may_split_across_workers():
+    from _datasets import SlotReader, Slots
+
+    sampler = [Slots(list(range(k, k + 6))) for k in range(0, 30, 6)]
+    with DataLoader(SlotReader(), sampler=sampler, batch_size=None, num_workers=2,
+                    collate_fn=_identity, multiprocessing_context="forkserver") as loader:  # fmt: skip
+        batches = list(loader)
+    assert [[i for i, _ in b] for b in batches] == [list(range(k, k + 6)) for k in range(0, 30, 6)]
+    for batch in batches:
+        assert [w for _, w in batch] == [0, 1, 0, 1, 0, 1]
+
+
+def _identity(batch):
+    return batch
