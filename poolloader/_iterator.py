@@ -24,6 +24,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._pool import Ended, Loaded, Outcome, Raised, TaskRecord, _short
+from ._resume import EpochStart
 from .errors import LoaderTimeoutError
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ class PoolIterator(_BaseDataLoaderIter):
     """Iterates one epoch of a poolloader :class:`~poolloader.DataLoader`."""
 
     def __init__(self, loader: DataLoader[Any]) -> None:
+        epoch_start = loader._before_iter()
         super().__init__(loader)
         self._loader_stats = loader._stats
         self._window: deque[TaskRecord] = deque()
@@ -48,14 +50,16 @@ class PoolIterator(_BaseDataLoaderIter):
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
         self._outcomes: dict[int, Future[Outcome]] = {}
         self._pinner = _start_pinner() if self._pin_memory else None
-        self._start_epoch(loader)
+        self._start_epoch(loader, epoch_start)
 
     # ------------------------------------------------------------ epochs
 
-    def _start_epoch(self, loader: DataLoader[Any]) -> None:
-        self._epoch, self._pool = loader._begin_epoch(int(self._base_seed))
+    def _start_epoch(self, loader: DataLoader[Any], epoch_start: EpochStart) -> None:
+        self._ledger = epoch_start.ledger(self)
+        if epoch_start.in_epoch is not None:
+            self._base_seed = epoch_start.in_epoch["base_seed"]
+        self._epoch, self._pool = loader._begin_epoch(self, int(self._base_seed))
         self._window = deque()
-        self._next_position = 0
         self._sampler_done = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
@@ -64,8 +68,9 @@ class PoolIterator(_BaseDataLoaderIter):
     def _reset(self, loader: Any, first_iter: bool = False) -> None:
         # persistent_workers=True: torch keeps one iterator and resets it per epoch.
         self._abandon()
+        epoch_start = loader._before_iter()
         super()._reset(loader, first_iter)
-        self._start_epoch(loader)
+        self._start_epoch(loader, epoch_start)
 
     def _abandon(self) -> None:
         if self._window:
@@ -115,12 +120,11 @@ class PoolIterator(_BaseDataLoaderIter):
             self._sampler_done = True
             return
         try:
-            index = self._next_index()
+            position, index = self._ledger.draw(self._sampler_iter)
         except StopIteration:
             self._sampler_done = True
             return
-        self._track(self._submit(self._next_position, index, pin))
-        self._next_position += 1
+        self._track(self._submit(position, index, pin))
 
     def _submit(self, position: int, index: Any, pin: int | None) -> TaskRecord:
         split = getattr(index, "poolloader_split", None)
@@ -157,7 +161,21 @@ class PoolIterator(_BaseDataLoaderIter):
         """How many batches of this epoch have been submitted to the workers so far.
 
         Batch ``k`` sees every change made while ``submitted <= k``."""
-        return self._next_position
+        return self._ledger.next_position
+
+    @property
+    def finished(self) -> bool:
+        """Whether the epoch has yielded its last batch."""
+        return self._sampler_done and not self._window
+
+    @property
+    def epoch(self) -> int:
+        """The loader's number for this epoch (0, 1, ... over the loader's life)."""
+        return self._epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        """This epoch's resume state (see NOTE [ Resume ] in ``_resume.py``)."""
+        return self._ledger.state(int(self._base_seed))
 
     def refresh(self) -> int:
         """Discard the batches loaded ahead and load them again with every change
@@ -236,6 +254,7 @@ class PoolIterator(_BaseDataLoaderIter):
         )
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> Any:
+        self._ledger.consumed(record.position)
         if isinstance(outcome, Ended):
             if outcome.worker_id in self._active_workers:
                 self._active_workers.remove(outcome.worker_id)

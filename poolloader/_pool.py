@@ -189,6 +189,7 @@ class Pool:
         self._pending: deque[TaskRecord] = deque()
         self._workers: list[_Worker] = []
         self._epochs: dict[int, EpochStart] = {}
+        self.epochs_begun = 0
         self._seq = itertools.count()
         self._broken: PoolBrokenError | None = None
         self._closing = False
@@ -290,6 +291,7 @@ class Pool:
 
     def begin_epoch(self, epoch: int, base_seed: int) -> None:
         with self._lock:
+            self.epochs_begun += 1
             self._epochs[epoch] = EpochStart(epoch, base_seed)
             oldest = min(
                 (r.generation for r in self._all_records()), default=self._channel.generation

@@ -7,18 +7,21 @@ import multiprocessing
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
+import torch
 import torch.utils.data
 from torch.utils.data import Dataset, Sampler
-from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
+from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _seeding
 from ._control import Channel, Tracked, broadcast_payload, unwrap
+from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
 from ._messages import Broadcast, Replace
 from ._pool import Pool
+from ._resume import STATE_VERSION, EpochStart, check_state
 from ._stats import LoaderStatistics, LoaderStats
 from ._transport import PickleTransport, SlabTransport
 from ._worker import WorkerSetup
@@ -123,7 +126,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._channel = Channel()
         self._stats = LoaderStats()
         self._lock = threading.Lock()
-        self._epochs_begun = 0
+        self._epoch_index = 0  # the number the next epoch gets; part of each batch's seed
+        self._resume: dict[str, Any] | None = None
+        self._resume_generator: torch.Tensor | None = None
+        self._current: weakref.ref[Any] | None = None
         self._pool_key: tuple[Any, ...] | None = None
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
         self.seeding = seeding
@@ -190,23 +196,82 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if self._closed:
             raise LoaderClosedError("this DataLoader was closed; create a new one to load more")
         if self.num_workers == 0:
-            return _SingleProcessIterator(self)
-        self.check_worker_number_rationality()
-        iterator = PoolIterator(self)
-        self._iterators.add(iterator)
+            iterator: Any = InProcessIterator(self)
+        else:
+            self.check_worker_number_rationality()
+            iterator = PoolIterator(self)
+            self._iterators.add(iterator)
         return iterator
 
-    def _begin_epoch(self, base_seed: int) -> tuple[int, Pool]:
-        """Called by each new (or reset) iterator: the epoch's number and the pool."""
+    def _before_iter(self) -> EpochStart:
+        """Called by an iterator right before it iterates the sampler for a new epoch."""
+        in_epoch, self._resume = self._resume, None
+        saved, self._resume_generator = self._resume_generator, None
+        return EpochStart.begin(self._index_sampler, self.generator, in_epoch, saved)
+
+    def _next_epoch(self, iterator: Any) -> int:
+        """The number of the epoch ``iterator`` starts; it becomes the current one."""
+        self._current = weakref.ref(iterator)
+        epoch = self._epoch_index
+        self._epoch_index += 1
+        return epoch
+
+    def _begin_epoch(self, iterator: Any, base_seed: int) -> tuple[int, Pool]:
+        """Called by each new (or reset) pool iterator: the epoch's number and the pool."""
         with self._lock:
             pool = self._ensure_pool(base_seed)
-            if self._epochs_begun > 0 and not self.persistent_workers:
+            if pool.epochs_begun > 0 and not self.persistent_workers:
                 snapshot = _pickling.dumps(self._dataset_target, "dataset")
                 self._channel.record(Replace(snapshot))
-            epoch = self._epochs_begun
-            self._epochs_begun += 1
+            epoch = self._next_epoch(iterator)
             pool.begin_epoch(epoch, base_seed)
             return epoch, pool
+
+    # -------------------------------------------------------------- resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this loader is, so that a fresh one can continue exactly from here.
+
+        Taken after k batches of an epoch, the state makes a new loader (new
+        processes, same arguments) yield exactly batches k+1, k+2, ... of that
+        epoch, then the following epochs, as this one would have: batches loaded
+        ahead but not yet yielded are neither lost nor skipped. The state is a
+        dict of plain values and tensors (``torch.save`` it with your checkpoint).
+
+        Example::
+
+            checkpoint = {"model": model.state_dict(), "loader": loader.state_dict()}
+            ...
+            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=4)
+            loader.load_state_dict(checkpoint["loader"])
+            for batch in loader:   # continues the saved epoch
+                ...
+        """
+        generator = self.generator.get_state() if self.generator is not None else None
+        state = {"version": STATE_VERSION, "generator": generator}
+        if self._resume is not None:
+            return {**state, "epoch": self._epoch_index, "in_epoch": self._resume}
+        current = self._current() if self._current is not None else None
+        if current is None or current.finished:
+            return {**state, "epoch": self._epoch_index, "in_epoch": None}
+        return {**state, "epoch": current.epoch, "in_epoch": current.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a state returned by :meth:`state_dict` at the next ``iter()``.
+
+        Raises:
+            ValueError: ``state`` is not a poolloader state, or was saved with a
+                sampler this loader's sampler cannot load.
+        """
+        check_state(state)
+        for iterator in list(self._iterators):
+            iterator.close()
+        self._current = None
+        self._epoch_index = int(state["epoch"])
+        self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
+        if self._resume is None and state["generator"] is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])  # the next epoch draws as saved
+        self._resume_generator = state["generator"]
 
     def _ensure_pool(self, base_seed: int) -> Pool:
         key = (
@@ -220,7 +285,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             pool = None
         if pool is None:
             pool = self._start_pool(base_seed)
-            self._pool, self._pool_key, self._epochs_begun = pool, key, 0
+            self._pool, self._pool_key = pool, key
         return pool
 
     def _start_pool(self, base_seed: int) -> Pool:
@@ -314,21 +379,6 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return (
             f"poolloader.DataLoader(dataset={type(self._dataset_target).__name__}, "
             f"batch_size={self.batch_size}, num_workers={self.num_workers}, {state})"
-        )
-
-
-class _SingleProcessIterator(_SingleProcessDataLoaderIter):
-    """torch's in-process iterator, reading the dataset itself rather than its view."""
-
-    def __init__(self, loader: DataLoader[Any]) -> None:
-        super().__init__(loader)
-        self._dataset = loader._dataset_target
-        self._dataset_fetcher = _DatasetKind.create_fetcher(
-            self._dataset_kind,
-            self._dataset,
-            self._auto_collation,
-            self._collate_fn,
-            self._drop_last,
         )
 
 

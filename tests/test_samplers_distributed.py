@@ -1,8 +1,9 @@
 """Samplers under a real two-process ``torch.distributed`` group (gloo backend).
 
 Each rank builds its samplers with ``rank``/``world_size`` left to resolution, so they come
-from the process group, collects the batches it would train on, and the ranks exchange
-them with ``all_gather_object``. The parent process then checks the shards against the
+from the process group, loads the batches it would train on through a poolloader
+``DataLoader`` with two worker processes, and the ranks exchange them with
+``all_gather_object``. The parent process then checks the shards against the
 single-rank global order. Rendezvous goes through a file, so no port can be taken.
 """
 
@@ -18,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import torch.distributed as dist
 
+from poolloader import DataLoader
 from poolloader.samplers import DynamicBatchSampler, SortedBatchSampler
 from poolloader.samplers._base import SamplerBase
 from poolloader.samplers._distributed import rank_positions
@@ -28,7 +31,7 @@ WORLD_SIZE = 2
 #: Seconds the ranks get in all (start, rendezvous, work); then they are killed and the
 #: test fails instead of hanging. Starting two spawned interpreters that import torch takes
 #: a few seconds on a loaded two-core machine.
-DEADLINE = 60.0
+DEADLINE = 120.0
 EPOCH = 3
 
 Batches = list[list[int]]
@@ -48,14 +51,22 @@ FACTORIES: dict[str, Factory] = {
 }
 
 
-def collect_rank_batches(sampler: SamplerBase, epoch: int) -> Batches:
-    """The batches this rank sees in ``epoch``, in order.
+class Items(torch.utils.data.Dataset):
+    """Item i is i: a batch's contents show which indices it held."""
 
-    The one place to change when the batches should come through a poolloader
-    ``DataLoader`` with workers instead of straight from the sampler.
-    """
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def collect_rank_batches(sampler: SamplerBase, epoch: int, *, workers: int = 0) -> Batches:
+    """The batches this rank sees in ``epoch``, in order; with ``workers``, as a
+    poolloader ``DataLoader`` with that many worker processes delivers them."""
     sampler.set_epoch(epoch)
-    return [list(batch) for batch in sampler]
+    if not workers:
+        return [list(batch) for batch in sampler]
+    with DataLoader(Items(), batch_sampler=sampler, num_workers=workers,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        return [batch.tolist() for batch in loader]
 
 
 def _run_rank(rank: int, init_file: str, results: Any) -> None:
@@ -83,7 +94,7 @@ def _run_rank(rank: int, init_file: str, results: Any) -> None:
 
 
 def _rank_report(sampler: SamplerBase) -> dict[str, Any]:
-    batches = collect_rank_batches(sampler, EPOCH)
+    batches = collect_rank_batches(sampler, EPOCH, workers=2)
     return {
         "rank": sampler.rank,
         "world_size": sampler.world_size,

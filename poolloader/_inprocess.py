@@ -1,0 +1,95 @@
+"""Loading in the calling process (``num_workers=0``), as torch does, plus the
+per-batch seeding and resume ledger the pool iterator has."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.utils.data._utils.pin_memory import pin_memory
+from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
+
+from . import _seeding
+
+if TYPE_CHECKING:
+    from .loader import DataLoader
+
+
+class InProcessIterator(_SingleProcessDataLoaderIter):
+    """torch's in-process iterator, with poolloader's seeding and resume.
+
+    It reads the dataset itself, not ``loader.dataset``'s view. Under
+    ``seeding="batch"`` each batch is loaded with ``random``, NumPy and torch
+    seeded as a worker would seed them, so a batch is the same whatever
+    ``num_workers`` is; the caller's random state is put back afterwards, so
+    data loading does not disturb the training loop's random numbers.
+    """
+
+    def __init__(self, loader: DataLoader[Any]) -> None:
+        epoch_start = loader._before_iter()
+        super().__init__(loader)
+        self._ledger = epoch_start.ledger(self)
+        if epoch_start.in_epoch is not None:
+            self._base_seed = epoch_start.in_epoch["base_seed"]
+        self._epoch = loader._next_epoch(self)
+        self._seed_batches = loader.seeding == "batch"
+        self._finished = False
+        self._dataset = loader._dataset_target
+        self._dataset_fetcher = _DatasetKind.create_fetcher(
+            self._dataset_kind,
+            self._dataset,
+            self._auto_collation,
+            self._collate_fn,
+            self._drop_last,
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self._finished
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._ledger.state(int(self._base_seed))
+
+    def _next_data(self) -> Any:
+        try:
+            position, index = self._ledger.draw(self._sampler_iter)
+        except StopIteration:
+            self._finished = True
+            raise
+        try:
+            data = self._fetch(position, index)
+        except StopIteration:
+            self._finished = True
+            raise
+        finally:
+            self._ledger.consumed(position)
+        if self._pin_memory:
+            data = pin_memory(data, self._pin_memory_device)
+        return data
+
+    def _fetch(self, position: int, index: Any) -> Any:
+        if not self._seed_batches:
+            return self._dataset_fetcher.fetch(index)
+        with _own_random_state():
+            _seeding.seed_batch(int(self._base_seed), self._epoch, position)
+            return self._dataset_fetcher.fetch(index)
+
+
+@contextmanager
+def _own_random_state() -> Iterator[None]:
+    """Run a block with its own random state and put the caller's back afterwards."""
+    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.default_generator.set_state(saved[2])

@@ -1,0 +1,262 @@
+"""Exact mid-epoch resume: ``loader.state_dict()`` and ``loader.load_state_dict()``.
+
+NOTE [ Resume ]
+
+The state after k batches of an epoch must make a fresh loader yield exactly
+batches k+1, k+2, ... of that epoch, although the first loader has already
+drawn more specs from its sampler (its prefetch window) than it yielded. So
+the state never comes from the sampler's *current* position. Instead each epoch
+keeps an :class:`EpochLedger`:
+
+* If the sampler (or its per-epoch iterator) has ``state_dict()`` and the
+  sampler has ``load_state_dict()`` (poolloader's samplers, lhotse's,
+  torchdata's stateful ones), the ledger snapshots the sampler's state right
+  after drawing each spec and keeps the snapshot of the last *yielded* one.
+  Resuming loads that snapshot into the sampler.
+* Otherwise (torch's samplers) the ledger keeps the random state the epoch
+  started from (``loader.generator``'s, or torch's global one when there is
+  none). Resuming restores it, lets the sampler draw its order again, and
+  skips the specs already yielded. Only indices are drawn; nothing is loaded.
+
+Either way the state also holds the epoch's base seed and number, so per-batch
+seeding (``seeding="batch"``) gives resumed batches the random state they
+would have had. With ``in_order=False`` batches may be yielded out of order:
+the state records which batches beyond the contiguous prefix were already
+yielded, and the resumed epoch skips them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+STATE_VERSION = 1
+_KEYS = {"version", "epoch", "in_epoch", "generator"}
+_EPOCH_KEYS = {"base_seed", "yielded", "yielded_after", "sampler", "rng"}
+
+
+@dataclass(frozen=True)
+class RngState:
+    """The random state a sampler may draw from: ``loader.generator``'s and torch's global."""
+
+    generator: torch.Tensor | None
+    global_rng: torch.Tensor
+
+    @classmethod
+    def capture(cls, generator: torch.Generator | None) -> RngState:
+        state = generator.get_state() if generator is not None else None
+        return cls(state, torch.get_rng_state())
+
+    def apply(self, generator: torch.Generator | None) -> None:
+        if generator is not None and self.generator is not None:
+            generator.set_state(self.generator)
+        torch.set_rng_state(self.global_rng)
+
+    def to_dict(self) -> dict[str, torch.Tensor | None]:
+        """Plain tensors, so ``torch.load(weights_only=True)`` reads a saved state."""
+        return {"generator": self.generator, "global": self.global_rng}
+
+    @classmethod
+    def from_dict(cls, found: Mapping[str, Any]) -> RngState:
+        return cls(found["generator"], found["global"])
+
+
+@dataclass
+class Replay:
+    """How a resumed epoch reproduces a sampler that cannot load a state."""
+
+    before_draw: RngState  # the random state the saved epoch's first draw saw
+    skip: int  # specs the saved epoch had yielded: drawn again and dropped
+    after: RngState  # the state to leave behind once the sampler has drawn
+
+
+class EpochLedger:
+    """Draws an epoch's specs and records which batches were yielded (NOTE [ Resume ])."""
+
+    def __init__(
+        self,
+        generator: torch.Generator | None,
+        before_iter: RngState,
+        snapshot: Callable[[], Any] | None,
+    ) -> None:
+        self._generator = generator
+        self.before_iter = before_iter
+        self.before_draw: RngState | None = None
+        self.snapshot = snapshot
+        self.next_position = 0
+        self.yielded = 0  # every position below this reached the consumer
+        self.yielded_after: set[int] = set()
+        self.resume_state: Any = snapshot() if snapshot is not None else None
+        self._snapshots: dict[int, Any] = {}
+        self._replay: Replay | None = None
+        self._skip: set[int] = set()  # positions a resumed epoch had yielded already
+
+    def resume(self, in_epoch: Mapping[str, Any], replay: Replay | None) -> None:
+        """Continue the saved epoch: positions, already-yielded batches, sampler state."""
+        self.next_position = self.yielded = int(in_epoch["yielded"])
+        self.yielded_after = set(in_epoch["yielded_after"])
+        self._skip = set(self.yielded_after)
+        self.resume_state = in_epoch["sampler"]
+        self._replay = replay
+        if replay is not None:
+            self.next_position = 0  # the skipped specs are drawn again
+
+    def draw(self, sampler_iter: Any) -> tuple[int, Any]:
+        """The next spec to load and its position; raises StopIteration at the epoch's end."""
+        if self.before_draw is None:
+            self._first_draw(sampler_iter)
+        while True:
+            index = next(sampler_iter)
+            position = self.next_position
+            self.next_position += 1
+            if self.snapshot is not None:
+                self._snapshots[position] = self.snapshot()
+            if position in self._skip:
+                self._skip.discard(position)
+                continue
+            return position, index
+
+    def _first_draw(self, sampler_iter: Any) -> None:
+        replay = self._replay
+        if replay is None:
+            self.before_draw = RngState.capture(self._generator)
+            return
+        self.before_draw = replay.before_draw
+        replay.before_draw.apply(self._generator)
+        try:
+            for _ in range(replay.skip):
+                next(sampler_iter)
+                self.next_position += 1
+        finally:
+            replay.after.apply(self._generator)
+
+    def consumed(self, position: int) -> None:
+        """Batch ``position`` reached the consumer (as data or as its exception)."""
+        self.yielded_after.add(position)
+        while self.yielded in self.yielded_after:
+            self.yielded_after.discard(self.yielded)
+            if self.yielded in self._snapshots:
+                self.resume_state = self._snapshots.pop(self.yielded)
+            self.yielded += 1
+        for stale in [p for p in self._snapshots if p < self.yielded]:
+            del self._snapshots[stale]
+
+    def state(self, base_seed: int) -> dict[str, Any]:
+        rng = None
+        if self.snapshot is None:
+            before_draw = self.before_draw or RngState.capture(self._generator)
+            rng = {"before_iter": self.before_iter.to_dict(), "before_draw": before_draw.to_dict()}
+        return {
+            "base_seed": base_seed,
+            "yielded": self.yielded,
+            "yielded_after": sorted(self.yielded_after),
+            "sampler": self.resume_state if self.snapshot is not None else None,
+            "rng": rng,
+        }
+
+
+@dataclass
+class EpochStart:
+    """Taken by the loader right before an iterator iterates its sampler for an epoch."""
+
+    generator: torch.Generator | None
+    before_iter: RngState
+    in_epoch: Mapping[str, Any] | None  # the saved epoch to continue, if resuming
+    replay: Replay | None
+    after: RngState | None  # when resuming: the random state to leave behind
+
+    @classmethod
+    def begin(
+        cls,
+        sampler: Any,
+        generator: torch.Generator | None,
+        in_epoch: Mapping[str, Any] | None,
+        saved_generator: torch.Tensor | None,
+    ) -> EpochStart:
+        """Capture the random state; when resuming, put the sampler (or the random
+        state it draws from) back where the saved epoch had it.
+
+        A resumed epoch's iterator draws its base seed (and a replayed sampler its
+        order) again; those draws happened before the state was saved, so
+        afterwards the caller's global random state and the generator's saved
+        state are put back (:meth:`settle`)."""
+        before = RngState.capture(generator)
+        if in_epoch is None:
+            return cls(generator, before, None, None, None)
+        after = RngState(saved_generator, before.global_rng)
+        replay = None
+        if in_epoch["sampler"] is not None:
+            _load_sampler(sampler, in_epoch["sampler"])
+        else:
+            rng = in_epoch["rng"]
+            saved = RngState.from_dict(rng["before_iter"])
+            replay = Replay(RngState.from_dict(rng["before_draw"]), int(in_epoch["yielded"]), after)
+            saved.apply(generator)
+            before = saved
+        return cls(generator, before, in_epoch, replay, after)
+
+    def settle(self) -> None:
+        """After the iterator drew its base seed: undo that draw's effect when resuming."""
+        if self.after is not None and self.replay is None:
+            self.after.apply(self.generator)
+
+    def ledger(self, iterator: Any) -> EpochLedger:
+        """The ledger of the epoch ``iterator`` is starting (its sampler iterated)."""
+        self.settle()
+        snapshot = sampler_snapshot(iterator._index_sampler, iterator._sampler_iter)
+        ledger = EpochLedger(self.generator, self.before_iter, snapshot)
+        if self.in_epoch is not None:
+            ledger.resume(self.in_epoch, self.replay)
+        return ledger
+
+
+def _load_sampler(sampler: Any, state: Any) -> None:
+    if not callable(getattr(sampler, "load_state_dict", None)):
+        raise ValueError(
+            f"the saved state holds a sampler state, but this loader's sampler "
+            f"{type(sampler).__name__} has no load_state_dict(): build the loader with "
+            "the same sampler as the one that saved it"
+        )
+    sampler.load_state_dict(state)
+
+
+def sampler_snapshot(sampler: Any, sampler_iter: Any) -> Callable[[], Any] | None:
+    """How to read the position of this epoch's sampler, or ``None`` if it cannot resume.
+
+    Prefers the per-epoch iterator's ``state_dict`` (it belongs to exactly this
+    epoch); needs ``load_state_dict`` on the sampler to resume at all.
+    """
+    if not callable(getattr(sampler, "load_state_dict", None)):
+        return None
+    for source in (sampler_iter, sampler):
+        state_dict = getattr(source, "state_dict", None)
+        if callable(state_dict):
+            return state_dict
+    return None
+
+
+def check_state(state: Mapping[str, Any]) -> None:
+    """Refuse a state this version cannot resume, saying why."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"load_state_dict() expects the dict from state_dict(), but got {state!r}")
+    _check_keys("state", state, _KEYS)
+    if state["version"] != STATE_VERSION:
+        raise ValueError(
+            f"this state was saved by another version of poolloader (state version "
+            f"{state['version']!r}, this one reads {STATE_VERSION})"
+        )
+    in_epoch = state["in_epoch"]
+    if in_epoch is not None:
+        _check_keys("state['in_epoch']", in_epoch, _EPOCH_KEYS)
+
+
+def _check_keys(name: str, found: Mapping[str, Any], expected: set[str]) -> None:
+    unknown, missing = set(found) - expected, expected - set(found)
+    if unknown or missing:
+        raise ValueError(
+            f"{name} is not a poolloader DataLoader state: unknown keys {sorted(unknown)}, "
+            f"missing keys {sorted(missing)}. Pass what loader.state_dict() returned."
+        )
