@@ -151,15 +151,16 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     # ------------------------------------------------------------- dataset
 
-    @property
-    def dataset(self) -> Any:
-        """The dataset, as a live view: changes made through it reach every worker."""
-        return self._tracked_dataset
-
-    @dataset.setter
-    def dataset(self, value: Any) -> None:
-        self._dataset_target = unwrap(value)
-        self._tracked_dataset = Tracked(self._dataset_target, (), self._channel)
+    def __setattr__(self, name: str, value: Any) -> None:
+        # ``loader.dataset`` holds a live view of the dataset (see _control.py); it is
+        # an instance attribute, as torch's is, so code that rebuilds loaders from
+        # their attributes (Lightning) finds it.
+        if name == "dataset":
+            target = unwrap(value)
+            super().__setattr__(name, Tracked(target, (), self._channel))
+            object.__setattr__(self, "_dataset_target", target)
+            return
+        super().__setattr__(name, value)
 
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(dataset, *args, **kwargs)`` here and in every worker.
