@@ -94,6 +94,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     _pool: Pool | None = None
     _closed = False
+    _dataset_target: Any  # the dataset itself; ``dataset`` holds its live view
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import psutil
 import torch
@@ -167,7 +167,7 @@ def measure_control(num_workers: int, progress: Progress) -> dict[str, float]:
         before = loader.statistics()
         batches = _drain(loader)
         idle = loader.statistics()
-        loader.dataset.n = 400  # one change
+        cast(Any, loader.dataset).n = 400  # one change
         _drain(loader)
         changed = loader.statistics()
     finally:
