@@ -84,7 +84,8 @@ def test_statistics_snapshot_and_debug_logging(caplog):
     caplog.set_level(logging.DEBUG, logger="poolloader")
     with poolloader.DataLoader(list(range(20)), batch_size=4, num_workers=2,
                                multiprocessing_context="forkserver") as loader:  # fmt: skip
-        assert [b.tolist() for b in loader][0] == [0, 1, 2, 3]
+        batches = [b.tolist() for b in loader]
+        assert batches[0] == [0, 1, 2, 3]
         stats = loader.statistics()
     assert stats.batches == 5 and stats.tasks_done == 5 and stats.in_flight == 0
     assert 0 <= stats.worker_busy_fraction <= 1 and stats.mean_wait_seconds >= 0

@@ -22,6 +22,10 @@
   ``max``, ``middle`` by metadata.
 * :func:`pad_collate` (and :class:`PadCollate` for other settings) pads
   variable-length arrays to the longest of the batch and records their lengths.
+* :class:`StreamDataset` reads many streams side by side for recurrent models, from a
+  random-access ``read(stream, start, stop)`` or an iterator per stream kept in one
+  worker, and returns a :class:`StreamBatch` (``data``, ``mask``, ``first``, ...) per
+  step of a :class:`~poolloader.samplers.StreamSampler`.
 
 Everything here pickles by reference or cheaply, so it works in spawned workers.
 
@@ -41,10 +45,13 @@ Example:
 from ._collate import PadCollate, pad_collate
 from ._dataset import ManifestDataset
 from ._select import select, select_steps
+from ._streams import StreamBatch, StreamDataset
 
 __all__ = [
     "ManifestDataset",
     "PadCollate",
+    "StreamBatch",
+    "StreamDataset",
     "pad_collate",
     "select",
     "select_steps",

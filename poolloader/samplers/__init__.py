@@ -1,11 +1,12 @@
 """Batch samplers for speech and audio: length-aware batches, exact resume, even sharding.
 
 Every sampler here yields batches (lists of int indices into the ``lengths`` it was built
-on) and follows one protocol, written out in ``poolloader/samplers/_base.py``
-(NOTE [ Sampler protocol ]): ``set_epoch``, shuffling seeded by ``seed + epoch``, a cheap
-``state_dict()`` that resumes mid-epoch exactly, ``rank``/``world_size`` resolved from
-argument -> environment -> ``torch.distributed`` -> 0/1, an exact ``len()``, and limits
-that can change between batches.
+on; :class:`StreamSampler` yields :class:`StreamStep` specs) and follows one protocol,
+written out in ``poolloader/samplers/_base.py`` (NOTE [ Sampler protocol ]): ``set_epoch``,
+shuffling seeded by ``seed + epoch``, a cheap ``state_dict()`` that resumes mid-epoch
+exactly, ``rank``/``world_size`` resolved from argument -> environment ->
+``torch.distributed`` -> 0/1, an exact ``len()``, and limits that can change between
+batches.
 
 The pieces, and the way a batch is made::
 
@@ -21,6 +22,10 @@ The pieces, and the way a batch is made::
 - :class:`SortedBatchSampler`: SpeeChain's view, length-sorted batches of ``batch_size``
   items or bounded by ``max_duration``, batch order shuffled, ``batches_per_epoch``.
 - :class:`BatchConstraint`: the limit object the samplers cut batches with.
+- :class:`StreamSampler`: temporally coherent steps over many streams for recurrent
+  models; each step is a :class:`StreamStep` of one :class:`StreamChunk` (or
+  :class:`StreamPadding`) per slot, split into :class:`StreamPart` per worker so that a
+  stream stays in one worker (NOTE [ Stream schedule ] in ``_stream.py``).
 
 Example:
     >>> from poolloader.samplers import DynamicBatchSampler
@@ -34,5 +39,21 @@ Example:
 from poolloader.samplers._constraint import BatchConstraint
 from poolloader.samplers._dynamic import DynamicBatchSampler
 from poolloader.samplers._sorted import SortedBatchSampler
+from poolloader.samplers._stream import (
+    StreamChunk,
+    StreamPadding,
+    StreamPart,
+    StreamSampler,
+    StreamStep,
+)
 
-__all__ = ["BatchConstraint", "DynamicBatchSampler", "SortedBatchSampler"]
+__all__ = [
+    "BatchConstraint",
+    "DynamicBatchSampler",
+    "SortedBatchSampler",
+    "StreamChunk",
+    "StreamPadding",
+    "StreamPart",
+    "StreamSampler",
+    "StreamStep",
+]
