@@ -16,11 +16,14 @@ class LoaderStatistics:
 
     Attributes:
         batches: Batches yielded to the consumer since the loader was created.
+        wait_seconds: Total time the consumer spent waiting in ``next()``.
         mean_wait_seconds: Mean time the consumer waited in ``next()`` per
             batch; near zero when loading keeps ahead of training.
         worker_busy_fraction: Share of the workers' time spent loading batches
             since the pool started (0 to 1); low means the workers wait for the
             consumer, high means they are the bottleneck.
+        worker_busy_seconds: Total time workers spent loading batches (subtract
+            two snapshots to get the busy share of an interval).
         in_flight: Batches submitted and not yet finished (pending plus running).
         restarts: Workers replaced after dying.
         bytes_moved: Bytes of batch data moved from workers to the main process.
@@ -41,8 +44,10 @@ class LoaderStatistics:
     """
 
     batches: int
+    wait_seconds: float
     mean_wait_seconds: float
     worker_busy_fraction: float
+    worker_busy_seconds: float
     in_flight: int
     restarts: int
     bytes_moved: int
@@ -77,6 +82,8 @@ class LoaderStats:
             busy = min(1.0, pool.busy_seconds / (num_workers * pool.uptime_seconds))
         return LoaderStatistics(
             batches=self.batches,
+            wait_seconds=self.wait_seconds,
+            worker_busy_seconds=pool.busy_seconds if pool else 0.0,
             mean_wait_seconds=self.wait_seconds / self.waits if self.waits else 0.0,
             worker_busy_fraction=busy,
             in_flight=(pool.pending + pool.running) if pool else 0,

@@ -43,18 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     progress = _runner.stderr_progress if sys.stderr.isatty() else _plain_progress
     rows: list[Row] = []
     raw: dict[str, Any] = {}
+    seen: dict[str, Any] = {}
     with _runner.quiet_warnings():
         for name, workload in workloads(args.quick, args.num_workers).items():
             if args.only and name not in args.only:
                 continue
             found = _runner.measure_throughput(workload, args.num_workers, repeats, progress)
             raw[name] = {kind: m.__dict__ for kind, m in found.items()}
+            seen[name] = found["poolloader"]
             rows.extend(_throughput_rows(name, workload, found))
         if not args.skip_startup and not args.only:
             rows.extend(_startup_rows(args.num_workers, progress, raw))
         extras = _runner.measure_control(args.num_workers, progress) if not args.only else {}
     sys.stderr.write("\r\033[K" if sys.stderr.isatty() else "")
     print(_report.table(rows, extras))
+    if seen:
+        print()
+        print(_report.statistics_table(seen))
     if args.json:
         _report.write_json(args.json, rows, extras, raw)
     if args.plot:

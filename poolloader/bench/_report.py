@@ -59,6 +59,19 @@ def table(rows: list[Row], extras: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def statistics_table(seen: dict[str, Any]) -> str:
+    """poolloader's own view of its median run of each workload (``loader.statistics()``)."""
+    header = (
+        f"{'poolloader statistics':<24} {'workers busy':>13} {'consumer wait':>14} "
+        f"{'slab reuse':>11}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, run in seen.items():
+        reuse = f"{run.slab_reuse:.0%}" if run.slab_reuse is not None else "-"
+        lines.append(f"{name:<24} {run.busy:>13.0%} {run.wait * 1000:>11.2f} ms {reuse:>11}")
+    return "\n".join(lines)
+
+
 def _fmt(value: float, unit: str) -> str:
     if unit == "MB":
         return f"{value / 2**20:.0f} MB"

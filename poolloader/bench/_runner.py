@@ -31,6 +31,9 @@ class Measurement:
     seconds: float
     batches: int
     peak_memory: int = 0  # bytes, proportional set size of main process plus workers
+    busy: float = 0.0  # poolloader only: share of worker time spent loading
+    wait: float = 0.0  # poolloader only: the consumer's mean wait per batch, seconds
+    slab_reuse: float | None = None  # poolloader only
 
     @property
     def throughput(self) -> float:
@@ -48,7 +51,10 @@ def make_loader(kind: str, workload: Workload, num_workers: int, **extra: Any) -
 def measure_throughput(
     workload: Workload, num_workers: int, repeats: int, progress: Progress
 ) -> dict[str, Measurement]:
-    """Alternate stock and poolloader ``repeats`` times; an epoch each after a warm-up."""
+    """Alternate stock and poolloader ``repeats`` times; an epoch each after a warm-up.
+
+    poolloader's measurements include its own view of each run, from
+    ``loader.statistics()``: worker busy share, consumer wait, slab reuse."""
     runs: dict[str, list[Measurement]] = {"stock": [], "poolloader": []}
     loaders = {
         kind: make_loader(kind, workload, num_workers, persistent_workers=True) for kind in runs
@@ -69,11 +75,23 @@ def measure_throughput(
 
 
 def _timed_epoch(loader: Any) -> Measurement:
+    before = loader.statistics() if isinstance(loader, DataLoader) else None
     with PeakMemory() as memory:
         started = time.perf_counter()
         batches = _drain(loader)
         seconds = time.perf_counter() - started
-    return Measurement(seconds, batches, memory.peak)
+    found = Measurement(seconds, batches, memory.peak)
+    if before is not None:
+        after = loader.statistics()
+        busy = after.worker_busy_seconds - before.worker_busy_seconds
+        found.busy = busy / (loader.num_workers * seconds)
+        found.wait = (after.wait_seconds - before.wait_seconds) / max(batches, 1)
+        new = after.slab_batches - before.slab_batches
+        if new:
+            reused = after.slab_reuse_rate * after.slab_batches
+            reused -= before.slab_reuse_rate * before.slab_batches
+            found.slab_reuse = reused / new
+    return found
 
 
 def _drain(loader: Any) -> int:
@@ -85,10 +103,14 @@ def _drain(loader: Any) -> int:
 
 
 def _median(found: list[Measurement]) -> Measurement:
+    middle = sorted(found, key=lambda m: m.seconds)[len(found) // 2]
     return Measurement(
-        statistics.median(m.seconds for m in found),
-        found[0].batches,
+        middle.seconds,
+        middle.batches,
         max(m.peak_memory for m in found),
+        middle.busy,
+        middle.wait,
+        middle.slab_reuse,
     )
 
 
