@@ -562,7 +562,15 @@ def test_repr_names_size_loaders_and_duration(corpora):
 def test_public_names_are_sorted_exported_and_documented():
     names = poolloader.datasets.__all__
     assert names == sorted(names)
-    assert set(names) == {"ManifestDataset", "PadCollate", "pad_collate", "select", "select_steps"}
+    assert set(names) == {
+        "ManifestDataset",
+        "PadCollate",
+        "StreamBatch",
+        "StreamDataset",
+        "pad_collate",
+        "select",
+        "select_steps",
+    }
     for name in names:
         assert getattr(poolloader.datasets, name).__doc__
     assert os.path.basename(poolloader.datasets.__file__) == "__init__.py"

@@ -24,3 +24,35 @@ def test_curriculum_doubles_the_crop_in_every_worker():
     assert out[2] == "epoch 2: duration doubled to 1.0 s"
     assert out[3] == "epoch 2: batch shapes [(16, 8000)] from workers [0, 1]"
     assert out[4] == "epoch 3: batch shapes [(16, 8000)] from workers [0, 1]"
+
+
+def test_streams_text_rows_continue_across_batches():
+    out = _run("streams_text.py")
+    batches = [block.splitlines()[1:] for block in out.strip().split("\n\n")]
+    assert out.splitlines()[:3] == [
+        "- batch1",
+        "a_0;a_1;a_2;   <- new stream",
+        "b_0;b_1;b_2;   <- new stream",
+    ]
+    seen: dict[str, list[int]] = {}
+    previous = ["(padding)"] * 4
+    for rows in batches:
+        assert len(rows) == 4
+        for row, (line, before) in enumerate(zip(rows, previous)):
+            if line == "(padding)":
+                continue
+            steps = [item.split("_") for item in line.split("   ")[0].rstrip(";").split(";")]
+            letter = steps[0][0]
+            if not line.endswith("<- new stream"):  # continues the same row's stream
+                assert before.startswith(letter), (row, line, before)
+            seen.setdefault(letter, []).extend(int(t) for _, t in steps)
+        previous = rows
+    lengths = [9, 4, 7, 12, 3, 8, 6, 5, 10, 4]
+    assert seen == {letter: list(range(n)) for letter, n in zip("abcdefghij", lengths)}
+
+
+def test_streams_gru_loss_goes_down():
+    lines = _run("streams_gru.py").splitlines()
+    losses = [float(line.rsplit("loss ", 1)[1]) for line in lines if line.startswith("epoch")]
+    assert len(losses) == 4
+    assert losses[-1] < losses[0] / 3

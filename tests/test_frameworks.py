@@ -12,7 +12,9 @@ from poolloader import DataLoader
 
 
 def _pair(dataset_factory, **kwargs):
-    ours = DataLoader(dataset_factory(), num_workers=2, multiprocessing_context="forkserver", **kwargs)
+    ours = DataLoader(
+        dataset_factory(), num_workers=2, multiprocessing_context="forkserver", **kwargs
+    )
     theirs = torch.utils.data.DataLoader(dataset_factory(), **kwargs)
     return ours, theirs
 
@@ -34,6 +36,7 @@ def test_torch_dataset_helpers(factory):
 
 def test_distributed_sampler_shards_like_torch():
     for rank in range(2):
+
         def make():
             return DistributedSampler(Plain(21), num_replicas=2, rank=rank, shuffle=True, seed=4)
 
@@ -116,7 +119,11 @@ def test_lightning_recreates_the_loader_with_a_distributed_sampler():
     with original, rebuilt:
         assert type(rebuilt) is DataLoader
         assert rebuilt.sampler is sampler
-        assert (rebuilt.seeding, rebuilt.max_worker_restarts, rebuilt.reorder_buffer) == ("batch", 5, 3)
+        assert (rebuilt.seeding, rebuilt.max_worker_restarts, rebuilt.reorder_buffer) == (
+            "batch",
+            5,
+            3,
+        )
         assert isinstance(rebuilt.dataset, Line)
         xs = [x for batch in rebuilt for x in batch[0].flatten().tolist()]
     assert xs == [i / 64.0 for i in range(1, 64, 2)]

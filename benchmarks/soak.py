@@ -1,0 +1,297 @@
+"""Soak: many epochs while workers are SIGKILLed at random. Nothing lost, nothing
+twice, nothing grows.
+
+Run (not part of the default test run)::
+
+    python benchmarks/soak.py                              # 20 epochs x 2,000 batches
+    python benchmarks/soak.py --epochs 3 --batches 300     # a quick run
+    python benchmarks/soak.py --epochs 10 --batches 1000 --kill-every 100 --workers 2
+
+Every ``--kill-every`` batches (halfway through each stretch, so no kill lands
+after the last batch) the consumer SIGKILLs one worker, picked at random among
+those that have delivered a batch since they started (a worker still starting
+is not "serving"; killing one is a different fault, pinned in
+``tests/test_faults.py``). ``max_worker_restarts`` is set above the number of
+kills. Each item is ``{"i", "x", "pid"}`` with ``x`` a float tensor full of
+``i``, so a batch of 4 is 64 KiB and travels through the memfd slabs.
+
+Printed: batches expected, delivered, duplicated, lost, out of order and
+corrupt; worker restarts; and the growth of the main process's RSS, open fds,
+threads and ``poolloader-slab`` mappings (lines of ``/proc/self/maps``) from
+the end of the first epoch to the end of the last. The exit status is 1 if
+any batch was lost, duplicated, out of order or corrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import random
+import signal
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+from torch.utils.data import Dataset
+
+from poolloader import DataLoader
+
+#: Floats per item: 16 KiB, so that a batch of 4 (64 KiB) is over the transport's
+#: inline limit and goes through a shared-memory slab.
+ITEM_FLOATS = 4096
+#: Restarts allowed beyond the kills the soak makes itself.
+SPARE_RESTARTS = 10
+
+
+class SoakItems(Dataset):
+    """Item ``i``: ``{"i": i, "x": float tensor of i, "pid": the worker's pid}``."""
+
+    def __init__(self, n: int, floats: int = ITEM_FLOATS) -> None:
+        self.n, self.floats = n, floats
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"i": i, "x": torch.full((self.floats,), float(i)), "pid": os.getpid()}
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What the main process holds at one moment."""
+
+    rss: int
+    fds: int
+    threads: int
+    slab_maps: int
+
+    @classmethod
+    def now(cls) -> Resources:
+        gc.collect()
+        me = psutil.Process()
+        return cls(me.memory_info().rss, me.num_fds(), me.num_threads(), slab_mappings())
+
+
+def slab_mappings() -> int:
+    """Lines of /proc/self/maps that map a poolloader memfd slab."""
+    with open("/proc/self/maps") as maps:
+        return sum("poolloader-slab" in line for line in maps)
+
+
+@dataclass
+class SoakReport:
+    epochs: int
+    batches_per_epoch: int
+    delivered: int = 0
+    duplicated: int = 0
+    lost: int = 0
+    out_of_order: int = 0
+    corrupt: int = 0
+    kills: int = 0
+    restarts: int = 0
+    seconds: float = 0.0
+    first: Resources | None = None
+    last: Resources | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def expected(self) -> int:
+        return self.epochs * self.batches_per_epoch
+
+    @property
+    def ok(self) -> bool:
+        return not (self.duplicated or self.lost or self.out_of_order or self.corrupt)
+
+    def growth(self) -> Resources:
+        """Last epoch's resources minus the first's."""
+        assert self.first is not None and self.last is not None
+        a, b = self.first, self.last
+        return Resources(b.rss - a.rss, b.fds - a.fds, b.threads - a.threads,
+                         b.slab_maps - a.slab_maps)  # fmt: skip
+
+    def lines(self) -> list[str]:
+        g, first, last = self.growth(), self.first, self.last
+        assert first is not None and last is not None
+        return [
+            f"batches expected   {self.expected}",
+            f"batches delivered  {self.delivered}",
+            f"duplicated         {self.duplicated}",
+            f"lost               {self.lost}",
+            f"out of order       {self.out_of_order}",
+            f"corrupt            {self.corrupt}",
+            f"workers killed     {self.kills}",
+            f"restarts           {self.restarts}",
+            f"wall time          {self.seconds:.1f} s "
+            f"({self.delivered / self.seconds:.0f} batches/s)",
+            "growth, end of first epoch -> end of last:",
+            f"  RSS              {g.rss / 2**20:+.1f} MiB "
+            f"({first.rss / 2**20:.1f} -> {last.rss / 2**20:.1f})",
+            f"  open fds         {g.fds:+d} ({first.fds} -> {last.fds})",
+            f"  threads          {g.threads:+d} ({first.threads} -> {last.threads})",
+            f"  slab mappings    {g.slab_maps:+d} ({first.slab_maps} -> {last.slab_maps})",
+            f"verdict            {'OK' if self.ok else 'FAILED'}",
+        ]
+
+
+def _helpers() -> set[int]:
+    """multiprocessing's forkserver and resource tracker (not workers)."""
+    found = set()
+    for child in psutil.Process().children():
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "forkserver import main" in cmdline or "resource_tracker import main" in cmdline:
+            found.add(child.pid)
+    return found
+
+
+def live_workers() -> set[int]:
+    """Pids of the worker processes alive now."""
+    helpers = _helpers()
+    found = set()
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.pid not in helpers and proc.status() != psutil.STATUS_ZOMBIE:
+                found.add(proc.pid)
+        except psutil.Error:
+            pass
+    return found
+
+
+class Killer:
+    """SIGKILLs a random serving worker every ``every`` batches."""
+
+    def __init__(self, every: int, rng: random.Random) -> None:
+        self.every, self.rng = every, rng
+        self.serving: set[int] = set()  # delivered a batch and not killed yet
+        self.killed: set[int] = set()
+        self.count = 0
+
+    def saw(self, pids: list[int], delivered: int) -> None:
+        self.serving.update(p for p in pids if p not in self.killed)
+        # Halfway through each stretch, so that no kill lands after the last batch.
+        if self.every and delivered % self.every == self.every // 2:
+            self._kill_one()
+
+    def _kill_one(self) -> None:
+        candidates = sorted(self.serving & live_workers())
+        if not candidates:
+            return
+        victim = self.rng.choice(candidates)
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.serving.discard(victim)
+        self.killed.add(victim)
+        self.count += 1
+
+
+def _check_epoch(report: SoakReport, positions: list[int], batch_size: int) -> None:
+    seen = Counter(positions)
+    report.duplicated += sum(c - 1 for c in seen.values() if c > 1)
+    report.lost += sum(1 for b in range(report.batches_per_epoch) if b not in seen)
+    report.out_of_order += sum(1 for k, b in enumerate(positions) if b != k)
+
+
+def _position(batch: dict[str, Any], batch_size: int) -> tuple[int, bool]:
+    """The batch's position in the epoch, and whether its contents are intact."""
+    indices = batch["i"].tolist()
+    first = indices[0]
+    intact = indices == list(range(first, first + batch_size)) and bool(
+        (batch["x"] == batch["i"].to(batch["x"].dtype)[:, None]).all()
+    )
+    return first // batch_size, intact
+
+
+def run(
+    epochs: int = 20,
+    batches: int = 2000,
+    *,
+    kill_every: int = 250,
+    workers: int = 2,
+    batch_size: int = 4,
+    start_method: str = "forkserver",
+    seed: int = 0,
+    quiet: bool = True,
+) -> SoakReport:
+    """Run the soak and return what it saw."""
+    rng = random.Random(seed)
+    report = SoakReport(epochs, batches)
+    kills_planned = epochs * batches // kill_every if kill_every else 0
+    dataset = SoakItems(batches * batch_size)
+    killer = Killer(kill_every, rng)
+    started = time.perf_counter()
+    with DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        multiprocessing_context=start_method,
+        max_worker_restarts=kills_planned + SPARE_RESTARTS,
+    ) as loader:
+        for epoch in range(epochs):
+            epoch_started = time.perf_counter()
+            positions = []
+            for batch in loader:
+                position, intact = _position(batch, batch_size)
+                positions.append(position)
+                report.corrupt += not intact
+                report.delivered += 1
+                killer.saw(batch["pid"].tolist(), report.delivered)
+                del batch
+            _check_epoch(report, positions, batch_size)
+            report.epoch_seconds.append(time.perf_counter() - epoch_started)
+            if epoch == 0:
+                report.first = Resources.now()
+            if not quiet:
+                stats = loader.statistics()
+                print(f"epoch {epoch}: {len(positions)} batches in "
+                      f"{report.epoch_seconds[-1]:.1f} s, kills so far {killer.count}, "
+                      f"restarts {stats.restarts}", flush=True)  # fmt: skip
+        report.last = Resources.now()
+        report.restarts = loader.statistics().restarts
+    report.kills = killer.count
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def machine() -> str:
+    return (
+        f"{platform.platform()}, {os.cpu_count()} CPUs, "
+        f"{psutil.virtual_memory().total / 2**30:.0f} GiB RAM, Python "
+        f"{platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batches", type=int, default=2000, help="batches per epoch")
+    parser.add_argument("--kill-every", type=int, default=250, help="batches per kill; 0: none")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--start-method", default="forkserver", choices=["forkserver", "spawn"])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(f"machine: {machine()}")
+    print(f"soak: {args.epochs} epochs x {args.batches} batches of {args.batch_size}, "
+          f"{args.workers} {args.start_method} workers, SIGKILL every {args.kill_every} "
+          "batches", flush=True)  # fmt: skip
+    report = run(
+        args.epochs, args.batches, kill_every=args.kill_every, workers=args.workers,
+        batch_size=args.batch_size, start_method=args.start_method, seed=args.seed,
+        quiet=False,
+    )  # fmt: skip
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

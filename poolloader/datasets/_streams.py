@@ -1,0 +1,467 @@
+"""StreamDataset: batches of many streams read side by side, for recurrent models.
+
+::
+
+    main process                                    worker w (serves slots b % n == w)
+    ────────────                                    ──────────────────────────────────
+    StreamSampler ─► StreamStep (one chunk or
+                     padding per slot)
+      DataLoader splits it ─── StreamPart w ──────► StreamDataset[part]
+                                                      read(stream, start, stop), or the
+                                                      slot's open iterator's next chunk
+                                                      ─► StreamBatch of its slots
+      StreamBatch.merge_slots ◄────────────────────── (rows in its slot order)
+      ─► StreamBatch of the step: data [T, B, ...], mask [T, B], first [B], ...
+
+With ``num_workers=0`` the dataset gets the whole :class:`StreamStep` in the main process
+and builds the same batch in one go.
+
+NOTE [ Stream affinity ]
+~~~~~~~~~~~~~~~~~~~~~~~~
+An iterator-style stream (``iterate(stream)`` yields its chunks in order) can only go
+forward, so every chunk of it must be read by the process that holds its iterator. A
+stream stays in its slot from its first chunk to its last, and slot ``b`` is always read
+by worker ``b % n`` (:meth:`StreamStep.poolloader_split`), so the stream stays in one
+worker; the loader runs the parts pinned to a worker in the order of the steps. Each
+process keeps at most one open iterator per slot it serves, keyed by slot, and closes it
+after the stream's last chunk, at the epoch's last step (streams cut by the end of the
+epoch), when the slot moves to another stream, or when the process stops serving the slot.
+
+An open iterator is used only if it is exactly where the chunk starts (same stream, next
+chunk); otherwise the stream is opened again and read up to the chunk. That is what
+happens after a resume mid-stream, when a worker was replaced after a crash, or after
+``loader.reload_prefetched()``: the batch is still right, it only costs a re-read.
+Random-access readers (``read(stream, start, stop)``) are split the same way, which
+spreads each step over the workers; they keep no state. torch's own ``DataLoader`` does not
+split steps: with its workers, iterator-style streams still give the right batches, but
+are re-read from their start at almost every chunk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from poolloader.samplers import StreamChunk, StreamPart, StreamStep
+
+__all__ = ["StreamBatch", "StreamDataset"]
+
+#: ``read(stream, start, stop)``: time steps ``[start, stop)`` of a stream, ``[stop-start, ...]``.
+Reader = Callable[[int, int, int], Any]
+#: ``iterate(stream)``: the stream's chunks in order, ``chunk_size`` steps each but the last.
+Opener = Callable[[int], Iterable[Any]]
+#: The feature shape (after the time axis) and dtype of a dataset's chunks.
+Template = tuple[torch.Size, torch.dtype]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamBatch:
+    """One step of many streams: what :class:`StreamDataset` returns.
+
+    ``T`` is ``chunk_size`` and ``B`` the sampler's ``batch_size``; with
+    ``batch_first=True`` the ``[T, B]`` axes of ``data`` and ``mask`` are ``[B, T]``.
+
+    Attributes:
+        data: ``[T, B, ...]``: row ``b`` continues row ``b`` of the previous step unless
+            ``first[b]``. Padding holds the dataset's ``pad_value``.
+        mask: ``[T, B]`` bool: True where ``data`` holds a real time step; False on padding
+            slots and after the end of a stream's short last chunk.
+        first: ``[B]`` bool: the row begins a stream; reset its recurrent state.
+        streams: ``[B]`` int64: the stream each row reads, ``-1`` on padding.
+        starts: ``[B]`` int64: the time step of the stream at ``data``'s first row, ``-1``
+            on padding.
+        repeat: ``[B]`` bool: the row re-reads a stream to pad (``pad="restream"``).
+        batch_first: Whether ``data`` and ``mask`` are batch-major.
+
+    Example:
+        >>> batch = StreamDataset(lambda s, a, b: torch.arange(a, b))[
+        ...     StreamStep(0, 3, (StreamChunk(0, 0, 2, first=True, last=True),))
+        ... ]
+        >>> batch.data[:, 0].tolist(), batch.mask[:, 0].tolist(), batch.first.tolist()
+        ([0, 1, 0], [True, True, False], [True])
+    """
+
+    data: torch.Tensor
+    mask: torch.Tensor
+    first: torch.Tensor
+    streams: torch.Tensor
+    starts: torch.Tensor
+    repeat: torch.Tensor
+    batch_first: bool = False
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> StreamBatch:
+        """A copy with every tensor moved to ``device``."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> StreamBatch:
+        """A copy in pinned memory (``DataLoader(..., pin_memory=True)`` calls this)."""
+        return self._map(lambda t: t.pin_memory())
+
+    @classmethod
+    def merge_slots(
+        cls, parts: Sequence[StreamBatch], slot_ids: Sequence[Sequence[int]]
+    ) -> StreamBatch:
+        """The batch of a whole step from the batches of its parts.
+
+        Args:
+            parts: One batch per part, rows in the order of that part's slots.
+            slot_ids: ``slot_ids[i]`` lists the slots of ``parts[i]``.
+
+        Returns:
+            A batch whose row ``b`` is slot ``b``.
+        """
+        rows = [torch.tensor(ids, dtype=torch.long) for ids in slot_ids]
+        total = sum(len(ids) for ids in slot_ids)
+        batch_first = parts[0].batch_first
+
+        def join(name: str, dim: int) -> torch.Tensor:
+            like: torch.Tensor = getattr(parts[0], name)
+            joined = like.new_empty((*like.shape[:dim], total, *like.shape[dim + 1 :]))
+            for part, where in zip(parts, rows, strict=True):
+                joined.index_copy_(dim, where, getattr(part, name))
+            return joined
+
+        wide = 0 if batch_first else 1
+        return cls(
+            join("data", wide), join("mask", wide), join("first", 0), join("streams", 0),
+            join("starts", 0), join("repeat", 0), batch_first,
+        )  # fmt: skip
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StreamBatch:
+        return StreamBatch(
+            fn(self.data), fn(self.mask), fn(self.first), fn(self.streams), fn(self.starts),
+            fn(self.repeat), self.batch_first,
+        )  # fmt: skip
+
+
+class StreamDataset(Dataset[StreamBatch]):
+    """Reads the chunks a :class:`~poolloader.samplers.StreamSampler` step asks for and
+    builds the :class:`StreamBatch`.
+
+    Say how to read one stream, in one of two ways:
+
+    * ``read(stream, start, stop)``: random access, returning time steps ``[start, stop)``
+      of the stream as an array or tensor of shape ``[stop - start, ...]``;
+    * ``iterate=fn``: ``fn(stream)`` returns an iterable over the stream's chunks in order,
+      each ``[chunk_size, ...]`` (the last may be shorter, or padded to ``chunk_size``).
+      Each open iterator stays in the worker that holds its stream
+      (NOTE [ Stream affinity ] in this module), so no stream is read twice to reach a
+      chunk; iterators are closed (``close()`` if they have it) after the last chunk.
+
+    Chunks of one dataset must share their shape after the time axis. A process that must
+    build a batch of padding alone before it has read any chunk learns that shape and the
+    dtype by reading the first time step of stream 0 once. The function must pickle when
+    ``num_workers > 0`` (a module-level function or a callable object).
+
+    Use it as ``DataLoader(dataset, sampler=stream_sampler, batch_size=None,
+    num_workers=n)``: any ``n`` gives the same batches.
+
+    Args:
+        read: Random-access reader, or ``None`` when ``iterate`` is given.
+        iterate: Iterator factory over one stream's chunks, or ``None`` when ``read`` is.
+        batch_first: Make ``data`` ``[B, T, ...]`` and ``mask`` ``[B, T]``.
+        pad_value: Value of ``data`` where ``mask`` is False.
+
+    Raises:
+        TypeError: Neither or both of ``read`` and ``iterate`` were given, or one is not
+            callable.
+
+    Example:
+        >>> from poolloader import DataLoader
+        >>> from poolloader.samplers import StreamSampler
+        >>> lengths = [5, 3]
+        >>> dataset = StreamDataset(lambda s, a, b: torch.arange(a, b) + 10 * s)
+        >>> sampler = StreamSampler(lengths, batch_size=2, chunk_size=2)
+        >>> with DataLoader(dataset, sampler=sampler, batch_size=None) as loader:
+        ...     for batch in loader:
+        ...         print(batch.data.T.tolist(), batch.first.tolist())
+        [[0, 1], [10, 11]] [True, True]
+        [[2, 3], [12, 0]] [False, False]
+        [[4, 0], [0, 0]] [False, False]
+    """
+
+    def __init__(
+        self,
+        read: Reader | None = None,
+        *,
+        iterate: Opener | None = None,
+        batch_first: bool = False,
+        pad_value: float = 0.0,
+    ) -> None:
+        self._source = _make_source(read, iterate)
+        self.batch_first = bool(batch_first)
+        self.pad_value = pad_value
+        self._template: Template | None = None
+
+    @property
+    def open_streams(self) -> dict[int, int]:
+        """In this process: the stream of each slot whose iterator is open (``iterate``)."""
+        return self._source.open_streams()
+
+    def __getitem__(self, index: StreamStep | StreamPart) -> StreamBatch:
+        if not isinstance(index, (StreamStep, StreamPart)):
+            raise TypeError(
+                "StreamDataset is indexed by the steps of a StreamSampler, but got "
+                f"{type(index).__name__} {index!r}; build the loader as DataLoader(dataset, "
+                "sampler=StreamSampler(...), batch_size=None)"
+            )
+        self._source.retain(index.slot_ids)
+        chunks = [
+            self._source.read(slot_id, slot, index.chunk_size)
+            if isinstance(slot, StreamChunk)
+            else None
+            for slot_id, slot in zip(index.slot_ids, index.slots, strict=True)
+        ]
+        if index.final:  # streams cut by the end of the epoch end here
+            self._source.retain(())
+        return self._assemble(index, chunks)
+
+    def __getitems__(self, indices: list[Any]) -> NoReturn:
+        raise TypeError(
+            "StreamDataset builds whole batches itself, but the DataLoader asked for a list "
+            f"of {len(indices)} step(s) to collate; build it with batch_size=None: "
+            "DataLoader(dataset, sampler=StreamSampler(...), batch_size=None)"
+        )
+
+    def close(self) -> None:
+        """Close the iterators this process holds open (``iterate``); reading reopens them."""
+        self._source.retain(())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_source"] = self._source.fresh()  # open iterators stay where they are
+        state["_template"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return (
+            f"StreamDataset({self._source!r}, batch_first={self.batch_first}, "
+            f"pad_value={self.pad_value!r})"
+        )
+
+    # -- building the batch
+
+    def _assemble(
+        self, index: StreamStep | StreamPart, chunks: list[torch.Tensor | None]
+    ) -> StreamBatch:
+        size, rows = index.chunk_size, len(chunks)
+        feature, dtype = self._template_for(chunks)
+        shape = (rows, size) if self.batch_first else (size, rows)
+        data = torch.full((*shape, *feature), self.pad_value, dtype=dtype)
+        mask = torch.zeros(shape, dtype=torch.bool)
+        for row, chunk in enumerate(chunks):
+            if chunk is None:
+                continue
+            _check_feature(chunk, feature, index.slots[row])
+            where = (row, slice(0, len(chunk))) if self.batch_first else (slice(0, len(chunk)), row)
+            data[where] = chunk
+            mask[where] = True
+        return StreamBatch(data, mask, *_slot_flags(index), batch_first=self.batch_first)
+
+    def _template_for(self, chunks: list[torch.Tensor | None]) -> Template:
+        """Feature shape and dtype: from this batch, else from earlier ones, else a probe."""
+        for chunk in chunks:
+            if chunk is not None:
+                self._template = (chunk.shape[1:], chunk.dtype)
+                return self._template
+        if self._template is None:
+            probe = self._source.probe()
+            self._template = (probe.shape[1:], probe.dtype)
+        return self._template
+
+
+def _make_source(read: Reader | None, iterate: Opener | None) -> _RandomAccess | _Iterators:
+    if (read is None) == (iterate is None):
+        raise TypeError(
+            "StreamDataset needs exactly one of read(stream, start, stop) and "
+            f"iterate=fn(stream), but got read={read!r} and iterate={iterate!r}"
+        )
+    if read is not None:
+        if not callable(read):
+            raise TypeError(f"read should be callable, but got read={read!r}")
+        return _RandomAccess(read)
+    if not callable(iterate):
+        raise TypeError(f"iterate should be callable, but got iterate={iterate!r}")
+    return _Iterators(iterate)
+
+
+def _slot_flags(
+    index: StreamStep | StreamPart,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``first``, ``streams``, ``starts`` and ``repeat`` of a step's slots."""
+    chunks = [slot if isinstance(slot, StreamChunk) else None for slot in index.slots]
+    return (
+        torch.tensor([c is not None and c.first for c in chunks], dtype=torch.bool),
+        torch.tensor([c.stream if c is not None else -1 for c in chunks], dtype=torch.int64),
+        torch.tensor([c.start if c is not None else -1 for c in chunks], dtype=torch.int64),
+        torch.tensor([c is not None and c.repeat for c in chunks], dtype=torch.bool),
+    )
+
+
+def _check_feature(chunk: torch.Tensor, feature: torch.Size, slot: Any) -> None:
+    if chunk.shape[1:] != feature:
+        raise ValueError(
+            f"chunks of one StreamDataset must share their shape after the time axis, but "
+            f"stream {slot.stream} gave {tuple(chunk.shape[1:])} where others gave "
+            f"{tuple(feature)}; make every stream's time steps the same shape"
+        )
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    """A chunk as a tensor with a time axis first."""
+    if isinstance(value, np.ndarray) and not value.flags.writeable:
+        value = value.copy()  # torch.as_tensor warns about read-only arrays
+    try:
+        tensor = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(
+            f"{what} should give an array or tensor of shape [time, ...], but got "
+            f"{type(value).__name__}: {exc}"
+        ) from exc
+    if tensor.dim() == 0:
+        raise ValueError(f"{what} should give an array of shape [time, ...], but got a scalar")
+    return tensor
+
+
+# ------------------------------------------------------------------ the two sources
+
+
+class _RandomAccess:
+    """``read(stream, start, stop)``: no state to keep."""
+
+    def __init__(self, read: Reader) -> None:
+        self.read_fn = read
+
+    def read(self, slot: int, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
+        what = f"read(stream={chunk.stream}, start={chunk.start}, stop={chunk.stop})"
+        tensor = _as_tensor(self.read_fn(chunk.stream, chunk.start, chunk.stop), what)
+        if len(tensor) != chunk.stop - chunk.start:
+            raise ValueError(
+                f"{what} should give {chunk.stop - chunk.start} time steps (stop - start), but "
+                f"gave shape {tuple(tensor.shape)}; fix read() or the stream_lengths given "
+                "to StreamSampler"
+            )
+        return tensor
+
+    def probe(self) -> torch.Tensor:
+        return _as_tensor(self.read_fn(0, 0, 1), "read(stream=0, start=0, stop=1)")
+
+    def retain(self, slots: Iterable[int]) -> None:
+        pass
+
+    def open_streams(self) -> dict[int, int]:
+        return {}
+
+    def fresh(self) -> _RandomAccess:
+        return self
+
+    def __repr__(self) -> str:
+        return f"read={self.read_fn!r}"
+
+
+@dataclasses.dataclass
+class _Open:
+    """An open iterator over a stream, and the time step its next chunk starts at."""
+
+    stream: int
+    position: int
+    chunks: Iterator[Any]
+
+
+class _Iterators:
+    """``iterate(stream)``: one open iterator per slot (NOTE [ Stream affinity ])."""
+
+    def __init__(self, iterate: Opener) -> None:
+        self.iterate = iterate
+        self._open: dict[int, _Open] = {}
+
+    def read(self, slot: int, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
+        current = self._open.get(slot)
+        if current is None or (current.stream, current.position) != (chunk.stream, chunk.start):
+            self._close(slot)
+            current = self._open[slot] = self._open_at(chunk, chunk_size)
+        try:
+            tensor = self._next(current, chunk, chunk_size)
+        except BaseException:
+            self._close(slot)
+            raise
+        current.position = chunk.stop
+        if chunk.last:
+            self._close(slot)
+        return tensor
+
+    def _open_at(self, chunk: StreamChunk, chunk_size: int) -> _Open:
+        """Open the stream and read up to ``chunk`` (a re-read unless it is the first)."""
+        opened = _Open(chunk.stream, 0, iter(self.iterate(chunk.stream)))
+        while opened.position < chunk.start:
+            if next(opened.chunks, _END) is _END:
+                _close_iterator(opened.chunks)
+                raise _ended_early(chunk, opened.position // chunk_size)
+            opened.position += chunk_size
+        return opened
+
+    def _next(self, current: _Open, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
+        value = next(current.chunks, _END)
+        if value is _END:
+            raise _ended_early(chunk, chunk.start // chunk_size)
+        what = f"iterate({chunk.stream}) chunk {chunk.start // chunk_size}"
+        tensor = _as_tensor(value, what)
+        want = chunk.stop - chunk.start
+        if len(tensor) == want or (chunk.last and len(tensor) == chunk_size):
+            return tensor[:want]
+        raise ValueError(
+            f"{what} should have {want} time steps (time steps [{chunk.start}, {chunk.stop}) "
+            f"of the stream), but has shape {tuple(tensor.shape)}; yield chunk_size="
+            f"{chunk_size} steps per chunk (the last may be shorter), or fix stream_lengths"
+        )
+
+    def probe(self) -> torch.Tensor:
+        chunks = iter(self.iterate(0))
+        try:
+            value = next(chunks, _END)
+        finally:
+            _close_iterator(chunks)
+        if value is _END:
+            raise ValueError("iterate(0) yielded no chunk; every stream needs at least one")
+        return _as_tensor(value, "iterate(0) chunk 0")
+
+    def retain(self, slots: Iterable[int]) -> None:
+        keep = set(slots)
+        for slot in [slot for slot in self._open if slot not in keep]:
+            self._close(slot)
+
+    def open_streams(self) -> dict[int, int]:
+        return {slot: opened.stream for slot, opened in self._open.items()}
+
+    def fresh(self) -> _Iterators:
+        return _Iterators(self.iterate)
+
+    def _close(self, slot: int) -> None:
+        opened = self._open.pop(slot, None)
+        if opened is not None:
+            _close_iterator(opened.chunks)
+
+    def __repr__(self) -> str:
+        return f"iterate={self.iterate!r}"
+
+
+_END = object()
+
+
+def _close_iterator(chunks: Iterator[Any]) -> None:
+    close = getattr(chunks, "close", None)
+    if callable(close):
+        close()
+
+
+def _ended_early(chunk: StreamChunk, index: int) -> ValueError:
+    return ValueError(
+        f"iterate({chunk.stream}) ended after {index} chunk(s), but StreamSampler expects "
+        f"time steps [{chunk.start}, {chunk.stop}) of it; the stream is shorter than its "
+        "stream_lengths entry says: fix stream_lengths"
+    )
