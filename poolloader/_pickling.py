@@ -38,14 +38,21 @@ def dumps(obj: object, what: str) -> bytes:
         raise not_picklable(obj, what, exc) from exc
 
 
-def not_picklable(obj: object, what: str, exc: BaseException) -> NotPicklableError:
-    """Build the error for ``obj`` (known to the user as ``what``) failing with ``exc``."""
+#: Why most objects must pickle, for the error when one does not.
+WORKER_PICKLING = "spawn worker processes receive it by pickling"
+
+
+def not_picklable(
+    obj: object, what: str, exc: BaseException, why: str = WORKER_PICKLING, hint: str = ""
+) -> NotPicklableError:
+    """Build the error for ``obj`` (known to the user as ``what``) failing with ``exc``.
+
+    ``why`` says why it had to pickle; ``hint``, how to fix it (by default, advice
+    for objects sent to workers)."""
     path, part = find_culprit(obj, what)
     subject = what if path == what else f"{path} (part of {what})"
-    message = (
-        f"{subject} cannot be pickled, but spawn worker processes receive it by pickling: "
-        f"{type(exc).__name__}: {exc}. {_hint(part)}"
-    )
+    hint = hint or _hint(part)
+    message = f"{subject} cannot be pickled, but {why}: {type(exc).__name__}: {exc}. {hint}"
     return NotPicklableError(message)
 
 

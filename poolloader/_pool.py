@@ -71,6 +71,10 @@ IO_POLL_INTERVAL = 1.0
 STOP_GRACE = 2.0
 #: Seconds after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 1.0
+#: Seconds of disagreement allowed between time.time() and the creation times
+#: the kernel reports (in clock ticks since boot), when telling a worker's
+#: orphaned children from unrelated processes that reuse its group id later.
+PROCESS_TIME_SLACK = 1.0
 
 
 # ----------------------------------------------------------------- outcomes
@@ -121,14 +125,20 @@ class _Worker:
     conn: Connection
     generation: int
     pid: int = 0
+    started: float = 0.0  # time.time() just before it was started
     ready: bool = False
+    replacement: bool = False  # started after a death, not by start()
+    dead: bool = False  # its exit was handled; the I/O thread no longer watches it
     epoch: int = -1
+    # Tasks sent to it, in the order sent: it runs them in that order, so the
+    # first is the one running and the others only wait in its inbox.
     tasks: dict[int, TaskRecord] = field(default_factory=dict)
 
 
 @dataclass
 class _Counters:
     tasks_done: int = 0
+    deaths: int = 0
     restarts: int = 0
     bytes_moved: int = 0
     busy: float = 0.0
@@ -197,6 +207,7 @@ class Pool:
         self._exitcodes: list[int] = []
         self._counters = _Counters()
         self._started_at = time.monotonic()
+        self._started_wall = time.time() - PROCESS_TIME_SLACK
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
         self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
@@ -210,7 +221,7 @@ class Pool:
         _live_pools.add(self)
         self._thread.start()
 
-    def _spawn(self, worker_id: int) -> _Worker:
+    def _spawn(self, worker_id: int, *, replacement: bool = False) -> _Worker:
         generation, dataset = self._channel.base
         setup = replace(self._setup, worker_id=worker_id, dataset=dataset)
         parent, child = self._context.Pipe(duplex=True)
@@ -220,11 +231,15 @@ class Pool:
             name=f"poolloader-worker-{worker_id}",
             daemon=False,
         )
+        started = time.time()
         process.start()
         child.close()
         self._transport.attach(process.pid, parent)
         logger.debug("worker %d started (pid %s)", worker_id, process.pid)
-        return _Worker(worker_id, process, parent, generation, pid=process.pid)
+        return _Worker(
+            worker_id, process, parent, generation, pid=process.pid, started=started,
+            replacement=replacement,
+        )  # fmt: skip
 
     @property
     def broken(self) -> PoolBrokenError | None:
@@ -266,6 +281,10 @@ class Pool:
         logger.debug("pool closed")
 
     def _stop_workers(self) -> None:
+        # NOTE [ Process trees ]: a worker ends the processes it started when it
+        # stops. Those it cannot end (it was killed) are found here: through the
+        # process tree while their parent lives, and through the worker's process
+        # group (each worker leads one) once they are orphaned.
         workers = list(self._workers)
         descendants = _descendants([w.pid for w in workers])
         for w in workers:
@@ -281,7 +300,8 @@ class Pool:
             if process.is_alive():
                 process.kill()
                 process.join(TERMINATE_GRACE)
-        _worker.terminate_all([p for p in descendants if p.is_running()])
+        strays = _worker.group_members({w.pid for w in workers}, since=self._started_wall)
+        _worker.terminate_all([p for p in [*descendants, *strays] if p.is_running()])
         for w in workers:
             self._transport.detach(w.pid)
             w.conn.close()
@@ -404,8 +424,9 @@ class Pool:
 
     def _io_step(self) -> None:
         with self._lock:
-            by_conn = {w.conn: w for w in self._workers}
-            by_sentinel = {w.process.sentinel: w for w in self._workers}
+            live = [w for w in self._workers if not w.dead]
+            by_conn = {w.conn: w for w in live}
+            by_sentinel = {w.process.sentinel: w for w in live}
         ready = wait([*by_conn, *by_sentinel, self._wakeup_r], timeout=IO_POLL_INTERVAL)
         if self._wakeup_r in ready:
             os.read(self._wakeup_r, 4096)
@@ -461,7 +482,10 @@ class Pool:
     def _outcome(self, w: _Worker, message: Done | Failed | Exhausted) -> Outcome:
         if isinstance(message, Done):
             self._counters.bytes_moved += message.nbytes
-            return Loaded(self._transport.unpack(w.pid, message.payload), w.id, w.pid)
+            try:
+                return Loaded(self._transport.unpack(w.pid, message.payload), w.id, w.pid)
+            except Exception as exc:  # that batch fails, not the I/O thread
+                return Raised(_unreadable(exc), w.id, w.pid)
         if isinstance(message, Failed):
             return Raised(message.error, w.id, w.pid)
         return Ended(w.id)
@@ -469,43 +493,49 @@ class Pool:
     # ---------------------------------------------------------------- deaths
 
     def _on_exit(self, w: _Worker) -> None:
+        """A worker's sentinel fired: reap its process tree, then replace it or break."""
         self._drain(w)
         w.process.join(TERMINATE_GRACE)
         code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
-        if not w.ready:
+        w.dead = True
+        _reap_group_later(w)
+        if not w.ready and not w.replacement:
             self._break(_silent_start_error(w, code))
             return
         with self._lock:
-            lost = sorted(w.tasks.values(), key=lambda r: r.seq)
-            w.tasks.clear()
-            self._counters.restarts += 1
+            lost = list(w.tasks.values())
+            running = lost[0] if lost and w.ready else None
+            self._counters.deaths += 1
             self._exitcodes.append(code)
             logger.warning(
                 "poolloader worker %d (pid %d) died: %s; running batches %s again",
                 w.id, w.pid, describe_exit(code), [r.position for r in lost],
             )  # fmt: skip
-            failure = self._crash_error(w, code, lost)
-            if failure is not None:
-                self._break(failure)
+            failure = self._crash_error(w, code, running, lost)
+            if failure is None:
+                self._replace(w, lost, running)
                 return
-            self._replace(w, lost)
+        self._break(failure)  # fails the dead worker's tasks with the rest
 
-    def _crash_error(self, w: _Worker, code: int, lost: list[TaskRecord]) -> PoolBrokenError | None:
-        indices = lost[0].index if lost else None
+    def _crash_error(
+        self, w: _Worker, code: int, running: TaskRecord | None, lost: list[TaskRecord]
+    ) -> PoolBrokenError | None:
+        """The error that ends the pool after this death, or ``None`` to carry on."""
+        indices = running.index if running is not None else None
         exits = ", ".join(describe_exit(c) for c in self._exitcodes)
-        if self._counters.restarts > self._max_restarts:
+        if self._counters.deaths > self._max_restarts:
+            doing = f"loading batch indices {_short(indices)}" if running else "not loading a batch"
             return WorkerCrashedError(
-                f"DataLoader workers died {self._counters.restarts} times, more than "
+                f"DataLoader workers died {self._counters.deaths} times, more than "
                 f"max_worker_restarts={self._max_restarts} allows ({exits}). The last, worker "
-                f"{w.id} (pid {w.pid}), was loading batch indices {_short(indices)}.",
+                f"{w.id} (pid {w.pid}), was {doing}.",
                 exitcodes=tuple(self._exitcodes), indices=indices,
             )  # fmt: skip
-        poison = [r for r in lost if r.deaths >= 1]
-        if poison:
+        if running is not None and running.deaths >= 1:
             return WorkerCrashedError(
-                f"batch {poison[0].position} (indices {_short(poison[0].index)}) killed two "
+                f"batch {running.position} (indices {_short(running.index)}) killed two "
                 f"workers ({exits}); it is not retried again.",
-                exitcodes=tuple(self._exitcodes), indices=poison[0].index,
+                exitcodes=tuple(self._exitcodes), indices=running.index,
             )  # fmt: skip
         if lost and not self._resumable:
             return WorkerCrashedError(
@@ -516,14 +546,21 @@ class Pool:
             )  # fmt: skip
         return None
 
-    def _replace(self, w: _Worker, lost: list[TaskRecord]) -> None:
+    def _replace(self, w: _Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:
+        """Start a worker in ``w``'s place and queue its tasks first, in their order.
+
+        Only the task that was running counts a death: the others merely waited
+        in the dead worker's inbox."""
+        w.tasks.clear()
         self._transport.detach(w.pid)
         w.conn.close()
         w.process.close()
-        fresh = self._spawn(w.id)
+        fresh = self._spawn(w.id, replacement=True)
         self._workers[self._workers.index(w)] = fresh
-        for record in reversed(lost):
-            record.deaths += 1
+        self._counters.restarts += 1
+        if running is not None:
+            running.deaths += 1
+        for record in sorted(lost, key=lambda r: r.seq, reverse=True):
             record.worker = None
             self._pending.appendleft(record)
 
@@ -567,6 +604,17 @@ class Pool:
             )
 
 
+def _unreadable(exc: Exception) -> RemoteError:
+    """The error for a batch that pickled in its worker but fails to unpickle here."""
+    error = RuntimeError(
+        f"the batch cannot be rebuilt in the main process: unpickling it raised "
+        f"{type(exc).__name__}: {exc}. Objects in a batch must unpickle in the main process "
+        "too: their classes importable there, their __setstate__ or __reduce__ working."
+    )
+    error.__cause__ = exc
+    return RemoteError.capture(error)
+
+
 def _resolve(future: Future[Outcome], outcome: Outcome) -> None:
     try:
         future.set_result(outcome)
@@ -580,6 +628,22 @@ def _fail(records: list[TaskRecord], error: BaseException) -> None:
             record.future.set_exception(error)
         except InvalidStateError:
             pass
+
+
+def _reap_group_later(w: _Worker) -> None:
+    """End, on a thread of their own, the processes a dead worker left in its group.
+
+    The thread holds the group's id and start time only, not the pool."""
+    threading.Thread(
+        target=_reap_group,
+        args=(w.pid, w.started - PROCESS_TIME_SLACK),
+        name=f"poolloader-reap-{w.pid}",
+        daemon=True,
+    ).start()
+
+
+def _reap_group(pgid: int, since: float) -> None:
+    _worker.terminate_all(_worker.group_members({pgid}, since=since))
 
 
 def _descendants(pids: list[int]) -> list[psutil.Process]:
@@ -627,10 +691,27 @@ def _start_error(message: StartFailed) -> WorkerStartError:
     )
 
 
+#: The exit code of a spawned interpreter whose start raised before poolloader's
+#: code ran: most often the main module, imported again in the worker, started
+#: workers itself (no ``if __name__ == "__main__":`` guard).
+EXIT_BOOTSTRAP_ERROR = 1
+
+
 def _silent_start_error(w: _Worker, code: int) -> WorkerStartError:
+    if code == EXIT_BOOTSTRAP_ERROR:
+        hint = (
+            "It raised before it could report why (its traceback is on stderr). Most often "
+            "this is a script without a main guard: spawn and forkserver workers import your "
+            "main module, so a script that creates and iterates a DataLoader at module level "
+            "must guard that code with `if __name__ == '__main__':`."
+        )
+    else:
+        hint = (
+            "It ended before it could report why, while unpickling the dataset, collate_fn "
+            "or worker_init_fn, or while running worker_init_fn: look there for native code "
+            "that crashes or for a call to os._exit()."
+        )
     return WorkerStartError(
         f"DataLoader worker {w.id} (pid {w.pid}) exited while starting ({describe_exit(code)}). "
-        "With the spawn and forkserver start methods each worker imports your main module: "
-        "a script that creates and iterates a DataLoader at module level must guard that code "
-        "with `if __name__ == '__main__':`."
+        + hint
     )

@@ -137,6 +137,7 @@ class _SkeletonPickler(pickle.Pickler):
         self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
         self.staged = 0  # tensors found already in the staging slab
         self.size = staging.top if staging is not None else 0
+        self.data_bytes = 0  # bytes of every tensor and array, wherever it travels
 
     def persistent_id(self, obj: Any) -> Any:
         found = _slab_candidate(obj)
@@ -144,6 +145,7 @@ class _SkeletonPickler(pickle.Pickler):
             return None
         kind, data = found
         size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
+        self.data_bytes += size
         dtype = str(data.dtype) if kind == "tensor" else data.dtype.str
         offset = self._staged_offset(data, size)
         if offset is not None:
@@ -213,6 +215,16 @@ def _view(
 
 
 # ------------------------------------------------------------------ worker side
+
+
+def check_size(size: int, limit: int | None) -> None:
+    """Refuse a batch holding more than ``limit`` bytes of tensor and array data."""
+    if limit is not None and size > limit:
+        raise ResultTooLargeError(
+            f"this batch holds {size} bytes of tensor and array data, more than "
+            f"max_batch_bytes={limit} allows. Make batches smaller (a lower max_duration "
+            "or batch_size), or raise max_batch_bytes."
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,10 +323,10 @@ class SlabPacker:
         buffer = io.BytesIO()
         pickler = _SkeletonPickler(buffer, self._staging)
         pickler.dump(batch)
+        check_size(pickler.data_bytes, self._config.max_batch_bytes)
         if not pickler.blocks and not pickler.staged:
             self.end()
             return Inline(buffer.getvalue()), len(buffer.getbuffer())
-        self._check_size(pickler.size)
         slab, new = self._place(pickler)
         if slab is None:
             return Pickled(bytes(ForkingPickler.dumps(batch))), nbytes(batch)
@@ -348,15 +360,6 @@ class SlabPacker:
             slab = self._slabs.get(slab_id)
             if slab is not None:
                 slab.busy = False
-
-    def _check_size(self, size: int) -> None:
-        limit = self._config.max_batch_bytes
-        if limit is not None and size > limit:
-            raise ResultTooLargeError(
-                f"this batch holds {size} bytes of tensor and array data, more than "
-                f"max_batch_bytes={limit} allows. Make batches smaller (a lower max_duration "
-                "or batch_size), or raise max_batch_bytes."
-            )
 
     def _acquire(self, size: int) -> tuple[_Slab | None, bool]:
         with self._lock:
@@ -399,8 +402,9 @@ class SlabPacker:
 
 
 class _PicklePacker:
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, max_batch_bytes: int | None, conn: Any) -> None:
         del conn
+        self._limit = max_batch_bytes
 
     def begin(self) -> None:
         pass
@@ -412,8 +416,10 @@ class _PicklePacker:
         pass
 
     def pack(self, batch: Any) -> tuple[Any, int]:
+        size = nbytes(batch)
+        check_size(size, self._limit)
         data = bytes(ForkingPickler.dumps(batch))
-        return Pickled(data), max(nbytes(batch), len(data))
+        return Pickled(data), max(size, len(data))
 
     def after_send(self, payload: Any) -> None:
         pass
@@ -431,8 +437,11 @@ class PickleTransport:
     slab_batches = 0
     slab_reused = 0
 
+    def __init__(self, max_batch_bytes: int | None = None) -> None:
+        self._max_batch_bytes = max_batch_bytes
+
     def packer_factory(self) -> Callable[[Any], Any]:
-        return _PicklePacker
+        return functools.partial(_PicklePacker, self._max_batch_bytes)
 
     def attach(self, key: int, conn: Any) -> None:
         pass

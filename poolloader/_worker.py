@@ -36,7 +36,7 @@ from typing import Any, cast
 import psutil
 import torch
 
-from . import _control, _seeding
+from . import _control, _pickling, _seeding
 from ._messages import (
     Done,
     EpochStart,
@@ -50,6 +50,14 @@ from ._messages import (
     Stop,
     Task,
     Update,
+)
+from .errors import ResultTooLargeError
+
+#: Why a batch must pickle, for the error when it does not.
+RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
+RESULT_HINT = (
+    "Return tensors, arrays, numbers, strings and containers of them from __getitem__ "
+    "and collate_fn; leave out locks, open files and other live resources."
 )
 
 #: Seconds between the inbox thread's checks that the main process still
@@ -129,6 +137,14 @@ def run(setup: WorkerSetup, conn: Connection) -> None:
 
 
 def _prepare_process() -> None:
+    # Its own process group: the processes dataset code starts join it, so they
+    # can be found and ended even after this worker dies and they are orphaned
+    # (see NOTE [ Process trees ] in _pool.py). Ctrl-C at a terminal reaches the
+    # main process's group only; the main process decides what it means.
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass  # already a group or session leader
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     from torch.utils.data._utils import signal_handling
@@ -221,7 +237,7 @@ class _State:
         self.packer.begin()
         try:
             batch = self._fetch(task)
-            payload, size = self.packer.pack(batch)
+            payload, size = self._pack(batch)
         except StopIteration:
             self.packer.end()
             if self.setup.dataset_kind != _ITERABLE:
@@ -232,6 +248,18 @@ class _State:
             self.packer.end()
             return Failed(task.seq, RemoteError.capture(exc), time.perf_counter() - started)
         return Done(task.seq, payload, size, time.perf_counter() - started)
+
+    def _pack(self, batch: Any) -> tuple[Any, int]:
+        try:
+            return cast(tuple[Any, int], self.packer.pack(batch))
+        except ResultTooLargeError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)):
+                raise
+            raise _pickling.not_picklable(
+                batch, "batch", exc, RESULT_PICKLING, RESULT_HINT
+            ) from exc
 
     def _fetch(self, task: Task) -> Any:
         if self.pending_error is not None:
@@ -356,12 +384,44 @@ def _finish(code: int) -> None:
 
 
 def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -> None:
-    """Terminate every descendant of ``process``; kill those still alive after ``grace``."""
+    """Terminate every descendant of ``process`` and every other member of its
+    process group (descendants orphaned by a dead child); kill those still alive
+    after ``grace``."""
     try:
         children = process.children(recursive=True)
     except psutil.Error:
-        return
-    terminate_all(children, grace)
+        children = []
+    own_group = os.getpgrp() == process.pid
+    members = group_members({process.pid}, since=_created(process)) if own_group else []
+    terminate_all(_unique([*children, *members]), grace)
+
+
+def group_members(pgids: set[int], since: float = 0.0) -> list[psutil.Process]:
+    """The processes (other than this one) in any of the process groups ``pgids``,
+    created at ``since`` (a ``time.time()``) or later.
+
+    ``since`` guards against a group id that outlived its processes and was
+    taken again by an unrelated group created later."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != me and os.getpgid(proc.pid) in pgids and proc.create_time() >= since:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _created(process: psutil.Process) -> float:
+    try:
+        return process.create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def _unique(processes: list[psutil.Process]) -> list[psutil.Process]:
+    return list({p.pid: p for p in processes}.values())
 
 
 def terminate_all(processes: list[psutil.Process], grace: float = DESCENDANT_GRACE) -> None:

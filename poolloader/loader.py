@@ -321,7 +321,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def _make_transport(self) -> PickleTransport | SlabTransport:
         if self.transport == "pickle":
-            return PickleTransport()
+            return PickleTransport(self.max_batch_bytes)
         # A worker's batches alive at once: its share of the window, one being
         # consumed and one being packed.
         most = self.reorder_buffer

@@ -149,3 +149,38 @@ def test_assigning_an_unpicklable_value_fails_and_changes_nothing():
             loader.dataset.scale = threading.Lock()
         assert dataset.scale == 1
         assert list(loader) == [0, 1, 2, 3]
+
+
+NO_MAIN_GUARD = """
+import sys
+sys.path.insert(0, {tests!r})
+from _datasets import Plain
+from poolloader import DataLoader
+from poolloader.errors import WorkerStartError
+
+loader = DataLoader(Plain(4), batch_size=2, num_workers=1)
+try:
+    next(iter(loader))
+except WorkerStartError as exc:
+    print("WorkerStartError:", exc)
+finally:
+    loader.close()
+"""
+
+
+def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
+    """The classic spawn mistake: the worker imports the script, whose module-level
+    loader tries to start workers of its own. The worker exits with code 1 before it
+    can report; the error says so and names the fix."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_MAIN_GUARD.format(tests=os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert "WorkerStartError: DataLoader worker 0" in done.stdout, done.stdout + done.stderr
+    assert "exited while starting (exit code 1)" in done.stdout
+    assert "if __name__ == '__main__':" in done.stdout

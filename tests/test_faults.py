@@ -16,8 +16,6 @@ child processes after every test, and this module's autouse
 Grandchildren leave the test process's tree when their parent dies, so the
 tests whose faults start them check those pids themselves.
 
-Faults in the core that these tests found are pinned by strict xfails whose
-reason names the cause.
 """
 
 from __future__ import annotations
@@ -342,7 +340,7 @@ def test_deaths_beyond_max_worker_restarts_raise(limit: int | None, where: Path)
     limit = 3 if limit is None else limit
     deaths = limit + 1
     # One death in each of batches 1, 6, 11, 16: far enough apart that no batch
-    # waiting behind one death is the next to kill (see the queued-batch xfail).
+    # waiting behind one death is the next to kill (see test_a_batch_only_queued_at_a_dead_worker_is_not_poison).
     indices = [4 + 15 * k for k in range(deaths)]
     dataset = Faulty(54, "sigkill", once(where, *indices), where=where, delay=0.005)
     with _loader(dataset, batch_size=3, **options) as loader:
@@ -361,12 +359,6 @@ def test_deaths_beyond_max_worker_restarts_raise(limit: int | None, where: Path)
     assert len(got) <= last // 3, context
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool._on_exit runs again for a worker that broke the pool (it stays in "
-    "_workers and its sentinel stays ready): restarts and warnings keep growing, and "
-    "after max_worker_restarts the I/O thread spins at 100% CPU until close()",
-)
 @pytest.mark.parametrize("how", ["poison", "max_worker_restarts"])
 def test_a_broken_pool_goes_quiet(how: str, where: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After WorkerCrashedError the pool counts and logs each death once, starts
@@ -390,13 +382,6 @@ def test_a_broken_pool_goes_quiet(how: str, where: Path, caplog: pytest.LogCaptu
         assert spent < 0.2, f"the main process used {spent:.2f} s of CPU in 0.5 s while idle"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool._on_exit takes the dead worker's tasks out of w.tasks before "
-    "_crash_error/_break, so _break -> _take_all_records never fails their futures: "
-    "in order, the error waits for the iterator's 5 s WAIT_SLICE health check; with "
-    "in_order=False, _first_done waits on them with no timeout and hangs forever",
-)
 @pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "any-order"])
 def test_a_fatal_death_raises_at_once(in_order: bool, where: Path) -> None:
     """``max_worker_restarts=0``, one worker, SIGKILL at the first batch: the
@@ -417,12 +402,6 @@ def test_a_fatal_death_raises_at_once(in_order: bool, where: Path) -> None:
         consumer.join(2.0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool._replace adds a death to every task the dead worker held, including "
-    "the one only waiting in its inbox (TASKS_PER_WORKER=2); a batch that never ran on "
-    "the first worker is then called poison when a second worker dies running it",
-)
 def test_a_batch_only_queued_at_a_dead_worker_is_not_poison(where: Path) -> None:
     """Two unrelated deaths (SIGKILL from outside, as the OOM killer does): one
     while batch 0 runs with batch 1 queued behind it, one while batch 1 runs.
@@ -451,12 +430,6 @@ def test_a_batch_only_queued_at_a_dead_worker_is_not_poison(where: Path) -> None
     _assert_batches(got, _torch_batches(dataset, batch_size=1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool._on_exit treats any worker that dies before Ready as a start failure "
-    "(_silent_start_error breaks the pool), even a replacement SIGKILLed from outside "
-    "after the first workers started fine; the message then blames a missing main guard",
-)
 def test_a_replacement_killed_while_starting_is_replaced_again() -> None:
     """The OOM killer may strike a replacement worker before it is ready (here,
     during a one-second worker_init_fn): that is one more death, not a broken pool."""
@@ -474,12 +447,6 @@ def test_a_replacement_killed_while_starting_is_replaced_again() -> None:
     _assert_batches(got, _torch_batches(dataset, batch_size=2))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nothing reaps the tree of a worker that died: Pool._on_exit/_replace only "
-    "close its connection, and close() looks for descendants of live workers only, so "
-    "a grandchild of a dead worker (reparented to init) lives on",
-)
 def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
     """A worker starts a process, then is SIGKILLed: the epoch completes, and the
     orphaned grandchild is gone by the time the loader is closed."""
@@ -762,12 +729,6 @@ def test_a_worker_that_dies_while_starting(payload: Any, cause: str) -> None:
     assert "exited while starting" in message and cause in message, message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_pool._silent_start_error always blames a missing `if __name__ == "
-    "'__main__':` guard, although that mistake exits with code 1 (a RuntimeError in "
-    "multiprocessing's bootstrap); a segfault or another exit code has other causes",
-)
 @pytest.mark.parametrize("payload", [ExitAtUnpickle(), SegfaultAtUnpickle()], ids=["exit", "segv"])
 def test_a_worker_dying_while_starting_is_not_blamed_on_the_main_guard(payload: Any) -> None:
     with _loader(Carrying(payload), batch_size=2) as loader:
@@ -875,12 +836,6 @@ def test_a_batch_that_cannot_be_pickled_in_the_worker(transport: str) -> None:
     assert "indices [2, 3]" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the worker's pickling TypeError travels as a dataset exception; unlike "
-    "every other pickling failure it is not a NotPicklableError and does not name the "
-    "part of the batch that failed (_pickling.not_picklable is not used on results)",
-)
 def test_an_unpicklable_batch_names_the_culprit() -> None:
     dataset = Faulty(4)
     with _loader(dataset, batch_size=2, collate_fn=collate_bad_result("lock", bad=0)) as loader:
@@ -888,12 +843,6 @@ def test_an_unpicklable_batch_names_the_culprit() -> None:
             next(iter(loader))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Pool._outcome unpickles batches on the I/O thread (transport.unpack); an "
-    "exception there kills the thread and breaks the pool with PoolBrokenError('the "
-    "worker pool's I/O thread failed') instead of failing that one batch",
-)
 def test_a_batch_that_fails_to_unpickle_in_the_main_process() -> None:
     """The batch pickles in the worker but its unpickling raises in the main
     process: that batch's error names the cause and the batch; the loader goes on."""
@@ -922,16 +871,11 @@ def test_a_batch_over_max_batch_bytes() -> None:
     assert [b["i"].tolist() for b in got] == [[0], [1], [2], [3], [4], [6], [7]]
     message = str(info.value)
     assert isinstance(info.value, ValueError)
-    assert "4194304 bytes" in message and "max_batch_bytes=1048576" in message
+    # 4 MiB of "x" and the 8 bytes of the collated "i" tensor.
+    assert "4194312 bytes" in message and "max_batch_bytes=1048576" in message
     assert "indices [5]" in message
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_batch_bytes is only checked in SlabPacker._check_size, for tensors "
-    "placed in a slab: transport='pickle' never checks it, and tensors under "
-    "INLINE_BYTES (32 KiB) are pickled inline uncounted, however many there are",
-)
 @pytest.mark.parametrize(
     "options",
     [{"transport": "pickle"}, {"collate_fn": list}],
