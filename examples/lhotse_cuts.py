@@ -44,14 +44,14 @@ def main() -> None:
         with DataLoader(PaddedAudio(), sampler=sampler, batch_size=None, num_workers=2) as loader:
             for epoch in range(2):
                 sampler.set_epoch(epoch)
-                seen = 0
+                seen: list[str] = []
                 for batch in loader:
                     seconds = batch["audio_len"].sum().item() / 8000
-                    seen += len(batch["ids"])
+                    seen += batch["ids"]
                     print(
                         f"epoch {epoch}: {tuple(batch['audio'].shape)} ({seconds:.1f} s of audio)"
                     )
-                print(f"epoch {epoch}: {seen} cuts in all")
+                print(f"epoch {epoch}: {len(seen)} cuts in all, {len(set(seen))} distinct")
 
 
 if __name__ == "__main__":

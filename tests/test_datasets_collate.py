@@ -11,6 +11,7 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
+import poolloader
 from poolloader.datasets import ManifestDataset, PadCollate, pad_collate
 
 
@@ -76,6 +77,20 @@ def test_strings_and_other_objects_stay_lists_and_numbers_become_tensors():
     assert batch["dur"].dtype == torch.float64 and batch["dur"].tolist() == [1.5, 2.0]
     assert batch["ok"].dtype == torch.bool and batch["ok"].tolist() == [True, False]
     assert set(batch) == {"text", "spk", "dur", "ok", "extra"}
+
+
+def test_numpy_scalars_mixed_with_python_numbers_become_one_tensor():
+    batch = pad_collate([{"n": np.int64(3), "f": np.float32(0.5)}, {"n": 4, "f": 1.0}])
+    assert batch["n"].dtype == torch.int64 and batch["n"].tolist() == [3, 4]
+    assert batch["f"].dtype == torch.float64 and batch["f"].tolist() == [0.5, 1.0]
+
+
+def test_fixed_shape_values_are_stacked():
+    embeddings = [torch.full((4,), float(i)) for i in range(3)]
+    batch = pad_collate([{"spk": e, "mel": ramp(2, 3)} for e in embeddings])
+    assert torch.equal(batch["spk"], torch.stack(embeddings))
+    assert torch.equal(batch["mel"], torch.stack([ramp(2, 3)] * 3))
+    assert batch["spk_len"].tolist() == [4, 4, 4]
 
 
 def test_scalar_tensors_are_stacked_without_lengths():
@@ -169,7 +184,10 @@ def test_pad_collate_and_pad_collate_objects_pickle():
     assert collate([{"x": ramp(1)}, {"x": ramp(2)}])["x"].tolist() == [[1, -2], [1, 2]]
 
 
-def test_dataset_collate_works_in_spawned_workers(tmp_path: Path):
+@pytest.mark.parametrize(
+    "loader_class", [DataLoader, poolloader.DataLoader], ids=["torch", "poolloader"]
+)
+def test_dataset_collate_works_in_spawned_workers(tmp_path: Path, loader_class):
     lines = []
     for i, frames in enumerate([3000, 8000, 16000, 5000]):
         sf.write(
@@ -179,10 +197,13 @@ def test_dataset_collate_works_in_spawned_workers(tmp_path: Path):
     (tmp_path / "wav.scp").write_text("".join(lines))
     (tmp_path / "text").write_text("".join(f"u{i} text {i}\n" for i in range(4)))
     ds = ManifestDataset({"audio": tmp_path / "wav.scp", "text": tmp_path / "text"}, duration=0.25)
-    loader = DataLoader(
+    assert ds.collate is pad_collate  # what the workers receive: the function, by name
+    loader = loader_class(
         ds, batch_size=2, num_workers=1, multiprocessing_context="spawn", collate_fn=ds.collate
     )
     batches = list(loader)
+    if isinstance(loader, poolloader.DataLoader):
+        loader.close()
     assert [b["id"] for b in batches] == [["u0", "u1"], ["u2", "u3"]]
     assert batches[0]["audio"].shape == (2, 4000)
     assert batches[0]["audio_len"].tolist() == [3000, 4000]

@@ -14,9 +14,11 @@ import psutil
 import pytest
 import soundfile as sf
 import torch
+from torch.utils.data import BatchSampler, SequentialSampler
 
 import poolloader.datasets
-from poolloader.datasets import ManifestDataset, PadCollate
+from poolloader import DataLoader
+from poolloader.datasets import ManifestDataset, PadCollate, pad_collate
 
 RATE = 16000
 
@@ -177,6 +179,7 @@ def test_index_by_id_position_negative_position_and_numpy_integer(corpora):
     assert ds[1]["id"] == "a2"
     assert ds[-1]["id"] == "b2"
     assert ds[np.int64(3)]["id"] == "b1"
+    assert ds[torch.tensor(3)]["id"] == "b1" and ds[np.array(-2)]["id"] == "b1"
     assert torch.equal(ds["a2"]["audio"], ds[1]["audio"])
 
 
@@ -197,6 +200,15 @@ def test_list_index_with_collate_fn_returns_the_batch(corpora):
     assert batch["audio_len"].tolist() == [4000, 8000]
     assert batch["audio"][0, 4000:].eq(-1.0).all()
     assert ds.collate([ds["a3"], ds["a1"]])["audio"][0, 4000:].eq(-1.0).all()
+
+
+def test_collate_is_the_function_itself_so_it_pickles_without_the_dataset(corpora):
+    ds = mixed(corpora)
+    assert ds.collate is pad_collate
+    assert len(pickle.dumps(ds.collate)) < 100
+    collate = PadCollate(pad_value=-1.0)
+    ds.collate_fn = collate
+    assert ds.collate is collate and len(pickle.dumps(ds.collate)) < 200
 
 
 def test_collate_method_pads_by_default(corpora):
@@ -243,6 +255,33 @@ def test_lengths_from_utt2num_samples_ignore_ids_of_other_corpora(corpora):
 def test_lengths_from_an_audio_field_are_seconds_from_headers(corpora):
     ds = mixed(corpora, lengths="audio")
     assert ds.lengths.tolist() == [0.5, 1.0, 0.25, 0.75, 0.125]
+
+
+def test_lengths_are_read_only_in_the_dataset_its_subsets_and_copies(corpora):
+    ds = mixed(corpora, lengths="audio")
+    for view in (ds, ds.subset([1, 0]), pickle.loads(pickle.dumps(ds))):
+        with pytest.raises(ValueError, match=r"read-only"):
+            view.lengths[0] = 9.0
+    assert ds.lengths[0] == 0.5
+
+
+def test_lengths_from_an_audio_field_name_a_missing_file_and_its_line(corpora):
+    a = corpora["a"]
+    (a / "wav" / "2.wav").unlink()
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"2.wav: no such file for id 'a2' \(field 'audio', from .*wav.scp line 2\)",
+    ):
+        ManifestDataset({"audio": a / "wav.scp"}, lengths="audio")
+
+
+def test_lengths_from_a_table_column_name_path_line_and_id(tmp_path):
+    rows = [{"id": "t1", "duration": 0.5}, {"id": "t2", "duration": "long"}]
+    table = write_table(tmp_path / "m.jsonl", "jsonl", rows)
+    with pytest.raises(
+        ValueError, match=r"m.jsonl line 2: expected a number for id 't2', got 'long'"
+    ):
+        ManifestDataset.from_table(table, lengths="duration")
 
 
 def test_no_lengths_raises_attribute_error_with_a_hint(corpora):
@@ -423,13 +462,61 @@ def test_empty_manifests_and_reserved_names_are_refused(tmp_path):
         ManifestDataset({})
 
 
-def test_table_rows_of_the_wrong_width_name_path_and_line(tmp_path):
+def test_table_rows_of_the_wrong_width_name_path_line_and_id(tmp_path):
     table = write_lines(tmp_path / "m.csv", "id,audio,text", "u1,a.wav,hi", "u2,b.wav")
     with pytest.raises(ValueError) as info:
         ManifestDataset.from_table(table)
     assert str(info.value) == (
-        f"{table} line 3: expected 3 columns (id, audio, text), got 2: ['u2', 'b.wav']"
+        f"{table} line 3: the row of id 'u2' has 2 columns, but the header names 3 "
+        "(id, audio, text): ['u2', 'b.wav']; quote values that hold the delimiter (CSV), "
+        "or check for a missing or extra delimiter"
     )
+    tsv = write_lines(tmp_path / "m.tsv", "text\tid", "hi\tu1", "a\tb\tu2")
+    with pytest.raises(ValueError, match=r"m.tsv line 3: the row of id 'b' has 3 columns"):
+        ManifestDataset.from_table(tsv)
+    no_id = write_lines(tmp_path / "n.tsv", "text\tid", "hi\tu1", "lonely")
+    with pytest.raises(ValueError, match=r"n.tsv line 3: a row has 1 columns"):
+        ManifestDataset.from_table(no_id)
+
+
+def test_quoted_csv_values_may_span_lines_and_errors_name_the_row_start(tmp_path):
+    table = write_lines(
+        tmp_path / "m.csv", "id,text,duration", 'u1,"two\nlines, quoted",1.0', "u2,plain,x"
+    )
+    ds = ManifestDataset.from_table(table, loaders={"duration": "float"})
+    assert ds["u1"] == {"id": "u1", "text": "two\nlines, quoted", "duration": 1.0}
+    with pytest.raises(ValueError, match=r"m.csv line 4: expected a number for id 'u2', got 'x'"):
+        ManifestDataset.from_table(table, lengths="duration")
+    unclosed = write_lines(tmp_path / "o.csv", "id,text", "u1,ok", 'u2,"never closed', "u3,c")
+    with pytest.raises(ValueError, match=r"o.csv line 3: malformed CSV \(unexpected end of data\)"):
+        ManifestDataset.from_table(unclosed)
+
+
+def test_a_byte_order_mark_from_a_spreadsheet_is_ignored(tmp_path):
+    table = tmp_path / "excel.csv"
+    table.write_text("id,text\nu1,hi\n", encoding="utf-8-sig")
+    assert ManifestDataset.from_table(table)["u1"] == {"id": "u1", "text": "hi"}
+    kaldi = tmp_path / "text"
+    kaldi.write_text("u1 hi\n", encoding="utf-8-sig")
+    assert ManifestDataset({"text": kaldi}).ids == ("u1",)
+
+
+def test_jsonl_values_keep_their_json_types_and_ids_may_be_integers(tmp_path):
+    rows = [
+        '{"id": 7, "spk": 3, "dur": 1.5, "tags": ["a", "b"]}',
+        "",
+        '{"id": "x", "spk": 4, "dur": 2, "tags": []}',
+    ]
+    ds = ManifestDataset.from_table(write_lines(tmp_path / "m.ndjson", *rows), lengths="dur")
+    assert ds.ids == ("7", "x")
+    assert ds["7"] == {"id": "7", "spk": 3, "dur": 1.5, "tags": ["a", "b"]}
+    assert ds.lengths.tolist() == [1.5, 2.0]
+    with pytest.raises(ValueError, match=r"m2.jsonl line 1: expected a JSON object, got list"):
+        ManifestDataset.from_table(write_lines(tmp_path / "m2.jsonl", "[1, 2]"))
+    with pytest.raises(ValueError, match=r"m3.jsonl line 2: expected a non-empty id, got ''"):
+        ManifestDataset.from_table(
+            write_lines(tmp_path / "m3.jsonl", '{"id": "a", "t": 1}', '{"id": "", "t": 2}')
+        )
 
 
 def test_table_errors_name_path_line_and_id(tmp_path):
@@ -527,6 +614,25 @@ def test_pickle_round_trip_is_small_and_loads_the_same_items(corpora):
     assert copy[["a1", "a2"]]["audio_len"].tolist() == [800, 800]
 
 
+def test_pickle_costs_about_the_manifest_text_and_drops_the_id_index(tmp_path):
+    n = 3000
+    scp = write_lines(tmp_path / "wav.scp", *(f"utt{i:05d} wav/utt{i:05d}.wav" for i in range(n)))
+    text = write_lines(tmp_path / "text", *(f"utt{i:05d} words number {i}" for i in range(n)))
+    durations = write_lines(tmp_path / "utt2dur", *(f"utt{i:05d} {i % 9 + 1}.5" for i in range(n)))
+    ds = ManifestDataset({"audio": scp, "text": text}, lengths=durations, loaders={"audio": "text"})
+    manifest_bytes = sum(os.path.getsize(p) for p in (scp, text, durations))
+    data = pickle.dumps(ds)
+    assert len(data) < 1.2 * manifest_bytes
+    assert "_positions" not in ds.__getstate__()
+    copy = pickle.loads(data)
+    assert copy["utt02999"] == {
+        "id": "utt02999",
+        "audio": "wav/utt02999.wav",
+        "text": "words number 2999",
+    }
+    assert copy[7]["id"] == "utt00007" and copy.lengths[7] == 8.5
+
+
 def test_no_file_stays_open_between_items(corpora):
     process = psutil.Process()
     before = {f.path for f in process.open_files()}
@@ -535,6 +641,31 @@ def test_no_file_stays_open_between_items(corpora):
         ds[key]
     opened = {f.path for f in process.open_files()} - before
     assert not [path for path in opened if str(corpora["root"]) in path]
+
+
+def test_whole_batch_sampling_and_errors_through_poolloader_workers(corpora):
+    # The sampler yields lists of positions and the dataset's collate_fn builds each batch.
+    ds = mixed(corpora, lengths="audio", collate_fn=pad_collate)
+    (corpora["b"] / "wav" / "2.wav").unlink()  # b2, alone in the last batch
+    batches_of_ids = BatchSampler(SequentialSampler(range(len(ds))), batch_size=2, drop_last=False)
+    with DataLoader(
+        ds, sampler=batches_of_ids, batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    ) as loader:
+        batches = iter(loader)
+        first, second = next(batches), next(batches)
+        with pytest.raises(FileNotFoundError) as info:
+            next(batches)
+    assert [first["id"], second["id"]] == [["a1", "a2"], ["a3", "b1"]]
+    assert [first["audio_len"].tolist(), second["audio_len"].tolist()] == [
+        [8000, 16000],
+        [4000, 12000],
+    ]
+    assert second["audio"].shape == (2, 12000)
+    # The error reaches the caller naming the file, the id, the field and the manifest line.
+    assert str(info.value) == (
+        f"{corpora['b'] / 'wav' / '2.wav'}: no such file for id 'b2' "
+        f"(field 'audio', from {corpora['b'] / 'wav.scp'} line 2)"
+    )
 
 
 def test_subset_keeps_settings_and_restricts_everything(corpora):

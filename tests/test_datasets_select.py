@@ -31,7 +31,8 @@ def write_lines(path: Path, *lines: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("num", "count"), [(0.3, 3), (0.35, 3), (-4, 4), (4, 4), (-10, 10), (1, 1)]
+    ("num", "count"),
+    [(0.3, 3), (0.35, 3), (0.99, 9), (-4, 4), (-10, 10), (-1, 1), (np.int64(-2), 2)],
 )
 def test_order_and_rev_order_keep_the_first_and_last_items(num, count):
     assert select(IDS, "order", num) == IDS[:count]
@@ -40,8 +41,18 @@ def test_order_and_rev_order_keep_the_first_and_last_items(num, count):
 
 def test_a_negative_count_keeps_that_many_it_does_not_remove_them():
     # SpeeChain: "it must be negative (its absolute value will be taken)".
-    assert len(select(IDS, "order", -3)) == 3
-    assert select(IDS, "order", -3) == select(IDS, "order", 3)
+    assert select(IDS, "order", -3) == ["u0", "u1", "u2"]
+    assert select(IDS, "rev_order", -3) == ["u7", "u8", "u9"]
+    assert select(IDS, "random", -10, seed=5) == IDS
+
+
+@pytest.mark.parametrize("num", [0, 1, 3, 10])
+def test_a_positive_or_zero_integer_is_refused_as_speechain_refuses_it(num):
+    # A plain 1 must never be read as "all" (a ratio of 1) nor as one item.
+    with pytest.raises(ValueError) as info:
+        select(IDS, "order", num)
+    assert str(info.value).startswith(f"num={num} is a non-negative integer, but a count is")
+    assert (f"num=-{num} keeps {num} items" if num else "num=-k keeps k items") in str(info.value)
 
 
 def test_random_is_seeded_without_repeats_and_in_original_order():
@@ -63,7 +74,7 @@ def test_random_is_the_same_for_every_caller_with_one_seed_whatever_the_global_s
 # ---------------------------------------------------------------- meta modes
 
 
-@pytest.mark.parametrize("num", [-3, 3, 0.3])
+@pytest.mark.parametrize("num", [-3, 0.3, 0.39])
 def test_min_and_max_keep_the_smallest_and_largest(num):
     assert select(IDS, "min", num, meta=META) == in_order(BY_VALUE[:3])
     assert select(IDS, "max", num, meta=META) == in_order(BY_VALUE[-3:])
@@ -122,6 +133,28 @@ def test_select_steps_on_a_dataset(tmp_path):
     assert part.ids == ("u1", "u4")
 
 
+def test_mixing_corpora_then_selecting_works_on_the_mixed_whole(tmp_path):
+    # SpeeChain's example: three corpora mixed into one, then the last 50% selected.
+    fields: dict[str, list[Path]] = {"text": [], "spk": []}
+    for corpus, count in (("a", 4), ("b", 2), ("c", 4)):
+        keys = [f"{corpus}{i}" for i in range(count)]
+        fields["text"].append(write_lines(tmp_path / f"{corpus}_text", *(f"{k} t" for k in keys)))
+        fields["spk"].append(write_lines(tmp_path / f"{corpus}_spk", *(f"{k} S" for k in keys)))
+    ds = ManifestDataset(fields)  # type: ignore[arg-type]
+    assert select(ds, "rev_order", 0.5).ids == ("b1", "c0", "c1", "c2", "c3")
+    assert select(ds, "order", -5).ids == ("a0", "a1", "a2", "a3", "b0")
+
+
+def test_select_steps_take_speechain_style_lists_with_metadata_files(tmp_path):
+    # data_selection: [[rev_order, 0.8], [min, !str 6.0, utt2dur], [max, -2, utt2dur]]
+    durations = write_lines(tmp_path / "utt2dur", *(f"{k} {v}" for k, v in META.items()))
+    steps = [["rev_order", 0.8], ["min", "6.0", str(durations)], ["max", -2, durations]]
+    # last 8: u2..u9; values <= 6: u2 u3 u5 u8 u9 (2, .5, 3, 1, 5); two largest: u5 (3), u9 (5)
+    assert select_steps(IDS, steps) == ["u5", "u9"]
+    text = write_lines(tmp_path / "text", *(f"{k} w" for k in IDS))
+    assert select_steps(ManifestDataset({"text": text}), steps).ids == ("u5", "u9")
+
+
 def test_select_steps_refuses_steps_of_the_wrong_shape():
     with pytest.raises(
         ValueError,
@@ -143,10 +176,13 @@ def test_a_float_must_be_a_ratio_in_the_open_unit_interval(num):
         select(IDS, "order", num)
 
 
-@pytest.mark.parametrize("num", [0, 11, -11])
-def test_a_count_must_be_between_one_and_the_size(num):
-    with pytest.raises(ValueError, match=rf"num={num} asks for {abs(num)} of the 10 items"):
-        select(IDS, "order", num)
+@pytest.mark.parametrize("mode", ["order", "min"])
+def test_a_count_must_not_exceed_the_size(mode):
+    with pytest.raises(
+        ValueError,
+        match=r"num=-11 asks for 11 of the 10 items; a count must be between -10 and -1$",
+    ):
+        select(IDS, mode, -11, meta=META if mode == "min" else None)
 
 
 @pytest.mark.parametrize("num", [True, None, [3]])
@@ -204,6 +240,6 @@ def test_a_selection_that_keeps_nothing_says_so():
 
 def test_ids_must_be_a_collection_of_strings():
     with pytest.raises(TypeError, match=r"select takes a list of ids or a dataset"):
-        select("u0 u1", "order", 1)
+        select("u0 u1", "order", -1)
     with pytest.raises(TypeError, match=r"ids should be strings, but got 3$"):
-        select(["u0", 3], "order", 1)  # type: ignore[list-item]
+        select(["u0", 3], "order", -1)  # type: ignore[list-item]

@@ -10,7 +10,8 @@ tensors / arrays, >= 1 dim      padded along ``axis`` to the longest, stacked
                                 the original lengths
 0-dim tensors, numpy scalars    stacked to ``(batch,)``
 bool / int / float numbers      a tensor, as torch's ``default_collate`` makes
-                                (bool, int64, float64)
+                                (bool, int64, float64); numpy scalars mixed
+                                with Python numbers too
 strings, None, anything else    a list, as given
 =============================== ================================================
 
@@ -176,8 +177,8 @@ def _is_array(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    """Tell whether a value is a Python bool, int or float."""
-    return isinstance(value, (bool, int, float))
+    """Tell whether a value is a bool, int or float, Python's or numpy's scalar."""
+    return isinstance(value, (bool, int, float, np.bool_, np.number))
 
 
 def _collate_values(what: str, values: list[Any], pad_value: float, axis: int) -> Any:

@@ -10,7 +10,6 @@ change in every worker.
 
 from __future__ import annotations
 
-import copy
 import math
 import numbers
 import operator
@@ -88,8 +87,8 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             ``utt2num_samples`` (extra ids in them are ignored). Units are the source's.
         duration: seconds to random-crop audio fields to, ``None`` for whole files; see
             :attr:`duration`.
-        collate_fn: the collate of :meth:`collate` and of list indexing; must pickle.
-            ``None``: :meth:`collate` is :func:`pad_collate` and a list index returns a list.
+        collate_fn: the collate of :attr:`collate` and of list indexing; must pickle.
+            ``None``: :attr:`collate` is :func:`pad_collate` and a list index returns a list.
         root: directory that relative file paths in the manifests are relative to; by
             default each manifest file's own directory (``root="."`` for Kaldi recipes,
             whose paths are relative to the recipe directory).
@@ -204,7 +203,7 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         if collate_fn is not None:
             check_picklable(collate_fn, "collate_fn")
         self.collate_fn = collate_fn
-        self._lengths = self._read_lengths(lengths)
+        self._lengths = _read_only(self._read_lengths(lengths))
 
     def _check_audio_keys(self) -> None:
         """Refuse a field whose name an audio field's sample rate would overwrite."""
@@ -279,7 +278,7 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
 
     @property
     def lengths(self) -> np.ndarray:
-        """Each position's length (float64), for length-aware samplers and selection.
+        """Each position's length (float64, read-only), for length-aware samplers and selection.
 
         Raises:
             AttributeError: the dataset was built without ``lengths=`` (so
@@ -313,19 +312,23 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             TypeError: a key of another type.
             FileNotFoundError: a file of the item is missing (naming id, field and line).
         """
+        if isinstance(key, (np.ndarray, torch.Tensor)) and key.ndim == 0:
+            key = key.item()  # a position held in a 0-dim array or tensor
         if isinstance(key, (str, numbers.Integral)):
             return self._item(self._position(key))
         items = [self._item(self._position(k)) for k in self._keys(key)]
         return items if self.collate_fn is None else self.collate_fn(items)
 
-    def collate(self, batch: list[dict[str, Any]]) -> Any:
-        """Collate items into a batch: ``collate_fn`` if given, else :func:`pad_collate`.
+    @property
+    def collate(self) -> CollateFn:
+        """The function that collates items into a batch: ``collate_fn``, else :func:`pad_collate`.
 
-        Pass it to a loader as ``collate_fn=dataset.collate``.
+        Pass it to a loader as ``collate_fn=dataset.collate``, or call it:
+        ``dataset.collate(items)``. It is the function itself, not a method bound to the
+        dataset, so a spawned worker receives it by name instead of a second pickled
+        copy of the whole dataset.
         """
-        if self.collate_fn is None:
-            return pad_collate(batch)
-        return self.collate_fn(batch)
+        return pad_collate if self.collate_fn is None else self.collate_fn
 
     def subset(self, keys: Iterable[Any]) -> Self:
         """Return a dataset restricted to ``keys`` (ids or positions), in that order.
@@ -342,12 +345,29 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         if len(set(positions)) != len(positions):
             twice = sorted(self._ids[p] for p, n in Counter(positions).items() if n > 1)
             raise ValueError(f"subset got id(s) more than once: {describe_ids(twice)}")
-        new = copy.copy(self)
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)  # a shallow copy, without __setstate__'s rebuild
         new._ids = tuple(self._ids[p] for p in positions)
         new._positions = {key: position for position, key in enumerate(new._ids)}
         new._columns = {name: column.take(positions) for name, column in self._columns.items()}
-        new._lengths = None if self._lengths is None else self._lengths[positions]
+        new._lengths = None if self._lengths is None else _read_only(self._lengths[positions])
         return new
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle what the manifests said and the settings; the id index is rebuilt on load.
+
+        The dataset is pickled for every spawned worker, so the ``id -> position`` dict
+        (as large as the ids themselves) is left out and rebuilt by :meth:`__setstate__`.
+        """
+        state = self.__dict__.copy()
+        state.pop("_positions", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore a pickled dataset, rebuilding the id index and read-only lengths."""
+        self.__dict__.update(state)
+        self._positions = {key: position for position, key in enumerate(self._ids)}
+        self._lengths = _read_only(self._lengths)
 
     def __repr__(self) -> str:
         """Summarise: size, loader of each field, duration."""
@@ -452,6 +472,13 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             if hasattr(exc, "add_note"):
                 exc.add_note(f"while loading {where}")
             raise
+
+
+def _read_only(values: np.ndarray | None) -> np.ndarray | None:
+    """Mark lengths read-only, so a sampler's edit cannot silently change the dataset."""
+    if values is not None:
+        values.flags.writeable = False
+    return values
 
 
 def _index_type_error(key: object) -> TypeError:

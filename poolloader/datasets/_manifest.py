@@ -49,7 +49,8 @@ class Column:
     Attributes:
         values: the raw manifest value of each item (a string, or any JSON value).
         paths: the manifest files the values were read from.
-        where: int64 array of shape ``(n, 2)``: index into ``paths`` and 1-based line.
+        where: int32 array of shape ``(n, 2)``: index into ``paths`` and 1-based line
+            (int32 rather than int64: the dataset is pickled to every spawned worker).
     """
 
     values: list[Any]
@@ -68,7 +69,7 @@ class Column:
     def take(self, positions: Sequence[int]) -> Column:
         """Return the column restricted to ``positions``, in that order."""
         values = [self.values[p] for p in positions]
-        return Column(values, self.paths, self.where[np.asarray(positions, dtype=np.int64)])
+        return Column(values, self.paths, self.where[np.asarray(positions, dtype=np.intp)])
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,7 @@ class _FieldReader:
     def column(self, ids: Sequence[str]) -> Column:
         """Return the values aligned with ``ids`` (all of which must be present)."""
         rows = [self.entries[key] for key in ids]
-        where = np.array([(row[1], row[2]) for row in rows], dtype=np.int64).reshape(-1, 2)
+        where = np.array([(row[1], row[2]) for row in rows], dtype=np.int32).reshape(-1, 2)
         return Column([row[0] for row in rows], tuple(self.paths), where)
 
 
@@ -141,9 +142,14 @@ def as_paths(paths: object, what: str) -> list[str]:
 
 
 def _open_manifest(path: str, what: str) -> Any:
-    """Open a manifest for reading, naming the argument it was given for if it is missing."""
+    """Open a manifest for reading, naming the argument it was given for if it is missing.
+
+    ``utf-8-sig`` reads UTF-8 and drops the byte-order mark that spreadsheet programs
+    write at the start of a CSV (which would otherwise become part of the first
+    column's name, so that ``id`` was not found).
+    """
     try:
-        return open(path, encoding="utf-8", newline="")
+        return open(path, encoding="utf-8-sig", newline="")
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{path}: no such manifest file (given for {what})") from exc
 
@@ -278,38 +284,67 @@ def table_format(path: str, format: str | None) -> str:
     return TABLE_FORMATS[suffix]
 
 
-def iter_table(path: str, format: str) -> Iterator[tuple[dict[str, Any], int]]:
+def iter_table(
+    path: str, format: str, id_column: str = "id"
+) -> Iterator[tuple[dict[str, Any], int]]:
     """Yield ``(row, line)`` from a CSV/TSV file with a header or a JSON-lines file.
 
     TSV is read without quoting, so transcripts may hold quote characters as they are.
+    CSV is read strictly: a quote that is never closed is an error, not a value that
+    swallows the rest of the file. ``line`` is where the row starts (a quoted CSV
+    value may span lines). ``id_column`` only names the row in errors.
 
     Raises:
         ValueError: no header, a repeated column name, a row with the wrong number
-            of columns, a line that is not one JSON object.
+            of columns, bad CSV quoting, a line that is not one JSON object.
     """
     if format == "jsonl":
         yield from _iter_jsonl(path)
     else:
-        yield from _iter_delimited(path, format)
+        yield from _iter_delimited(path, format, id_column)
 
 
-def _iter_delimited(path: str, format: str) -> Iterator[tuple[dict[str, Any], int]]:
+def _iter_delimited(path: str, format: str, id_column: str) -> Iterator[tuple[dict[str, Any], int]]:
     """Yield rows of a CSV (quoted) or TSV (unquoted) file, keyed by its header."""
-    options: dict[str, Any] = {"delimiter": ","}
+    options: dict[str, Any] = {"delimiter": ",", "strict": True}
     if format == "tsv":
         options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
     with _open_manifest(path, "tables") as file:
         reader = csv.reader(file, **options)
         header = _read_header(path, reader)
-        for record in reader:
+        start = reader.line_num + 1
+        while (record := _next_record(path, reader, start)) is not None:
+            line, start = start, reader.line_num + 1
             if not record or record == [""]:
                 continue
             if len(record) != len(header):
-                raise ValueError(
-                    f"{path} line {reader.line_num}: expected {len(header)} columns "
-                    f"({', '.join(header)}), got {len(record)}: {record!r}"
-                )
-            yield dict(zip(header, record, strict=True)), reader.line_num
+                raise ValueError(_width_message(path, line, header, record, id_column))
+            yield dict(zip(header, record, strict=True)), line
+
+
+def _next_record(path: str, reader: Iterator[list[str]], start: int) -> list[str] | None:
+    """Read one CSV/TSV record (``None`` at the end), naming its first line on bad quoting."""
+    try:
+        return next(reader, None)
+    except csv.Error as exc:
+        raise ValueError(
+            f"{path} line {start}: malformed CSV ({exc}); a value that holds the delimiter, "
+            'a quote or a line break must be quoted, with inner quotes doubled: "say ""hi"""'
+        ) from exc
+
+
+def _width_message(
+    path: str, line: int, header: list[str], record: list[str], id_column: str
+) -> str:
+    """Describe a row with the wrong number of columns, naming its id when it has one."""
+    which = "a row"
+    if id_column in header and header.index(id_column) < len(record):
+        which = f"the row of id {record[header.index(id_column)]!r}"
+    return (
+        f"{path} line {line}: {which} has {len(record)} columns, but the header names "
+        f"{len(header)} ({', '.join(header)}): {record!r}; quote values that hold the "
+        "delimiter (CSV), or check for a missing or extra delimiter"
+    )
 
 
 def _read_header(path: str, reader: Iterator[list[str]]) -> list[str]:
@@ -370,7 +405,7 @@ def read_tables(
     readers: dict[str, _FieldReader] | None = None
     for path in path_list:
         kind = table_format(path, format)
-        for row, line in iter_table(path, kind):
+        for row, line in iter_table(path, kind, id_column):
             key = _row_id(row, id_column, path, line)
             if readers is None:
                 readers = _table_readers(row, id_column, fields, path, line)

@@ -17,9 +17,10 @@ middle     ``num`` items around the median: the largest and smallest removed
 
 * a float in (0, 1): the ratio of the items to keep, ``int(len * num)`` of them;
 * a negative integer ``-k``: keep ``k`` items (SpeeChain's spelling of a count:
-  the absolute value is taken; it does *not* mean "remove k");
-* a positive integer ``k``: the same count, written plainly;
-* a string holding a number, for ``min`` and ``max`` only: the metadata threshold.
+  the absolute value is taken; it does *not* mean "remove k"). A positive integer
+  is refused, as SpeeChain refuses it, so that ``1`` is never read as "all";
+* a string holding a number, for ``min`` and ``max`` only: the metadata threshold,
+  inclusive (``min`` keeps values ``<=`` it, ``max`` values ``>=`` it).
 
 The kept items stay in their original order whatever the mode. ``middle`` with
 ``k`` of ``n`` items removes ``(n - k) // 2`` smallest and the rest of the
@@ -44,7 +45,7 @@ META_MODES = ("min", "max", "middle")
 """Modes that select by a number per item (a duration, a length, a score)."""
 
 Num = float | int | str
-"""How many to keep: a ratio in (0, 1), a count (``-k`` or ``k``), or a threshold string."""
+"""How many to keep: a ratio in (0, 1), a count ``-k``, or a threshold string."""
 
 Meta = PathOrPaths | Mapping[str, float] | None
 """Metadata for the meta modes: ``id value`` file(s) such as ``utt2dur``, or a mapping."""
@@ -87,8 +88,9 @@ def select(ids_or_dataset: Any, mode: str, num: Num, meta: Meta = None, seed: in
         ids_or_dataset: a list of ids, or a dataset with ``ids`` and ``subset(ids)``
             (such as :class:`~poolloader.datasets.ManifestDataset`).
         mode: ``"order"``, ``"rev_order"``, ``"random"``, ``"min"``, ``"max"`` or ``"middle"``.
-        num: a ratio in (0, 1); a count, ``-k`` (SpeeChain's form) or ``k``, both keeping
-            ``k`` items; or, for ``min``/``max``, a threshold string such as ``"15.0"``.
+        num: a ratio in (0, 1); a negative count ``-k``, keeping ``k`` items (SpeeChain's
+            form: a positive integer is refused); or, for ``min``/``max``, a threshold
+            string such as ``"15.0"`` (inclusive).
         meta: for the meta modes, the number of each id: a Kaldi-style ``id value``
             file (``utt2dur``, ``utt2num_samples``), a list of them, or a mapping. With a
             dataset and no ``meta``, its ``lengths`` are used.
@@ -202,23 +204,38 @@ def _count(num: Any, size: int) -> int:
         num, (int, float, np.integer, np.floating)
     ):
         raise TypeError(
-            "num should be a ratio in (0, 1), an integer count, or (for 'min' and 'max') a "
-            f"threshold string, but got {type(num).__name__}: {num!r}"
+            "num should be a ratio in (0, 1), a negative integer count, or (for 'min' and "
+            f"'max') a threshold string, but got {type(num).__name__}: {num!r}"
         )
     if isinstance(num, (float, np.floating)):
-        if not 0.0 < num < 1.0:
-            raise ValueError(
-                f"num={num!r} is a float, which means the ratio of items to keep and must be "
-                "in (0, 1); for a count give an integer, e.g. num=-100 or num=100"
-            )
-        return int(size * num)
-    count = abs(int(num))
-    if not 1 <= count <= size:
+        return _ratio_count(float(num), size)
+    return _negative_count(int(num), size)
+
+
+def _ratio_count(num: float, size: int) -> int:
+    """The number of items a ratio in (0, 1) keeps: ``int(size * num)``, as SpeeChain."""
+    if not 0.0 < num < 1.0:
         raise ValueError(
-            f"num={num!r} asks for {count} of the {size} items; a count must be between "
-            f"1 and {size} (-{size} and -1 in SpeeChain's negative form)"
+            f"num={num!r} is a float, which means the ratio of items to keep and must be "
+            "in (0, 1); for a count give a negative integer, e.g. num=-100 keeps 100"
         )
-    return count
+    return int(size * num)
+
+
+def _negative_count(num: int, size: int) -> int:
+    """The number of items ``num=-k`` keeps: ``k``; refuse a count that is not negative."""
+    if num >= 0:
+        example = f"num=-{num} keeps {num} items" if num else "num=-k keeps k items"
+        raise ValueError(
+            f"num={num!r} is a non-negative integer, but a count is written negative, as in "
+            f"SpeeChain ({example}), and a ratio as a float in (0, 1)"
+        )
+    if -num > size:
+        raise ValueError(
+            f"num={num!r} asks for {-num} of the {size} items; a count must be between "
+            f"-{size} and -1"
+        )
+    return -num
 
 
 def _by_count(mode: str, count: int, size: int, values: np.ndarray | None, seed: int) -> np.ndarray:
@@ -242,7 +259,7 @@ def _by_threshold(mode: str, num: str, values: np.ndarray | None) -> np.ndarray:
     if mode not in ("min", "max"):
         raise ValueError(
             f"num={num!r} is a threshold, which only modes 'min' and 'max' take; mode {mode!r} "
-            "takes a ratio in (0, 1) or an integer count"
+            "takes a ratio in (0, 1) or a negative integer count"
         )
     try:
         threshold = float(num)
