@@ -103,9 +103,15 @@ def plot(path: str, rows: list[Row]) -> None:
     names = [r.name for r in rows]
     ratios = [r.ratio for r in rows]
     colors = ["tab:green" if r >= 1 else "tab:red" for r in ratios]
-    ax.barh(names, ratios, color=colors)
+    finite = [r for r in ratios if 0 < r < float("inf")] or [1.0]
+    ratios = [min(max(r, min(finite)), max(finite)) for r in ratios]  # inf and 0 at the ends
+    ax.barh(names, [r - 1.0 for r in ratios], color=colors, left=1.0)  # bars start at 1x
+    ax.set_xscale("log")  # ratios span 0.9x to several hundred x
+    for y, row in enumerate(rows):
+        ax.annotate(f"{row.ratio:.2f}x", (ratios[y], y), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=8)  # fmt: skip
     ax.axvline(1.0, color="black", linewidth=1)
-    ax.set_xlabel("poolloader vs stock torch DataLoader (ratio, > 1 is better)")
+    ax.set_xlabel("poolloader vs stock torch DataLoader (ratio, log scale, > 1 is better)")
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

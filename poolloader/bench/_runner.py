@@ -129,23 +129,28 @@ class PeakMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> PeakMemory:
+        self._take()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._take()  # a run shorter than one interval is still measured
 
     def _sample(self) -> None:
-        me = psutil.Process()
         while not self._stop.wait(MEMORY_SAMPLE_INTERVAL):
-            total = 0
-            for proc in [me, *me.children(recursive=True)]:
-                try:
-                    total += proc.memory_full_info().pss
-                except (psutil.Error, AttributeError):
-                    continue
-            self.peak = max(self.peak, total)
+            self._take()
+
+    def _take(self) -> None:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                continue
+        self.peak = max(self.peak, total)
 
 
 def measure_startup(kind: str, method: str, num_workers: int, progress: Progress) -> float:

@@ -78,18 +78,38 @@ class CpuBound(Dataset):
 
 
 class Skewed(Dataset):
-    """Per-batch stalls: most batches take ``base`` seconds, a seeded random
-    ``share`` of them ``slow`` (I/O stalls, long utterances in dynamic batching)."""
+    """Batches of uneven cost, drawn with a fixed seed (``batch_size=None``: one
+    item is one batch).
 
-    def __init__(self, n: int, base: float = 0.005, slow: float = 0.1, share: float = 0.15) -> None:
-        self.n, self.base, self.slow = n, base, slow
-        self.is_slow = np.random.default_rng(0).random(n) < share
+    ``"stalls"``: most batches take ``base`` seconds and a random ``share`` of
+    them stall for ``slow`` (reads from network storage, a cold cache).
+    ``"lognormal"``: costs spread around ``base`` (``sigma`` in log space), as
+    the batches of a dynamic, duration-bounded sampler do."""
+
+    def __init__(
+        self,
+        n: int,
+        shape: str = "stalls",
+        *,
+        base: float = 0.005,
+        slow: float = 0.3,
+        share: float = 0.05,
+        sigma: float = 1.0,
+    ) -> None:
+        rng = np.random.default_rng(0)
+        self.n, self.shape = n, shape
+        if shape == "stalls":
+            self.costs = np.where(rng.random(n) < share, slow, base)
+        elif shape == "lognormal":
+            self.costs = rng.lognormal(np.log(base * 2), sigma, n)
+        else:
+            raise ValueError(f"shape should be 'stalls' or 'lognormal', but got shape={shape!r}")
 
     def __len__(self) -> int:
         return self.n
 
     def cost(self, batch: int) -> float:
-        return self.slow if self.is_slow[batch] else self.base
+        return float(self.costs[batch])
 
     def __getitem__(self, i: int) -> int:
         time.sleep(self.cost(i))
@@ -108,17 +128,18 @@ class Workload:
 
 
 def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
-    """The throughput workloads, sized for a few seconds each (less with ``quick``)."""
+    """The throughput workloads, sized for about a second per epoch of the stock
+    loader (a third of that with ``quick``)."""
     scale = 1 if quick else 3
-    skewed = Skewed(60 * scale)
+    stalls, spread = Skewed(100 * scale), Skewed(100 * scale, "lognormal")
     return {
         "big_tensor": Workload(
             "big_tensor", "32×3×224×224 float32 tensor batches (19 MB)",
-            Images(32 * 12 * scale), {"batch_size": 32},
+            Images(32 * 20 * scale), {"batch_size": 32},
         ),
         "big_numpy": Workload(
             "big_numpy", "32×3×224×224 float32 numpy batches (19 MB)",
-            Images(32 * 12 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
+            Images(32 * 8 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
         ),
         "tiny_items": Workload(
             "tiny_items", "batches of 4 small ints (per-batch overhead)",
@@ -129,8 +150,13 @@ def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
             CpuBound(160 * scale), {"batch_size": 8},
         ),
         "skewed": Workload(
-            "skewed", "batches cost 5 ms, a random 15% of them 100 ms",
-            skewed, {"batch_size": None},
-            ideal_seconds=sum(skewed.cost(i) for i in range(skewed.n)) / num_workers,
+            "skewed", "I/O stalls: batches cost 5 ms, a random 5% of them 300 ms",
+            stalls, {"batch_size": None},
+            ideal_seconds=float(stalls.costs.sum()) / num_workers,
+        ),
+        "skewed_lognormal": Workload(
+            "skewed_lognormal", "dynamic-batch costs: lognormal around 10 ms (sigma 1)",
+            spread, {"batch_size": None},
+            ideal_seconds=float(spread.costs.sum()) / num_workers,
         ),
     }  # fmt: skip
