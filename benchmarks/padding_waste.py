@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Literal
 
 import numpy as np
 import torch
@@ -65,13 +66,17 @@ def row(name: str, lengths: np.ndarray, batches: Batches, seconds: float) -> str
 
 
 def make_dynamic(
-    lengths: np.ndarray, max_duration: float, buckets: int, seed: int
+    lengths: np.ndarray,
+    max_duration: float,
+    buckets: int,
+    seed: int,
+    cost: Literal["sum", "padded"] = "sum",
 ) -> DynamicBatchSampler:
     """A DynamicBatchSampler on ``lengths`` with ``buckets`` buckets."""
     with warnings.catch_warnings():  # the few outliers above max_duration come alone: fine
         warnings.simplefilter("ignore")
         return DynamicBatchSampler(
-            lengths, max_duration=max_duration, num_buckets=buckets, seed=seed
+            lengths, max_duration=max_duration, num_buckets=buckets, seed=seed, cost=cost
         )
 
 
@@ -103,6 +108,8 @@ def table(lengths: np.ndarray, args: argparse.Namespace) -> list[str]:
     rows.append(row(f"shuffled fixed size ({mean_size} items)", lengths, *fixed))
     for buckets, (batches, seconds) in dynamic.items():
         rows.append(row(f"DynamicBatchSampler num_buckets={buckets}", lengths, batches, seconds))
+    padded = timed(partial(make_dynamic, lengths, args.max_duration, 10, args.seed, "padded"))
+    rows.append(row("DynamicBatchSampler cost=padded", lengths, *padded))
     ordered = timed(
         lambda: SortedBatchSampler(lengths, max_duration=args.max_duration, seed=args.seed)
     )
@@ -110,13 +117,14 @@ def table(lengths: np.ndarray, args: argparse.Namespace) -> list[str]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``argv`` (default: the command line), print the distribution and the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=50_000, help="items in the dataset")
     parser.add_argument("--sigma", type=float, default=0.7, help="log-normal shape (skew)")
     parser.add_argument("--max-duration", type=float, default=300.0, help="seconds per batch")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     lengths = np.random.default_rng(args.seed).lognormal(1.5, args.sigma, size=args.items)
     describe(lengths, args)
     print()

@@ -60,7 +60,7 @@ class PoolIterator(_BaseDataLoaderIter):
             self._base_seed = epoch_start.in_epoch["base_seed"]
         self._epoch, self._pool = loader._begin_epoch(self, int(self._base_seed))
         self._window = deque()
-        self._sampler_done = False
+        self._sampler_done = self._ended = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
         self._fill()
@@ -165,8 +165,13 @@ class PoolIterator(_BaseDataLoaderIter):
 
     @property
     def finished(self) -> bool:
-        """Whether the epoch has yielded its last batch."""
-        return self._sampler_done and not self._window
+        """Whether the epoch has ended: the consumer was told so (StopIteration).
+
+        Not merely "the last batch was yielded": a state taken right after the
+        last batch is a state inside the epoch (nothing left to yield), as with
+        ``num_workers=0``, so a resumed loop finishes that epoch instead of
+        running the next one in its place."""
+        return self._ended
 
     @property
     def epoch(self) -> int:
@@ -203,7 +208,7 @@ class PoolIterator(_BaseDataLoaderIter):
                 return data
 
     def _finish(self) -> None:
-        self._sampler_done = True
+        self._sampler_done = self._ended = True
         self._pool.end_epoch(self._epoch)
 
     def _take(self) -> TaskRecord:

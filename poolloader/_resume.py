@@ -34,34 +34,79 @@ from typing import Any
 import torch
 
 STATE_VERSION = 1
-_KEYS = {"version", "epoch", "in_epoch", "generator"}
+_KEYS = {"version", "epoch", "in_epoch", "generators"}
 _EPOCH_KEYS = {"base_seed", "yielded", "yielded_after", "sampler", "rng"}
+
+
+#: How many ``.sampler`` / ``.batch_sampler`` links :func:`find_generators`
+#: follows from the loader's sampler (BatchSampler → RandomSampler is one).
+GENERATOR_SEARCH_DEPTH = 4
+
+
+def find_generators(
+    loader_generator: torch.Generator | None, sampler: Any
+) -> tuple[torch.Generator, ...]:
+    """Every ``torch.Generator`` an epoch's order may be drawn from: ``loader.generator``
+    (the base seed is drawn from it), then those the sampler holds
+    (``RandomSampler(generator=g)``, also inside a ``BatchSampler``), each once."""
+    found = [loader_generator] if loader_generator is not None else []
+    level = [sampler]
+    for _ in range(GENERATOR_SEARCH_DEPTH):
+        below = []
+        for obj in level:
+            generator = getattr(obj, "generator", None)
+            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+                found.append(generator)
+            below += [getattr(obj, name, None) for name in ("sampler", "batch_sampler")]
+        level = [obj for obj in below if obj is not None]
+    return tuple(found)
+
+
+def generator_states(generators: tuple[torch.Generator, ...]) -> list[torch.Tensor]:
+    return [g.get_state() for g in generators]
+
+
+def set_generator_states(
+    generators: tuple[torch.Generator, ...], states: list[torch.Tensor]
+) -> None:
+    """Put ``generators`` back to ``states``, refusing a state saved with other generators."""
+    if len(states) != len(generators):
+        raise ValueError(
+            f"the saved state holds {len(states)} random generator state(s), but this "
+            f"loader draws from {len(generators)} (loader.generator and the generators of its "
+            "sampler): build the loader with the same generator and sampler as the one that "
+            "saved it"
+        )
+    for generator, state in zip(generators, states, strict=True):
+        generator.set_state(state)
 
 
 @dataclass(frozen=True)
 class RngState:
-    """The random state a sampler may draw from: ``loader.generator``'s and torch's global."""
+    """The random state a sampler may draw from: its generators' and torch's global.
 
-    generator: torch.Tensor | None
+    ``generators`` holds the states of :func:`find_generators`' generators, in
+    that order; ``None`` leaves the generators alone when applied."""
+
+    generators: list[torch.Tensor] | None
     global_rng: torch.Tensor
 
     @classmethod
-    def capture(cls, generator: torch.Generator | None) -> RngState:
-        state = generator.get_state() if generator is not None else None
-        return cls(state, torch.get_rng_state())
+    def capture(cls, generators: tuple[torch.Generator, ...]) -> RngState:
+        return cls(generator_states(generators), torch.get_rng_state())
 
-    def apply(self, generator: torch.Generator | None) -> None:
-        if generator is not None and self.generator is not None:
-            generator.set_state(self.generator)
+    def apply(self, generators: tuple[torch.Generator, ...]) -> None:
+        if self.generators is not None:
+            set_generator_states(generators, self.generators)
         torch.set_rng_state(self.global_rng)
 
-    def to_dict(self) -> dict[str, torch.Tensor | None]:
+    def to_dict(self) -> dict[str, Any]:
         """Plain tensors, so ``torch.load(weights_only=True)`` reads a saved state."""
-        return {"generator": self.generator, "global": self.global_rng}
+        return {"generators": self.generators, "global": self.global_rng}
 
     @classmethod
     def from_dict(cls, found: Mapping[str, Any]) -> RngState:
-        return cls(found["generator"], found["global"])
+        return cls(found["generators"], found["global"])
 
 
 @dataclass
@@ -70,7 +115,11 @@ class Replay:
 
     before_draw: RngState  # the random state the saved epoch's first draw saw
     skip: int  # specs the saved epoch had yielded: drawn again and dropped
-    after: RngState  # the state to leave behind once the sampler has drawn
+    # The caller's global random state, put back once the skipped specs are drawn.
+    # The generators are left where the replay took them: that is where the saved
+    # epoch's had been after those draws (their state when state_dict() ran also
+    # holds draws for batches loaded ahead, which the resumed epoch makes again).
+    after: RngState
 
 
 class EpochLedger:
@@ -78,11 +127,11 @@ class EpochLedger:
 
     def __init__(
         self,
-        generator: torch.Generator | None,
+        generators: tuple[torch.Generator, ...],
         before_iter: RngState,
         snapshot: Callable[[], Any] | None,
     ) -> None:
-        self._generator = generator
+        self._generators = generators
         self.before_iter = before_iter
         self.before_draw: RngState | None = None
         self.snapshot = snapshot
@@ -122,16 +171,16 @@ class EpochLedger:
     def _first_draw(self, sampler_iter: Any) -> None:
         replay = self._replay
         if replay is None:
-            self.before_draw = RngState.capture(self._generator)
+            self.before_draw = RngState.capture(self._generators)
             return
         self.before_draw = replay.before_draw
-        replay.before_draw.apply(self._generator)
+        replay.before_draw.apply(self._generators)
         try:
             for _ in range(replay.skip):
                 next(sampler_iter)
                 self.next_position += 1
         finally:
-            replay.after.apply(self._generator)
+            replay.after.apply(self._generators)
 
     def consumed(self, position: int) -> None:
         """Batch ``position`` reached the consumer (as data or as its exception)."""
@@ -147,7 +196,7 @@ class EpochLedger:
     def state(self, base_seed: int) -> dict[str, Any]:
         rng = None
         if self.snapshot is None:
-            before_draw = self.before_draw or RngState.capture(self._generator)
+            before_draw = self.before_draw or RngState.capture(self._generators)
             rng = {"before_iter": self.before_iter.to_dict(), "before_draw": before_draw.to_dict()}
         return {
             "base_seed": base_seed,
@@ -162,7 +211,7 @@ class EpochLedger:
 class EpochStart:
     """Taken by the loader right before an iterator iterates its sampler for an epoch."""
 
-    generator: torch.Generator | None
+    generators: tuple[torch.Generator, ...]
     before_iter: RngState
     in_epoch: Mapping[str, Any] | None  # the saved epoch to continue, if resuming
     replay: Replay | None
@@ -172,42 +221,43 @@ class EpochStart:
     def begin(
         cls,
         sampler: Any,
-        generator: torch.Generator | None,
+        generators: tuple[torch.Generator, ...],
         in_epoch: Mapping[str, Any] | None,
-        saved_generator: torch.Tensor | None,
+        saved_generators: list[torch.Tensor] | None,
     ) -> EpochStart:
         """Capture the random state; when resuming, put the sampler (or the random
         state it draws from) back where the saved epoch had it.
 
         A resumed epoch's iterator draws its base seed (and a replayed sampler its
         order) again; those draws happened before the state was saved, so
-        afterwards the caller's global random state and the generator's saved
-        state are put back (:meth:`settle`)."""
-        before = RngState.capture(generator)
+        afterwards the caller's global random state is put back, and a sampler
+        that loads its own state finds the generators as they were saved
+        (:meth:`settle`)."""
+        before = RngState.capture(generators)
         if in_epoch is None:
-            return cls(generator, before, None, None, None)
-        after = RngState(saved_generator, before.global_rng)
-        replay = None
+            return cls(generators, before, None, None, None)
         if in_epoch["sampler"] is not None:
             _load_sampler(sampler, in_epoch["sampler"])
-        else:
-            rng = in_epoch["rng"]
-            saved = RngState.from_dict(rng["before_iter"])
-            replay = Replay(RngState.from_dict(rng["before_draw"]), int(in_epoch["yielded"]), after)
-            saved.apply(generator)
-            before = saved
-        return cls(generator, before, in_epoch, replay, after)
+            return cls(
+                generators, before, in_epoch, None, RngState(saved_generators, before.global_rng)
+            )
+        rng = in_epoch["rng"]
+        saved = RngState.from_dict(rng["before_iter"])
+        after = RngState(None, before.global_rng)
+        replay = Replay(RngState.from_dict(rng["before_draw"]), int(in_epoch["yielded"]), after)
+        saved.apply(generators)
+        return cls(generators, saved, in_epoch, replay, after)
 
     def settle(self) -> None:
         """After the iterator drew its base seed: undo that draw's effect when resuming."""
         if self.after is not None and self.replay is None:
-            self.after.apply(self.generator)
+            self.after.apply(self.generators)
 
     def ledger(self, iterator: Any) -> EpochLedger:
         """The ledger of the epoch ``iterator`` is starting (its sampler iterated)."""
         self.settle()
         snapshot = sampler_snapshot(iterator._index_sampler, iterator._sampler_iter)
-        ledger = EpochLedger(self.generator, self.before_iter, snapshot)
+        ledger = EpochLedger(self.generators, self.before_iter, snapshot)
         if self.in_epoch is not None:
             ledger.resume(self.in_epoch, self.replay)
         return ledger

@@ -21,7 +21,14 @@ from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
 from ._messages import Broadcast, Replace
 from ._pool import Pool
-from ._resume import STATE_VERSION, EpochStart, check_state
+from ._resume import (
+    STATE_VERSION,
+    EpochStart,
+    check_state,
+    find_generators,
+    generator_states,
+    set_generator_states,
+)
 from ._stats import LoaderStatistics, LoaderStats
 from ._transport import PickleTransport, SlabTransport
 from ._worker import WorkerSetup
@@ -129,7 +136,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._lock = threading.Lock()
         self._epoch_index = 0  # the number the next epoch gets; part of each batch's seed
         self._resume: dict[str, Any] | None = None
-        self._resume_generator: torch.Tensor | None = None
+        self._resume_generators: list[torch.Tensor] | None = None
         self._current: weakref.ref[Any] | None = None
         self._pool_key: tuple[Any, ...] | None = None
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
@@ -208,8 +215,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _before_iter(self) -> EpochStart:
         """Called by an iterator right before it iterates the sampler for a new epoch."""
         in_epoch, self._resume = self._resume, None
-        saved, self._resume_generator = self._resume_generator, None
-        return EpochStart.begin(self._index_sampler, self.generator, in_epoch, saved)
+        saved, self._resume_generators = self._resume_generators, None
+        return EpochStart.begin(self._index_sampler, self._generators(), in_epoch, saved)
+
+    def _generators(self) -> tuple[torch.Generator, ...]:
+        """The generators an epoch's order is drawn from (``loader.generator`` first)."""
+        return find_generators(self.generator, self._index_sampler)
 
     def _next_epoch(self, iterator: Any) -> int:
         """The number of the epoch ``iterator`` starts; it becomes the current one."""
@@ -249,8 +260,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             for batch in loader:   # continues the saved epoch
                 ...
         """
-        generator = self.generator.get_state() if self.generator is not None else None
-        state = {"version": STATE_VERSION, "generator": generator}
+        generators = self._resume_generators
+        if generators is None:
+            generators = generator_states(self._generators())
+        state = {"version": STATE_VERSION, "generators": generators}
         if self._resume is not None:
             return {**state, "epoch": self._epoch_index, "in_epoch": self._resume}
         current = self._current() if self._current is not None else None
@@ -271,9 +284,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._current = None
         self._epoch_index = int(state["epoch"])
         self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
-        if self._resume is None and state["generator"] is not None and self.generator is not None:
-            self.generator.set_state(state["generator"])  # the next epoch draws as saved
-        self._resume_generator = state["generator"]
+        if self._resume is None:
+            set_generator_states(self._generators(), state["generators"])  # drawn as saved
+        else:
+            self._resume_generators = list(state["generators"])
 
     def _ensure_pool(self, base_seed: int) -> Pool:
         key = (

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import random
+import threading
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from _compare import assert_same
@@ -9,23 +14,49 @@ from _datasets import Random
 from torch.utils.data import BatchSampler, RandomSampler
 
 from poolloader import DataLoader
-from poolloader.samplers import DynamicBatchSampler
+from poolloader.samplers import DynamicBatchSampler, SortedBatchSampler
 
 LENGTHS = [float(1 + (i * 7) % 13) for i in range(40)]
+#: Stands for "the last batch of that epoch" in a cut point: a state taken after an epoch's
+#: final batch, before the loop has seen the epoch end.
+LAST = -1
+#: (epoch, batches of it yielded before the state is taken); the resumed loop starts at
+#: that epoch and runs on to EPOCHS, so every cut also crosses epoch boundaries.
+CUTS = [(0, 1), (1, 4), (2, 2)]
+EPOCHS = 3
+
+
+def _row(i: int) -> torch.Tensor:
+    """Item i and one draw from each generator dataset code uses: all must survive resume."""
+    draws = [random.random(), float(np.random.rand()), torch.rand(()).item()]
+    return torch.tensor([float(i), *draws], dtype=torch.float64)
 
 
 class Tagged(torch.utils.data.Dataset):
-    """Item i: (i, a random draw): random augmentation must survive resume too."""
+    """Item i: (i, python, numpy and torch random draws)."""
 
     def __len__(self) -> int:
         return len(LENGTHS)
 
     def __getitem__(self, i: int):
-        return torch.tensor([float(i), torch.rand(()).item()])
+        return _row(i)
+
+
+class CutTagged(torch.utils.data.Dataset):
+    """A lhotse CutSet batch, built in the worker: one row per cut, as ``Tagged`` does."""
+
+    def __getitem__(self, cuts):
+        return torch.stack([_row(int(cut.id.rsplit("-", 1)[1])) for cut in cuts])
 
 
 def _dynamic():
     return {"batch_sampler": DynamicBatchSampler(LENGTHS, max_duration=20.0, seed=3)}
+
+
+def _sorted_extended():
+    # 10 batches a pass, 13 an epoch: epochs straddle passes and repeat batches
+    sampler = SortedBatchSampler(LENGTHS, batch_size=4, batches_per_epoch=13, seed=3)
+    return {"batch_sampler": sampler}
 
 
 def _random_with_generator():
@@ -33,20 +64,83 @@ def _random_with_generator():
     return {"batch_size": 3, "shuffle": True, "generator": generator}
 
 
+def _random_sampler_with_its_generator():
+    generator = torch.Generator().manual_seed(7)
+    return {"sampler": RandomSampler(range(40), generator=generator), "batch_size": 3}
+
+
 def _random_global():
     return {"batch_sampler": BatchSampler(RandomSampler(range(40)), 4, drop_last=False)}
 
 
+class ProtocolSampler:
+    """A third-party batch sampler that only follows the protocol: batches of a
+    ``seed + epoch`` permutation, ``set_epoch``, and a sampler-level ``state_dict`` /
+    ``load_state_dict`` (its ``__iter__`` is a plain generator, as lhotse-style code has)."""
+
+    def __init__(self, count: int, batch_size: int, seed: int = 0) -> None:
+        self.count, self.batch_size, self.seed = count, batch_size, seed
+        self.epoch, self.yielded, self._resume_at = 0, 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return -(-self.count // self.batch_size)
+
+    def __iter__(self):
+        order = np.random.default_rng(self.seed + self.epoch).permutation(self.count).tolist()
+        batches = [order[i : i + self.batch_size] for i in range(0, self.count, self.batch_size)]
+        self.yielded, self._resume_at = self._resume_at, 0
+        while self.yielded < len(batches):
+            self.yielded += 1
+            yield batches[self.yielded - 1]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "yielded": self.yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._resume_at = state["epoch"], state["yielded"]
+
+
+def _protocol():
+    return {"batch_sampler": ProtocolSampler(len(LENGTHS), 3, seed=5)}
+
+
+def _lhotse():
+    lhotse = pytest.importorskip("lhotse")
+    from lhotse.dataset import DynamicBucketingSampler
+    from lhotse.testing.dummies import DummyManifest
+
+    cuts = DummyManifest(lhotse.CutSet, begin_id=0, end_id=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler = DynamicBucketingSampler(cuts, max_duration=5, num_buckets=2, shuffle=True, seed=3)
+    return {"dataset": CutTagged(), "sampler": sampler, "batch_size": None}
+
+
 SAMPLERS = {
     "dynamic": _dynamic,
+    "lhotse": _lhotse,
+    "protocol_only": _protocol,
+    "sorted_extended": _sorted_extended,
     "torch_generator": _random_with_generator,
     "torch_global": _random_global,
+    "torch_sampler_generator": _random_sampler_with_its_generator,
 }
 
 
 def _loader(make, num_workers):
+    options = make()
+    dataset = options.pop("dataset") if "dataset" in options else Tagged()
     extra = {"multiprocessing_context": "forkserver"} if num_workers else {}
-    return DataLoader(Tagged(), num_workers=num_workers, **make(), **extra)
+    return DataLoader(dataset, num_workers=num_workers, **options, **extra)
+
+
+def _set_epoch(loader, epoch):
+    sampler = loader.batch_sampler if loader.batch_sampler is not None else loader.sampler
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
 
 
 def _epochs(loader, first, last, stop_after=None):
@@ -54,9 +148,7 @@ def _epochs(loader, first, last, stop_after=None):
     of that epoch and return the loader's state as well."""
     seen = []
     for epoch in range(first, last):
-        sampler = loader.batch_sampler
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+        _set_epoch(loader, epoch)
         for k, batch in enumerate(loader):
             seen.append((epoch, batch))
             if stop_after == (epoch, k + 1):
@@ -64,27 +156,91 @@ def _epochs(loader, first, last, stop_after=None):
     return seen, None
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-@pytest.mark.parametrize("sampler", sorted(SAMPLERS))
+def _absolute(cut, reference):
+    """``cut`` with ``LAST`` replaced by the length of that epoch in ``reference``."""
+    epoch, k = cut
+    return (epoch, sum(e == epoch for e, _ in reference) if k == LAST else k)
+
+
+def _check_resume(make, num_workers, reference, cut):
+    torch.manual_seed(0)
+    with _loader(make, num_workers) as first:
+        before, state = _epochs(first, 0, EPOCHS, stop_after=cut)
+    assert state is not None
+    rng = torch.get_rng_state()
+    with _loader(make, num_workers) as second:
+        second.load_state_dict(state)
+        torch.set_rng_state(rng)  # a checkpoint restores the caller's random state too
+        after, _ = _epochs(second, cut[0], EPOCHS)
+    assert len(before) + len(after) == len(reference), cut
+    for i, ((e1, got), (e2, want)) in enumerate(zip(before + after, reference)):
+        assert e1 == e2
+        assert_same(got, want, f"cut {cut}, batch {i}")
+
+
+@pytest.mark.parametrize(
+    ("sampler", "num_workers"),
+    [(name, workers) for name in sorted(SAMPLERS) for workers in (0, 2)],
+)
 def test_resume_continues_exactly(sampler, num_workers):
     make = SAMPLERS[sampler]
     torch.manual_seed(0)
     with _loader(make, num_workers) as loader:
-        reference, _ = _epochs(loader, 0, 3)
-    for cut in [(0, 1), (1, 4), (2, 2)]:
-        torch.manual_seed(0)
-        with _loader(make, num_workers) as first:
-            before, state = _epochs(first, 0, 3, stop_after=cut)
-        assert state is not None
-        rng = torch.get_rng_state()
-        with _loader(make, num_workers) as second:
-            second.load_state_dict(state)
-            torch.set_rng_state(rng)  # a checkpoint restores the caller's random state too
-            after, _ = _epochs(second, cut[0], 3)
-        assert len(before) + len(after) == len(reference), cut
-        for i, ((e1, got), (e2, want)) in enumerate(zip(before + after, reference)):
-            assert e1 == e2
-            assert_same(got, want, f"cut {cut}, batch {i}")
+        reference, _ = _epochs(loader, 0, EPOCHS)
+    assert len({e for e, _ in reference}) == EPOCHS
+    for cut in CUTS:
+        _check_resume(make, num_workers, reference, _absolute(cut, reference))
+
+
+# After an epoch's last batch, before the loop sees the epoch end, the state is inside
+# that epoch with nothing left to yield, whatever num_workers: the resumed loop finishes
+# that epoch (yielding nothing) and goes on with the next, instead of running it twice.
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("sampler", ["dynamic", "torch_global"])
+def test_state_after_an_epochs_last_batch_resumes_to_the_next_epoch(sampler, num_workers):
+    make = SAMPLERS[sampler]
+    torch.manual_seed(0)
+    with _loader(make, num_workers) as loader:
+        reference, _ = _epochs(loader, 0, EPOCHS)
+    _check_resume(make, num_workers, reference, _absolute((1, LAST), reference))
+
+
+class _WatchedBatchSampler(BatchSampler):
+    """torch's shuffled batches of 3 of 12 items; says when it has been drawn to the end
+    (torch's RandomSampler draws once more from its generator as it finishes)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        super().__init__(RandomSampler(range(12), generator=generator), 3, drop_last=False)
+        self.drawn_all = threading.Event()
+
+    def __iter__(self):
+        yield from super().__iter__()
+        self.drawn_all.set()
+
+
+# The generator's state when state_dict() runs includes draws made for batches the
+# workers loaded ahead; a resumed epoch that replays the sampler makes those draws
+# again, so it must not also restore that state.
+def test_state_does_not_depend_on_how_far_workers_prefetched():
+    def loader():
+        generator = torch.Generator().manual_seed(7)
+        return DataLoader(Tagged(), batch_sampler=_WatchedBatchSampler(generator),
+                          generator=generator, num_workers=2,
+                          multiprocessing_context="forkserver")  # fmt: skip
+
+    torch.manual_seed(0)
+    with loader() as straight:
+        reference = [[b[:, 0].tolist() for b in straight] for _ in range(2)]
+    with loader() as first:
+        iterator = iter(first)
+        before = [next(iterator)[:, 0].tolist()]
+        assert first.batch_sampler.drawn_all.wait(timeout=30)  # the prefetch ran ahead
+        state = first.state_dict()
+    with loader() as second:
+        second.load_state_dict(state)
+        resumed = [before + [b[:, 0].tolist() for b in second]]
+        resumed.append([b[:, 0].tolist() for b in second])
+    assert resumed == reference
 
 
 def test_resume_with_a_different_worker_count():
@@ -135,12 +291,25 @@ def test_bad_states_are_refused():
     loader = DataLoader(Tagged())
     with pytest.raises(ValueError, match=r"unknown keys \['bogus'\]"):
         loader.load_state_dict(
-            {"version": 1, "epoch": 0, "in_epoch": None, "generator": None, "bogus": 1}
+            {"version": 1, "epoch": 0, "in_epoch": None, "generators": [], "bogus": 1}
         )
     with pytest.raises(ValueError, match="another version of poolloader"):
-        loader.load_state_dict({"version": 99, "epoch": 0, "in_epoch": None, "generator": None})
+        loader.load_state_dict({"version": 99, "epoch": 0, "in_epoch": None, "generators": []})
     with pytest.raises(TypeError, match="expects the dict from state_dict"):
         loader.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_a_state_saved_with_other_generators_is_refused():
+    """A state from a loader with a generator, loaded where there is none: said, not
+    silently ignored (the resumed epochs would be drawn differently)."""
+    with _loader(_random_with_generator, 0) as loader:
+        list(loader)
+        state = loader.state_dict()
+    assert len(state["generators"]) == 1
+    with pytest.raises(
+        ValueError, match=r"holds 1 random generator state\(s\), but this loader draws from 0"
+    ):
+        DataLoader(Tagged(), batch_size=3, shuffle=True).load_state_dict(state)
 
 
 def test_out_of_order_resume_skips_what_was_yielded():
@@ -156,30 +325,36 @@ def test_out_of_order_resume_skips_what_was_yielded():
     assert not seen & set(rest)
 
 
-@pytest.mark.parametrize("num_workers", [1, 2, 4])
-def test_random_batches_do_not_depend_on_num_workers(num_workers):
-    def batches(workers, method="forkserver"):
-        extra = {"multiprocessing_context": method} if workers else {}
-        generator = torch.Generator().manual_seed(11)
-        with DataLoader(Random(), batch_size=4, shuffle=True, generator=generator,
-                        num_workers=workers, **extra) as loader:  # fmt: skip
-            return [b for _ in range(2) for b in loader]
+def _random_batches(workers, method=None, seeding="batch"):
+    """Two epochs of shuffled batches of items drawn from python, numpy and torch."""
+    extra = {"multiprocessing_context": method} if workers and method else {}
+    generator = torch.Generator().manual_seed(11)
+    with DataLoader(Random(), batch_size=4, shuffle=True, generator=generator,
+                    num_workers=workers, seeding=seeding, **extra) as loader:  # fmt: skip
+        return [b for _ in range(2) for b in loader]
 
-    reference = batches(0)
-    for got, want in zip(batches(num_workers), reference):
-        assert torch.equal(got, want)
+
+@pytest.mark.parametrize(
+    ("method", "num_workers"),
+    [("forkserver", 1), ("forkserver", 2), ("forkserver", 4), (None, 2), ("spawn", 4)],
+)
+def test_random_batches_do_not_depend_on_num_workers(method, num_workers):
+    # None: the default start method, spawn
+    reference = _random_batches(0)
+    got = _random_batches(num_workers, method)
+    assert len(got) == len(reference) == 8
+    for mine, want in zip(got, reference):
+        assert torch.equal(mine, want)
     assert not torch.equal(reference[0], reference[1])
+    assert not torch.equal(reference[0], reference[4]), "epochs should draw differently"
 
 
-def test_random_batches_match_under_spawn():
-    generator = torch.Generator().manual_seed(11)
-    with DataLoader(Random(), batch_size=4, num_workers=2, generator=generator) as loader:
-        spawned = list(loader)
-    generator = torch.Generator().manual_seed(11)
-    with DataLoader(Random(), batch_size=4, generator=generator) as loader:
-        in_process = list(loader)
-    for got, want in zip(spawned, in_process):
-        assert torch.equal(got, want)
+def test_worker_seeding_depends_on_num_workers():
+    # What seeding="batch" fixes: under torch's per-worker seeding a batch's random
+    # draws depend on which worker loaded it, so the worker count changes them.
+    one, two = (_random_batches(n, "forkserver", seeding="worker") for n in (1, 2))
+    assert [b.shape for b in one] == [b.shape for b in two]
+    assert not all(torch.equal(a, b) for a, b in zip(one, two))
 
 
 def test_batch_seeding_leaves_the_callers_random_state_alone():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import itertools
 import json
+import pathlib
 import pickle
 import re
 import warnings
@@ -233,6 +236,55 @@ def test_environment_beats_default_and_argument_beats_environment(
     assert (sampler.rank, sampler.world_size) == (2, 4)
 
 
+@pytest.fixture
+def fake_process_group(no_rank_env: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """An initialised torch.distributed group of 3 in which this process is rank 1."""
+    no_rank_env.setattr(torch.distributed, "is_available", lambda: True)
+    no_rank_env.setattr(torch.distributed, "is_initialized", lambda: True)
+    no_rank_env.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 1)
+    no_rank_env.setattr(torch.distributed, "get_world_size", lambda *args, **kwargs: 3)
+    return no_rank_env
+
+
+RESOLUTION_ORDER = [
+    # (rank argument, world_size argument, RANK, WORLD_SIZE, expected)
+    (None, None, None, None, (1, 3)),  # torch.distributed
+    (None, None, "2", None, (2, 3)),  # RANK beats torch.distributed; each value on its own
+    (None, None, None, "2", (1, 2)),
+    (None, None, "0", "4", (0, 4)),  # the environment beats torch.distributed
+    (3, None, "0", "4", (3, 4)),  # the argument beats the environment
+    (0, 1, "2", "4", (0, 1)),
+]
+
+
+@pytest.mark.parametrize(("rank", "world", "env_rank", "env_world", "expected"), RESOLUTION_ORDER)
+def test_resolution_order_is_argument_environment_torch_distributed(
+    fake_process_group: pytest.MonkeyPatch,
+    rank: int | None,
+    world: int | None,
+    env_rank: str | None,
+    env_world: str | None,
+    expected: tuple[int, int],
+) -> None:
+    for name, value in (("RANK", env_rank), ("WORLD_SIZE", env_world)):
+        if value is not None:
+            fake_process_group.setenv(name, value)
+    assert resolve_rank_world_size(rank, world) == expected
+    for sampler in (
+        dynamic(lognormal(20), max_duration=20.0, rank=rank, world_size=world),
+        SortedBatchSampler(lognormal(20), batch_size=2, rank=rank, world_size=world),
+    ):
+        assert (sampler.rank, sampler.world_size) == expected
+
+
+def test_uninitialised_torch_distributed_falls_back_to_the_default(
+    no_rank_env: pytest.MonkeyPatch,
+) -> None:
+    no_rank_env.setattr(torch.distributed, "is_initialized", lambda: False)
+    no_rank_env.setattr(torch.distributed, "get_rank", lambda: pytest.fail("asked torch"))
+    assert resolve_rank_world_size() == (0, 1)
+
+
 def test_bad_ranks_are_rejected_with_their_source(no_rank_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(
         ValueError, match=r"Invalid rank 2, rank should be in the interval \[0, 1\]"
@@ -246,6 +298,13 @@ def test_bad_ranks_are_rejected_with_their_source(no_rank_env: pytest.MonkeyPatc
         resolve_rank_world_size()
     with pytest.raises(ValueError, match="world_size should be a positive integer"):
         resolve_rank_world_size(rank=0, world_size=0)
+    no_rank_env.setenv("WORLD_SIZE", "0")
+    with pytest.raises(
+        ValueError,
+        match="but got world_size=0; it came from the environment variable WORLD_SIZE; pass "
+        "world_size= explicitly",
+    ):
+        resolve_rank_world_size(rank=0)
 
 
 # ---------------------------------------------------------------- argument checks
@@ -343,6 +402,25 @@ def test_dynamic_epoch_covers_items_once_within_limits(values: list[float], kwar
 
 
 @FEW
+@given(lengths_lists, dynamic_args)
+def test_dynamic_batches_keep_to_one_bucket_and_drop_only_final_ones(
+    values: list[float], kwargs: dict
+) -> None:
+    lengths = np.array(values)
+    sampler = dynamic(lengths, **kwargs)
+    batches = epoch(sampler, 0)
+    bucket_of = np.searchsorted(sampler.boundaries, lengths, side="right")
+    assert all(len(set(bucket_of[batch].tolist())) == 1 for batch in batches)
+    lost = sorted(set(range(lengths.size)) - {i for batch in batches for i in batch})
+    if not kwargs["drop_last"]:
+        assert lost == []
+    for bucket in set(bucket_of[lost].tolist()):
+        dropped = lengths[[i for i in lost if bucket_of[i] == bucket]]
+        # at most one batch per bucket is dropped, and only one that is not full
+        assert sampler.constraint.fits(dropped) and not sampler.constraint.is_full(dropped)
+
+
+@FEW
 @given(lengths_lists, dynamic_args, st.integers(2, 4))
 def test_ranks_take_the_formula_positions_of_the_global_order(
     values: list[float], kwargs: dict, world: int
@@ -403,6 +481,155 @@ def test_bucketing_reduces_padding() -> None:
     assert padded_ratio(lengths, bucketed) < padded_ratio(lengths, fixed) / 2
 
 
+limits = st.one_of(
+    st.fixed_dictionaries({"batch_size": st.integers(1, 9)}),
+    st.fixed_dictionaries({"max_duration": st.floats(5.0, 60.0)}),
+)
+sorted_args = st.builds(
+    lambda limit, rest: {**limit, **rest},
+    limits,
+    st.fixed_dictionaries(
+        {
+            "descending": st.sampled_from([True, False, None]),
+            "shuffle": st.booleans(),
+            "seed": st.integers(0, 1000),
+        }
+    ),
+)
+
+
+def speechain_view(lengths: np.ndarray, kwargs: dict) -> Batches:
+    """The batches SpeeChain makes: sort by length (stable), cut greedily, in that order."""
+    descending = kwargs["descending"]
+    order = list(range(lengths.size))
+    if descending is not None:
+        order.sort(key=lambda i: -lengths[i] if descending else lengths[i])
+    batches: Batches = [[]]
+    for i in order:
+        batch = batches[-1]
+        if "batch_size" in kwargs:
+            full = len(batch) == kwargs["batch_size"]
+        else:
+            full = bool(batch) and lengths[batch].sum() + lengths[i] > kwargs["max_duration"]
+        batches.append([i]) if full else batch.append(i)
+    return batches
+
+
+@FEW
+@given(lengths_lists, sorted_args)
+def test_sorted_epoch_is_speechains_view_reordered(values: list[float], kwargs: dict) -> None:
+    lengths = np.array(values)
+    sampler = SortedBatchSampler(lengths, **kwargs)
+    batches = epoch(sampler, 3)
+    view = speechain_view(lengths, kwargs)
+    assert len(sampler) == len(batches) == len(view)
+    assert sorted(batches) == sorted(view)  # same batches: every item once, limits kept
+    if not kwargs["shuffle"]:
+        assert batches == view
+    assert batches == epoch(SortedBatchSampler(lengths, **kwargs), 3)
+
+
+def formula_shard(every: Batches, rank: int, world: int) -> Batches:
+    """Rank ``rank``'s batches by the documented formula, written out independently."""
+    count = -(-len(every) // world)
+    return [every[(k * world + rank) % len(every)] for k in range(count)]
+
+
+@FEW
+@given(lengths_lists, sorted_args, st.integers(2, 4))
+def test_sorted_ranks_take_equal_formula_shards(
+    values: list[float], kwargs: dict, world: int
+) -> None:
+    lengths = np.array(values)
+    every = epoch(SortedBatchSampler(lengths, **kwargs, rank=0, world_size=1), 2)
+    for rank in range(world):
+        sampler = SortedBatchSampler(lengths, **kwargs, rank=rank, world_size=world)
+        mine = epoch(sampler, 2)
+        assert mine == formula_shard(every, rank, world)
+        assert len(sampler) == len(mine) == -(-len(every) // world)
+
+
+def stream_of_passes(lengths: np.ndarray, kwargs: dict, count: int) -> Batches:
+    """At least ``count`` batches: the one-pass epochs 0, 1, 2, ... one after another."""
+    plain = SortedBatchSampler(lengths, **kwargs)
+    stream: Batches = []
+    for number in itertools.count():
+        if len(stream) >= count:
+            return stream
+        stream += epoch(plain, number)
+    raise AssertionError("unreachable")
+
+
+@FEW
+@given(
+    lengths_lists,
+    sorted_args,
+    st.integers(1, 40),
+    st.integers(1, 3),
+    st.permutations(range(5)),
+)
+def test_batches_per_epoch_clips_or_repeats_deterministically_by_epoch(
+    values: list[float], kwargs: dict, per_epoch: int, world: int, visit: list[int]
+) -> None:
+    lengths = np.array(values)
+    stream = stream_of_passes(lengths, kwargs, 5 * per_epoch * world)
+    per_pass = len(speechain_view(lengths, kwargs))
+    for rank in range(world):
+        sampler = SortedBatchSampler(
+            lengths, **kwargs, batches_per_epoch=per_epoch, rank=rank, world_size=world
+        )
+        for number in visit:  # any order of epochs: an epoch depends on (seed, epoch) only
+            mine = epoch(sampler, number)
+            start = number * per_epoch * world
+            assert mine == stream[start + rank : start + per_epoch * world : world]
+            assert len(sampler) == per_epoch
+            if per_epoch * world >= per_pass and rank == 0:
+                ranks = [
+                    stream[start + r : start + per_epoch * world : world] for r in range(world)
+                ]
+                every = {tuple(batch) for shard in ranks for batch in shard}
+                assert every == {tuple(batch) for batch in speechain_view(lengths, kwargs)}
+
+
+@FEW
+@given(
+    st.sampled_from(["dynamic", "dynamic-padded-drop", "sorted", "sorted-duration"]),
+    st.permutations(range(4)),
+    st.integers(1, 3),
+)
+def test_an_epoch_depends_on_seed_and_epoch_not_history(
+    name: str, visit: list[int], world: int
+) -> None:
+    sampler = FACTORIES[name](rank=world - 1, world_size=world)
+    for number in visit:
+        fresh = FACTORIES[name](rank=world - 1, world_size=world)
+        assert epoch(sampler, number) == epoch(fresh, number)
+
+
+def waste_by_sampler(table: str) -> dict[str, float]:
+    """The "padding waste" column of the benchmark's markdown table, by sampler name."""
+    rows = [line.strip("|").split("|") for line in table.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): float(cells[3]) for cells in rows[1:]}  # rows[0]: the header
+
+
+def test_padding_waste_benchmark_runs_and_shows_the_gain(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "padding_waste.py"
+    spec = importlib.util.spec_from_file_location("padding_waste", path)
+    assert spec is not None and spec.loader is not None
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    benchmark.REPEATS = 1
+    benchmark.main(["--items", "3000"])
+    waste = waste_by_sampler(capsys.readouterr().out)
+    fixed = next(value for name, value in waste.items() if name.startswith("shuffled fixed"))
+    assert fixed > 2.0, "the benchmark's lengths should be skewed"
+    assert waste["DynamicBatchSampler num_buckets=10"] < fixed / 2
+    assert waste["DynamicBatchSampler cost=padded"] < fixed / 2
+    assert len(waste) == 6
+
+
 # ---------------------------------------------------------------- limits while iterating
 
 
@@ -424,6 +651,62 @@ def test_len_counts_yielded_plus_remaining_under_new_limits() -> None:
     expected = len(sampler)
     assert expected == len(drawn) + len(list(iterator))
     assert expected < len(epoch(dynamic(lognormal(500), max_duration=30.0), 0))
+
+
+def within(lengths: np.ndarray, batch: list[int], limit: BatchConstraint) -> bool:
+    """Whether ``batch`` keeps to ``limit`` (an oversized item may come alone)."""
+    values = lengths[batch]
+    cost = values.sum() if limit.cost == "sum" else len(batch) * values.max()
+    fits_duration = limit.max_duration is None or cost <= limit.max_duration * (1 + 1e-12)
+    fits_size = limit.max_batch_size is None or len(batch) <= limit.max_batch_size
+    return fits_size and (fits_duration or len(batch) == 1)
+
+
+def run_with_changes(
+    sampler: SamplerBase, changes: dict[int, float]
+) -> tuple[Batches, list[BatchConstraint], int | None]:
+    """One epoch, scaling the limit by ``changes[k]`` after batch k: the batches, the limit
+    each was cut under, and ``len()`` right after the last change."""
+    batches: Batches = []
+    cut_under = []
+    length_after = None
+    for batch in sampler:
+        cut_under.append(sampler.constraint)  # type: ignore[attr-defined]
+        batches.append(batch)
+        if len(batches) in changes:
+            set_limit(sampler, changes[len(batches)])
+            length_after = len(sampler)
+    return batches, cut_under, length_after
+
+
+@FEW
+@given(
+    st.sampled_from(["dynamic", "dynamic-padded-drop", "sorted", "sorted-duration"]),
+    st.dictionaries(st.integers(1, 40), st.sampled_from([0.4, 0.7, 1.5, 3.0]), max_size=3),
+    st.integers(1, 3),
+    st.integers(0, 3),
+)
+def test_limit_changes_keep_every_property(
+    name: str, changes: dict[int, float], world: int, number: int
+) -> None:
+    drop_last = name.endswith("-drop")
+    shards = []
+    for rank in range(world):
+        sampler = FACTORIES[name](rank=rank, world_size=world)
+        sampler.set_epoch(number)
+        batches, cut_under, length_after = run_with_changes(sampler, changes)
+        lengths = sampler._lengths  # type: ignore[attr-defined]
+        assert all(within(lengths, b, c) for b, c in zip(batches, cut_under, strict=True))
+        if length_after is not None:  # len() after the last change is exact
+            assert length_after == len(batches)
+        shards.append(batches)
+    assert len({len(shard) for shard in shards}) == 1, "ranks must yield equally many"
+    rounds = list(zip(*shards, strict=True))
+    items = [i for batches in rounds[:-1] for batch in batches for i in batch]
+    assert len(items) == len(set(items)), "an item repeated before the last round"
+    if not drop_last:
+        covered = {i for shard in shards for batch in shard for i in batch}
+        assert covered == set(range(sampler.num_items))  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- exact resume
@@ -569,8 +852,24 @@ def test_bad_states_are_rejected_and_change_nothing() -> None:
 def test_missing_keys_are_named() -> None:
     state = FACTORIES["sorted"]().state_dict()
     del state["draws"]
-    with pytest.raises(ValueError, match=re.escape("missing keys ['draws']")):
+    with pytest.raises(ValueError, match=re.escape("got a state with missing keys ['draws']; ")):
         FACTORIES["sorted"]().load_state_dict(state)
+    state[("not", "a", "string")] = 1
+    with pytest.raises(
+        ValueError,
+        match=re.escape("unknown keys [('not', 'a', 'string')] and missing keys ['draws']; it "),
+    ):
+        FACTORIES["sorted"]().load_state_dict(state)
+
+
+def test_a_state_from_another_library_is_refused_by_name() -> None:
+    lhotse_like = {"epoch": 0, "world_size": 1, "rank": 0, "seed": 0, "shuffle": True}
+    with pytest.raises(ValueError, match=re.escape("unknown keys ['rank', 'shuffle'] and")):
+        FACTORIES["dynamic"]().load_state_dict(lhotse_like)
+    with pytest.raises(
+        TypeError, match=re.escape("should be a dict returned by state_dict(), but got list")
+    ):
+        FACTORIES["dynamic"]().load_state_dict([("epoch", 0)])  # type: ignore[arg-type]
 
 
 def test_samplers_pickle_with_their_position() -> None:

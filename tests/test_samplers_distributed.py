@@ -42,13 +42,28 @@ def lengths() -> np.ndarray:
     return np.random.default_rng(7).lognormal(mean=1.5, sigma=0.7, size=501)
 
 
+#: Batches per rank of the "sorted-clipped" sampler: fewer than a pass holds (32).
+CLIPPED = 7
+
 FACTORIES: dict[str, Factory] = {
     "dynamic": lambda: DynamicBatchSampler(lengths(), max_duration=45.0, seed=5),
     "dynamic-drop-last": lambda: DynamicBatchSampler(
         lengths(), max_duration=45.0, max_batch_size=9, drop_last=True
     ),
     "sorted": lambda: SortedBatchSampler(lengths(), batch_size=16, seed=2),
+    "sorted-clipped": lambda: SortedBatchSampler(
+        lengths(), batch_size=16, seed=2, batches_per_epoch=CLIPPED
+    ),
 }
+
+
+def global_order(name: str) -> SamplerBase:
+    """The single-rank sampler whose epoch is the global order the ranks shard."""
+    if name == "sorted-clipped":  # batches_per_epoch counts per rank: W times as many
+        return SortedBatchSampler(
+            lengths(), batch_size=16, seed=2, batches_per_epoch=CLIPPED * WORLD_SIZE
+        )
+    return FACTORIES[name]()
 
 
 class Items(torch.utils.data.Dataset):
@@ -134,12 +149,14 @@ def _run_ranks(init_file: Path) -> list[Any]:
 def test_ranks_from_torch_distributed_get_disjoint_equal_covering_shards(tmp_path: Path) -> None:
     gathered = _run_ranks(tmp_path / "rendezvous")
     assert gathered[0] == gathered[1], "all_gather_object gave the ranks different views"
-    for name, factory in FACTORIES.items():
+    for name in FACTORIES:
         reports = [per_rank[name] for per_rank in gathered[0]]
         assert [(r["rank"], r["world_size"]) for r in reports] == [(0, 2), (1, 2)], name
         shards = [r["batches"] for r in reports]
         assert len(shards[0]) == len(shards[1]) == reports[0]["len"] == reports[1]["len"], name
-        _check_shards(name, factory(), shards)
+        _check_shards(name, global_order(name), shards)
+    clipped = [per_rank["sorted-clipped"]["batches"] for per_rank in gathered[0]]
+    assert [len(shard) for shard in clipped] == [CLIPPED, CLIPPED]
 
 
 def _check_shards(name: str, single: SamplerBase, shards: list[Batches]) -> None:
@@ -154,5 +171,5 @@ def _check_shards(name: str, single: SamplerBase, shards: list[Batches]) -> None
     assert len(items) == len(set(items)), name
     covered = {i for shard in shards for batch in shard for i in batch}
     assert covered == {i for batch in everything for i in batch}, name
-    if not drop_last:
+    if not drop_last and getattr(single, "batches_per_epoch", None) is None:
         assert covered == set(range(single.num_items)), name  # type: ignore[attr-defined]

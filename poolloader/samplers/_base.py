@@ -13,8 +13,12 @@ NOTE [ Sampler protocol ]
   ``0`` / ``1`` (:func:`~poolloader.samplers._distributed.resolve_rank_world_size`). They
   are fixed when the sampler is built.
 * ``len(sampler)`` is exact: the number of batches this rank yields in the current epoch
-  with the current limits. While an epoch is in progress (or resumed and not yet
-  finished) it counts the batches already yielded plus those still to come.
+  with the current limits, after any ``set_epoch``, for any rank, ``drop_last`` and
+  ``batches_per_epoch``. While an epoch is in progress (or resumed and not yet finished)
+  it counts the batches already yielded plus those still to come. A limit changed
+  mid-epoch changes the count from then on, so a ``len()`` taken *before* the change is
+  not exact for that epoch; ``len()`` taken after it is (until the next change). With
+  ``batches_per_epoch`` the count is fixed and limits do not change it.
 * Limits (``sampler.max_duration = x`` and friends) may change between batches; the change
   takes effect from the next batch drawn. Samplers form batches lazily from a
   deterministic item order, so nothing ahead of the next batch is fixed in advance.
@@ -171,8 +175,13 @@ class SamplerBase(Sampler[list[int]], abc.ABC):
     def __len__(self) -> int:
         """Batches this rank yields in the current epoch with the limits in effect.
 
-        While an epoch is in progress (or loaded and not finished), that is the batches
-        already yielded plus those still to come; otherwise a whole fresh epoch.
+        Exact while the limits stay as they are: iterating the epoch yields this many
+        batches, the same number on every rank. While an epoch is in progress (or loaded and
+        not finished), that is the batches already yielded plus those still to come;
+        otherwise a whole fresh epoch of :attr:`epoch`. Changing a limit mid-epoch changes
+        the count from the next batch on, and a ``len()`` taken before the change cannot
+        foresee that: call ``len()`` again after it. (With ``batches_per_epoch`` the count
+        is fixed.)
         """
         return self._in_progress().planned_length()
 
@@ -238,13 +247,18 @@ class SamplerBase(Sampler[list[int]], abc.ABC):
                 f"state should be a dict returned by state_dict(), but got {type(state).__name__}"
             )
         expected = (*self._COMMON_KEYS, *self._LIMIT_KEYS, *self._POSITION_KEYS)
-        unknown = sorted(set(state) - set(expected))
+        unknown = sorted(set(state) - set(expected), key=str)
         missing = [key for key in expected if key not in state]
         if unknown or missing:
+            wrong = [
+                f"{what} keys {keys}"
+                for what, keys in (("unknown", unknown), ("missing", missing))
+                if keys
+            ]
             raise ValueError(
-                f"{type(self).__name__}.load_state_dict() got a state with unknown keys "
-                f"{unknown} and missing keys {missing}; it expects exactly {list(expected)}. "
-                "Pass a dict returned by state_dict() of the same kind of sampler"
+                f"{type(self).__name__}.load_state_dict() got a state with {' and '.join(wrong)}; "
+                f"it expects exactly {list(expected)}. Pass a dict returned by state_dict() of "
+                "the same kind of sampler"
             )
 
     def _check_identity(self, state: Mapping[str, Any]) -> None:

@@ -114,9 +114,9 @@ def resolve_rank_world_size(
             the message names where each value came from.
     """
     size, size_source = _resolve_one("world_size", world_size, "WORLD_SIZE", _dist_world_size, 1)
-    check_positive_int("world_size", size)
+    check_positive_int("world_size", size, _source_hint("world_size", size_source))
     resolved, rank_source = _resolve_one("rank", rank, "RANK", _dist_rank, 0)
-    check_non_negative_int("rank", resolved)
+    check_non_negative_int("rank", resolved, _source_hint("rank", rank_source))
     if resolved >= size:
         raise ValueError(
             f"Invalid rank {resolved}, rank should be in the interval [0, {size - 1}] "
@@ -142,6 +142,13 @@ def _resolve_one(
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return from_dist(), "torch.distributed"
     return default, "the default"
+
+
+def _source_hint(name: str, source: str) -> str:
+    """How to fix a bad value, naming where it came from."""
+    if source == "the argument":
+        return f"pass a valid {name}"
+    return f"it came from {source}; pass {name}= explicitly or fix that source"
 
 
 def _parse_env(name: str, env_var: str, raw: str) -> int:

@@ -41,11 +41,19 @@ class DynamicBatchSampler(GroupedSampler):
 
     ``drop_last=True`` drops, in each bucket and epoch, the final batch if it is not full:
     one that ran out of items while it could still have taken one more item as long as its
-    longest. With several ranks it also drops the last, incomplete round of batches;
-    otherwise that round is padded with the epoch's first batches (see
-    ``poolloader.samplers._distributed`` for the formula). Assigning ``max_duration`` or
-    ``max_batch_size`` takes effect from the next batch (with several ranks, the next
-    round; make the same change on every rank at the same step).
+    longest.
+
+    Sharding: every rank walks the same global order of ``B`` batches and, in each round of
+    ``world_size`` (``W``) consecutive batches, keeps the one at its rank. Rank ``r``'s
+    ``k``-th batch is global batch ``(k * W + r) mod B``, for ``k`` in ``range(n)`` with
+    ``n = ceil(B / W)``, or ``n = B // W`` with ``drop_last`` (the last, incomplete round
+    dropped). So every rank yields exactly ``n`` batches, the ranks' batches are disjoint
+    except the padding of the last round (the epoch's first batches again), and together
+    they cover every item not dropped. ``len()`` is ``n``.
+
+    Assigning ``max_duration`` or ``max_batch_size`` takes effect from the next batch (with
+    several ranks, the next round; make the same change on every rank at the same step);
+    ``len()`` then counts the epoch under the new limits (see ``SamplerBase.__len__``).
 
     Args:
         lengths: One non-negative length per item (sequence, NumPy array or tensor).
@@ -58,8 +66,10 @@ class DynamicBatchSampler(GroupedSampler):
             buckets are taken shortest first, items in index order.
         seed: Base seed; epoch ``e`` is shuffled with ``seed + e``.
         drop_last: See above.
-        rank: This process's rank; resolved when ``None`` (see ``_distributed``).
-        world_size: Number of ranks; resolved when ``None``.
+        rank: This process's rank. ``None``: the environment variable ``RANK``, else
+            ``torch.distributed.get_rank()`` if a process group is initialised, else 0.
+        world_size: Number of ranks. ``None``: ``WORLD_SIZE``, else
+            ``torch.distributed.get_world_size()``, else 1.
 
     Raises:
         TypeError: An argument has the wrong type.

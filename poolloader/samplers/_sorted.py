@@ -72,19 +72,30 @@ class SortedBatchSampler(GroupedSampler):
     With ``shuffle=True`` the batch order is shuffled each epoch with ``seed + epoch``: the
     sorted order is split, at batch boundaries, into up to ``SHUFFLE_SEGMENTS`` runs, and
     each step takes the next batch of a run drawn at random (weighted by the batches it
-    still holds). Without shuffling, batches come in sorted order.
+    still holds). This is not a uniform permutation of the batches: within a run, batches
+    keep their sorted order (what keeps ``state_dict()`` small and lets limits change
+    mid-epoch). Without shuffling, batches come in sorted order.
 
     ``batches_per_epoch`` fixes the batches per rank and epoch, as SpeeChain's does: the
     passes over the data follow one another as one stream (pass ``p`` shuffled with
     ``seed + p``) and epoch ``e`` takes the ``batches_per_epoch * world_size`` batches of
     the stream that start at ``e * batches_per_epoch * world_size``. A smaller value clips
     an epoch and the next one carries on where it stopped; a larger one repeats batches
-    from the next pass. Where an epoch starts is computed with the limits in effect when
-    it starts. Without it, an epoch is one pass, and with several ranks the last round is
-    padded with the epoch's first batches so every rank gets ``ceil(batches / world_size)``.
+    from the next pass. Which batches an epoch holds depends only on ``seed`` and ``e``
+    (not on the epochs run before), computed with the limits in effect when it starts.
+
+    Sharding, with ``W = world_size`` and ``B`` batches in the epoch's global order: rank
+    ``r``'s ``k``-th batch is global batch ``(k * W + r) mod B``. Without
+    ``batches_per_epoch`` an epoch is one pass and ``k`` runs over ``range(ceil(B / W))``,
+    the last round padded with the epoch's first batches; with it, ``B`` is
+    ``batches_per_epoch * W`` and ``k`` over ``range(batches_per_epoch)``. Every rank
+    yields the same number of batches (``len()``); the ranks take disjoint positions that
+    together cover the epoch, so items repeat across ranks only where the global order
+    repeats batches (the padding, or a ``batches_per_epoch`` longer than a pass).
 
     Assigning ``batch_size`` or ``max_duration`` takes effect from the next batch (with
     several ranks, the next round); either may then be ``None`` as long as one is set.
+    Without ``batches_per_epoch``, ``len()`` then counts the epoch under the new limits.
 
     Args:
         lengths: One non-negative length per item (sequence, NumPy array or tensor).
@@ -94,8 +105,10 @@ class SortedBatchSampler(GroupedSampler):
         shuffle: Shuffle the batch order each epoch.
         seed: Base seed.
         batches_per_epoch: Batches per rank and epoch, or ``None`` for one pass.
-        rank: This process's rank; resolved when ``None``.
-        world_size: Number of ranks; resolved when ``None``.
+        rank: This process's rank. ``None``: the environment variable ``RANK``, else
+            ``torch.distributed.get_rank()`` if a process group is initialised, else 0.
+        world_size: Number of ranks. ``None``: ``WORLD_SIZE``, else
+            ``torch.distributed.get_world_size()``, else 1.
 
     Raises:
         TypeError: An argument has the wrong type.
