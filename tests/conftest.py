@@ -65,6 +65,14 @@ def _is_ours(pid: int) -> bool:
     return not any(h in cmdline for h in helpers)
 
 
+@pytest.fixture
+def corpora(tmp_path):
+    """Two small corpora of WAV files with Kaldi-style manifests (see ``_manifests.py``)."""
+    from _manifests import write_corpora
+
+    return write_corpora(tmp_path)
+
+
 @pytest.fixture(params=["spawn", "forkserver"])
 def start_method(request):
     """Run a test under both start methods poolloader supports."""

@@ -1,77 +1,22 @@
-"""ManifestDataset: manifest formats, mixing corpora, indexing, lengths, loaders, errors,
+"""ManifestDataset: manifest formats, mixing corpora, indexing, lengths, loaders,
 duration cropping and pickling, on real files written under tmp_path."""
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import sys
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
-import soundfile as sf
 import torch
+from _manifests import RATE, ROWS, count_words, mixed, write_lines, write_table, write_wav
 from torch.utils.data import BatchSampler, SequentialSampler
 
 import poolloader.datasets
 from poolloader import DataLoader
 from poolloader.datasets import ManifestDataset, PadCollate, pad_collate
-
-RATE = 16000
-
-
-def write_wav(path: Path, frames: int, channels: int = 1, rate: int = RATE) -> np.ndarray:
-    """Write a ramp (sample k of channel c is k / frames + c) exactly, as float WAV; return it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ramp = np.arange(frames, dtype=np.float32) / frames
-    data = ramp if channels == 1 else np.stack([ramp + c for c in range(channels)], axis=1)
-    sf.write(path, data, rate, subtype="FLOAT")
-    return data
-
-
-def write_lines(path: Path, *lines: str) -> Path:
-    """Write a text manifest, one line each."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
-    return path
-
-
-def count_words(value: str) -> int:
-    """A module-level loader: spawn workers can receive it by name."""
-    return len(value.split())
-
-
-@pytest.fixture
-def corpora(tmp_path: Path) -> dict[str, Path]:
-    """Two corpora, a/ (3 items) and b/ (2 items), with wav.scp, text, utt2dur, utt2num_samples.
-
-    Both use the same relative file names (wav/1.wav ...) with different lengths, so
-    reading the right file proves paths resolve against their own manifest.
-    """
-    frames = {"a": [8000, 16000, 4000], "b": [12000, 2000]}
-    for corpus, sizes in frames.items():
-        root = tmp_path / corpus
-        keys = [f"{corpus}{i + 1}" for i in range(len(sizes))]
-        for i, size in enumerate(sizes):
-            write_wav(root / "wav" / f"{i + 1}.wav", size)
-        write_lines(root / "wav.scp", *(f"{k} wav/{i + 1}.wav" for i, k in enumerate(keys)))
-        write_lines(root / "text", *(f"{k} words of  {k} here" for k in keys))
-        write_lines(root / "utt2dur", *(f"{k} {s / RATE}" for k, s in zip(keys, sizes)))
-        write_lines(root / "utt2num_samples", *(f"{k} {s}" for k, s in zip(keys, sizes)))
-    return {"a": tmp_path / "a", "b": tmp_path / "b", "root": tmp_path}
-
-
-def mixed(corpora: dict[str, Path], **options: object) -> ManifestDataset:
-    """The two corpora mixed: audio and text from both."""
-    a, b = corpora["a"], corpora["b"]
-    return ManifestDataset(
-        {"audio": [a / "wav.scp", b / "wav.scp"], "text": [a / "text", b / "text"]},
-        **options,  # type: ignore[arg-type]
-    )
-
 
 # ---------------------------------------------------------------- Kaldi-style manifests
 
@@ -118,25 +63,6 @@ def test_blank_lines_are_skipped_and_values_keep_inner_spaces(tmp_path):
 
 
 # ---------------------------------------------------------------- tables
-
-
-ROWS = [
-    {"id": "t1", "audio": "wav/1.wav", "text": 'say "hi", then go', "duration": 0.5},
-    {"id": "t2", "audio": "wav/2.wav", "text": "it's plain", "duration": 1.0},
-]
-
-
-def write_table(path: Path, format: str, rows: list[dict[str, object]]) -> Path:
-    """Write rows as CSV (quoted), TSV (unquoted) or JSON lines."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0])
-    if format == "jsonl":
-        lines = [json.dumps(row) for row in rows]
-    else:
-        sep = "," if format == "csv" else "\t"
-        quote = (lambda v: '"' + str(v).replace('"', '""') + '"') if format == "csv" else str
-        lines = [sep.join(columns)] + [sep.join(quote(row[c]) for c in columns) for row in rows]
-    return write_lines(path, *lines)
 
 
 @pytest.mark.parametrize("format", ["csv", "tsv", "jsonl"])
@@ -381,163 +307,6 @@ def test_root_makes_paths_relative_to_it(corpora):
     ds = ManifestDataset({"audio": scp}, root=corpora["root"])
     assert ds["x1"]["audio"].shape == (16000,)
     assert ds["x2"]["audio"].shape == (12000,)
-
-
-# ---------------------------------------------------------------- errors that point at the line
-
-
-def test_malformed_kaldi_line_names_path_line_and_content(tmp_path):
-    scp = write_lines(tmp_path / "wav.scp", "utt1 a.wav", "", "utt7")
-    with pytest.raises(ValueError) as info:
-        ManifestDataset({"audio": scp})
-    assert str(info.value) == f"{scp} line 3: expected 'id value', got 'utt7'"
-
-
-def test_duplicate_id_names_both_lines(corpora):
-    a = corpora["a"]
-    again = write_lines(corpora["root"] / "c" / "wav.scp", "c1 wav/1.wav", "a2 wav/2.wav")
-    with pytest.raises(ValueError) as info:
-        ManifestDataset({"audio": [a / "wav.scp", again]})
-    message = str(info.value)
-    assert message.startswith(f"{again} line 2: duplicate id 'a2' in field 'audio'")
-    assert f"first given at {a / 'wav.scp'} line 2" in message
-
-
-def test_ids_missing_from_a_field_are_listed_with_their_lines(corpora):
-    a = corpora["a"]
-    text = write_lines(corpora["root"] / "text2", "a1 x")
-    with pytest.raises(ValueError) as info:
-        ManifestDataset({"audio": a / "wav.scp", "text": text})
-    message = str(info.value)
-    assert "field 'text' has no entry for 2 id(s) of field 'audio'" in message
-    assert f"'a2' ({a / 'wav.scp'} line 2), 'a3' ({a / 'wav.scp'} line 3)" in message
-    extra = write_lines(corpora["root"] / "text3", "a1 x", "a2 y", "a3 z", "q1 w")
-    with pytest.raises(
-        ValueError,
-        match=r"field 'audio' has no entry for 1 id\(s\) of field 'text': 'q1' \(.*text3 line 4\)",
-    ):
-        ManifestDataset({"audio": a / "wav.scp", "text": extra})
-
-
-def test_missing_audio_file_names_path_id_field_and_manifest_line(corpora):
-    a = corpora["a"]
-    (a / "wav" / "3.wav").unlink()
-    ds = ManifestDataset({"audio": a / "wav.scp"})
-    with pytest.raises(FileNotFoundError) as info:
-        ds["a3"]
-    assert str(info.value) == (
-        f"{a / 'wav' / '3.wav'}: no such file for id 'a3' "
-        f"(field 'audio', from {a / 'wav.scp'} line 3)"
-    )
-
-
-def test_missing_npy_file_names_id_and_line(tmp_path):
-    ds = ManifestDataset({"feats": write_lines(tmp_path / "feats.scp", "u1 nope.npy")})
-    with pytest.raises(
-        FileNotFoundError, match=r"for id 'u1' \(field 'feats', from .*feats.scp line 1\)"
-    ):
-        ds[0]
-
-
-def test_user_loader_error_keeps_its_type_and_gains_a_note(tmp_path):
-    ds = ManifestDataset({"n": write_lines(tmp_path / "n", "u1 1", "u2 x")}, loaders={"n": "int"})
-    with pytest.raises(ValueError, match=r"invalid literal") as info:
-        ds["u2"]
-    assert any("for id 'u2' (field 'n', from" in note for note in info.value.__notes__)
-
-
-def test_missing_manifest_file_says_which_field(tmp_path):
-    with pytest.raises(
-        FileNotFoundError, match=r"nope.scp: no such manifest file \(given for field 'audio'\)"
-    ):
-        ManifestDataset({"audio": tmp_path / "nope.scp"})
-
-
-def test_empty_manifests_and_reserved_names_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"no items in .*empty.scp"):
-        ManifestDataset({"audio": write_lines(tmp_path / "empty.scp")})
-    with pytest.raises(ValueError, match=r"may not be called 'id'"):
-        ManifestDataset({"id": write_lines(tmp_path / "ids", "u1 x")})
-    with pytest.raises(ValueError, match=r"non-empty mapping"):
-        ManifestDataset({})
-
-
-def test_table_rows_of_the_wrong_width_name_path_line_and_id(tmp_path):
-    table = write_lines(tmp_path / "m.csv", "id,audio,text", "u1,a.wav,hi", "u2,b.wav")
-    with pytest.raises(ValueError) as info:
-        ManifestDataset.from_table(table)
-    assert str(info.value) == (
-        f"{table} line 3: the row of id 'u2' has 2 columns, but the header names 3 "
-        "(id, audio, text): ['u2', 'b.wav']; quote values that hold the delimiter (CSV), "
-        "or check for a missing or extra delimiter"
-    )
-    tsv = write_lines(tmp_path / "m.tsv", "text\tid", "hi\tu1", "a\tb\tu2")
-    with pytest.raises(ValueError, match=r"m.tsv line 3: the row of id 'b' has 3 columns"):
-        ManifestDataset.from_table(tsv)
-    no_id = write_lines(tmp_path / "n.tsv", "text\tid", "hi\tu1", "lonely")
-    with pytest.raises(ValueError, match=r"n.tsv line 3: a row has 1 columns"):
-        ManifestDataset.from_table(no_id)
-
-
-def test_quoted_csv_values_may_span_lines_and_errors_name_the_row_start(tmp_path):
-    table = write_lines(
-        tmp_path / "m.csv", "id,text,duration", 'u1,"two\nlines, quoted",1.0', "u2,plain,x"
-    )
-    ds = ManifestDataset.from_table(table, loaders={"duration": "float"})
-    assert ds["u1"] == {"id": "u1", "text": "two\nlines, quoted", "duration": 1.0}
-    with pytest.raises(ValueError, match=r"m.csv line 4: expected a number for id 'u2', got 'x'"):
-        ManifestDataset.from_table(table, lengths="duration")
-    unclosed = write_lines(tmp_path / "o.csv", "id,text", "u1,ok", 'u2,"never closed', "u3,c")
-    with pytest.raises(ValueError, match=r"o.csv line 3: malformed CSV \(unexpected end of data\)"):
-        ManifestDataset.from_table(unclosed)
-
-
-def test_a_byte_order_mark_from_a_spreadsheet_is_ignored(tmp_path):
-    table = tmp_path / "excel.csv"
-    table.write_text("id,text\nu1,hi\n", encoding="utf-8-sig")
-    assert ManifestDataset.from_table(table)["u1"] == {"id": "u1", "text": "hi"}
-    kaldi = tmp_path / "text"
-    kaldi.write_text("u1 hi\n", encoding="utf-8-sig")
-    assert ManifestDataset({"text": kaldi}).ids == ("u1",)
-
-
-def test_jsonl_values_keep_their_json_types_and_ids_may_be_integers(tmp_path):
-    rows = [
-        '{"id": 7, "spk": 3, "dur": 1.5, "tags": ["a", "b"]}',
-        "",
-        '{"id": "x", "spk": 4, "dur": 2, "tags": []}',
-    ]
-    ds = ManifestDataset.from_table(write_lines(tmp_path / "m.ndjson", *rows), lengths="dur")
-    assert ds.ids == ("7", "x")
-    assert ds["7"] == {"id": "7", "spk": 3, "dur": 1.5, "tags": ["a", "b"]}
-    assert ds.lengths.tolist() == [1.5, 2.0]
-    with pytest.raises(ValueError, match=r"m2.jsonl line 1: expected a JSON object, got list"):
-        ManifestDataset.from_table(write_lines(tmp_path / "m2.jsonl", "[1, 2]"))
-    with pytest.raises(ValueError, match=r"m3.jsonl line 2: expected a non-empty id, got ''"):
-        ManifestDataset.from_table(
-            write_lines(tmp_path / "m3.jsonl", '{"id": "a", "t": 1}', '{"id": "", "t": 2}')
-        )
-
-
-def test_table_errors_name_path_line_and_id(tmp_path):
-    bad_json = write_lines(
-        tmp_path / "m.jsonl", '{"id": "u1", "text": "a"}', '{"id": "u2", "text": '
-    )
-    with pytest.raises(ValueError, match=r"m.jsonl line 2: not valid JSON"):
-        ManifestDataset.from_table(bad_json)
-    missing = write_lines(tmp_path / "n.jsonl", '{"id": "u1", "text": "a"}', '{"id": "u2"}')
-    with pytest.raises(ValueError, match=r"n.jsonl line 2: no column 'text' for id 'u2'"):
-        ManifestDataset.from_table(missing)
-    no_id = write_lines(tmp_path / "o.csv", "utt,text", "u1,a")
-    with pytest.raises(ValueError, match=r"o.csv line 2: no id column 'id'.*pass id_column="):
-        ManifestDataset.from_table(no_id)
-    twice = write_lines(tmp_path / "p.tsv", "id\ttext", "u1\ta", "u1\tb")
-    with pytest.raises(
-        ValueError, match=r"p.tsv line 3: duplicate id 'u1' .* first given at .*p.tsv line 2"
-    ):
-        ManifestDataset.from_table(twice)
-    with pytest.raises(ValueError, match=r"cannot tell the format of .*m.txt"):
-        ManifestDataset.from_table(write_lines(tmp_path / "m.txt", "id,text"))
 
 
 # ---------------------------------------------------------------- duration cropping
