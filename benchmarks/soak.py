@@ -139,30 +139,12 @@ class SoakReport:
         ]
 
 
-def _helpers() -> set[int]:
-    """multiprocessing's forkserver and resource tracker (not workers)."""
-    found = set()
-    for child in psutil.Process().children():
-        try:
-            cmdline = " ".join(child.cmdline())
-        except psutil.Error:
-            continue
-        if "forkserver import main" in cmdline or "resource_tracker import main" in cmdline:
-            found.add(child.pid)
-    return found
-
-
-def live_workers() -> set[int]:
-    """Pids of the worker processes alive now."""
-    helpers = _helpers()
-    found = set()
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if proc.pid not in helpers and proc.status() != psutil.STATUS_ZOMBIE:
-                found.add(proc.pid)
-        except psutil.Error:
-            pass
-    return found
+def _alive(pid: int) -> bool:
+    """Whether worker ``pid`` still runs (a zombie is dead)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class Killer:
@@ -181,7 +163,7 @@ class Killer:
             self._kill_one()
 
     def _kill_one(self) -> None:
-        candidates = sorted(self.serving & live_workers())
+        candidates = sorted(p for p in self.serving if _alive(p))
         if not candidates:
             return
         victim = self.rng.choice(candidates)
