@@ -5,15 +5,19 @@ sequence of chunks of ``--chunk-size`` time steps, and producing a chunk costs a
 ``--cost-ms`` milliseconds, either sleeping (I/O-bound readers: decoding from disk or the
 network) or spinning the CPU (CPU-bound readers: decompression, feature extraction). Both
 build batches of ``--batch-size`` rows with ``--workers`` workers and pad idle rows with a
-dummy value. Reported per loader: steps per epoch, the share of padded rows, and the
-median epoch time over ``--epochs`` epochs after one warm-up epoch (poolloader's warm-up
-starts its pool; the seed forks new workers every epoch, as its torch DataLoader does by
-default, so that cost stays in its epochs), and real chunks per second.
+dummy value. Reported per loader: steps per epoch and the share of padded rows (of the
+last epoch), the chunks its busiest worker reads (the median over the epochs: an epoch
+lasts at least that many chunks' time), the median epoch time over ``--epochs`` epochs
+after one warm-up epoch (poolloader's warm-up starts its pool; the seed forks new workers
+every epoch, as its torch DataLoader does by default, so that cost stays in its epochs),
+and real chunks per second. poolloader's sampler is told each epoch (``set_epoch``), so
+its stream order changes every epoch; the seed shuffles with the clock.
 
 The seed (``pip install pytorch-stream-dataloader==1.0``) splits the streams between the
 workers up front and collates in the main process per worker FIFO; poolloader assigns
-streams to rows just in time across all rows and keeps each stream's iterator in one
-worker (``StreamSampler`` + ``StreamDataset(iterate=...)``).
+streams to rows just in time across all rows, keeps each stream's iterator in one worker
+and gives each worker rows whose chunks add up evenly (``StreamSampler`` +
+``StreamDataset(iterate=...)``).
 
 Run: ``python benchmarks/streams_vs_seed.py`` (about a minute); ``--help`` for the knobs.
 """
@@ -34,7 +38,7 @@ import torch
 
 from poolloader import DataLoader
 from poolloader.datasets import StreamDataset
-from poolloader.samplers import StreamSampler
+from poolloader.samplers import StreamChunk, StreamSampler
 
 FEATURES = 64
 FILL = -1.0  # the value of a dummy row; real data is >= 0
@@ -74,11 +78,13 @@ def seed_collate(values: Iterable[torch.Tensor]) -> torch.Tensor:
 
 @dataclass
 class Result:
-    """One loader's epochs: steps, padded share, median epoch seconds, real chunks."""
+    """One loader's epochs: steps, padded share, busiest worker, median epoch seconds,
+    real chunks."""
 
     name: str
     steps: int
     padded: float
+    busiest: float
     epoch_seconds: float
     real_chunks: int
 
@@ -86,17 +92,28 @@ class Result:
         rate = self.real_chunks / self.epoch_seconds
         return (
             f"| {self.name:<29} | {self.steps:>5} | {100 * self.padded:>5.1f} % | "
-            f"{self.epoch_seconds:>9.3f} | {rate:>8.0f} |"
+            f"{self.busiest:>8.0f} | {self.epoch_seconds:>9.3f} | {rate:>8.0f} |"
         )
 
 
-#: An epoch: returns, per step, which rows hold real data.
-Epoch = Callable[[], list[torch.Tensor]]
+HEADER = (
+    "| loader                        | steps | padded  | busiest worker (chunks) | epoch (s) "
+    "| chunks/s |\n|---|---:|---:|---:|---:|---:|"
+)
 
 
-def poolloader_epoch(
+@dataclass
+class Epochs:
+    """A loader's epochs: ``run(e)`` reads epoch ``e`` and returns, per step, which rows
+    hold real data; ``busiest(e)`` is how many chunks its busiest worker reads in it."""
+
+    run: Callable[[int], list[torch.Tensor]]
+    busiest: Callable[[int], int]
+
+
+def poolloader_epochs(
     streams: SyntheticStreams, args: argparse.Namespace, stack: ExitStack
-) -> Epoch:
+) -> Epochs:
     sampler = StreamSampler(streams.lengths, batch_size=args.batch_size,
                             chunk_size=args.chunk_size, shuffle=True)  # fmt: skip
     dataset = StreamDataset(iterate=streams, pad_value=FILL)
@@ -104,13 +121,28 @@ def poolloader_epoch(
         DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.workers,
                    multiprocessing_context="forkserver")
     )  # fmt: skip
-    return lambda: [batch.mask[0] for batch in loader]
+
+    def run(epoch: int) -> list[torch.Tensor]:
+        sampler.set_epoch(epoch)
+        return [batch.mask[0] for batch in loader]
+
+    def busiest(epoch: int) -> int:
+        sampler.set_epoch(epoch)
+        steps = list(sampler)
+        layout = steps[0].layout(min(args.workers, args.batch_size))
+        return max(
+            sum(isinstance(step.slots[b], StreamChunk) for step in steps for b in ids)
+            for ids in layout
+        )
+
+    return Epochs(run, busiest)
 
 
-def seed_epoch(streams: SyntheticStreams, args: argparse.Namespace, stack: ExitStack) -> Epoch:
+def seed_epochs(streams: SyntheticStreams, args: argparse.Namespace, stack: ExitStack) -> Epochs:
     try:
         from pytorch_stream_dataloader.stream_dataloader import StreamDataLoader
         from pytorch_stream_dataloader.stream_dataset import StreamDataset as SeedDataset
+        from pytorch_stream_dataloader.utils import split_batch_size, split_dataset_sizes
     except ImportError as exc:
         raise SystemExit(
             f"this benchmark compares with pytorch-stream-dataloader, which is not importable "
@@ -121,33 +153,40 @@ def seed_epoch(streams: SyntheticStreams, args: argparse.Namespace, stack: ExitS
     dataset = SeedDataset(list(range(len(streams.lengths))), streams, args.batch_size,
                           "zeros", fill)  # fmt: skip
     loader = StreamDataLoader(dataset, args.workers, seed_collate)
-    return lambda: [batch[0, :, 0] != FILL for batch in loader]
+    # Its workers take fixed runs of the stream list, whatever the epoch.
+    groups = split_dataset_sizes(
+        dataset.stream_list, split_batch_size(args.batch_size, args.workers)
+    )
+    chunks = max(sum(-(-streams.lengths[s] // args.chunk_size) for s in group) for group in groups)
+    return Epochs(lambda _: [batch[0, :, 0] != FILL for batch in loader], lambda _: chunks)
 
 
 LOADERS = {
-    "pytorch-stream-dataloader 1.0": seed_epoch,
-    "poolloader StreamSampler": poolloader_epoch,
+    "pytorch-stream-dataloader 1.0": seed_epochs,
+    "poolloader StreamSampler": poolloader_epochs,
 }
 
 
 def compare(streams: SyntheticStreams, args: argparse.Namespace) -> list[Result]:
     """Epochs of the loaders in turn (the machine's load hits both alike); medians."""
     with ExitStack() as stack:
-        epochs = {name: make(streams, args, stack) for name, make in LOADERS.items()}
-        for epoch in epochs.values():
-            epoch()  # warm-up: starts poolloader's pool
-        seconds: dict[str, list[float]] = {name: [] for name in epochs}
+        loaders = {name: make(streams, args, stack) for name, make in LOADERS.items()}
+        for loader in loaders.values():
+            loader.run(0)  # warm-up: starts poolloader's pool
+        seconds: dict[str, list[float]] = {name: [] for name in loaders}
         real_rows: dict[str, list[torch.Tensor]] = {}
-        for _ in range(args.epochs):
-            for name, epoch in epochs.items():
+        for epoch in range(1, args.epochs + 1):
+            for name, loader in loaders.items():
                 started = time.perf_counter()
-                real_rows[name] = epoch()
+                real_rows[name] = loader.run(epoch)
                 seconds[name].append(time.perf_counter() - started)
     results = []
     for name, rows in real_rows.items():
         real = sum(int(row.sum()) for row in rows)
         padded = 1 - real / (len(rows) * args.batch_size)
-        results.append(Result(name, len(rows), padded, statistics.median(seconds[name]), real))
+        busiest = statistics.median(loaders[name].busiest(e) for e in range(1, args.epochs + 1))
+        median = statistics.median(seconds[name])
+        results.append(Result(name, len(rows), padded, busiest, median, real))
     return results
 
 
@@ -201,8 +240,7 @@ def main() -> None:
         ideal = total * cost_of_one_chunk(streams) / args.workers
         print(f"\n{kind}: the chunks alone take {ideal:.3f} s per epoch split evenly over "
               f"{args.workers} workers")  # fmt: skip
-        print("| loader                        | steps | padded  | epoch (s) | chunks/s |")
-        print("|---|---:|---:|---:|---:|")
+        print(HEADER)
         for result in compare(streams, args):
             print(result.row(), flush=True)
 

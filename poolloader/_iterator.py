@@ -286,19 +286,19 @@ class GroupRecord(TaskRecord):
     (iterator-style streams) is built on this.
     """
 
+    #: The part tasks; emptied once merged (see :func:`_merge_into`).
     parts: list[TaskRecord]
 
     @classmethod
     def of(cls, parts: list[TaskRecord], index: Any, position: int) -> GroupRecord:
         group = cls(parts[0].seq, parts[0].epoch, position, index, parts[0].generation, None)
         group.parts = parts
-        merge = index.poolloader_merge
-        remaining = [len(parts)]
+        future, merge, remaining = group.future, index.poolloader_merge, [len(parts)]
 
-        def done(_: Future[Outcome]) -> None:
+        def done(_: Future[Outcome]) -> None:  # holds the group's future, not the group
             remaining[0] -= 1
             if remaining[0] == 0:
-                _merge_into(group.future, parts, merge)
+                _merge_into(future, parts, merge)
 
         for part in parts:
             part.future.add_done_callback(done)
@@ -306,6 +306,14 @@ class GroupRecord(TaskRecord):
 
 
 def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) -> None:
+    """Resolve ``future`` with the merged batch, then forget the parts.
+
+    Each part's future holds the callback that holds ``parts``: a reference
+    cycle. Emptying ``parts`` breaks it, so the part batches (views of the
+    workers' shared-memory slabs) die as soon as they are merged, not at the
+    next garbage collection nor when the merged batch is consumed; otherwise
+    the workers run out of slabs and send every part through fresh shared
+    memory."""
     try:
         outcomes = [p.future.result() for p in parts]
         failed = [o for o in outcomes if not isinstance(o, Loaded)]
@@ -319,6 +327,8 @@ def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) ->
     except BaseException as exc:  # a part failed, was cancelled, or merge raised
         if not future.done():
             future.set_exception(exc)
+    finally:
+        parts.clear()
 
 
 def _tasks(records: Any) -> list[TaskRecord]:

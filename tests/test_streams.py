@@ -8,8 +8,11 @@ per process, which shows where each stream was read and how many iterators were 
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import os
+import pickle
 from collections import Counter
 from pathlib import Path
 
@@ -23,8 +26,9 @@ import poolloader.datasets
 import poolloader.samplers
 from poolloader import DataLoader
 from poolloader.datasets import StreamBatch, StreamDataset
-from poolloader.samplers import StreamChunk, StreamPadding, StreamSampler, StreamStep
-from poolloader.samplers._stream import SlotPlan, chunk_counts, shard_streams
+from poolloader.samplers import StreamChunk, StreamPadding, StreamPart, StreamSampler, StreamStep
+from poolloader.samplers._stream import SlotPlan, chunk_counts, shard_streams, slot_loads
+from poolloader.samplers._stream_steps import worker_layout
 
 FEW = settings(max_examples=30, deadline=None)
 PAD = -1
@@ -39,6 +43,12 @@ def read_pairs(stream: int, start: int, stop: int) -> torch.Tensor:
     """Random access: time steps ``[start, stop)`` of ``stream`` as ``(stream, t)`` rows."""
     t = torch.arange(start, stop)
     return torch.stack([torch.full_like(t, stream), t], dim=1)
+
+
+def read_wide(stream: int, start: int, stop: int) -> torch.Tensor:
+    """Random access to ``[stop - start, 1024]`` float32 rows: a part of 4 rows of 8 time
+    steps holds 128 KiB, so it travels through a worker's shared-memory slab."""
+    return torch.arange(start, stop, dtype=torch.float32)[:, None].expand(-1, 1024) + stream
 
 
 class LoggedStreams:
@@ -122,6 +132,33 @@ def check_coherent(spec_steps: list[StreamStep], lengths: list[int], chunk_size:
         previous = list(step.slots)
 
 
+def check_batches_coherent(batches: list[StreamBatch], lengths: list[int], chunk_size: int) -> None:
+    """Read from the batches alone: row b continues row b of the batch before (same stream,
+    next chunk, its time steps in the data) unless flagged first; every chunk of every
+    stream arrives exactly once (restreamed rows apart); padding rows are masked out."""
+    running: list[tuple[int, int] | None] = [None] * batches[0].first.shape[0]
+    delivered = []
+    for batch in batches:
+        for b, (stream, start) in enumerate(zip(batch.streams.tolist(), batch.starts.tolist())):
+            steps = int(batch.mask[:, b].sum())
+            if stream < 0:
+                assert running[b] is None and steps == 0 and not batch.first[b]
+                continue
+            if batch.first[b]:
+                assert start == 0 and running[b] is None
+            else:
+                assert running[b] == (stream, start), (b, running[b], stream, start)
+            assert steps == min(chunk_size, lengths[stream] - start)
+            assert batch.data[:steps, b].tolist() == [
+                [stream, t] for t in range(start, start + steps)
+            ]
+            if not batch.repeat[b]:
+                delivered.append((stream, start))
+            ended = start + steps == lengths[stream]
+            running[b] = None if ended else (stream, start + steps)
+    assert sorted(delivered) == all_chunks(lengths, chunk_size)
+
+
 def check_batch(batch: StreamBatch, step: StreamStep) -> None:
     """The batch holds exactly what ``step`` asks for: data, mask, first, ids and padding."""
     for b, slot in enumerate(step.slots):
@@ -183,6 +220,38 @@ def test_slots_take_the_next_stream_just_in_time() -> None:
         (1, 0, False), (2, 0, False), (3, 0, False), (3, 1, False), None,
     ]  # fmt: skip
     assert plan.last_free == 5 and plan.first_free == 4
+
+
+def test_slot_loads_count_the_chunks_each_slot_reads_before_the_end() -> None:
+    plan = SlotPlan(2)
+    for stream, chunks in [(0, 5), (1, 1), (2, 6)]:
+        plan.assign(stream, chunks)
+    assert slot_loads(plan, 7) == (5, 7)
+    assert slot_loads(plan, 4) == (4, 4)  # cut by the end of the epoch
+
+
+def test_worker_layout_evens_out_the_chunks_with_equal_slot_counts() -> None:
+    assert worker_layout((9, 8, 1, 1, 1, 1), 6, 2) == ((0, 3, 5), (1, 2, 4))  # 11 and 10
+    assert worker_layout((5,) * 7, 7, 3) == ((0, 3, 6), (1, 4), (2, 5))  # b % parts
+    assert worker_layout((), 5, 2) == ((0, 2, 4), (1, 3))
+    lengths = [3, 17, 5, 30, 1, 12, 9, 22, 4, 14, 8, 26] * 3
+    step = next(iter(StreamSampler(lengths, batch_size=8, chunk_size=2, shuffle=True)))
+    by_modulo = [sum(step.slot_loads[w::2]) for w in range(2)]
+    balanced = [sum(step.slot_loads[b] for b in ids) for ids in step.layout(2)]
+    assert sum(balanced) == sum(by_modulo)
+    assert max(balanced) - min(balanced) <= 2 < max(by_modulo) - min(by_modulo)
+
+
+@FEW
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=24), st.integers(1, 6))
+def test_worker_layout_is_a_partition_within_one_slot_of_even(loads, parts) -> None:
+    parts = min(parts, len(loads))
+    layout = worker_layout(tuple(loads), len(loads), parts)
+    assert sorted(b for ids in layout for b in ids) == list(range(len(loads)))
+    assert all(list(ids) == sorted(ids) for ids in layout)
+    assert max(map(len, layout)) - min(map(len, layout)) <= 1
+    sums = [sum(loads[b] for b in ids) for ids in layout]
+    assert max(sums) <= sum(loads) / parts + max(loads)  # greedy's bound
 
 
 def test_the_seeds_picture_letters_and_timesteps() -> None:
@@ -366,6 +435,40 @@ def test_dataset_builds_time_major_or_batch_major_batches() -> None:
         assert_same([time_major.to("cpu")], [time_major])
 
 
+def test_batches_pickle_compactly_and_exactly() -> None:
+    sampler = StreamSampler(LENGTHS, batch_size=4, chunk_size=5, shuffle=True)
+    for batch_first in (False, True):
+        dataset = StreamDataset(read_pairs, pad_value=PAD, batch_first=batch_first)
+        for step in sampler:
+            batch = dataset[step]
+            for again in (pickle.loads(pickle.dumps(batch)), copy.deepcopy(batch)):
+                assert_same([again], [batch])
+                assert again.batch_first == batch_first
+                assert [getattr(again, n).dtype for n in ("mask", "first", "repeat")] == [
+                    torch.bool
+                ] * 3
+    batch = StreamDataset(read_pairs)[next(iter(sampler))]
+    unusual = StreamBatch(batch.data, batch.mask, batch.first, batch.streams.int(),
+                          batch.starts, batch.repeat)  # fmt: skip
+    assert pickle.loads(pickle.dumps(unusual)).streams.dtype == torch.int32  # plain pickling
+    small = StreamBatch(torch.zeros(0), batch.mask, batch.first, batch.streams, batch.starts,
+                        batch.repeat)  # fmt: skip
+    assert len(pickle.dumps(small)) < len(pickle.dumps(unusual)) / 2  # one block, not five
+
+
+@pytest.mark.parametrize(
+    "layout", [((0, 2, 4), (1, 3)), ((1, 2), (0, 4), (3,)), ((0, 1, 2, 3, 4),)]
+)
+def test_parts_merge_back_in_slot_order_for_any_layout(layout) -> None:
+    dataset = StreamDataset(read_pairs, pad_value=PAD)
+    for step in StreamSampler(LENGTHS, batch_size=5, chunk_size=4, pad="restream"):
+        parts = [
+            dataset[StreamPart(step.step, 4, ids, tuple(step.slots[b] for b in ids))]
+            for ids in layout
+        ]
+        assert_same([StreamBatch.merge_slots(parts, layout)], [dataset[step]])
+
+
 def test_open_iterators_are_capped_by_slots_and_closed_at_stream_end(tmp_path) -> None:
     dataset = StreamDataset(iterate=LoggedStreams(tmp_path, LENGTHS, 4), pad_value=PAD)
     for step in StreamSampler(LENGTHS, batch_size=3, chunk_size=4):
@@ -426,6 +529,7 @@ def test_batches_are_identical_for_0_1_2_and_4_workers(style, tmp_path) -> None:
     for batch, step in zip(results[0], spec, strict=True):
         check_batch(batch, step)
     for n in (1, 2, 4):
+        check_batches_coherent(results[n], LENGTHS, 4)
         assert_same(results[0], results[n])
 
 
@@ -450,9 +554,41 @@ def test_iterator_streams_stay_in_one_worker_and_are_never_reread(tmp_path) -> N
         assert not open_now
     worker_of = {s: pid for pid, log in logs.items() for _, s in log}
     slot_of = {int(s): b for batch in batches for b, s in enumerate(batch.streams) if s >= 0}
-    for stream, slot in slot_of.items():  # slot b is served by one worker: b % workers
-        same_slot = [s for s, b in slot_of.items() if b % workers == slot % workers]
-        assert {worker_of[s] for s in same_slot} == {worker_of[stream]}
+    layout = steps(sampler)[0].layout(workers)
+    part_of = {b: part for part, ids in enumerate(layout) for b in ids}
+    for stream, slot in slot_of.items():  # the slots of one part are served by one worker
+        same_part = [s for s, b in slot_of.items() if part_of[b] == part_of[slot]]
+        assert {worker_of[s] for s in same_part} == {worker_of[stream]}
+    assert len({worker_of[s] for s in slot_of}) == workers
+
+
+def test_part_batches_are_freed_once_merged_so_their_slabs_are_reused() -> None:
+    # A part's batch is a view of its worker's shared-memory slab until it dies. Held past
+    # the merge (a reference cycle waits for the garbage collector, disabled here), the
+    # workers run out of slabs and send the parts through fresh shared memory instead.
+    sampler = StreamSampler([320] * 8, batch_size=8, chunk_size=8)  # 40 steps
+    gc.disable()
+    try:
+        with DataLoader(StreamDataset(read_wide), sampler=sampler, batch_size=None,
+                        num_workers=2, multiprocessing_context="forkserver") as loader:  # fmt: skip
+            for batch in loader:
+                assert batch.data.shape == (8, 8, 1024)
+            stats = loader.statistics()
+    finally:
+        gc.enable()
+    assert stats.slab_batches == 2 * len(sampler) == 80, stats
+    assert stats.slab_reuse_rate > 0.8, stats
+
+
+@MANY_WORKERS
+def test_torchs_own_loader_gives_the_same_batches_but_rereads_streams(tmp_path) -> None:
+    sampler = StreamSampler(LENGTHS, batch_size=3, chunk_size=4)
+    dataset = StreamDataset(iterate=LoggedStreams(tmp_path, LENGTHS, 4), pad_value=PAD)
+    stock = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=None,
+                                        num_workers=2, multiprocessing_context="forkserver")  # fmt: skip
+    batches = list(stock)
+    check_batches_coherent(batches, LENGTHS, 4)
+    assert sum(opens_per_stream(tmp_path).values()) > len(LENGTHS)  # NOTE [ Stream affinity ]
 
 
 def test_restream_padding_reads_streams_again_and_flags_them(tmp_path) -> None:

@@ -2,8 +2,8 @@
 
 ::
 
-    main process                                    worker w (serves slots b % n == w)
-    ────────────                                    ──────────────────────────────────
+    main process                                    worker w (serves part w's slots)
+    ────────────                                    ────────────────────────────────
     StreamSampler ─► StreamStep (one chunk or
                      padding per slot)
       DataLoader splits it ─── StreamPart w ──────► StreamDataset[part]
@@ -20,9 +20,12 @@ NOTE [ Stream affinity ]
 ~~~~~~~~~~~~~~~~~~~~~~~~
 An iterator-style stream (``iterate(stream)`` yields its chunks in order) can only go
 forward, so every chunk of it must be read by the process that holds its iterator. A
-stream stays in its slot from its first chunk to its last, and slot ``b`` is always read
-by worker ``b % n`` (:meth:`StreamStep.poolloader_split`), so the stream stays in one
-worker; the loader runs the parts pinned to a worker in the order of the steps. Each
+stream stays in its slot from its first chunk to its last, and a slot is read by the same
+worker for the whole epoch (:meth:`StreamStep.poolloader_split`; NOTE [ Stream worker
+layout ] in ``samplers/_stream_steps.py``), so the stream stays in one worker; the loader
+runs the parts pinned to a worker in the order of the steps, and delivers the batches in
+that order too (keep the loader's ``in_order=True``, the default: batches out of order
+would not continue each other). Each
 process keeps at most one open iterator per slot it serves, keyed by slot, and closes it
 after the stream's last chunk, at the epoch's last step (streams cut by the end of the
 epoch), when the slot moves to another stream, or when the process stops serving the slot.
@@ -40,8 +43,9 @@ are re-read from their start at almost every chunk.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, SupportsIndex
 
 import numpy as np
 import torch
@@ -57,6 +61,9 @@ Reader = Callable[[int, int, int], Any]
 Opener = Callable[[int], Iterable[Any]]
 #: The feature shape (after the time axis) and dtype of a dataset's chunks.
 Template = tuple[torch.Size, torch.dtype]
+#: Slot layouts whose merge is remembered: one per epoch and number of workers in use
+#: (each costs an index tensor of ``batch_size`` entries).
+JOINER_CACHE = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,33 +117,99 @@ class StreamBatch:
 
         Args:
             parts: One batch per part, rows in the order of that part's slots.
-            slot_ids: ``slot_ids[i]`` lists the slots of ``parts[i]``.
+            slot_ids: ``slot_ids[i]`` lists the slots of ``parts[i]``; together they are
+                ``0 .. B - 1``, each once.
 
         Returns:
             A batch whose row ``b`` is slot ``b``.
         """
-        rows = [torch.tensor(ids, dtype=torch.long) for ids in slot_ids]
-        total = sum(len(ids) for ids in slot_ids)
-        batch_first = parts[0].batch_first
+        join = _joiner(slot_ids)
+        wide = 0 if parts[0].batch_first else 1
 
-        def join(name: str, dim: int) -> torch.Tensor:
-            like: torch.Tensor = getattr(parts[0], name)
-            joined = like.new_empty((*like.shape[:dim], total, *like.shape[dim + 1 :]))
-            for part, where in zip(parts, rows, strict=True):
-                joined.index_copy_(dim, where, getattr(part, name))
-            return joined
+        def field(name: str, dim: int) -> torch.Tensor:
+            return join([getattr(part, name) for part in parts], dim)
 
-        wide = 0 if batch_first else 1
         return cls(
-            join("data", wide), join("mask", wide), join("first", 0), join("streams", 0),
-            join("starts", 0), join("repeat", 0), batch_first,
+            field("data", wide), field("mask", wide), field("first", 0), field("streams", 0),
+            field("starts", 0), field("repeat", 0), parts[0].batch_first,
         )  # fmt: skip
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        # NOTE [ Compact StreamBatch pickles ]: every part of a step travels from its
+        # worker pickled, and pickling a torch tensor costs tens of microseconds each way,
+        # however small. So the five small tensors (mask and the per-row flags) travel as
+        # one block of bytes, and only ``data`` as a tensor (through the loader's shared
+        # memory). Batches whose small tensors are not plain CPU tensors pickle as usual.
+        small = (self.streams, self.starts, self.mask, self.first, self.repeat)
+        if not _packable(small):
+            return super().__reduce_ex__(protocol)
+        raw = b"".join(tensor.numpy().tobytes() for tensor in small)
+        rows, mask_shape = self.first.shape[0], tuple(self.mask.shape)
+        return (_unpack_batch, (self.data, raw, rows, mask_shape, self.batch_first))
 
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> StreamBatch:
         return StreamBatch(
             fn(self.data), fn(self.mask), fn(self.first), fn(self.streams), fn(self.starts),
             fn(self.repeat), self.batch_first,
         )  # fmt: skip
+
+
+def _joiner(slot_ids: Sequence[Sequence[int]]) -> Callable[[list[torch.Tensor], int], torch.Tensor]:
+    """How to join the parts' tensors along the row axis ``dim`` into slot order."""
+    return _cached_joiner(tuple(tuple(ids) for ids in slot_ids))
+
+
+@functools.lru_cache(maxsize=JOINER_CACHE)
+def _cached_joiner(
+    slot_ids: tuple[tuple[int, ...], ...],
+) -> Callable[[list[torch.Tensor], int], torch.Tensor]:
+    """Parts that interleave the slots evenly (part ``i`` holds ``i, i + n, ...``) are
+    stacked and flattened, one copy; any other split is concatenated and put in slot
+    order with one gather."""
+    n, total = len(slot_ids), sum(len(ids) for ids in slot_ids)
+    if total % n == 0 and all(
+        tuple(ids) == tuple(range(i, total, n)) for i, ids in enumerate(slot_ids)
+    ):
+        return lambda tensors, dim: torch.stack(tensors, dim + 1).flatten(dim, dim + 1)
+    order = torch.tensor([slot for ids in slot_ids for slot in ids], dtype=torch.long)
+    where = torch.empty_like(order)
+    where[order] = torch.arange(total)
+    return lambda tensors, dim: torch.cat(tensors, dim).index_select(dim, where)
+
+
+#: The dtypes of the small tensors of a StreamBatch, in the order they are packed.
+_SMALL_DTYPES = (torch.int64, torch.int64, torch.bool, torch.bool, torch.bool)
+
+
+def _packable(small: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``(streams, starts, mask, first, repeat)`` can travel as one block of bytes:
+    plain CPU tensors of the usual dtypes, a 2-D mask and ``B`` entries in the others."""
+    if not all(
+        type(t) is torch.Tensor and t.device.type == "cpu" and t.layout == torch.strided
+        and not t.requires_grad and t.dtype == dtype
+        for t, dtype in zip(small, _SMALL_DTYPES, strict=True)
+    ):  # fmt: skip
+        return False
+    streams, starts, mask, first, repeat = small
+    rows = (first.shape[0],) if first.dim() == 1 else None
+    return (
+        bool(rows and rows[0])
+        and mask.dim() == 2
+        and streams.shape == starts.shape == rows == repeat.shape
+    )
+
+
+def _unpack_batch(
+    data: torch.Tensor, raw: bytes, rows: int, mask_shape: tuple[int, int], batch_first: bool
+) -> StreamBatch:
+    """A :class:`StreamBatch` from its compact pickle (NOTE [ Compact StreamBatch pickles ])."""
+    block = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    ints, cells = block[: 16 * rows].view(torch.int64), mask_shape[0] * mask_shape[1]
+    flags = block[16 * rows :].view(torch.bool)
+    return StreamBatch(
+        data, flags[:cells].view(mask_shape), flags[cells : cells + rows], ints[:rows],
+        ints[rows:], flags[cells + rows :], batch_first,
+    )  # fmt: skip
 
 
 class StreamDataset(Dataset[StreamBatch]):
@@ -197,6 +270,7 @@ class StreamDataset(Dataset[StreamBatch]):
         self.batch_first = bool(batch_first)
         self.pad_value = pad_value
         self._template: Template | None = None
+        self._pad: torch.Tensor | None = None  # cached by _pad_rows
 
     @property
     def open_streams(self) -> dict[int, int]:
@@ -235,7 +309,7 @@ class StreamDataset(Dataset[StreamBatch]):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_source"] = self._source.fresh()  # open iterators stay where they are
-        state["_template"] = None
+        state["_template"] = state["_pad"] = None
         return state
 
     def __repr__(self) -> str:
@@ -249,19 +323,21 @@ class StreamDataset(Dataset[StreamBatch]):
     def _assemble(
         self, index: StreamStep | StreamPart, chunks: list[torch.Tensor | None]
     ) -> StreamBatch:
-        size, rows = index.chunk_size, len(chunks)
         feature, dtype = self._template_for(chunks)
-        shape = (rows, size) if self.batch_first else (size, rows)
-        data = torch.full((*shape, *feature), self.pad_value, dtype=dtype)
-        mask = torch.zeros(shape, dtype=torch.bool)
-        for row, chunk in enumerate(chunks):
-            if chunk is None:
-                continue
-            _check_feature(chunk, feature, index.slots[row])
-            where = (row, slice(0, len(chunk))) if self.batch_first else (slice(0, len(chunk)), row)
-            data[where] = chunk
-            mask[where] = True
-        return StreamBatch(data, mask, *_slot_flags(index), batch_first=self.batch_first)
+        pad = self._pad_rows(index.chunk_size, feature, dtype)
+        rows = [
+            pad if chunk is None else _full_row(chunk, pad, slot)
+            for chunk, slot in zip(chunks, index.slots, strict=True)
+        ]
+        data = torch.stack(rows, 0 if self.batch_first else 1)
+        return StreamBatch(data, *_row_info(index, self.batch_first), self.batch_first)
+
+    def _pad_rows(self, size: int, feature: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """``[size, *feature]`` of ``pad_value``: a padding row, and the tail of short ones."""
+        pad = self._pad
+        if pad is None or pad.shape != (size, *feature) or pad.dtype != dtype:
+            pad = self._pad = torch.full((size, *feature), self.pad_value, dtype=dtype)
+        return pad
 
     def _template_for(self, chunks: list[torch.Tensor | None]) -> Template:
         """Feature shape and dtype: from this batch, else from earlier ones, else a probe."""
@@ -290,30 +366,52 @@ def _make_source(read: Reader | None, iterate: Opener | None) -> _RandomAccess |
     return _Iterators(iterate)
 
 
-def _slot_flags(
-    index: StreamStep | StreamPart,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``first``, ``streams``, ``starts`` and ``repeat`` of a step's slots."""
-    chunks = [slot if isinstance(slot, StreamChunk) else None for slot in index.slots]
-    return (
-        torch.tensor([c is not None and c.first for c in chunks], dtype=torch.bool),
-        torch.tensor([c.stream if c is not None else -1 for c in chunks], dtype=torch.int64),
-        torch.tensor([c.start if c is not None else -1 for c in chunks], dtype=torch.int64),
-        torch.tensor([c is not None and c.repeat for c in chunks], dtype=torch.bool),
-    )
+def _row_info(
+    index: StreamStep | StreamPart, batch_first: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mask``, ``first``, ``streams``, ``starts`` and ``repeat`` of a step's rows.
+
+    One small tensor holds the flags, stream, start and length of every row (a chunk of
+    ``[start, stop)`` always gives ``stop - start`` time steps), and the rest are views or
+    casts of it: each tensor made costs microseconds, as much as copying the data.
+    """
+    rows = [
+        (c.first, c.stream, c.start, c.repeat, c.stop - c.start)
+        if isinstance(c, StreamChunk)
+        else _NO_CHUNK
+        for c in index.slots
+    ]
+    table = torch.tensor(list(zip(*rows, strict=True)), dtype=torch.int64)
+    steps, lengths = torch.arange(index.chunk_size), table[4]
+    mask = steps < lengths[:, None] if batch_first else steps[:, None] < lengths
+    return mask, table[0].bool(), table[1], table[2], table[3].bool()
 
 
-def _check_feature(chunk: torch.Tensor, feature: torch.Size, slot: Any) -> None:
-    if chunk.shape[1:] != feature:
+#: A padding row: not first, no stream, no start, not a repeat, no time steps.
+_NO_CHUNK = (False, -1, -1, False, 0)
+
+
+def _full_row(chunk: torch.Tensor, pad: torch.Tensor, slot: Any) -> torch.Tensor:
+    """``chunk`` as a full row: the dataset's dtype, padded to ``chunk_size`` time steps."""
+    if chunk.shape == pad.shape and chunk.dtype == pad.dtype:  # the common case
+        return chunk
+    if chunk.shape[1:] != pad.shape[1:]:
         raise ValueError(
             f"chunks of one StreamDataset must share their shape after the time axis, but "
             f"stream {slot.stream} gave {tuple(chunk.shape[1:])} where others gave "
-            f"{tuple(feature)}; make every stream's time steps the same shape"
+            f"{tuple(pad.shape[1:])}; make every stream's time steps the same shape"
         )
+    if chunk.dtype != pad.dtype:
+        chunk = chunk.to(pad.dtype)
+    steps = chunk.shape[0]
+    return chunk if steps == pad.shape[0] else torch.cat((chunk, pad[steps:]))
 
 
-def _as_tensor(value: Any, what: str) -> torch.Tensor:
-    """A chunk as a tensor with a time axis first."""
+def _as_tensor(value: Any, describe: Callable[[], str]) -> torch.Tensor:
+    """A chunk as a tensor with a time axis first; ``describe()`` names it in errors."""
+    if type(value) is torch.Tensor and value.dim() > 0:
+        return value
+    what = describe()
     if isinstance(value, np.ndarray) and not value.flags.writeable:
         value = value.copy()  # torch.as_tensor warns about read-only arrays
     try:
@@ -338,18 +436,20 @@ class _RandomAccess:
         self.read_fn = read
 
     def read(self, slot: int, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
-        what = f"read(stream={chunk.stream}, start={chunk.start}, stop={chunk.stop})"
+        def what() -> str:
+            return f"read(stream={chunk.stream}, start={chunk.start}, stop={chunk.stop})"
+
         tensor = _as_tensor(self.read_fn(chunk.stream, chunk.start, chunk.stop), what)
-        if len(tensor) != chunk.stop - chunk.start:
+        if tensor.shape[0] != chunk.stop - chunk.start:
             raise ValueError(
-                f"{what} should give {chunk.stop - chunk.start} time steps (stop - start), but "
+                f"{what()} should give {chunk.stop - chunk.start} time steps (stop - start), but "
                 f"gave shape {tuple(tensor.shape)}; fix read() or the stream_lengths given "
                 "to StreamSampler"
             )
         return tensor
 
     def probe(self) -> torch.Tensor:
-        return _as_tensor(self.read_fn(0, 0, 1), "read(stream=0, start=0, stop=1)")
+        return _as_tensor(self.read_fn(0, 0, 1), lambda: "read(stream=0, start=0, stop=1)")
 
     def retain(self, slots: Iterable[int]) -> None:
         pass
@@ -382,7 +482,7 @@ class _Iterators:
 
     def read(self, slot: int, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
         current = self._open.get(slot)
-        if current is None or (current.stream, current.position) != (chunk.stream, chunk.start):
+        if current is None or current.stream != chunk.stream or current.position != chunk.start:
             self._close(slot)
             current = self._open[slot] = self._open_at(chunk, chunk_size)
         try:
@@ -407,18 +507,13 @@ class _Iterators:
 
     def _next(self, current: _Open, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
         value = next(current.chunks, _END)
-        if value is _END:
-            raise _ended_early(chunk, chunk.start // chunk_size)
-        what = f"iterate({chunk.stream}) chunk {chunk.start // chunk_size}"
-        tensor = _as_tensor(value, what)
-        want = chunk.stop - chunk.start
-        if len(tensor) == want or (chunk.last and len(tensor) == chunk_size):
-            return tensor[:want]
-        raise ValueError(
-            f"{what} should have {want} time steps (time steps [{chunk.start}, {chunk.stop}) "
-            f"of the stream), but has shape {tuple(tensor.shape)}; yield chunk_size="
-            f"{chunk_size} steps per chunk (the last may be shorter), or fix stream_lengths"
-        )
+        if (
+            type(value) is torch.Tensor
+            and value.dim()
+            and value.shape[0] == chunk.stop - chunk.start
+        ):
+            return value  # the common case, checked at the least cost
+        return _checked_chunk(value, chunk, chunk_size)
 
     def probe(self) -> torch.Tensor:
         chunks = iter(self.iterate(0))
@@ -428,7 +523,7 @@ class _Iterators:
             _close_iterator(chunks)
         if value is _END:
             raise ValueError("iterate(0) yielded no chunk; every stream needs at least one")
-        return _as_tensor(value, "iterate(0) chunk 0")
+        return _as_tensor(value, lambda: "iterate(0) chunk 0")
 
     def retain(self, slots: Iterable[int]) -> None:
         keep = set(slots)
@@ -451,6 +546,27 @@ class _Iterators:
 
 
 _END = object()
+
+
+def _checked_chunk(value: Any, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
+    """What ``iterate()`` yielded for ``chunk``, as a tensor of its time steps, or an error."""
+    if value is _END:
+        raise _ended_early(chunk, chunk.start // chunk_size)
+
+    def what() -> str:
+        return f"iterate({chunk.stream}) chunk {chunk.start // chunk_size}"
+
+    tensor = _as_tensor(value, what)
+    want, steps = chunk.stop - chunk.start, tensor.shape[0]
+    if steps == want:
+        return tensor
+    if chunk.last and steps == chunk_size:
+        return tensor[:want]
+    raise ValueError(
+        f"{what()} should have {want} time steps (time steps [{chunk.start}, {chunk.stop}) "
+        f"of the stream), but has shape {tuple(tensor.shape)}; yield chunk_size="
+        f"{chunk_size} steps per chunk (the last may be shorter), or fix stream_lengths"
+    )
 
 
 def _close_iterator(chunks: Iterator[Any]) -> None:

@@ -30,6 +30,9 @@ Everything is a pure function of ``(stream lengths, arguments, seed + epoch)``:
 
 So the position in an epoch is the number of steps yielded: the state holds it and what
 shapes the schedule; a resumed epoch rebuilds the schedule and continues at that step.
+Each step also carries the chunks each slot reads in the epoch, from which the loader
+gives every worker the same slots all epoch long (NOTE [ Stream worker layout ] in
+``_stream_steps.py``); that changes which process reads a row, never what it holds.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,138 +55,24 @@ from poolloader.samplers._checks import (
     check_positive_int,
 )
 from poolloader.samplers._distributed import resolve_rank_world_size
+from poolloader.samplers._stream_steps import (
+    Slot,
+    StreamChunk,
+    StreamPadding,
+    StreamPart,
+    StreamStep,
+    worker_layout,
+)
 
 __all__ = [
     "EpochPlan", "SlotPlan", "StreamChunk", "StreamEpochIterator", "StreamPadding", "StreamPart",
     "StreamSampler", "StreamStep", "chunk_counts", "fill_with_restreams", "plan_rank",
-    "shard_streams", "stream_order",
+    "shard_streams", "slot_loads", "stream_order", "worker_layout",
 ]  # fmt: skip
 
 IntArray = npt.NDArray[np.int64]
 StateValue = int | str | None
 State = dict[str, StateValue]
-
-
-# ------------------------------------------------------------------ step specs
-
-
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
-    """What a slot reads at one step: time steps ``[start, stop)`` of ``stream``.
-
-    Attributes:
-        stream: The stream's index into ``stream_lengths``.
-        start: First time step of the chunk.
-        stop: One past its last time step (``stop - start <= chunk_size``).
-        first: The chunk begins the stream: reset the recurrent state of this row.
-        last: The chunk ends the stream: the slot takes another stream next step.
-        repeat: The stream is read again to fill the slot (``pad="restream"``).
-    """
-
-    stream: int
-    start: int
-    stop: int
-    first: bool
-    last: bool
-    repeat: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class StreamPadding:
-    """A slot with nothing to read at this step (``pad="dummy"``): mask it out."""
-
-
-#: What one slot of a step holds.
-Slot = StreamChunk | StreamPadding
-
-
-@dataclass(frozen=True, slots=True)
-class StreamPart:
-    """The slots of one :class:`StreamStep` that one worker reads.
-
-    Attributes:
-        step: The step's position in the epoch.
-        chunk_size: Time steps per chunk.
-        slot_ids: Which slots of the step these are (``b`` with ``b % parts == worker``).
-        slots: What each of them reads, in the order of ``slot_ids``.
-        final: This is the epoch's last step.
-    """
-
-    step: int
-    chunk_size: int
-    slot_ids: tuple[int, ...]
-    slots: tuple[Slot, ...]
-    final: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class StreamStep:
-    """One step of a :class:`StreamSampler`: a chunk (or padding) for each slot.
-
-    Handed to the dataset whole when ``num_workers=0``. With workers, poolloader's
-    ``DataLoader`` splits it: slot ``b`` goes to worker ``b % num_workers`` for the whole
-    epoch, so a stream stays in one worker from its first chunk to its last (an open
-    iterator over it never moves), and the parts are merged back in slot order by
-    ``type(part_batch).merge_slots(part_batches, slot_ids)``, ``slot_ids[i]`` being the
-    slots of part ``i`` (:class:`~poolloader.datasets.StreamBatch` has it).
-
-    Attributes:
-        step: The step's position in the epoch.
-        chunk_size: Time steps per chunk (the batch's time dimension).
-        slots: What each slot reads, ``batch_size`` of them.
-        final: This is the epoch's last step: a reader may close what it holds open
-            (streams cut by the end of the epoch).
-
-    Example:
-        >>> chunk = StreamChunk(7, 0, 4, first=True, last=False)
-        >>> step = StreamStep(0, 4, (chunk, StreamPadding()))
-        >>> [part.slot_ids for _, part in step.poolloader_split(2)]
-        [(0,), (1,)]
-    """
-
-    step: int
-    chunk_size: int
-    slots: tuple[Slot, ...]
-    final: bool = False
-
-    @property
-    def slot_ids(self) -> tuple[int, ...]:
-        """All slots, ``0 .. batch_size - 1``."""
-        return tuple(range(len(self.slots)))
-
-    def part(self, worker: int, parts: int) -> StreamPart:
-        """Part ``worker`` of ``parts``: the slots ``b`` with ``b % parts == worker``."""
-        ids = tuple(range(worker, len(self.slots), parts))
-        return StreamPart(self.step, self.chunk_size, ids, self.slots[worker::parts], self.final)
-
-    def poolloader_split(self, num_workers: int) -> list[tuple[int, StreamPart]]:
-        """Split across ``min(num_workers, batch_size)`` workers, slot ``b`` to ``b % n``."""
-        parts = min(num_workers, len(self.slots))
-        return [(worker, self.part(worker, parts)) for worker in range(parts)]
-
-    def poolloader_merge(self, parts: Sequence[Any]) -> Any:
-        """The batch of the whole step from what the dataset returned for each part."""
-        merge = getattr(type(parts[0]), "merge_slots", None)
-        if merge is None:
-            raise TypeError(
-                f"the dataset returned a {type(parts[0]).__name__} for a StreamPart, which has "
-                "no merge_slots() to join the parts of a StreamStep; return a StreamBatch "
-                "(poolloader.datasets.StreamDataset does) or use num_workers=0"
-            )
-        slot_ids = [self.part(worker, len(parts)).slot_ids for worker in range(len(parts))]
-        return merge(parts, slot_ids)
-
-    def __repr__(self) -> str:
-        shown = ", ".join(_slot_repr(slot) for slot in self.slots[:8])
-        more = ", ..." if len(self.slots) > 8 else ""
-        return f"StreamStep(step={self.step}, slots=[{shown}{more}])"
-
-
-def _slot_repr(slot: Slot) -> str:
-    if isinstance(slot, StreamPadding):
-        return "pad"
-    flags = ("^" if slot.first else "") + ("*" if slot.repeat else "")
-    return f"{slot.stream}[{slot.start}:{slot.stop}]{flags}"
 
 
 # ------------------------------------------------------------------ the schedule (pure)
@@ -292,6 +181,22 @@ def fill_with_restreams(
         draw += 1
 
 
+def slot_loads(plan: SlotPlan, num_steps: int) -> tuple[int, ...]:
+    """Chunks each slot reads in the epoch's first ``num_steps`` steps, padding excluded.
+
+    Example:
+        >>> plan = SlotPlan(2)
+        >>> for stream, chunks in [(0, 3), (1, 1), (2, 4)]:
+        ...     plan.assign(stream, chunks)
+        >>> slot_loads(plan, 4)
+        (3, 4)
+    """
+    return tuple(
+        sum(max(0, min(run[1], num_steps - start)) for start, run in zip(starts, runs, strict=True))
+        for starts, runs in zip(plan.starts, plan.runs, strict=True)
+    )
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """One rank's schedule of one epoch: its slot plan and the epoch's number of steps."""
@@ -301,11 +206,13 @@ class EpochPlan:
     streams: IntArray  # this rank's shard, in assignment order
     lengths: IntArray
     chunk_size: int
+    slot_loads: tuple[int, ...]  # see NOTE [ Stream worker layout ] in _stream_steps.py
 
     def step(self, step: int) -> StreamStep:
         """The spec of step ``step`` (``0 <= step < num_steps``)."""
         slots = tuple(self._slot(slot, step) for slot in range(len(self.plan.starts)))
-        return StreamStep(step, self.chunk_size, slots, final=step == self.num_steps - 1)
+        final = step == self.num_steps - 1
+        return StreamStep(step, self.chunk_size, slots, final, self.slot_loads)
 
     def _slot(self, slot: int, step: int) -> Slot:
         found = self.plan.locate(slot, step)
@@ -579,7 +486,8 @@ class StreamSampler(Sampler[StreamStep]):
         own = plans[self._rank]
         if self._pad == "restream" and not self._drop_incomplete:
             fill_with_restreams(own, num_steps, order, self._chunks, self._rank, self._world_size)
-        return EpochPlan(own, num_steps, shards[self._rank], self._lengths, self._chunk_size)
+        loads = slot_loads(own, num_steps)
+        return EpochPlan(own, num_steps, shards[self._rank], self._lengths, self._chunk_size, loads)
 
 
 def _check_state(state: Mapping[str, Any], mine: State) -> None:
