@@ -13,10 +13,12 @@ The sampler is never read ahead of the window, so a change to it (say a new
 
 from __future__ import annotations
 
+import functools
 import itertools
+import queue
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -50,6 +52,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
         self._outcomes: dict[int, Future[Outcome]] = {}
         self._pinner = _start_pinner() if self._pin_memory else None
+        self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
         self._start_epoch(loader, epoch_start)
 
     # ------------------------------------------------------------ epochs
@@ -138,10 +141,12 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _track(self, record: TaskRecord) -> None:
         self._window.append(record)
+        announce = functools.partial(_announce, self._news)
+        record.future.add_done_callback(announce)
         if self._pinner is not None:
-            self._outcomes[record.seq] = _pin_when_done(
-                record.future, self._pinner, self._pin_memory_device
-            )
+            pinned = _pin_when_done(record.future, self._pinner, self._pin_memory_device)
+            pinned.add_done_callback(announce)
+            self._outcomes[record.seq] = pinned
 
     def _outcome_of(self, record: TaskRecord) -> Future[Outcome]:
         """What the consumer waits for: the pinned batch when pinning, else the loaded one."""
@@ -220,16 +225,19 @@ class PoolIterator(_BaseDataLoaderIter):
         return record
 
     def _first_done(self) -> TaskRecord:
-        for record in self._window:
-            if self._outcome_of(record).done():
-                return record
-        timeout = self._timeout if self._timeout > 0 else None
-        futures = [self._outcome_of(r) for r in self._window]
-        wait(futures, timeout=timeout, return_when=FIRST_COMPLETED)
-        for record in self._window:
-            if self._outcome_of(record).done():
-                return record
-        return self._window[0]  # timed out: _wait raises for the oldest
+        """The first batch of the window that is ready, waiting for one if none is.
+
+        Returns the oldest after ``timeout`` seconds (or when the pool broke), for
+        :meth:`_wait` to raise about."""
+        deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
+        while True:
+            for record in self._window:
+                if self._outcome_of(record).done():
+                    return record
+            left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
+            if left <= 0 or self._pool.broken is not None:
+                return self._window[0]
+            self._await_news(left)
 
     def _wait(self, record: TaskRecord) -> None:
         """Wait for ``record``, submitting more work each time another batch finishes.
@@ -243,12 +251,26 @@ class PoolIterator(_BaseDataLoaderIter):
             left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise self._timeout_error(record)
-            running = [r.future for r in self._window if not r.future.done()]
-            wait([future, *running], timeout=min(left, WAIT_SLICE), return_when=FIRST_COMPLETED)
+            self._await_news(left)
             self._fill()
             broken = self._pool.broken
             if broken is not None and not future.done():
                 raise broken
+
+    def _await_news(self, seconds: float) -> None:
+        """Sleep until a batch of the window finishes (or ``seconds``, at most
+        :data:`WAIT_SLICE`, pass).
+
+        NOTE [ Waiting and Ctrl-C ]: the consumer waits on a SimpleQueue that the
+        batches' done-callbacks feed, not with ``concurrent.futures.wait``. That
+        one holds every future's lock while it sets up and tears down its waiter;
+        a KeyboardInterrupt landing there leaves some locks held, and the I/O
+        thread, resolving one of those futures, would block forever (and close()
+        with it). SimpleQueue's get and put are single C calls."""
+        try:
+            self._news.get(timeout=min(seconds, WAIT_SLICE))
+        except queue.Empty:
+            pass
 
     def _timeout_error(self, record: TaskRecord) -> LoaderTimeoutError:
         where = f" at worker {record.worker}" if record.worker is not None else " (not started)"
@@ -329,6 +351,11 @@ def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) ->
             future.set_exception(exc)
     finally:
         parts.clear()
+
+
+def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
+    """A batch finished: wake the consumer if it waits (holds the queue, not the iterator)."""
+    news.put(None)
 
 
 def _tasks(records: Any) -> list[TaskRecord]:

@@ -67,6 +67,10 @@ TASKS_PER_WORKER = 2
 #: (results, deaths, wake-ups) end the wait at once; this only bounds how long
 #: a missed wake-up could go unnoticed.
 IO_POLL_INTERVAL = 1.0
+#: Seconds close() waits for the I/O thread, which stops within one event. Only
+#: a thread blocked for good (a lock left held by an interrupted consumer) takes
+#: this long; it is a daemon thread, and the workers are stopped without it.
+IO_JOIN_TIMEOUT = 5.0
 #: Seconds workers get to finish after Stop before they are terminated.
 STOP_GRACE = 2.0
 #: Seconds after SIGTERM before SIGKILL.
@@ -270,7 +274,9 @@ class Pool:
         _fail(orphans, LoaderClosedError("the DataLoader was closed"))
         self._wake()
         if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(IO_JOIN_TIMEOUT)
+            if self._thread.is_alive():  # see NOTE [ Waiting and Ctrl-C ] in _iterator.py
+                logger.debug("the I/O thread did not stop; closing without it")
         self._stop_workers()
         for fd in (self._wakeup_r, self._wakeup_w):
             os.close(fd)

@@ -7,6 +7,12 @@ import time
 
 import psutil
 import pytest
+from hypothesis import settings
+
+# CI runs the same examples every time (HYPOTHESIS_PROFILE=ci in .ci/run), so a
+# red run can be reproduced; development runs explore new ones.
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 #: Seconds a test's processes get to disappear after the test before it fails.
 #: Closed loaders reap their workers before close() returns; this only covers

@@ -572,6 +572,56 @@ def test_keyboard_interrupt_while_waiting_for_a_batch(where: Path) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
+    """Thousands of KeyboardInterrupts, each landing wherever next() happens to be
+    (waiting, submitting, unpacking): every one reaches the caller, batches keep
+    coming between them, and close() still returns at once (no lock left held by
+    an interrupted wait; NOTE [ Waiting and Ctrl-C ] in _iterator.py)."""
+    armed = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed.is_set():
+            armed.clear()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    stop = threading.Event()
+    main = threading.get_ident()
+
+    def pester() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.0003)
+
+    loader = _loader(Faulty(10**6, delay=0.002), batch_size=1)
+    pesterer = threading.Thread(target=pester, daemon=True)
+    interrupts = batches = 0
+    try:
+        iterator = iter(loader)
+        next(iterator)
+        pesterer.start()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                armed.set()
+                next(iterator)
+                armed.clear()
+                batches += 1
+            except KeyboardInterrupt:
+                interrupts += 1
+    finally:
+        armed.clear()
+        stop.set()
+        pesterer.join(5)
+        time.sleep(0.05)  # signals still pending run the (disarmed) handler
+        signal.signal(signal.SIGINT, previous)
+        started = time.monotonic()
+        loader.close()
+        closing = time.monotonic() - started
+    assert interrupts > 100 and batches > 100, (interrupts, batches)
+    assert closing < 2.0, f"close() took {closing:.1f} s after the interrupts"
+
+
 def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
     """Dropping the loader (and its iterator) mid-epoch, without close(), ends the
     workers and every process they started."""

@@ -81,8 +81,11 @@ class SortedBatchSampler(GroupedSampler):
     ``seed + p``) and epoch ``e`` takes the ``batches_per_epoch * world_size`` batches of
     the stream that start at ``e * batches_per_epoch * world_size``. A smaller value clips
     an epoch and the next one carries on where it stopped; a larger one repeats batches
-    from the next pass. Which batches an epoch holds depends only on ``seed`` and ``e``
-    (not on the epochs run before), computed with the limits in effect when it starts.
+    from the next pass. Over any run of epochs every batch comes once per pass; with
+    ``shuffle=True`` an epoch between one and two passes long may hold a batch twice and
+    leave another to the next epoch (the end of one shuffled pass and the start of the
+    next). Which batches an epoch holds depends only on ``seed`` and ``e`` (not on the
+    epochs run before), computed with the limits in effect when it starts.
 
     Sharding, with ``W = world_size`` and ``B`` batches in the epoch's global order: rank
     ``r``'s ``k``-th batch is global batch ``(k * W + r) mod B``. Without

@@ -317,8 +317,8 @@ class StreamSampler(Sampler[StreamStep]):
         self._seed = check_non_negative_int("seed", seed)
         if pad not in ("dummy", "restream"):
             raise ValueError(
-                f"pad should be 'dummy' or 'restream', but got pad={pad!r} (the seed "
-                "pytorch-stream-dataloader's 'zeros' is 'dummy', its 'data' is 'restream')"
+                f"pad should be 'dummy' or 'restream', but got pad={pad!r} "
+                "(pytorch-stream-dataloader's 'zeros' is 'dummy', its 'data' is 'restream')"
             )
         self._pad = pad
         self._shuffle = bool(shuffle)

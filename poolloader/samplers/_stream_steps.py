@@ -15,7 +15,7 @@ the number of parts:
   the fewest chunks so far that has room (then the fewest slots, then the lowest part).
 
 The epoch ends when its busiest worker is done, so evening the chunks out shortens it: on
-the streams of ``benchmarks/streams_vs_seed.py`` over 20 epochs, slot ``b`` to worker
+the streams of ``benchmarks/streams_vs_stream_dataloader.py`` over 20 epochs, slot ``b`` to worker
 ``b % 2`` gave the busier of two workers 0.6 to 10.3 % more chunks than the other, this
 layout 0 to 1.1 %. When all slots are equally loaded (``pad="restream"``) or
 ``slot_loads`` is empty, the layout is slot ``b`` to part ``b % parts``.

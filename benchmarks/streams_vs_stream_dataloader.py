@@ -1,25 +1,27 @@
-"""Throughput of poolloader's streams against pytorch-stream-dataloader 1.0 (the seed).
+"""Throughput of poolloader's streams against pytorch-stream-dataloader 1.0.
 
 Both loaders read the same synthetic streams with the same iterator: each stream is a
 sequence of chunks of ``--chunk-size`` time steps, and producing a chunk costs a fixed
-``--cost-ms`` milliseconds, either sleeping (I/O-bound readers: decoding from disk or the
-network) or spinning the CPU (CPU-bound readers: decompression, feature extraction). Both
-build batches of ``--batch-size`` rows with ``--workers`` workers and pad idle rows with a
-dummy value. Reported per loader: steps per epoch and the share of padded rows (of the
-last epoch), the chunks its busiest worker reads (the median over the epochs: an epoch
-lasts at least that many chunks' time), the median epoch time over ``--epochs`` epochs
-after one warm-up epoch (poolloader's warm-up starts its pool; the seed forks new workers
-every epoch, as its torch DataLoader does by default, so that cost stays in its epochs),
-and real chunks per second. poolloader's sampler is told each epoch (``set_epoch``), so
-its stream order changes every epoch; the seed shuffles with the clock.
+``--cost-ms`` milliseconds, either sleeping (I/O-bound readers: decoding from disk or
+the network) or spinning the CPU (CPU-bound readers: decompression, feature extraction).
+Both build batches of ``--batch-size`` rows with ``--workers`` workers and pad idle rows
+with a dummy value. Reported per loader: steps per epoch and the share of padded rows
+(of the last epoch), the chunks its busiest worker reads (the median over the epochs: an
+epoch lasts at least that many chunks' time), the median epoch time over ``--epochs``
+epochs after one warm-up epoch (poolloader's warm-up starts its pool;
+pytorch-stream-dataloader forks new workers every epoch, as its torch DataLoader does by
+default, so that cost stays in its epochs), and real chunks per second. poolloader's
+sampler is told each epoch (``set_epoch``), so its stream order changes every epoch;
+pytorch-stream-dataloader shuffles with the clock.
 
-The seed (``pip install pytorch-stream-dataloader==1.0``) splits the streams between the
-workers up front and collates in the main process per worker FIFO; poolloader assigns
-streams to rows just in time across all rows, keeps each stream's iterator in one worker
-and gives each worker rows whose chunks add up evenly (``StreamSampler`` +
-``StreamDataset(iterate=...)``).
+pytorch-stream-dataloader (``pip install pytorch-stream-dataloader==1.0``) splits the
+streams between the workers up front and collates in the main process per worker FIFO;
+poolloader assigns streams to rows just in time across all rows, keeps each stream's
+iterator in one worker and gives each worker rows whose chunks add up evenly
+(``StreamSampler`` + ``StreamDataset(iterate=...)``).
 
-Run: ``python benchmarks/streams_vs_seed.py`` (about a minute); ``--help`` for the knobs.
+Run: ``python benchmarks/streams_vs_stream_dataloader.py`` (about a minute);
+``--help`` for the knobs.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def spin(seconds: float) -> None:
 class SyntheticStreams:
     """``streams(stream)``: an iterator over one stream's chunks, each costing ``cost_ms``.
 
-    Every chunk has ``chunk_size`` rows (the last is padded, as the seed's text example
-    does), filled with the stream's index.
+    Every chunk has ``chunk_size`` rows (the last is padded, as pytorch-stream-dataloader's
+    text example does), filled with the stream's index.
     """
 
     lengths: tuple[int, ...]
@@ -72,7 +74,7 @@ class SyntheticStreams:
 
 
 def seed_collate(values: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The seed's collate: one chunk per row, stacked time-major ``[T, B, F]``."""
+    """pytorch-stream-dataloader's collate: one chunk per row, stacked time-major ``[T, B, F]``."""
     return torch.stack(list(values), dim=1)
 
 
