@@ -84,8 +84,8 @@ def _throughput_rows(name: str, workload: Any, found: dict[str, Any]) -> list[Ro
                     share, True, f"poolloader >= {SKEWED_IDEAL_SHARE:.0%}",
                     share >= SKEWED_IDEAL_SHARE)  # fmt: skip
         rows.append(ideal)
-    if name == "big_tensor":
-        rows.append(Row("big_tensor peak memory", "MB", stock.peak_memory, ours.peak_memory,
+    if workload.measure_memory:
+        rows.append(Row(f"{name} peak memory", "MB", stock.peak_memory, ours.peak_memory,
                         False, "<= stock", ours.peak_memory <= stock.peak_memory))  # fmt: skip
     return rows
 

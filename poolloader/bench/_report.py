@@ -54,9 +54,21 @@ def table(rows: list[Row], extras: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append("ratio > 1 means poolloader is better (faster, or less memory)")
-    for key, value in extras.items():
-        lines.append(f"{key}: {value}")
+    if extras:
+        lines += ["", *control_lines(extras)]
     return "\n".join(lines)
+
+
+def control_lines(extras: dict[str, Any]) -> list[str]:
+    """The control channel's cost, idle and after one change, in words."""
+    return [
+        "control channel (batches of 4 indices):",
+        f"  idle: {extras['bytes_per_batch_idle']:.1f} bytes sent per batch; with no channel "
+        f"at all the tasks alone are {extras['bytes_per_batch_without_a_channel']:.1f}; "
+        f"control bytes per batch: {extras['control_bytes_per_batch_idle']:.1f}",
+        f"  one change (loader.dataset.n = ...): {extras['control_messages_after_one_change']} "
+        f"messages, {extras['control_bytes_after_one_change']} bytes in all, once",
+    ]
 
 
 def statistics_table(seen: dict[str, Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import pickle
 import statistics
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any, cast
 import psutil
 import torch
 
+from .._messages import EpochStart, Task
 from ..loader import DataLoader
 from ._workloads import Tiny, Workload
 
@@ -67,6 +69,10 @@ def measure_throughput(
             for kind, loader in loaders.items():
                 progress(f"{workload.name}: {kind} run {repeat + 1}/{repeats}")
                 runs[kind].append(_timed_epoch(loader))
+        if workload.measure_memory:
+            for kind, loader in loaders.items():
+                progress(f"{workload.name}: {kind} memory")
+                runs[kind][-1].peak_memory = _peak_memory_of_epoch(loader)
     finally:
         _close(loaders["poolloader"])
         del loaders
@@ -74,13 +80,20 @@ def measure_throughput(
     return {kind: _median(found) for kind, found in runs.items()}
 
 
+def _peak_memory_of_epoch(loader: Any) -> int:
+    """Peak memory of one more epoch, in a run of its own: reading every process's
+    smaps costs milliseconds of CPU, which must not slow the timed runs."""
+    with PeakMemory() as memory:
+        _drain(loader)
+    return memory.peak
+
+
 def _timed_epoch(loader: Any) -> Measurement:
     before = loader.statistics() if isinstance(loader, DataLoader) else None
-    with PeakMemory() as memory:
-        started = time.perf_counter()
-        batches = _drain(loader)
-        seconds = time.perf_counter() - started
-    found = Measurement(seconds, batches, memory.peak)
+    started = time.perf_counter()
+    batches = _drain(loader)
+    seconds = time.perf_counter() - started
+    found = Measurement(seconds, batches)
     if before is not None:
         after = loader.statistics()
         busy = after.worker_busy_seconds - before.worker_busy_seconds
@@ -201,12 +214,23 @@ def measure_control(num_workers: int, progress: Progress) -> dict[str, float]:
         loader.close()
     return {
         "bytes_per_batch_idle": (idle.bytes_sent - before.bytes_sent) / batches,
+        "bytes_per_batch_without_a_channel": _task_bytes(batches, num_workers) / batches,
         "control_bytes_per_batch_idle": (idle.control_bytes_sent - before.control_bytes_sent)
         / batches,
         "control_messages_after_one_change": changed.control_messages_sent
         - idle.control_messages_sent,
         "control_bytes_after_one_change": changed.control_bytes_sent - idle.control_bytes_sent,
     }
+
+
+def _task_bytes(batches: int, num_workers: int) -> int:
+    """What the second epoch of :func:`measure_control` must send with no control
+    channel at all: each batch's task (its indices) and each worker's epoch start."""
+    tasks = sum(
+        len(pickle.dumps(Task(batches + k, 1, k, list(range(4 * k, 4 * k + 4)))))
+        for k in range(batches)
+    )
+    return tasks + num_workers * len(pickle.dumps(EpochStart(1, 2**62)))
 
 
 @contextmanager

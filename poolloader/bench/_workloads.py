@@ -81,10 +81,11 @@ class Skewed(Dataset):
     """Batches of uneven cost, drawn with a fixed seed (``batch_size=None``: one
     item is one batch).
 
-    ``"stalls"``: most batches take ``base`` seconds and a random ``share`` of
-    them stall for ``slow`` (reads from network storage, a cold cache).
-    ``"lognormal"``: costs spread around ``base`` (``sigma`` in log space), as
-    the batches of a dynamic, duration-bounded sampler do."""
+    ``"stalls"``: batches take ``base`` seconds, except that once in every
+    ``every`` batches (at a random place in each stretch) one stalls for
+    ``slow``, as when a reader opens the next shard of a dataset or refills a
+    cold cache. ``"lognormal"``: costs spread around ``2 * base`` (``sigma`` in
+    log space), as the batches of a dynamic, duration-bounded sampler do."""
 
     def __init__(
         self,
@@ -93,13 +94,15 @@ class Skewed(Dataset):
         *,
         base: float = 0.005,
         slow: float = 0.3,
-        share: float = 0.05,
+        every: int = 20,
         sigma: float = 1.0,
     ) -> None:
         rng = np.random.default_rng(0)
         self.n, self.shape = n, shape
         if shape == "stalls":
-            self.costs = np.where(rng.random(n) < share, slow, base)
+            self.costs = np.full(n, base)
+            for start in range(0, n, every):
+                self.costs[start + rng.integers(0, min(every, n - start))] = slow
         elif shape == "lognormal":
             self.costs = rng.lognormal(np.log(base * 2), sigma, n)
         else:
@@ -125,6 +128,7 @@ class Workload:
     dataset: Any
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
     ideal_seconds: float | None = None  # work-conserving lower bound, where known
+    measure_memory: bool = False  # also measure the peak memory of an epoch
 
 
 def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
@@ -135,11 +139,12 @@ def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
     return {
         "big_tensor": Workload(
             "big_tensor", "32×3×224×224 float32 tensor batches (19 MB)",
-            Images(32 * 20 * scale), {"batch_size": 32},
+            Images(32 * 20 * scale), {"batch_size": 32}, measure_memory=True,
         ),
         "big_numpy": Workload(
             "big_numpy", "32×3×224×224 float32 numpy batches (19 MB)",
             Images(32 * 8 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
+            measure_memory=True,
         ),
         "tiny_items": Workload(
             "tiny_items", "batches of 4 small ints (per-batch overhead)",
@@ -150,7 +155,7 @@ def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
             CpuBound(160 * scale), {"batch_size": 8},
         ),
         "skewed": Workload(
-            "skewed", "I/O stalls: batches cost 5 ms, a random 5% of them 300 ms",
+            "skewed", "I/O stalls: batches cost 5 ms, one in every 20 stalls 300 ms",
             stalls, {"batch_size": None},
             ideal_seconds=float(stalls.costs.sum()) / num_workers,
         ),

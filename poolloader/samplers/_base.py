@@ -95,7 +95,38 @@ class EpochIterator(Iterator[list[int]], abc.ABC):
         return self._sampler._state_at(self)
 
 
-class SamplerBase(Sampler[list[int]], abc.ABC):
+class SeededRanked:
+    """What every poolloader sampler knows about itself: its base seed, its rank
+    among ``world_size`` ranks (resolved once, when it is built) and its epoch."""
+
+    def __init__(self, *, seed: int, rank: int | None, world_size: int | None) -> None:
+        super().__init__()
+        self._seed = check_non_negative_int("seed", seed)
+        self._rank, self._world_size = resolve_rank_world_size(rank, world_size)
+        self._epoch = 0
+
+    @property
+    def seed(self) -> int:
+        """The base seed; epoch ``e`` is shuffled with ``seed + e``."""
+        return self._seed
+
+    @property
+    def rank(self) -> int:
+        """This process's rank, resolved when the sampler was built."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks, resolved when the sampler was built."""
+        return self._world_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next ``iter()`` runs."""
+        return self._epoch
+
+
+class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
     """Base of the poolloader batch samplers: epoch, seed, ranks and the state plumbing.
 
     Subclasses provide the per-epoch iterator (:meth:`_start_epoch`), the limit keys
@@ -119,32 +150,9 @@ class SamplerBase(Sampler[list[int]], abc.ABC):
     _COMMON_KEYS: ClassVar[tuple[str, ...]] = ("sampler", "epoch", "seed", "world_size")
 
     def __init__(self, *, seed: int, rank: int | None, world_size: int | None) -> None:
-        super().__init__()
-        self._seed = check_non_negative_int("seed", seed)
-        self._rank, self._world_size = resolve_rank_world_size(rank, world_size)
-        self._epoch = 0
+        super().__init__(seed=seed, rank=rank, world_size=world_size)
         self._active: EpochIterator | None = None
         self._pending: EpochIterator | None = None
-
-    @property
-    def seed(self) -> int:
-        """The base seed; epoch ``e`` is shuffled with ``seed + e``."""
-        return self._seed
-
-    @property
-    def rank(self) -> int:
-        """This process's rank, resolved when the sampler was built."""
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of ranks, resolved when the sampler was built."""
-        return self._world_size
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next ``iter()`` runs."""
-        return self._epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch the next ``iter()`` runs.

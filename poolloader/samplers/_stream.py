@@ -48,13 +48,13 @@ import numpy as np
 import numpy.typing as npt
 from torch.utils.data import Sampler
 
+from poolloader.samplers._base import SeededRanked
 from poolloader.samplers._checks import (
     LengthsLike,
     as_lengths,
     check_non_negative_int,
     check_positive_int,
 )
-from poolloader.samplers._distributed import resolve_rank_world_size
 from poolloader.samplers._stream_steps import (
     Slot,
     StreamChunk,
@@ -256,7 +256,7 @@ class StreamEpochIterator(Iterator[StreamStep]):
         return self._sampler._state_at(self.epoch, self.step)
 
 
-class StreamSampler(Sampler[StreamStep]):
+class StreamSampler(SeededRanked, Sampler[StreamStep]):
     """Temporally coherent steps over many streams, for recurrent models (truncated BPTT).
 
     Each step is a :class:`StreamStep`: ``batch_size`` slots, each with the next chunk of
@@ -310,11 +310,10 @@ class StreamSampler(Sampler[StreamStep]):
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        super().__init__()
         self._lengths = _stream_lengths(stream_lengths)
         self._batch_size = check_positive_int("batch_size", batch_size)
         self._chunk_size = check_positive_int("chunk_size", chunk_size)
-        self._seed = check_non_negative_int("seed", seed)
+        super().__init__(seed=seed, rank=rank, world_size=world_size)
         if pad not in ("dummy", "restream"):
             raise ValueError(
                 f"pad should be 'dummy' or 'restream', but got pad={pad!r} "
@@ -323,12 +322,10 @@ class StreamSampler(Sampler[StreamStep]):
         self._pad = pad
         self._shuffle = bool(shuffle)
         self._drop_incomplete = bool(drop_incomplete)
-        self._rank, self._world_size = resolve_rank_world_size(rank, world_size)
         self._chunks = chunk_counts(self._lengths, self._chunk_size)
         # CRC-32 of the stream lengths and the options that shape the schedule
         options = f"{self._shuffle},{self._pad},{self._drop_incomplete}".encode()
         self._fingerprint = zlib.crc32(options, zlib.crc32(self._lengths.tobytes()))
-        self._epoch = 0
         self._active: StreamEpochIterator | None = None
         self._pending: StreamEpochIterator | None = None
         self._cached: tuple[int, EpochPlan] | None = None
@@ -364,26 +361,6 @@ class StreamSampler(Sampler[StreamStep]):
     def drop_incomplete(self) -> bool:
         """Whether the epoch ends as soon as a slot can get no new stream."""
         return self._drop_incomplete
-
-    @property
-    def seed(self) -> int:
-        """The base seed; epoch ``e`` is shuffled with ``seed + e``."""
-        return self._seed
-
-    @property
-    def rank(self) -> int:
-        """This process's rank, resolved when the sampler was built."""
-        return self._rank
-
-    @property
-    def world_size(self) -> int:
-        """The number of ranks, resolved when the sampler was built."""
-        return self._world_size
-
-    @property
-    def epoch(self) -> int:
-        """The epoch the next ``iter()`` runs."""
-        return self._epoch
 
     def rank_streams(self, epoch: int | None = None) -> list[int]:
         """The streams this rank reads in ``epoch`` (default: the current one), in order.
