@@ -80,7 +80,7 @@ def _throughput_rows(name: str, workload: Any, found: dict[str, Any]) -> list[Ro
     rows = [row]
     if workload.ideal_seconds:
         share = workload.ideal_seconds / ours.seconds
-        ideal = Row(f"{name} (share of ideal)", "", workload.ideal_seconds / stock.seconds,
+        ideal = Row(f"{name} (share of ideal)", "%", workload.ideal_seconds / stock.seconds,
                     share, True, f"poolloader >= {SKEWED_IDEAL_SHARE:.0%}",
                     share >= SKEWED_IDEAL_SHARE)  # fmt: skip
         rows.append(ideal)

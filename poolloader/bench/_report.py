@@ -44,13 +44,14 @@ def machine() -> dict[str, Any]:
 
 
 def table(rows: list[Row], extras: dict[str, Any]) -> str:
-    header = f"{'workload':<28} {'stock':>12} {'poolloader':>12} {'ratio':>8}  target"
+    width = max([len("workload"), *(len(row.name) for row in rows)])
+    header = f"{'workload':<{width}} {'stock':>12} {'poolloader':>12} {'ratio':>8}  target"
     lines = [header, "-" * len(header)]
     for row in rows:
         mark = "" if row.met is None else ("  ok" if row.met else "  MISSED")
         lines.append(
-            f"{row.name:<28} {_fmt(row.stock, row.unit):>12} {_fmt(row.ours, row.unit):>12} "
-            f"{row.ratio:>7.2f}x  {row.target}{mark}"
+            f"{row.name:<{width}} {_fmt(row.stock, row.unit):>12} "
+            f"{_fmt(row.ours, row.unit):>12} {row.ratio:>7.2f}x  {row.target}{mark}"
         )
     lines.append("")
     lines.append("ratio > 1 means poolloader is better (faster, or less memory)")
@@ -89,6 +90,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value / 2**20:.0f} MB"
     if unit == "s":
         return f"{value:.3f} s"
+    if unit == "%":
+        return f"{value:.0%}"
     return f"{value:.1f} {unit}"
 
 
