@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 from _compare import assert_same_epochs
+from lhotse import CutSet
+from lhotse.dataset import DynamicBucketingSampler
+from lhotse.testing.dummies import DummyManifest
 
 from poolloader import DataLoader
-
-lhotse = pytest.importorskip("lhotse")
-from lhotse import CutSet  # noqa: E402
-from lhotse.dataset import DynamicBucketingSampler  # noqa: E402
-from lhotse.testing.dummies import DummyManifest  # noqa: E402
 
 
 class CutBatches(torch.utils.data.Dataset):
