@@ -25,7 +25,8 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
-from ._pool import Ended, Loaded, Outcome, Raised, TaskRecord, _short
+from ._deaths import short
+from ._pool import Ended, Loaded, Outcome, Raised, TaskRecord
 from ._resume import EpochStart
 from .errors import LoaderTimeoutError
 
@@ -276,7 +277,7 @@ class PoolIterator(_BaseDataLoaderIter):
         where = f" at worker {record.worker}" if record.worker is not None else " (not started)"
         return LoaderTimeoutError(
             f"DataLoader timed out after {self._timeout} seconds waiting for batch "
-            f"{record.position} (indices {_short(record.index)}){where}. Raise `timeout`, "
+            f"{record.position} (indices {short(record.index)}){where}. Raise `timeout`, "
             "or look for a dataset __getitem__ that hangs."
         )
 
@@ -414,7 +415,7 @@ def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
     exc = outcome.error.rebuild()
     context = (
         f"raised in DataLoader worker {outcome.worker_id} (pid {outcome.pid}) while loading "
-        f"batch {record.position} with indices {_short(record.index)}"
+        f"batch {record.position} with indices {short(record.index)}"
     )
     if _message_is_plain(exc):
         original = str(exc.args[0]) if exc.args else ""

@@ -37,10 +37,18 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import psutil
-
 from . import _worker
 from ._control import Channel
+from ._deaths import (
+    PROCESS_TIME_SLACK,
+    Death,
+    crash_error,
+    descendants,
+    describe_exit,
+    reap_group_later,
+    silent_start_error,
+    start_error,
+)
 from ._messages import (
     Done,
     EpochStart,
@@ -54,7 +62,7 @@ from ._messages import (
     Task,
 )
 from ._pickling import not_picklable
-from .errors import LoaderClosedError, PoolBrokenError, WorkerCrashedError, WorkerStartError
+from .errors import LoaderClosedError, PoolBrokenError
 
 logger = logging.getLogger("poolloader")
 
@@ -75,10 +83,6 @@ IO_JOIN_TIMEOUT = 5.0
 STOP_GRACE = 2.0
 #: Seconds after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 1.0
-#: Seconds of disagreement allowed between time.time() and the creation times
-#: the kernel reports (in clock ticks since boot), when telling a worker's
-#: orphaned children from unrelated processes that reuse its group id later.
-PROCESS_TIME_SLACK = 1.0
 
 
 # ----------------------------------------------------------------- outcomes
@@ -292,7 +296,7 @@ class Pool:
         # process tree while their parent lives, and through the worker's process
         # group (each worker leads one) once they are orphaned.
         workers = list(self._workers)
-        descendants = _descendants([w.pid for w in workers])
+        family = descendants([w.pid for w in workers])
         for w in workers:
             self._send(w, pickle.dumps(Stop()))
         deadline = time.monotonic() + STOP_GRACE
@@ -307,7 +311,7 @@ class Pool:
                 process.kill()
                 process.join(TERMINATE_GRACE)
         strays = _worker.group_members({w.pid for w in workers}, since=self._started_wall)
-        _worker.terminate_all([p for p in [*descendants, *strays] if p.is_running()])
+        _worker.terminate_all([p for p in [*family, *strays] if p.is_running()])
         for w in workers:
             self._transport.detach(w.pid)
             w.conn.close()
@@ -469,7 +473,7 @@ class Pool:
             w.ready = True
             return
         if isinstance(message, StartFailed):
-            self._break(_start_error(message))
+            self._break(start_error(message))
             return
         with self._lock:
             record = w.tasks.pop(message.seq, None)
@@ -504,9 +508,9 @@ class Pool:
         w.process.join(TERMINATE_GRACE)
         code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
         w.dead = True
-        _reap_group_later(w)
+        reap_group_later(w.pid, w.started)
         if not w.ready and not w.replacement:
-            self._break(_silent_start_error(w, code))
+            self._break(silent_start_error(w.id, w.pid, code))
             return
         with self._lock:
             lost = list(w.tasks.values())
@@ -517,40 +521,15 @@ class Pool:
                 "poolloader worker %d (pid %d) died: %s; running batches %s again",
                 w.id, w.pid, describe_exit(code), [r.position for r in lost],
             )  # fmt: skip
-            failure = self._crash_error(w, code, running, lost)
+            failure = crash_error(
+                Death(w.id, w.pid, code, running, bool(lost)),
+                tuple(self._exitcodes), self._counters.deaths, self._max_restarts,
+                self._resumable,
+            )  # fmt: skip
             if failure is None:
                 self._replace(w, lost, running)
                 return
         self._break(failure)  # fails the dead worker's tasks with the rest
-
-    def _crash_error(
-        self, w: _Worker, code: int, running: TaskRecord | None, lost: list[TaskRecord]
-    ) -> PoolBrokenError | None:
-        """The error that ends the pool after this death, or ``None`` to carry on."""
-        indices = running.index if running is not None else None
-        exits = ", ".join(describe_exit(c) for c in self._exitcodes)
-        if self._counters.deaths > self._max_restarts:
-            doing = f"loading batch indices {_short(indices)}" if running else "not loading a batch"
-            return WorkerCrashedError(
-                f"DataLoader workers died {self._counters.deaths} times, more than "
-                f"max_worker_restarts={self._max_restarts} allows ({exits}). The last, worker "
-                f"{w.id} (pid {w.pid}), was {doing}.",
-                exitcodes=tuple(self._exitcodes), indices=indices,
-            )  # fmt: skip
-        if running is not None and running.deaths >= 1:
-            return WorkerCrashedError(
-                f"batch {running.position} (indices {_short(running.index)}) killed two "
-                f"workers ({exits}); it is not retried again.",
-                exitcodes=tuple(self._exitcodes), indices=running.index,
-            )  # fmt: skip
-        if lost and not self._resumable:
-            return WorkerCrashedError(
-                f"worker {w.id} (pid {w.pid}) died while iterating an IterableDataset "
-                f"({describe_exit(code)}); its position in its shard is lost, so the epoch "
-                "cannot continue exactly.",
-                exitcodes=tuple(self._exitcodes), indices=indices,
-            )  # fmt: skip
-        return None
 
     def _replace(self, w: _Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:
         """Start a worker in ``w``'s place and queue its tasks first, in their order.
@@ -634,90 +613,3 @@ def _fail(records: list[TaskRecord], error: BaseException) -> None:
             record.future.set_exception(error)
         except InvalidStateError:
             pass
-
-
-def _reap_group_later(w: _Worker) -> None:
-    """End, on a thread of their own, the processes a dead worker left in its group.
-
-    The thread holds the group's id and start time only, not the pool."""
-    threading.Thread(
-        target=_reap_group,
-        args=(w.pid, w.started - PROCESS_TIME_SLACK),
-        name=f"poolloader-reap-{w.pid}",
-        daemon=True,
-    ).start()
-
-
-def _reap_group(pgid: int, since: float) -> None:
-    _worker.terminate_all(_worker.group_members({pgid}, since=since))
-
-
-def _descendants(pids: list[int]) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.extend(psutil.Process(pid).children(recursive=True))
-        except psutil.Error:
-            pass
-    return found
-
-
-def describe_exit(code: int) -> str:
-    """Words for a worker's exit code: ``-9`` → "killed by SIGKILL (...)"."""
-    if code >= 0:
-        return f"exit code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = f"signal {-code}"
-    cause = {
-        "SIGKILL": " (most often the out-of-memory killer)",
-        "SIGSEGV": " (a crash in native code, such as a decoder)",
-        "SIGBUS": " (often /dev/shm too small for shared memory)",
-    }.get(name, "")
-    return f"killed by {name}{cause}"
-
-
-def _short(obj: object, limit: int = 200) -> str:
-    text = repr(obj)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _start_error(message: StartFailed) -> WorkerStartError:
-    error = message.error
-    hint = ""
-    if "__main__" in error.message or "__mp_main__" in error.message:
-        hint = (
-            " Spawn workers cannot import classes or functions defined in an interactive "
-            "session's __main__: move them into a module (a .py file) and import them."
-        )
-    return WorkerStartError(
-        f"DataLoader worker {message.worker_id} (pid {message.pid}) failed to start: "
-        f"{error.type_name}: {error.message}.{hint}\nWorker traceback:\n{error.traceback}"
-    )
-
-
-#: The exit code of a spawned interpreter whose start raised before poolloader's
-#: code ran: most often the main module, imported again in the worker, started
-#: workers itself (no ``if __name__ == "__main__":`` guard).
-EXIT_BOOTSTRAP_ERROR = 1
-
-
-def _silent_start_error(w: _Worker, code: int) -> WorkerStartError:
-    if code == EXIT_BOOTSTRAP_ERROR:
-        hint = (
-            "It raised before it could report why (its traceback is on stderr). Most often "
-            "this is a script without a main guard: spawn and forkserver workers import your "
-            "main module, so a script that creates and iterates a DataLoader at module level "
-            "must guard that code with `if __name__ == '__main__':`."
-        )
-    else:
-        hint = (
-            "It ended before it could report why, while unpickling the dataset, collate_fn "
-            "or worker_init_fn, or while running worker_init_fn: look there for native code "
-            "that crashes or for a call to os._exit()."
-        )
-    return WorkerStartError(
-        f"DataLoader worker {w.id} (pid {w.pid}) exited while starting ({describe_exit(code)}). "
-        + hint
-    )

@@ -576,7 +576,10 @@ def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
     """Thousands of KeyboardInterrupts, each landing wherever next() happens to be
     (waiting, submitting, unpacking): every one reaches the caller, batches keep
     coming between them, and close() still returns at once (no lock left held by
-    an interrupted wait; NOTE [ Waiting and Ctrl-C ] in _iterator.py)."""
+    an interrupted wait; NOTE [ Waiting and Ctrl-C ] in _iterator.py).
+
+    An interrupt inside the sampler's generator ends that generator, and so the
+    epoch, as with torch's loader: the loop then starts the next epoch."""
     armed = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
@@ -609,6 +612,9 @@ def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
                 batches += 1
             except KeyboardInterrupt:
                 interrupts += 1
+            except StopIteration:
+                armed.clear()
+                iterator = iter(loader)
     finally:
         armed.clear()
         stop.set()

@@ -1,0 +1,161 @@
+"""What a dead worker means: words for exit codes, the errors that end a pool,
+and ending the processes a dead worker left behind.
+
+NOTE [ Process trees ] in ``_pool.py`` says how those processes are found.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import psutil
+
+from . import _worker
+from ._messages import StartFailed
+from .errors import PoolBrokenError, WorkerCrashedError, WorkerStartError
+
+if TYPE_CHECKING:
+    from ._pool import TaskRecord
+
+#: Seconds of disagreement allowed between time.time() and the creation times
+#: the kernel reports (in clock ticks since boot), when telling a worker's
+#: orphaned children from unrelated processes that reuse its group id later.
+PROCESS_TIME_SLACK = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Death:
+    """One worker's death, as the pool saw it."""
+
+    worker_id: int
+    pid: int
+    code: int  # exit code, negative for a signal
+    running: TaskRecord | None  # the task it was running, if any
+    held_tasks: bool  # whether it held any task (running or queued)
+
+
+def crash_error(
+    death: Death, exitcodes: tuple[int, ...], deaths: int, max_restarts: int, resumable: bool
+) -> PoolBrokenError | None:
+    """The error that ends the pool after ``death``, or ``None`` to replace the worker.
+
+    Too many deaths, a batch that killed a second worker (a poison batch), or a death
+    in an IterableDataset's shard (its position cannot be recovered) end the pool."""
+    running = death.running
+    indices = running.index if running is not None else None
+    exits = ", ".join(describe_exit(c) for c in exitcodes)
+    if deaths > max_restarts:
+        doing = f"loading batch indices {short(indices)}" if running else "not loading a batch"
+        return WorkerCrashedError(
+            f"DataLoader workers died {deaths} times, more than "
+            f"max_worker_restarts={max_restarts} allows ({exits}). The last, worker "
+            f"{death.worker_id} (pid {death.pid}), was {doing}.",
+            exitcodes=exitcodes, indices=indices,
+        )  # fmt: skip
+    if running is not None and running.deaths >= 1:
+        return WorkerCrashedError(
+            f"batch {running.position} (indices {short(running.index)}) killed two "
+            f"workers ({exits}); it is not retried again.",
+            exitcodes=exitcodes, indices=running.index,
+        )  # fmt: skip
+    if death.held_tasks and not resumable:
+        return WorkerCrashedError(
+            f"worker {death.worker_id} (pid {death.pid}) died while iterating an "
+            f"IterableDataset ({describe_exit(death.code)}); its position in its shard is "
+            "lost, so the epoch cannot continue exactly.",
+            exitcodes=exitcodes, indices=indices,
+        )  # fmt: skip
+    return None
+
+
+def reap_group_later(pid: int, started: float) -> None:
+    """End, on a thread of their own, the processes dead worker ``pid`` (started at
+    ``started``, a ``time.time()``) left in its process group."""
+    threading.Thread(
+        target=_reap_group,
+        args=(pid, started - PROCESS_TIME_SLACK),
+        name=f"poolloader-reap-{pid}",
+        daemon=True,
+    ).start()
+
+
+def _reap_group(pgid: int, since: float) -> None:
+    _worker.terminate_all(_worker.group_members({pgid}, since=since))
+
+
+def descendants(pids: list[int]) -> list[psutil.Process]:
+    """Every live descendant of the processes ``pids``."""
+    found = []
+    for pid in pids:
+        try:
+            found.extend(psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+    return found
+
+
+def describe_exit(code: int) -> str:
+    """Words for a worker's exit code: ``-9`` → "killed by SIGKILL (...)"."""
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    cause = {
+        "SIGKILL": " (most often the out-of-memory killer)",
+        "SIGSEGV": " (a crash in native code, such as a decoder)",
+        "SIGBUS": " (often /dev/shm too small for shared memory)",
+    }.get(name, "")
+    return f"killed by {name}{cause}"
+
+
+def short(obj: object, limit: int = 200) -> str:
+    """``repr(obj)``, cut to ``limit`` characters for a message."""
+    text = repr(obj)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def start_error(message: StartFailed) -> WorkerStartError:
+    """The error for a worker that reported why it could not start."""
+    error = message.error
+    hint = ""
+    if "__main__" in error.message or "__mp_main__" in error.message:
+        hint = (
+            " Spawn workers cannot import classes or functions defined in an interactive "
+            "session's __main__: move them into a module (a .py file) and import them."
+        )
+    return WorkerStartError(
+        f"DataLoader worker {message.worker_id} (pid {message.pid}) failed to start: "
+        f"{error.type_name}: {error.message}.{hint}\nWorker traceback:\n{error.traceback}"
+    )
+
+
+#: The exit code of a spawned interpreter whose start raised before poolloader's
+#: code ran: most often the main module, imported again in the worker, started
+#: workers itself (no ``if __name__ == "__main__":`` guard).
+EXIT_BOOTSTRAP_ERROR = 1
+
+
+def silent_start_error(worker_id: int, pid: int, code: int) -> WorkerStartError:
+    """The error for a worker that exited before it reported ready or why not."""
+    if code == EXIT_BOOTSTRAP_ERROR:
+        hint = (
+            "It raised before it could report why (its traceback is on stderr). Most often "
+            "this is a script without a main guard: spawn and forkserver workers import your "
+            "main module, so a script that creates and iterates a DataLoader at module level "
+            "must guard that code with `if __name__ == '__main__':`."
+        )
+    else:
+        hint = (
+            "It ended before it could report why, while unpickling the dataset, collate_fn "
+            "or worker_init_fn, or while running worker_init_fn: look there for native code "
+            "that crashes or for a call to os._exit()."
+        )
+    return WorkerStartError(
+        f"DataLoader worker {worker_id} (pid {pid}) exited while starting ({describe_exit(code)}). "
+        + hint
+    )
