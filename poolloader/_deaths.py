@@ -20,11 +20,6 @@ from .errors import PoolBrokenError, WorkerCrashedError, WorkerStartError
 if TYPE_CHECKING:
     from ._pool import TaskRecord
 
-#: Seconds of disagreement allowed between time.time() and the creation times
-#: the kernel reports (in clock ticks since boot), when telling a worker's
-#: orphaned children from unrelated processes that reuse its group id later.
-PROCESS_TIME_SLACK = 1.0
-
 
 @dataclass(frozen=True, slots=True)
 class Death:
@@ -71,19 +66,20 @@ def crash_error(
     return None
 
 
-def reap_group_later(pid: int, started: float) -> None:
-    """End, on a thread of their own, the processes dead worker ``pid`` (started at
-    ``started``, a ``time.time()``) left in its process group."""
+def reap_group_later(pid: int, created: float) -> None:
+    """End, on a thread of their own, the processes dead worker ``pid`` left in its
+    process group: those created from the worker's start (``created``, psutil's
+    clock) until now, when it was found dead (see :func:`_worker.group_members`)."""
     threading.Thread(
         target=_reap_group,
-        args=(pid, started - PROCESS_TIME_SLACK),
+        args=(pid, created, _worker.process_clock()),
         name=f"poolloader-reap-{pid}",
         daemon=True,
     ).start()
 
 
-def _reap_group(pgid: int, since: float) -> None:
-    _worker.terminate_all(_worker.group_members({pgid}, since=since))
+def _reap_group(pgid: int, since: float, until: float) -> None:
+    _worker.terminate_all(_worker.group_members({pgid}, since, until))
 
 
 def descendants(pids: list[int]) -> list[psutil.Process]:

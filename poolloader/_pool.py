@@ -37,10 +37,11 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+import psutil
+
 from . import _worker
 from ._control import Channel
 from ._deaths import (
-    PROCESS_TIME_SLACK,
     Death,
     crash_error,
     descendants,
@@ -133,7 +134,7 @@ class _Worker:
     conn: Connection
     generation: int
     pid: int = 0
-    started: float = 0.0  # time.time() just before it was started
+    created: float = 0.0  # its start on psutil's create_time() clock
     ready: bool = False
     replacement: bool = False  # started after a death, not by start()
     dead: bool = False  # its exit was handled; the I/O thread no longer watches it
@@ -215,7 +216,6 @@ class Pool:
         self._exitcodes: list[int] = []
         self._counters = _Counters()
         self._started_at = time.monotonic()
-        self._started_wall = time.time() - PROCESS_TIME_SLACK
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
         self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
@@ -239,13 +239,12 @@ class Pool:
             name=f"poolloader-worker-{worker_id}",
             daemon=False,
         )
-        started = time.time()
         process.start()
         child.close()
         self._transport.attach(process.pid, parent)
         logger.debug("worker %d started (pid %s)", worker_id, process.pid)
         return _Worker(
-            worker_id, process, parent, generation, pid=process.pid, started=started,
+            worker_id, process, parent, generation, pid=process.pid, created=_created(process.pid),
             replacement=replacement,
         )  # fmt: skip
 
@@ -296,7 +295,9 @@ class Pool:
         # process tree while their parent lives, and through the worker's process
         # group (each worker leads one) once they are orphaned.
         workers = list(self._workers)
-        family = descendants([w.pid for w in workers])
+        pids = {w.pid for w in workers if not w.dead}
+        # Found while the workers live, their group ids cannot belong to anyone else.
+        family = descendants(list(pids)) + _worker.group_members(pids)
         for w in workers:
             self._send(w, pickle.dumps(Stop()))
         deadline = time.monotonic() + STOP_GRACE
@@ -310,8 +311,10 @@ class Pool:
             if process.is_alive():
                 process.kill()
                 process.join(TERMINATE_GRACE)
-        strays = _worker.group_members({w.pid for w in workers}, since=self._started_wall)
-        _worker.terminate_all([p for p in [*family, *strays] if p.is_running()])
+        # Started while the workers were being stopped: created before now.
+        since = min((w.created for w in workers), default=0.0)
+        strays = _worker.group_members(pids, since, _worker.process_clock())
+        _worker.terminate_all(_worker.unique([p for p in [*family, *strays] if p.is_running()]))
         for w in workers:
             self._transport.detach(w.pid)
             w.conn.close()
@@ -508,7 +511,7 @@ class Pool:
         w.process.join(TERMINATE_GRACE)
         code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
         w.dead = True
-        reap_group_later(w.pid, w.started)
+        reap_group_later(w.pid, w.created)
         if not w.ready and not w.replacement:
             self._break(silent_start_error(w.id, w.pid, code))
             return
@@ -587,6 +590,14 @@ class Pool:
                 slab_batches=self._transport.slab_batches,
                 slab_reused=self._transport.slab_reused,
             )
+
+
+def _created(pid: int) -> float:
+    """When process ``pid`` started, on psutil's clock (0 if it is already gone)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
 
 
 def _unreadable(exc: Exception) -> RemoteError:

@@ -393,24 +393,36 @@ def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -
         children = []
     own_group = os.getpgrp() == process.pid
     members = group_members({process.pid}, since=_created(process)) if own_group else []
-    terminate_all(_unique([*children, *members]), grace)
+    terminate_all(unique([*children, *members]), grace)
 
 
-def group_members(pgids: set[int], since: float = 0.0) -> list[psutil.Process]:
+def group_members(
+    pgids: set[int], since: float = 0.0, until: float = float("inf")
+) -> list[psutil.Process]:
     """The processes (other than this one) in any of the process groups ``pgids``,
-    created at ``since`` (a ``time.time()``) or later.
+    created between ``since`` and ``until`` (psutil's ``create_time()`` clock).
 
-    ``since`` guards against a group id that outlived its processes and was
-    taken again by an unrelated group created later."""
+    A group id is a pid: once the group's leader and all its members are gone it
+    may be taken again by an unrelated process that starts a group of its own.
+    Bounding the creation time by when the group was known to be ours (from the
+    leader's start to the moment it was found dead) keeps such strangers out."""
     me = os.getpid()
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.pid != me and os.getpgid(proc.pid) in pgids and proc.create_time() >= since:
+            if proc.pid == me or os.getpgid(proc.pid) not in pgids:
+                continue
+            if since <= proc.create_time() <= until:
                 found.append(proc)
         except (OSError, psutil.Error):
             pass
     return found
+
+
+def process_clock() -> float:
+    """Now, on the clock of psutil's ``create_time()`` (boot time plus time since boot),
+    which may differ from ``time.time()`` by a second or more."""
+    return psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def _created(process: psutil.Process) -> float:
@@ -420,7 +432,8 @@ def _created(process: psutil.Process) -> float:
         return 0.0
 
 
-def _unique(processes: list[psutil.Process]) -> list[psutil.Process]:
+def unique(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """``processes`` without repeats (by pid)."""
     return list({p.pid: p for p in processes}.values())
 
 
