@@ -8,12 +8,12 @@ Run (not part of the default test run)::
     python benchmarks/soak.py --epochs 10 --batches 1000 --kill-every 100 --workers 2
 
 Every ``--kill-every`` batches (halfway through each stretch, so no kill lands
-after the last batch) the consumer SIGKILLs one worker, picked at random among
-those that have delivered a batch since they started (a worker still starting
-is not "serving"; killing one is a different fault, pinned in
-``tests/test_faults.py``). ``max_worker_restarts`` is set above the number of
-kills. Each item is ``{"i", "x", "pid"}`` with ``x`` a float tensor full of
-``i``, so a batch of 4 is 64 KiB and travels through the memfd slabs.
+after the last batch) the consumer SIGKILLs one live worker, picked at random: one that
+is loading or waiting, or a replacement still starting (kills are far enough
+apart that no batch is hit twice, which would rightly end the run as a poison
+batch). ``max_worker_restarts`` is set above the number of kills. Each item is
+``{"i", "x", "pid"}`` with ``x`` a float tensor full of ``i``, so a batch of 4 is
+64 KiB and travels through the memfd slabs.
 
 Printed: batches expected, delivered, duplicated, lost, out of order and
 corrupt; worker restarts; and the growth of the main process's RSS, open fds,
@@ -33,6 +33,7 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,31 +149,25 @@ def _alive(pid: int) -> bool:
 
 
 class Killer:
-    """SIGKILLs a random serving worker every ``every`` batches."""
+    """SIGKILLs a random live worker every ``every`` batches."""
 
-    def __init__(self, every: int, rng: random.Random) -> None:
-        self.every, self.rng = every, rng
-        self.serving: set[int] = set()  # delivered a batch and not killed yet
-        self.killed: set[int] = set()
+    def __init__(self, every: int, rng: random.Random, workers: Callable[[], list[int]]) -> None:
+        self.every, self.rng, self.workers = every, rng, workers
         self.count = 0
 
-    def saw(self, pids: list[int], delivered: int) -> None:
-        self.serving.update(p for p in pids if p not in self.killed)
+    def saw(self, delivered: int) -> None:
         # Halfway through each stretch, so that no kill lands after the last batch.
         if self.every and delivered % self.every == self.every // 2:
             self._kill_one()
 
     def _kill_one(self) -> None:
-        candidates = sorted(p for p in self.serving if _alive(p))
+        candidates = sorted(p for p in self.workers() if _alive(p))
         if not candidates:
             return
-        victim = self.rng.choice(candidates)
         try:
-            os.kill(victim, signal.SIGKILL)
+            os.kill(self.rng.choice(candidates), signal.SIGKILL)
         except ProcessLookupError:
             return
-        self.serving.discard(victim)
-        self.killed.add(victim)
         self.count += 1
 
 
@@ -209,7 +204,6 @@ def run(
     report = SoakReport(epochs, batches)
     kills_planned = epochs * batches // kill_every if kill_every else 0
     dataset = SoakItems(batches * batch_size)
-    killer = Killer(kill_every, rng)
     started = time.perf_counter()
     with DataLoader(
         dataset,
@@ -218,6 +212,7 @@ def run(
         multiprocessing_context=start_method,
         max_worker_restarts=kills_planned + SPARE_RESTARTS,
     ) as loader:
+        killer = Killer(kill_every, rng, lambda: loader._pool.worker_pids if loader._pool else [])
         for epoch in range(epochs):
             epoch_started = time.perf_counter()
             positions = []
@@ -226,7 +221,7 @@ def run(
                 positions.append(position)
                 report.corrupt += not intact
                 report.delivered += 1
-                killer.saw(batch["pid"].tolist(), report.delivered)
+                killer.saw(report.delivered)
                 del batch
             _check_epoch(report, positions, batch_size)
             report.epoch_seconds.append(time.perf_counter() - epoch_started)

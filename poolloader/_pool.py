@@ -490,18 +490,39 @@ class Pool:
                 self._transport.discard(w.pid, message.payload)
             return
         assert record is not None
-        _resolve(record.future, self._outcome(w, message))
+        try:
+            outcome = self._outcome(w, message)
+        except _WorkerGone:
+            self._run_again(record)
+            return
+        _resolve(record.future, outcome)
 
     def _outcome(self, w: _Worker, message: Done | Failed | Exhausted) -> Outcome:
         if isinstance(message, Done):
             self._counters.bytes_moved += message.nbytes
             try:
                 return Loaded(self._transport.unpack(w.pid, message.payload), w.id, w.pid)
+            except (ConnectionError, EOFError) as exc:
+                # A batch in fresh shared memory is fetched from its worker while
+                # unpickling (torch's fd passing); a worker killed right after it
+                # sent the batch takes the batch with it.
+                raise _WorkerGone from exc
             except Exception as exc:  # that batch fails, not the I/O thread
                 return Raised(_unreadable(exc), w.id, w.pid)
         if isinstance(message, Failed):
             return Raised(message.error, w.id, w.pid)
         return Ended(w.id)
+
+    def _run_again(self, record: TaskRecord) -> None:
+        """Queue a task first again: its batch was lost with its worker after loading.
+
+        Not a death of the batch's making (it loaded), so not counted towards a
+        poison batch; the worker's death itself counts against
+        ``max_worker_restarts`` when its sentinel fires."""
+        with self._lock:
+            record.worker = None
+            self._pending.appendleft(record)
+            self._dispatch()
 
     # ---------------------------------------------------------------- deaths
 
@@ -590,6 +611,10 @@ class Pool:
                 slab_batches=self._transport.slab_batches,
                 slab_reused=self._transport.slab_reused,
             )
+
+
+class _WorkerGone(Exception):
+    """A loaded batch could not be read because its worker is gone."""
 
 
 def _created(pid: int) -> float:

@@ -336,14 +336,15 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _make_transport(self) -> PickleTransport | SlabTransport:
         if self.transport == "pickle":
             return PickleTransport(self.max_batch_bytes)
-        # A worker's batches alive at once: its share of the window, one being
-        # consumed and one being packed.
+        # A worker's batches alive at once: the whole window (while other workers
+        # are slow, starting or dead, one worker may fill it alone), one being
+        # consumed and one being packed. Slabs are made only when needed, so the
+        # memory in use follows the window, which the reorder allowance bounds.
         most = self.reorder_buffer
         if most is None:
             most = REORDER_MAX_PER_WORKER * self.num_workers
         window = (self.prefetch_factor or 2) * self.num_workers + most
-        slabs = -(-window // self.num_workers) + 2
-        return SlabTransport(slabs, self.max_batch_bytes)
+        return SlabTransport(window + 2, self.max_batch_bytes)
 
     def _reorder_allowance(self, mean_batch_bytes: float) -> int:
         """How many finished batches may wait behind the oldest unfinished one.

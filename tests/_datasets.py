@@ -293,3 +293,19 @@ class SlotReader(Dataset):
             assert info is not None and info.id == index.worker, "part ran on the wrong worker"
             return [(i, info.id) for i in index.items]
         return [(i, -1) for i in index.items]
+
+
+class SlowFirst(Dataset):
+    """Item ``i`` is a 64 KiB float tensor full of ``i`` (it travels in a slab); item 0
+    takes ``seconds`` first."""
+
+    def __init__(self, n: int = 24, seconds: float = 1.0) -> None:
+        self.n, self.seconds = n, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i == 0:
+            time.sleep(self.seconds)
+        return torch.full((16384,), float(i))

@@ -276,6 +276,34 @@ def test_a_dead_worker_is_replaced_and_every_batch_arrives_once_in_order(
     assert _names_batch(message, 3), message
 
 
+def test_a_batch_lost_with_its_worker_after_loading_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch in fresh shared memory (transport="pickle", or the slab transport's
+    fallback) is fetched from its worker while it is unpickled (torch's fd
+    passing): a worker SIGKILLed right after sending it takes it along, and
+    unpickling fails with ConnectionResetError. That batch runs again; the epoch
+    is torch's, batch for batch. (The kill's timing cannot be arranged from
+    outside, so the failed fetch is injected, once.)"""
+    from poolloader import _transport
+
+    real = _transport._unpack_plain
+    failed: list[int] = []
+
+    def flaky(payload: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(payload)
+
+    monkeypatch.setattr(_transport, "_unpack_plain", flaky)
+    dataset = Faulty(12)
+    with _loader(dataset, batch_size=2, transport="pickle") as loader:
+        got = list(loader)
+    assert failed == [1]
+    _assert_batches(got, _torch_batches(dataset, batch_size=2))
+
+
 def test_several_workers_killed_at_once_lose_nothing() -> None:
     """Both workers SIGKILLed from outside while each holds batches: all run again."""
     dataset = Faulty(40, delay=0.02)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from _compare import assert_same, assert_same_epochs
-from _datasets import DtypeZoo, Growing, Mixed, keep_numpy
+from _datasets import DtypeZoo, Growing, Mixed, SlowFirst, keep_numpy
 
 from poolloader import DataLoader
 from poolloader.errors import ResultTooLargeError
@@ -136,3 +136,14 @@ def test_same_result_as_torch_for_collate_output_kept_in_slab():
     want = [b["image"] for b in torch.utils.data.DataLoader(Mixed(n=8, side=200), batch_size=4)]
     for a, b in zip(got, want):
         assert_same(a, b)
+
+
+def test_one_worker_may_fill_the_whole_window_with_slabs():
+    """While worker 0 is stuck on batch 0, worker 1 loads every batch the window and
+    its reorder buffer allow (20 here): each goes into a slab of worker 1's, none
+    through fresh shared memory, and all arrive in order."""
+    with _loader(SlowFirst(24), batch_size=None, reorder_buffer=16) as loader:
+        got = [int(batch[0]) for batch in loader]
+        stats = loader.statistics()
+    assert got == list(range(24))
+    assert stats.slab_batches == 24, stats
