@@ -85,6 +85,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             far, between ``2 * num_workers`` and ``16 * num_workers``.
         max_worker_restarts: How many worker deaths to survive before raising
             :class:`~poolloader.errors.WorkerCrashedError`. Default 3.
+        transport: ``"shm"`` (default): workers collate into shared-memory
+            slabs that are mapped once and reused, read in place here;
+            ``"pickle"``: torch's path, fresh shared memory for every batch.
+        max_batch_bytes: Refuse a batch holding more tensor and array bytes
+            than this with :class:`~poolloader.errors.ResultTooLargeError` (for
+            that batch; the loader goes on). ``None`` (default): no limit.
 
     Example::
 
