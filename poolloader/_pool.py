@@ -37,8 +37,6 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import psutil
-
 from . import _worker
 from ._control import Channel
 from ._deaths import (
@@ -244,8 +242,8 @@ class Pool:
         self._transport.attach(process.pid, parent)
         logger.debug("worker %d started (pid %s)", worker_id, process.pid)
         return _Worker(
-            worker_id, process, parent, generation, pid=process.pid, created=_created(process.pid),
-            replacement=replacement,
+            worker_id, process, parent, generation, pid=process.pid,
+            created=_worker.created(process.pid), replacement=replacement,
         )  # fmt: skip
 
     @property
@@ -615,14 +613,6 @@ class Pool:
 
 class _WorkerGone(Exception):
     """A loaded batch could not be read because its worker is gone."""
-
-
-def _created(pid: int) -> float:
-    """When process ``pid`` started, on psutil's clock (0 if it is already gone)."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
 
 
 def _unreadable(exc: Exception) -> RemoteError:

@@ -51,7 +51,6 @@ from ._messages import (
     Task,
     Update,
 )
-from .errors import ResultTooLargeError
 
 #: Why a batch must pickle, for the error when it does not.
 RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
@@ -252,11 +251,7 @@ class _State:
     def _pack(self, batch: Any) -> tuple[Any, int]:
         try:
             return cast(tuple[Any, int], self.packer.pack(batch))
-        except ResultTooLargeError:
-            raise
-        except Exception as exc:
-            if not isinstance(exc, (pickle.PicklingError, TypeError, AttributeError)):
-                raise
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
             raise _pickling.not_picklable(
                 batch, "batch", exc, RESULT_PICKLING, RESULT_HINT
             ) from exc
@@ -392,7 +387,7 @@ def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -
     except psutil.Error:
         children = []
     own_group = os.getpgrp() == process.pid
-    members = group_members({process.pid}, since=_created(process)) if own_group else []
+    members = group_members({process.pid}, since=created(process.pid)) if own_group else []
     terminate_all(unique([*children, *members]), grace)
 
 
@@ -425,9 +420,10 @@ def process_clock() -> float:
     return psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
-def _created(process: psutil.Process) -> float:
+def created(pid: int) -> float:
+    """When process ``pid`` started, on psutil's ``create_time()`` clock (0 if gone)."""
     try:
-        return process.create_time()
+        return psutil.Process(pid).create_time()
     except psutil.Error:
         return 0.0
 
