@@ -26,7 +26,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import short
-from ._pool import Ended, Loaded, Outcome, Raised, TaskRecord
+from ._pool import Ended, Loaded, Lost, Outcome, Raised, TaskRecord
 from ._resume import EpochStart
 from .errors import LoaderTimeoutError
 
@@ -86,7 +86,7 @@ class PoolIterator(_BaseDataLoaderIter):
     def close(self) -> None:
         """Cancel the batches loaded ahead; the iterator yields nothing more."""
         self._sampler_done = True
-        if not self._pool.closed:
+        if not self._pool.closed and not self._pool.foreign:
             self._abandon()
         if self._pinner is not None:
             self._pinner.shutdown(wait=False, cancel_futures=True)
@@ -290,6 +290,14 @@ class PoolIterator(_BaseDataLoaderIter):
             return _SKIP
         if isinstance(outcome, Raised):
             raise _reraise(outcome, record)
+        if isinstance(outcome, Lost):
+            error = outcome.error
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note(
+                    f"(batch {record.position}, indices {short(record.index)}, loaded by "
+                    f"DataLoader worker {outcome.worker_id}, pid {outcome.pid})"
+                )
+            raise error
         assert isinstance(outcome, Loaded)
         self._loader_stats.batches += 1
         return outcome.data

@@ -3,7 +3,7 @@
 Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`DelItem`, :class:`Broadcast`,
-:class:`Replace`), :class:`Release` and :class:`Stop`. Worker → main: :class:`Ready`,
+:class:`Replace`), :class:`Release`, :class:`Drop` and :class:`Stop`. Worker → main: :class:`Ready`,
 :class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`.
 
 Values chosen by the user (attribute values, broadcast functions, datasets) are
@@ -95,6 +95,16 @@ class Release:
     """The main process dropped every batch in slab ``slab``: the worker may reuse it.
 
     Handled by the worker's inbox thread at once, not queued behind tasks."""
+
+    slab: int
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """The main process could not map slab ``slab`` (out of file descriptors, say)
+    and will never read it: the worker closes it and sends a new slab next time.
+
+    Handled by the worker's inbox thread at once, like :class:`Release`."""
 
     slab: int
 

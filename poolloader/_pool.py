@@ -21,10 +21,9 @@ exactly. Workers are not daemonic: dataset code may start processes of its own.
 
 from __future__ import annotations
 
-import atexit
 import itertools
 import logging
-import multiprocessing.util  # noqa: F401 - registered first, so our atexit hook runs before its
+import multiprocessing.util
 import os
 import pickle
 import signal
@@ -54,14 +53,15 @@ from ._messages import (
     Exhausted,
     Failed,
     Ready,
-    Release,
     RemoteError,
     StartFailed,
     Stop,
     Task,
 )
+from ._packing import out_of_descriptors
 from ._pickling import not_picklable
-from .errors import LoaderClosedError, PoolBrokenError
+from ._transport import descriptor_error
+from .errors import LoaderClosedError, PoolBrokenError, TransportError
 
 logger = logging.getLogger("poolloader")
 
@@ -82,6 +82,12 @@ IO_JOIN_TIMEOUT = 5.0
 STOP_GRACE = 2.0
 #: Seconds after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 1.0
+#: Priority of the exit hook among multiprocessing's finalizers. Those with a
+#: priority run before multiprocessing joins the process's non-daemonic
+#: children (our workers), which would otherwise wait for them forever; higher
+#: runs earlier, and ours must run before any that waits for data (a
+#: ``multiprocessing.Manager`` ends at priority 0).
+EXIT_PRIORITY = 100
 
 
 # ----------------------------------------------------------------- outcomes
@@ -102,11 +108,20 @@ class Raised:
 
 
 @dataclass(frozen=True, slots=True)
+class Lost:
+    """The batch loaded, but could not be moved to the main process."""
+
+    error: BaseException
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ended:
     worker_id: int
 
 
-Outcome = Loaded | Raised | Ended
+Outcome = Loaded | Raised | Lost | Ended
 
 
 @dataclass(eq=False)
@@ -125,6 +140,16 @@ class TaskRecord:
     cancelled: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    """One worker process: its id in the pool and its start, not a bare pid (a
+    replacement may be given the pid of the worker it replaces)."""
+
+    id: int
+    pid: int
+    started: float  # on psutil's create_time() clock
+
+
 @dataclass(eq=False)
 class _Worker:
     id: int
@@ -140,6 +165,10 @@ class _Worker:
     # Tasks sent to it, in the order sent: it runs them in that order, so the
     # first is the one running and the others only wait in its inbox.
     tasks: dict[int, TaskRecord] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> WorkerIdentity:
+        return WorkerIdentity(self.id, self.pid, self.created)
 
 
 @dataclass
@@ -171,14 +200,30 @@ class PoolStatistics:
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+_exit_hook_pid = 0  # the process that registered the exit hook
 
 
-@atexit.register
 def _close_all() -> None:
-    # Runs before multiprocessing's own exit hook, which would otherwise wait
-    # forever for our non-daemonic workers to exit.
     for pool in list(_live_pools):
         pool.close()
+
+
+def _ensure_exit_hook() -> None:
+    """Close this process's pools when it exits, before its children are joined.
+
+    NOTE [ Exit with live loaders ]: at exit, ``multiprocessing`` joins every
+    non-daemonic child, and our workers are not daemonic, so a process that
+    ends with a loader alive would wait for them forever. The finalizers that
+    ``multiprocessing.util.Finalize`` registers with an ``exitpriority`` run just
+    before those joins, in the main process (from ``atexit``) and in every
+    multiprocessing child (whose bootstrap runs them, not ``atexit``: a
+    ``torch.multiprocessing.spawn`` rank is such a child). A forked child starts
+    with an empty registry, so each process registers once, when it starts its
+    first pool."""
+    global _exit_hook_pid
+    if _exit_hook_pid != os.getpid():
+        _exit_hook_pid = os.getpid()
+        multiprocessing.util.Finalize(None, _close_all, exitpriority=EXIT_PRIORITY)
 
 
 class Pool:
@@ -214,6 +259,7 @@ class Pool:
         self._exitcodes: list[int] = []
         self._counters = _Counters()
         self._started_at = time.monotonic()
+        self._owner = os.getpid()  # a forked child holds a copy it must not act on
         self._wakeup_r, self._wakeup_w = os.pipe()
         os.set_blocking(self._wakeup_w, False)
         self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
@@ -222,6 +268,7 @@ class Pool:
 
     def start(self) -> None:
         logger.debug("starting %d workers", self._num_workers)
+        _ensure_exit_hook()
         with self._lock:
             self._workers = [self._spawn(i) for i in range(self._num_workers)]
         _live_pools.add(self)
@@ -239,12 +286,18 @@ class Pool:
         )
         process.start()
         child.close()
-        self._transport.attach(process.pid, parent)
-        logger.debug("worker %d started (pid %s)", worker_id, process.pid)
-        return _Worker(
+        w = _Worker(
             worker_id, process, parent, generation, pid=process.pid,
             created=_worker.created(process.pid), replacement=replacement,
         )  # fmt: skip
+        self._transport.attach(w.identity, parent)
+        logger.debug("worker %d started (pid %s)", worker_id, process.pid)
+        return w
+
+    @property
+    def foreign(self) -> bool:
+        """Whether this is a forked copy of another process's pool (see :meth:`close`)."""
+        return os.getpid() != self._owner
 
     @property
     def broken(self) -> PoolBrokenError | None:
@@ -266,7 +319,13 @@ class Pool:
             return [w.pid for w in self._workers]
 
     def close(self) -> None:
-        """Stop every worker and every process they started; idempotent."""
+        """Stop every worker and every process they started; idempotent.
+
+        In a process forked from the owner (a fork-started worker, or any
+        ``os.fork()`` child) the pool is only a copy: closing it there would stop
+        the owner's workers, so it does nothing."""
+        if self.foreign:
+            return
         with self._lock:
             if self._closing:
                 return
@@ -314,7 +373,7 @@ class Pool:
         strays = _worker.group_members(pids, since, _worker.process_clock())
         _worker.terminate_all(_worker.unique([p for p in [*family, *strays] if p.is_running()]))
         for w in workers:
-            self._transport.detach(w.pid)
+            self._transport.detach(w.identity)
             w.conn.close()
             w.process.close()
 
@@ -330,8 +389,13 @@ class Pool:
             self._channel.rebase(oldest)
 
     def end_epoch(self, epoch: int) -> None:
+        """Forget ``epoch``: the iterator yields nothing more of it, so tasks of it
+        still waiting are dropped (a worker that ran one would need the epoch)."""
         with self._lock:
             self._epochs.pop(epoch, None)
+            leftovers = [r for r in self._pending if r.epoch == epoch]
+        if leftovers:
+            self.cancel(leftovers)
 
     def submit(self, epoch: int, position: int, index: Any, pin: int | None = None) -> TaskRecord:
         """Queue batch ``position`` of ``epoch``; its outcome arrives on ``record.future``."""
@@ -410,11 +474,11 @@ class Pool:
         released = self._transport.take_releases()
         if not released:
             return
-        by_pid = {w.pid: w for w in self._workers}
-        for pid, slab in released:
-            w = by_pid.get(pid)
+        by_identity = {w.identity: w for w in self._workers}
+        for identity, message in released:
+            w = by_identity.get(identity)
             if w is not None:  # a dead worker's slabs went with it
-                self._send(w, pickle.dumps(Release(slab)))
+                self._send(w, pickle.dumps(message))
 
     def _send(self, w: _Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)
@@ -463,10 +527,10 @@ class Pool:
                 if not w.conn.poll(0):
                     return
                 message = pickle.loads(w.conn.recv_bytes())
-                if isinstance(message, Done):
-                    self._transport.receive(w.pid, message.payload)
             except (EOFError, OSError):
-                return
+                return  # the worker died; its sentinel tells
+            if isinstance(message, Done):
+                self._transport.receive(w.identity, message.payload)
             self._handle(w, message)
 
     def _handle(self, w: _Worker, message: Any) -> None:
@@ -485,7 +549,7 @@ class Pool:
             self._counters.tasks_done += 1
         if not wanted:
             if isinstance(message, Done):
-                self._transport.discard(w.pid, message.payload)
+                self._transport.discard(w.identity, message.payload)
             return
         assert record is not None
         try:
@@ -499,13 +563,17 @@ class Pool:
         if isinstance(message, Done):
             self._counters.bytes_moved += message.nbytes
             try:
-                return Loaded(self._transport.unpack(w.pid, message.payload), w.id, w.pid)
+                return Loaded(self._transport.unpack(w.identity, message.payload), w.id, w.pid)
+            except TransportError as exc:
+                return Lost(exc, w.id, w.pid)
             except (ConnectionError, EOFError) as exc:
                 # A batch in fresh shared memory is fetched from its worker while
                 # unpickling (torch's fd passing); a worker killed right after it
                 # sent the batch takes the batch with it.
                 raise _WorkerGone from exc
             except Exception as exc:  # that batch fails, not the I/O thread
+                if out_of_descriptors(exc):
+                    return Lost(descriptor_error(exc, "a batch's tensors"), w.id, w.pid)
                 return Raised(_unreadable(exc), w.id, w.pid)
         if isinstance(message, Failed):
             return Raised(message.error, w.id, w.pid)
@@ -519,7 +587,8 @@ class Pool:
         ``max_worker_restarts`` when its sentinel fires."""
         with self._lock:
             record.worker = None
-            self._pending.appendleft(record)
+            if not record.cancelled:
+                self._pending.appendleft(record)
             self._dispatch()
 
     # ---------------------------------------------------------------- deaths
@@ -535,14 +604,18 @@ class Pool:
             self._break(silent_start_error(w.id, w.pid, code))
             return
         with self._lock:
-            lost = list(w.tasks.values())
-            running = lost[0] if lost and w.ready else None
+            held = list(w.tasks.values())
+            running = held[0] if held and w.ready else None
+            # Batches nobody waits for (an epoch left with `break`) are not run
+            # again, and a death while loading one is not held against anyone.
+            lost = [r for r in held if not r.cancelled]
+            if running is not None and running.cancelled:
+                self._log_death(w, code, lost, "while loading a batch nobody waits for")
+                self._replace(w, lost, None)
+                return
             self._counters.deaths += 1
             self._exitcodes.append(code)
-            logger.warning(
-                "poolloader worker %d (pid %d) died: %s; running batches %s again",
-                w.id, w.pid, describe_exit(code), [r.position for r in lost],
-            )  # fmt: skip
+            self._log_death(w, code, lost, "")
             failure = crash_error(
                 Death(w.id, w.pid, code, running, bool(lost)),
                 tuple(self._exitcodes), self._counters.deaths, self._max_restarts,
@@ -553,13 +626,20 @@ class Pool:
                 return
         self._break(failure)  # fails the dead worker's tasks with the rest
 
+    def _log_death(self, w: _Worker, code: int, lost: list[TaskRecord], doing: str) -> None:
+        logger.warning(
+            "poolloader worker %d (pid %d) died%s: %s; running batches %s again",
+            w.id, w.pid, f" {doing}" if doing else "", describe_exit(code),
+            [r.position for r in lost],
+        )  # fmt: skip
+
     def _replace(self, w: _Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:
         """Start a worker in ``w``'s place and queue its tasks first, in their order.
 
         Only the task that was running counts a death: the others merely waited
         in the dead worker's inbox."""
         w.tasks.clear()
-        self._transport.detach(w.pid)
+        self._transport.detach(w.identity)
         w.conn.close()
         w.process.close()
         fresh = self._spawn(w.id, replacement=True)

@@ -39,6 +39,7 @@ import torch
 from . import _control, _pickling, _seeding
 from ._messages import (
     Done,
+    Drop,
     EpochStart,
     Exhausted,
     Failed,
@@ -129,7 +130,7 @@ def run(setup: WorkerSetup, conn: Connection) -> None:
     except BaseException as exc:  # every failure is reported home
         _send(conn, StartFailed(setup.worker_id, os.getpid(), RemoteError.capture(exc)))
         _finish(1)
-    inbox.on_release = state.packer.release
+    inbox.packer = state.packer
     _send(conn, Ready(setup.worker_id, os.getpid()))
     _serve(state, inbox, conn)
     _finish(0)
@@ -340,7 +341,7 @@ class _Inbox:
         self._conn = conn
         self._ppid = os.getppid()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self.on_release: Any = None
+        self.packer: Any = None  # takes Release and Drop once the worker has started
         thread = threading.Thread(target=self._read, name="poolloader-inbox", daemon=True)
         thread.start()
 
@@ -357,13 +358,20 @@ class _Inbox:
                 message = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
                 _orphaned()
-            if isinstance(message, Release):
-                if self.on_release is not None:
-                    self.on_release(message.slab)
+            if isinstance(message, (Release, Drop)):
+                self._to_packer(message)
                 continue
             self._queue.put(message)
             if isinstance(message, Stop):
                 return
+
+    def _to_packer(self, message: Release | Drop) -> None:
+        if self.packer is None:
+            return  # none can come before the worker is ready: it has no slabs yet
+        if isinstance(message, Release):
+            self.packer.release(message.slab)
+        else:
+            self.packer.drop(message.slab)
 
 
 def _orphaned() -> None:

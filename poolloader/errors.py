@@ -7,10 +7,14 @@ catching what it caught before::
     Exception
     ├── RuntimeError
     │   ├── LoaderClosedError ............ closed by you: the loader was closed
-    │   └── PoolBrokenError .............. broken by circumstance
-    │       ├── WorkerCrashedError ....... workers died too often, or one batch killed two
-    │       ├── WorkerStartError ......... a worker could not start (unpickling, worker_init_fn)
-    │       └── LoaderTimeoutError ....... (also TimeoutError) ``timeout`` seconds passed
+    │   ├── PoolBrokenError .............. broken by circumstance
+    │   │   ├── WorkerCrashedError ....... workers died too often, or one batch killed two
+    │   │   └── WorkerStartError ......... a worker could not start (unpickling, worker_init_fn)
+    │   ├── LoaderTimeoutError ........... (also TimeoutError) ``timeout`` seconds passed
+    │   │                                  waiting for a batch; the loader goes on
+    │   └── TransportError ............... one batch could not be moved to the main
+    │                                      process (out of file descriptors); the
+    │                                      loader goes on
     ├── TypeError
     │   └── NotPicklableError ............ (also pickle.PicklingError) an object cannot
     │                                      be sent to spawn workers
@@ -33,6 +37,7 @@ __all__ = [
     "PoolBrokenError",
     "RemoteTraceback",
     "ResultTooLargeError",
+    "TransportError",
     "WorkerCrashedError",
     "WorkerStartError",
 ]
@@ -79,8 +84,17 @@ class WorkerStartError(PoolBrokenError):
     ``worker_init_fn`` could not be unpickled there, or ``worker_init_fn`` raised."""
 
 
-class LoaderTimeoutError(PoolBrokenError, TimeoutError):
-    """No batch arrived within the loader's ``timeout`` seconds."""
+class LoaderTimeoutError(RuntimeError, TimeoutError):
+    """No batch arrived within the loader's ``timeout`` seconds.
+
+    The pool is not broken: the batch may still arrive, and the loader can be
+    iterated again."""
+
+
+class TransportError(RuntimeError):
+    """A batch could not be moved from its worker to the main process, most often
+    because the main process ran out of file descriptors. That batch is lost; the
+    loader goes on."""
 
 
 class NotPicklableError(TypeError, pickle.PicklingError):

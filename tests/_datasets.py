@@ -309,3 +309,30 @@ class SlowFirst(Dataset):
         if i == 0:
             time.sleep(self.seconds)
         return torch.full((16384,), float(i))
+
+
+class SizedParts(Dataset):
+    """Item k holds ``parts`` tensors (and one NumPy array) of ``sizes[k]`` floats,
+    every element equal to k: a batch that arrives with another batch's memory,
+    or with memory nobody wrote, shows it in every element."""
+
+    def __init__(self, sizes: list[int], parts: int = 3) -> None:
+        self.sizes, self.parts = sizes, parts
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def __getitem__(self, k: int):
+        n = self.sizes[k]
+        tensors = [torch.full((n,), float(k)) for _ in range(self.parts)]
+        return {"tensors": tensors, "array": np.full((n // 2,), k, dtype=np.int32), "k": k}
+
+
+def wrong_parts(batch, k: int) -> list[str]:
+    """What in a SizedParts batch (batch_size=1) does not hold item k."""
+    wrong = [f"tensors[{i}]" for i, t in enumerate(batch["tensors"]) if not bool((t == k).all())]
+    if not bool((batch["array"] == k).all()):
+        wrong.append("array")
+    if batch["k"].tolist() != [k]:
+        wrong.append("k")
+    return wrong

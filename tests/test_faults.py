@@ -568,6 +568,44 @@ def test_break_then_a_new_epoch_is_whole() -> None:
         _assert_batches(list(loader), _torch_batches(dataset, batch_size=2))
 
 
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_a_death_in_an_abandoned_epoch_is_not_held_against_the_next(
+    transport: str, where: Path
+) -> None:
+    """``break`` (Lightning's ``limit_val_batches``), then the worker dies while
+    loading a batch of the epoch left behind: that batch is not loaded again, the
+    death counts neither towards ``max_worker_restarts`` nor as poison, and the
+    next epoch is whole."""
+    dataset = Faulty(10, "hang", once(where, 2), where=where)
+    with _loader(dataset, batch_size=1, num_workers=1, max_worker_restarts=0,
+                 transport=transport) as loader:  # fmt: skip
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+        (victim,) = _wait_for(lambda: recorded_pids(where, "victim"))
+        _kill(_processes([victim]))
+        assert not _wait_gone(_processes([victim]))
+        _assert_batches(list(loader), _torch_batches(dataset, batch_size=1))
+        assert loader.statistics().restarts == 1
+        _assert_batches(list(loader), _torch_batches(dataset, batch_size=1))
+
+
+def test_a_death_after_break_with_persistent_workers_loses_nothing(where: Path) -> None:
+    """With ``persistent_workers=True`` torch keeps the iterator between epochs, so
+    the batches left behind by ``break`` are only known to be unwanted when the
+    next epoch starts: a death before then is survived like any other."""
+    dataset = Faulty(10, "hang", once(where, 2), where=where)
+    with _loader(dataset, batch_size=1, num_workers=1, persistent_workers=True) as loader:
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+        (victim,) = _wait_for(lambda: recorded_pids(where, "victim"))
+        _kill(_processes([victim]))
+        assert not _wait_gone(_processes([victim]))
+        for _ in range(2):
+            _assert_batches(list(loader), _torch_batches(dataset, batch_size=1))
+
+
 def test_keyboard_interrupt_while_waiting_for_a_batch(where: Path) -> None:
     """Ctrl-C while the consumer waits in next(): KeyboardInterrupt reaches the
     user at once; the loader then serves a whole epoch and closes cleanly."""

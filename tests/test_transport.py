@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 import pytest
 import torch
 from _compare import assert_same, assert_same_epochs
-from _datasets import DtypeZoo, Growing, Mixed, SlowFirst, keep_numpy
+from _datasets import DtypeZoo, Growing, Mixed, SizedParts, SlowFirst, keep_numpy, wrong_parts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from poolloader import DataLoader
 from poolloader.errors import ResultTooLargeError
@@ -147,3 +151,115 @@ def test_one_worker_may_fill_the_whole_window_with_slabs():
         stats = loader.statistics()
     assert got == list(range(24))
     assert stats.slab_batches == 24, stats
+
+
+#: Items that grow past every slab while the consumer holds the slabs: the
+#: worker falls back to fresh memory with part of the batch already collated
+#: into a slab (NOTE [ Slab fallback ] in _packing.py).
+GROWING = [65_536 * (k + 1) for k in range(24)]
+
+
+def _check_every_batch(dataset, hold: int, **kwargs) -> None:
+    kept: deque = deque(maxlen=hold + 1)
+    with _loader(dataset, batch_size=1, **kwargs) as loader:
+        for k, batch in enumerate(loader):
+            kept.append((k, batch))
+            for j, held in kept:
+                assert not wrong_parts(held, j), (
+                    f"batch {j}, checked at {k}: {wrong_parts(held, j)}"
+                )
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+@pytest.mark.parametrize(
+    "hold, kwargs",
+    [(18, {"num_workers": 1}), (1, {"num_workers": 1, "prefetch_factor": 1, "reorder_buffer": 0})],
+)
+def test_batches_that_outgrow_held_slabs_arrive_intact(transport, hold, kwargs):
+    _check_every_batch(SizedParts(GROWING), hold, transport=transport, **kwargs)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    sizes=st.lists(st.integers(0, 400_000), min_size=1, max_size=24),
+    parts=st.integers(1, 3),
+    hold=st.integers(0, 20),
+    workers=st.integers(1, 3),
+    prefetch=st.integers(1, 3),
+    reorder=st.sampled_from([0, 1, None]),
+)
+def test_every_batch_arrives_as_its_worker_built_it(sizes, parts, hold, workers, prefetch, reorder):
+    """Whatever the sizes, however many batches the consumer holds, whatever the
+    window: every batch holds what its worker built, as long as it is held."""
+    _check_every_batch(
+        SizedParts(sizes, parts), hold, num_workers=workers, prefetch_factor=prefetch,
+        reorder_buffer=reorder,
+    )  # fmt: skip
+
+
+DESCRIPTOR_SCRIPT = """
+import os, sys
+sys.path.insert(0, {tests!r})
+from _datasets import SizedParts
+from poolloader import DataLoader
+from poolloader.errors import TransportError
+
+if __name__ == "__main__":
+    loader = DataLoader(SizedParts([300_000] * 40, parts=1), batch_size=1, num_workers=1,
+                        transport={transport!r})
+    iterator = iter(loader)
+    kept = [next(iterator)]
+    taken = []
+    try:
+        while True:
+            taken.append(os.open("/dev/null", os.O_RDONLY))
+    except OSError:
+        pass
+    try:
+        for batch in iterator:
+            kept.append(batch)
+        print("NO ERROR", len(kept))
+    except TransportError as exc:
+        print("ERROR", len(kept), str(exc).replace(chr(10), " "))
+    for fd in taken:
+        os.close(fd)
+    del kept
+    print("NEXT EPOCH", len(list(loader)), flush=True)
+"""
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_running_out_of_descriptors_is_a_clear_error_not_a_hang(transport):
+    """A main process with no file descriptor left cannot receive a new slab (or, with
+    transport="pickle", a tensor's shared memory): the batch fails with an error that
+    names the limit and the fix, within seconds, and the loader goes on."""
+    import os
+    import subprocess
+    import sys
+
+    script = DESCRIPTOR_SCRIPT.format(tests=os.path.dirname(__file__), transport=transport)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("ERROR"), done.stdout + done.stderr
+    assert "ulimit -n" in lines[0] and "Too many open files" in lines[0], lines[0]
+    assert lines[1] == "NEXT EPOCH 40"
+
+
+def _open_descriptors() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_held_slab_batches_cost_the_main_process_no_descriptors():
+    """NOTE [ File descriptors ] in _transport.py: a mapped slab holds no
+    descriptor, so a consumer that keeps every batch does not run towards
+    `ulimit -n` however many it keeps."""
+    with _loader(SizedParts([100_000] * 30, parts=1), batch_size=1, num_workers=2) as loader:
+        iterator = iter(loader)
+        kept = [next(iterator)]
+        before = _open_descriptors()
+        kept += list(iterator)
+        assert loader.statistics().slab_batches == 30
+        assert _open_descriptors() <= before, "held batches hold descriptors"

@@ -1,0 +1,459 @@
+"""Packing a batch in a worker: the worker half of the transports.
+
+A packer turns a batch into a small payload for the main process
+(``_transport.py`` turns it back). Tensors and NumPy arrays are *laid out*:
+the batch is pickled as a skeleton in which each one is replaced by a
+descriptor of its bytes, and the bytes go either inline (small data) or into a
+shared-memory slab. Anything that cannot be laid out as plain bytes (nested,
+sparse and quantized tensors, tensor subclasses, tensors that need grad, object
+arrays) is pickled the way torch's own loader pickles it, with
+multiprocessing's ``ForkingPickler`` and torch's reducers.
+
+NOTE [ Slab fallback ]: when a batch fits no slab and no slab is free (the
+consumer holds them all), the batch travels through fresh shared memory
+instead. Tensors that collation already wrote into a slab are *copied* out
+first: torch's reducer would otherwise move the slab's own storage into new
+shared memory (``share_memory_()`` swaps a storage's memory in place), so the
+slab would stop being the memory the main process maps, and every later batch
+placed in it would arrive stale.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import pickle
+import socket
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler, sendfds
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ResultTooLargeError
+
+#: Tensors and arrays smaller than this travel inside the pickled skeleton:
+#: for small data one pipe write beats a slab's bookkeeping and release message.
+INLINE_BYTES = 32 * 1024
+#: Data offsets in a slab are aligned to this (a cache line, and any dtype's size).
+ALIGN = 64
+#: Slabs grow in steps of this many bytes, so similar batches fit the same slab.
+SLAB_GRANULE = 1 << 20
+
+
+def nbytes(batch: Any) -> int:
+    """Bytes of tensor and array data in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_nested:
+            return sum(nbytes(t) for t in batch.unbind())
+        return batch.element_size() * batch.numel()
+    if isinstance(batch, np.ndarray):
+        return int(batch.nbytes)
+    if isinstance(batch, Mapping):
+        return sum(nbytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(nbytes(v) for v in batch)
+    return 0
+
+
+def check_size(size: int, limit: int | None) -> None:
+    """Refuse a batch holding more than ``limit`` bytes of tensor and array data."""
+    if limit is not None and size > limit:
+        raise ResultTooLargeError(
+            f"this batch holds {size} bytes of tensor and array data, more than "
+            f"max_batch_bytes={limit} allows. Make batches smaller (a lower max_duration "
+            "or batch_size), or raise max_batch_bytes."
+        )
+
+
+# ------------------------------------------------------------------ payloads
+
+
+@dataclass(frozen=True, slots=True)
+class Pickled:
+    """A batch pickled with ForkingPickler (tensors in fresh shared memory)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Inline:
+    """A batch whose data all travelled inside its pickled skeleton."""
+
+    skeleton: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InSlab:
+    """A batch whose large tensors and arrays are in slab ``slab`` of the worker."""
+
+    slab: int
+    new_size: int  # > 0: a new slab of this size; its fd follows on the connection
+    used: int
+    skeleton: bytes
+    retired: tuple[int, ...]  # slabs the worker closed; the main process may unmap them
+
+
+# ------------------------------------------------------------------ shared memory
+
+
+def map_shared(fd: int, size: int) -> torch.Tensor:
+    """Map ``size`` bytes of the shared-memory file ``fd`` as a flat uint8 tensor.
+
+    The mapping holds no file descriptor (torch's file mapping closes the one it
+    opens), so the number of slabs a process maps costs it no descriptors; the
+    memory is unmapped when the last tensor or array viewing it dies."""
+    try:
+        storage = torch.UntypedStorage.from_file(f"/proc/self/fd/{fd}", True, size)
+    except (RuntimeError, OSError):  # no /proc: a mapping that keeps a descriptor
+        import mmap
+
+        return torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8)
+    return torch.empty(0, dtype=torch.uint8).set_(storage)  # type: ignore[arg-type]
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is the process running out of descriptors."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        if "Too many open files" in str(exc) or "received 0 items of ancdata" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
+# ------------------------------------------------------------------ skeletons
+
+
+def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
+    """``("tensor", contiguous tensor)`` or ``("array", contiguous array)`` if ``obj``
+    can travel as raw bytes; ``None`` to pickle it as torch would."""
+    if type(obj) is torch.Tensor:
+        if (
+            obj.is_nested
+            or obj.layout != torch.strided
+            or obj.is_quantized
+            or obj.device.type != "cpu"
+            or obj.requires_grad
+        ):
+            return None
+        return "tensor", obj.resolve_conj().resolve_neg().contiguous()
+    if type(obj) is np.ndarray and not obj.dtype.hasobject:
+        return "array", np.ascontiguousarray(obj)
+    return None
+
+
+def _raw_bytes(kind: str, data: Any) -> bytes:
+    if kind == "array":
+        return bytes(data.data)
+    return data.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class SkeletonPickler(ForkingPickler):
+    """Pickles a batch, replacing tensors and arrays by descriptors of their bytes.
+
+    Tensors that collation already wrote into the staging slab are described
+    where they lie; the others are assigned space after them (``blocks``)."""
+
+    def __init__(self, file: io.BytesIO, staging: _Slab | None) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.staging = staging
+        self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
+        self.staged = 0  # tensors found already in the staging slab
+        self.size = staging.top if staging is not None else 0
+        self.data_bytes = 0  # bytes of every tensor and array, wherever it travels
+
+    def persistent_id(self, obj: Any) -> Any:
+        found = _slab_candidate(obj)
+        if found is None:
+            if isinstance(obj, torch.Tensor):
+                self.data_bytes += nbytes(obj)
+            return None
+        kind, data = found
+        size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
+        self.data_bytes += size
+        dtype = str(data.dtype) if kind == "tensor" else data.dtype.str
+        offset = self._staged_offset(data, size)
+        if offset is not None:
+            self.staged += 1
+            return ("slab", kind, dtype, tuple(data.shape), offset, size)
+        if size < INLINE_BYTES:
+            return ("inline", kind, dtype, tuple(data.shape), _raw_bytes(kind, data))
+        offset = self.size
+        self.blocks.append((offset, data))
+        self.size = _aligned(offset + size)
+        return ("slab", kind, dtype, tuple(data.shape), offset, size)
+
+    def _staged_offset(self, data: Any, size: int) -> int | None:
+        staging = self.staging
+        if staging is None or not isinstance(data, torch.Tensor):
+            return None
+        offset = data.data_ptr() - staging.base
+        if offset >= 0 and offset + size <= staging.top:
+            return offset
+        return None
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class _CopyOutOfSlabs(ForkingPickler):
+    """torch's pickling, except that tensors living in a slab are copied out first
+    (see NOTE [ Slab fallback ])."""
+
+    def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self._slab_storages = slab_storages
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, torch.Tensor)
+            and not obj.is_nested
+            and obj.layout == torch.strided
+            and obj.untyped_storage().data_ptr() in self._slab_storages
+        ):
+            return _copy_of, (obj.clone(),)
+        return NotImplemented
+
+
+def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+# ------------------------------------------------------------------ slabs
+
+
+@dataclass(frozen=True, slots=True)
+class SlabConfig:
+    max_slabs: int
+    max_batch_bytes: int | None
+
+
+class _Slab:
+    def __init__(self, slab_id: int, size: int) -> None:
+        self.id, self.size = slab_id, size
+        self.busy = False  # holds a batch the main process has not released
+        self.dropped = False  # the main process could not map it
+        self.fd: int | None = os.memfd_create(f"poolloader-slab-{slab_id}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.bytes = map_shared(self.fd, size)
+        except (OSError, RuntimeError):
+            self.close()
+            raise
+        self.base = self.bytes.data_ptr()
+        self.top = 0  # bump pointer while the slab stages a batch
+
+    def region(self, offset: int, size: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
+        return self.bytes[offset : offset + size].view(dtype).view(shape)
+
+    def write(self, blocks: list[tuple[int, Any]]) -> None:
+        for offset, data in blocks:
+            if isinstance(data, torch.Tensor):
+                size = data.element_size() * data.numel()
+                self.region(offset, size, data.dtype, data.shape).copy_(data)
+            else:
+                target = self.bytes[offset : offset + data.nbytes].numpy()
+                target.view(data.dtype).reshape(data.shape)[...] = data
+
+    def sent(self) -> None:
+        """The main process has the descriptor now; the mapping needs none."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def close(self) -> None:
+        """Forget the slab; its memory goes once no tensor views it any more."""
+        self.bytes = torch.empty(0, dtype=torch.uint8)
+        self.sent()
+
+
+class SlabPacker:
+    """Worker half of :class:`~poolloader._transport.SlabTransport`."""
+
+    def __init__(self, config: SlabConfig, conn: Any) -> None:
+        self._config = config
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno()))
+        self._lock = threading.Lock()  # release() and drop() run on the inbox thread
+        self._slabs: dict[int, _Slab] = {}
+        self._next_id = 0
+        self._retired: list[int] = []
+        self._largest = 0
+        self._staging: _Slab | None = None
+        self._staging_new = False
+
+    # -- staging: collation writes straight into a slab
+
+    def begin(self) -> None:
+        """Reserve a free slab for the next batch's collation to write into."""
+        if self._largest:
+            self._staging, self._staging_new = self._acquire(self._largest)
+            if self._staging is not None:
+                self._staging.top = 0
+
+    def allocate(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """An uninitialised tensor in the staging slab, or ``None`` if it does not fit."""
+        slab = self._staging
+        if slab is None:
+            return None
+        size = dtype.itemsize * math.prod(shape)
+        if slab.top + size > slab.size:
+            return None
+        tensor = slab.region(slab.top, size, dtype, shape)
+        slab.top = _aligned(slab.top + size)
+        return tensor
+
+    def end(self) -> None:
+        """Give back a staging slab that no payload took."""
+        slab, new = self._staging, self._staging_new
+        self._staging = None
+        if slab is None:
+            return
+        if new:
+            with self._lock:
+                self._discard(slab)
+        else:
+            self.release(slab.id)
+
+    # -- packing
+
+    def pack(self, batch: Any) -> tuple[Any, int]:
+        buffer = io.BytesIO()
+        pickler = SkeletonPickler(buffer, self._staging)
+        pickler.dump(batch)
+        check_size(pickler.data_bytes, self._config.max_batch_bytes)
+        if not pickler.blocks and not pickler.staged:
+            self.end()
+            return Inline(buffer.getvalue()), len(buffer.getbuffer())
+        slab, new = self._place(pickler)
+        if slab is None:
+            fallback = Pickled(self._pickle_out_of_slabs(batch))
+            self.end()  # only now: the batch's staged tensors were copied out
+            return fallback, pickler.data_bytes
+        slab.write(pickler.blocks)
+        self.end()  # the staging slab, if the batch moved to a bigger one
+        with self._lock:
+            retired, self._retired = tuple(self._retired), []
+        payload = InSlab(slab.id, slab.size if new else 0, pickler.size, buffer.getvalue(), retired)
+        return payload, pickler.size
+
+    def _place(self, pickler: SkeletonPickler) -> tuple[_Slab | None, bool]:
+        """The slab the batch goes into: the staging slab if it fits, else another
+        (with the staged part copied over), else ``None`` (fresh memory)."""
+        staging = self._staging
+        if staging is not None and pickler.size <= staging.size:
+            self._staging = None
+            return staging, self._staging_new
+        slab, new = self._acquire(pickler.size)
+        if slab is not None and staging is not None:
+            slab.bytes[: staging.top].copy_(staging.bytes[: staging.top])
+        return slab, new
+
+    def _pickle_out_of_slabs(self, batch: Any) -> bytes:
+        buffer = io.BytesIO()
+        with self._lock:
+            storages = {s.base for s in self._slabs.values()}
+        _CopyOutOfSlabs(buffer, storages).dump(batch)
+        return buffer.getvalue()
+
+    def after_send(self, payload: Any) -> None:
+        """Send a new slab's fd, right after the message that announced it."""
+        if isinstance(payload, InSlab) and payload.new_size:
+            slab = self._slabs[payload.slab]
+            assert slab.fd is not None
+            sendfds(self._sock, [slab.fd])
+            slab.sent()
+
+    def release(self, slab_id: int) -> None:
+        """The main process is done with slab ``slab_id`` (inbox thread)."""
+        with self._lock:
+            slab = self._slabs.get(slab_id)
+            if slab is not None:
+                slab.busy = False
+
+    def drop(self, slab_id: int) -> None:
+        """The main process could not map slab ``slab_id`` (inbox thread)."""
+        with self._lock:
+            slab = self._slabs.get(slab_id)
+            if slab is not None:
+                slab.busy, slab.dropped = False, True
+
+    def _acquire(self, size: int) -> tuple[_Slab | None, bool]:
+        with self._lock:
+            for slab in [s for s in self._slabs.values() if s.dropped]:
+                self._discard(slab)
+            free = [s for s in self._slabs.values() if not s.busy and s.size >= size]
+            if free:
+                slab = min(free, key=lambda s: s.size)
+                slab.busy = True
+                return slab, False
+            if len(self._slabs) >= self._config.max_slabs and not self._retire_one():
+                return None, False
+            return self._create(size), True
+
+    def _retire_one(self) -> bool:
+        """Close the smallest free slab (too small for this batch) to make room."""
+        free = [s for s in self._slabs.values() if not s.busy]
+        if not free:
+            return False
+        self._discard(min(free, key=lambda s: s.size))
+        return True
+
+    def _discard(self, slab: _Slab) -> None:
+        del self._slabs[slab.id]
+        slab.close()
+        self._retired.append(slab.id)
+
+    def _create(self, size: int) -> _Slab:
+        largest = max((s.size for s in self._slabs.values()), default=0)
+        size = -(-max(size, largest) // SLAB_GRANULE) * SLAB_GRANULE
+        try:
+            slab = _Slab(self._next_id, size)
+        except (OSError, RuntimeError) as exc:
+            raise ResultTooLargeError(
+                f"could not allocate {size} bytes of shared memory for a batch: {exc}"
+            ) from exc
+        self._next_id += 1
+        slab.busy = True
+        self._slabs[slab.id] = slab
+        self._largest = max(self._largest, size)
+        return slab
+
+
+class PicklePacker:
+    """Worker half of :class:`~poolloader._transport.PickleTransport`: torch's path."""
+
+    def __init__(self, max_batch_bytes: int | None, conn: Any) -> None:
+        del conn
+        self._limit = max_batch_bytes
+
+    def begin(self) -> None:
+        pass
+
+    def allocate(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
+        return None
+
+    def end(self) -> None:
+        pass
+
+    def pack(self, batch: Any) -> tuple[Any, int]:
+        size = nbytes(batch)
+        check_size(size, self._limit)
+        data = bytes(ForkingPickler.dumps(batch))
+        return Pickled(data), max(size, len(data))
+
+    def after_send(self, payload: Any) -> None:
+        pass
+
+    def release(self, slab_id: int) -> None:
+        pass
+
+    def drop(self, slab_id: int) -> None:
+        pass
