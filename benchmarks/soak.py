@@ -6,6 +6,7 @@ Run (not part of the default test run)::
     python benchmarks/soak.py                              # 20 epochs x 2,000 batches
     python benchmarks/soak.py --epochs 3 --batches 300     # a quick run
     python benchmarks/soak.py --epochs 10 --batches 1000 --kill-every 100 --workers 2
+    python benchmarks/soak.py --abandon-every 0            # no abandoned epochs
 
 Every ``--kill-every`` batches (halfway through each stretch, so no kill lands
 after the last batch) the consumer SIGKILLs one live worker, picked at random: one that
@@ -14,6 +15,15 @@ apart that no batch is hit twice, which would rightly end the run as a poison
 batch). ``max_worker_restarts`` is set above the number of kills. Each item is
 ``{"i", "x", "pid"}`` with ``x`` a float tensor full of ``i``, so a batch of 4 is
 64 KiB and travels through the memfd slabs.
+
+Every ``--abandon-every``-th epoch is left with ``break`` halfway (as Lightning's
+``limit_val_batches`` does), and right away one worker is SIGKILLed while it
+loads a batch of that abandoned epoch: the batches loaded ahead are made slow
+first (``loader.dataset.delay``, through the control channel), so the workers
+are busy with them when the kill lands. Such a death must cost nothing: the
+batch is not loaded again, and the death does not count towards
+``max_worker_restarts``, which is set to the regular kills plus
+:data:`SPARE_RESTARTS` only, fewer than the abandoned epochs' kills.
 
 Printed: batches expected, delivered, duplicated, lost, out of order and
 corrupt; worker restarts; and the growth of the main process's RSS, open fds,
@@ -31,6 +41,7 @@ import platform
 import random
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -46,20 +57,28 @@ from poolloader import DataLoader
 #: Floats per item: 16 KiB, so that a batch of 4 (64 KiB) is over the transport's
 #: inline limit and goes through a shared-memory slab.
 ITEM_FLOATS = 4096
-#: Restarts allowed beyond the kills the soak makes itself.
-SPARE_RESTARTS = 10
+#: Deaths allowed beyond the regular kills. Fewer than the kills in abandoned
+#: epochs of a default run: were those counted, the run would end in
+#: WorkerCrashedError.
+SPARE_RESTARTS = 2
+#: Seconds each item of an abandoned epoch's last batches takes, so that the
+#: workers are still loading them when the kill lands.
+ABANDON_DELAY = 0.05
 
 
 class SoakItems(Dataset):
-    """Item ``i``: ``{"i": i, "x": float tensor of i, "pid": the worker's pid}``."""
+    """Item ``i``: ``{"i": i, "x": float tensor of i, "pid": the worker's pid}``,
+    after ``delay`` seconds."""
 
     def __init__(self, n: int, floats: int = ITEM_FLOATS) -> None:
-        self.n, self.floats = n, floats
+        self.n, self.floats, self.delay = n, floats, 0.0
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        if self.delay:
+            time.sleep(self.delay)
         return {"i": i, "x": torch.full((self.floats,), float(i)), "pid": os.getpid()}
 
 
@@ -95,6 +114,8 @@ class SoakReport:
     out_of_order: int = 0
     corrupt: int = 0
     kills: int = 0
+    abandoned: int = 0  # epochs left with break halfway
+    abandoned_kills: int = 0  # workers killed while loading an abandoned epoch's batches
     restarts: int = 0
     seconds: float = 0.0
     first: Resources | None = None
@@ -103,7 +124,8 @@ class SoakReport:
 
     @property
     def expected(self) -> int:
-        return self.epochs * self.batches_per_epoch
+        half = self.batches_per_epoch // 2
+        return (self.epochs - self.abandoned) * self.batches_per_epoch + self.abandoned * half
 
     @property
     def ok(self) -> bool:
@@ -126,7 +148,8 @@ class SoakReport:
             f"lost               {self.lost}",
             f"out of order       {self.out_of_order}",
             f"corrupt            {self.corrupt}",
-            f"workers killed     {self.kills}",
+            f"abandoned epochs   {self.abandoned} (break halfway)",
+            f"workers killed     {self.kills} (+ {self.abandoned_kills} in abandoned epochs)",
             f"restarts           {self.restarts}",
             f"wall time          {self.seconds:.1f} s "
             f"({self.delivered / self.seconds:.0f} batches/s)",
@@ -158,23 +181,26 @@ class Killer:
     def saw(self, delivered: int) -> None:
         # Halfway through each stretch, so that no kill lands after the last batch.
         if self.every and delivered % self.every == self.every // 2:
-            self._kill_one()
+            self.kill_one()
 
-    def _kill_one(self) -> None:
+    def kill_one(self) -> int:
+        """SIGKILL one live worker, picked at random; how many were killed (0 or 1)."""
         candidates = sorted(p for p in self.workers() if _alive(p))
         if not candidates:
-            return
+            return 0
         try:
             os.kill(self.rng.choice(candidates), signal.SIGKILL)
         except ProcessLookupError:
-            return
+            return 0
         self.count += 1
+        return 1
 
 
-def _check_epoch(report: SoakReport, positions: list[int], batch_size: int) -> None:
+def _check_epoch(report: SoakReport, positions: list[int], length: int) -> None:
+    """Count what went wrong in an epoch that should have yielded ``length`` batches."""
     seen = Counter(positions)
     report.duplicated += sum(c - 1 for c in seen.values() if c > 1)
-    report.lost += sum(1 for b in range(report.batches_per_epoch) if b not in seen)
+    report.lost += sum(1 for b in range(length) if b not in seen)
     report.out_of_order += sum(1 for k, b in enumerate(positions) if b != k)
 
 
@@ -193,6 +219,7 @@ def run(
     batches: int = 2000,
     *,
     kill_every: int = 250,
+    abandon_every: int = 2,
     workers: int = 2,
     batch_size: int = 4,
     start_method: str = "forkserver",
@@ -215,28 +242,64 @@ def run(
         killer = Killer(kill_every, rng, lambda: loader._pool.worker_pids if loader._pool else [])
         for epoch in range(epochs):
             epoch_started = time.perf_counter()
-            positions = []
-            for batch in loader:
-                position, intact = _position(batch, batch_size)
-                positions.append(position)
-                report.corrupt += not intact
-                report.delivered += 1
-                killer.saw(report.delivered)
-                del batch
-            _check_epoch(report, positions, batch_size)
+            abandon = bool(abandon_every) and epoch % abandon_every == abandon_every - 1
+            positions = _soak_epoch(loader, report, killer, batch_size, abandon)
+            _check_epoch(report, positions, batches // 2 if abandon else batches)
             report.epoch_seconds.append(time.perf_counter() - epoch_started)
             if epoch == 0:
                 report.first = Resources.now()
             if not quiet:
                 stats = loader.statistics()
                 print(f"epoch {epoch}: {len(positions)} batches in "
-                      f"{report.epoch_seconds[-1]:.1f} s, kills so far {killer.count}, "
-                      f"restarts {stats.restarts}", flush=True)  # fmt: skip
+                      f"{report.epoch_seconds[-1]:.1f} s{' (abandoned)' if abandon else ''}, "
+                      f"kills so far {killer.count}, restarts {stats.restarts}",
+                      flush=True)  # fmt: skip
+        report.restarts = _settled(loader, killer.count)
         report.last = Resources.now()
-        report.restarts = loader.statistics().restarts
-    report.kills = killer.count
+    report.kills = killer.count - report.abandoned_kills
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _settled(loader: DataLoader, kills: int, within: float = 30.0) -> int:
+    """The loader's restart count once the kills have been handled, or after
+    ``within`` seconds. A kill right after the last batch is noticed a moment
+    later, and the dead worker's process group is reaped on a short-lived thread
+    (``poolloader-reap-<pid>``): wait for both, so that the growth measured after
+    the last epoch is not a death still being handled."""
+    deadline = time.monotonic() + within
+    while (restarts := loader.statistics().restarts) < kills and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for thread in threading.enumerate():
+        if thread.name.startswith("poolloader-reap"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return restarts
+
+
+def _soak_epoch(
+    loader: DataLoader, report: SoakReport, killer: Killer, batch_size: int, abandon: bool
+) -> list[int]:
+    """One epoch; an abandoned one ends with ``break`` halfway and a kill right after."""
+    half = report.batches_per_epoch // 2
+    slow_from = half - loader.num_workers * (loader.prefetch_factor or 2)
+    positions: list[int] = []
+    for batch in loader:
+        position, intact = _position(batch, batch_size)
+        positions.append(position)
+        report.corrupt += not intact
+        report.delivered += 1
+        del batch
+        if not abandon:
+            killer.saw(report.delivered)
+        elif len(positions) == slow_from:
+            loader.dataset.delay = ABANDON_DELAY  # the batches loaded from here on are slow
+        elif len(positions) == half:
+            break
+    if abandon:
+        report.abandoned += 1
+        report.abandoned_kills += killer.kill_one()
+        loader.dataset.delay = 0.0
+    return positions
 
 
 def machine() -> str:
@@ -252,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batches", type=int, default=2000, help="batches per epoch")
     parser.add_argument("--kill-every", type=int, default=250, help="batches per kill; 0: none")
+    parser.add_argument("--abandon-every", type=int, default=2,
+                        help="epochs per epoch left halfway with a kill; 0: none")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--start-method", default="forkserver", choices=["forkserver", "spawn"])
@@ -260,9 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(f"soak: {args.epochs} epochs x {args.batches} batches of {args.batch_size}, "
           f"{args.workers} {args.start_method} workers, SIGKILL every {args.kill_every} "
-          "batches", flush=True)  # fmt: skip
+          f"batches, every {args.abandon_every}th epoch left halfway with a SIGKILL",
+          flush=True)  # fmt: skip
     report = run(
-        args.epochs, args.batches, kill_every=args.kill_every, workers=args.workers,
+        args.epochs, args.batches, kill_every=args.kill_every,
+        abandon_every=args.abandon_every, workers=args.workers,
         batch_size=args.batch_size, start_method=args.start_method, seed=args.seed,
         quiet=False,
     )  # fmt: skip

@@ -35,9 +35,9 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
-        self._epoch = loader._next_epoch(self)
+        self._position = loader._next_epoch(self)
+        self._epoch = self._position.epoch
         self._seed_batches = loader.seeding == "batch"
-        self._finished = False
         self._dataset = loader._dataset_target
         self._dataset_fetcher = _DatasetKind.create_fetcher(
             self._dataset_kind,
@@ -49,7 +49,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
 
     @property
     def finished(self) -> bool:
-        return self._finished
+        return self._position.finished
 
     @property
     def epoch(self) -> int:
@@ -62,12 +62,12 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         try:
             position, index = self._ledger.draw(self._sampler_iter)
         except StopIteration:
-            self._finished = True
+            self._position.finished = True
             raise
         try:
             data = self._fetch(position, index)
         except StopIteration:
-            self._finished = True
+            self._position.finished = True
             raise
         finally:
             self._ledger.consumed(position)

@@ -62,9 +62,10 @@ class PoolIterator(_BaseDataLoaderIter):
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
-        self._epoch, self._pool = loader._begin_epoch(self, int(self._base_seed))
+        self._position, self._pool = loader._begin_epoch(self, int(self._base_seed))
+        self._epoch = self._position.epoch
         self._window = deque()
-        self._sampler_done = self._ended = False
+        self._sampler_done = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
         self._fill()
@@ -177,7 +178,7 @@ class PoolIterator(_BaseDataLoaderIter):
         last batch is a state inside the epoch (nothing left to yield), as with
         ``num_workers=0``, so a resumed loop finishes that epoch instead of
         running the next one in its place."""
-        return self._ended
+        return self._position.finished
 
     @property
     def epoch(self) -> int:
@@ -190,7 +191,13 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def refresh(self) -> int:
         """Discard the batches loaded ahead and load them again with every change
-        made so far; returns how many were reloaded."""
+        made so far; returns how many were reloaded.
+
+        An IterableDataset's batches cannot be loaded again: a worker's iterator
+        has moved past the items of a batch it started. Only the batches no
+        worker has started yet are brought up to date."""
+        if self._iterable:
+            return self._pool.restamp(_tasks(self._window))
         stale = list(self._window)
         self._pool.cancel(_tasks(stale))
         self._window.clear()
@@ -214,23 +221,24 @@ class PoolIterator(_BaseDataLoaderIter):
                 return data
 
     def _finish(self) -> None:
-        self._sampler_done = self._ended = True
+        self._sampler_done = self._position.finished = True
         self._pool.end_epoch(self._epoch)
 
     def _take(self) -> TaskRecord:
         started = time.perf_counter()
-        record = self._window[0] if self._in_order else self._first_done()
-        self._wait(record)
+        # One deadline for the whole wait, however it is spent.
+        deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
+        record = self._window[0] if self._in_order else self._first_done(deadline)
+        self._wait(record, deadline)
         self._window.remove(record)
         self._loader_stats.record_wait(time.perf_counter() - started)
         return record
 
-    def _first_done(self) -> TaskRecord:
+    def _first_done(self, deadline: float | None) -> TaskRecord:
         """The first batch of the window that is ready, waiting for one if none is.
 
-        Returns the oldest after ``timeout`` seconds (or when the pool broke), for
+        Returns the oldest at the ``deadline`` (or when the pool broke), for
         :meth:`_wait` to raise about."""
-        deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
         while True:
             for record in self._window:
                 if self._outcome_of(record).done():
@@ -240,14 +248,14 @@ class PoolIterator(_BaseDataLoaderIter):
                 return self._window[0]
             self._await_news(left)
 
-    def _wait(self, record: TaskRecord) -> None:
-        """Wait for ``record``, submitting more work each time another batch finishes.
+    def _wait(self, record: TaskRecord, deadline: float | None) -> None:
+        """Wait for ``record`` until ``deadline`` (``None``: for ever), submitting
+        more work each time another batch finishes.
 
         While the consumer waits for a slow batch, the other workers finish the
         batches after it; refilling the window as they do keeps them busy (the
         stock loader only refills when a batch is consumed)."""
         future = self._outcome_of(record)
-        deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
         while not future.done():
             left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
             if left <= 0:

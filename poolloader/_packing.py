@@ -155,14 +155,35 @@ def _raw_bytes(kind: str, data: Any) -> bytes:
     return data.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-class SkeletonPickler(ForkingPickler):
+class TorchPickler(ForkingPickler):
+    """multiprocessing's pickler with torch's reducers (tensors through fresh shared
+    memory), except for quantized tensors: torch's reducer drops their quantizer
+    (they arrive unusable, "UnknownQuantizer"), so they take the ordinary
+    pickling path, which keeps it."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.is_quantized:
+            return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+    @classmethod
+    def to_bytes(cls, obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        cls(buffer).dump(obj)
+        return buffer.getvalue()
+
+
+class SkeletonPickler(TorchPickler):
     """Pickles a batch, replacing tensors and arrays by descriptors of their bytes.
 
     Tensors that collation already wrote into the staging slab are described
     where they lie; the others are assigned space after them (``blocks``)."""
 
     def __init__(self, file: io.BytesIO, staging: _Slab | None) -> None:
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        super().__init__(file)
         self.staging = staging
         self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
         self.staged = 0  # tensors found already in the staging slab
@@ -204,12 +225,12 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-class _CopyOutOfSlabs(ForkingPickler):
+class _CopyOutOfSlabs(TorchPickler):
     """torch's pickling, except that tensors living in a slab are copied out first
     (see NOTE [ Slab fallback ])."""
 
     def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        super().__init__(file)
         self._slab_storages = slab_storages
 
     def reducer_override(self, obj: Any) -> Any:
@@ -217,10 +238,11 @@ class _CopyOutOfSlabs(ForkingPickler):
             isinstance(obj, torch.Tensor)
             and not obj.is_nested
             and obj.layout == torch.strided
+            and not obj.is_quantized
             and obj.untyped_storage().data_ptr() in self._slab_storages
         ):
             return _copy_of, (obj.clone(),)
-        return NotImplemented
+        return super().reducer_override(obj)
 
 
 def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
@@ -446,7 +468,7 @@ class PicklePacker:
     def pack(self, batch: Any) -> tuple[Any, int]:
         size = nbytes(batch)
         check_size(size, self._limit)
-        data = bytes(ForkingPickler.dumps(batch))
+        data = TorchPickler.to_bytes(batch)
         return Pickled(data), max(size, len(data))
 
     def after_send(self, payload: Any) -> None:

@@ -417,6 +417,16 @@ class Pool:
                     self._pending.remove(record)
                 record.future.cancel()
 
+    def restamp(self, records: list[TaskRecord]) -> int:
+        """Make the tasks among ``records`` that no worker has started see every
+        change made so far; returns how many."""
+        with self._lock:
+            waiting = [r for r in records if r.worker is None and not r.cancelled]
+            for record in waiting:
+                record.generation = self._channel.generation
+            self._dispatch()
+        return len(waiting)
+
     def _check_usable(self) -> None:
         if self._closing:
             raise LoaderClosedError("the DataLoader was closed; create a new one to load more")
@@ -627,10 +637,10 @@ class Pool:
         self._break(failure)  # fails the dead worker's tasks with the rest
 
     def _log_death(self, w: _Worker, code: int, lost: list[TaskRecord], doing: str) -> None:
+        again = f"running batches {[r.position for r in lost]} again" if lost else "no batch lost"
         logger.warning(
-            "poolloader worker %d (pid %d) died%s: %s; running batches %s again",
-            w.id, w.pid, f" {doing}" if doing else "", describe_exit(code),
-            [r.position for r in lost],
+            "poolloader worker %d (pid %d) died%s: %s; %s",
+            w.id, w.pid, f" {doing}" if doing else "", describe_exit(code), again,
         )  # fmt: skip
 
     def _replace(self, w: _Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:

@@ -207,6 +207,21 @@ class EpochLedger:
         }
 
 
+@dataclass(eq=False)
+class EpochPosition:
+    """Where the consumer is in the loader's newest epoch: what ``state_dict()``
+    describes. The loader holds it, not the iterator, so the position outlives an
+    iterator dropped mid-epoch (``break``)."""
+
+    epoch: int
+    ledger: EpochLedger
+    base_seed: int
+    finished: bool = False  # the consumer was told the epoch ended (StopIteration)
+
+    def state(self) -> dict[str, Any]:
+        return self.ledger.state(self.base_seed)
+
+
 @dataclass
 class EpochStart:
     """Taken by the loader right before an iterator iterates its sampler for an epoch."""

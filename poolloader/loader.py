@@ -23,6 +23,7 @@ from ._messages import Broadcast, Replace
 from ._pool import Pool
 from ._resume import (
     STATE_VERSION,
+    EpochPosition,
     EpochStart,
     check_state,
     find_generators,
@@ -46,6 +47,12 @@ REORDER_MIN_PER_WORKER = 2
 REORDER_MAX_PER_WORKER = 16
 DEFAULT_MAX_WORKER_RESTARTS = 3
 TRANSPORTS = ("shm", "pickle")
+#: Attributes that belong to one loader object and are not copied or pickled
+#: (see DataLoader.__getstate__).
+_PER_OBJECT = frozenset(
+    {"_channel", "_stats", "_lock", "_pool", "_pool_key", "_iterators", "_closed",
+     "dataset", "_dataset_target"}
+)  # fmt: skip
 
 
 class DataLoader(torch.utils.data.DataLoader[T_co]):
@@ -105,7 +112,6 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                         ...
     """
 
-    _pool: Pool | None = None
     _closed = False
     _dataset_target: Any  # the dataset itself; ``dataset`` holds its live view
 
@@ -137,15 +143,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     ) -> None:
         _check_count("num_workers", num_workers, allow_negative=True)
         _check_options(seeding, reorder_buffer, max_worker_restarts, transport, max_batch_bytes)
-        self._channel = Channel()
-        self._stats = LoaderStats()
-        self._lock = threading.Lock()
+        self._start_afresh()
         self._epoch_index = 0  # the number the next epoch gets; part of each batch's seed
         self._resume: dict[str, Any] | None = None
         self._resume_generators: list[torch.Tensor] | None = None
-        self._current: weakref.ref[Any] | None = None
-        self._pool_key: tuple[Any, ...] | None = None
-        self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
+        self._position: EpochPosition | None = None
         self.seeding = seeding
         self.max_worker_restarts = max_worker_restarts
         self.reorder_buffer = reorder_buffer
@@ -162,6 +164,35 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             _resolve_context(self.multiprocessing_context)
             _pickling.dumps(self.collate_fn, "collate_fn")
             _pickling.dumps(self.worker_init_fn, "worker_init_fn")
+
+    def _start_afresh(self) -> None:
+        """The parts of a loader that belong to this object alone: its control
+        channel, pool, iterators and counters (a copy gets its own)."""
+        self._channel = Channel()
+        self._stats = LoaderStats()
+        self._lock = threading.Lock()
+        self._pool: Pool | None = None
+        self._pool_key: tuple[Any, ...] | None = None
+        self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
+
+    # --------------------------------------------------------- copy, pickle
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.copy``, ``copy.deepcopy`` and ``pickle`` take: the loader's
+        arguments and position, as for torch's loader. The copy starts workers of
+        its own when it is iterated; the original's keep running."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _PER_OBJECT}
+        state["dataset"] = self._dataset_target
+        state["_iterator"] = None  # torch's persistent iterator: processes of this object
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        dataset = state.pop("dataset")
+        self.__dict__.update(state)
+        self._start_afresh()
+        self.__dict__["dataset"] = Tracked(dataset, (), self._channel)
+        self.__dict__["_dataset_target"] = dataset
 
     # ------------------------------------------------------------- dataset
 
@@ -202,7 +233,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def reload_prefetched(self) -> int:
         """Load again the batches loaded ahead but not yet yielded, so that every
-        change made so far applies at once. Returns how many were reloaded."""
+        change made so far applies at once. Returns how many were reloaded.
+
+        With an ``IterableDataset`` only the batches no worker has started yet
+        are reloaded (a worker's iterator cannot go back): no item is lost or
+        read twice."""
         return sum(it.refresh() for it in list(self._iterators))
 
     # ----------------------------------------------------------- iteration
@@ -228,23 +263,24 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """The generators an epoch's order is drawn from (``loader.generator`` first)."""
         return find_generators(self.generator, self._index_sampler)
 
-    def _next_epoch(self, iterator: Any) -> int:
-        """The number of the epoch ``iterator`` starts; it becomes the current one."""
-        self._current = weakref.ref(iterator)
-        epoch = self._epoch_index
+    def _next_epoch(self, iterator: Any) -> EpochPosition:
+        """The position of the epoch ``iterator`` starts (its ledger and base seed
+        set); it becomes the current one, and its number the next epoch's minus one."""
+        position = EpochPosition(self._epoch_index, iterator._ledger, int(iterator._base_seed))
+        self._position = position
         self._epoch_index += 1
-        return epoch
+        return position
 
-    def _begin_epoch(self, iterator: Any, base_seed: int) -> tuple[int, Pool]:
-        """Called by each new (or reset) pool iterator: the epoch's number and the pool."""
+    def _begin_epoch(self, iterator: Any, base_seed: int) -> tuple[EpochPosition, Pool]:
+        """Called by each new (or reset) pool iterator: the epoch's position and the pool."""
         with self._lock:
             pool = self._ensure_pool(base_seed)
             if pool.epochs_begun > 0 and not self.persistent_workers:
                 snapshot = _pickling.dumps(self._dataset_target, "dataset")
                 self._channel.record(Replace(snapshot))
-            epoch = self._next_epoch(iterator)
-            pool.begin_epoch(epoch, base_seed)
-            return epoch, pool
+            position = self._next_epoch(iterator)
+            pool.begin_epoch(position.epoch, base_seed)
+            return position, pool
 
     # -------------------------------------------------------------- resume
 
@@ -272,10 +308,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         state = {"version": STATE_VERSION, "generators": generators}
         if self._resume is not None:
             return {**state, "epoch": self._epoch_index, "in_epoch": self._resume}
-        current = self._current() if self._current is not None else None
-        if current is None or current.finished:
+        position = self._position
+        if position is None or position.finished:
             return {**state, "epoch": self._epoch_index, "in_epoch": None}
-        return {**state, "epoch": current.epoch, "in_epoch": current.state_dict()}
+        return {**state, "epoch": position.epoch, "in_epoch": position.state()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state returned by :meth:`state_dict` at the next ``iter()``.
@@ -287,7 +323,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         check_state(state)
         for iterator in list(self._iterators):
             iterator.close()
-        self._current = None
+        self._position = None
         self._epoch_index = int(state["epoch"])
         self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
         if self._resume is None:

@@ -336,3 +336,62 @@ def wrong_parts(batch, k: int) -> list[str]:
     if batch["k"].tolist() != [k]:
         wrong.append("k")
     return wrong
+
+
+class TensorSubclass(torch.Tensor):
+    """A tensor subclass, as libraries define them (torchvision's tv_tensors, say)."""
+
+
+class Exotic(Dataset):
+    """Tensors the slab transport cannot lay out as plain bytes: nested (both
+    layouts), sparse, quantized, a subclass, a Parameter. Big enough that plain
+    tensors of that size would travel through a slab."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int):
+        import warnings
+
+        base = torch.arange(20_000, dtype=torch.float32) + i
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # nested tensors are a prototype
+            nested = torch.nested.nested_tensor([base[:100], base[: 7_000 + i]])
+        return {
+            "nested": nested,
+            "jagged": torch.nested.nested_tensor([base[:5], base[: 9 + i]], layout=torch.jagged),
+            "sparse": torch.eye(300).mul(i).to_sparse(),
+            "quantized": torch.quantize_per_tensor(base, 0.5, 0, torch.quint8),
+            "subclass": base.as_subclass(TensorSubclass),
+            "parameter": torch.nn.Parameter(base.clone()),
+            "plain": base,
+        }
+
+
+def keep_items(batch):
+    """A collate_fn that hands the items over as they are (a list)."""
+    return batch
+
+
+def dense(value):
+    """``value`` as a plain tensor (or list of them) for comparing exotic layouts."""
+    if value.is_nested:
+        return [t.clone() for t in value.unbind()]
+    if value.layout != torch.strided:
+        return value.to_dense()
+    if value.is_quantized:
+        return value.dequantize()
+    return value.detach()
+
+
+class CountedWithValue(Counted):
+    """:class:`Counted`, yielding ``(item, value)``: ``value`` shows which changes an
+    item's batch saw."""
+
+    def __init__(self, n: int = 40, value: float = 1.0) -> None:
+        super().__init__(n)
+        self.value = value
+
+    def __iter__(self):
+        for item in super().__iter__():
+            yield (item, self.value)

@@ -1,9 +1,18 @@
-"""Shared fixtures: every test must leave no process and no shared memory behind."""
+"""Shared fixtures: every test must leave nothing of its own behind.
+
+The leak check looks only at what belongs to the test process, so other jobs on
+the machine cannot trip it: its child processes, its open file descriptors, and
+its shared-memory mappings (slabs are memfds, multiprocessing's semaphores are
+mapped from ``/dev/shm`` while they live).
+"""
 
 from __future__ import annotations
 
+import gc
+import multiprocessing
 import os
 import time
+from multiprocessing import forkserver, resource_tracker
 
 import psutil
 import pytest
@@ -14,61 +23,128 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-#: Seconds a test's processes get to disappear after the test before it fails.
-#: Closed loaders reap their workers before close() returns; this only covers
-#: loaders that tests drop and leave to the garbage collector.
-LEAK_GRACE = 10.0
+#: Seconds a test's processes, descriptors and mappings get to disappear after
+#: the test before it fails. Closed loaders reap their workers before close()
+#: returns; this covers loaders that tests drop and leave to the garbage
+#: collector, on a machine that may be busy with other jobs.
+LEAK_GRACE = 20.0
+#: Mappings that are shared memory: poolloader's slabs and containers (memfds),
+#: torch's and multiprocessing's segments and semaphores (/dev/shm).
+SHARED_MAPPINGS = ("/memfd:", "/dev/shm/")
+#: What multiprocessing's long-lived helper processes run.
+HELPER_MAINS = ("forkserver import main", "resource_tracker import main")
 
-SHM = "/dev/shm"
+
+@pytest.fixture(autouse=True, scope="session")
+def helpers_started_once():
+    """Start multiprocessing's long-lived helpers (the forkserver, with the preload
+    poolloader asks for, and the resource tracker) before the first test, so that
+    the descriptors they keep open are not counted against whichever test happened
+    to need them first."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload(
+        ["__main__", "poolloader._worker"]
+    )
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
+    yield
 
 
 def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
+    """Every process below this one (forkserver-started workers included) except
+    multiprocessing's long-lived helpers themselves."""
+    me = psutil.Process()
+    return {p.pid for p in me.children(recursive=True)} - _helpers(me)
 
 
-def _shm() -> set[str]:
-    try:
-        return set(os.listdir(SHM))
-    except OSError:
-        return set()
+def _helpers(me: psutil.Process) -> set[int]:
+    """The forkserver and the resource tracker: children of this process running
+    multiprocessing's helper mains (a forkserver's workers share its command line,
+    but are its children, not ours)."""
+    found = set()
+    for child in me.children():
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if any(helper in cmdline for helper in HELPER_MAINS):
+            found.add(child.pid)
+    return found
+
+
+def _descriptors() -> dict[int, str]:
+    """This process's open descriptors and what each refers to."""
+    found = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed meanwhile
+        if not target.startswith("/proc/"):
+            found[int(name)] = target
+    return found
+
+
+def _shared_mappings() -> set[str]:
+    """The shared-memory files this process maps (path and inode)."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith(SHARED_MAPPINGS):
+                found.add(f"{fields[5].strip()} (inode {fields[4]})")
+    return found
+
+
+def _leaks(before: tuple[set[int], dict[int, str], set[str]]) -> dict[str, list]:
+    children, descriptors, mappings = before
+    now = _descriptors()
+    return {
+        "processes": sorted(_children() - children),
+        "descriptors": sorted(f"{fd} -> {t}" for fd, t in now.items() if descriptors.get(fd) != t),
+        "shared-memory mappings": sorted(_shared_mappings() - mappings),
+    }
 
 
 @pytest.fixture(autouse=True)
 def no_leaks():
-    """Fail a test that leaves child processes or /dev/shm segments behind."""
-    before_children, before_shm = _children(), _shm()
+    """Fail a test that leaves child processes, open descriptors or shared-memory
+    mappings behind."""
+    before = (_children(), _descriptors(), _shared_mappings())
     yield
-    import gc
-
     deadline = time.monotonic() + LEAK_GRACE
     collect = False  # a full collection costs ~0.1 s: only when something is left over
     while True:
         if collect:
             gc.collect()
         collect = True
-        extra = _children() - before_children
-        extra = {pid for pid in extra if _is_ours(pid)}
-        leaked_shm = _shm() - before_shm
-        if (not extra and not leaked_shm) or time.monotonic() > deadline:
+        leaks = {kind: found for kind, found in _leaks(before).items() if found}
+        if not leaks or time.monotonic() > deadline:
             break
         time.sleep(0.1)
-    for pid in extra:
-        try:
-            psutil.Process(pid).kill()
-        except psutil.Error:
-            pass
-    assert not extra, f"test left processes behind: {sorted(extra)}"
-    assert not leaked_shm, f"test left shared memory behind: {sorted(leaked_shm)}"
+    if leaks.get("processes"):
+        leaks["processes"] = [_kill(pid) for pid in leaks["processes"]]
+    assert not leaks, f"test left these behind: {leaks}"
 
 
-def _is_ours(pid: int) -> bool:
-    """Ignore multiprocessing's long-lived helpers (forkserver, resource tracker)."""
+def _kill(pid: int) -> str:
+    """SIGKILL a leaked process (cleanup that runs although the test fails); what it was."""
     try:
-        cmdline = " ".join(psutil.Process(pid).cmdline())
+        process = psutil.Process(pid)
+        described = f"{pid} {' '.join(process.cmdline())[:120]}"
+        process.kill()
     except psutil.Error:
-        return False
-    helpers = ("forkserver", "resource_tracker", "semaphore_tracker")
-    return not any(h in cmdline for h in helpers)
+        return f"{pid} (gone)"
+    return described
+
+
+@pytest.fixture
+def where(tmp_path):
+    """The directory faults leave their notes in (see ``_faults.py``); every
+    grandchild recorded there is killed after the test, whatever happened."""
+    yield tmp_path
+    from _procs import kill_all, live_grandchildren
+
+    kill_all(live_grandchildren(tmp_path))
 
 
 @pytest.fixture

@@ -292,3 +292,51 @@ def test_a_batch_index_may_split_across_workers():
 
 def _identity(batch):
     return batch
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_reload_prefetched_with_an_iterable_dataset_loses_no_item(transport):
+    """A worker's iterator cannot go back, so only the batches no worker started are
+    brought up to date: every item still arrives exactly once, and the batches
+    loaded after the call see the change."""
+    from _datasets import CountedWithValue
+
+    with DataLoader(CountedWithValue(40), batch_size=2, num_workers=2, transport=transport,
+                    prefetch_factor=4, reorder_buffer=0,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        iterator = iter(loader)
+        first = [next(iterator) for _ in range(3)]
+        loader.dataset.value = 7.0
+        reloaded = loader.reload_prefetched()
+        rest = list(iterator)
+    items = sorted(x for items, _ in first + rest for x in items.tolist())
+    assert items == list(range(40))
+    values = [v.tolist()[0] for _, v in rest]
+    # 8 batches were ahead (prefetch_factor * num_workers): those a worker had taken
+    # keep what they read, the others were brought up to date; every later one sees it.
+    assert values[:8].count(1.0) == 8 - reloaded, (reloaded, values)
+    assert values[8:] == [7.0] * (len(values) - 8), values
+
+
+def test_copies_and_pickles_are_independent_loaders():
+    """copy.copy, copy.deepcopy and pickle work as for torch's loader; a copy starts
+    workers of its own and dropping it leaves the original's running mid-epoch."""
+    import copy
+    import gc
+
+    loader = DataLoader(Plain(12), batch_size=2, num_workers=2, persistent_workers=True,
+                        multiprocessing_context="forkserver")  # fmt: skip
+    with loader:
+        iterator = iter(loader)
+        first = next(iterator)
+        shallow = copy.copy(loader)
+        assert shallow.dataset.n == 12 and shallow.num_workers == 2
+        del shallow
+        gc.collect()
+        assert [b.tolist() for b in [first, *iterator]] == [[2 * k, 2 * k + 1] for k in range(6)]
+        for make in (copy.deepcopy, lambda x: pickle.loads(pickle.dumps(x))):
+            with make(loader) as other:
+                other.dataset.scale = 3
+                assert [b.tolist() for b in other] == [[6 * k, 6 * k + 3] for k in range(6)]
+                assert other._pool is not loader._pool
+        assert [b.tolist() for b in loader] == [[2 * k, 2 * k + 1] for k in range(6)]

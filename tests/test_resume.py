@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import threading
 import warnings
@@ -143,16 +144,23 @@ def _set_epoch(loader, epoch):
         sampler.set_epoch(epoch)
 
 
-def _epochs(loader, first, last, stop_after=None):
+def _epochs(loader, first, last, stop_after=None, after_break=False):
     """Batches of epochs first..last-1; with stop_after=(epoch, k), stop after k batches
-    of that epoch and return the loader's state as well."""
+    of that epoch and return the loader's state as well: taken inside the loop, or
+    with ``after_break`` once the loop was left with ``break`` and its iterator is gone."""
     seen = []
     for epoch in range(first, last):
         _set_epoch(loader, epoch)
         for k, batch in enumerate(loader):
             seen.append((epoch, batch))
             if stop_after == (epoch, k + 1):
-                return seen, loader.state_dict()
+                if not after_break:
+                    return seen, loader.state_dict()
+                break
+        else:
+            continue
+        gc.collect()
+        return seen, loader.state_dict()
     return seen, None
 
 
@@ -162,10 +170,10 @@ def _absolute(cut, reference):
     return (epoch, sum(e == epoch for e, _ in reference) if k == LAST else k)
 
 
-def _check_resume(make, num_workers, reference, cut):
+def _check_resume(make, num_workers, reference, cut, after_break=False):
     torch.manual_seed(0)
     with _loader(make, num_workers) as first:
-        before, state = _epochs(first, 0, EPOCHS, stop_after=cut)
+        before, state = _epochs(first, 0, EPOCHS, stop_after=cut, after_break=after_break)
     assert state is not None
     rng = torch.get_rng_state()
     with _loader(make, num_workers) as second:
@@ -203,6 +211,20 @@ def test_state_after_an_epochs_last_batch_resumes_to_the_next_epoch(sampler, num
     with _loader(make, num_workers) as loader:
         reference, _ = _epochs(loader, 0, EPOCHS)
     _check_resume(make, num_workers, reference, _absolute((1, LAST), reference))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("sampler", ["dynamic", "torch_global"])
+def test_state_taken_after_break_is_where_the_loop_stopped(sampler, num_workers):
+    """``break``, then ``state_dict()``: the state describes the position where the
+    loop stopped (not the start of the next epoch), and a fresh loader continues
+    from there."""
+    make = SAMPLERS[sampler]
+    torch.manual_seed(0)
+    with _loader(make, num_workers) as loader:
+        reference, _ = _epochs(loader, 0, EPOCHS)
+    for cut in [(0, 2), (1, 1)]:
+        _check_resume(make, num_workers, reference, cut, after_break=True)
 
 
 class _WatchedBatchSampler(BatchSampler):

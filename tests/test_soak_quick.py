@@ -28,16 +28,21 @@ SLAB_CAP = 2 * 38
 
 @pytest.mark.parametrize("start_method", ["forkserver"])
 def test_quick_soak_loses_nothing_and_holds_steady(start_method: str) -> None:
-    """3 epochs x 200 batches, a worker SIGKILLed every 200 batches (3 kills)."""
-    report = soak.run(3, 200, kill_every=200, start_method=start_method, seed=1)
-    assert report.delivered == report.expected == 600
+    """4 epochs x 200 batches, a worker SIGKILLed every 200 batches of the whole
+    epochs (2 kills); the other 2 epochs are left halfway with ``break`` and a worker
+    killed while it loads a batch left behind (2 more kills, not counted towards
+    max_worker_restarts, which the soak sets to the whole epochs' kills plus 2)."""
+    report = soak.run(4, 200, kill_every=200, abandon_every=2, start_method=start_method,
+                      seed=1)  # fmt: skip
+    assert report.delivered == report.expected == 2 * 200 + 2 * 100
     assert (report.duplicated, report.lost, report.out_of_order, report.corrupt) == (0, 0, 0, 0)
-    assert report.kills == 3
-    assert report.restarts == report.kills
+    assert (report.kills, report.abandoned, report.abandoned_kills) == (2, 2, 2)
+    assert report.restarts == report.kills + report.abandoned_kills
     assert report.first is not None and report.last is not None
     growth = report.growth()
     assert growth.threads == 0, report.lines()
-    # Each slab mapping holds one fd (mmap keeps a duplicate); every other fd is flat.
-    assert growth.fds - growth.slab_maps <= 2, report.lines()
+    # A slab mapping holds no descriptor (NOTE [ File descriptors ] in _transport.py):
+    # the main process's descriptors stay flat, whatever the slabs do.
+    assert growth.fds <= 2, report.lines()
     assert report.last.slab_maps <= SLAB_CAP, report.lines()
     assert growth.rss < 64 * 2**20, report.lines()

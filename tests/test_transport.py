@@ -263,3 +263,25 @@ def test_held_slab_batches_cost_the_main_process_no_descriptors():
         kept += list(iterator)
         assert loader.statistics().slab_batches == 30
         assert _open_descriptors() <= before, "held batches hold descriptors"
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_tensors_that_cannot_be_laid_out_travel_as_torch_sends_them(transport):
+    """Nested, sparse and quantized tensors, subclasses and Parameters arrive with
+    their type, layout, grad flag and values. (torch's own loader delivers quantized
+    tensors without their quantizer, unusable; poolloader keeps it.)"""
+    from _datasets import Exotic, dense, keep_items
+
+    dataset = Exotic()
+    with _loader(dataset, batch_size=2, collate_fn=keep_items, transport=transport) as loader:
+        got = [item for batch in loader for item in batch]
+    assert len(got) == len(dataset)
+    for i, item in enumerate(got):
+        for key, value in item.items():
+            original = dataset[i][key]
+            assert type(value) is type(original), key
+            assert value.layout == original.layout and value.is_nested == original.is_nested
+            assert value.requires_grad == original.requires_grad, key
+            a, b = dense(value), dense(original)
+            pairs = zip(a, b, strict=True) if isinstance(a, list) else [(a, b)]
+            assert all(torch.equal(x, y) for x, y in pairs), key

@@ -1,0 +1,293 @@
+"""Dead workers, driven by the fault catalogue in ``_faults.py``.
+
+A worker that dies mid-epoch (SIGKILL, os._exit, a segfault) is replaced and the
+epoch still yields every batch exactly once, in order; a batch that keeps killing
+workers, or too many deaths, end in ``WorkerCrashedError`` that says which batch
+and why; a death while loading a batch nobody waits for is not held against
+anyone. Cheap assertions run under forkserver (a new pool costs ~0.05 s there);
+a representative subset also runs under spawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _faults import (
+    DEADLY,
+    EXIT_CODES,
+    Faulty,
+    always,
+    once,
+    recorded_pids,
+    slow_start,
+    started_by,
+)
+from _procs import (
+    assert_batches,
+    collect_batches,
+    descendant_pids,
+    fault_loader,
+    handles,
+    kill_all,
+    live_grandchildren,
+    logged_warnings,
+    names_batch,
+    torch_batches,
+    wait_gone,
+    wait_until,
+    worker_pids,
+)
+
+from poolloader.errors import (
+    WorkerCrashedError,
+)
+
+#: Seconds after which a wait that should end counts as a hang: far beyond what
+#: any step takes on a busy machine.
+HANG = 60.0
+
+# ------------------------------------------------------------------ dead workers
+
+
+@pytest.mark.parametrize(
+    "start_method, fault",
+    [("forkserver", f) for f in DEADLY] + [("spawn", "sigkill")],
+)
+def test_a_dead_worker_is_replaced_and_every_batch_arrives_once_in_order(
+    start_method: str, fault: str, where: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL, os._exit or a segfault in the middle of an epoch: the epoch is
+    torch's, batch for batch; the death is counted and logged with pid, cause, batch."""
+    caplog.set_level(logging.WARNING, logger="poolloader")
+    dataset = Faulty(30, fault, once(where, 10), where=where, delay=0.005)
+    with fault_loader(dataset, start_method, batch_size=3) as loader:
+        got = list(loader)
+        assert loader.statistics().restarts == 1
+        assert_batches(got, torch_batches(dataset, batch_size=3))
+        # The replacement serves a second epoch as well as the first.
+        assert_batches(list(loader), torch_batches(dataset, batch_size=3))
+    (victim,) = recorded_pids(where, "victim")
+    (message,) = logged_warnings(caplog)
+    assert f"pid {victim}" in message and DEADLY[fault] in message
+    assert names_batch(message, 3), message
+
+
+def test_a_batch_lost_with_its_worker_after_loading_runs_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch in fresh shared memory (transport="pickle", or the slab transport's
+    fallback) is fetched from its worker while it is unpickled (torch's fd
+    passing): a worker SIGKILLed right after sending it takes it along, and
+    unpickling fails with ConnectionResetError. That batch runs again; the epoch
+    is torch's, batch for batch. (The kill's timing cannot be arranged from
+    outside, so the failed fetch is injected, once.)"""
+    from poolloader import _transport
+
+    real = _transport._unpack_plain
+    failed: list[int] = []
+
+    def flaky(payload: Any) -> Any:
+        if not failed:
+            failed.append(1)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return real(payload)
+
+    monkeypatch.setattr(_transport, "_unpack_plain", flaky)
+    dataset = Faulty(12)
+    with fault_loader(dataset, batch_size=2, transport="pickle") as loader:
+        got = list(loader)
+    assert failed == [1]
+    assert_batches(got, torch_batches(dataset, batch_size=2))
+
+
+def test_several_workers_killed_at_once_lose_nothing() -> None:
+    """Both workers SIGKILLed from outside while each holds batches: all run again."""
+    dataset = Faulty(40, delay=0.02)
+    with fault_loader(dataset, batch_size=2) as loader:
+        got = []
+        for k, batch in enumerate(loader):
+            got.append(batch)
+            if k == 3:
+                victims = handles(worker_pids())
+                assert len(victims) == 2
+                kill_all(victims)
+        assert loader.statistics().restarts == 2
+    assert_batches(got, torch_batches(dataset, batch_size=2))
+
+
+def test_a_worker_killed_between_epochs_is_replaced() -> None:
+    """A death while nothing is in flight costs nothing but a restart."""
+    dataset = Faulty(8)
+    with fault_loader(dataset, batch_size=2, num_workers=1) as loader:
+        assert_batches(list(loader), torch_batches(dataset, batch_size=2))
+        workers = handles(worker_pids())
+        assert len(workers) == 1
+        kill_all(workers)
+        assert not wait_gone(workers)
+        assert_batches(list(loader), torch_batches(dataset, batch_size=2))
+        assert loader.statistics().restarts == 1
+
+
+@pytest.mark.parametrize(
+    "start_method, fault",
+    [("forkserver", "sigkill"), ("forkserver", "segfault")],
+)
+def test_a_poison_batch_raises_worker_crashed_error(
+    start_method: str, fault: str, where: Path
+) -> None:
+    """A batch that kills every worker that loads it is tried twice, then
+    WorkerCrashedError names its indices, the exit codes and the likely cause."""
+    dataset = Faulty(24, fault, always(10), where=where, delay=0.005)
+    with fault_loader(dataset, start_method, batch_size=3) as loader:
+        got, error = collect_batches(iter(loader))
+    assert isinstance(error, WorkerCrashedError), error
+    assert isinstance(error, RuntimeError)  # what torch's loader raises for dead workers
+    message = str(error)
+    assert "[9, 10, 11]" in message and error.indices == [9, 10, 11]
+    assert "killed two workers" in message
+    assert error.exitcodes == (EXIT_CODES[fault],) * 2
+    assert DEADLY[fault] in message
+    if fault == "sigkill":
+        assert "out-of-memory" in message
+    # Batches before the poison one came through intact and in order.
+    want = torch_batches(dataset, batch_size=3)
+    assert_batches(got, want[: len(got)])
+    assert len(got) <= 3
+
+
+@pytest.mark.parametrize("limit", [None, 0], ids=["default", "zero"])
+def test_deaths_beyond_max_worker_restarts_raise(limit: int | None, where: Path) -> None:
+    """By default 3 deaths (at different batches) are survived and the 4th raises;
+    with ``max_worker_restarts=0`` the first does. The error names the count, the
+    limit, every exit code and the batch of the last death."""
+    options = {} if limit is None else {"max_worker_restarts": limit}
+    limit = 3 if limit is None else limit
+    deaths = limit + 1
+    # One death in each of batches 1, 6, 11, 16: far enough apart that no batch
+    # waiting behind one death is the next to kill (see test_a_batch_only_queued_at_a_dead_worker_is_not_poison).
+    indices = [4 + 15 * k for k in range(deaths)]
+    dataset = Faulty(54, "sigkill", once(where, *indices), where=where, delay=0.005)
+    with fault_loader(dataset, batch_size=3, **options) as loader:
+        got, error = collect_batches(iter(loader))
+    seen = [b["i"].tolist() for b in got]
+    assert isinstance(error, WorkerCrashedError), (error, seen, dataset.trigger.fired())
+    message = str(error)
+    context = (message, error.exitcodes, error.indices, seen)
+    assert f"died {deaths} times, more than max_worker_restarts={limit}" in message, context
+    assert error.exitcodes == (-signal.SIGKILL,) * deaths, context
+    last = indices[-1] // 3 * 3
+    assert error.indices == [last, last + 1, last + 2], context
+    assert str(error.indices) in message, context
+    want = torch_batches(dataset, batch_size=3)
+    assert_batches(got, want[: len(got)])
+    assert len(got) <= last // 3, context
+
+
+@pytest.mark.parametrize("how", ["poison", "max_worker_restarts"])
+def test_a_broken_pool_goes_quiet(how: str, where: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After WorkerCrashedError the pool counts and logs each death once, starts
+    no replacement and burns no CPU."""
+    caplog.set_level(logging.WARNING, logger="poolloader")
+    if how == "poison":
+        dataset, options, deaths, restarts = Faulty(24, "sigkill", always(10)), {}, 2, 1
+    else:
+        dataset = Faulty(24, "sigkill", once(where, 10))
+        options, deaths, restarts = {"max_worker_restarts": 0}, 1, 0
+    with fault_loader(dataset, batch_size=3, **options) as loader:
+        _, error = collect_batches(iter(loader))
+        assert isinstance(error, WorkerCrashedError)
+        children = descendant_pids()
+        cpu = psutil.Process().cpu_times()
+        time.sleep(1.0)  # a window to measure the process's CPU time in, not a wait
+        spent = sum(psutil.Process().cpu_times()[:2]) - sum(cpu[:2])
+        assert len(logged_warnings(caplog)) == deaths
+        assert loader.statistics().restarts == restarts
+        assert descendant_pids() <= children
+        # A thread spinning on the dead worker would use the whole second.
+        assert spent < 0.25, f"the main process used {spent:.2f} s of CPU in 1 s while idle"
+
+
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "any-order"])
+def test_a_fatal_death_raises_at_once(in_order: bool, where: Path) -> None:
+    """``max_worker_restarts=0``, one worker, SIGKILL at the first batch: the
+    consumer gets WorkerCrashedError instead of waiting for ever, in either order
+    mode (the bound only turns a hang into a failure)."""
+    dataset = Faulty(12, "sigkill", once(where, 1), where=where)
+    loader = fault_loader(
+        dataset, batch_size=2, num_workers=1, max_worker_restarts=0, in_order=in_order
+    )
+    outcome: list[Any] = []
+    consumer = threading.Thread(
+        target=lambda: outcome.append(collect_batches(iter(loader))), daemon=True
+    )
+    try:
+        consumer.start()
+        consumer.join(HANG)
+        assert outcome, f"the consumer is still waiting {HANG} s after the only worker died"
+        assert isinstance(outcome[0][1], WorkerCrashedError), outcome
+    finally:
+        loader.close()
+        consumer.join(2.0)
+
+
+def test_a_batch_only_queued_at_a_dead_worker_is_not_poison(where: Path) -> None:
+    """Two unrelated deaths (SIGKILL from outside, as the OOM killer does): one
+    while batch 0 runs with batch 1 queued behind it, one while batch 1 runs.
+    Batch 1 killed one worker, not two; the epoch completes."""
+    dataset = Faulty(6, where=where, delay=0.3, mark_starts=True)
+    killed: list[psutil.Process] = []
+
+    def kill_when_started(index: int) -> None:
+        killed.extend(handles([wait_until(lambda: started_by(where, index), timeout=10.0)]))
+        kill_all(killed[-1:])
+
+    def killer() -> None:
+        kill_when_started(0)
+        kill_when_started(1)
+
+    with fault_loader(dataset, batch_size=1, num_workers=1) as loader:
+        thread = threading.Thread(target=killer, daemon=True)
+        thread.start()
+        try:
+            got, error = collect_batches(iter(loader))
+        finally:
+            thread.join(15)
+            kill_all(killed)
+        assert error is None, error
+        assert loader.statistics().restarts == 2
+    assert_batches(got, torch_batches(dataset, batch_size=1))
+
+
+def test_a_replacement_killed_while_starting_is_replaced_again() -> None:
+    """The OOM killer may strike a replacement worker before it is ready (here,
+    during a one-second worker_init_fn): that is one more death, not a broken pool."""
+    dataset = Faulty(40, delay=0.02)
+    with fault_loader(dataset, batch_size=2, worker_init_fn=slow_start) as loader:
+        got = []
+        for k, batch in enumerate(loader):
+            got.append(batch)
+            if k == 2:
+                before = worker_pids()
+                kill_all(handles([min(before)]))
+                replacement = wait_until(lambda: worker_pids() - before, timeout=5.0)
+                kill_all(handles(replacement))  # still inside slow_start
+        assert loader.statistics().restarts == 2
+    assert_batches(got, torch_batches(dataset, batch_size=2))
+
+
+def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
+    """A worker starts a process, then is SIGKILLed: the epoch completes, and the
+    orphaned grandchild is gone by the time the loader is closed."""
+    dataset = Faulty(24, "orphan", once(where, 10), where=where, delay=0.005)
+    with fault_loader(dataset, batch_size=3) as loader:
+        assert_batches(list(loader), torch_batches(dataset, batch_size=3))
+    grandchildren = live_grandchildren(where)
+    assert len(recorded_pids(where, "grandchild")) == 1
+    assert not wait_gone(grandchildren, timeout=3.0), "the dead worker's child outlived close()"

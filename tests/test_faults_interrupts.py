@@ -1,0 +1,375 @@
+"""Dataset exceptions, timeouts and interruption: in the training loop (an
+exception, ``break``, Ctrl-C, dropping the loader) and of the whole process
+(Ctrl-C, an exception at exit, SIGKILL). Nothing is left behind and the loader
+serves whole epochs afterwards.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from _faults import (
+    CorruptItemError,
+    Faulty,
+    always,
+    once,
+    recorded_pids,
+)
+from _procs import (
+    GONE_WITHIN,
+    TESTS,
+    assert_batches,
+    describe,
+    fault_loader,
+    handles,
+    kill_all,
+    live_grandchildren,
+    logged_warnings,
+    still_alive,
+    torch_batches,
+    wait_gone,
+    wait_until,
+    worker_pids,
+)
+
+from poolloader._pool import IO_JOIN_TIMEOUT
+from poolloader.errors import (
+    LoaderTimeoutError,
+)
+
+#: Seconds added to a bound that only catches a step never happening, for a busy machine.
+HANG_SLACK = 10.0
+
+# ------------------------------------------------------------------ dataset exceptions
+
+
+def test_a_dataset_exception_is_not_a_crash(
+    start_method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dataset's own exception type arrives for that batch, with where it
+    happened; no worker is replaced; the epoch goes on and the next one is whole."""
+    caplog.set_level(logging.WARNING, logger="poolloader")
+    dataset = Faulty(12, "raise", always(5))
+    want = torch_batches(dataset, batch_size=2)
+    with fault_loader(dataset, start_method, batch_size=2) as loader:
+        iterator = iter(loader)
+        got = [next(iterator), next(iterator)]
+        workers = worker_pids()
+        with pytest.raises(CorruptItemError) as info:
+            next(iterator)
+        got += list(iterator)
+        assert "item 5 is corrupt" in str(info.value)
+        assert "indices [4, 5]" in str(info.value)
+        assert loader.statistics().restarts == 0
+        assert_batches(got, want[:2] + want[3:])
+        with pytest.raises(CorruptItemError):
+            list(loader)
+        assert worker_pids() == workers
+    assert logged_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("in_order", [True, False], ids=["in-order", "any-order"])
+def test_hang_with_timeout_raises_and_close_reaps_the_hung_worker(
+    in_order: bool, where: Path
+) -> None:
+    """``timeout``: a batch stuck in ``__getitem__`` raises LoaderTimeoutError naming
+    it, after one wait of ``timeout`` seconds (not two, whatever the order); the
+    batches that did load arrive first; close() ends the stuck worker."""
+    timeout = 3
+    dataset = Faulty(12, "hang", always(4), where=where)
+    loader = fault_loader(dataset, batch_size=2, timeout=timeout, in_order=in_order)
+    try:
+        iterator = iter(loader)
+        got = []
+        with pytest.raises(LoaderTimeoutError, match=r"timed out after 3 seconds") as info:
+            while True:
+                started = time.monotonic()
+                got.append(next(iterator)["i"].tolist())
+        waited = time.monotonic() - started
+        assert timeout <= waited < 2 * timeout, f"waited {waited:.1f} s for one timeout"
+        # In any order, batches after the stuck one come first (except one queued
+        # behind it at the same worker).
+        if in_order:
+            assert got == [[0, 1], [2, 3]]
+        else:
+            assert [0, 1] in got and [2, 3] in got and [4, 5] not in got and len(got) >= 4
+        assert "batch 2 (indices [4, 5])" in str(info.value)
+        assert isinstance(info.value, TimeoutError)
+        victims = handles(recorded_pids(where, "victim"))
+        assert len(victims) == 1 and still_alive(victims)
+        loader.close()
+        assert not still_alive(victims)
+    finally:
+        loader.close()
+
+
+# ------------------------------------------------------------------ interruption (in process)
+
+
+def test_exception_in_the_training_loop_leaves_the_loader_usable() -> None:
+    """An exception raised by the loop body, mid-epoch: the next epoch is whole,
+    served by the same workers."""
+    dataset = Faulty(20)
+    with fault_loader(dataset, batch_size=2) as loader:
+        next(iter(loader))
+        workers = worker_pids()
+        with pytest.raises(ArithmeticError, match="loss is nan"):
+            for k, _ in enumerate(loader):
+                if k == 3:
+                    raise ArithmeticError("loss is nan")
+        assert_batches(list(loader), torch_batches(dataset, batch_size=2))
+        assert worker_pids() == workers
+        assert loader.statistics().restarts == 0
+
+
+def test_break_then_a_new_epoch_is_whole() -> None:
+    """``break`` abandons the prefetched batches; none of them leaks into the
+    next epoch."""
+    dataset = Faulty(20, delay=0.002)
+    with fault_loader(dataset, batch_size=2) as loader:
+        for k, _ in enumerate(loader):
+            if k == 2:
+                break
+        assert_batches(list(loader), torch_batches(dataset, batch_size=2))
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_a_death_in_an_abandoned_epoch_is_not_held_against_the_next(
+    transport: str, where: Path
+) -> None:
+    """``break`` (Lightning's ``limit_val_batches``), then the worker dies while
+    loading a batch of the epoch left behind: that batch is not loaded again, the
+    death counts neither towards ``max_worker_restarts`` nor as poison, and the
+    next epoch is whole."""
+    dataset = Faulty(10, "hang", once(where, 2), where=where)
+    with fault_loader(dataset, batch_size=1, num_workers=1, max_worker_restarts=0,
+                 transport=transport) as loader:  # fmt: skip
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+        (victim,) = wait_until(lambda: recorded_pids(where, "victim"))
+        kill_all(handles([victim]))
+        assert not wait_gone(handles([victim]))
+        assert_batches(list(loader), torch_batches(dataset, batch_size=1))
+        assert loader.statistics().restarts == 1
+        assert_batches(list(loader), torch_batches(dataset, batch_size=1))
+
+
+def test_a_death_after_break_with_persistent_workers_loses_nothing(where: Path) -> None:
+    """With ``persistent_workers=True`` torch keeps the iterator between epochs, so
+    the batches left behind by ``break`` are only known to be unwanted when the
+    next epoch starts: a death before then is survived like any other."""
+    dataset = Faulty(10, "hang", once(where, 2), where=where)
+    with fault_loader(dataset, batch_size=1, num_workers=1, persistent_workers=True) as loader:
+        for k, _ in enumerate(loader):
+            if k == 1:
+                break
+        (victim,) = wait_until(lambda: recorded_pids(where, "victim"))
+        kill_all(handles([victim]))
+        assert not wait_gone(handles([victim]))
+        for _ in range(2):
+            assert_batches(list(loader), torch_batches(dataset, batch_size=1))
+
+
+def test_keyboard_interrupt_while_waiting_for_a_batch(where: Path) -> None:
+    """Ctrl-C while the consumer waits in next(): KeyboardInterrupt reaches the
+    user at once; the loader then serves a whole epoch and closes cleanly."""
+    dataset = Faulty(12, delay=0.2)
+    interrupt = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if interrupt.is_set():  # only inside the guarded block below
+            interrupt.clear()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with fault_loader(dataset, batch_size=2) as loader:
+            iterator = iter(loader)
+            next(iterator)
+            interrupt.set()
+            timer = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            started = time.monotonic()
+            with pytest.raises(KeyboardInterrupt):
+                while True:
+                    next(iterator)
+            # At once: not after the batches still loading (2 s of them).
+            assert time.monotonic() - started < 2.0 + HANG_SLACK
+            timer.join()
+            del iterator
+            assert_batches(list(loader), torch_batches(dataset, batch_size=2))
+    finally:
+        interrupt.clear()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
+    """Thousands of KeyboardInterrupts, each landing wherever next() happens to be
+    (waiting, submitting, unpacking): every one reaches the caller, batches keep
+    coming between them, and close() still returns at once (no lock left held by
+    an interrupted wait; NOTE [ Waiting and Ctrl-C ] in _iterator.py).
+
+    An interrupt inside the sampler's generator ends that generator, and so the
+    epoch, as with torch's loader: the loop then starts the next epoch."""
+    armed = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        if armed.is_set():
+            armed.clear()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    stop = threading.Event()
+    main = threading.get_ident()
+
+    def pester() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.0003)
+
+    loader = fault_loader(Faulty(10**6, delay=0.002), batch_size=1)
+    pesterer = threading.Thread(target=pester, daemon=True)
+    interrupts = batches = 0
+    try:
+        iterator = iter(loader)
+        next(iterator)
+        pesterer.start()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                armed.set()
+                next(iterator)
+                armed.clear()
+                batches += 1
+            except KeyboardInterrupt:
+                interrupts += 1
+            except StopIteration:
+                armed.clear()
+                iterator = iter(loader)
+    finally:
+        armed.clear()
+        stop.set()
+        pesterer.join(5)
+        time.sleep(0.05)  # signals still pending run the (disarmed) handler
+        signal.signal(signal.SIGINT, previous)
+        started = time.monotonic()
+        loader.close()
+        closing = time.monotonic() - started
+    assert interrupts > 100 and batches > 100, (interrupts, batches)
+    # A lock left held by an interrupted wait makes close() wait IO_JOIN_TIMEOUT
+    # for the I/O thread; a healthy close() returns well before.
+    assert closing < IO_JOIN_TIMEOUT, f"close() took {closing:.1f} s after the interrupts"
+
+
+def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
+    """Dropping the loader (and its iterator) mid-epoch, without close(), ends the
+    workers and every process they started."""
+    dataset = Faulty(12, "grandchild", always(0, 1, 2, 3), where=where)
+    loader = fault_loader(dataset, batch_size=2)
+    iterator = iter(loader)
+    next(iterator), next(iterator)
+    workers = handles(worker_pids())
+    grandchildren = live_grandchildren(where)
+    assert len(workers) == 2 and len(grandchildren) == 4
+    del iterator, loader
+    gc.collect()
+    assert not wait_gone(workers + grandchildren, timeout=GONE_WITHIN)
+
+
+# ------------------------------------------------------------------ interruption (whole process)
+
+SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path.insert(0, {tests!r})
+    from _faults import Faulty, always
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        dataset = Faulty(400, "grandchild", always(0, 1, 2, 3), where={where!r}, delay=0.01)
+        loader = DataLoader(dataset, batch_size=2, num_workers=2,
+                            multiprocessing_context={start_method!r})
+        for k, batch in enumerate(loader):
+            if k == 4:
+                print("READY", flush=True)
+                {ending}
+            time.sleep(0.02)
+        for k, batch in enumerate(loader):
+            if k == 2:
+                raise RuntimeError("boom in the training loop")
+    """
+)
+
+ENDINGS = {
+    # Ctrl-C: the terminal sends SIGINT to the whole process group.
+    "ctrl-c": "time.sleep(60)",
+    # break, then a new epoch whose loop body raises: the interpreter exits with
+    # the loader neither closed nor collected (the atexit path).
+    "break-exception": "break",
+    "sigkill": "os.kill(os.getpid(), signal.SIGKILL)",
+}
+
+
+@pytest.mark.parametrize(
+    "start_method, ending",
+    [("forkserver", e) for e in ENDINGS] + [("spawn", "sigkill")],
+)
+def test_the_main_process_ending_leaves_nothing_behind(
+    start_method: str, ending: str, where: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """However the main process ends (Ctrl-C, an exception, falling off the end
+    without close(), SIGKILL), its workers, their children and the multiprocessing
+    helpers all go, and stderr has no resource-tracker "leaked" warning and no
+    ignored exception."""
+    code = SCRIPT.format(
+        tests=TESTS, where=str(where), start_method=start_method, ending=ENDINGS[ending]
+    )
+    stderr_path = tmp_path_factory.mktemp("stderr") / "stderr.txt"
+    family: list[int] = []
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            start_new_session=True,
+        )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "READY", f"script failed: {stderr_path.read_text()}"
+        family = psutil.Process(proc.pid).children(recursive=True) + live_grandchildren(where)
+        assert len(live_grandchildren(where)) == 4
+        if ending == "ctrl-c":
+            os.killpg(proc.pid, signal.SIGINT)
+        returncode = proc.wait(timeout=60)
+        left = wait_gone(family)
+        assert not left, f"left behind: {[describe(p) for p in left]}"
+    finally:
+        kill_all([*handles([proc.pid]), *family])
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    text = stderr_path.read_text()
+    expected_rc = {"ctrl-c": (1, -signal.SIGINT), "break-exception": (1,)}
+    assert returncode in expected_rc.get(ending, (-signal.SIGKILL,)), text
+    if ending == "break-exception":
+        assert "RuntimeError: boom in the training loop" in text
+    if ending == "ctrl-c":
+        assert "KeyboardInterrupt" in text
+    assert "leaked" not in text, text
+    assert "Exception ignored" not in text, text
+    assert "poolloader I/O thread failed" not in text, text
