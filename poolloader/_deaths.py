@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from . import _worker
+from . import _proctree
 from ._messages import StartFailed
 from .errors import PoolBrokenError, WorkerCrashedError, WorkerStartError
 
@@ -69,17 +69,17 @@ def crash_error(
 def reap_group_later(pid: int, created: float) -> None:
     """End, on a thread of their own, the processes dead worker ``pid`` left in its
     process group: those created from the worker's start (``created``, psutil's
-    clock) until now, when it was found dead (see :func:`_worker.group_members`)."""
+    clock) until now, when it was found dead (see :func:`_proctree.group_members`)."""
     threading.Thread(
         target=_reap_group,
-        args=(pid, created, _worker.process_clock()),
+        args=(pid, created, _proctree.process_clock()),
         name=f"poolloader-reap-{pid}",
         daemon=True,
     ).start()
 
 
 def _reap_group(pgid: int, since: float, until: float) -> None:
-    _worker.terminate_all(_worker.group_members({pgid}, since, until))
+    _proctree.terminate_all(_proctree.group_members({pgid}, since, until))
 
 
 def descendants(pids: list[int]) -> list[psutil.Process]:

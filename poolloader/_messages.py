@@ -4,7 +4,10 @@ Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`DelItem`, :class:`Broadcast`,
 :class:`Replace`), :class:`Release`, :class:`Drop` and :class:`Stop`. Worker → main: :class:`Ready`,
-:class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`.
+:class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`. Main →
+template process (NOTE [ Templates ] in ``_template.py``): :class:`ForkWorker`,
+:class:`Advance` and :class:`Stop`; template → main: :class:`TemplateReady`,
+:class:`TemplateUnsafe`, :class:`StartFailed`, :class:`Forked` and :class:`Exited`.
 
 Values chosen by the user (attribute values, broadcast functions, datasets) are
 pickled once in the main process, when the change is made, and travel as
@@ -189,3 +192,66 @@ class Exhausted:
     """The worker's iterable-dataset shard has no more items for this epoch."""
 
     seq: int
+
+
+# ------------------------------------------------------ main ↔ template process
+
+
+@dataclass(frozen=True, slots=True)
+class PickledObject:
+    """An object the main process pickled once; the template process unpickles it
+    once. (Objects that may only be pickled while a process is being started, such
+    as ``multiprocessing.Lock``, travel as themselves in the template's arguments.)"""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ForkWorker:
+    """Fork worker ``worker_id``; its connection's descriptor follows the message.
+
+    The child applies ``catch_up`` to its copy of the template's dataset before
+    ``worker_init_fn`` runs, so it starts at ``generation``; ``base_seed`` is the
+    current epoch's."""
+
+    worker_id: int
+    catch_up: tuple[Update, ...]
+    generation: int
+    base_seed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Advance:
+    """Apply these changes to the template's dataset: workers forked from now on
+    start from them."""
+
+    updates: tuple[Update, ...]
+    generation: int
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateReady:
+    """The template holds the dataset and functions and may fork workers."""
+
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateUnsafe:
+    """Forking the template would not be safe (``reason``): start workers directly."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    worker_id: int
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """A worker forked by the template exited (the template reaped it)."""
+
+    pid: int
+    exitcode: int

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from . import _worker
+from . import _proctree, _worker
 from ._control import Channel
 from ._deaths import (
     Death,
@@ -288,7 +288,7 @@ class Pool:
         child.close()
         w = _Worker(
             worker_id, process, parent, generation, pid=process.pid,
-            created=_worker.created(process.pid), replacement=replacement,
+            created=_proctree.created(process.pid), replacement=replacement,
         )  # fmt: skip
         self._transport.attach(w.identity, parent)
         logger.debug("worker %d started (pid %s)", worker_id, process.pid)
@@ -354,7 +354,7 @@ class Pool:
         workers = list(self._workers)
         pids = {w.pid for w in workers if not w.dead}
         # Found while the workers live, their group ids cannot belong to anyone else.
-        family = descendants(list(pids)) + _worker.group_members(pids)
+        family = descendants(list(pids)) + _proctree.group_members(pids)
         for w in workers:
             self._send(w, pickle.dumps(Stop()))
         deadline = time.monotonic() + STOP_GRACE
@@ -370,8 +370,8 @@ class Pool:
                 process.join(TERMINATE_GRACE)
         # Started while the workers were being stopped: created before now.
         since = min((w.created for w in workers), default=0.0)
-        strays = _worker.group_members(pids, since, _worker.process_clock())
-        _worker.terminate_all(_worker.unique([p for p in [*family, *strays] if p.is_running()]))
+        strays = _proctree.group_members(pids, since, _proctree.process_clock())
+        _proctree.terminate_all(_proctree.unique([p for p in [*family, *strays] if p.is_running()]))
         for w in workers:
             self._transport.detach(w.identity)
             w.conn.close()

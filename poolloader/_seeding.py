@@ -13,11 +13,21 @@ Two policies (the loader's ``seeding`` option):
     torch's policy: each worker is seeded once with ``base_seed + worker_id``
     when it starts (and again each epoch when workers are not persistent);
     batches draw from the worker's stream in whatever order the worker gets them.
+
+NOTE [ Seeding ]: under both policies a worker starts seeded exactly as torch
+seeds one (``random`` and torch with ``base_seed + worker_id``, NumPy with
+torch's ``_generate_state``), so ``worker_init_fn`` sees torch's
+``torch.initial_seed()``, ``get_worker_info().seed`` and generators. A
+generator that ``worker_init_fn`` seeds or draws from is the user's from then
+on: per-batch seeding leaves it alone, so ``torch.manual_seed(12345)`` in
+``worker_init_fn`` holds in every batch, as it does with torch. The others are
+seeded per batch from the first batch on.
 """
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,15 +42,50 @@ def batch_seed_state(base_seed: int, epoch: int, position: int) -> np.ndarray:
     return np.random.SeedSequence(entropy).generate_state(4)
 
 
-def seed_batch(base_seed: int, epoch: int, position: int) -> None:
-    """Seed ``random``, NumPy and torch for batch ``position`` of ``epoch``."""
+#: The generators per-batch seeding sets, by the names :func:`changed_since` uses.
+GENERATORS = ("random", "numpy", "torch")
+
+
+def seed_batch(
+    base_seed: int, epoch: int, position: int, leave: frozenset[str] = frozenset()
+) -> None:
+    """Seed ``random``, NumPy and torch for batch ``position`` of ``epoch``, except
+    the generators named in ``leave`` (those ``worker_init_fn`` took over)."""
     state = batch_seed_state(base_seed, epoch, position)
     seed64 = int(state[0]) | (int(state[1]) << 32)
-    random.seed(seed64)
-    # The CPU generator only: torch.manual_seed also seeds every accelerator's
-    # generators, which costs ~0.2 ms, too much to pay for every batch.
-    torch.default_generator.manual_seed(seed64)
-    np.random.seed(state)
+    if "random" not in leave:
+        random.seed(seed64)
+    if "torch" not in leave:
+        # The CPU generator only: torch.manual_seed also seeds every accelerator's
+        # generators, which costs ~0.2 ms, too much to pay for every batch.
+        torch.default_generator.manual_seed(seed64)
+    if "numpy" not in leave:
+        np.random.seed(state)
+
+
+def generator_states() -> tuple[Any, Any, torch.Tensor]:
+    """The states of ``random``, NumPy's global generator and torch's CPU generator."""
+    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+
+def changed_since(before: tuple[Any, Any, torch.Tensor]) -> frozenset[str]:
+    """The generators (of :data:`GENERATORS`) whose state differs from ``before``."""
+    now = generator_states()
+    changed = set()
+    if now[0] != before[0]:
+        changed.add("random")
+    if not _same_numpy_state(now[1], before[1]):
+        changed.add("numpy")
+    if not torch.equal(now[2], before[2]):
+        changed.add("torch")
+    return frozenset(changed)
+
+
+def _same_numpy_state(a: Any, b: Any) -> bool:
+    return all(
+        np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 def seed_worker(base_seed: int, worker_id: int) -> int:

@@ -36,11 +36,12 @@ from typing import Any, cast
 import psutil
 import torch
 
-from . import _control, _pickling, _seeding
+from . import _control, _pickling, _proctree, _seeding
 from ._messages import (
     Done,
     Drop,
     EpochStart,
+    PickledObject,
     Exhausted,
     Failed,
     Ready,
@@ -63,11 +64,9 @@ RESULT_HINT = (
 #: Seconds between the inbox thread's checks that the main process still
 #: exists, when no message arrives. End of file on the connection is the fast
 #: path; this is the backstop for a main process whose socket was inherited by
-#: a process it forked. Short costs a syscall per interval; long delays the
-#: exit of orphans.
+#: a process it forked. Short costs a few syscalls per interval; long delays
+#: the exit of orphans.
 PARENT_CHECK_INTERVAL = 2.0
-#: Seconds the processes a worker started get to exit on SIGTERM before SIGKILL.
-DESCENDANT_GRACE = 1.0
 #: Exit code of a worker that found its main process gone.
 EXIT_ORPHANED = 3
 
@@ -105,12 +104,18 @@ def get_worker_info() -> WorkerInfo | None:
 
 @dataclass(frozen=True, slots=True)
 class WorkerSetup:
-    """What a worker process receives once, when it starts."""
+    """What a worker process (and the template process it is forked from) receives
+    once, when it starts.
+
+    ``dataset`` and ``functions`` (``(collate_fn, worker_init_fn)``) are each a
+    :class:`~poolloader._messages.PickledObject`, or the object itself when it
+    travels in the process's arguments (it may only be pickled while a process
+    starts) or is inherited through ``fork``."""
 
     worker_id: int
     num_workers: int
-    dataset: bytes
-    functions: bytes  # pickled (collate_fn, worker_init_fn)
+    dataset: Any
+    functions: Any
     dataset_kind: int
     auto_collation: bool
     drop_last: bool
@@ -118,15 +123,24 @@ class WorkerSetup:
     base_seed: int
     packer_factory: Any
     collate_privately: bool
+    main_pid: int  # the process that owns the loader: a worker exits when it is gone
+    main_started: float  # its start on psutil's create_time() clock
 
 
-def run(setup: WorkerSetup, conn: Connection) -> None:
-    """The worker process's entry point."""
+def materialize(obj: Any) -> Any:
+    """The object behind a :class:`PickledObject` (or ``obj`` itself)."""
+    return pickle.loads(obj.data) if isinstance(obj, PickledObject) else obj
+
+
+def run(setup: WorkerSetup, conn: Connection, catch_up: tuple[Update, ...] = ()) -> None:
+    """The worker process's entry point: started directly, or forked from the
+    template process (which has materialized ``setup``) with the changes it must
+    ``catch_up`` on before ``worker_init_fn`` runs."""
     _prepare_process()
-    inbox = _Inbox(conn)
+    inbox = _Inbox(conn, setup)
     global _state
     try:
-        state = _state = _State(setup, conn)
+        state = _state = _State(setup, conn, catch_up)
     except BaseException as exc:  # every failure is reported home
         _send(conn, StartFailed(setup.worker_id, os.getpid(), RemoteError.capture(exc)))
         _finish(1)
@@ -178,29 +192,41 @@ def _send(conn: Connection, message: object) -> None:
 class _State:
     """The worker's cached dataset, functions, epoch and fetcher."""
 
-    def __init__(self, setup: WorkerSetup, conn: Connection) -> None:
+    def __init__(
+        self, setup: WorkerSetup, conn: Connection, catch_up: tuple[Update, ...] = ()
+    ) -> None:
         self.setup = setup
-        self.collate_fn, self.init_fn = pickle.loads(setup.functions)
+        self.collate_fn, self.init_fn = materialize(setup.functions)
         self.packer = setup.packer_factory(conn)
         self.epoch = -1
         self.base_seed = setup.base_seed
         self.exhausted = False
         self.fetcher: Any = None
         self.pending_error: RemoteError | None = None
-        self.install(pickle.loads(setup.dataset))
+        self.user_seeded: frozenset[str] = frozenset()  # generators worker_init_fn took over
+        self.dataset = materialize(setup.dataset)
+        for update in catch_up:  # the changes since the template's copy, before worker_init_fn
+            if isinstance(update, Replace):
+                self.dataset = pickle.loads(update.dataset)
+            else:
+                _control.apply_update(self.dataset, update)
+        self.install(self.dataset)
 
     def install(self, dataset: Any) -> None:
-        """Cache ``dataset``, set the worker info and run ``worker_init_fn``."""
+        """Cache ``dataset``, seed the process as torch seeds a new worker, set the
+        worker info and run ``worker_init_fn``.
+
+        Under ``seeding="batch"``, a generator that ``worker_init_fn`` seeds (or
+        draws from) stays the user's: per-batch seeding leaves it alone, so what
+        the function set holds, as it does with torch (NOTE [ Seeding ] in
+        ``_seeding.py``)."""
         self.dataset = dataset
         self.fetcher = None
-        self._set_info(self._seed(self.setup.seeding == "worker"))
+        self._set_info(_seeding.seed_worker(self.base_seed, self.setup.worker_id))
         if self.init_fn is not None:
+            before = _seeding.generator_states()
             self.init_fn(self.setup.worker_id)
-
-    def _seed(self, reseed: bool) -> int:
-        if reseed:
-            return _seeding.seed_worker(self.base_seed, self.setup.worker_id)
-        return self.base_seed + self.setup.worker_id
+            self.user_seeded = _seeding.changed_since(before)
 
     def _set_info(self, seed: int) -> None:
         global _worker_info
@@ -219,7 +245,7 @@ class _State:
         if message.base_seed != self.base_seed:
             # A new base seed means what new workers would mean to torch: reseed.
             self.base_seed = message.base_seed
-            self._set_info(self._seed(self.setup.seeding == "worker"))
+            self._set_info(_seeding.seed_worker(self.base_seed, self.setup.worker_id))
 
     def apply(self, update: Update) -> None:
         try:
@@ -262,7 +288,7 @@ class _State:
             error, self.pending_error = self.pending_error, None
             raise _ControlFailure(error)
         if self.setup.seeding == "batch":
-            _seeding.seed_batch(self.base_seed, task.epoch, task.position)
+            _seeding.seed_batch(self.base_seed, task.epoch, task.position, self.user_seeded)
         if self.fetcher is None:
             self.fetcher = _make_fetcher(self.setup, self.dataset, self.collate_fn)
         return self.fetcher.fetch(task.index)
@@ -337,9 +363,9 @@ def _stop_iteration_error() -> RemoteError:
 class _Inbox:
     """Reads the main process's messages on a thread, so sends never block long."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, setup: WorkerSetup) -> None:
         self._conn = conn
-        self._ppid = os.getppid()
+        self._main = (setup.main_pid, setup.main_started)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.packer: Any = None  # takes Release and Drop once the worker has started
         thread = threading.Thread(target=self._read, name="poolloader-inbox", daemon=True)
@@ -352,7 +378,7 @@ class _Inbox:
         while True:
             try:
                 if not self._conn.poll(PARENT_CHECK_INTERVAL):
-                    if os.getppid() != self._ppid:
+                    if not _still_running(*self._main):
                         _orphaned()
                     continue
                 message = pickle.loads(self._conn.recv_bytes())
@@ -374,84 +400,25 @@ class _Inbox:
             self.packer.drop(message.slab)
 
 
+def _still_running(pid: int, started: float) -> bool:
+    """Whether process ``pid``, started at ``started`` (psutil's clock), still runs.
+
+    The main process, not the parent: a worker forked from the template process
+    is the template's child."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def _orphaned() -> None:
     """The main process is gone: end this worker's process tree, then exit."""
     _finish(EXIT_ORPHANED)
 
 
 def _finish(code: int) -> None:
-    kill_descendants(psutil.Process())
+    _proctree.kill_descendants(psutil.Process())
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -> None:
-    """Terminate every descendant of ``process`` and every other member of its
-    process group (descendants orphaned by a dead child); kill those still alive
-    after ``grace``."""
-    try:
-        children = process.children(recursive=True)
-    except psutil.Error:
-        children = []
-    own_group = os.getpgrp() == process.pid
-    members = group_members({process.pid}, since=created(process.pid)) if own_group else []
-    terminate_all(unique([*children, *members]), grace)
-
-
-def group_members(
-    pgids: set[int], since: float = 0.0, until: float = float("inf")
-) -> list[psutil.Process]:
-    """The processes (other than this one) in any of the process groups ``pgids``,
-    created between ``since`` and ``until`` (psutil's ``create_time()`` clock).
-
-    A group id is a pid: once the group's leader and all its members are gone it
-    may be taken again by an unrelated process that starts a group of its own.
-    Bounding the creation time by when the group was known to be ours (from the
-    leader's start to the moment it was found dead) keeps such strangers out."""
-    me = os.getpid()
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if proc.pid == me or os.getpgid(proc.pid) not in pgids:
-                continue
-            if since <= proc.create_time() <= until:
-                found.append(proc)
-        except (OSError, psutil.Error):
-            pass
-    return found
-
-
-def process_clock() -> float:
-    """Now, on the clock of psutil's ``create_time()`` (boot time plus time since boot),
-    which may differ from ``time.time()`` by a second or more."""
-    return psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME)
-
-
-def created(pid: int) -> float:
-    """When process ``pid`` started, on psutil's ``create_time()`` clock (0 if gone)."""
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return 0.0
-
-
-def unique(processes: list[psutil.Process]) -> list[psutil.Process]:
-    """``processes`` without repeats (by pid)."""
-    return list({p.pid: p for p in processes}.values())
-
-
-def terminate_all(processes: list[psutil.Process], grace: float = DESCENDANT_GRACE) -> None:
-    """SIGTERM ``processes``, wait up to ``grace`` seconds, SIGKILL the rest and reap."""
-    for proc in processes:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)

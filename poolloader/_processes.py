@@ -1,0 +1,265 @@
+"""A pool's worker processes: starting them (forked from the pool's template, or
+directly with the start method), retiring them, and stopping them together with
+every process they started.
+
+NOTE [ Templates ] in ``_template.py`` says why workers are forked from a
+template; NOTE [ Process trees ] in ``_proctree.py`` how the processes they
+start are found and ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import pickle
+import time
+from dataclasses import dataclass, field, replace
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any
+
+from . import _proctree, _worker
+from ._deaths import descendants, start_error
+from ._messages import (
+    Forked,
+    StartFailed,
+    Stop,
+    TemplateReady,
+    TemplateUnsafe,
+    Update,
+)
+from ._template import ForkedProcess, Template
+from .errors import PoolBrokenError
+
+if TYPE_CHECKING:
+    from ._pool import TaskRecord
+
+logger = logging.getLogger("poolloader")
+
+#: Seconds workers get to finish after Stop before they are terminated.
+STOP_GRACE = 2.0
+#: Seconds after SIGTERM before SIGKILL.
+TERMINATE_GRACE = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerIdentity:
+    """One worker process: its id in the pool and when the main process started it
+    (``time.monotonic()``), never a bare pid, which a replacement may reuse."""
+
+    id: int
+    started: float
+
+
+@dataclass(eq=False)
+class Worker:
+    """A worker process as the pool sees it.
+
+    A worker forked from the template has a connection at once (what is sent on
+    it waits there) but a process only once the template reports it forked."""
+
+    id: int
+    conn: Connection
+    generation: int
+    started: float = field(default_factory=time.monotonic)
+    process: Any = None
+    pid: int = 0
+    created: float = 0.0  # its start on psutil's create_time() clock
+    ready: bool = False
+    replacement: bool = False  # started after a death, not by start()
+    dead: bool = False  # its exit was handled; the I/O thread no longer watches it
+    epoch: int = -1
+    # Tasks sent to it, in the order sent: it runs them in that order, so the
+    # first is the one running and the others only wait in its inbox.
+    tasks: dict[int, TaskRecord] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> WorkerIdentity:
+        return WorkerIdentity(self.id, self.started)
+
+    def attach(self, process: Any) -> None:
+        self.process, self.pid = process, process.pid
+        self.created = _proctree.created(process.pid)
+
+
+class Workforce:
+    """Starts and stops the workers of one pool.
+
+    With a template (the default, see NOTE [ Templates ]) workers are forked from
+    it; when there is none, or forking it would not be safe, each worker is
+    started directly with the pool's start method and receives the dataset
+    itself: the channel's base snapshot, or the dataset object when it may only
+    be pickled while a process starts."""
+
+    def __init__(
+        self, context: Any, setup: _worker.WorkerSetup, transport: Any, *, template: bool
+    ) -> None:
+        self._context = context
+        self._setup = setup
+        self._transport = transport
+        self.template: Template | None = None
+        self._use_template = template
+        self.base_seed = setup.base_seed  # the current epoch's: new workers are seeded with it
+
+    def start(self, generation: int) -> None:
+        """Start the template (workers are asked for with :meth:`launch` at once)."""
+        if self._use_template:
+            self.template = Template(self._context, self._setup, generation)
+
+    def launch(
+        self,
+        worker_id: int,
+        *,
+        generation: int,
+        direct_dataset: Any,
+        catch_up: tuple[Update, ...] = (),
+        replacement: bool = False,
+    ) -> Worker:
+        """Ask for worker ``worker_id``, starting at ``generation``: forked from the
+        template (after applying ``catch_up`` to its copy of the dataset), or started
+        directly with ``direct_dataset``."""
+        template = self.template
+        if template is not None:
+            conn = template.fork(worker_id, catch_up, generation, self.base_seed)
+            w = Worker(worker_id, conn, generation, replacement=replacement)
+        else:
+            w = self._start_directly(worker_id, generation, direct_dataset, replacement)
+        self._transport.attach(w.identity, w.conn)
+        return w
+
+    def _start_directly(
+        self, worker_id: int, generation: int, dataset: Any, replacement: bool
+    ) -> Worker:
+        setup = replace(
+            self._setup, worker_id=worker_id, dataset=dataset, base_seed=self.base_seed
+        )
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=_worker.run,
+            args=(setup, child),
+            name=f"poolloader-worker-{worker_id}",
+            daemon=False,
+        )
+        process.start()
+        child.close()
+        w = Worker(worker_id, parent, generation, replacement=replacement)
+        w.attach(process)
+        logger.debug("worker %d started (pid %s)", worker_id, process.pid)
+        return w
+
+    # -- the template's messages
+
+    def on_template(self, workers: list[Worker], direct_dataset: Any) -> PoolBrokenError | None:
+        """Handle what the template sent: give forked workers their process, or start
+        the waiting ones directly when forking is unsafe. Returns the error that
+        breaks the pool, if the template could not start."""
+        template = self.template
+        if template is None:
+            return None
+        template.receive()
+        for message, pidfd in template.take():
+            if isinstance(message, TemplateReady):
+                template.ready = True
+            elif isinstance(message, Forked) and pidfd is not None:
+                self._forked(workers, message, pidfd)
+            elif isinstance(message, TemplateUnsafe):
+                self._without_template(workers, direct_dataset, message.reason)
+                return None
+            elif isinstance(message, StartFailed):
+                return start_error(message)
+        return None
+
+    def _forked(self, workers: list[Worker], message: Forked, pidfd: int) -> None:
+        assert self.template is not None
+        for w in workers:
+            if w.id == message.worker_id and w.process is None and not w.dead:
+                w.attach(ForkedProcess(self.template, message.pid, pidfd))
+                logger.debug("worker %d forked (pid %s)", w.id, message.pid)
+                return
+        ForkedProcess(self.template, message.pid, pidfd).kill()  # retired before it ran
+
+    def _without_template(self, workers: list[Worker], dataset: Any, reason: str) -> None:
+        logger.warning(
+            "poolloader starts each worker on its own (the dataset is unpickled in each): "
+            "forking a template process is not safe, as %s", reason,
+        )  # fmt: skip
+        template, self.template = self.template, None
+        assert template is not None
+        template.stop()
+        for i, w in enumerate(workers):
+            if w.process is None:
+                self._transport.detach(w.identity)
+                w.conn.close()
+                workers[i] = self.launch(
+                    w.id, generation=w.generation, direct_dataset=dataset,
+                    replacement=w.replacement,
+                )  # fmt: skip
+
+    def template_died(self) -> PoolBrokenError:
+        assert self.template is not None
+        code = self.template.process.exitcode
+        return PoolBrokenError(
+            f"the process DataLoader workers are forked from (pid {self.template.process.pid}) "
+            f"exited ({code}): no worker can be started any more. Iterate the loader again to "
+            "start a new pool."
+        )
+
+    def advance(self, updates: tuple[Update, ...], generation: int) -> None:
+        """Bring the template's dataset to ``generation`` (new workers start there)."""
+        if self.template is not None:
+            self.template.advance(updates, generation)
+
+    # -- ending
+
+    def retire(self, w: Worker) -> None:
+        """Let ``w`` finish what it has and exit (it is not replaced)."""
+        _send(w, Stop())
+
+    def release(self, w: Worker) -> None:
+        """Forget a worker whose exit was handled."""
+        self._transport.detach(w.identity)
+        w.conn.close()
+        if w.process is not None:
+            w.process.close()
+
+    def stop(self, workers: list[Worker]) -> None:
+        """Stop ``workers``, every process they started, and the template."""
+        # See NOTE [ Process trees ] in _proctree.py.
+        alive = [w for w in workers if not w.dead and w.process is not None]
+        pids = {w.pid for w in alive}
+        # Found while the workers live, their group ids cannot belong to anyone else.
+        family = descendants(list(pids)) + _proctree.group_members(pids)
+        for w in workers:
+            _send(w, Stop())
+        self._join(alive)
+        # Started while the workers were being stopped: created before now.
+        since = min((w.created for w in alive), default=0.0)
+        strays = _proctree.group_members(pids, since, _proctree.process_clock())
+        _proctree.terminate_all(_proctree.unique([p for p in [*family, *strays] if p.is_running()]))
+        for w in workers:
+            self.release(w)
+        if self.template is not None:
+            self.template.stop()
+
+    def _join(self, workers: list[Worker]) -> None:
+        deadline = time.monotonic() + STOP_GRACE
+        for w in workers:
+            w.process.join(max(0.0, deadline - time.monotonic()))
+        stubborn = [w.process for w in workers if w.process.is_alive()]
+        for process in stubborn:
+            process.terminate()
+        for process in stubborn:
+            process.join(TERMINATE_GRACE)
+            if process.is_alive():
+                process.kill()
+                process.join(TERMINATE_GRACE)
+
+
+def _send(w: Worker, message: object) -> None:
+    try:
+        w.conn.send_bytes(pickle.dumps(message))
+    except OSError:
+        pass  # the worker is gone
+
+
+def forkable_pipe() -> tuple[Connection, Connection]:
+    return multiprocessing.Pipe(duplex=True)

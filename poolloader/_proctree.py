@@ -1,0 +1,89 @@
+"""Process trees: finding and ending the processes a worker started.
+
+NOTE [ Process trees ]: a worker ends the processes it started when it stops
+(:func:`kill_descendants`). Those it cannot end (it was killed) are found by the
+main process: through the process tree while their parent lives, and through
+the worker's process group (each worker leads one) once they are orphaned,
+bounded by when the group was known to be the worker's (:func:`group_members`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psutil
+
+#: Seconds the processes a worker started get to exit on SIGTERM before SIGKILL.
+DESCENDANT_GRACE = 1.0
+
+
+def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -> None:
+    """Terminate every descendant of ``process`` and every other member of its
+    process group (descendants orphaned by a dead child); kill those still alive
+    after ``grace``."""
+    try:
+        children = process.children(recursive=True)
+    except psutil.Error:
+        children = []
+    own_group = os.getpgrp() == process.pid
+    members = group_members({process.pid}, since=created(process.pid)) if own_group else []
+    terminate_all(unique([*children, *members]), grace)
+
+
+def group_members(
+    pgids: set[int], since: float = 0.0, until: float = float("inf")
+) -> list[psutil.Process]:
+    """The processes (other than this one) in any of the process groups ``pgids``,
+    created between ``since`` and ``until`` (psutil's ``create_time()`` clock).
+
+    A group id is a pid: once the group's leader and all its members are gone it
+    may be taken again by an unrelated process that starts a group of its own.
+    Bounding the creation time by when the group was known to be ours (from the
+    leader's start to the moment it was found dead) keeps such strangers out."""
+    me = os.getpid()
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid == me or os.getpgid(proc.pid) not in pgids:
+                continue
+            if since <= proc.create_time() <= until:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def process_clock() -> float:
+    """Now, on the clock of psutil's ``create_time()`` (boot time plus time since boot),
+    which may differ from ``time.time()`` by a second or more."""
+    return psutil.boot_time() + time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def created(pid: int) -> float:
+    """When process ``pid`` started, on psutil's ``create_time()`` clock (0 if gone)."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def unique(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """``processes`` without repeats (by pid)."""
+    return list({p.pid: p for p in processes}.values())
+
+
+def terminate_all(processes: list[psutil.Process], grace: float = DESCENDANT_GRACE) -> None:
+    """SIGTERM ``processes``, wait up to ``grace`` seconds, SIGKILL the rest and reap."""
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)

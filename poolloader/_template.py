@@ -1,0 +1,332 @@
+"""The template process that a pool's workers are forked from.
+
+NOTE [ Templates ]
+
+A pool does not start its workers one by one from the main process. It starts
+one *template* process, with the loader's start method (spawn, forkserver or
+fork), that receives the dataset, ``collate_fn`` and ``worker_init_fn`` once,
+and forks every worker from it::
+
+    main process ──start──► template ──fork──► worker 0, worker 1, ...
+         │                     ▲  (holds the dataset; never loads a batch)
+         └── ForkWorker, Advance, Stop ┘   ◄── Forked, Exited
+
+* The dataset is pickled once per loader and unpickled once, not once per
+  worker: workers start in parallel, in milliseconds each, and share the
+  template's memory copy-on-write.
+* The template runs one thread, so forking it is safe although the main process
+  runs threads (the pool's I/O thread, torch's thread pools). With
+  ``multiprocessing_context="fork"`` the template itself is forked from the main
+  process, when the pool starts and before its I/O thread does: the dataset is
+  inherited, never pickled, as with torch's fork workers.
+* Objects that may only travel "through inheritance" (``multiprocessing`` locks,
+  values, queues, manager proxies) reach the template in its process
+  arguments; every worker, replacement workers included, inherits them.
+* A forked worker starts from a clean process state, so each epoch of a loader
+  with ``persistent_workers=False`` gets fresh workers, as torch's new
+  processes, at the cost of a fork.
+
+The template holds the dataset at the control channel's base generation (NOTE
+[ Control ordering ] in ``_control.py``); the pool advances it with the changes
+no unfinished task predates (:class:`~poolloader._messages.Advance`), and a new
+worker applies the changes after that before ``worker_init_fn`` runs. The
+template reaps the workers it forked and reports their exit codes; the main
+process watches each through a pidfd, which the template opens while the child
+cannot have been reaped yet, so a recycled pid is never mistaken for a worker.
+
+If unpickling the dataset left the template with other threads running, or with
+CUDA initialised, forking it would not be safe: it says so and exits, and the
+pool starts each worker directly instead (each unpickles the dataset itself).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import replace
+from multiprocessing.connection import Connection, wait
+from multiprocessing.reduction import recvfds, sendfds
+from typing import Any
+
+from . import _control, _worker
+from ._messages import (
+    Advance,
+    Exited,
+    Forked,
+    ForkWorker,
+    RemoteError,
+    Replace,
+    StartFailed,
+    Stop,
+    TemplateReady,
+    TemplateUnsafe,
+    Update,
+)
+
+#: Seconds the template gets to exit after Stop before it is terminated.
+TEMPLATE_STOP_GRACE = 2.0
+
+# ------------------------------------------------------------ in the template
+
+
+def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
+    """The template process's entry point."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
+    try:
+        setup = replace(
+            setup,
+            dataset=_worker.materialize(setup.dataset),
+            functions=_worker.materialize(setup.functions),
+        )
+    except BaseException as exc:  # every failure is reported home
+        _send(conn, StartFailed(-1, os.getpid(), RemoteError.capture(exc)))
+        os._exit(1)
+    reason = _unsafe_to_fork()
+    if reason:
+        _send(conn, TemplateUnsafe(reason))
+        os._exit(0)
+    _send(conn, TemplateReady(os.getpid()))
+    _Template(setup, conn).serve()
+    os._exit(0)  # not multiprocessing's exit: it would wait for the workers
+
+
+def _unsafe_to_fork() -> str:
+    """Why forking this process would not be safe now ("" if it would be)."""
+    if threading.active_count() > 1:
+        names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+        return f"unpickling the dataset started threads ({', '.join(names)})"
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            return "unpickling the dataset initialised CUDA, which forked processes cannot use"
+    except Exception:
+        pass
+    return ""
+
+
+def _send(conn: Connection, message: object) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class _Template:
+    """The template's state: the materialized setup, the dataset's generation, and
+    the workers it forked (by their sentinels)."""
+
+    def __init__(self, setup: _worker.WorkerSetup, conn: Connection) -> None:
+        self.setup = setup
+        self.conn = conn
+        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self.children: dict[int, Any] = {}
+        self.fork = multiprocessing.get_context("fork")
+
+    def serve(self) -> None:
+        while True:
+            ready = wait([self.conn, *self.children])
+            for sentinel in ready:
+                if sentinel in self.children:
+                    self._reap(self.children.pop(sentinel))
+            if self.conn not in ready:
+                continue
+            try:
+                message = pickle.loads(self.conn.recv_bytes())
+            except (EOFError, OSError):
+                return  # the main process is gone; the workers notice it themselves
+            if isinstance(message, ForkWorker):
+                self._fork(message)
+            elif isinstance(message, Advance):
+                self._advance(message.updates)
+            elif isinstance(message, Stop):
+                return
+
+    def _fork(self, message: ForkWorker) -> None:
+        (fd,) = recvfds(self.sock, 1)
+        worker_conn = Connection(fd)
+        setup = replace(self.setup, worker_id=message.worker_id, base_seed=message.base_seed)
+        process = self.fork.Process(
+            target=_forked_worker,
+            args=(setup, worker_conn, message.catch_up, (self.conn.fileno(), self.sock.fileno())),
+            name=f"poolloader-worker-{message.worker_id}",
+            daemon=False,
+        )
+        process.start()
+        worker_conn.close()
+        # Opened before the child can be reaped (only this loop reaps it), so the
+        # pidfd is the child's even if its pid is later recycled.
+        pidfd = os.pidfd_open(process.pid)
+        _send(self.conn, Forked(message.worker_id, process.pid))
+        sendfds(self.sock, [pidfd])
+        os.close(pidfd)
+        self.children[process.sentinel] = process
+
+    def _advance(self, updates: tuple[Update, ...]) -> None:
+        dataset = self.setup.dataset
+        for update in updates:
+            if isinstance(update, Replace):
+                dataset = pickle.loads(update.dataset)
+            else:
+                _control.apply_update(dataset, update)
+        self.setup = replace(self.setup, dataset=dataset)
+
+    def _reap(self, process: Any) -> None:
+        process.join()
+        _send(self.conn, Exited(process.pid, process.exitcode))
+        process.close()
+
+
+def _forked_worker(
+    setup: _worker.WorkerSetup,
+    conn: Connection,
+    catch_up: tuple[Update, ...],
+    template_fds: tuple[int, ...],
+) -> None:
+    # The template's connection to the main process must end with the template:
+    # a worker holding a copy would hide each one's death from the other.
+    for fd in template_fds:
+        os.close(fd)
+    _worker.run(setup, conn, catch_up)
+
+
+# ------------------------------------------------------------ in the main process
+
+
+class Template:
+    """The main process's handle on a template process (see NOTE [ Templates ])."""
+
+    def __init__(self, context: Any, setup: _worker.WorkerSetup, generation: int) -> None:
+        self.conn, child = context.Pipe(duplex=True)
+        self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        self.process = context.Process(
+            target=template_main, args=(setup, child), name="poolloader-template", daemon=False
+        )
+        self.process.start()
+        child.close()
+        self.generation = generation  # of the dataset the template holds
+        self.ready = False
+        self._lock = threading.Lock()  # the I/O thread reads; a worker's join() may too
+        self._exits: dict[int, int] = {}
+        self._received: deque[tuple[object, int | None]] = deque()
+
+    @property
+    def sentinel(self) -> int:
+        return int(self.process.sentinel)
+
+    def fork(
+        self, worker_id: int, catch_up: tuple[Update, ...], generation: int, base_seed: int
+    ) -> Connection:
+        """Ask for a worker; returns the main process's end of its connection.
+
+        Messages sent on it before the worker runs wait for it there."""
+        parent, child = multiprocessing.Pipe(duplex=True)
+        try:
+            self._send(ForkWorker(worker_id, catch_up, generation, base_seed))
+            sendfds(self._sock, [child.fileno()])
+        except OSError:
+            pass  # the template died; its sentinel tells the I/O thread
+        finally:
+            child.close()
+        return parent
+
+    def advance(self, updates: tuple[Update, ...], generation: int) -> None:
+        """Bring the template's dataset to ``generation``."""
+        if updates:
+            try:
+                self._send(Advance(updates, generation))
+            except OSError:
+                pass
+        self.generation = generation
+
+    def _send(self, message: object) -> None:
+        self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+    def receive(self) -> None:
+        """Read what the template sent into :meth:`take`'s queue (with the pidfd that
+        follows each :class:`Forked`); exit codes are kept for :meth:`exit_code` too."""
+        with self._lock:
+            try:
+                while self.conn.poll(0):
+                    message = pickle.loads(self.conn.recv_bytes())
+                    pidfd = recvfds(self._sock, 1)[0] if isinstance(message, Forked) else None
+                    if isinstance(message, Exited):
+                        self._exits[message.pid] = message.exitcode
+                    self._received.append((message, pidfd))
+            except (EOFError, OSError):
+                pass  # the template is gone; its sentinel tells
+
+    def take(self) -> list[tuple[object, int | None]]:
+        """The messages :meth:`receive` read, oldest first, each once."""
+        with self._lock:
+            found = list(self._received)
+            self._received.clear()
+        return found
+
+    def exit_code(self, pid: int) -> int | None:
+        return self._exits.get(pid)
+
+    def stop(self) -> None:
+        """Stop the template (its workers are stopped by the pool)."""
+        try:
+            self._send(Stop())
+        except OSError:
+            pass
+        self.process.join(TEMPLATE_STOP_GRACE)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self._sock.close()
+        self.conn.close()
+        self.process.close()
+
+
+class ForkedProcess:
+    """A worker forked by a template: the part of ``multiprocessing.Process`` the
+    pool uses, with a pidfd as its sentinel and the template's report as its exit
+    code."""
+
+    def __init__(self, template: Template, pid: int, pidfd: int) -> None:
+        self.pid = pid
+        self.sentinel = pidfd
+        self._template = template
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._template.exit_code(self.pid)
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait until the template reported the exit (or ``timeout`` passed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exitcode is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            if wait([self._template.conn, self._template.sentinel], left):
+                self._template.receive()
+                if not self._template.process.is_alive() and self.exitcode is None:
+                    return  # the template died: nobody will report this exit
+
+    def is_alive(self) -> bool:
+        return self.exitcode is None and not wait([self.sentinel], 0)
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, signum: int) -> None:
+        try:
+            signal.pidfd_send_signal(self.sentinel, signum)
+        except (ProcessLookupError, OSError):
+            pass  # already gone
+
+    def close(self) -> None:
+        try:
+            os.close(self.sentinel)
+        except OSError:
+            pass
