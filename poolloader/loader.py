@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _seeding
-from ._control import Channel, Tracked, broadcast_payload, unwrap
+from ._control import Channel, broadcast_payload
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
 from ._messages import Broadcast, Replace
@@ -30,6 +30,7 @@ from ._resume import (
     set_generator_states,
 )
 from ._stats import LoaderStatistics, LoaderStats
+from ._tracking import root_view, unwrap
 from ._transport import PickleTransport, SlabTransport
 from ._worker import WorkerSetup
 from .errors import LoaderClosedError
@@ -171,7 +172,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         # their attributes (Lightning) finds it.
         if name == "dataset":
             target = unwrap(value)
-            super().__setattr__(name, Tracked(target, (), self._channel))
+            super().__setattr__(name, root_view(target, self._channel))
             object.__setattr__(self, "_dataset_target", target)
             return
         super().__setattr__(name, value)
