@@ -445,8 +445,7 @@ def _put(arguments: Any, obj: Any) -> Any:
 def apply_update(dataset: Any, update: Update) -> None:
     """Apply a recorded change to a worker's copy of the dataset."""
     if isinstance(update, Changes):
-        for part in update.updates:
-            apply_update(dataset, part)
+        _apply_all(dataset, update.updates)
     elif isinstance(update, SetAttr):
         setattr(resolve(dataset, update.path), update.name, pickle.loads(update.value))
     elif isinstance(update, DelAttr):
@@ -468,6 +467,19 @@ def apply_update(dataset: Any, update: Update) -> None:
         fn(dataset, *args, **kwargs)
     else:
         raise TypeError(f"not a control update: {update!r}")
+
+
+def _apply_all(dataset: Any, updates: tuple[Update, ...]) -> None:
+    """Apply every update of a group, then raise the first that failed, if one did:
+    a failure leaves the worker's copy as close to the main process's as it can."""
+    failure: Exception | None = None
+    for update in updates:
+        try:
+            apply_update(dataset, update)
+        except Exception as exc:
+            failure = failure or exc
+    if failure is not None:
+        raise failure
 
 
 def assign_contents(obj: Any, value: Any) -> None:

@@ -65,9 +65,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
       live workers.
     * A free worker takes the next batch; one slow batch does not hold up the
       others. Batches still arrive in sampler order unless ``in_order=False``.
-    * ``loader.dataset`` is a live view: ``loader.dataset.duration = 2.0`` (at
-      any depth) and ``loader.broadcast(fn, ...)`` reach every worker, and are
-      seen by every batch submitted afterwards and by none submitted before.
+    * ``loader.dataset`` is a live view: whatever changes the dataset through
+      it (``loader.dataset.duration = 2.0`` at any depth, ``set_epoch(5)``,
+      ``items.append(x)``, ``w[0] = 7``) and ``loader.broadcast(fn, ...)``
+      reach every worker, and are seen by every batch submitted afterwards and
+      by none submitted before.
       Batches already loaded ahead (at most the prefetch window) keep what they
       saw; ``loader.reload_prefetched()`` loads them again.
     * Random state is seeded per batch from ``(base seed, epoch, batch
@@ -180,10 +182,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(dataset, *args, **kwargs)`` here and in every worker.
 
-        For changes no assignment can express, such as method calls::
+        For changes ``loader.dataset`` cannot follow (a method implemented in C
+        on your own class, a reference to the dataset you kept)::
 
-            loader.broadcast(MyDataset.set_epoch, 5)
-            loader.broadcast(operator.methodcaller("load_vocabulary", "vocab.txt"))
+            loader.broadcast(MyDataset.load_vocabulary, "vocab.txt")
+            loader.broadcast(operator.methodcaller("reseed", 5))
 
         Ordered like assignments: every batch submitted afterwards sees it.
         ``fn`` and its arguments must pickle (module-level functions do);

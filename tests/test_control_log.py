@@ -82,7 +82,9 @@ def test_a_change_while_a_worker_starts_reaches_the_next_batches(tmp_path):
         iterator = iter(loader)
         seen = [next(iterator)]  # batch 0, from worker 0
         cut: list[int] = []
-        changer = threading.Thread(target=_change_when_worker_0_ran_dry, args=(loader, iterator, cut))
+        changer = threading.Thread(
+            target=_change_when_worker_0_ran_dry, args=(loader, iterator, cut)
+        )
         changer.start()
         try:
             seen += list(iterator)  # waits for batch 1, at worker 1, until the gate opens
