@@ -135,10 +135,10 @@ PENDING_SNAPSHOTS = 2
 #: Writes into one container between two batches travel one by one until they
 #: number more than 1/FOLD_FRACTION of its items (and more than RUN_MINIMUM);
 #: then its whole contents travel instead, and again after as many more. A
-#: write costs about 40 bytes, an item of a list of numbers about 5: folding at
-#: a quarter keeps a shuffle's message within about three times the contents,
-#: and pickles the contents at most four times per pass over the container.
-FOLD_FRACTION = 1
+#: write of a number into a list costs about 15 bytes, an item of the list 3 to
+#: 9: folding at a quarter keeps a shuffle's message within about twice the
+#: contents, and pickles the contents at most eight times per shuffle.
+FOLD_FRACTION = 4
 RUN_MINIMUM = 64
 
 
@@ -259,8 +259,10 @@ class Channel:
         with self._lock:
             if self._base is None:
                 return
-            run = self._continue_run(path, container, atom=True)
-            assert run is not None  # a container was given
+            run = self._run
+            if run is None or run.container is not container or run.path != path:
+                run = self._continue_run(path, container, atom=True)
+                assert run is not None  # a container was given
             run.atoms.append((key, value))
             run.writes += 1
             if run.writes > run.limit:
@@ -290,11 +292,11 @@ class Channel:
         """Replace the run's writes (and an earlier fold of them) by the container's contents."""
         contents = _contents_call(run.container)
         if contents is None:
-            run.limit = len(self._open)  # cannot fold: no sooner than this again
+            run.limit *= 2  # the contents do not pickle: the writes themselves travel
             return
-        del self._open[run.start :]
+        del self._open[run.start :]  # the writes, and an earlier fold of them
         self._open.append(Call(run.path, contents))
-        run.writes = 0
+        run.writes, run.atoms = 0, []
 
     def stamp(self) -> int:
         """Close the group of changes recorded so far; the generation a new task sees."""

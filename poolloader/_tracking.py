@@ -52,13 +52,13 @@ import random
 import re
 import types
 import warnings
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import _control, _pickling
-from ._messages import THIS, Call, DelAttr, DelItem, Path, SetAttr, SetItem
+from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
 #: NOTE [ View forms ]). Larger: a proxy, since the copy each read costs (1 ns
@@ -117,36 +117,6 @@ def _base(tp: type) -> type:
     return next(b for b in _CONTAINER_TYPES if issubclass(tp, b))
 
 
-#: The C methods of each container that change it (the others only read), each
-#: with whether it changes the container only by changing its length: such a
-#: call that leaves the length alone changed nothing (``pop(k, None)`` of a
-#: missing key, ``extend([])``) and is not recorded.
-_MUTATORS: dict[type, dict[str, bool]] = {
-    list: {
-        "append": True, "extend": True, "insert": True, "pop": True, "remove": True,
-        "clear": True, "sort": False, "reverse": False,
-    },
-    dict: {
-        "update": False, "pop": True, "popitem": True, "clear": True, "move_to_end": False,
-    },
-    set: {
-        "add": True, "discard": True, "remove": True, "pop": True, "clear": True,
-        "update": True, "difference_update": True, "intersection_update": True,
-        "symmetric_difference_update": True,
-    },
-    collections.deque: {
-        "append": True, "appendleft": True, "extend": True, "extendleft": True, "pop": True,
-        "popleft": True, "remove": True, "clear": True, "insert": True, "rotate": False,
-        "reverse": False,
-    },
-    bytearray: {
-        "append": True, "extend": True, "insert": True, "pop": True, "remove": True,
-        "clear": True, "reverse": False,
-    },
-    tuple: {},
-}  # fmt: skip
-
-
 def view_of(value: Any, path: Path, channel: Any) -> Any:
     """The view of ``value`` at ``path``, or ``value`` itself when it needs none."""
     kind = _kind(type(value))
@@ -156,7 +126,7 @@ def view_of(value: Any, path: Path, channel: Any) -> Any:
         return _tracking_numeric.TensorView.make(value, path, channel)
     if kind == _ARRAY:
         return _tracking_numeric.ArrayView(value, path, channel)
-    mirrored = _MIRRORED.get(type(value))
+    mirrored = _tracking_containers.MIRRORED.get(type(value))
     if mirrored is not None and len(value) <= MIRROR_LIMIT:
         return mirrored.make(value, path, channel)
     return Tracked(value, path, channel)
@@ -209,14 +179,6 @@ def _holds_views(items: Any) -> bool:
     return any(isinstance(x, _VIEWS) or type(x) in (list, tuple, dict, set) for x in items)
 
 
-def _materialise(arg: Any) -> Any:
-    """An argument as it can be both used here and pickled for the workers."""
-    arg = unwrap_deep(arg)
-    if isinstance(arg, collections.abc.Iterator | collections.abc.MappingView):
-        return list(cast(Any, arg))  # consumed by the call here: the workers get what it held
-    return arg
-
-
 # ----------------------------------------------------------------- recording
 
 
@@ -237,40 +199,14 @@ def _foldable(target: Any) -> Any:
     return target if _kinds.get(type(target)) in _FOLDABLE else None
 
 
-def call_mutator(view: View, name: str, fn: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
-    """Run the C mutator ``fn`` (``list.append``, ``ndarray.fill``) on the view's
-    object and record the call, or the object's contents when the arguments do
-    not pickle (a ``sort`` with a lambda key)."""
-    target, channel = _get(view, "_pl_target"), _get(view, "_pl_channel")
-    args = tuple(_materialise(a) for a in args)
-    kwargs = {k: _materialise(v) for k, v in kwargs.items()}
-    call = None
-    if channel.active:
-        try:
-            call = _pickling.dumps((fn, (THIS, *args), kwargs), "")
-        except Exception:
-            call = None
-    container = _kind(type(target)) == _CONTAINER
-    by_length = container and _MUTATORS[_base(type(target))].get(name, False)
-    length = len(target) if by_length else -1
-    result = fn(target, *args, **kwargs)
-    if channel.active and (length < 0 or len(target) != length):
-        record_call(view, call, target if container else None)
-    view._pl_refresh()
-    return view if result is target else result
-
-
-def _mutator(view: View, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-    return call_mutator(view, name, fn, args, kwargs)
-
-
 def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
     """Record a call that changed the view's object (its contents if ``call`` is None)."""
     target, path, channel = _state(view)
     if call is None:
         call = _control._contents_call(target)
-        if call is None:
-            raise _pickling.not_picklable(target, _control.render(path), TypeError("contents"))
+        if call is None:  # its items do not pickle: say which
+            _pickling.dumps(target, _control.render(path))
+            return
     channel.record(Call(path, call), container)
 
 
@@ -328,6 +264,9 @@ class View:
     def _pl_refresh(self) -> None:
         """Bring the items a real-container view holds up to date (see NOTE [ View forms ])."""
 
+    def _pl_refresh_item(self, key: Any, value: Any) -> None:
+        """After ``object[key] = value``: bring that item of a real-container view up to date."""
+
     # -- attributes
     def __getattribute__(self, name: str) -> Any:
         if name.startswith("_pl_") or name in _OWN:
@@ -350,12 +289,7 @@ class View:
         """A method implemented in C, bound to the object."""
         tp = type(_get(self, "_pl_target"))
         if _kind(tp) == _CONTAINER:
-            if name in _MUTATORS[_base(tp)]:
-                return functools.partial(_mutator, self, name, getattr(tp, name))
-            reader = _READERS.get(name)
-            if reader is not None and isinstance(_get(self, "_pl_target"), dict):
-                return functools.partial(reader, self)
-            return bound
+            return _tracking_containers.method(self, name, bound)
         if name in vars(object) or name.startswith("__"):
             return bound  # object's own methods and special methods only read
         return functools.partial(_untracked_call, self, name, bound)
@@ -414,18 +348,17 @@ class View:
         return self._pl_child(value, ("item", key))
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        target, path = _get(self, "_pl_target"), _get(self, "_pl_path")
-        if isinstance(key, _VIEWS):
-            key = unwrap(key)
-        step = ("item", key)
-        if isinstance(value, _VIEWS) and _rebinds(value, (*path, step), _item(target, key)):
-            return
-        channel = _get(self, "_pl_channel")
+        target, path, channel = _state(self)
         if type(key) in _ATOMS and type(value) in _ATOMS and channel.active:
             target[key] = value  # immutable: pickled later, with the writes around it
             channel.record_atom(path, target, key, value)
-            if type(self) in _MIRRORED_VIEWS:
-                list.__setitem__(self, key, value) if type(self) is ListView else self._pl_refresh()
+            if type(self) is not Tracked:
+                _get(self, "_pl_refresh_item")(key, value)
+            return
+        key = unwrap(key)
+        if isinstance(value, _VIEWS) and _rebinds(
+            value, (*path, ("item", key)), _item(target, key)
+        ):
             return
         if type(value) in _UNWRAPPED:
             value = unwrap_deep(value)
@@ -444,8 +377,7 @@ class View:
             change()
         if payload is not None and key_payload is not None:
             channel.record(SetItem(path, key_payload, payload), _foldable(target))
-        if type(self) in _MIRRORED_VIEWS:
-            self._pl_refresh()
+        self._pl_refresh()
 
     def __delitem__(self, key: Any) -> None:
         target, path, channel = _state(self)
@@ -463,6 +395,8 @@ class View:
     def __iter__(self) -> Any:
         target = _get(self, "_pl_target")
         if isinstance(target, (list, tuple, collections.deque)):
+            if set(map(type, target)) <= _ATOMS:
+                return iter(target)  # nothing in it to track: the object's own, at C speed
             return self._pl_items()
         python = _python_special(type(target), "__iter__")
         return python(self) if python is not None else iter(target)
@@ -567,7 +501,7 @@ def _inplace(name: str) -> Any:
             return NotImplemented  # Python falls back to `x = x + y`: an assignment
         if isinstance(fn, types.FunctionType):
             return fn(self, other)
-        return call_mutator(self, name, fn, (other,), {})
+        return _tracking_containers.call_mutator(self, name, fn, (other,), {})
 
     return method
 
@@ -617,28 +551,6 @@ _OWN = frozenset(
 ) | {"__weakref__"}
 
 
-# ------------------------------------------------------ readers of dict items
-
-
-def _dict_get(view: View, key: Any, default: Any = None) -> Any:
-    return view[key] if unwrap(key) in _get(view, "_pl_target") else default
-
-
-def _dict_setdefault(view: View, key: Any, default: Any = None) -> Any:
-    if unwrap(key) in _get(view, "_pl_target"):
-        return view[key]
-    view[key] = default
-    return view[key]
-
-
-_READERS: dict[str, Any] = {
-    "get": _dict_get,
-    "setdefault": _dict_setdefault,
-    "items": collections.abc.ItemsView,
-    "values": collections.abc.ValuesView,
-}
-
-
 # ------------------------------------------------------------------ the forms
 
 
@@ -651,73 +563,7 @@ class Tracked(View):
         self._pl_init(target, path, channel)
 
 
-class _Mirrored(View):
-    """A view that is also a real container holding the object's items."""
-
-    __slots__ = ()
-
-    @classmethod
-    def make(cls, target: Any, path: Path, channel: Any) -> Any:
-        view = cls._pl_new(target)
-        view._pl_init(target, path, channel)
-        return view
-
-    @classmethod
-    def _pl_new(cls, target: Any) -> Any:
-        raise NotImplementedError
-
-
-class ListView(_Mirrored, list):  # type: ignore[misc]
-    """A view of a list that is a real list (NOTE [ View forms ])."""
-
-    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_target")
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return list(*args, **kwargs)  # `type(view)(...)` builds a plain list
-
-    @classmethod
-    def _pl_new(cls, target: Any) -> Any:
-        view = list.__new__(cls)
-        list.extend(view, target)
-        return view
-
-    def _pl_refresh(self) -> None:
-        list.__setitem__(self, slice(None), _get(self, "_pl_target"))
-
-
-class DictView(_Mirrored, dict):  # type: ignore[misc]
-    """A view of a dict that is a real dict (NOTE [ View forms ])."""
-
-    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_target")
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return dict(*args, **kwargs)
-
-    @classmethod
-    def _pl_new(cls, target: Any) -> Any:
-        view = dict.__new__(cls)
-        dict.update(view, target)
-        return view
-
-    def _pl_refresh(self) -> None:
-        dict.clear(self)
-        dict.update(self, _get(self, "_pl_target"))
-
-
-class TupleView(_Mirrored, tuple):
-    """A view of a tuple that is a real tuple (NOTE [ View forms ])."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
-        return tuple(*args, **kwargs)
-
-    @classmethod
-    def _pl_new(cls, target: Any) -> Any:
-        return tuple.__new__(cls, target)
-
-
-_MIRRORED: dict[type, Any] = {list: ListView, dict: DictView, tuple: TupleView}
-_MIRRORED_VIEWS = frozenset(_MIRRORED.values())
 #: Every view type (the tensor view joins from ``_tracking_numeric``).
 _VIEWS: tuple[type, ...] = (View,)
 
-from . import _tracking_numeric  # noqa: E402  (its views build on these)
+from . import _tracking_containers, _tracking_numeric  # noqa: E402  (forms built on View)

@@ -22,7 +22,8 @@ import torch
 
 from . import _control, _pickling, _tracking
 from ._messages import THIS, Path, SetAttr, SetItem
-from ._tracking import Tracked, View, call_mutator, record_call
+from ._tracking import Tracked, View, record_call
+from ._tracking_containers import _mutator, call_mutator
 
 #: Tensors up to this many bytes carry their new values after an in-place
 #: operation instead of the operation: no larger than the call itself, and
@@ -162,7 +163,7 @@ class ArrayView(Tracked):
     def _pl_builtin(self, name: str, bound: Any) -> Any:
         unbound = getattr(type(self._pl_target), name)
         if name in _ARRAY_MUTATORS:
-            return functools.partial(_tracking._mutator, self, name, unbound)
+            return functools.partial(_mutator, self, name, unbound)
         if name.startswith("__"):
             return bound
         return functools.partial(_array_method, self, name, unbound, bound)
@@ -284,7 +285,8 @@ class TensorView(torch.Tensor):
 
 def _changed_tensor(name: str, args: Any, kwargs: Any) -> Any:
     """The tensor view an operation changes, if it changes one."""
-    first = args[0] if args else None
+    # torch.nn.init passes the tensor by keyword: uniform_(tensor=..., a=..., b=...)
+    first = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
     if isinstance(first, TensorView) and (
         name in _INPLACE_OPERATORS
         or name in ("__setitem__", "__set__")
