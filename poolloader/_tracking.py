@@ -136,7 +136,7 @@ def root_view(dataset: Any, channel: Any) -> Any:
     """``loader.dataset``: the view of the whole dataset; the channel snapshots it."""
     channel.attach(dataset)
     view = view_of(dataset, (), channel)
-    return view if isinstance(view, View) else Tracked(dataset, (), channel)
+    return view if isinstance(view, _VIEWS) else Tracked(dataset, (), channel)
 
 
 # ------------------------------------------------------------------ unwrapping
@@ -360,7 +360,7 @@ class View:
             value, (*path, ("item", key)), _item(target, key)
         ):
             return
-        if type(value) in _UNWRAPPED:
+        if type(value) in _UNWRAPPED or isinstance(value, _VIEWS):
             value = unwrap_deep(value)
         self._pl_record_item(key, value, lambda: target.__setitem__(key, value))
 

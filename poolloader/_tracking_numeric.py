@@ -191,14 +191,15 @@ def _aliases(result: Any, fn: Any, args: Any, kwargs: Any) -> Any:
     views: list[Any] = [a for a in args if isinstance(a, _tracking._VIEWS)]
     for view in views:
         target = view._pl_target
-        if _shares(result, target):
-            step = _step(fn, args, kwargs, target)
-            if step is None:
-                break
+        if not _shares(result, target):
+            continue
+        step = _step(fn, args, kwargs, target)
+        if step is not None:
             return _tracking.view_of(result, (*view._pl_path, step), view._pl_channel)
-    if isinstance(result, np.ndarray) and any(isinstance(a, _tracking._VIEWS) for a in args):
-        result = result.view()  # shares memory we could not follow: refuse writes
-        result.flags.writeable = False
+        if isinstance(result, np.ndarray):
+            result = result.view()  # shares memory we cannot follow: refuse writes
+            result.flags.writeable = False
+        break
     return result
 
 

@@ -16,7 +16,7 @@ import torch
 
 from poolloader._control import Channel, apply_update
 from poolloader._messages import Call, Changes, SetAttr
-from poolloader._tracking import root_view
+from poolloader._tracking import _VIEWS, root_view
 from poolloader.errors import NotPicklableError
 
 
@@ -66,7 +66,9 @@ class Replica:
     def sync(self) -> list:
         """Apply what the channel recorded since the last sync; the messages sent."""
         generation = self.channel.stamp()
-        sent = [pickle.loads(pickle.dumps(u)) for u in self.channel.updates(self.generation, generation)]
+        sent = [
+            pickle.loads(pickle.dumps(u)) for u in self.channel.updates(self.generation, generation)
+        ]
         for update in sent:
             apply_update(self.copy, update)
         self.generation = generation
@@ -83,6 +85,8 @@ class Replica:
                 assert torch.equal(value, other), name
             elif isinstance(value, Sub):
                 assert vars(value) == vars(other), name
+            elif name == "pair":
+                assert vars(value[0]) == vars(other[0]) and value[1] == other[1]
             else:
                 assert value == other and type(value) is type(other), name
         return True
@@ -108,6 +112,8 @@ CONTAINER_CHANGES = [
     lambda ds: ds.ordered.move_to_end("a"),
     lambda ds: ds.counts["new"].append(1),  # the defaultdict makes the item first
     lambda ds: ds.__setattr__("items", ds.items.__iadd__([7])),  # items += [7]
+    lambda ds: ds.items.__setitem__(0, ds.cfg),  # the dict itself, not its view, goes in
+    lambda ds: ds.__setattr__("pair", [ds.sub, ds.cfg]),
 ]
 
 
@@ -117,6 +123,8 @@ def test_container_changes_replay_exactly(replica, change):
     sent = replica.sync()
     assert len(sent) == 1
     assert replica.agrees()
+    held = [*vars(replica.dataset).values(), *replica.dataset.items]
+    assert not any(isinstance(v, _VIEWS) for v in [*held, *getattr(replica.dataset, "pair", [])])
 
 
 ARRAY_CHANGES = [
@@ -158,6 +166,12 @@ def test_augmented_assignment_sends_the_operation_only(replica):
     assert isinstance(sent, Changes) and len(sent.updates) == 3
     assert all(isinstance(u, Call) for u in sent.updates), "no SetAttr pickling the whole value"
     assert replica.agrees()
+
+
+def test_results_that_share_no_memory_stay_writable(replica):
+    joined = np.concatenate([replica.view.w, replica.view.w])
+    joined[0] = 5  # a new array: nothing to carry, nothing to refuse
+    assert replica.sync() == []
 
 
 def test_reads_record_nothing(replica):
