@@ -53,10 +53,12 @@ class MillionRows(torch.utils.data.Dataset):
         return self.epoch, float(self.durations[i])
 
 
-def measure(num_workers: int, progress: Callable[[str], None]) -> dict[str, float]:
-    """Milliseconds one change costs, on a dataset of :data:`ROWS` rows."""
-    progress(f"control channel: one change of a {ROWS:,}-row dataset")
-    dataset = MillionRows()
+def measure(
+    num_workers: int, progress: Callable[[str], None], rows: int = ROWS
+) -> dict[str, float]:
+    """Milliseconds one change costs, on a dataset of ``rows`` rows."""
+    progress(f"control channel: one change of a {rows:,}-row dataset")
+    dataset = MillionRows(rows)
     loader = DataLoader(dataset, batch_size=64, sampler=range(256), num_workers=num_workers,
                         persistent_workers=True, multiprocessing_context="forkserver")  # fmt: skip
     try:
@@ -73,7 +75,7 @@ def measure(num_workers: int, progress: Callable[[str], None]) -> dict[str, floa
     if seen != {dataset.epoch} or replica.epoch != dataset.epoch:
         raise RuntimeError(f"the workers saw epochs {seen}, the main process {dataset.epoch}")
     return {
-        "rows": ROWS,
+        "rows": rows,
         "assign_main_ms": assign[0],
         "assign_worker_ms": assign[1],
         "set_epoch_main_ms": method[0],
