@@ -15,15 +15,15 @@ breaks. Four forms, chosen by the object's type:
   tuples of more than :data:`MIRROR_LIMIT` items: :class:`Tracked`, a proxy.
   ``isinstance`` holds (it reports the object's class), and every operator,
   comparison, ``len``, iteration, ``copy``, ``pickle`` and ``weakref`` works
-  as on the object; C code that insists on the real type (``json.dumps`` of a
-  large list, torch's size arguments) raises ``TypeError``: pass
-  ``poolloader.unwrap(view)``;
+  as on the object; C code that insists on the real type raises ``TypeError``
+  (``json.dumps`` of a large list says "Object of type list is not JSON
+  serializable"): pass ``poolloader.unwrap(view)`` to such code;
 * lists, dicts and tuples of up to :data:`MIRROR_LIMIT` items:
-  :class:`ListView`, :class:`DictView`, :class:`TupleView`, real subclasses
+  :class:`~._tracking_containers.ListView`, ``DictView``, ``TupleView``, real subclasses
   that also hold the object's items (refreshed whenever the view is handed
   out and after each change made through it), so that C code reading a real
   list or dict (``json.dumps``, ``torch.zeros(loader.dataset.shape)``) gets
-  the object's items. Copying the items costs about 1 ns each, which is why
+  the object's items. Copying the items costs about 2 ns each, which is why
   large containers are proxies instead;
 * NumPy arrays: :class:`~._tracking_numeric.ArrayView`, a proxy speaking
   NumPy's protocols (``np.asarray`` gives a read-only view of the array, so a
@@ -61,9 +61,11 @@ from . import _control, _pickling
 from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
-#: NOTE [ View forms ]). Larger: a proxy, since the copy each read costs (1 ns
-#: an item for lists, 5 for dicts) would outweigh the read itself.
-MIRROR_LIMIT = 4096
+#: NOTE [ View forms ]). Their items are copied each time the view is handed
+#: out, about 2 µs at this size; larger ones come back as proxies, since that
+#: copy would then outweigh the read (a method reading ``self.lengths[i]`` in a
+#: loop hands the view out once per item).
+MIRROR_LIMIT = 1024
 
 _get = object.__getattribute__  # a view's own state, past its __getattribute__
 
