@@ -20,8 +20,8 @@ before the first task that must see them (NOTE [ Control ordering ] in
 ``_control.py``).
 """
 
-from ._control import unwrap
 from ._stats import LoaderStatistics
+from ._tracking import unwrap
 from ._version import __version__
 from ._worker import WorkerInfo, get_worker_info
 from .loader import DataLoader

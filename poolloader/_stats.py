@@ -27,8 +27,9 @@ class LoaderStatistics:
         in_flight: Batches submitted and not yet finished (pending plus running).
         restarts: Workers replaced after dying.
         bytes_moved: Bytes of batch data moved from workers to the main process.
-        control_messages: Changes recorded through ``loader.dataset`` and
-            ``loader.broadcast`` while workers were running.
+        control_messages: Messages of changes recorded through ``loader.dataset``
+            and ``loader.broadcast`` while workers were running: the changes made
+            between two batch submissions form one message. Reading sends none.
         control_messages_sent: Control messages actually sent to workers (each
             change goes once to each worker that runs a batch after it; with
             ``persistent_workers=False`` each epoch also sends each worker a

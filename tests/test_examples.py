@@ -18,12 +18,18 @@ def _run(name: str, *args: str) -> str:
     return done.stdout
 
 
-def test_curriculum_doubles_the_crop_in_every_worker():
+def test_curriculum_set_epoch_reaches_every_worker_unlike_torch():
     out = _run("curriculum.py").splitlines()
-    assert out[0] == "epoch 0: batch shapes [(16, 4000)] from workers [0, 1]"
-    assert out[2] == "epoch 2: duration doubled to 1.0 s"
-    assert out[3] == "epoch 2: batch shapes [(16, 8000)] from workers [0, 1]"
-    assert out[4] == "epoch 3: batch shapes [(16, 8000)] from workers [0, 1]"
+    shapes = [line.split("; ")[1] for line in out]
+    assert out[2].startswith("poolloader epoch 2: set_epoch asks for 1.0 s crops")
+    assert shapes[:4] == [
+        "batch shapes [(16, 4000)] from workers [0, 1]",
+        "batch shapes [(16, 4000)] from workers [0, 1]",
+        "batch shapes [(16, 8000)] from workers [0, 1]",
+        "batch shapes [(16, 8000)] from workers [0, 1]",
+    ]
+    assert out[6].startswith("torch epoch 2: set_epoch asks for 1.0 s crops")
+    assert shapes[6].startswith("batch shapes [(16, 4000)]"), "torch's workers never see it"
 
 
 def test_streams_text_rows_continue_across_batches():

@@ -11,6 +11,7 @@ import psutil
 import torch
 
 from .._version import __version__
+from . import _control_cost
 
 
 @dataclass
@@ -69,6 +70,7 @@ def control_lines(extras: dict[str, Any]) -> list[str]:
         f"control bytes per batch: {extras['control_bytes_per_batch_idle']:.1f}",
         f"  one change (loader.dataset.n = ...): {extras['control_messages_after_one_change']} "
         f"messages, {extras['control_bytes_after_one_change']} bytes in all, once",
+        *_control_cost.lines(extras),
     ]
 
 

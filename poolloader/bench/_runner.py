@@ -19,6 +19,7 @@ import torch
 
 from .._messages import EpochStart, Task
 from ..loader import DataLoader
+from . import _control_cost
 from ._workloads import Tiny, Workload
 
 #: Seconds between memory samples while a workload runs. Shorter catches
@@ -220,6 +221,7 @@ def measure_control(num_workers: int, progress: Progress) -> dict[str, float]:
         "control_messages_after_one_change": changed.control_messages_sent
         - idle.control_messages_sent,
         "control_bytes_after_one_change": changed.control_bytes_sent - idle.control_bytes_sent,
+        **{f"large_{k}": v for k, v in _control_cost.measure(num_workers, progress).items()},
     }
 
 
