@@ -445,7 +445,7 @@ class Pool:
         with self._lock:
             waiting = [r for r in records if r.worker is None and not r.cancelled]
             for record in waiting:
-                record.generation = self._channel.generation
+                record.generation = self._channel.stamp()
             self._dispatch()
         return len(waiting)
 
