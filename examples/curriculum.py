@@ -1,5 +1,7 @@
 """A curriculum: double the crop duration at an epoch boundary, in every worker.
 
+Install: pip install -e .   (poolloader and torch are all it needs)
+
 With torch's DataLoader, `loader.dataset.duration = ...` changes only the main
 process's copy of the dataset; the workers keep cropping to the old duration.
 With poolloader the change reaches every worker, and every batch loaded after

@@ -85,7 +85,7 @@ class LoaderStatistics:
 
 def _seconds(value: float) -> str:
     if value < 1.0:
-        return f"{value * 1000:.2f} ms"
+        return f"{value * 1000:.3g} ms"
     return f"{value:.1f} s"
 
 
