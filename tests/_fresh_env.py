@@ -91,11 +91,12 @@ def _top_level(dist: metadata.Distribution) -> set[str]:
     return {top for top in tops if top not in ("..", "__pycache__") and not top.endswith(".pth")}
 
 
-def run(view: Path, script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run ``python -S script args`` seeing only ``view`` and the repository."""
+def run(view: Path, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run ``python -S args...`` (a script and its arguments, or ``-m module``, ...)
+    seeing only ``view`` and the repository."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(view), str(ROOT)])}
     return subprocess.run(
-        [sys.executable, "-S", script, *args],
+        [sys.executable, "-S", *args],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
     )  # fmt: skip
 
