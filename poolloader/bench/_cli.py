@@ -181,9 +181,9 @@ class _Outputs:
 _STARTUP_SECTIONS = ("startup_spawn", "startup_forkserver", "epoch_turnaround")
 #: Seconds each non-workload section takes on a 2-core machine (the progress
 #: bar's weights; a wrong guess only skews the time left until the pace is known).
-STARTUP_ESTIMATE = 12.0
-TURNAROUND_ESTIMATE = 12.0
-CONTROL_ESTIMATE = 4.0
+STARTUP_ESTIMATE = 7.5
+TURNAROUND_ESTIMATE = 7.0
+CONTROL_ESTIMATE = 1.5
 
 
 def _throughput_plan(workload: Workload, repeats: int, num_workers: int) -> Plan:

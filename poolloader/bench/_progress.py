@@ -13,6 +13,7 @@ step, which reads well in CI logs too.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -103,8 +104,10 @@ class ProgressDisplay:
 
 
 def _tqdm_bar(stream: TextIO, total: float) -> Any:
-    """A tqdm bar on ``stream`` when it is a terminal and tqdm is installed, else None."""
-    if not stream.isatty():
+    """A tqdm bar on ``stream`` when it is a terminal of some width and tqdm is
+    installed, else None. (A terminal that reports 0 columns, as a pseudo-terminal
+    nobody sized does, would show tqdm's bar as nothing at all.)"""
+    if not stream.isatty() or _columns(stream) == 0:
         return None
     try:
         from tqdm import tqdm
@@ -117,6 +120,14 @@ def _tqdm_bar(stream: TextIO, total: float) -> Any:
         bar_format="{percentage:3.0f}%|{bar:24}| {elapsed}<{remaining}  {desc}",
         dynamic_ncols=True,
     )
+
+
+def _columns(stream: TextIO) -> int | None:
+    """The terminal's width, or None where the stream cannot say."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (OSError, ValueError):
+        return None
 
 
 def _clock(seconds: float) -> str:

@@ -131,7 +131,9 @@ class Workload:
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
     ideal_seconds: float | None = None  # work-conserving lower bound, where known
     measure_memory: bool = False  # also measure the peak memory of an epoch
-    estimate: float = 10.0  # seconds it takes on a 2-core machine (the progress bar's guess)
+    #: Seconds it took on a 2-core machine (weights of the progress bar; a wrong guess
+    #: only skews the time left until the pace of the run is known).
+    estimate: float = 10.0
 
 
 def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
@@ -143,30 +145,30 @@ def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
         Workload(
             "tensor_19mb", "batches of 32×3×224×224 float32 tensors (19 MB)",
             Images(32 * 20 * scale), {"batch_size": 32}, measure_memory=True,
-            estimate=12.0 * scale,
+            estimate=2.3 * scale,
         ),
         Workload(
             "numpy_19mb", "batches of 32×3×224×224 float32 numpy arrays (19 MB)",
             Images(32 * 8 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
-            measure_memory=True, estimate=14.0 * scale,
+            measure_memory=True, estimate=2.4 * scale,
         ),
         Workload(
             "tiny_batches", "batches of 4 small ints: the loader's own per-batch overhead",
-            Tiny(1500 * scale), {"batch_size": 4}, estimate=5.0 * scale,
+            Tiny(1500 * scale), {"batch_size": 4}, estimate=2.2 * scale,
         ),
         Workload(
             "cpu_bound", "4 ms of Python CPU work per item, batches of 8",
-            CpuBound(160 * scale), {"batch_size": 8}, estimate=8.0 * scale,
+            CpuBound(160 * scale), {"batch_size": 8}, estimate=5.4 * scale,
         ),
         Workload(
             "io_stalls", "batches cost 5 ms, one in every 20 stalls 300 ms (a shard opens)",
             stalls, {"batch_size": None},
-            ideal_seconds=float(stalls.costs.sum()) / num_workers, estimate=8.0 * scale,
+            ideal_seconds=float(stalls.costs.sum()) / num_workers, estimate=11.5 * scale,
         ),
         Workload(
             "dynamic_costs", "batch costs spread lognormally around 10 ms (dynamic batches)",
             spread, {"batch_size": None},
-            ideal_seconds=float(spread.costs.sum()) / num_workers, estimate=7.0 * scale,
+            ideal_seconds=float(spread.costs.sum()) / num_workers, estimate=8.2 * scale,
         ),
     ]  # fmt: skip
     return {workload.name: workload for workload in found}
