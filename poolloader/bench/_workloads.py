@@ -136,6 +136,15 @@ class Workload:
     estimate: float = 10.0
 
 
+#: Seconds every workload spends starting its loaders and warming up, whatever its
+#: size (part of the progress bar's estimate, see ``Workload.estimate``).
+WARM_UP_ESTIMATE = 3.0
+
+
+def _estimate(per_scale: float, scale: int) -> float:
+    return WARM_UP_ESTIMATE + per_scale * scale
+
+
 def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
     """The throughput workloads by name, sized for about a second per epoch of the
     stock loader (a third of that with ``quick``)."""
@@ -145,30 +154,30 @@ def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
         Workload(
             "tensor_19mb", "batches of 32×3×224×224 float32 tensors (19 MB)",
             Images(32 * 20 * scale), {"batch_size": 32}, measure_memory=True,
-            estimate=2.3 * scale,
+            estimate=_estimate(1.3, scale),
         ),
         Workload(
             "numpy_19mb", "batches of 32×3×224×224 float32 numpy arrays (19 MB)",
             Images(32 * 8 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
-            measure_memory=True, estimate=2.4 * scale,
+            measure_memory=True, estimate=_estimate(1.4, scale),
         ),
         Workload(
             "tiny_batches", "batches of 4 small ints: the loader's own per-batch overhead",
-            Tiny(1500 * scale), {"batch_size": 4}, estimate=2.2 * scale,
+            Tiny(1500 * scale), {"batch_size": 4}, estimate=_estimate(1.2, scale),
         ),
         Workload(
             "cpu_bound", "4 ms of Python CPU work per item, batches of 8",
-            CpuBound(160 * scale), {"batch_size": 8}, estimate=5.4 * scale,
+            CpuBound(160 * scale), {"batch_size": 8}, estimate=_estimate(4.4, scale),
         ),
         Workload(
             "io_stalls", "batches cost 5 ms, one in every 20 stalls 300 ms (a shard opens)",
             stalls, {"batch_size": None},
-            ideal_seconds=float(stalls.costs.sum()) / num_workers, estimate=11.5 * scale,
+            ideal_seconds=float(stalls.costs.sum()) / num_workers, estimate=_estimate(10.5, scale),
         ),
         Workload(
             "dynamic_costs", "batch costs spread lognormally around 10 ms (dynamic batches)",
             spread, {"batch_size": None},
-            ideal_seconds=float(spread.costs.sum()) / num_workers, estimate=8.2 * scale,
+            ideal_seconds=float(spread.costs.sum()) / num_workers, estimate=_estimate(7.2, scale),
         ),
     ]  # fmt: skip
     return {workload.name: workload for workload in found}
