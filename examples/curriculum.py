@@ -1,5 +1,7 @@
 """A curriculum: the dataset's ``set_epoch`` lengthens the crops every two epochs.
 
+Install: pip install -e .   (poolloader and torch are all it needs)
+
 With torch's DataLoader and ``persistent_workers=True``, ``loader.dataset.set_epoch(e)``
 runs in the main process only: the workers keep their own copy of the dataset
 and crop to the first duration forever (the run below shows it). With

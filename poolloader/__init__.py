@@ -20,6 +20,9 @@ before the first task that must see them (NOTE [ Control ordering ] in
 ``_control.py``).
 """
 
+# First: on a torch older than poolloader supports, importing _requirements raises
+# an ImportError that says so, before any module below meets a missing torch API.
+from . import _requirements  # noqa: F401
 from ._stats import LoaderStatistics
 from ._tracking import unwrap
 from ._version import __version__
