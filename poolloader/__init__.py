@@ -21,6 +21,7 @@ before the first task that must see them (NOTE [ Control ordering ] in
 """
 
 from ._control import unwrap
+from ._shared import SharedDict, SharedList
 from ._stats import LoaderStatistics
 from ._version import __version__
 from ._worker import WorkerInfo, get_worker_info
@@ -29,6 +30,8 @@ from .loader import DataLoader
 __all__ = [
     "DataLoader",
     "LoaderStatistics",
+    "SharedDict",
+    "SharedList",
     "WorkerInfo",
     "__version__",
     "get_worker_info",

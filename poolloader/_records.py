@@ -1,0 +1,383 @@
+"""How a shared container's records are laid out in a segment: chosen, written, read back.
+
+The records of a container occupy the sections of one *prefix* of a segment (a
+``SharedList`` uses ``""``, a ``SharedDict`` ``"keys."`` and ``"values."``). Their layout,
+the *kind*, is chosen once when the container is built (:func:`write_records`)::
+
+    kind    records                                 sections; record i
+    ──────  ──────────────────────────────────────  ─────────────────────────────────────────
+    array   all int, all float or all bool; a       values: one typed array; values[i], a
+            numeric NumPy array; anything with      Python number (or a read-only row of an
+            dtype=                                  N-d array)
+    str     all str                                 data (UTF-8, back to back) and offsets
+                                                    (n+1 int64); data[offsets[i]:offsets[i+1]]
+    pickle  anything else that pickles              the same, each record pickled on its own
+    key     SharedDict keys: str, bytes or int      the same, each key tagged with its type
+
+Types are kept exactly: a list mixing ints and floats is pickled (so ``1`` stays ``1``)
+unless ``dtype=`` asks for an array. ``columns=`` adds one typed array per name for
+records that are mappings (``column.<name>``), so a sampler reads every item's duration
+as one NumPy array without decoding a record.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+
+from ._segment import Segment, SegmentWriter
+
+__all__ = ["Records", "encode_key", "key_index", "lookup_key", "write_keys", "write_records"]
+
+#: Records encoded per write: writes of a few MB, while the encoded bytes held at once
+#: stay small next to the segment being built.
+CHUNK_RECORDS = 1 << 14
+#: Pickle protocol for records: the newest, the fastest to load.
+PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+#: NumPy dtype kinds kept as typed arrays: bool, signed and unsigned int, float, complex.
+NUMERIC_KINDS = "biufc"
+#: Scalars a 1-D typed array hands out as Python numbers through a memoryview (fast);
+#: other dtypes go through NumPy's ``item()``.
+_MEMORYVIEW_FORMATS = frozenset("?bBhHiIlLqQfd")
+_UTF8 = {"encoding": "utf-8", "errors": "surrogatepass"}  # lone surrogates round-trip
+_KEY_STR, _KEY_BYTES, _KEY_INT = ord("s"), ord("b"), ord("i")
+
+Meta = dict[str, Any]
+Encoder = Callable[[Any], bytes]
+
+
+# ------------------------------------------------------------------ writing
+
+
+def write_records(
+    writer: SegmentWriter,
+    prefix: str,
+    records: Iterable[Any],
+    dtype: npt.DTypeLike | None,
+    columns: Sequence[str],
+) -> Meta:
+    """Write ``records`` (and their ``columns``) under ``prefix``; return their metadata.
+
+    Raises:
+        TypeError: a record does not pickle, or ``dtype``/``columns`` do not fit the records.
+        ValueError: a record lacks a column.
+    """
+    items = _as_sequence(records)
+    kind = _choose_kind(items, dtype)
+    if kind == "array":
+        writer.add_array(f"{prefix}values", _to_array(items, dtype))
+    else:  # only "array" takes NumPy arrays
+        objects = cast(Sequence[Any], items)
+        encode: Encoder = functools.partial(pickle.dumps, protocol=PICKLE_PROTOCOL)
+        if kind == "str":
+            encode = functools.partial(str.encode, **_UTF8)
+        _write_encoded(writer, prefix, _encoded_chunks(encode, objects))
+    for name in columns:
+        writer.add_array(f"{prefix}column.{name}", _column(items, name))
+    return {"kind": kind, "count": len(items), "columns": list(columns)}
+
+
+def _as_sequence(records: Iterable[Any]) -> Sequence[Any] | np.ndarray:
+    """The records as a sequence (read once if an iterator); NumPy text arrays as lists."""
+    if isinstance(records, np.ndarray):
+        if records.ndim == 0:
+            raise TypeError("records should be an iterable, but got a 0-dimensional array")
+        return records.tolist() if records.dtype.kind in "USO" else records
+    if isinstance(records, (list, tuple)):
+        return records
+    try:
+        return list(records)
+    except TypeError:
+        raise TypeError(
+            f"records should be an iterable of records, but got {type(records).__name__}: "
+            f"{records!r:.80}"
+        ) from None
+
+
+def _choose_kind(records: Sequence[Any] | np.ndarray, dtype: npt.DTypeLike | None) -> str:
+    """The layout that keeps these records exactly (see the module docstring)."""
+    if dtype is not None or isinstance(records, np.ndarray):
+        return "array"
+    types = set(map(type, records))
+    if not types:
+        return "pickle"
+    if types == {str}:
+        return "str"
+    if types == {int}:
+        return "array" if _fits_int64(records) else "pickle"
+    return "array" if types in ({float}, {bool}) else "pickle"
+
+
+def _fits_int64(records: Sequence[int]) -> bool:
+    info = np.iinfo(np.int64)
+    return info.min <= min(records) and max(records) <= info.max
+
+
+def _to_array(records: Sequence[Any] | np.ndarray, dtype: npt.DTypeLike | None) -> np.ndarray:
+    """The records as a native-order numeric array, or a TypeError saying why not."""
+    try:
+        array = np.asarray(records, dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise TypeError(
+            f"records cannot be stored as an array of dtype {np.dtype(dtype)} ({exc}); "
+            "pass numbers of one kind, or leave dtype=None to keep them as objects"
+        ) from exc
+    if array.dtype.kind not in NUMERIC_KINDS:
+        raise TypeError(
+            f"dtype should be a numeric NumPy dtype (bool, int, uint, float, complex), but got "
+            f"dtype={array.dtype}; leave dtype=None to keep records as objects"
+        )
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def _encoded_chunks(encode: Encoder, records: Sequence[Any]) -> Iterator[list[bytes]]:
+    """Encode records a chunk at a time, naming the first record that fails."""
+    for start in range(0, len(records), CHUNK_RECORDS):
+        chunk = records[start : start + CHUNK_RECORDS]
+        try:
+            encoded = [encode(record) for record in chunk]
+        except Exception:
+            encoded = _encode_one_by_one(encode, chunk, start)
+        yield encoded
+
+
+def _encode_one_by_one(encode: Encoder, chunk: Sequence[Any], start: int) -> list[bytes]:
+    encoded = []
+    for offset, record in enumerate(chunk):
+        try:
+            encoded.append(encode(record))
+        except Exception as exc:
+            raise TypeError(
+                f"record {start + offset} cannot be stored in shared memory: "
+                f"{type(exc).__name__}: {exc}; records must pickle (no open files, locks, "
+                "lambdas or local classes)"
+            ) from exc
+    return encoded
+
+
+def _write_encoded(writer: SegmentWriter, prefix: str, chunks: Iterator[list[bytes]]) -> None:
+    """Write encoded records back to back as ``data``, and their ``offsets``."""
+    lengths: list[int] = []
+
+    def joined() -> Iterator[bytes]:
+        for encoded in chunks:
+            lengths.extend(map(len, encoded))
+            yield b"".join(encoded)
+
+    writer.add_bytes(f"{prefix}data", joined())
+    writer.add_array(f"{prefix}offsets", _offsets(np.asarray(lengths, dtype=np.int64)))
+
+
+def _offsets(lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
+
+
+def _column(records: Sequence[Any] | np.ndarray, name: str) -> np.ndarray:
+    """Every record's ``record[name]`` as a numeric array."""
+    try:
+        values = [record[name] for record in records]
+    except (KeyError, TypeError, IndexError):
+        raise ValueError(_missing_column(records, name)) from None
+    array = np.asarray(values) if values else np.zeros(0, dtype=np.float64)
+    if array.dtype.kind not in "biuf" or array.ndim != 1:
+        bad = next((i for i, v in enumerate(values) if not _is_number(v)), 0)
+        raise TypeError(
+            f"column {name!r} should hold one number per record, but record {bad} has "
+            f"{values[bad]!r:.80}; leave {name!r} out of columns="
+        )
+    return array
+
+
+def _missing_column(records: Sequence[Any] | np.ndarray, name: str) -> str:
+    for index, record in enumerate(records):
+        try:
+            record[name]
+        except (KeyError, TypeError, IndexError):
+            return (
+                f"record {index} has no {name!r} for column {name!r}: {record!r:.80}; every "
+                "record must be a mapping with a number under each name in columns="
+            )
+    return f"records lack column {name!r}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, complex)
+
+
+# ------------------------------------------------------------------ keys
+
+
+def encode_key(key: Any, position: int) -> bytes:
+    """A SharedDict key as tagged bytes: equal keys (as dict keys) give equal bytes.
+
+    Raises:
+        TypeError: the key is not a str, bytes or int (bools are refused: ``True == 1``).
+    """
+    encoded = lookup_key(key)
+    if encoded is None or isinstance(key, (bool, np.bool_, float)):
+        raise TypeError(
+            f"SharedDict keys should be str, bytes or int, but key {position} is "
+            f"{type(key).__name__}: {key!r:.80}; convert the keys (e.g. str(key))"
+        )
+    return encoded
+
+
+def lookup_key(key: Any) -> bytes | None:
+    """The tagged bytes a key is stored under, or ``None`` if no stored key can equal it."""
+    if isinstance(key, str):
+        return b"s" + key.encode(**_UTF8)
+    if isinstance(key, bytes):
+        return b"b" + key
+    if isinstance(key, float) and key.is_integer():
+        key = int(key)  # 2.0 finds 2, as in a dict
+    if isinstance(key, (int, np.integer)):
+        return b"i" + str(int(key)).encode()
+    return None
+
+
+def _decode_key(data: memoryview) -> Any:
+    tag = data[0]
+    if tag == _KEY_STR:
+        return str(data[1:], **_UTF8)
+    if tag == _KEY_BYTES:
+        return bytes(data[1:])
+    if tag == _KEY_INT:
+        return int(bytes(data[1:]))
+    raise ValueError(f"unknown SharedDict key tag {tag}")
+
+
+def key_index(encoded: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """The lookup index of encoded keys: their CRC-32s sorted, and the order that sorts them.
+
+    A lookup bisects the sorted hashes and compares the keys of equal hash; CRC-32 is
+    cheap to compute in every process alike (``hash()`` of a str differs between
+    processes), and its rare collisions only cost a second comparison.
+    """
+    hashes = np.fromiter(map(zlib.crc32, encoded), dtype=np.uint32, count=len(encoded))
+    order = np.argsort(hashes, kind="stable")
+    return hashes[order], order.astype(np.int64)
+
+
+def write_keys(writer: SegmentWriter, prefix: str, encoded: Sequence[bytes]) -> Meta:
+    """Write already encoded keys under ``prefix``; return their metadata."""
+    _write_encoded(writer, prefix, iter([list(encoded)]))
+    return {"kind": "key", "count": len(encoded), "columns": []}
+
+
+# ------------------------------------------------------------------ reading
+
+
+def _decode_str(data: memoryview) -> str:
+    return str(data, **_UTF8)
+
+
+_DECODERS: dict[str, Callable[[memoryview], Any]] = {
+    "str": _decode_str,
+    "pickle": pickle.loads,
+    "key": _decode_key,
+}
+
+
+class Records:
+    """The records under one prefix of a segment, decoded on access.
+
+    Positions here are *physical* (``0 <= i < count``, checked by the caller).
+    """
+
+    __slots__ = (
+        "_array", "_data", "_decode", "_offsets", "_scalars",
+        "columns", "count", "get", "kind", "prefix", "segment",
+    )  # fmt: skip
+
+    def __init__(self, segment: Segment, prefix: str) -> None:
+        meta = segment.meta[prefix]
+        self.segment, self.prefix = segment, prefix
+        self.kind: str = meta["kind"]
+        self.count: int = meta["count"]
+        self.columns: tuple[str, ...] = tuple(meta["columns"])
+        self._scalars: memoryview | None = None
+        self.get: Callable[[int], Any]
+        if self.kind == "array":
+            self._array = segment.array(f"{prefix}values")
+            char = self._array.dtype.char
+            if self._array.ndim == 1 and char in _MEMORYVIEW_FORMATS:
+                self._scalars = segment.view(f"{prefix}values", char)
+            self.get = self._scalars.__getitem__ if self._scalars is not None else self._item
+        else:
+            self._data = segment.view(f"{prefix}data")
+            self._offsets = segment.view(f"{prefix}offsets", "q")
+            self._decode = _DECODERS[self.kind]
+            self.get = self._decoded
+
+    def _item(self, index: int) -> Any:
+        row = self._array[index]
+        return row.item() if row.ndim == 0 else row
+
+    def _decoded(self, index: int) -> Any:
+        offsets = self._offsets
+        return self._decode(self._data[offsets[index] : offsets[index + 1]])
+
+    def encoded(self, index: int) -> memoryview:
+        """The stored bytes of record ``index`` (kinds other than ``array``)."""
+        offsets = self._offsets
+        return self._data[offsets[index] : offsets[index + 1]]
+
+    def iterate(self, rows: range) -> Iterator[Any]:
+        """Yield the records at ``rows``, in that order."""
+        if self._scalars is not None:
+            for start in range(0, len(rows), CHUNK_RECORDS):
+                part = rows[start : start + CHUNK_RECORDS]
+                yield from self._array[as_slice(part)].tolist()
+        elif self.kind == "array":
+            yield from map(self._item, rows)
+        else:
+            data, offsets, decode = self._data, self._offsets, self._decode
+            for index in rows:
+                yield decode(data[offsets[index] : offsets[index + 1]])
+
+    def array(self, rows: range) -> np.ndarray:
+        """The typed array of an ``array`` kind at ``rows`` (a read-only view)."""
+        return self._array[as_slice(rows)]
+
+    def column(self, name: str, rows: range) -> np.ndarray:
+        """Column ``name`` at ``rows`` (a read-only view)."""
+        return self.segment.array(f"{self.prefix}column.{name}")[as_slice(rows)]
+
+    def take(self, writer: SegmentWriter, positions: npt.NDArray[np.int64]) -> Meta:
+        """Write the records at ``positions`` (and their columns), copying stored bytes."""
+        if self.kind == "array":
+            writer.add_array(f"{self.prefix}values", self._array[positions])
+        else:
+            offsets = self.segment.array(f"{self.prefix}offsets")
+            starts, stops = offsets[positions], offsets[positions + 1]
+            writer.add_bytes(f"{self.prefix}data", self._gather(starts, stops))
+            writer.add_array(f"{self.prefix}offsets", _offsets(stops - starts))
+        for name in self.columns:
+            whole = self.segment.array(f"{self.prefix}column.{name}")
+            writer.add_array(f"{self.prefix}column.{name}", whole[positions])
+        return {"kind": self.kind, "count": int(positions.size), "columns": list(self.columns)}
+
+    def _gather(self, starts: np.ndarray, stops: np.ndarray) -> Iterator[bytes]:
+        data = self._data
+        for begin in range(0, starts.size, CHUNK_RECORDS):
+            ends = slice(begin, begin + CHUNK_RECORDS)
+            pairs = zip(starts[ends].tolist(), stops[ends].tolist(), strict=True)
+            yield b"".join([data[a:b] for a, b in pairs])
+
+
+def as_slice(rows: range) -> slice:
+    """The slice that selects ``rows`` from a sequence as long as the container.
+
+    A range counting down to 0 stops at -1, which a slice would read as "the last".
+    """
+    if not rows:
+        return slice(0, 0)
+    return slice(rows.start, rows.stop if rows.stop >= 0 else None, rows.step)
