@@ -23,10 +23,11 @@ as one NumPy array without decoding a record.
 from __future__ import annotations
 
 import functools
+import itertools
 import pickle
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -51,6 +52,9 @@ _KEY_STR, _KEY_BYTES, _KEY_INT = ord("s"), ord("b"), ord("i")
 Meta = dict[str, Any]
 Encoder = Callable[[Any], bytes]
 
+_PICKLE: Encoder = functools.partial(pickle.dumps, protocol=PICKLE_PROTOCOL)
+_STR: Encoder = functools.partial(str.encode, encoding="utf-8", errors="surrogatepass")
+
 
 # ------------------------------------------------------------------ writing
 
@@ -64,33 +68,36 @@ def write_records(
 ) -> Meta:
     """Write ``records`` (and their ``columns``) under ``prefix``; return their metadata.
 
+    An iterator is read once, a chunk at a time, and never held whole: only the
+    encoded bytes (strings), the numbers (typed records) and the column values wait
+    for the kind to be certain.
+
     Raises:
         TypeError: a record does not pickle, or ``dtype``/``columns`` do not fit the records.
         ValueError: a record lacks a column.
     """
-    items = _as_sequence(records)
-    kind = _choose_kind(items, dtype)
-    if kind == "array":
+    if isinstance(records, np.ndarray) and records.ndim == 0:
+        raise TypeError("records should be an iterable, but got a 0-dimensional array")
+    numeric = isinstance(records, np.ndarray) and records.dtype.kind in NUMERIC_KINDS
+    if dtype is not None or numeric:
+        items = records if isinstance(records, (np.ndarray, Sequence)) else _listed(records)
         writer.add_array(f"{prefix}values", _to_array(items, dtype))
-    else:  # only "array" takes NumPy arrays
-        objects = cast(Sequence[Any], items)
-        encode: Encoder = functools.partial(pickle.dumps, protocol=PICKLE_PROTOCOL)
-        if kind == "str":
-            encode = functools.partial(str.encode, **_UTF8)
-        _write_encoded(writer, prefix, _encoded_chunks(encode, objects))
-    for name in columns:
-        writer.add_array(f"{prefix}column.{name}", _column(items, name))
-    return {"kind": kind, "count": len(items), "columns": list(columns)}
+        for name in columns:
+            writer.add_array(f"{prefix}column.{name}", _column_array(name, _column(items, name, 0)))
+        return {"kind": "array", "count": len(items), "columns": list(columns)}
+    stream = _Stream(columns)
+    writer.add_bytes(f"{prefix}data", stream.encode(_chunks(records)))
+    if stream.kind in _ARRAY_DTYPES:
+        writer.add_array(f"{prefix}values", stream.numbers())
+    else:
+        writer.add_array(f"{prefix}offsets", _offsets(np.asarray(stream.lengths, dtype=np.int64)))
+    for name, values in stream.columns.items():
+        writer.add_array(f"{prefix}column.{name}", _column_array(name, values))
+    kind = "array" if stream.kind in _ARRAY_DTYPES else stream.kind
+    return {"kind": kind, "count": stream.count, "columns": list(columns)}
 
 
-def _as_sequence(records: Iterable[Any]) -> Sequence[Any] | np.ndarray:
-    """The records as a sequence (read once if an iterator); NumPy text arrays as lists."""
-    if isinstance(records, np.ndarray):
-        if records.ndim == 0:
-            raise TypeError("records should be an iterable, but got a 0-dimensional array")
-        return records.tolist() if records.dtype.kind in "USO" else records
-    if isinstance(records, (list, tuple)):
-        return records
+def _listed(records: Iterable[Any]) -> list[Any]:
     try:
         return list(records)
     except TypeError:
@@ -100,23 +107,91 @@ def _as_sequence(records: Iterable[Any]) -> Sequence[Any] | np.ndarray:
         ) from None
 
 
-def _choose_kind(records: Sequence[Any] | np.ndarray, dtype: npt.DTypeLike | None) -> str:
-    """The layout that keeps these records exactly (see the module docstring)."""
-    if dtype is not None or isinstance(records, np.ndarray):
-        return "array"
-    types = set(map(type, records))
-    if not types:
-        return "pickle"
-    if types == {str}:
-        return "str"
-    if types == {int}:
-        return "array" if _fits_int64(records) else "pickle"
-    return "array" if types in ({float}, {bool}) else "pickle"
+def _chunks(records: Iterable[Any]) -> Iterator[Sequence[Any]]:
+    """The records a chunk at a time: slices of a sequence, or an iterator read in turn."""
+    if isinstance(records, np.ndarray):
+        records = records.tolist()  # text or object arrays: their records as Python objects
+    if isinstance(records, (list, tuple)):
+        for start in range(0, len(records), CHUNK_RECORDS):
+            yield records[start : start + CHUNK_RECORDS]
+        return
+    iterator = iter(_listed(records) if not isinstance(records, Iterable) else records)
+    while chunk := list(itertools.islice(iterator, CHUNK_RECORDS)):
+        yield chunk
+
+
+#: Record types stored as typed arrays, and their dtypes; other kinds are "str" and "pickle".
+_ARRAY_DTYPES: dict[str, type] = {"int": np.int64, "float": np.float64, "bool": np.bool_}
+_KIND_OF_TYPE = {str: "str", int: "int", float: "float", bool: "bool"}
+
+
+class _Stream:
+    """Chooses the records' kind from their types and encodes them, a chunk at a time.
+
+    The first chunk proposes a kind; a later record of another type turns the records
+    read so far into pickles (``_fall_back``), so that the choice matches what a list of
+    the same records would get (all str, all int, all float, all bool, else pickle).
+    """
+
+    def __init__(self, columns: Sequence[str]) -> None:
+        self.kind: str | None = None
+        self.count = 0
+        self.lengths: list[int] = []
+        self.columns: dict[str, list[Any]] = {name: [] for name in columns}
+        self._held: list[Any] = []  # str: encoded chunks; numbers: the numbers
+
+    def encode(self, chunks: Iterator[Sequence[Any]]) -> Iterator[bytes]:
+        """Yield the bytes of the ``data`` section: pickles as they come, strings at the end."""
+        for chunk in chunks:
+            for name, values in self.columns.items():
+                values.extend(_column(chunk, name, self.count))
+            kinds = {_KIND_OF_TYPE.get(kind, "pickle") for kind in set(map(type, chunk))}
+            if self.kind is None:
+                self.kind = kinds.pop() if len(kinds) == 1 else "pickle"
+            elif self.kind != "pickle" and kinds != {self.kind}:
+                yield from self._fall_back()
+            if self.kind == "pickle":
+                yield self._encode(chunk, _PICKLE, self.count)
+            elif self.kind == "str":
+                self._held.append(self._encode(chunk, _STR, self.count))
+            else:
+                self._held.extend(chunk)
+            self.count += len(chunk)
+        if self.kind == "int" and not _fits_int64(self._held):
+            yield from self._fall_back()
+        if self.kind == "str":
+            yield from self._held
+        self.kind = self.kind or "pickle"
+
+    def numbers(self) -> np.ndarray:
+        """The held numbers as a typed array (for the number kinds)."""
+        return np.asarray(self._held, dtype=_ARRAY_DTYPES[self.kind or "float"])
+
+    def _encode(self, chunk: Sequence[Any], encode: Encoder, start: int) -> bytes:
+        try:
+            encoded = [encode(record) for record in chunk]
+        except Exception:
+            encoded = _encode_one_by_one(encode, chunk, start)
+        self.lengths.extend(map(len, encoded))
+        return b"".join(encoded)
+
+    def _fall_back(self) -> Iterator[bytes]:
+        """Turn the records held so far into pickles, and pickle from now on."""
+        if self.kind == "str":
+            data, ends = b"".join(self._held), itertools.accumulate(self.lengths)
+            starts = itertools.chain((0,), itertools.accumulate(self.lengths))
+            pairs = zip(starts, ends, strict=False)  # starts has one more: the end of the data
+            records: list[Any] = [_decode_str(memoryview(data)[a:b]) for a, b in pairs]
+        else:
+            records = self._held
+        self.kind, self._held, self.lengths = "pickle", [], []
+        for start in range(0, len(records), CHUNK_RECORDS):
+            yield self._encode(records[start : start + CHUNK_RECORDS], _PICKLE, start)
 
 
 def _fits_int64(records: Sequence[int]) -> bool:
     info = np.iinfo(np.int64)
-    return info.min <= min(records) and max(records) <= info.max
+    return not records or (info.min <= min(records) and max(records) <= info.max)
 
 
 def _to_array(records: Sequence[Any] | np.ndarray, dtype: npt.DTypeLike | None) -> np.ndarray:
@@ -136,17 +211,6 @@ def _to_array(records: Sequence[Any] | np.ndarray, dtype: npt.DTypeLike | None) 
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
 
 
-def _encoded_chunks(encode: Encoder, records: Sequence[Any]) -> Iterator[list[bytes]]:
-    """Encode records a chunk at a time, naming the first record that fails."""
-    for start in range(0, len(records), CHUNK_RECORDS):
-        chunk = records[start : start + CHUNK_RECORDS]
-        try:
-            encoded = [encode(record) for record in chunk]
-        except Exception:
-            encoded = _encode_one_by_one(encode, chunk, start)
-        yield encoded
-
-
 def _encode_one_by_one(encode: Encoder, chunk: Sequence[Any], start: int) -> list[bytes]:
     encoded = []
     for offset, record in enumerate(chunk):
@@ -161,31 +225,31 @@ def _encode_one_by_one(encode: Encoder, chunk: Sequence[Any], start: int) -> lis
     return encoded
 
 
-def _write_encoded(writer: SegmentWriter, prefix: str, chunks: Iterator[list[bytes]]) -> None:
-    """Write encoded records back to back as ``data``, and their ``offsets``."""
-    lengths: list[int] = []
-
-    def joined() -> Iterator[bytes]:
-        for encoded in chunks:
-            lengths.extend(map(len, encoded))
-            yield b"".join(encoded)
-
-    writer.add_bytes(f"{prefix}data", joined())
-    writer.add_array(f"{prefix}offsets", _offsets(np.asarray(lengths, dtype=np.int64)))
-
-
 def _offsets(lengths: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     offsets = np.zeros(lengths.size + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     return offsets
 
 
-def _column(records: Sequence[Any] | np.ndarray, name: str) -> np.ndarray:
-    """Every record's ``record[name]`` as a numeric array."""
+def _column(chunk: Sequence[Any] | np.ndarray, name: str, start: int) -> list[Any]:
+    """Every record's ``record[name]``, or a ValueError naming the first that lacks it."""
     try:
-        values = [record[name] for record in records]
+        return [record[name] for record in chunk]
     except (KeyError, TypeError, IndexError):
-        raise ValueError(_missing_column(records, name)) from None
+        pass
+    for index, record in enumerate(chunk):
+        try:
+            record[name]
+        except (KeyError, TypeError, IndexError):
+            raise ValueError(
+                f"record {start + index} has no {name!r} for column {name!r}: {record!r:.80}; "
+                "every record must be a mapping with a number under each name in columns="
+            ) from None
+    raise AssertionError("unreachable: some record lacked the column")
+
+
+def _column_array(name: str, values: list[Any]) -> np.ndarray:
+    """A column's values as a numeric array, or a TypeError naming a record that is not a number."""
     array = np.asarray(values) if values else np.zeros(0, dtype=np.float64)
     if array.dtype.kind not in "biuf" or array.ndim != 1:
         bad = next((i for i, v in enumerate(values) if not _is_number(v)), 0)
@@ -194,18 +258,6 @@ def _column(records: Sequence[Any] | np.ndarray, name: str) -> np.ndarray:
             f"{values[bad]!r:.80}; leave {name!r} out of columns="
         )
     return array
-
-
-def _missing_column(records: Sequence[Any] | np.ndarray, name: str) -> str:
-    for index, record in enumerate(records):
-        try:
-            record[name]
-        except (KeyError, TypeError, IndexError):
-            return (
-                f"record {index} has no {name!r} for column {name!r}: {record!r:.80}; every "
-                "record must be a mapping with a number under each name in columns="
-            )
-    return f"records lack column {name!r}"
 
 
 def _is_number(value: Any) -> bool:
@@ -268,7 +320,9 @@ def key_index(encoded: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 def write_keys(writer: SegmentWriter, prefix: str, encoded: Sequence[bytes]) -> Meta:
     """Write already encoded keys under ``prefix``; return their metadata."""
-    _write_encoded(writer, prefix, iter([list(encoded)]))
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    writer.add_bytes(f"{prefix}data", [b"".join(encoded)])
+    writer.add_array(f"{prefix}offsets", _offsets(lengths))
     return {"kind": "key", "count": len(encoded), "columns": []}
 
 

@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 import poolloader
+import poolloader._records
 from poolloader import SharedDict, SharedList
 from poolloader._segment import SegmentHandle, is_sealed_array, open_segment
 
@@ -127,6 +128,30 @@ def test_strings_round_trip_exactly_including_lone_surrogates():
     assert shared._records.kind == "str"
     assert list(shared) == records and "emoji 🎧" in shared and 3 not in shared
     assert SharedList(np.array(["x", "yz"]))[1] == "yz"
+
+
+STREAMS = [
+    ["a", "b", "c", "d", "é", 1, "x"],  # strings, then an int: everything pickled
+    [1, 2, 3, 4, 5, "s", 6],
+    [1, 2, 3, 4, 5.0],  # ints then a float stay an int and a float
+    [1.0, 2.0, 3.0, 4.0, 5.0],
+    [True, False, True, False, True],
+    [1, 2, 3, 4, 2**70],  # beyond int64 after the first chunk
+    ["a", "b", "c", "d", "e", "f", "g"],
+]
+
+
+@pytest.mark.parametrize("records", STREAMS, ids=range(len(STREAMS)))
+def test_an_iterator_is_read_in_chunks_and_stored_as_a_list_would_be(monkeypatch, records):
+    monkeypatch.setattr(poolloader._records, "CHUNK_RECORDS", 3)
+    from_list, from_iterator = SharedList(records), SharedList(iter(records))
+    assert from_iterator._records.kind == from_list._records.kind
+    for shared in (from_list, from_iterator):
+        assert list(shared) == records and [type(r) for r in shared] == [type(r) for r in records]
+    with pytest.raises(ValueError, match=r"record 4 has no 'dur'"):
+        SharedList(iter([{"dur": 1}] * 4 + [{}]), columns=["dur"])
+    with pytest.raises(TypeError, match=r"record 4 cannot be stored"):
+        SharedList(iter([*records[:4], lambda: 0]))
 
 
 def test_columns_give_numbers_inside_records_as_arrays():
@@ -434,6 +459,28 @@ def test_os_fork_child_reads_inherited_memory_and_pickles_with_its_own_pid():
     with os.fdopen(read) as report:
         assert json.loads(report.read()) == ["r999", True]
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def _read_shared(shared, conn):
+    conn.send(list(shared))
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_without_proc_the_descriptor_travels_with_the_handle(monkeypatch, method):
+    monkeypatch.setattr(poolloader._segment, "_proc_shows_fds", False)
+    shared = SharedList(["a", "b", "c"])
+    blob = pickle.dumps(shared)  # through this process's resource sharer, once
+    assert pickle.loads(blob)._records.segment is shared._records.segment
+    context = mp.get_context(method)
+    ours, theirs = context.Pipe()
+    results = []
+    for target, payload in ((_read_shared, shared), (_load_and_read, pickle.dumps(shared))):
+        child = context.Process(target=target, args=(payload, theirs))  # passed at start
+        child.start()
+        assert ours.poll(DEADLINE)
+        results.append(ours.recv())
+        child.join(DEADLINE)
+    assert results == [["a", "b", "c"], ("ok", ["a", "b", "c"])]
 
 
 CRASH_SCRIPT = """
