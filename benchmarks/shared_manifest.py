@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import multiprocessing as mp
 import os
 import pickle
 import platform
 import random
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -30,24 +34,26 @@ import psutil
 from poolloader import SharedList
 from poolloader.samplers import DynamicBatchSampler
 
-WORDS = "the a of speech model audio frame noise clean test train voice word level".split()
+WORDS = ["the", "a", "of", "speech", "model", "audio", "frame", "noise", "clean", "test"]
 #: Seconds a worker may take to report; only bounds a hang.
 DEADLINE = 600.0
 MB = 1e6
 
 
-def make_records(count: int) -> list[dict[str, Any]]:
+def iter_records(count: int) -> Iterator[dict[str, Any]]:
     """Manifest rows like a speech corpus's: an id, a path, a duration, a transcript."""
     rng = random.Random(0)
-    return [
-        {
+    for i in range(count):
+        yield {
             "id": f"utt{i:07d}",
             "path": f"spk{i % 2000:04d}/utt{i:07d}.flac",
             "dur": round(rng.uniform(1.0, 20.0), 2),
             "text": " ".join(rng.choices(WORDS, k=rng.randint(3, 8))),
         }
-        for i in range(count)
-    ]
+
+
+def make_records(count: int) -> list[dict[str, Any]]:
+    return list(iter_records(count))
 
 
 def touch(records: Any) -> int:
@@ -86,7 +92,7 @@ def run_workers(container: Any, method: str, workers: int) -> dict[str, float]:
     reports = [pipe.recv() if pipe.poll(DEADLINE) else (0, float("nan")) for pipe in pipes]
     ready = time.perf_counter() - started
     measured = [memory(p.pid) for p in processes]
-    main_pss, main_uss = memory(os.getpid())
+    main_pss = memory(os.getpid())[0]
     release.set()
     for process in processes:
         process.join(DEADLINE)
@@ -125,47 +131,102 @@ def sampler_epoch(durations: Any) -> tuple[float, float]:
     return built, time.perf_counter() - started
 
 
-def measure(count: int, workers: int) -> None:
+def one_run(container: str, method: str, count: int, workers: int) -> dict[str, float]:
+    """One configuration, in a fresh interpreter: the main process holds only ``container``.
+
+    A SharedList is built from a generator, as from a manifest file read line by line, so
+    that the main process never holds the records as Python objects.
+    """
+    if container == "list":
+        held: Any = make_records(count)
+    else:
+        held = SharedList(iter_records(count), columns=["dur"])
+    gc.collect()
+    return run_workers(held, method, workers)
+
+
+def statics(count: int) -> dict[str, float]:
+    """Build, pickle, access and sampler figures, the list and the SharedList side by side."""
     records = make_records(count)
     started = time.perf_counter()
     shared = SharedList(records, columns=["dur"])
-    build_s = time.perf_counter() - started
+    figures = {"build_s": time.perf_counter() - started}
     started = time.perf_counter()
-    list_pickle = len(pickle.dumps(records))
-    list_pickle_s = time.perf_counter() - started
-    print(f"# {count:,} records, {workers} workers; {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, Python {platform.python_version()}\n")  # fmt: skip
-    print("| | plain list | SharedList |\n|---|---:|---:|")
-    print(f"| build | (given) | {build_s:.2f} s |")
-    print(f"| pickled size | {list_pickle / MB:.1f} MB ({list_pickle_s:.2f} s) | "
-          f"{len(pickle.dumps(shared))} B (segment {shared._records.segment.size / MB:.1f} MB) |")  # fmt: skip
-    list_random, list_iter = access_times(records, count)
-    shared_random, shared_iter = access_times(shared, count)
-    print(f"| random access per record | {list_random:.2f} µs | {shared_random:.2f} µs |")
-    print(f"| iteration per record | {list_iter:.3f} µs | {shared_iter:.2f} µs |")
+    figures["list_pickle_mb"] = len(pickle.dumps(records)) / MB
+    figures["list_pickle_s"] = time.perf_counter() - started
+    figures["handle_bytes"] = len(pickle.dumps(shared))
+    figures["segment_mb"] = shared._records.segment.size / MB
+    figures["list_random_us"], figures["list_iter_us"] = access_times(records, count)
+    figures["shared_random_us"], figures["shared_iter_us"] = access_times(shared, count)
     durations = np.array([r["dur"] for r in records])
-    plain_sampler, shared_sampler = sampler_epoch(durations), sampler_epoch(shared.column("dur"))
-    print(f"| DynamicBatchSampler build / epoch | {plain_sampler[0]:.2f} / {plain_sampler[1]:.2f} s"
-          f" | {shared_sampler[0]:.2f} / {shared_sampler[1]:.2f} s |")  # fmt: skip
-    print("\nEach worker touches every record once; PSS/USS read while all workers live.\n")
-    print("| container | start | worker PSS | worker USS | main + workers PSS | main PSS | "
-          "all ready | touch |\n|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
-    for method in ("spawn", "fork"):
-        for name in ("plain list", "SharedList"):
-            container = records if name == "plain list" else shared
-            gc.collect()
-            row = run_workers(container, method, workers)
-            print(f"| {name} | {method} | {row['worker_pss']:.0f} MB | {row['worker_uss']:.0f} MB"
-                  f" | {row['total_pss']:.0f} MB | {row['main_pss']:.0f} MB | "
-                  f"{row['all_ready_s']:.1f} s | {row['touch_s']:.2f} s |")  # fmt: skip
+    figures["list_sampler_build_s"], figures["list_sampler_epoch_s"] = sampler_epoch(durations)
+    shared_sampler = sampler_epoch(shared.column("dur"))
+    figures["shared_sampler_build_s"], figures["shared_sampler_epoch_s"] = shared_sampler
+    return figures
+
+
+def in_subprocess(*args: str) -> dict[str, float]:
+    command = [sys.executable, __file__, "--json", *args]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, float] = json.loads(output.strip().splitlines()[-1])
+    return result
+
+
+def report(count: int, workers: int) -> None:
+    size = ["--records", str(count), "--workers", str(workers)]
+    f = in_subprocess("--statics", *size)
+    print(
+        f"# {count:,} records, {workers} workers; {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}\n"
+    )
+    print("| | plain list | SharedList |\n|---|---:|---:|")
+    print(f"| build | (given) | {f['build_s']:.2f} s |")
+    print(
+        f"| pickled | {f['list_pickle_mb']:.1f} MB in {f['list_pickle_s']:.2f} s | "
+        f"{f['handle_bytes']:.0f} B (segment {f['segment_mb']:.1f} MB) |"
+    )
+    print(
+        f"| random access, per record | {f['list_random_us']:.2f} µs | "
+        f"{f['shared_random_us']:.2f} µs |"
+    )
+    print(f"| iteration, per record | {f['list_iter_us']:.3f} µs | {f['shared_iter_us']:.2f} µs |")
+    print(
+        f"| DynamicBatchSampler on the durations: build, epoch | "
+        f"{f['list_sampler_build_s']:.2f} s, {f['list_sampler_epoch_s']:.2f} s | "
+        f"{f['shared_sampler_build_s']:.2f} s, {f['shared_sampler_epoch_s']:.2f} s |"
+    )
+    print(
+        f"\n{workers} workers each touch every record once; PSS and USS are read while all "
+        "live. The main process holds only the container.\n"
+    )
+    print(
+        "| container | start | PSS per worker | USS per worker | PSS main + workers | "
+        "main PSS | all workers ready |\n|---|---|---:|---:|---:|---:|---:|"
+    )
+    for method in ("spawn", "forkserver", "fork"):
+        for container in ("list", "shared"):
+            r = in_subprocess("--one", container, method, *size)
+            name = "plain list" if container == "list" else "SharedList"
+            print(
+                f"| {name} | {method} | {r['worker_pss']:.0f} MB | {r['worker_uss']:.0f} MB | "
+                f"{r['total_pss']:.0f} MB | {r['main_pss']:.0f} MB | {r['all_ready_s']:.1f} s |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--one", nargs=2, metavar=("CONTAINER", "METHOD"), help=argparse.SUPPRESS)
+    parser.add_argument("--statics", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    measure(args.records, args.workers)
+    if args.one:
+        print(json.dumps(one_run(*args.one, args.records, args.workers)))
+    elif args.statics:
+        print(json.dumps(statics(args.records)))
+    else:
+        report(args.records, args.workers)
 
 
 if __name__ == "__main__":

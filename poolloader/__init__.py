@@ -18,6 +18,11 @@ flows beside it: each change to ``loader.dataset`` (or ``loader.broadcast``)
 bumps a generation number, and a worker receives the changes it lacks right
 before the first task that must see them (NOTE [ Control ordering ] in
 ``_control.py``).
+
+Big read-only data, such as a manifest of a million rows, goes in a
+:class:`SharedList` or :class:`SharedDict`: built once in the main process, it
+pickles to a small handle, and every worker maps the same memory instead of
+holding a copy (NOTE [ Shared segments ] in ``_segment.py``).
 """
 
 from ._control import unwrap

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 
 import poolloader
 import poolloader._records
@@ -459,6 +460,37 @@ def test_os_fork_child_reads_inherited_memory_and_pickles_with_its_own_pid():
     with os.fdopen(read) as report:
         assert json.loads(report.read()) == ["r999", True]
     assert os.waitpid(pid, 0)[1] == 0
+
+
+class Rows(torch.utils.data.Dataset):
+    """A manifest in shared containers, the way a user's dataset would hold one."""
+
+    def __init__(self, rows):
+        self.rows = SharedList(rows, columns=["dur"])
+        self.index = SharedDict((row["id"], position) for position, row in enumerate(rows))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        return {"position": self.index[row["id"]], "dur": row["dur"], "text": row["text"]}
+
+
+def test_torch_and_poolloader_loaders_read_the_same_batches():
+    rows = [{"id": f"u{i}", "dur": 0.5 + i % 7, "text": f"words {i}"} for i in range(300)]
+    dataset = Rows(rows)
+    stock = torch.utils.data.DataLoader(dataset, batch_size=16, num_workers=2)  # fork
+    ours = poolloader.DataLoader(
+        dataset, batch_size=16, num_workers=2, multiprocessing_context="forkserver"
+    )
+    with ours:
+        expected, got = list(stock), list(ours)
+    assert len(got) == len(expected) == 19
+    for a, b in zip(expected, got, strict=True):
+        assert torch.equal(a["position"], b["position"]) and a["text"] == b["text"]
+        assert torch.equal(a["dur"], b["dur"])
+    assert torch.cat([b["position"] for b in got]).tolist() == list(range(300))
 
 
 def _read_shared(shared, conn):

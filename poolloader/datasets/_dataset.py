@@ -386,12 +386,10 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
                 ) from None
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
             raise _index_type_error(key)
-        position = operator.index(key)
-        if not -len(self) <= position < len(self):
-            raise IndexError(
-                f"position {position} is out of range for a dataset of {len(self)} items"
-            )
-        return position % len(self)
+        position, size = operator.index(key), len(self)
+        if not -size <= position < size:
+            raise IndexError(f"position {position} is out of range for a dataset of {size} items")
+        return position % size
 
     def _item(self, position: int) -> dict[str, Any]:
         """Load every field of the item at ``position``."""
@@ -399,16 +397,21 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         starts: CropStarts = {}
         row = self._items.rows[position]
         item: dict[str, Any] = {"id": self._items.ids[position]}
-        for name in self._items.fields:
-            item.update(self._load(name, position, row, duration, starts))
+        for name, value in zip(self._items.fields, row, strict=False):  # the values lead a row
+            item.update(self._load(name, value, position, row, duration, starts))
         return item
 
     def _load(
-        self, name: str, position: int, row: Row, duration: float | None, starts: CropStarts
+        self,
+        name: str,
+        value: Any,
+        position: int,
+        row: Row,
+        duration: float | None,
+        starts: CropStarts,
     ) -> dict[str, Any]:
         """Load one field of one item; audio adds its sample rate."""
         loader = self._loaders[name]
-        value = self._items.value(row, name)
         if not isinstance(loader, str):
             return {name: self._guarded(name, position, row, None, loader, value)}
         if loader not in PATH_LOADERS:

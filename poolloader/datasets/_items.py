@@ -47,10 +47,9 @@ class ItemTable:
     @classmethod
     def from_table(cls, table: Table) -> ItemTable:
         """Move a read table into shared memory."""
-        ids = SharedList(table.ids)
         return cls(
-            ids=ids,
-            positions=_positions(ids),
+            ids=SharedList(table.ids),
+            positions=_positions(table.ids),
             rows=SharedList(_rows(table)),
             fields=tuple(table.columns),
             paths={name: column.paths for name, column in table.columns.items()},
@@ -84,20 +83,18 @@ class ItemTable:
     def take(self, positions: Sequence[int]) -> ItemTable:
         """The table restricted to ``positions`` (valid, non-negative), in that order."""
         ids = self.ids.take(positions)
-        return ItemTable(ids, _positions(ids), self.rows.take(positions), self.fields, self.paths)
+        rows = self.rows.take(positions)
+        return ItemTable(ids, _positions(list(ids)), rows, self.fields, self.paths)
 
 
-def _positions(ids: SharedList[str]) -> SharedDict[str, int]:
+def _positions(ids: Sequence[str]) -> SharedDict[str, int]:
     return SharedDict(zip(ids, range(len(ids)), strict=True))
 
 
 def _rows(table: Table) -> Iterator[Row]:
     """Each item's row: the values of every field, then where each was read."""
-    columns = list(table.columns.values())
-    values = [column.values for column in columns]
-    wheres = [column.where.tolist() for column in columns]
-    for position in range(len(table.ids)):
-        row = [value[position] for value in values]
-        for where in wheres:
-            row.extend(where[position])
-        yield tuple(row)
+    values = [column.values for column in table.columns.values()]
+    wheres = []
+    for column in table.columns.values():
+        wheres += [column.where[:, 0].tolist(), column.where[:, 1].tolist()]
+    return zip(*values, *wheres, strict=True)
