@@ -172,6 +172,11 @@ class SegmentWriter:
 
     def __init__(self, label: str) -> None:
         self.name = f"poolloader-{label}-{os.getpid()}-{next(_names)}"
+        if not hasattr(os, "memfd_create"):
+            raise OSError(
+                "SharedList and SharedDict need Linux's memfd_create (Linux 3.17 or later), "
+                "which this platform lacks; keep the records in a plain list here"
+            )
         self._fd: int | None = os.memfd_create(self.name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._size = 0
         self._sections: dict[str, tuple[str, int, list[int]]] = {}

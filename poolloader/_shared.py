@@ -11,7 +11,7 @@ serialized list, moved to shared memory); each record is decoded when it is read
     │ SharedList(records)              │ pickle:  │ SharedList: the same segment,     │
     │  records pickled back to back,   ├─────────►│ mapped read-only; shared[i]       │
     │  n+1 offsets (or one typed array │ a handle │ decodes record i                  │
-    │  for numbers) in a sealed memfd  │ (~300 B) │ (no copy of the other records)    │
+    │  for numbers) in a sealed memfd  │ (~200 B) │ (no copy of the other records)    │
     └──────────────────────────────────┘          └───────────────────────────────────┘
 
 The segment is freed by the kernel when the last process holding it lets go of it,
@@ -139,6 +139,8 @@ class SharedList(Sequence[T]):
 
     __slots__ = ("_records", "_rows")
     __hash__ = None  # type: ignore[assignment]  # equal to lists, which do not hash
+    _records: Records
+    _rows: range
 
     def __init__(
         self,
@@ -148,6 +150,9 @@ class SharedList(Sequence[T]):
         columns: Iterable[str] = (),
     ) -> None:
         names = _check_columns(columns)
+        if isinstance(records, SharedList) and dtype is None and set(names) <= set(records.columns):
+            self._records, self._rows = records._records, records._rows  # read-only: share
+            return
         with SegmentWriter("list") as writer:
             meta = write_records(writer, "", records, dtype, names)
             segment = writer.finish({"": meta})
@@ -385,6 +390,9 @@ class SharedDict(Mapping[K, V]):
         columns: Iterable[str] = (),
     ) -> None:
         names = _check_columns(columns)
+        if isinstance(items, SharedDict) and dtype is None and set(names) <= set(items.columns):
+            self._attach(items._keys.segment)  # read-only: share
+            return
         mapping = items if isinstance(items, Mapping) else dict(items)
         encoded = [encode_key(key, position) for position, key in enumerate(mapping)]
         hashes, order = key_index(encoded)

@@ -189,6 +189,15 @@ def test_take_copies_chosen_records_and_columns_into_a_new_list():
         shared.take([0.5])
 
 
+def test_a_container_built_from_another_shares_its_memory():
+    shared, mapping = SharedList(["a", "b"], columns=()), SharedDict({"a": 1})
+    assert SharedList(shared)._records is shared._records and SharedList(shared) == shared
+    assert SharedList(shared[::-1]) == ["b", "a"]
+    assert SharedDict(mapping)._keys.segment is mapping._keys.segment
+    floats = SharedList([1.0, 2.0])
+    assert SharedList(floats, dtype=np.float32).numpy().dtype == np.float32  # a new copy
+
+
 def test_a_record_that_does_not_pickle_is_named():
     with pytest.raises(TypeError, match=r"record 2 cannot be stored in shared memory: .*lambda"):
         SharedList([1, "a", lambda: 0])
