@@ -37,6 +37,7 @@ the sections and the container's metadata, then a trailer (the table's length an
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import itertools
 import json
@@ -46,7 +47,7 @@ import os
 import struct
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing import reduction
 from types import TracebackType
@@ -54,7 +55,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Segment", "SegmentHandle", "SegmentWriter", "is_sealed_array", "open_segment"]
+__all__ = [
+    "Segment",
+    "SegmentHandle",
+    "SegmentWriter",
+    "is_sealed_array",
+    "open_segment",
+    "pinning",
+]
 
 #: Sections start at multiples of this: a cache line, and a multiple of every dtype's size.
 ALIGN = 64
@@ -69,6 +77,7 @@ _names = itertools.count()
 _registry: weakref.WeakValueDictionary[tuple[int, int], Segment] = weakref.WeakValueDictionary()
 _registry_lock = threading.Lock()
 _proc_shows_fds: bool | None = None  # probed on the first pickle
+_pinning = threading.local()  # .pinned: the list pinning() collects into, if any
 
 
 def _reset_after_fork() -> None:
@@ -150,6 +159,9 @@ class Segment:
     def handle(self) -> SegmentHandle:
         """A handle that lets another process open this segment (through this process)."""
         pid = os.getpid()
+        pinned = getattr(_pinning, "pinned", None)
+        if pinned is not None:
+            pinned.append(self)
         dup = None if _proc_usable(pid, self.fd, self.ino) else reduction.DupFd(self.fd)
         return SegmentHandle(self.name, self.size, self.dev, self.ino, pid, self.fd, dup)
 
@@ -242,6 +254,30 @@ class SegmentWriter:
             written = os.write(target, data)
             data = data[written:]
             self._size += written
+
+
+@contextlib.contextmanager
+def pinning() -> Iterator[list[Segment]]:
+    """Collect the segments pickled in this thread inside the block.
+
+    A handle opens only while the pickling process holds its segment. Code that keeps
+    pickled bytes to unpickle later (a snapshot of a dataset that replacement workers
+    start from, a log of changes) holds the collected list for as long as it keeps the
+    bytes, so the containers in them stay openable even after the dataset dropped them::
+
+        with pinning() as pinned:
+            snapshot = pickle.dumps(dataset)
+        self._snapshot, self._snapshot_pins = snapshot, pinned
+    """
+    outer = getattr(_pinning, "pinned", None)
+    pinned: list[Segment] = []
+    _pinning.pinned = pinned
+    try:
+        yield pinned
+    finally:
+        _pinning.pinned = outer
+        if outer is not None:
+            outer.extend(pinned)
 
 
 def _read_table(mapped: mmap.mmap, name: str) -> dict[str, Any]:

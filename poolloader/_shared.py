@@ -108,7 +108,8 @@ class SharedList(Sequence[T]):
     The memory is freed when the last process holding the list (or a view, or an array
     from :meth:`numpy`) drops it or exits, however it exits; nothing is created in
     ``/dev/shm``. A pickled SharedList can be unpickled while the process that pickled it
-    still holds it (a DataLoader keeps its dataset for as long as its workers run).
+    still holds it (a DataLoader keeps its dataset for as long as its workers run); the
+    pickle is a handle, not the records, so save ``list(shared)`` to keep them in a file.
 
     Args:
         records: the records; an iterator is read once.
@@ -129,8 +130,8 @@ class SharedList(Sequence[T]):
         ...         return len(self.rows)
         ...     def __getitem__(self, i):
         ...         return load(self.rows[i]["path"])
-        >>> rows = [{"id": f"u{i}", "path": f"{i}.wav", "dur": 1.0 + i % 7} for i in range(10**6)]
-        >>> dataset = Manifest(rows)  # doctest: +SKIP
+        >>> rows = ({"id": f"u{i}", "path": f"{i}.wav", "dur": 1.0 + i % 7} for i in range(10**6))
+        >>> dataset = Manifest(rows)  # read once, never held whole  # doctest: +SKIP
         >>> durations = dataset.rows.column("dur")  # float64, zero-copy  # doctest: +SKIP
         >>> loader = DataLoader(dataset, batch_size=32, num_workers=8)  # doctest: +SKIP
         >>> SharedList([3, 1, 2])[::-1]

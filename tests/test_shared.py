@@ -27,7 +27,7 @@ import torch
 import poolloader
 import poolloader._records
 from poolloader import SharedDict, SharedList
-from poolloader._segment import SegmentHandle, is_sealed_array, open_segment
+from poolloader._segment import SegmentHandle, is_sealed_array, open_segment, pinning
 
 #: Seconds a child or an orphaned worker gets to finish; only bounds a hang.
 DEADLINE = 120.0
@@ -325,6 +325,28 @@ def test_unpickling_in_the_same_process_reuses_the_mapping():
     copies = [pickle.loads(pickle.dumps(shared)) for _ in range(5)]
     assert all(c._records.segment is shared._records.segment for c in copies)
     assert len(mappers(segment_of(shared))) == 1
+
+
+def test_pinning_keeps_what_a_snapshot_pickled_openable():
+    dataset = {"rows": SharedList(["a", "b"]), "other": [SharedDict({"k": 1})]}
+    with pinning() as pinned:
+        snapshot = pickle.dumps(dataset)
+        with pinning() as inner:
+            pickle.dumps(dataset["rows"])
+    assert inner == [dataset["rows"]._records.segment]
+    assert {s.name for s in pinned} == {
+        segment_of(dataset["rows"]),
+        segment_of(dataset["other"][0]),
+    }
+    dataset["rows"] = SharedList(["c"])  # the snapshot's container is dropped here...
+    gc.collect()
+    assert pickle.loads(snapshot)["rows"] == ["a", "b"]  # ...but stays openable
+    assert pickle.dumps(dataset) and not inner[1:]  # outside the blocks nothing is collected
+    unpinned = pickle.dumps(dataset)
+    dataset["rows"] = SharedList(["d"])
+    gc.collect()
+    with pytest.raises(FileNotFoundError, match=r"released the container|now names another"):
+        pickle.loads(unpinned)
 
 
 def test_a_handle_to_another_file_is_refused_not_misread():
