@@ -351,7 +351,7 @@ def write_keys(writer: SegmentWriter, prefix: str, encoded: Sequence[bytes]) -> 
 
 
 def _decode_str(data: memoryview) -> str:
-    return str(data, **_UTF8)
+    return str(data, "utf-8", "surrogatepass")  # positional: faster than keywords
 
 
 _DECODERS: dict[str, Callable[[memoryview], Any]] = {

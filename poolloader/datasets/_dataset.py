@@ -396,8 +396,8 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         duration = check_duration(self.duration)
         starts: CropStarts = {}
         row = self._items.rows[position]
-        item: dict[str, Any] = {"id": self._items.ids[position]}
-        for name, value in zip(self._items.fields, row, strict=False):  # the values lead a row
+        item: dict[str, Any] = {"id": row[0]}
+        for name, value in zip(self._items.fields, row[1:], strict=False):  # id, values, ...
             item.update(self._load(name, value, position, row, duration, starts))
         return item
 

@@ -7,11 +7,12 @@ containers that pickle to small handles and are mapped, not copied, by each work
 
     ids        SharedList[str]         position -> id
     positions  SharedDict[str, int]    id -> position
-    rows       SharedList[tuple]       position -> (value of each field ...,
+    rows       SharedList[tuple]       position -> (id, value of each field ...,
                                                     path index, line of each field ...)
 
-A row keeps where each value was read (the manifest file's index and the line), so an
-error raised in a worker still names the line that caused it.
+A row repeats the id, so that loading an item decodes one record, and keeps where each
+value was read (the manifest file's index and the line), so that an error raised in a
+worker still names the line that caused it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ class ItemTable:
     Attributes:
         ids: each position's id.
         positions: each id's position.
-        rows: each position's row: the field values, then ``(path index, line)`` per field.
+        rows: each position's row: the id, the field values, then ``(path index, line)``
+            per field.
         fields: the field names, in row order.
         paths: each field's manifest files (the path index of a row indexes these).
     """
@@ -68,17 +70,20 @@ class ItemTable:
 
     def value(self, row: Row, name: str) -> Any:
         """The manifest value of field ``name`` in ``row``."""
-        return row[self.fields.index(name)]
+        return row[1 + self.fields.index(name)]
 
     def path_index(self, row: Row, name: str) -> int:
         """The index into ``paths[name]`` of the file field ``name`` of ``row`` came from."""
-        index: int = row[len(self.fields) + 2 * self.fields.index(name)]
+        index: int = row[self._where(name)]
         return index
 
     def origin(self, row: Row, name: str) -> str:
         """Say where field ``name`` of ``row`` was read: ``"data/wav.scp line 3"``."""
-        where = len(self.fields) + 2 * self.fields.index(name)
+        where = self._where(name)
         return f"{self.paths[name][row[where]]} line {row[where + 1]}"
+
+    def _where(self, name: str) -> int:
+        return 1 + len(self.fields) + 2 * self.fields.index(name)
 
     def take(self, positions: Sequence[int]) -> ItemTable:
         """The table restricted to ``positions`` (valid, non-negative), in that order."""
@@ -92,8 +97,8 @@ def _positions(ids: Sequence[str]) -> SharedDict[str, int]:
 
 
 def _rows(table: Table) -> Iterator[Row]:
-    """Each item's row: the values of every field, then where each was read."""
-    values = [column.values for column in table.columns.values()]
+    """Each item's row: the id, the values of every field, then where each was read."""
+    values = [table.ids] + [column.values for column in table.columns.values()]
     wheres = []
     for column in table.columns.values():
         wheres += [column.where[:, 0].tolist(), column.where[:, 1].tolist()]
