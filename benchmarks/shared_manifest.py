@@ -137,8 +137,10 @@ def one_run(container: str, method: str, count: int, workers: int) -> dict[str, 
     A SharedList is built from a generator, as from a manifest file read line by line, so
     that the main process never holds the records as Python objects.
     """
-    if container == "list":
-        held: Any = make_records(count)
+    if container == "none":  # the baseline: a worker that imports poolloader (and torch)
+        held: Any = []
+    elif container == "list":
+        held = make_records(count)
     else:
         held = SharedList(iter_records(count), columns=["dur"])
     gc.collect()
@@ -203,10 +205,10 @@ def report(count: int, workers: int) -> None:
         "| container | start | PSS per worker | USS per worker | PSS main + workers | "
         "main PSS | all workers ready |\n|---|---|---:|---:|---:|---:|---:|"
     )
+    names = {"none": "nothing (baseline)", "list": "plain list", "shared": "SharedList"}
     for method in ("spawn", "forkserver", "fork"):
-        for container in ("list", "shared"):
+        for container, name in names.items():
             r = in_subprocess("--one", container, method, *size)
-            name = "plain list" if container == "list" else "SharedList"
             print(
                 f"| {name} | {method} | {r['worker_pss']:.0f} MB | {r['worker_uss']:.0f} MB | "
                 f"{r['total_pss']:.0f} MB | {r['main_pss']:.0f} MB | {r['all_ready_s']:.1f} s |"
