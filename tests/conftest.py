@@ -90,9 +90,21 @@ def _descriptors() -> dict[int, str]:
             target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue  # the listing's own descriptor, closed meanwhile
-        if target.startswith(LOADER_DESCRIPTORS):
+        if target.startswith(LOADER_DESCRIPTORS) and int(name) not in _lifelong():
             found[int(name)] = target
     return found
+
+
+def _lifelong() -> set[int]:
+    """Descriptors multiprocessing keeps for the rest of the process once it needs
+    them: the listener of its resource sharer (which hands descriptors to other
+    processes outside a process start)."""
+    from multiprocessing import resource_sharer
+
+    listener = getattr(resource_sharer._resource_sharer, "_listener", None)
+    if listener is None:
+        return set()
+    return {listener._listener._socket.fileno()}
 
 
 def _shared_mappings() -> set[str]:

@@ -473,7 +473,8 @@ def test_a_container_travels_on_after_its_creator_let_go():
     kind, message = results[1]
     assert kind == "FileNotFoundError"
     assert f"process {os.getpid()}, which pickled it" in message
-    assert "released the container" in message
+    # The descriptor number is free again, or already names another file of ours.
+    assert "released the container" in message or "now names another file" in message
     assert mappers(name) == set()
 
 
