@@ -1,9 +1,13 @@
-"""A curriculum: double the crop duration at an epoch boundary, in every worker.
+"""A curriculum: the dataset's ``set_epoch`` lengthens the crops every two epochs.
 
-With torch's DataLoader, `loader.dataset.duration = ...` changes only the main
-process's copy of the dataset; the workers keep cropping to the old duration.
-With poolloader the change reaches every worker, and every batch loaded after
-it has the new shape.
+Install: pip install -e .   (poolloader and torch are all it needs)
+
+With torch's DataLoader and ``persistent_workers=True``, ``loader.dataset.set_epoch(e)``
+runs in the main process only: the workers keep their own copy of the dataset
+and crop to the first duration forever (the run below shows it). With
+poolloader the method runs against ``loader.dataset``, what it changes is
+recorded, and every worker applies it before the first batch submitted after
+the call.
 
 Run: python examples/curriculum.py
 """
@@ -15,14 +19,19 @@ import torch
 from poolloader import DataLoader, get_worker_info
 
 SAMPLE_RATE = 8000
+#: The curriculum: crops start at FIRST seconds and double every two epochs.
+FIRST, LONGEST = 0.5, 2.0
 
 
 class Utterances(torch.utils.data.Dataset):
     """Synthetic utterances of 2 to 6 seconds, randomly cropped to ``duration`` seconds."""
 
-    def __init__(self, count: int, duration: float) -> None:
+    def __init__(self, count: int) -> None:
         self.lengths = torch.randint(2 * SAMPLE_RATE, 6 * SAMPLE_RATE, (count,)).tolist()
-        self.duration = duration
+        self.duration = FIRST
+
+    def set_epoch(self, epoch: int) -> None:
+        self.duration = min(LONGEST, FIRST * 2 ** (epoch // 2))
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -31,27 +40,32 @@ class Utterances(torch.utils.data.Dataset):
         audio = torch.randn(self.lengths[i])
         crop = int(self.duration * SAMPLE_RATE)
         start = int(torch.randint(0, len(audio) - crop + 1, ()).item())
-        info = get_worker_info()
+        info = torch.utils.data.get_worker_info() or get_worker_info()
         return {
             "audio": audio[start : start + crop],
             "worker": torch.tensor(info.id if info else -1),
         }
 
 
+def train(loader: torch.utils.data.DataLoader, name: str) -> None:
+    for epoch in range(4):
+        loader.dataset.set_epoch(epoch)
+        shapes, workers = set(), set()
+        for batch in loader:
+            shapes.add(tuple(batch["audio"].shape))
+            workers.update(batch["worker"].tolist())
+        print(
+            f"{name} epoch {epoch}: set_epoch asks for {loader.dataset.duration} s crops; "
+            f"batch shapes {sorted(shapes)} from workers {sorted(workers)}"
+        )
+
+
 def main() -> None:
     torch.manual_seed(0)
-    dataset = Utterances(count=64, duration=0.5)
-    with DataLoader(dataset, batch_size=16, shuffle=True, num_workers=2) as loader:
-        for epoch in range(4):
-            if epoch == 2:
-                loader.dataset.duration = 2 * loader.dataset.duration
-                print(f"epoch {epoch}: duration doubled to {loader.dataset.duration} s")
-            shapes = set()
-            workers = set()
-            for batch in loader:
-                shapes.add(tuple(batch["audio"].shape))
-                workers.update(batch["worker"].tolist())
-            print(f"epoch {epoch}: batch shapes {sorted(shapes)} from workers {sorted(workers)}")
+    options = {"batch_size": 16, "shuffle": True, "num_workers": 2, "persistent_workers": True}
+    with DataLoader(Utterances(count=64), **options) as loader:
+        train(loader, "poolloader")
+    train(torch.utils.data.DataLoader(Utterances(count=64), **options), "torch")
 
 
 if __name__ == "__main__":

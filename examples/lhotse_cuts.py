@@ -1,6 +1,8 @@
 """lhotse through poolloader: a CutSet, DynamicBucketingSampler, and a dataset that
 builds each batch from the CutSet the sampler yields, in a worker.
 
+Install: pip install -e ".[examples]"   (adds lhotse and soundfile)
+
 This is lhotse's own pattern (``DataLoader(dataset, sampler=sampler, batch_size=None)``);
 poolloader runs it on a process pool whose workers may start processes of their own.
 

@@ -1,6 +1,8 @@
 """A speech-style pipeline: manifests of real WAV files, dynamic batches by duration,
 workers, and a curriculum that doubles the crop duration at an epoch boundary.
 
+Install: pip install -e ".[examples]"   (adds soundfile)
+
 1. Writes a small corpus of WAV files (two "corpora", 8 kHz, 1 to 4 seconds) with
    Kaldi-style manifests: ``wav.scp``, ``text`` and ``utt2dur`` per corpus.
 2. Reads both corpora into one ManifestDataset (fields loaded lazily in workers).

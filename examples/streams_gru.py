@@ -1,5 +1,7 @@
 """Train a small GRU on many long signals at once, carrying its state across batches.
 
+Install: pip install -e .   (poolloader and torch are all it needs)
+
 Truncated backpropagation through time: each signal is cut into chunks of
 ``CHUNK_SIZE`` steps, and row ``b`` of batch ``t + 1`` continues row ``b`` of batch ``t``.
 So the GRU's hidden state is carried from one batch to the next (detached, so gradients

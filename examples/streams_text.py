@@ -1,5 +1,7 @@
 """Many text streams read side by side, in temporally coherent batches.
 
+Install: pip install -e .   (poolloader and torch are all it needs)
+
 The picture from pytorch-stream-dataloader: stream ``a`` is the text "aaaa...", stream
 ``b`` is "bbbb...", and so on, of different lengths. Each batch row shows the time steps
 it holds as ``a_0;a_1;a_2;``: row ``b`` of a batch continues row ``b`` of the batch before

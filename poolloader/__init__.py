@@ -18,10 +18,19 @@ flows beside it: each change to ``loader.dataset`` (or ``loader.broadcast``)
 bumps a generation number, and a worker receives the changes it lacks right
 before the first task that must see them (NOTE [ Control ordering ] in
 ``_control.py``).
+
+Big read-only data, such as a manifest of a million rows, goes in a
+:class:`SharedList` or :class:`SharedDict`: built once in the main process, it
+pickles to a small handle, and every worker maps the same memory instead of
+holding a copy (NOTE [ Shared segments ] in ``_segment.py``).
 """
 
-from ._control import unwrap
+# First: on a torch older than poolloader supports, importing _requirements raises
+# an ImportError that says so, before any module below meets a missing torch API.
+from . import _requirements  # noqa: F401
+from ._shared import SharedDict, SharedList
 from ._stats import LoaderStatistics
+from ._tracking import unwrap
 from ._version import __version__
 from ._worker import WorkerInfo, get_worker_info
 from .loader import DataLoader
@@ -29,6 +38,8 @@ from .loader import DataLoader
 __all__ = [
     "DataLoader",
     "LoaderStatistics",
+    "SharedDict",
+    "SharedList",
     "WorkerInfo",
     "__version__",
     "get_worker_info",

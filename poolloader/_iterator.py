@@ -113,11 +113,16 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _window_limit(self) -> int:
         """``prefetch_factor * num_workers``, plus the reorder allowance while the
-        oldest batch is unfinished: extra batches only go ahead of a slow one,
-        never merely ahead of a slow consumer."""
-        if self._window and not self._window[0].future.done():
+        oldest batch is running slowly: extra batches only go ahead of a slow one,
+        never merely ahead of a slow consumer, nor of a worker that has not
+        started yet (a change made meanwhile would reach none of them)."""
+        if self._window and self._running_late(self._window[0]):
             return self._limit + self._allowance(self._pool.mean_batch_bytes)
         return self._limit
+
+    def _running_late(self, record: TaskRecord) -> bool:
+        unfinished = [r for r in _tasks([record]) if not r.future.done()]
+        return bool(unfinished) and all(self._pool.running(r) for r in unfinished)
 
     def _submit_next(self) -> None:
         pin = self._next_pin() if self._iterable else None

@@ -2,8 +2,9 @@
 
 Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
-:class:`DelAttr`, :class:`SetItem`, :class:`DelItem`, :class:`Broadcast`,
-:class:`Replace`), :class:`Release`, :class:`Drop` and :class:`Stop`. Worker → main: :class:`Ready`,
+:class:`DelAttr`, :class:`SetItem`, :class:`SetItems`, :class:`DelItem`, :class:`Call`,
+:class:`Broadcast`, :class:`Replace`, and :class:`Changes` grouping several),
+:class:`Release`, :class:`Drop` and :class:`Stop`. Worker → main: :class:`Ready`,
 :class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`. Main →
 template process (NOTE [ Templates ] in ``_template.py``): :class:`ForkWorker`,
 :class:`Advance` and :class:`Stop`; template → main: :class:`TemplateReady`,
@@ -24,7 +25,10 @@ from typing import Any
 
 from .errors import RemoteTraceback
 
-#: One step of a path from the dataset to a nested object: ("attr", name) or ("item", key).
+#: One step of a path from the dataset to a nested object: ("attr", name), ("item", key)
+#: or ("call", pickled (fn, args, kwargs)) for an object a call returned that shares
+#: memory with the one before it (``w.reshape(4, 4)``, ``t.T``); :data:`THIS` in the
+#: arguments stands for that object.
 Step = tuple[str, Any]
 Path = tuple[Step, ...]
 
@@ -71,9 +75,43 @@ class SetItem:
 
 
 @dataclass(frozen=True, slots=True)
+class SetItems:
+    """Several item writes into one container: ``items`` pickles ``[(key, value), ...]``.
+
+    What a run of small writes (a shuffle, a loop of assignments) between two
+    batches becomes: one message, a few bytes a write."""
+
+    path: Path
+    items: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class DelItem:
     path: Path
     key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class This:
+    """Stands for the object at a :class:`Call`'s path among the call's arguments."""
+
+
+#: The one :class:`This` (compare with ``isinstance``: unpickling makes a new one).
+THIS = This()
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """Run ``fn(*args, **kwargs)`` on the object at ``path``.
+
+    ``call`` pickles ``(fn, args, kwargs)``; :data:`THIS` among ``args`` (or in a
+    tuple among them, as in ``out=(THIS,)``) and ``kwargs`` stands for that
+    object. Records a mutating method implemented in C (``list.append``,
+    ``ndarray.fill``, ``Tensor.add_``), an in-place NumPy or torch function, or
+    a container's whole contents after many small changes."""
+
+    path: Path
+    call: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +128,17 @@ class Replace:
     dataset: bytes
 
 
-Update = SetAttr | DelAttr | SetItem | DelItem | Broadcast | Replace
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """Several changes made between two task submissions, applied in order.
+
+    One message whatever their number: a method that sets ten attributes, or a
+    shuffle that writes every item of a list, costs one message per worker."""
+
+    updates: tuple[SetAttr | DelAttr | SetItem | SetItems | DelItem | Call | Broadcast, ...]
+
+
+Update = SetAttr | DelAttr | SetItem | SetItems | DelItem | Call | Broadcast | Replace | Changes
 
 
 @dataclass(frozen=True, slots=True)

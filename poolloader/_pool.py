@@ -383,10 +383,7 @@ class Pool:
         with self._lock:
             self.epochs_begun += 1
             self._epochs[epoch] = EpochStart(epoch, base_seed)
-            oldest = min(
-                (r.generation for r in self._all_records()), default=self._channel.generation
-            )
-            self._channel.rebase(oldest)
+            self._trim_control_log(self._channel.generation)
 
     def end_epoch(self, epoch: int) -> None:
         """Forget ``epoch``: the iterator yields nothing more of it, so tasks of it
@@ -401,12 +398,37 @@ class Pool:
         """Queue batch ``position`` of ``epoch``; its outcome arrives on ``record.future``."""
         with self._lock:
             self._check_usable()
-            record = TaskRecord(
-                next(self._seq), epoch, position, index, self._channel.generation, pin
-            )
+            record = TaskRecord(next(self._seq), epoch, position, index, self._stamp(), pin)
             self._pending.append(record)
             self._dispatch()
         return record
+
+    def _stamp(self) -> int:
+        """The generation a new task sees (lock held); see NOTE [ Control ordering ]."""
+        generation = self._channel.stamp()
+        self._trim_control_log(generation)
+        return generation
+
+    def _trim_control_log(self, generation: int) -> None:
+        """Let the control log drop what no worker needs (NOTE [ Control log ]).
+
+        A worker with no task is brought up to date first, as far as no pending
+        task is older, so that it does not hold on to old changes."""
+        upto = min((r.generation for r in self._pending), default=generation)
+        for w in self._workers:
+            if not w.dead and not w.tasks and w.generation < upto:
+                for message in self._update_messages(w, upto):
+                    self._send(w, message)
+        oldest = min((r.generation for r in self._all_records()), default=generation)
+        self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
+
+    def running(self, record: TaskRecord) -> bool:
+        """Whether ``record`` is the task a started worker is running now."""
+        with self._lock:
+            if record.worker is None or record.future.done():
+                return False
+            w = self._workers[record.worker]
+            return w.ready and not w.dead and next(iter(w.tasks), None) == record.seq
 
     def cancel(self, records: list[TaskRecord]) -> None:
         """Forget tasks whose batches nobody will read."""
@@ -423,7 +445,7 @@ class Pool:
         with self._lock:
             waiting = [r for r in records if r.worker is None and not r.cancelled]
             for record in waiting:
-                record.generation = self._channel.generation
+                record.generation = self._channel.stamp()
             self._dispatch()
         return len(waiting)
 
@@ -469,16 +491,21 @@ class Pool:
         if w.epoch != record.epoch:
             messages.append(pickle.dumps(self._epochs[record.epoch]))
             w.epoch = record.epoch
-        if record.generation > w.generation:
-            for update in self._channel.updates(w.generation, record.generation):
-                messages.append(pickle.dumps(update))
-                self._counters.control_messages += 1
-                self._counters.control_bytes += len(messages[-1])
-            w.generation = record.generation
+        messages += self._update_messages(w, record.generation)
         record.worker = w.id
         w.tasks[record.seq] = record
         for message in (*messages, task):
             self._send(w, message)
+
+    def _update_messages(self, w: _Worker, upto: int) -> list[bytes]:
+        """The control messages that bring ``w`` to generation ``upto`` (it is now there)."""
+        if upto <= w.generation:
+            return []
+        messages = [pickle.dumps(u) for u in self._channel.updates(w.generation, upto)]
+        self._counters.control_messages += len(messages)
+        self._counters.control_bytes += sum(len(m) for m in messages)
+        w.generation = upto
+        return messages
 
     def _send_releases(self) -> None:
         released = self._transport.take_releases()

@@ -27,8 +27,9 @@ class LoaderStatistics:
         in_flight: Batches submitted and not yet finished (pending plus running).
         restarts: Workers replaced after dying.
         bytes_moved: Bytes of batch data moved from workers to the main process.
-        control_messages: Changes recorded through ``loader.dataset`` and
-            ``loader.broadcast`` while workers were running.
+        control_messages: Messages of changes recorded through ``loader.dataset``
+            and ``loader.broadcast`` while workers were running: the changes made
+            between two batch submissions form one message. Reading sends none.
         control_messages_sent: Control messages actually sent to workers (each
             change goes once to each worker that runs a batch after it; with
             ``persistent_workers=False`` each epoch also sends each worker a
@@ -58,6 +59,45 @@ class LoaderStatistics:
     tasks_done: int
     slab_batches: int
     slab_reuse_rate: float
+
+    def __str__(self) -> str:
+        """A short table for ``print(loader.statistics())``; ``repr`` keeps every field."""
+        slabs = "no batch through slabs"
+        if self.slab_batches:
+            slabs = (
+                f"{self.slab_batches:,} batches through slabs, {self.slab_reuse_rate:.0%} reused"
+            )
+        rows = [
+            ("batches yielded", f"{self.batches:,}"),
+            ("consumer wait", f"{_seconds(self.mean_wait_seconds)} per batch "
+                              f"({_seconds(self.wait_seconds)} in all)"),
+            ("workers busy", f"{self.worker_busy_fraction:.0%} "
+                             f"({_seconds(self.worker_busy_seconds)} loading)"),
+            ("in flight", f"{self.in_flight:,} batches"),
+            ("worker restarts", f"{self.restarts:,}"),
+            ("batch data moved", f"{_size(self.bytes_moved)} ({slabs})"),
+            ("sent to workers", f"{_size(self.bytes_sent)} ({self.tasks_done:,} batches done)"),
+            ("control changes", f"{self.control_messages:,} ({self.control_messages_sent:,} "
+                                f"messages, {_size(self.control_bytes_sent)} sent)"),
+        ]  # fmt: skip
+        width = max(len(name) for name, _ in rows)
+        return "\n".join(["LoaderStatistics", *(f"  {n:<{width}}  {v}" for n, v in rows)])
+
+
+def _seconds(value: float) -> str:
+    if value < 1.0:
+        return f"{value * 1000:.3g} ms"
+    return f"{value:.1f} s"
+
+
+_SIZE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def _size(count: int) -> str:
+    value, unit = float(count), 0
+    while value >= 1024 and unit < len(_SIZE_UNITS) - 1:
+        value, unit = value / 1024, unit + 1
+    return f"{count} B" if unit == 0 else f"{value:.1f} {_SIZE_UNITS[unit]}"
 
 
 class LoaderStats:

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _seeding
-from ._control import Channel, Tracked, broadcast_payload, unwrap
+from ._control import Channel, broadcast_payload
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
 from ._messages import Broadcast, Replace
@@ -31,6 +31,7 @@ from ._resume import (
     set_generator_states,
 )
 from ._stats import LoaderStatistics, LoaderStats
+from ._tracking import root_view, unwrap
 from ._transport import PickleTransport, SlabTransport
 from ._worker import WorkerSetup
 from .errors import LoaderClosedError
@@ -71,9 +72,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
       live workers.
     * A free worker takes the next batch; one slow batch does not hold up the
       others. Batches still arrive in sampler order unless ``in_order=False``.
-    * ``loader.dataset`` is a live view: ``loader.dataset.duration = 2.0`` (at
-      any depth) and ``loader.broadcast(fn, ...)`` reach every worker, and are
-      seen by every batch submitted afterwards and by none submitted before.
+    * ``loader.dataset`` is a live view: whatever changes the dataset through
+      it (``loader.dataset.duration = 2.0`` at any depth, ``set_epoch(5)``,
+      ``items.append(x)``, ``w[0] = 7``) and ``loader.broadcast(fn, ...)``
+      reach every worker, and are seen by every batch submitted afterwards and
+      by none submitted before.
       Batches already loaded ahead (at most the prefetch window) keep what they
       saw; ``loader.reload_prefetched()`` loads them again.
     * Random state is seeded per batch from ``(base seed, epoch, batch
@@ -191,7 +194,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         dataset = state.pop("dataset")
         self.__dict__.update(state)
         self._start_afresh()
-        self.__dict__["dataset"] = Tracked(dataset, (), self._channel)
+        self.__dict__["dataset"] = root_view(dataset, self._channel)
         self.__dict__["_dataset_target"] = dataset
 
     # ------------------------------------------------------------- dataset
@@ -202,7 +205,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         # their attributes (Lightning) finds it.
         if name == "dataset":
             target = unwrap(value)
-            super().__setattr__(name, Tracked(target, (), self._channel))
+            super().__setattr__(name, root_view(target, self._channel))
             object.__setattr__(self, "_dataset_target", target)
             return
         super().__setattr__(name, value)
@@ -210,10 +213,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Run ``fn(dataset, *args, **kwargs)`` here and in every worker.
 
-        For changes no assignment can express, such as method calls::
+        For changes ``loader.dataset`` cannot follow (a method implemented in C
+        on your own class, a reference to the dataset you kept)::
 
-            loader.broadcast(MyDataset.set_epoch, 5)
-            loader.broadcast(operator.methodcaller("load_vocabulary", "vocab.txt"))
+            loader.broadcast(MyDataset.load_vocabulary, "vocab.txt")
+            loader.broadcast(operator.methodcaller("reseed", 5))
 
         Ordered like assignments: every batch submitted afterwards sees it.
         ``fn`` and its arguments must pickle (module-level functions do);

@@ -31,6 +31,9 @@ LEAK_GRACE = 20.0
 #: Mappings that are shared memory: poolloader's slabs and containers (memfds),
 #: torch's and multiprocessing's segments and semaphores (/dev/shm).
 SHARED_MAPPINGS = ("/memfd:", "/dev/shm/")
+#: The descriptors a loader may hold: sockets and pipes (connections), anonymous
+#: inodes (pidfds) and shared memory.
+LOADER_DESCRIPTORS = ("socket:", "pipe:", "anon_inode:", "/memfd:", "/dev/shm/")
 #: What multiprocessing's long-lived helper processes run.
 HELPER_MAINS = ("forkserver import main", "resource_tracker import main")
 
@@ -46,6 +49,12 @@ def helpers_started_once():
     )
     forkserver.ensure_running()
     resource_tracker.ensure_running()
+    try:  # tqdm (the benchmark's progress bar) keeps a multiprocessing lock for good
+        import tqdm
+
+        tqdm.tqdm.get_lock()
+    except ImportError:
+        pass
     yield
 
 
@@ -72,16 +81,30 @@ def _helpers(me: psutil.Process) -> set[int]:
 
 
 def _descriptors() -> dict[int, str]:
-    """This process's open descriptors and what each refers to."""
+    """This process's open descriptors of the kinds loaders hold (connections,
+    pipes, pidfds, shared memory) and what each refers to. Files that libraries
+    keep open for good (matplotlib's fonts, say) are not counted."""
     found = {}
     for name in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue  # the listing's own descriptor, closed meanwhile
-        if not target.startswith("/proc/"):
+        if target.startswith(LOADER_DESCRIPTORS) and int(name) not in _lifelong():
             found[int(name)] = target
     return found
+
+
+def _lifelong() -> set[int]:
+    """Descriptors multiprocessing keeps for the rest of the process once it needs
+    them: the listener of its resource sharer (which hands descriptors to other
+    processes outside a process start)."""
+    from multiprocessing import resource_sharer
+
+    listener = getattr(resource_sharer._resource_sharer, "_listener", None)
+    if listener is None:
+        return set()
+    return {listener._listener._socket.fileno()}
 
 
 def _shared_mappings() -> set[str]:

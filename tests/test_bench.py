@@ -1,44 +1,170 @@
-"""``python -m poolloader.bench``: the command runs, prints its table and writes JSON."""
+"""``python -m poolloader.bench``: runs clean, shows its progress, names its sections as
+the README does, and writes its results folder."""
 
 from __future__ import annotations
 
+import configparser
+import io
 import json
+import re
 import subprocess
 import sys
 
+import _fresh_env
 import pytest
+from _fresh_env import ROOT, Views
 
+from poolloader.bench import _cli
+from poolloader.bench._progress import ProgressDisplay, Section
+from poolloader.bench._report import Row
 from poolloader.bench._workloads import Skewed, workloads
 
+SECTIONS = [plan.section.name for plan in _cli.plans(quick=True, repeats=1, num_workers=1)]
+PROGRESS_LINE = r"\[\s*\d+%, (estimating time left|about \d+:\d\d left)\] "
 
-def test_the_command_prints_ratios_and_writes_the_raw_figures(tmp_path):
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "poolloader.bench", "--quick", "--only", "tiny_items",
-         "--num-workers", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=300,
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory: pytest.TempPathFactory) -> Views:
+    return Views(tmp_path_factory.mktemp("fresh-venvs"))
+
+
+def test_the_command_runs_clean_after_the_plain_install_and_writes_its_results(views, tmp_path):
+    """With ``pip install -e .`` only (no tqdm, no matplotlib) and every RuntimeWarning
+    an error, in this process and in the workers it starts."""
+    out = tmp_path / "results"
+    done = _fresh_env.run(
+        views.of("pip install -e ."), "-W", "error::RuntimeWarning", "-m", "poolloader.bench",
+        "--quick", "--only", "tiny_batches", "--num-workers", "1", "--out", str(out),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert "Warning" not in done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].split() == ["workload", "stock", "poolloader", "ratio", "target"]
-    (row,) = [line for line in lines if line.startswith("tiny_items (batches/s)")]
+    assert lines[0].split() == ["workload", "measure", "stock", "poolloader", "ratio", "target"]
+    (row,) = [line for line in lines if line.split()[:2] == ["tiny_batches", "batches/s"]]
     assert row.split()[-1] in ("ok", "MISSED")
-    assert "tiny_items (batches/s)" in done.stdout and "ratio > 1 means" in done.stdout
-    assert "... tiny_items: stock run 1/1" in done.stderr  # progress while it runs
-    document = json.loads(out.read_text())
+    assert re.search(PROGRESS_LINE + r"tiny_batches: stock run 1/1\n", done.stderr)
+    assert re.search(r"  done in \d+:\d\d\n$", done.stderr)
+    assert f"results written: {out / 'bench.txt'}, {out / 'bench.json'}" in done.stdout
+    assert "no plot: matplotlib is not installed; pip install 'poolloader[bench]'" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.txt"]
+    assert (out / "bench.txt").read_text().splitlines()[0] == lines[0]
+    document = json.loads((out / "bench.json").read_text())
     assert document["machine"]["torch"].startswith("2.")
-    figures = document["raw"]["tiny_items"]
+    assert document["run"]["quick"] and list(document["run"]["section_seconds"]) == ["tiny_batches"]
+    figures = document["raw"]["tiny_batches"]
     assert figures["stock"]["batches"] == figures["poolloader"]["batches"] == 375
-    (tiny,) = [r for r in document["rows"] if r["name"] == "tiny_items (batches/s)"]
+    (tiny,) = [r for r in document["rows"] if r["workload"] == "tiny_batches"]
+    assert tiny["measure"] == "batches/s"
     assert tiny["ratio"] == pytest.approx(tiny["ours"] / tiny["stock"])
 
 
-def test_skewed_workloads_are_seeded_and_their_ideal_is_the_work_over_the_workers():
+def test_plot_without_matplotlib_fails_before_the_run(views, tmp_path):
+    done = _fresh_env.run(
+        views.of("pip install -e ."), "-m", "poolloader.bench", "--quick",
+        "--plot", str(tmp_path / "ratios.png"), "--out", str(tmp_path / "results"),
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--plot needs matplotlib, which is not installed: pip install 'poolloader[bench]'" in (
+        done.stderr
+    )
+    assert not re.search(PROGRESS_LINE, done.stderr)  # nothing ran
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_m_and_the_console_script_run_clean_under_W_error():
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    (entry,) = config["options.entry_points"]["console_scripts"].split("\n")[1:]
+    name, target = (part.strip() for part in entry.split("="))
+    module, function = target.split(":")
+    assert name == "poolloader-bench" and not module.endswith("__main__")
+    script = f"import sys; from {module} import {function}; sys.exit({function}(['--list']))"
+    for command in (["-m", "poolloader.bench", "--list"], ["-c", script]):
+        done = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", *command],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == ""
+        assert [line.split()[0] for line in done.stdout.splitlines()] == SECTIONS
+
+
+def test_one_set_of_names_in_the_command_its_json_and_the_readmes():
+    readme = (ROOT / "README.md").read_text().split("\n## Benchmarks\n")[1].split("\n## ")[0]
+    in_readme = set(re.findall(r"^\| `(\w+)`", readme, re.MULTILINE))
+    assert in_readme and in_readme <= set(SECTIONS)
+    recorded = json.loads((ROOT / "benchmarks" / "bench.json").read_text())
+    assert {row["workload"] for row in recorded["rows"]} <= set(SECTIONS)
+    assert set(recorded["raw"]) <= set(SECTIONS)
+    assert "](benchmarks/bench.png)" in readme and (ROOT / "benchmarks" / "bench.png").exists()
+    method = (ROOT / "benchmarks" / "README.md").read_text()
+    assert set(re.findall(r"^- `(\w+)`", method, re.MULTILINE)) <= set(SECTIONS)
+
+
+def test_the_results_folder_holds_table_json_and_plot(tmp_path):
+    rows = [Row("tiny_batches", "batches/s", "/s", 100.0, 150.0, True, ">= 1.0x", True),
+            Row("startup_spawn", "first batch", "s", 1.5, 1.0, False)]  # fmt: skip
+    outputs = _cli._Outputs(tmp_path, tmp_path / "bench.json", tmp_path / "bench.png")
+    outputs.write({"tiny_batches": _cli.Found(rows)}, {"quick": True})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json", "bench.png", "bench.txt"]
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][1]["ratio"] == 1.5
+
+
+def test_unknown_section_names_are_refused_before_the_run(capsys):
+    with pytest.raises(SystemExit) as stop:
+        _cli.main(["--only", "tiny_items"])
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert "--only names sections of the run (tensor_19mb, " in error
+    assert "but got ['tiny_items']" in error
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _walk(display: ProgressDisplay) -> list[float]:
+    seen = []
+    display.begin("a")
+    for label in ("a: run 1/2", "a: run 2/2", "a: one too many"):
+        display.step(label)
+        seen.append(display.done)
+    display.begin("b")
+    display.step("b: only")
+    seen.append(display.done)
+    display.close()
+    seen.append(display.done)
+    return seen
+
+
+SECTIONS_AB = [Section("a", 2, 1.0), Section("b", 1, 3.0)]
+
+
+def test_progress_counts_estimated_seconds_and_a_section_stays_in_its_share():
+    plain = io.StringIO()
+    assert _walk(ProgressDisplay(SECTIONS_AB, stream=plain)) == [0.0, 0.5, 1.0, 1.0, 4.0]
+    lines = plain.getvalue().splitlines()
+    assert lines[0] == "  [  0%, estimating time left] a: run 1/2"
+    assert re.fullmatch(r"  \[ 12%, about \d+:\d\d left\] a: run 2/2", lines[1])
+    assert re.fullmatch(r"  \[ 25%, about \d+:\d\d left\] b: only", lines[3])
+    assert re.fullmatch(r"  done in \d+:\d\d", lines[-1])
+
+
+def test_progress_on_a_terminal_is_a_tqdm_bar_with_the_label_and_time_left():
+    pytest.importorskip("tqdm")
+    terminal = _Terminal()
+    _walk(ProgressDisplay(SECTIONS_AB, stream=terminal))
+    frames = terminal.getvalue().split("\r")
+    assert any(re.match(r" 25%\|#+ +\| \d\d:\d\d<\d\d:\d\d  b: only", f) for f in frames)
+    assert frames[-1].startswith("100%|") and frames[-1].rstrip().endswith("done")
+
+
+def test_io_stalls_are_seeded_and_their_ideal_is_the_work_over_the_workers():
     first, again = Skewed(300), Skewed(300)
     assert list(first.costs) == list(again.costs)
     assert (first.costs > 0.1).sum() == 15  # one stall in every 20 batches
     assert all((first.costs[k : k + 20] > 0.1).sum() == 1 for k in range(0, 300, 20))
     found = workloads(quick=False, num_workers=2)
-    assert found["skewed"].ideal_seconds == pytest.approx(sum(first.costs) / 2)
+    assert found["io_stalls"].ideal_seconds == pytest.approx(sum(first.costs) / 2)
     with pytest.raises(ValueError, match="shape should be 'stalls' or 'lognormal'"):
         Skewed(3, "bimodal")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -383,16 +384,23 @@ def test_pickle_round_trip_is_small_and_loads_the_same_items(corpora):
     assert copy[["a1", "a2"]]["audio_len"].tolist() == [800, 800]
 
 
-def test_pickle_costs_about_the_manifest_text_and_drops_the_id_index(tmp_path):
-    n = 3000
+def write_text_manifest(tmp_path, n: int) -> ManifestDataset:
+    """A dataset of ``n`` items with text-valued fields and utt2dur lengths."""
     scp = write_lines(tmp_path / "wav.scp", *(f"utt{i:05d} wav/utt{i:05d}.wav" for i in range(n)))
     text = write_lines(tmp_path / "text", *(f"utt{i:05d} words number {i}" for i in range(n)))
     durations = write_lines(tmp_path / "utt2dur", *(f"utt{i:05d} {i % 9 + 1}.5" for i in range(n)))
-    ds = ManifestDataset({"audio": scp, "text": text}, lengths=durations, loaders={"audio": "text"})
-    manifest_bytes = sum(os.path.getsize(p) for p in (scp, text, durations))
+    return ManifestDataset(
+        {"audio": scp, "text": text}, lengths=durations, loaders={"audio": "text"}
+    )
+
+
+def test_pickle_is_a_few_handles_whatever_the_number_of_items(tmp_path):
+    # Ids, values and lengths live in shared memory: a worker receives handles to them.
+    small = write_text_manifest(tmp_path / "small", 3)
+    ds = write_text_manifest(tmp_path / "big", 3000)
     data = pickle.dumps(ds)
-    assert len(data) < 1.2 * manifest_bytes
-    assert "_positions" not in ds.__getstate__()
+    assert len(data) < 4000
+    assert abs(len(data) - len(pickle.dumps(small))) < 200
     copy = pickle.loads(data)
     assert copy["utt02999"] == {
         "id": "utt02999",
@@ -400,6 +408,31 @@ def test_pickle_costs_about_the_manifest_text_and_drops_the_id_index(tmp_path):
         "text": "words number 2999",
     }
     assert copy[7]["id"] == "utt00007" and copy.lengths[7] == 8.5
+    assert np.shares_memory(copy.lengths, ds.lengths)  # the same mapping in one process
+
+
+def _mappers(name: str) -> set[int]:
+    """Pids of the processes that map shared-memory segment ``name``."""
+    found = set()
+    for pid in psutil.pids():
+        try:
+            if name in Path(f"/proc/{pid}/maps").read_text():
+                found.add(pid)
+        except OSError:
+            pass
+    return found
+
+
+def test_workers_map_the_dataset_instead_of_copying_it(tmp_path):
+    ds = write_text_manifest(tmp_path, 2000)
+    rows = ds._items.rows._records.segment.name
+    with DataLoader(
+        ds, batch_size=50, num_workers=2, multiprocessing_context="forkserver", collate_fn=list
+    ) as loader:
+        seen = [item["id"] for batch in loader for item in batch]
+        holders = _mappers(rows)
+    assert seen == list(ds.ids)
+    assert os.getpid() in holders and len(holders) == 3  # the main process and both workers
 
 
 def test_no_file_stays_open_between_items(corpora):

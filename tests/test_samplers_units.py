@@ -12,7 +12,7 @@ from _sampling import FEW, dynamic, epoch, lognormal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolloader import samplers
+from poolloader import SharedList, samplers
 from poolloader.samplers import BatchConstraint, DynamicBatchSampler, SortedBatchSampler
 from poolloader.samplers._bucketing import (
     assign_buckets,
@@ -300,6 +300,29 @@ def test_lengths_from_numpy_and_torch_match_a_list() -> None:
     reference = epoch(dynamic(values.tolist(), max_duration=25.0), 3)
     assert epoch(dynamic(values, max_duration=25.0), 3) == reference
     assert epoch(dynamic(torch.from_numpy(values), max_duration=25.0), 3) == reference
+
+
+def test_shared_lengths_are_used_in_place_and_give_the_same_batches() -> None:
+    values = lognormal(500)
+    shared = SharedList(values.tolist())
+    rows = SharedList([{"dur": v} for v in values.tolist()], columns=["dur"])
+    for make in (
+        lambda lengths: dynamic(lengths, max_duration=25.0),
+        lambda lengths: SortedBatchSampler(lengths, max_duration=25.0),
+    ):
+        reference = epoch(make(values), 3)
+        for table, memory in ((shared, shared.numpy()), (rows.column("dur"), rows.column("dur"))):
+            sampler = make(table)
+            assert np.shares_memory(sampler._lengths, memory)  # type: ignore[attr-defined]
+            assert epoch(sampler, 3) == reference
+        assert np.shares_memory(make(shared.numpy())._lengths, shared.numpy())  # type: ignore[attr-defined]
+    # Other dtypes and writable arrays are copied, so a later edit cannot reach the sampler.
+    as_ints = SharedList([int(v) for v in values])
+    assert not np.shares_memory(dynamic(as_ints, max_duration=25.0)._lengths, as_ints.numpy())  # type: ignore[attr-defined]
+    private = values.copy()
+    assert not np.shares_memory(dynamic(private, max_duration=25.0)._lengths, private)  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=re.escape("lengths[2]=-1.0")):
+        dynamic(SharedList([1.0, 2.0, -1.0]), max_duration=5.0)
 
 
 def test_sampler_arguments_are_validated() -> None:

@@ -3,8 +3,14 @@
 Every workload runs both loaders with the same dataset, sampler and
 ``num_workers``, alternating in one process tree, and reports ratios measured
 in the same run; absolute times on a shared machine mean little.
+
+Layout: ``_cli`` (command line, the run's sections, the results folder),
+``_workloads`` (datasets and loader arguments), ``_runner`` (measuring),
+``_progress`` (progress bar or plain lines), ``_report`` (table, JSON, plot),
+``_startup`` (start-up timing in a fresh interpreter). ``__main__`` only runs
+``_cli.main``.
 """
 
-from .__main__ import main
+from ._cli import main
 
 __all__ = ["main"]

@@ -11,19 +11,28 @@ import psutil
 import torch
 
 from .._version import __version__
+from . import _control_cost
 
 
 @dataclass
 class Row:
-    """One line of the table: a figure for each loader and their ratio."""
+    """One line of the table: a figure for each loader and their ratio.
 
-    name: str
+    ``workload`` is the section's name as the README and ``--only`` spell it;
+    ``measure`` says which figure of it (``"batches/s"``, ``"peak memory"``, ...)."""
+
+    workload: str
+    measure: str
     unit: str
     stock: float
     ours: float
     higher_is_better: bool
     target: str = ""
     met: bool | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.workload}: {self.measure}"
 
     @property
     def ratio(self) -> float:
@@ -44,14 +53,18 @@ def machine() -> dict[str, Any]:
 
 
 def table(rows: list[Row], extras: dict[str, Any]) -> str:
-    width = max([len("workload"), *(len(row.name) for row in rows)])
-    header = f"{'workload':<{width}} {'stock':>12} {'poolloader':>12} {'ratio':>8}  target"
+    first = max([len("workload"), *(len(row.workload) for row in rows)])
+    second = max([len("measure"), *(len(row.measure) for row in rows)])
+    header = (
+        f"{'workload':<{first}}  {'measure':<{second}} {'stock':>11} {'poolloader':>11} "
+        f"{'ratio':>8}  target"
+    )
     lines = [header, "-" * len(header)]
     for row in rows:
         mark = "" if row.met is None else ("  ok" if row.met else "  MISSED")
         lines.append(
-            f"{row.name:<{width}} {_fmt(row.stock, row.unit):>12} "
-            f"{_fmt(row.ours, row.unit):>12} {row.ratio:>7.2f}x  {row.target}{mark}"
+            f"{row.workload:<{first}}  {row.measure:<{second}} {_fmt(row.stock, row.unit):>11} "
+            f"{_fmt(row.ours, row.unit):>11} {row.ratio:>7.2f}x  {row.target}{mark}".rstrip()
         )
     lines.append("")
     lines.append("ratio > 1 means poolloader is better (faster, or less memory)")
@@ -69,19 +82,20 @@ def control_lines(extras: dict[str, Any]) -> list[str]:
         f"control bytes per batch: {extras['control_bytes_per_batch_idle']:.1f}",
         f"  one change (loader.dataset.n = ...): {extras['control_messages_after_one_change']} "
         f"messages, {extras['control_bytes_after_one_change']} bytes in all, once",
+        *_control_cost.lines(extras),
     ]
 
 
 def statistics_table(seen: dict[str, Any]) -> str:
     """poolloader's own view of its median run of each workload (``loader.statistics()``)."""
     header = (
-        f"{'poolloader statistics':<24} {'workers busy':>13} {'consumer wait':>14} "
+        f"{'poolloader statistics':<22} {'workers busy':>13} {'consumer wait':>14} "
         f"{'slab reuse':>11}"
     )
     lines = [header, "-" * len(header)]
     for name, run in seen.items():
         reuse = f"{run.slab_reuse:.0%}" if run.slab_reuse is not None else "-"
-        lines.append(f"{name:<24} {run.busy:>13.0%} {run.wait * 1000:>11.2f} ms {reuse:>11}")
+        lines.append(f"{name:<22} {run.busy:>13.0%} {run.wait * 1000:>11.2f} ms {reuse:>11}")
     return "\n".join(lines)
 
 
@@ -95,9 +109,19 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.1f} {unit}"
 
 
-def write_json(path: str, rows: list[Row], extras: dict[str, Any], raw: dict[str, Any]) -> None:
+def write_json(
+    path: str,
+    rows: list[Row],
+    extras: dict[str, Any],
+    raw: dict[str, Any],
+    run: dict[str, Any] | None = None,
+) -> None:
+    """Every figure: the machine, how the run was made (``run``), the table's rows,
+    the control channel and each section's raw measurements (``raw``), keyed by
+    the workload names of the table."""
     document = {
         "machine": machine(),
+        "run": run or {},
         "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows],
         "extras": extras,
         "raw": raw,
@@ -106,14 +130,23 @@ def write_json(path: str, rows: list[Row], extras: dict[str, Any], raw: dict[str
         json.dump(document, fh, indent=2, default=str)
 
 
-def plot(path: str, rows: list[Row]) -> None:
-    try:
-        import matplotlib
+#: What to install for the plot; said when matplotlib is missing.
+PLOT_INSTALL = "pip install 'poolloader[bench]' (or: pip install matplotlib)"
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise SystemExit("--plot needs matplotlib: pip install 'poolloader[plot]'") from exc
+
+def can_plot() -> bool:
+    """Whether matplotlib is installed; checked before the run, not after it."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot(path: str, rows: list[Row]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))
     names = [r.name for r in rows]
     ratios = [r.ratio for r in rows]

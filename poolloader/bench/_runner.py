@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -19,6 +19,8 @@ import torch
 
 from .._messages import EpochStart, Task
 from ..loader import DataLoader
+from . import _control_cost
+from ._progress import Progress
 from ._workloads import Tiny, Workload
 
 #: Seconds between memory samples while a workload runs. Shorter catches
@@ -42,12 +44,14 @@ class Measurement:
         return self.batches / self.seconds if self.seconds else 0.0
 
 
-Progress = Callable[[str], None]
-
-
 def make_loader(kind: str, workload: Workload, num_workers: int, **extra: Any) -> Any:
     cls = DataLoader if kind == "poolloader" else torch.utils.data.DataLoader
     return cls(workload.dataset, num_workers=num_workers, **workload.loader_kwargs, **extra)
+
+
+def throughput_steps(workload: Workload, repeats: int) -> int:
+    """How many times :func:`measure_throughput` calls ``progress`` (for the display)."""
+    return 2 + 2 * repeats + (2 if workload.measure_memory else 0)
 
 
 def measure_throughput(
@@ -169,7 +173,7 @@ class PeakMemory:
 def measure_startup(kind: str, method: str, num_workers: int, progress: Progress) -> float:
     """Seconds from creating a second loader of that start method to its first
     batch, in a fresh interpreter (see ``_startup.py``)."""
-    progress(f"startup: {kind} {method}")
+    progress(f"startup_{method}: {kind}")
     command = [sys.executable, "-m", "poolloader.bench._startup", kind, method, str(num_workers)]
     done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
     return float(done.stdout.strip().splitlines()[-1])
@@ -184,7 +188,7 @@ def measure_turnaround(kind: str, num_workers: int, epochs: int, progress: Progr
     try:
         _drain(loader)
         for epoch in range(epochs):
-            progress(f"epoch turnaround: {kind} epoch {epoch + 1}/{epochs}")
+            progress(f"epoch_turnaround: {kind} epoch {epoch + 1}/{epochs}")
             started = time.perf_counter()
             iterator = iter(loader)
             next(iterator)
@@ -199,7 +203,7 @@ def measure_turnaround(kind: str, num_workers: int, epochs: int, progress: Progr
 def measure_control(num_workers: int, progress: Progress) -> dict[str, float]:
     """Bytes sent to workers per batch with the control channel idle, and what one
     change costs (messages and bytes, once, not per batch)."""
-    progress("control channel: idle, then one change")
+    progress("control_channel: idle, then one change")
     loader = DataLoader(Tiny(400), batch_size=4, num_workers=num_workers,
                         persistent_workers=True, multiprocessing_context="forkserver")  # fmt: skip
     try:
@@ -220,6 +224,7 @@ def measure_control(num_workers: int, progress: Progress) -> dict[str, float]:
         "control_messages_after_one_change": changed.control_messages_sent
         - idle.control_messages_sent,
         "control_bytes_after_one_change": changed.control_bytes_sent - idle.control_bytes_sent,
+        **{f"large_{k}": v for k, v in _control_cost.measure(num_workers, progress).items()},
     }
 
 
@@ -240,8 +245,3 @@ def quiet_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def stderr_progress(line: str) -> None:
-    sys.stderr.write(f"\r\033[K  … {line}")
-    sys.stderr.flush()

@@ -121,7 +121,9 @@ class Skewed(Dataset):
 
 @dataclass
 class Workload:
-    """One row of the benchmark table."""
+    """One throughput workload: a dataset, the loader arguments both loaders get,
+    and what else to measure. ``name`` is what the table, the JSON and the README
+    call it."""
 
     name: str
     description: str
@@ -129,39 +131,53 @@ class Workload:
     loader_kwargs: dict[str, Any] = field(default_factory=dict)
     ideal_seconds: float | None = None  # work-conserving lower bound, where known
     measure_memory: bool = False  # also measure the peak memory of an epoch
+    #: Seconds it took on a 2-core machine (weights of the progress bar; a wrong guess
+    #: only skews the time left until the pace of the run is known).
+    estimate: float = 10.0
+
+
+#: Seconds every workload spends starting its loaders and warming up, whatever its
+#: size (part of the progress bar's estimate, see ``Workload.estimate``).
+WARM_UP_ESTIMATE = 3.0
+
+
+def _estimate(per_scale: float, scale: int) -> float:
+    return WARM_UP_ESTIMATE + per_scale * scale
 
 
 def workloads(quick: bool, num_workers: int) -> dict[str, Workload]:
-    """The throughput workloads, sized for about a second per epoch of the stock
-    loader (a third of that with ``quick``)."""
+    """The throughput workloads by name, sized for about a second per epoch of the
+    stock loader (a third of that with ``quick``)."""
     scale = 1 if quick else 3
     stalls, spread = Skewed(100 * scale), Skewed(100 * scale, "lognormal")
-    return {
-        "big_tensor": Workload(
-            "big_tensor", "32×3×224×224 float32 tensor batches (19 MB)",
+    found = [
+        Workload(
+            "tensor_19mb", "batches of 32×3×224×224 float32 tensors (19 MB)",
             Images(32 * 20 * scale), {"batch_size": 32}, measure_memory=True,
+            estimate=_estimate(1.3, scale),
         ),
-        "big_numpy": Workload(
-            "big_numpy", "32×3×224×224 float32 numpy batches (19 MB)",
+        Workload(
+            "numpy_19mb", "batches of 32×3×224×224 float32 numpy arrays (19 MB)",
             Images(32 * 8 * scale, as_numpy=True), {"batch_size": 32, "collate_fn": stack_numpy},
-            measure_memory=True,
+            measure_memory=True, estimate=_estimate(1.4, scale),
         ),
-        "tiny_items": Workload(
-            "tiny_items", "batches of 4 small ints (per-batch overhead)",
-            Tiny(1500 * scale), {"batch_size": 4},
+        Workload(
+            "tiny_batches", "batches of 4 small ints: the loader's own per-batch overhead",
+            Tiny(1500 * scale), {"batch_size": 4}, estimate=_estimate(1.2, scale),
         ),
-        "cpu_bound": Workload(
+        Workload(
             "cpu_bound", "4 ms of Python CPU work per item, batches of 8",
-            CpuBound(160 * scale), {"batch_size": 8},
+            CpuBound(160 * scale), {"batch_size": 8}, estimate=_estimate(4.4, scale),
         ),
-        "skewed": Workload(
-            "skewed", "I/O stalls: batches cost 5 ms, one in every 20 stalls 300 ms",
+        Workload(
+            "io_stalls", "batches cost 5 ms, one in every 20 stalls 300 ms (a shard opens)",
             stalls, {"batch_size": None},
-            ideal_seconds=float(stalls.costs.sum()) / num_workers,
+            ideal_seconds=float(stalls.costs.sum()) / num_workers, estimate=_estimate(10.5, scale),
         ),
-        "skewed_lognormal": Workload(
-            "skewed_lognormal", "dynamic-batch costs: lognormal around 10 ms (sigma 1)",
+        Workload(
+            "dynamic_costs", "batch costs spread lognormally around 10 ms (dynamic batches)",
             spread, {"batch_size": None},
-            ideal_seconds=float(spread.costs.sum()) / num_workers,
+            ideal_seconds=float(spread.costs.sum()) / num_workers, estimate=_estimate(7.2, scale),
         ),
-    }  # fmt: skip
+    ]  # fmt: skip
+    return {workload.name: workload for workload in found}

@@ -27,7 +27,9 @@
   worker, and returns a :class:`StreamBatch` (``data``, ``mask``, ``first``, ...) per
   step of a :class:`~poolloader.samplers.StreamSampler`.
 
-Everything here pickles by reference or cheaply, so it works in spawned workers.
+Everything here pickles by reference or cheaply, so it works in spawned workers: a
+``ManifestDataset`` keeps what its manifests say in shared memory (``poolloader.SharedList``
+and ``SharedDict``), so it pickles to a few kilobytes and every worker maps the same copy.
 
 Example:
     >>> from poolloader import DataLoader  # doctest: +SKIP

@@ -2,10 +2,11 @@
 
 The dataset holds only what the manifests say (ids, one string or number per
 field and item, where each came from) plus plain settings; files are opened in
-``__getitem__`` and closed before it returns. So it pickles cheaply (a spawned
-worker gets lists and small numpy arrays, never a file handle), and settings
-such as ``duration`` are plain attributes that poolloader's control channel can
-change in every worker.
+``__getitem__`` and closed before it returns. What the manifests say is moved once
+into shared memory (an :class:`~._items.ItemTable` of ``SharedList``/``SharedDict``),
+so the dataset pickles to a few kilobytes however many items it has, and every worker
+maps the same memory instead of holding a copy. Settings such as ``duration`` are
+plain attributes that poolloader's control channel can change in every worker.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 import torch
 
+from .._shared import SharedList
 from ._collate import pad_collate
+from ._items import ItemTable, Row
 from ._loaders import (
     PATH_LOADERS,
     CropStarts,
@@ -186,30 +189,29 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         collate_fn: CollateFn | None,
         root: PathLike | None,
     ) -> None:
-        """Hold a read table and the settings; shared by the constructors."""
-        self._ids = tuple(table.ids)
-        self._positions = {key: position for position, key in enumerate(self._ids)}
-        self._columns = table.columns
-        numeric = lengths if isinstance(lengths, str) and lengths in self._columns else None
-        first_values = {name: column.values[0] for name, column in self._columns.items()}
+        """Move a read table into shared memory and hold the settings; for the constructors."""
+        numeric = lengths if isinstance(lengths, str) and lengths in table.columns else None
+        first_values = {name: column.values[0] for name, column in table.columns.items()}
         self._loaders = choose_loaders(first_values, loaders or {}, numeric)
-        self._check_audio_keys()
+        self._check_audio_keys(tuple(table.columns))
         self._root = None if root is None else os.path.abspath(os.fspath(root))
         self._bases = {
             name: tuple(os.path.dirname(os.path.abspath(p)) for p in column.paths)
-            for name, column in self._columns.items()
+            for name, column in table.columns.items()
         }
         self.duration = check_duration(duration)
         if collate_fn is not None:
             check_picklable(collate_fn, "collate_fn")
         self.collate_fn = collate_fn
-        self._lengths = _read_only(self._read_lengths(lengths))
+        self._items = ItemTable.from_table(table)
+        values = self._read_lengths(lengths, table)
+        self._lengths = None if values is None else SharedList(values)
 
-    def _check_audio_keys(self) -> None:
+    def _check_audio_keys(self, fields: tuple[str, ...]) -> None:
         """Refuse a field whose name an audio field's sample rate would overwrite."""
         for name, loader in self._loaders.items():
             rate_key = f"{name}{SAMPLE_RATE_SUFFIX}"
-            if loader == "audio" and rate_key in self._columns:
+            if loader == "audio" and rate_key in fields:
                 raise ValueError(
                     f"audio field {name!r} puts its sample rate under {rate_key!r}, which is "
                     "also a field; rename that field"
@@ -217,59 +219,57 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
 
     # ------------------------------------------------------------------ lengths
 
-    def _read_lengths(self, lengths: PathOrPaths | None) -> np.ndarray | None:
+    def _read_lengths(self, lengths: PathOrPaths | None, table: Table) -> np.ndarray | None:
         """Read the lengths from a field, an audio field's headers, or ``id number`` files."""
         if lengths is None:
             return None
-        if isinstance(lengths, str) and lengths in self._columns:
+        if isinstance(lengths, str) and lengths in table.columns:
             if self._loaders[lengths] == "audio":
                 return self._audio_lengths(lengths)
-            return self._field_lengths(lengths)
+            return _field_lengths(table, lengths)
         if isinstance(lengths, str) and not os.path.exists(lengths):
             raise ValueError(
                 f"lengths={lengths!r} names neither a field of the dataset "
-                f"({sorted(self._columns)}) nor an existing file; give a numeric or audio "
+                f"({sorted(table.columns)}) nor an existing file; give a numeric or audio "
                 "field, or utt2dur-style 'id number' file(s)"
             )
         return self._file_lengths(lengths)
 
-    def _field_lengths(self, name: str) -> np.ndarray:
-        """Lengths from a numeric field (a ``duration`` column), as written in the manifest."""
-        column = self._columns[name]
-        values = [to_number(v, column.origin(p), self._ids[p]) for p, v in enumerate(column.values)]
-        return np.asarray(values, dtype=np.float64)
-
     def _audio_lengths(self, name: str) -> np.ndarray:
         """Durations in seconds of an audio field, from the file headers."""
         seconds = np.empty(len(self), dtype=np.float64)
-        for position in range(len(self)):
-            path = self._path(name, position)
-            seconds[position] = self._guarded(name, position, path, audio_seconds, path)
+        for position, row in enumerate(self._items.rows):
+            path = self._path(name, position, row)
+            seconds[position] = self._guarded(name, position, row, path, audio_seconds, path)
         return seconds
 
     def _file_lengths(self, paths: PathOrPaths) -> np.ndarray:
         """Lengths from ``id number`` files, which must cover every id."""
         numbers_by_id = read_numbers(paths, "lengths")
-        missing = [key for key in self._ids if key not in numbers_by_id]
+        missing = [key for key in self._items.ids if key not in numbers_by_id]
         if missing:
             raise ValueError(
                 f"lengths file(s) {', '.join(as_paths(paths, 'lengths'))} have no entry for "
                 f"{len(missing)} of the {len(self)} ids: {describe_ids(missing)}; give a "
                 "length for every id"
             )
-        return np.asarray([numbers_by_id[key] for key in self._ids], dtype=np.float64)
+        return np.asarray([numbers_by_id[key] for key in self._items.ids], dtype=np.float64)
 
     # ------------------------------------------------------------------ public surface
 
     @property
-    def ids(self) -> tuple[str, ...]:
-        """The ids, in position order."""
-        return self._ids
+    def ids(self) -> SharedList[str]:
+        """The ids, in position order: a read-only sequence in shared memory.
+
+        It compares equal to a tuple or list of the same ids (``ds.ids == ("u1", "u2")``);
+        ``list(ds.ids)`` copies it.
+        """
+        return self._items.ids
 
     @property
     def fields(self) -> tuple[str, ...]:
         """The field names, in the order items hold them."""
-        return tuple(self._columns)
+        return self._items.fields
 
     @property
     def loaders(self) -> dict[str, Loader]:
@@ -280,6 +280,9 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
     def lengths(self) -> np.ndarray:
         """Each position's length (float64, read-only), for length-aware samplers and selection.
 
+        The array is a view of shared memory: samplers built on it keep no copy, and
+        workers that receive the dataset map it instead of unpickling it.
+
         Raises:
             AttributeError: the dataset was built without ``lengths=`` (so
                 ``hasattr(ds, "lengths")`` is False).
@@ -289,11 +292,11 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
                 "this ManifestDataset has no lengths: pass lengths= (a numeric or audio "
                 "field, or utt2dur-style files) when you build it"
             )
-        return self._lengths
+        return self._lengths.numpy()
 
     def __len__(self) -> int:
         """Return the number of items."""
-        return len(self._ids)
+        return len(self._items)
 
     def __getitem__(self, key: Any) -> Any:
         """Return one item by id or position, or a list of items (or a batch) by a list.
@@ -343,31 +346,14 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         if not positions:
             raise ValueError("subset needs at least one id; got none")
         if len(set(positions)) != len(positions):
-            twice = sorted(self._ids[p] for p, n in Counter(positions).items() if n > 1)
+            ids = self._items.ids
+            twice = sorted(ids[p] for p, n in Counter(positions).items() if n > 1)
             raise ValueError(f"subset got id(s) more than once: {describe_ids(twice)}")
         new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)  # a shallow copy, without __setstate__'s rebuild
-        new._ids = tuple(self._ids[p] for p in positions)
-        new._positions = {key: position for position, key in enumerate(new._ids)}
-        new._columns = {name: column.take(positions) for name, column in self._columns.items()}
-        new._lengths = None if self._lengths is None else _read_only(self._lengths[positions])
+        new.__dict__.update(self.__dict__)  # a shallow copy: settings and loaders kept
+        new._items = self._items.take(positions)
+        new._lengths = None if self._lengths is None else self._lengths.take(positions)
         return new
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle what the manifests said and the settings; the id index is rebuilt on load.
-
-        The dataset is pickled for every spawned worker, so the ``id -> position`` dict
-        (as large as the ids themselves) is left out and rebuilt by :meth:`__setstate__`.
-        """
-        state = self.__dict__.copy()
-        state.pop("_positions", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Restore a pickled dataset, rebuilding the id index and read-only lengths."""
-        self.__dict__.update(state)
-        self._positions = {key: position for position, key in enumerate(self._ids)}
-        self._lengths = _read_only(self._lengths)
 
     def __repr__(self) -> str:
         """Summarise: size, loader of each field, duration."""
@@ -393,61 +379,66 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         """Return the position of an id or a (possibly negative) position."""
         if isinstance(key, str):
             try:
-                return self._positions[key]
+                return self._items.position(key)
             except KeyError:
                 raise KeyError(
                     f"no item with id {key!r} in this dataset ({len(self)} items)"
                 ) from None
         if isinstance(key, (bool, np.bool_)) or not isinstance(key, numbers.Integral):
             raise _index_type_error(key)
-        position = operator.index(key)
-        if not -len(self) <= position < len(self):
-            raise IndexError(
-                f"position {position} is out of range for a dataset of {len(self)} items"
-            )
-        return position % len(self)
+        position, size = operator.index(key), len(self)
+        if not -size <= position < size:
+            raise IndexError(f"position {position} is out of range for a dataset of {size} items")
+        return position % size
 
     def _item(self, position: int) -> dict[str, Any]:
         """Load every field of the item at ``position``."""
         duration = check_duration(self.duration)
         starts: CropStarts = {}
-        item: dict[str, Any] = {"id": self._ids[position]}
-        for name in self._columns:
-            item.update(self._load(name, position, duration, starts))
+        row = self._items.rows[position]
+        item: dict[str, Any] = {"id": row[0]}
+        for name, value in zip(self._items.fields, row[1:], strict=False):  # id, values, ...
+            item.update(self._load(name, value, position, row, duration, starts))
         return item
 
     def _load(
-        self, name: str, position: int, duration: float | None, starts: CropStarts
+        self,
+        name: str,
+        value: Any,
+        position: int,
+        row: Row,
+        duration: float | None,
+        starts: CropStarts,
     ) -> dict[str, Any]:
         """Load one field of one item; audio adds its sample rate."""
         loader = self._loaders[name]
-        value = self._columns[name].values[position]
         if not isinstance(loader, str):
-            return {name: self._guarded(name, position, None, loader, value)}
+            return {name: self._guarded(name, position, row, None, loader, value)}
         if loader not in PATH_LOADERS:
-            return {name: self._guarded(name, position, None, load_value, loader, value)}
-        path = self._path(name, position)
+            return {name: self._guarded(name, position, row, None, load_value, loader, value)}
+        path = self._path(name, position, row)
         if loader != "audio":
-            return {name: self._guarded(name, position, path, load_value, loader, path)}
-        audio, rate = self._guarded(name, position, path, read_audio, path, duration, starts)
+            return {name: self._guarded(name, position, row, path, load_value, loader, path)}
+        audio, rate = self._guarded(name, position, row, path, read_audio, path, duration, starts)
         return {name: audio, f"{name}{SAMPLE_RATE_SUFFIX}": rate}
 
-    def _path(self, name: str, position: int) -> str:
+    def _path(self, name: str, position: int, row: Row) -> str:
         """Resolve a path value against ``root`` or the directory of its manifest."""
-        column = self._columns[name]
-        value = column.values[position]
+        value = self._items.value(row, name)
         if not isinstance(value, str) or not value:
             raise ValueError(
-                f"{column.origin(position)}: field {name!r} of id {self._ids[position]!r} "
-                f"should be a file path for its loader {self._loaders[name]!r}, got {value!r}"
+                f"{self._items.origin(row, name)}: field {name!r} of id "
+                f"{self._items.ids[position]!r} should be a file path for its loader "
+                f"{self._loaders[name]!r}, got {value!r}"
             )
-        base = self._root or self._bases[name][column.path_index(position)]
+        base = self._root or self._bases[name][self._items.path_index(row, name)]
         return os.path.join(base, value)
 
     def _guarded(
         self,
         name: str,
         position: int,
+        row: Row,
         path: str | None,
         function: Callable[..., ResultT],
         *args: Any,
@@ -463,9 +454,9 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
         except ImportError:
             raise
         except Exception as exc:
-            column = self._columns[name]
             where = (
-                f"for id {self._ids[position]!r} (field {name!r}, from {column.origin(position)})"
+                f"for id {self._items.ids[position]!r} (field {name!r}, from "
+                f"{self._items.origin(row, name)})"
             )
             if path is not None and not os.path.exists(path):
                 raise FileNotFoundError(f"{path}: no such file {where}") from exc
@@ -474,11 +465,11 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             raise
 
 
-def _read_only(values: np.ndarray | None) -> np.ndarray | None:
-    """Mark lengths read-only, so a sampler's edit cannot silently change the dataset."""
-    if values is not None:
-        values.flags.writeable = False
-    return values
+def _field_lengths(table: Table, name: str) -> np.ndarray:
+    """Lengths from a numeric field (a ``duration`` column), as written in the manifest."""
+    column, ids = table.columns[name], table.ids
+    values = [to_number(v, column.origin(p), ids[p]) for p, v in enumerate(column.values)]
+    return np.asarray(values, dtype=np.float64)
 
 
 def _index_type_error(key: object) -> TypeError:

@@ -11,7 +11,9 @@ Two shapes of manifest are read here:
 Either way the result is a :class:`Table`: the ids in manifest order and, for
 each field, a :class:`Column` of values aligned with those ids that remembers
 the file and line each value came from, so that an error raised much later, in
-a worker, can still point at the line that caused it.
+a worker, can still point at the line that caused it. A table lives only while a
+dataset is built: ``ManifestDataset`` then moves it into shared memory
+(``_items.ItemTable``).
 """
 
 from __future__ import annotations
@@ -49,8 +51,7 @@ class Column:
     Attributes:
         values: the raw manifest value of each item (a string, or any JSON value).
         paths: the manifest files the values were read from.
-        where: int32 array of shape ``(n, 2)``: index into ``paths`` and 1-based line
-            (int32 rather than int64: the dataset is pickled to every spawned worker).
+        where: int32 array of shape ``(n, 2)``: index into ``paths`` and 1-based line.
     """
 
     values: list[Any]
@@ -61,15 +62,6 @@ class Column:
         """Say where the value at ``position`` was read: ``"data/wav.scp line 3"``."""
         path_index, line = self.where[position]
         return f"{self.paths[path_index]} line {line}"
-
-    def path_index(self, position: int) -> int:
-        """Return the index into :attr:`paths` of the file the value came from."""
-        return int(self.where[position, 0])
-
-    def take(self, positions: Sequence[int]) -> Column:
-        """Return the column restricted to ``positions``, in that order."""
-        values = [self.values[p] for p in positions]
-        return Column(values, self.paths, self.where[np.asarray(positions, dtype=np.intp)])
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from poolloader._segment import is_sealed_array
+
 __all__ = [
     "as_lengths",
     "check_non_negative_int",
@@ -82,14 +84,18 @@ def check_optional_positive_int(name: str, value: object, hint: str = "") -> int
 
 
 def as_lengths(lengths: LengthsLike) -> npt.NDArray[np.float64]:
-    """Validate item lengths and return them as a new 1-D float64 array.
+    """Validate item lengths and return them as a read-only 1-D float64 array.
 
     Args:
-        lengths: One non-negative, finite number per item: a sequence, a NumPy array or a
-            torch tensor (any device; it is copied to the CPU).
+        lengths: One non-negative, finite number per item: a sequence, a NumPy array, a
+            torch tensor (any device; it is copied to the CPU), or a
+            :class:`~poolloader.SharedList` of numbers.
 
     Returns:
-        A read-only float64 copy, ``lengths[i]`` being item ``i``'s length.
+        ``lengths[i]`` being item ``i``'s length: a read-only float64 copy, or, for float64
+        lengths in sealed shared memory (a ``SharedList`` of floats, ``column()`` of one,
+        ``ManifestDataset.lengths``), that array itself, since nothing can change it: a
+        million-item table then costs the sampler no copy.
 
     Raises:
         TypeError: ``lengths`` does not hold numbers.
@@ -107,7 +113,8 @@ def as_lengths(lengths: LengthsLike) -> npt.NDArray[np.float64]:
             "lengths should be a non-empty, one-dimensional sequence with one length per "
             f"item, but got shape {raw.shape}; pass one number per dataset item"
         )
-    values = np.array(raw, dtype=np.float64)
+    shared = raw.dtype == np.float64 and is_sealed_array(raw)
+    values = raw if shared else np.array(raw, dtype=np.float64)
     _check_values(values)
     values.flags.writeable = False
     return values

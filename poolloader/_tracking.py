@@ -1,0 +1,571 @@
+"""Tracking views: ``loader.dataset`` and everything reached through it.
+
+A view stands for one object of the main process's dataset, at a *path* from
+the dataset (``dataset.transform``, ``dataset.cfg['crop']``). Reading through
+it reads the object; changing something through it changes the object and
+records the change in the control channel (``_control.py``), which replays it
+in every worker. What is carried: NOTE [ What is carried ] in ``_control.py``.
+
+NOTE [ View forms ]
+
+A view must be a good stand-in for its object, or code that reads through it
+breaks. Four forms, chosen by the object's type:
+
+* objects of Python classes, sets, deques, bytearrays, and lists, dicts and
+  tuples of more than :data:`MIRROR_LIMIT` items: :class:`Tracked`, a proxy.
+  ``isinstance`` holds (it reports the object's class), and every operator,
+  comparison, ``len``, iteration, ``copy``, ``pickle`` and ``weakref`` works
+  as on the object; C code that insists on the real type raises ``TypeError``
+  (``json.dumps`` of a large list says "Object of type list is not JSON
+  serializable"): pass ``poolloader.unwrap(view)`` to such code;
+* lists, dicts and tuples of up to :data:`MIRROR_LIMIT` items:
+  :class:`~._tracking_containers.ListView`, ``DictView``, ``TupleView``, real subclasses
+  that also hold the object's items (refreshed whenever the view is handed
+  out and after each change made through it), so that C code reading a real
+  list or dict (``json.dumps``, ``torch.zeros(loader.dataset.shape)``) gets
+  the object's items. Copying the items costs about 2 ns each, which is why
+  large containers are proxies instead;
+* NumPy arrays: :class:`~._tracking_numeric.ArrayView`, a proxy speaking
+  NumPy's protocols (``np.asarray`` gives a read-only view of the array, so a
+  write through it raises instead of being lost);
+* tensors: :class:`~._tracking_numeric.TensorView`, a real tensor sharing the
+  object's memory, whose ``__torch_function__`` records in-place operations.
+  (A proxy that claims to be a tensor crashes torch's C code.)
+
+Values of immutable types, and C objects other than the containers above
+(files, locks, generators), come back raw.
+"""
+
+from __future__ import annotations
+
+import collections
+import collections.abc
+import datetime
+import decimal
+import enum
+import fractions
+import functools
+import operator
+import pathlib
+import pickle
+import random
+import re
+import types
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import _control, _pickling
+from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
+
+#: Lists, dicts and tuples up to this many items come back as real ones (see
+#: NOTE [ View forms ]). Their items are copied each time the view is handed
+#: out, about 2 µs at this size; larger ones come back as proxies, since that
+#: copy would then outweigh the read (a method reading ``self.lengths[i]`` in a
+#: loop hands the view out once per item).
+MIRROR_LIMIT = 1024
+
+_get = object.__getattribute__  # a view's own state, past its __getattribute__
+
+
+def _state(view: Any) -> tuple[Any, Path, Any]:
+    """``(object, path, channel)`` of a view."""
+    return _get(view, "_pl_target"), _get(view, "_pl_path"), _get(view, "_pl_channel")
+
+
+# ------------------------------------------------------------- classification
+
+_LEAF, _OBJECT, _CONTAINER, _ARRAY, _TENSOR = range(5)
+
+#: Types whose values come back raw: immutable ones, and random generators
+#: (each process draws from its own copy: a draw in the main process is no
+#: change to carry).
+_LEAF_TYPES: tuple[type, ...] = (
+    str, bytes, int, float, complex, frozenset, range, slice, type, types.ModuleType,
+    types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
+    enum.Enum, pathlib.PurePath, decimal.Decimal, fractions.Fraction, datetime.date,
+    datetime.time, datetime.timedelta, re.Pattern, random.Random, np.generic, np.dtype,
+    torch.dtype, torch.device, torch.Size, torch.Generator, BaseException,
+)  # fmt: skip
+_CONTAINER_TYPES = (dict, list, set, collections.deque, bytearray, tuple)
+_FOLDABLE = frozenset({_CONTAINER, _ARRAY, _TENSOR})
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
+_kinds: dict[type, int] = {}
+
+
+def _kind(tp: type) -> int:
+    kind = _kinds.get(tp)
+    if kind is None:
+        kind = _kinds[tp] = _classify(tp)
+    return kind
+
+
+def _classify(tp: type) -> int:
+    if issubclass(tp, torch.Tensor):
+        return _TENSOR
+    if issubclass(tp, np.ndarray):
+        return _ARRAY
+    if issubclass(tp, _LEAF_TYPES) or issubclass(tp, View):
+        return _LEAF
+    if issubclass(tp, _CONTAINER_TYPES):
+        return _CONTAINER
+    return _OBJECT if tp.__flags__ & _HEAP_TYPE else _LEAF
+
+
+def _base(tp: type) -> type:
+    """The built-in container type ``tp`` is (or derives from)."""
+    return next(b for b in _CONTAINER_TYPES if issubclass(tp, b))
+
+
+def view_of(value: Any, path: Path, channel: Any) -> Any:
+    """The view of ``value`` at ``path``, or ``value`` itself when it needs none."""
+    kind = _kind(type(value))
+    if kind == _LEAF or isinstance(value, _VIEWS):
+        return value
+    if kind == _TENSOR:
+        return _tracking_numeric.TensorView.make(value, path, channel)
+    if kind == _ARRAY:
+        return _tracking_numeric.ArrayView(value, path, channel)
+    mirrored = _tracking_containers.MIRRORED.get(type(value))
+    if mirrored is not None and len(value) <= MIRROR_LIMIT:
+        return mirrored.make(value, path, channel)
+    return Tracked(value, path, channel)
+
+
+def root_view(dataset: Any, channel: Any) -> Any:
+    """``loader.dataset``: the view of the whole dataset; the channel snapshots it."""
+    channel.attach(dataset)
+    view = view_of(dataset, (), channel)
+    return view if isinstance(view, _VIEWS) else Tracked(dataset, (), channel)
+
+
+# ------------------------------------------------------------------ unwrapping
+
+
+def unwrap(obj: Any) -> Any:
+    """The object behind a view of ``loader.dataset`` (or ``obj`` itself)."""
+    while isinstance(obj, _VIEWS):
+        obj = _get(obj, "_pl_target")
+    return obj
+
+
+def unwrap_deep(obj: Any) -> Any:
+    """``obj`` unwrapped, and so are views inside the (small) lists, tuples and
+    dicts it is made of, so the dataset never ends up holding views."""
+    obj = unwrap(obj)
+    kind = type(obj)
+    if kind in (list, tuple, set) and len(obj) <= MIRROR_LIMIT and _holds_views(obj):
+        return kind(unwrap_deep(x) for x in obj)
+    if kind is dict and len(obj) <= MIRROR_LIMIT and _holds_views(obj.values()):
+        return {k: unwrap_deep(v) for k, v in obj.items()}
+    return obj
+
+
+#: Types of keys and values whose item writes are recorded without pickling
+#: each (see ``Channel.record_atom``).
+_ATOMS = frozenset({int, float, str, bool, bytes, complex, type(None)})
+#: Values assigned through a view that may hold views inside them.
+_UNWRAPPED = frozenset({list, tuple, dict, set})
+
+
+def _item(container: Any, key: Any) -> Any:
+    try:
+        return container[key]
+    except Exception:
+        return _MISSING
+
+
+def _holds_views(items: Any) -> bool:
+    return any(isinstance(x, _VIEWS) or type(x) in (list, tuple, dict, set) for x in items)
+
+
+# ----------------------------------------------------------------- recording
+
+
+def _payload(channel: Any, value: Any, where: Any) -> bytes | None:
+    """Pickle a value for the workers (``None`` when no workers need it), or raise
+    :class:`~poolloader.errors.NotPicklableError` naming it: ``where()`` (or
+    ``where``, a string) is how the user knows it."""
+    if not channel.active:
+        return None
+    try:
+        return pickle.dumps(value, _pickling.PROTOCOL)
+    except Exception as exc:
+        raise _pickling.not_picklable(value, where if isinstance(where, str) else where(), exc)
+
+
+def _foldable(target: Any) -> Any:
+    """``target`` when many writes into it may fold into its contents, else None."""
+    return target if _kinds.get(type(target)) in _FOLDABLE else None
+
+
+def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
+    """Record a call that changed the view's object (its contents if ``call`` is None)."""
+    target, path, channel = _state(view)
+    if call is None:
+        call = _control._contents_call(target)
+        if call is None:  # its items do not pickle: say which
+            _pickling.dumps(target, _control.render(path))
+            return
+    channel.record(Call(path, call), container)
+
+
+_warned: set[tuple[type, str]] = set()
+
+
+def _untracked_call(view: View, name: str, bound: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a C method poolloader cannot see into, warning the first time."""
+    tp = type(_get(view, "_pl_target"))
+    if (tp, name) not in _warned:
+        _warned.add((tp, name))
+        where = _control.render(_get(view, "_pl_path"))
+        owner = next((k.__qualname__ for k in tp.__mro__ if name in vars(k)), tp.__qualname__)
+        warnings.warn(
+            f"{where}.{name}() is implemented in C (by {owner}), so poolloader cannot see "
+            f"what it changes: if it changes {where}, the workers' copies do not change "
+            "with it. Make such a change with loader.broadcast(fn, ...), which runs "
+            "fn(dataset, ...) here and in every worker.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return bound(*args, **kwargs)
+
+
+def _rebinds(value: Any, path: Path, current: Any) -> bool:
+    """Whether assigning ``value`` at ``path`` puts back the object already there:
+    the second half of ``w += 1`` (the first half was recorded)."""
+    return (
+        isinstance(value, _VIEWS)
+        and _get(value, "_pl_path") == path
+        and _get(value, "_pl_target") is current
+    )
+
+
+# ----------------------------------------------------------------- the views
+
+_MISSING = object()
+
+
+class View:
+    """What every form of view shares; the state lives in each form's slots."""
+
+    __slots__ = ()
+    _pl_target: Any
+    _pl_path: Path
+    _pl_channel: Any
+    _pl_cache: dict[str, Any] | None
+
+    def _pl_init(self, target: Any, path: Path, channel: Any) -> None:
+        object.__setattr__(self, "_pl_target", target)
+        object.__setattr__(self, "_pl_path", path)
+        object.__setattr__(self, "_pl_channel", channel)
+        object.__setattr__(self, "_pl_cache", None)
+
+    def _pl_refresh(self) -> None:
+        """Bring the items a real-container view holds up to date (see NOTE [ View forms ])."""
+
+    def _pl_refresh_item(self, key: Any, value: Any) -> None:
+        """After ``object[key] = value``: bring that item of a real-container view up to date."""
+
+    # -- attributes
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("_pl_") or name in _OWN:
+            return object.__getattribute__(self, name)
+        if name == "__class__":
+            return type(object.__getattribute__(self, "_pl_target"))
+        return object.__getattribute__(self, "_pl_getattr")(name)
+
+    def _pl_getattr(self, name: str) -> Any:
+        target = _get(self, "_pl_target")
+        value = getattr(target, name)
+        if type(value) is types.MethodType and value.__self__ is target:
+            # A Python method runs against the view: what it changes is recorded.
+            return types.MethodType(value.__func__, self)
+        if type(value) in _BUILTIN_BOUND and getattr(value, "__self__", None) is target:
+            return self._pl_builtin(name, value)
+        return self._pl_child(value, ("attr", name))
+
+    def _pl_builtin(self, name: str, bound: Any) -> Any:
+        """A method implemented in C, bound to the object."""
+        tp = type(_get(self, "_pl_target"))
+        if _kind(tp) == _CONTAINER:
+            return _tracking_containers.method(self, name, bound)
+        if name in vars(object) or name.startswith("__"):
+            return bound  # object's own methods and special methods only read
+        return functools.partial(_untracked_call, self, name, bound)
+
+    def _pl_child(self, value: Any, step: tuple[str, Any]) -> Any:
+        if _kind(type(value)) == _LEAF:
+            return value
+        if step[0] != "attr":
+            return view_of(value, (*_get(self, "_pl_path"), step), _get(self, "_pl_channel"))
+        cache = _get(self, "_pl_cache")
+        child = cache.get(step[1]) if cache is not None else None
+        if child is not None and _get(child, "_pl_target") is value:
+            child._pl_refresh()
+            return child
+        child = view_of(value, (*_get(self, "_pl_path"), step), _get(self, "_pl_channel"))
+        if cache is None:
+            object.__setattr__(self, "_pl_cache", {step[1]: child})
+        else:
+            cache[step[1]] = child
+        return child
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        target, path, channel = _state(self)
+        if isinstance(value, _VIEWS) and _rebinds(
+            value, (*path, ("attr", name)), getattr(target, name, _MISSING)
+        ):
+            return
+        value = unwrap_deep(value)
+        payload = _payload(channel, value, lambda: f"{_control.render(path)}.{name}")
+        setattr(target, name, value)
+        if payload is not None:
+            channel.record(SetAttr(path, name, payload))
+
+    def __delattr__(self, name: str) -> None:
+        target, path, channel = _state(self)
+        delattr(target, name)
+        if channel.active:
+            channel.record(DelAttr(path, name))
+
+    # -- items
+    def __getitem__(self, key: Any) -> Any:
+        target = _get(self, "_pl_target")
+        if isinstance(key, _VIEWS):
+            key = unwrap(key)
+        if type(target) is dict or not isinstance(target, dict):
+            value = target[key]
+        else:  # a dict subclass may make the item (defaultdict): that is a change
+            length = len(target)
+            value = target[key]
+            if len(target) != length:
+                self._pl_record_item(key, value)
+        if _kinds.get(type(value)) == _LEAF or _kind(type(value)) == _LEAF:
+            return value
+        if not _get(self, "_pl_path") and _kind(type(target)) == _OBJECT:
+            return value  # the dataset's items are built for the caller: untouched
+        return self._pl_child(value, ("item", key))
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        target, path, channel = _state(self)
+        if type(key) in _ATOMS and type(value) in _ATOMS and channel.active:
+            target[key] = value  # immutable: pickled later, with the writes around it
+            channel.record_atom(path, target, key, value)
+            if type(self) is not Tracked:
+                _get(self, "_pl_refresh_item")(key, value)
+            return
+        key = unwrap(key)
+        if isinstance(value, _VIEWS) and _rebinds(
+            value, (*path, ("item", key)), _item(target, key)
+        ):
+            return
+        if type(value) in _UNWRAPPED or isinstance(value, _VIEWS):
+            value = unwrap_deep(value)
+        self._pl_record_item(key, value, lambda: target.__setitem__(key, value))
+
+    def _pl_record_item(self, key: Any, value: Any, change: Any = None) -> None:
+        """Record ``self[key] = value``, made by calling ``change()`` (or made already)."""
+        target, path, channel = _state(self)
+
+        def where() -> str:
+            return f"{_control.render(path)}[{key!r}]"
+
+        key_payload = _payload(channel, key, lambda: f"the key of {where()}")
+        payload = _payload(channel, value, where)
+        if change is not None:
+            change()
+        if payload is not None and key_payload is not None:
+            channel.record(SetItem(path, key_payload, payload), _foldable(target))
+        self._pl_refresh()
+
+    def __delitem__(self, key: Any) -> None:
+        target, path, channel = _state(self)
+        key = unwrap(key)
+        key_payload = _payload(channel, key, lambda: f"the key of {_control.render(path)}[{key!r}]")
+        del target[key]
+        if key_payload is not None:
+            channel.record(DelItem(path, key_payload), _foldable(target))
+        self._pl_refresh()
+
+    # -- protocols: reads go to the object; Python code runs against the view
+    def __len__(self) -> int:
+        return len(_get(self, "_pl_target"))
+
+    def __iter__(self) -> Any:
+        target = _get(self, "_pl_target")
+        if isinstance(target, (list, tuple, collections.deque)):
+            if set(map(type, target)) <= _ATOMS:
+                return iter(target)  # nothing in it to track: the object's own, at C speed
+            return self._pl_items()
+        python = _python_special(type(target), "__iter__")
+        return python(self) if python is not None else iter(target)
+
+    def _pl_items(self) -> Any:
+        child = self._pl_child
+        for i, value in enumerate(_get(self, "_pl_target")):
+            yield child(value, ("item", i))
+
+    def __reversed__(self) -> Any:
+        target = _get(self, "_pl_target")
+        if isinstance(target, (list, tuple, collections.deque)):
+            return reversed(list(self._pl_items()))
+        return reversed(target)
+
+    def __contains__(self, item: Any) -> bool:
+        return unwrap(item) in _get(self, "_pl_target")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        target = _get(self, "_pl_target")
+        python = _python_special(type(target), "__call__")
+        return python(self, *args, **kwargs) if python is not None else target(*args, **kwargs)
+
+    def __enter__(self) -> Any:
+        python = _python_special(type(_get(self, "_pl_target")), "__enter__")
+        return python(self) if python is not None else _get(self, "_pl_target").__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        python = _python_special(type(_get(self, "_pl_target")), "__exit__")
+        return python(self, *exc) if python is not None else _get(self, "_pl_target").__exit__(*exc)
+
+    def __bool__(self) -> bool:
+        return bool(_get(self, "_pl_target"))
+
+    def __hash__(self) -> int:
+        return hash(_get(self, "_pl_target"))
+
+    def __repr__(self) -> str:
+        return repr(_get(self, "_pl_target"))
+
+    def __str__(self) -> str:
+        return str(_get(self, "_pl_target"))
+
+    def __format__(self, spec: str) -> str:
+        return format(_get(self, "_pl_target"), spec)
+
+    def __dir__(self) -> list[str]:
+        return dir(_get(self, "_pl_target"))
+
+    def __sizeof__(self) -> int:
+        return int(_get(self, "_pl_target").__sizeof__())
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        return (_identity, (_get(self, "_pl_target"),))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_identity, (_get(self, "_pl_target"),))
+
+    def __copy__(self) -> Any:
+        import copy
+
+        return copy.copy(_get(self, "_pl_target"))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        import copy
+
+        return copy.deepcopy(_get(self, "_pl_target"), memo)
+
+
+def _identity(obj: Any) -> Any:
+    return obj
+
+
+_BUILTIN_BOUND = (types.BuiltinMethodType, types.MethodWrapperType)
+
+
+def _python_special(tp: type, name: str) -> Any:
+    """``tp``'s special method ``name`` when it is written in Python, else None."""
+    fn = getattr(tp, name, None)
+    return fn if isinstance(fn, types.FunctionType) else None
+
+
+def _forward(op: Any) -> Any:
+    def method(self: View, other: Any) -> Any:
+        return op(_get(self, "_pl_target"), unwrap(other))
+
+    return method
+
+
+def _reflected(op: Any) -> Any:
+    def method(self: View, other: Any) -> Any:
+        return op(unwrap(other), _get(self, "_pl_target"))
+
+    return method
+
+
+def _inplace(name: str) -> Any:
+    def method(self: View, other: Any) -> Any:
+        tp = type(_get(self, "_pl_target"))
+        fn = getattr(tp, name, None)
+        if fn is None:
+            return NotImplemented  # Python falls back to `x = x + y`: an assignment
+        if isinstance(fn, types.FunctionType):
+            return fn(self, other)
+        return _tracking_containers.call_mutator(self, name, fn, (other,), {})
+
+    return method
+
+
+def _unary(op: Any) -> Any:
+    def method(self: View, *args: Any) -> Any:
+        return op(_get(self, "_pl_target"), *args)
+
+    return method
+
+
+_BINARY: dict[str, Any] = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "matmul": operator.matmul,
+    "truediv": operator.truediv, "floordiv": operator.floordiv, "mod": operator.mod,
+    "pow": operator.pow, "lshift": operator.lshift, "rshift": operator.rshift,
+    "and": operator.and_, "xor": operator.xor, "or": operator.or_, "divmod": divmod,
+}  # fmt: skip
+_COMPARE: dict[str, Any] = {
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge,
+}  # fmt: skip
+_UNARY: dict[str, Any] = {
+    "neg": operator.neg, "pos": operator.pos, "abs": abs, "invert": operator.invert,
+    "int": int, "float": float, "complex": complex, "index": operator.index, "round": round,
+    "bytes": bytes, "fspath": lambda obj: obj.__fspath__(),
+    "trunc": lambda obj: obj.__trunc__(), "floor": lambda obj: obj.__floor__(),
+    "ceil": lambda obj: obj.__ceil__(),
+}  # fmt: skip
+for _name, _op in _BINARY.items():
+    setattr(View, f"__{_name}__", _forward(_op))
+    setattr(View, f"__r{_name}__", _reflected(_op))
+    if _name != "divmod":
+        setattr(View, f"__i{_name}__", _inplace(f"__i{_name}__"))
+for _name, _op in _COMPARE.items():
+    setattr(View, f"__{_name}__", _forward(_op))
+for _name, _op in _UNARY.items():
+    setattr(View, f"__{_name}__", _unary(_op))
+del _name, _op
+
+#: Special methods a view answers itself when asked for them by name (the rest,
+#: like ``__init__`` or ``__dict__``, are the object's).
+_OWN = frozenset(
+    name
+    for name in vars(View)
+    if name.startswith("__")
+    and name not in ("__init__", "__doc__", "__module__", "__slots__", "__annotations__")
+) | {"__weakref__"}
+
+
+# ------------------------------------------------------------------ the forms
+
+
+class Tracked(View):
+    """A proxy for an object of the dataset (NOTE [ View forms ])."""
+
+    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_target")
+
+    def __init__(self, target: Any, path: Path, channel: Any) -> None:
+        self._pl_init(target, path, channel)
+
+
+#: Every view type (the tensor view joins from ``_tracking_numeric``).
+_VIEWS: tuple[type, ...] = (View,)
+
+from . import _tracking_containers, _tracking_numeric  # noqa: E402  (forms built on View)

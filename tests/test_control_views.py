@@ -1,0 +1,209 @@
+"""Tracking views, in one process: every kind of change made through a view,
+replayed on a copy of the dataset the way a worker replays it, leaves the copy
+equal to the main process's dataset (the worker side runs the same code as
+``_worker.py``; ``test_control_changes.py`` runs real workers)."""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from poolloader._control import Channel, apply_update
+from poolloader._messages import Call, Changes, SetAttr
+from poolloader._tracking import _VIEWS, root_view
+from poolloader.errors import NotPicklableError
+
+
+class Sub:
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
+class Child(Sub):
+    def set(self, value: float) -> None:
+        super().set(value * 2)  # zero-argument super() with the view as self
+        self.calls = getattr(self, "calls", 0) + 1
+
+
+class State:
+    def __init__(self) -> None:
+        self.sub = Child()
+        self.items = [3, 1, 2]
+        self.cfg = {"crop": 1.0}
+        self.queue = collections.deque([1, 2, 3])
+        self.seen = {1}
+        self.raw = bytearray(b"ab")
+        self.ordered = collections.OrderedDict(a=1, b=2)
+        self.counts = collections.defaultdict(list)
+        self.w = np.arange(6, dtype=np.float64)
+        self.t = torch.zeros(4)
+        self.big = torch.zeros(4096)
+        self.long = list(range(10_000))
+        self.lock = threading.Lock()  # must not be touched by the copy
+
+
+class Replica:
+    """A worker's copy of ``dataset``, kept up to date from the channel."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+        self.channel = Channel()
+        self.view = root_view(dataset, self.channel)
+        self.channel.start(pickle.dumps({k: v for k, v in vars(dataset).items() if k != "lock"}))
+        self.copy = State.__new__(State)
+        self.copy.__dict__.update(pickle.loads(self.channel.base[1]))
+        self.generation = 0
+
+    def sync(self) -> list:
+        """Apply what the channel recorded since the last sync; the messages sent."""
+        generation = self.channel.stamp()
+        sent = [
+            pickle.loads(pickle.dumps(u)) for u in self.channel.updates(self.generation, generation)
+        ]
+        for update in sent:
+            apply_update(self.copy, update)
+        self.generation = generation
+        return sent
+
+    def agrees(self) -> bool:
+        for name, value in vars(self.dataset).items():
+            other = getattr(self.copy, name, None)
+            if name == "lock":
+                continue
+            if isinstance(value, np.ndarray):
+                assert np.array_equal(value, other), name
+            elif isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), name
+            elif isinstance(value, Sub):
+                assert vars(value) == vars(other), name
+            elif name == "pair":
+                assert vars(value[0]) == vars(other[0]) and value[1] == other[1]
+            else:
+                assert value == other and type(value) is type(other), name
+        return True
+
+
+@pytest.fixture
+def replica():
+    return Replica(State())
+
+
+CONTAINER_CHANGES = [
+    lambda ds: ds.sub.set(0.5),
+    lambda ds: ds.items.append(4),
+    lambda ds: ds.items.extend(x for x in range(3)),  # an iterator, consumed here
+    lambda ds: ds.items.sort(key=lambda x: -x),  # a lambda: the contents travel
+    lambda ds: ds.items.__setitem__(slice(0, 2), [9, 9, 9]),
+    lambda ds: ds.cfg.update({"a": 1}.items()),
+    lambda ds: ds.cfg.setdefault("aug", {}).__setitem__("p", 0.3),
+    lambda ds: ds.queue.rotate(1),
+    lambda ds: ds.queue.appendleft(0),
+    lambda ds: ds.seen.update({4, 5}),
+    lambda ds: ds.raw.extend(b"cd"),
+    lambda ds: ds.ordered.move_to_end("a"),
+    lambda ds: ds.counts["new"].append(1),  # the defaultdict makes the item first
+    lambda ds: ds.__setattr__("items", ds.items.__iadd__([7])),  # items += [7]
+    lambda ds: ds.items.__setitem__(0, ds.cfg),  # the dict itself, not its view, goes in
+    lambda ds: ds.__setattr__("pair", [ds.sub, ds.cfg]),
+]
+
+
+@pytest.mark.parametrize("change", range(len(CONTAINER_CHANGES)))
+def test_container_changes_replay_exactly(replica, change):
+    CONTAINER_CHANGES[change](replica.view)
+    sent = replica.sync()
+    assert len(sent) == 1
+    assert replica.agrees()
+    held = [*vars(replica.dataset).values(), *replica.dataset.items]
+    assert not any(isinstance(v, _VIEWS) for v in [*held, *getattr(replica.dataset, "pair", [])])
+
+
+ARRAY_CHANGES = [
+    lambda ds: ds.w.__setitem__(slice(1, 3), 5),
+    lambda ds: ds.w.reshape(2, 3).__setitem__((1, 1), 42),  # a view NumPy returned
+    lambda ds: ds.w.T.__setitem__(0, -1),
+    lambda ds: ds.w[::2].__iadd__(10),
+    lambda ds: np.add(ds.w, 1, out=ds.w),
+    lambda ds: np.copyto(ds.w, np.ones(6)),
+    lambda ds: np.add.at(ds.w, [0, 0, 1], 1),
+    lambda ds: ds.w.fill(2),
+    lambda ds: ds.w[::-1].sort(),
+    lambda ds: ds.t.fill_(3),
+    lambda ds: ds.t.view(2, 2)[1].add_(1),
+    lambda ds: ds.t.chunk(2)[1].fill_(5),
+    lambda ds: ds.t.view(2, 2).T.__setitem__(0, 8),
+    lambda ds: ds.t.numpy().__setitem__(0, 9),
+    lambda ds: torch.nn.init.uniform_(ds.big),  # random: the values drawn travel
+    lambda ds: ds.big[:10].normal_(),
+    lambda ds: torch.add(ds.t, 1, out=ds.t),
+]
+
+
+@pytest.mark.parametrize("change", range(len(ARRAY_CHANGES)))
+def test_array_and_tensor_changes_replay_exactly(replica, change):
+    before = (replica.dataset.w.copy(), replica.dataset.t.clone(), replica.dataset.big.clone())
+    ARRAY_CHANGES[change](replica.view)
+    after = (replica.dataset.w, replica.dataset.t, replica.dataset.big)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after)), "it changed something"
+    replica.sync()
+    assert replica.agrees()
+
+
+def test_augmented_assignment_sends_the_operation_only(replica):
+    replica.view.w += 1
+    replica.view.t += 1
+    replica.view.items += [4]
+    (sent,) = replica.sync()
+    assert isinstance(sent, Changes) and len(sent.updates) == 3
+    assert all(isinstance(u, Call) for u in sent.updates), "no SetAttr pickling the whole value"
+    assert replica.agrees()
+
+
+def test_results_that_share_no_memory_stay_writable(replica):
+    joined = np.concatenate([replica.view.w, replica.view.w])
+    joined[0] = 5  # a new array: nothing to carry, nothing to refuse
+    assert replica.sync() == []
+
+
+def test_reads_record_nothing(replica):
+    view = replica.view
+    len(view.items), view.items[0], view.cfg.get("crop"), view.cfg.pop("missing", None)
+    list(view.items), sorted(view.seen), view.w.sum(), view.w.reshape(3, 2), view.t.sum()
+    view.t.view(2, 2), view.sub.value, view.ordered.get("a"), view.queue[0], view.long[5]
+    view.items.extend([]), view.seen.discard(99), str(view), repr(view.cfg)
+    assert replica.sync() == []
+
+
+def test_many_writes_into_one_container_become_its_contents(replica):
+    random.Random(0).shuffle(replica.view.long)
+    (sent,) = replica.sync()
+    size = len(pickle.dumps(sent))
+    assert size < 3 * len(pickle.dumps(replica.dataset.long)), size
+    assert replica.agrees()
+
+
+def test_an_unpicklable_value_fails_before_the_change(replica):
+    with pytest.raises(NotPicklableError, match=r"dataset\.sub\.value"):
+        replica.view.sub.value = threading.Lock()
+    assert replica.dataset.sub.value == 0.0
+    with pytest.raises(NotPicklableError, match=r"dataset\.cfg\['x'\]"):
+        replica.view.cfg["x"] = threading.Lock()
+    assert "x" not in replica.dataset.cfg
+
+
+def test_a_method_that_sets_several_attributes_is_one_message(replica):
+    replica.view.sub.set(1.5)
+    replica.view.sub.set(2.5)
+    (sent,) = replica.sync()
+    assert isinstance(sent, Changes) and {type(u) for u in sent.updates} == {SetAttr}
+    assert replica.dataset.sub.value == 5.0 and replica.dataset.sub.calls == 2
+    assert replica.agrees()
