@@ -39,7 +39,6 @@ import gc
 import os
 import platform
 import random
-import signal
 import sys
 import threading
 import time
@@ -177,6 +176,7 @@ class Killer:
     def __init__(self, every: int, rng: random.Random, workers: Callable[[], list[int]]) -> None:
         self.every, self.rng, self.workers = every, rng, workers
         self.count = 0
+        self.victims: list[psutil.Process] = []
 
     def saw(self, delivered: int) -> None:
         # Halfway through each stretch, so that no kill lands after the last batch.
@@ -185,13 +185,15 @@ class Killer:
 
     def kill_one(self) -> int:
         """SIGKILL one live worker, picked at random; how many were killed (0 or 1)."""
-        candidates = sorted(p for p in self.workers() if _alive(p))
+        candidates = sorted(p for p in self.workers() if p and _alive(p))
         if not candidates:
             return 0
         try:
-            os.kill(self.rng.choice(candidates), signal.SIGKILL)
-        except ProcessLookupError:
+            victim = psutil.Process(self.rng.choice(candidates))
+            victim.kill()
+        except psutil.Error:
             return 0
+        self.victims.append(victim)
         self.count += 1
         return 1
 
@@ -254,26 +256,28 @@ def run(
                       f"{report.epoch_seconds[-1]:.1f} s{' (abandoned)' if abandon else ''}, "
                       f"kills so far {killer.count}, restarts {stats.restarts}",
                       flush=True)  # fmt: skip
-        report.restarts = _settled(loader, killer.count)
+        report.restarts = _settled(loader, killer)
         report.last = Resources.now()
     report.kills = killer.count - report.abandoned_kills
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _settled(loader: DataLoader, kills: int, within: float = 30.0) -> int:
-    """The loader's restart count once the kills have been handled, or after
+def _settled(loader: DataLoader, killer: Killer, within: float = 30.0) -> int:
+    """The loader's restart count once every kill has been handled, or after
     ``within`` seconds. A kill right after the last batch is noticed a moment
     later, and the dead worker's process group is reaped on a short-lived thread
     (``poolloader-reap-<pid>``): wait for both, so that the growth measured after
     the last epoch is not a death still being handled."""
     deadline = time.monotonic() + within
-    while (restarts := loader.statistics().restarts) < kills and time.monotonic() < deadline:
-        time.sleep(0.05)
+    psutil.wait_procs(killer.victims, timeout=within)
+    victims = {v.pid for v in killer.victims}
+    while victims & set(killer.workers()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the pool still lists a dead worker: its death is not handled yet
     for thread in threading.enumerate():
         if thread.name.startswith("poolloader-reap"):
             thread.join(max(0.0, deadline - time.monotonic()))
-    return restarts
+    return loader.statistics().restarts
 
 
 def _soak_epoch(

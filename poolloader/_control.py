@@ -134,6 +134,7 @@ from ._messages import (
     DelAttr,
     DelItem,
     Path,
+    Refresh,
     Replace,
     SetAttr,
     SetItem,
@@ -200,18 +201,30 @@ class Channel:
         self._open: list[Update] = []  # recorded since the last stamp
         self._run: _Run | None = None
         self._source: Any = None
+        self._started = False
+        self._snapshotting = False
         self.messages_recorded = 0
 
     # -------------------------------------------------------------- state
 
     @property
     def active(self) -> bool:
-        """Whether workers exist that need changes (a snapshot has been taken)."""
-        return self._base is not None
+        """Whether workers exist that need changes (a pool has started)."""
+        return self._started
 
     @property
     def generation(self) -> int:
         return self._generation
+
+    @property
+    def base_generation(self) -> int:
+        """The generation new workers (or the template they are forked from) start at."""
+        return self._base_generation
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the base is a pickled snapshot (:attr:`base`)."""
+        return self._base is not None
 
     @property
     def base(self) -> tuple[int, bytes]:
@@ -236,16 +249,23 @@ class Channel:
         """The main process's dataset, which later snapshots pickle."""
         self._source = dataset
 
-    def start(self, dataset: bytes) -> None:
-        """Take ``dataset`` (pickled) as the base for the workers about to start."""
+    def start(self, dataset: bytes | None, *, snapshots: bool = True) -> None:
+        """Take ``dataset`` (pickled) as the base for the workers about to start.
+
+        ``None``: new workers start from a template process, which the pool
+        keeps at the base generation (:meth:`advance_base`); the channel then
+        takes no snapshots. The dataset may also be ``None`` because it cannot be
+        pickled outside a process start (``snapshots=False``)."""
         with self._lock:
             self._seal()
             self._base, self._base_generation = dataset, self._generation
+            self._started, self._snapshotting = True, snapshots and dataset is not None
             self._drop_log()
 
     def stop(self) -> None:
         with self._lock:
             self._base, self._open, self._run = None, [], None
+            self._started = False
             self._drop_log()
 
     def _drop_log(self) -> None:
@@ -260,13 +280,10 @@ class Channel:
         ``container``: the list, dict, array, ... that ``update`` writes into,
         when many writes into it may be folded into its whole contents."""
         with self._lock:
-            if self._base is None:
+            if not self._started:
                 return
-            if isinstance(update, Replace):  # epoch refreshes are not user changes
-                self._seal()
-                self._generation += 1
-                self._append(update, len(update.dataset))
-                self._add_snapshot(self._generation, update.dataset)
+            if isinstance(update, (Replace, Refresh)):
+                self._start_afresh(update)
                 return
             run = self._continue_run(getattr(update, "path", ()), container, atom=False)
             self._open.append(update)
@@ -274,6 +291,16 @@ class Channel:
                 run.writes += 1
                 if run.writes > run.limit:
                     self._fold(run)
+
+    def _start_afresh(self, update: Replace | Refresh) -> None:
+        """A new epoch of non-persistent workers: a generation of its own, and not a
+        user's change (not counted in ``messages_recorded``)."""
+        self._seal()
+        self._generation += 1
+        data = update.dataset if isinstance(update, Replace) else b""
+        self._append(update, len(data))
+        if data and self._snapshotting:
+            self._add_snapshot(self._generation, data)
 
     def record_atom(self, path: Path, container: Any, key: Any, value: Any) -> None:
         """Record ``container[key] = value`` where key and value are numbers, strings
@@ -345,7 +372,9 @@ class Channel:
 
     def _maybe_snapshot(self) -> None:
         newest = self._snapshots[-1][1] if self._snapshots else self._base or b""
-        if self._source is None or self._since_snapshot <= max(len(newest), SNAPSHOT_FLOOR):
+        if not self._snapshotting or self._source is None:
+            return
+        if self._since_snapshot <= max(len(newest), SNAPSHOT_FLOOR):
             return
         try:
             data = pickle.dumps(self._source, protocol=_pickling.PROTOCOL)
@@ -385,6 +414,35 @@ class Channel:
         for update in found:
             flat.extend(update.updates if isinstance(update, Changes) else [update])
         return [*head, Changes(tuple(flat))]
+
+    def fresh_start(self, after: int, upto: int) -> int | None:
+        """The generation of the newest :class:`Replace` or :class:`Refresh` after
+        ``after`` and at most ``upto``: a worker there must start afresh."""
+        with self._lock:
+            first = bisect.bisect_right(self._gens, after)
+            last = bisect.bisect_right(self._gens, upto)
+            for i in range(last - 1, first - 1, -1):
+                if isinstance(self._log[i], (Replace, Refresh)):
+                    return self._gens[i]
+        return None
+
+    def advance_base(self, upto: int) -> list[Update]:
+        """Move the base to ``upto`` (a template takes the changes returned)."""
+        with self._lock:
+            after = self._base_generation
+        if upto <= after:
+            return []
+        found = self.updates(after, upto)
+        with self._lock:
+            self._base_generation = max(self._base_generation, upto)
+            self._snapshots = [s for s in self._snapshots if s[0] > self._base_generation]
+        return found
+
+    def move_base(self, generation: int) -> None:
+        """A new template holds the dataset at ``generation``: the base is there."""
+        with self._lock:
+            self._base, self._base_generation, self._snapshots = None, generation, []
+            self._snapshotting = False
 
     def compact(self, oldest_needed: int, live: list[int]) -> None:
         """Drop what no worker can need.
@@ -489,7 +547,7 @@ def apply_update(dataset: Any, update: Update) -> None:
     elif isinstance(update, Broadcast):
         fn, args, kwargs = pickle.loads(update.call)
         fn(dataset, *args, **kwargs)
-    else:
+    elif not isinstance(update, Refresh):  # a fresh start changes no dataset
         raise TypeError(f"not a control update: {update!r}")
 
 

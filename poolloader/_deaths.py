@@ -116,7 +116,8 @@ def short(obj: object, limit: int = 200) -> str:
 
 
 def start_error(message: StartFailed) -> WorkerStartError:
-    """The error for a worker that reported why it could not start."""
+    """The error for a worker (or the template process, ``worker_id`` -1) that
+    reported why it could not start."""
     error = message.error
     hint = ""
     if "__main__" in error.message or "__mp_main__" in error.message:
@@ -125,7 +126,7 @@ def start_error(message: StartFailed) -> WorkerStartError:
             "session's __main__: move them into a module (a .py file) and import them."
         )
     return WorkerStartError(
-        f"DataLoader worker {message.worker_id} (pid {message.pid}) failed to start: "
+        f"{_who(message.worker_id)} (pid {message.pid}) failed to start: "
         f"{error.type_name}: {error.message}.{hint}\nWorker traceback:\n{error.traceback}"
     )
 
@@ -152,6 +153,12 @@ def silent_start_error(worker_id: int, pid: int, code: int) -> WorkerStartError:
             "that crashes or for a call to os._exit()."
         )
     return WorkerStartError(
-        f"DataLoader worker {worker_id} (pid {pid}) exited while starting ({describe_exit(code)}). "
-        + hint
+        f"{_who(worker_id)} (pid {pid}) exited while starting ({describe_exit(code)}). " + hint
     )
+
+
+def _who(worker_id: int) -> str:
+    """A worker by its id; -1 is the template process (it unpickles what workers need)."""
+    if worker_id >= 0:
+        return f"DataLoader worker {worker_id}"
+    return "The process DataLoader workers are forked from"

@@ -129,6 +129,15 @@ class Replace:
 
 
 @dataclass(frozen=True, slots=True)
+class Refresh:
+    """Workers from here on start afresh (a new epoch with ``persistent_workers=False``)
+    from the dataset as it was: it has not changed since the last snapshot.
+
+    Only recorded when workers are forked from a template, which keeps that
+    dataset: the fresh workers are forked from it, and no one unpickles anything."""
+
+
+@dataclass(frozen=True, slots=True)
 class Changes:
     """Several changes made between two task submissions, applied in order.
 
@@ -138,7 +147,18 @@ class Changes:
     updates: tuple[SetAttr | DelAttr | SetItem | SetItems | DelItem | Call | Broadcast, ...]
 
 
-Update = SetAttr | DelAttr | SetItem | SetItems | DelItem | Call | Broadcast | Replace | Changes
+Update = (
+    SetAttr
+    | DelAttr
+    | SetItem
+    | SetItems
+    | DelItem
+    | Call
+    | Broadcast
+    | Replace
+    | Refresh
+    | Changes
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +283,7 @@ class ForkWorker:
     current epoch's."""
 
     worker_id: int
+    started: float  # when the main process asked for it: with the id, the worker's identity
     catch_up: tuple[Update, ...]
     generation: int
     base_seed: int
@@ -293,7 +314,11 @@ class TemplateUnsafe:
 
 @dataclass(frozen=True, slots=True)
 class Forked:
+    """The worker asked for as ``(worker_id, started)`` runs as ``pid``; its pidfd
+    follows the message."""
+
     worker_id: int
+    started: float
     pid: int
 
 

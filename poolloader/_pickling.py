@@ -14,6 +14,7 @@ import types
 from collections.abc import Iterator
 from typing import Any
 
+from ._messages import PickledObject
 from .errors import NotPicklableError
 
 #: How deep :func:`find_culprit` looks for the unpicklable part. Deeper finds
@@ -34,6 +35,36 @@ def dumps(obj: object, what: str) -> bytes:
     """
     try:
         return pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception as exc:
+        raise not_picklable(obj, what, exc) from exc
+
+
+def dumps_or_none(obj: object) -> bytes | None:
+    """``obj`` pickled, or ``None`` if it cannot be (no error: the caller has
+    another way to send it)."""
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL)
+    except Exception:
+        return None
+
+
+def ship(obj: object, what: str, *, inherited: bool) -> object:
+    """How ``obj`` travels to the template process (and the workers it forks).
+
+    ``inherited`` (the ``fork`` start method): as itself, never pickled. Else
+    pickled once, here, as a :class:`~poolloader._messages.PickledObject`; an
+    object that may only be pickled while a process starts (``multiprocessing``
+    locks, values, queues: "through inheritance") travels as itself, in the
+    process's arguments. Anything else that does not pickle raises
+    :class:`NotPicklableError`, naming the part."""
+    if inherited:
+        return obj
+    try:
+        return PickledObject(pickle.dumps(obj, protocol=PROTOCOL))
+    except RuntimeError as exc:
+        if "through inheritance" in str(exc):
+            return obj
+        raise not_picklable(obj, what, exc) from exc
     except Exception as exc:
         raise not_picklable(obj, what, exc) from exc
 

@@ -1,4 +1,4 @@
-"""The worker process pool: start, dispatch, health, respawn, shutdown.
+"""The worker process pool: dispatch, health, respawn, shutdown.
 
 ::
 
@@ -10,13 +10,15 @@
                                    run; missing control updates first       ▼
     future.result() ◄── Future ◄── Done / Failed / Exhausted ◄────────── result
                                    a sentinel fires: requeue the dead
-                                   worker's tasks, start a replacement
+                                   worker's tasks, fork a replacement
+                                   from the template (_template.py)
 
 Each worker has one duplex connection. The main process keeps at most
 :data:`TASKS_PER_WORKER` tasks at a worker and the rest in ``pending``, so a
 free worker always takes the next task (no queue of tasks stuck behind a slow
 batch, as with per-worker index queues), and a dead worker's tasks are known
 exactly. Workers are not daemonic: dataset code may start processes of its own.
+Starting and stopping the processes is ``_processes.py``'s.
 """
 
 from __future__ import annotations
@@ -31,17 +33,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field, replace
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import Any
 
-from . import _proctree, _worker
+from . import _worker
 from ._control import Channel
 from ._deaths import (
     Death,
     crash_error,
-    descendants,
     describe_exit,
     reap_group_later,
     silent_start_error,
@@ -52,14 +51,28 @@ from ._messages import (
     EpochStart,
     Exhausted,
     Failed,
+    PickledObject,
     Ready,
-    RemoteError,
+    Refresh,
     StartFailed,
-    Stop,
     Task,
 )
 from ._packing import out_of_descriptors
 from ._pickling import not_picklable
+from ._processes import Worker, Workforce
+from ._stats import PoolCounters, PoolStatistics
+from ._tasks import (
+    Ended,
+    Loaded,
+    Lost,
+    Outcome,
+    Raised,
+    TaskRecord,
+    WorkerGone,
+    fail,
+    resolve,
+    unreadable,
+)
 from ._transport import descriptor_error
 from .errors import LoaderClosedError, PoolBrokenError, TransportError
 
@@ -78,125 +91,14 @@ IO_POLL_INTERVAL = 1.0
 #: a thread blocked for good (a lock left held by an interrupted consumer) takes
 #: this long; it is a daemon thread, and the workers are stopped without it.
 IO_JOIN_TIMEOUT = 5.0
-#: Seconds workers get to finish after Stop before they are terminated.
-STOP_GRACE = 2.0
-#: Seconds after SIGTERM before SIGKILL.
-TERMINATE_GRACE = 1.0
+#: Seconds the pool waits for a dead worker's exit code.
+EXIT_CODE_WAIT = 1.0
 #: Priority of the exit hook among multiprocessing's finalizers. Those with a
 #: priority run before multiprocessing joins the process's non-daemonic
 #: children (our workers), which would otherwise wait for them forever; higher
 #: runs earlier, and ours must run before any that waits for data (a
 #: ``multiprocessing.Manager`` ends at priority 0).
 EXIT_PRIORITY = 100
-
-
-# ----------------------------------------------------------------- outcomes
-
-
-@dataclass(frozen=True, slots=True)
-class Loaded:
-    data: Any
-    worker_id: int
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Raised:
-    error: RemoteError
-    worker_id: int
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Lost:
-    """The batch loaded, but could not be moved to the main process."""
-
-    error: BaseException
-    worker_id: int
-    pid: int
-
-
-@dataclass(frozen=True, slots=True)
-class Ended:
-    worker_id: int
-
-
-Outcome = Loaded | Raised | Lost | Ended
-
-
-@dataclass(eq=False)
-class TaskRecord:
-    """A submitted task, as the main process tracks it until its outcome arrives."""
-
-    seq: int
-    epoch: int
-    position: int
-    index: Any
-    generation: int
-    pin: int | None
-    future: Future[Outcome] = field(default_factory=Future)
-    worker: int | None = None
-    deaths: int = 0
-    cancelled: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerIdentity:
-    """One worker process: its id in the pool and its start, not a bare pid (a
-    replacement may be given the pid of the worker it replaces)."""
-
-    id: int
-    pid: int
-    started: float  # on psutil's create_time() clock
-
-
-@dataclass(eq=False)
-class _Worker:
-    id: int
-    process: Any
-    conn: Connection
-    generation: int
-    pid: int = 0
-    created: float = 0.0  # its start on psutil's create_time() clock
-    ready: bool = False
-    replacement: bool = False  # started after a death, not by start()
-    dead: bool = False  # its exit was handled; the I/O thread no longer watches it
-    epoch: int = -1
-    # Tasks sent to it, in the order sent: it runs them in that order, so the
-    # first is the one running and the others only wait in its inbox.
-    tasks: dict[int, TaskRecord] = field(default_factory=dict)
-
-    @property
-    def identity(self) -> WorkerIdentity:
-        return WorkerIdentity(self.id, self.pid, self.created)
-
-
-@dataclass
-class _Counters:
-    tasks_done: int = 0
-    deaths: int = 0
-    restarts: int = 0
-    bytes_moved: int = 0
-    busy: float = 0.0
-    control_messages: int = 0
-    control_bytes: int = 0
-    bytes_sent: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class PoolStatistics:
-    tasks_done: int
-    restarts: int
-    bytes_moved: int
-    busy_seconds: float
-    uptime_seconds: float
-    pending: int
-    running: int
-    control_messages: int
-    control_bytes: int
-    bytes_sent: int
-    slab_batches: int
-    slab_reused: int
 
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -226,8 +128,20 @@ def _ensure_exit_hook() -> None:
         multiprocessing.util.Finalize(None, _close_all, exitpriority=EXIT_PRIORITY)
 
 
+def can_fork_workers() -> bool:
+    """Whether workers can be forked from a template here (pidfds: Linux 5.3+)."""
+    if not hasattr(os, "pidfd_open"):
+        return False
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
 class Pool:
-    """``num_workers`` spawn/forkserver workers fed from one pending queue."""
+    """``num_workers`` workers, forked from a template process, fed from one
+    pending queue."""
 
     def __init__(
         self,
@@ -239,17 +153,21 @@ class Pool:
         transport: Any,
         max_restarts: int,
         resumable: bool,
+        dataset: Any,
     ) -> None:
-        self._context = context
         self._num_workers = num_workers
-        self._setup = setup
         self._channel = channel
         self._transport = transport
         self._max_restarts = max_restarts
         self._resumable = resumable
+        # What a worker started directly receives: the live dataset object when it
+        # may only be pickled while a process starts (else the channel's base).
+        self._dataset = dataset
+        self._workforce = Workforce(context, setup, transport, template=can_fork_workers())
         self._lock = threading.RLock()
         self._pending: deque[TaskRecord] = deque()
-        self._workers: list[_Worker] = []
+        self._workers: list[Worker] = []
+        self._retiring: list[Worker] = []  # workers stopped to start afresh
         self._epochs: dict[int, EpochStart] = {}
         self.epochs_begun = 0
         self._seq = itertools.count()
@@ -257,7 +175,7 @@ class Pool:
         self._closing = False
         self._closed = False
         self._exitcodes: list[int] = []
-        self._counters = _Counters()
+        self._counters = PoolCounters()
         self._started_at = time.monotonic()
         self._owner = os.getpid()  # a forked child holds a copy it must not act on
         self._wakeup_r, self._wakeup_w = os.pipe()
@@ -270,29 +188,56 @@ class Pool:
         logger.debug("starting %d workers", self._num_workers)
         _ensure_exit_hook()
         with self._lock:
-            self._workers = [self._spawn(i) for i in range(self._num_workers)]
+            # A fork-started template is forked here, before the I/O thread runs.
+            self._workforce.start(self._channel.base_generation)
+            self._workers = [self._launch(i) for i in range(self._num_workers)]
         _live_pools.add(self)
         self._thread.start()
 
-    def _spawn(self, worker_id: int, *, replacement: bool = False) -> _Worker:
-        generation, dataset = self._channel.base
-        setup = replace(self._setup, worker_id=worker_id, dataset=dataset)
-        parent, child = self._context.Pipe(duplex=True)
-        process = self._context.Process(
-            target=_worker.run,
-            args=(setup, child),
-            name=f"poolloader-worker-{worker_id}",
-            daemon=False,
+    def _launch(self, worker_id: int, *, replacement: bool = False) -> Worker:
+        """Start worker ``worker_id`` from the template's dataset, or directly from
+        the channel's base."""
+        template = self._workforce.template
+        if template is not None:
+            generation = template.generation
+            direct: Any = None
+        else:
+            generation, direct = self._direct_start()
+        return self._workforce.launch(
+            worker_id, generation=generation, direct_dataset=direct, replacement=replacement
         )
-        process.start()
-        child.close()
-        w = _Worker(
-            worker_id, process, parent, generation, pid=process.pid,
-            created=_proctree.created(process.pid), replacement=replacement,
-        )  # fmt: skip
-        self._transport.attach(w.identity, parent)
-        logger.debug("worker %d started (pid %s)", worker_id, process.pid)
-        return w
+
+    def _direct_start(self) -> tuple[int, Any]:
+        """What a worker started directly begins from: the channel's base snapshot,
+        or the live dataset when it has none (it may only be pickled at a start)."""
+        if self._channel.has_base:
+            generation, data = self._channel.base
+            return generation, PickledObject(data)
+        return self._channel.stamp(), self._dataset
+
+    @property
+    def forks_workers(self) -> bool:
+        """Whether new workers are forked from a template (a fresh start is cheap)."""
+        return self._workforce.template is not None
+
+    @property
+    def inherits_dataset(self) -> bool:
+        """Whether workers inherit the dataset through ``fork`` (it is never pickled)."""
+        return self._workforce.inherits
+
+    def restart_template(self, dataset: Any) -> bool:
+        """Fork workers from a new template holding ``dataset`` as it is now (for a
+        dataset that cannot be pickled here). Refused (``False``) while tasks are
+        unfinished: a replacement for one of them could not start from the new
+        template, which is ahead of it."""
+        with self._lock:
+            if self._all_records():
+                return False
+            self._channel.record(Refresh())  # the workers start afresh, from the new template
+            generation = self._channel.stamp()
+            self._workforce.restart_template(dataset, generation)
+            self._channel.move_base(generation)
+            return True
 
     @property
     def foreign(self) -> bool:
@@ -314,6 +259,12 @@ class Pool:
         return c.bytes_moved / c.tasks_done if c.tasks_done else 0.0
 
     @property
+    def template_pid(self) -> int | None:
+        """The pid of the process workers are forked from (``None``: started directly)."""
+        template = self._workforce.template
+        return template.process.pid if template is not None else None
+
+    @property
     def worker_pids(self) -> list[int]:
         with self._lock:
             return [w.pid for w in self._workers]
@@ -321,9 +272,9 @@ class Pool:
     def close(self) -> None:
         """Stop every worker and every process they started; idempotent.
 
-        In a process forked from the owner (a fork-started worker, or any
-        ``os.fork()`` child) the pool is only a copy: closing it there would stop
-        the owner's workers, so it does nothing."""
+        In a process forked from the owner (a template, a fork-started worker, or
+        any ``os.fork()`` child) the pool is only a copy: closing it there would
+        stop the owner's workers, so it does nothing."""
         if self.foreign:
             return
         with self._lock:
@@ -331,13 +282,13 @@ class Pool:
                 return
             self._closing = True
             orphans = self._take_all_records()
-        _fail(orphans, LoaderClosedError("the DataLoader was closed"))
+        fail(orphans, LoaderClosedError("the DataLoader was closed"))
         self._wake()
         if threading.current_thread() is not self._thread and self._thread.is_alive():
             self._thread.join(IO_JOIN_TIMEOUT)
             if self._thread.is_alive():  # see NOTE [ Waiting and Ctrl-C ] in _iterator.py
                 logger.debug("the I/O thread did not stop; closing without it")
-        self._stop_workers()
+        self._workforce.stop([*self._workers, *self._retiring])
         for fd in (self._wakeup_r, self._wakeup_w):
             os.close(fd)
         self._transport.close()
@@ -346,44 +297,14 @@ class Pool:
         self._closed = True
         logger.debug("pool closed")
 
-    def _stop_workers(self) -> None:
-        # NOTE [ Process trees ]: a worker ends the processes it started when it
-        # stops. Those it cannot end (it was killed) are found here: through the
-        # process tree while their parent lives, and through the worker's process
-        # group (each worker leads one) once they are orphaned.
-        workers = list(self._workers)
-        pids = {w.pid for w in workers if not w.dead}
-        # Found while the workers live, their group ids cannot belong to anyone else.
-        family = descendants(list(pids)) + _proctree.group_members(pids)
-        for w in workers:
-            self._send(w, pickle.dumps(Stop()))
-        deadline = time.monotonic() + STOP_GRACE
-        for w in workers:
-            w.process.join(max(0.0, deadline - time.monotonic()))
-        stubborn = [w.process for w in workers if w.process.is_alive()]
-        for process in stubborn:
-            process.terminate()
-        for process in stubborn:
-            process.join(TERMINATE_GRACE)
-            if process.is_alive():
-                process.kill()
-                process.join(TERMINATE_GRACE)
-        # Started while the workers were being stopped: created before now.
-        since = min((w.created for w in workers), default=0.0)
-        strays = _proctree.group_members(pids, since, _proctree.process_clock())
-        _proctree.terminate_all(_proctree.unique([p for p in [*family, *strays] if p.is_running()]))
-        for w in workers:
-            self._transport.detach(w.identity)
-            w.conn.close()
-            w.process.close()
-
     # ----------------------------------------------------------- submitting
 
     def begin_epoch(self, epoch: int, base_seed: int) -> None:
         with self._lock:
             self.epochs_begun += 1
             self._epochs[epoch] = EpochStart(epoch, base_seed)
-            self._trim_control_log(self._channel.generation)
+            self._workforce.base_seed = base_seed
+            self._trim_control_log(self._channel.stamp())
 
     def end_epoch(self, epoch: int) -> None:
         """Forget ``epoch``: the iterator yields nothing more of it, so tasks of it
@@ -413,13 +334,21 @@ class Pool:
         """Let the control log drop what no worker needs (NOTE [ Control log ]).
 
         A worker with no task is brought up to date first, as far as no pending
-        task is older, so that it does not hold on to old changes."""
-        upto = min((r.generation for r in self._pending), default=generation)
-        for w in self._workers:
-            if not w.dead and not w.tasks and w.generation < upto:
-                for message in self._update_messages(w, upto):
-                    self._send(w, message)
+        task is older, so that it does not hold on to old changes (one that must
+        start afresh for them is replaced by a fresh one); the template takes the
+        changes no unfinished task predates."""
         oldest = min((r.generation for r in self._all_records()), default=generation)
+        if self._workforce.template is not None:
+            updates = tuple(self._channel.advance_base(oldest))
+            self._workforce.advance(updates, oldest)
+        upto = min((r.generation for r in self._pending), default=generation)
+        for i, w in enumerate(self._workers):
+            if not w.dead and not w.tasks and w.generation < upto:
+                if self._fresh_start(w, upto) is not None:
+                    self._workers[i] = self._recycle(w, upto)
+                else:
+                    for message in self._update_messages(w, upto):
+                        self._send(w, message)
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
 
     def running(self, record: TaskRecord) -> bool:
@@ -467,23 +396,50 @@ class Pool:
                 if len(w.tasks) < TASKS_PER_WORKER:
                     record = self._take_for(w)
                     if record is not None:
+                        if self._fresh_start(w, record.generation) is not None:
+                            slot = self._workers.index(w)
+                            w = self._workers[slot] = self._recycle(w, record.generation)
                         self._send_task(w, record)
                         progress = True
 
-    def _take_for(self, w: _Worker) -> TaskRecord | None:
+    def _take_for(self, w: Worker) -> TaskRecord | None:
         # See NOTE [ Control ordering ] in _control.py: a worker never runs a
-        # task older than the newest change it has applied.
+        # task older than the newest change it has applied. A task for which the
+        # worker must start afresh waits for it to be idle (NOTE [ Templates ]).
         for i, record in enumerate(self._pending):
             if (record.pin is None or record.pin == w.id) and record.generation >= w.generation:
+                if w.tasks and self._fresh_start(w, record.generation) is not None:
+                    continue
                 del self._pending[i]
                 return record
         return None
 
-    def _send_task(self, w: _Worker, record: TaskRecord) -> None:
+    def _fresh_start(self, w: Worker, upto: int) -> int | None:
+        """Where ``w`` must start afresh to reach ``upto`` (a new epoch of
+        non-persistent workers in between), when workers are forked from a template."""
+        if self._workforce.template is None or upto <= w.generation:
+            return None
+        return self._channel.fresh_start(w.generation, upto)
+
+    def _recycle(self, w: Worker, upto: int) -> Worker:
+        """Retire idle worker ``w`` and fork a fresh one in its place, at the newest
+        fresh start at or before ``upto``."""
+        start = self._channel.fresh_start(w.generation, upto)
+        template = self._workforce.template
+        assert start is not None and template is not None
+        catch_up = tuple(self._channel.updates(template.generation, start))
+        self._workforce.retire(w)
+        w.dead = True
+        self._retiring.append(w)
+        logger.debug("worker %d (pid %d) starts afresh", w.id, w.pid)
+        return self._workforce.launch(w.id, generation=start, direct_dataset=None,
+                                      catch_up=catch_up)  # fmt: skip
+
+    def _send_task(self, w: Worker, record: TaskRecord) -> None:
         try:
             task = pickle.dumps(Task(record.seq, record.epoch, record.position, record.index))
         except Exception as exc:
-            _fail(
+            fail(
                 [record], not_picklable(record.index, f"the index of batch {record.position}", exc)
             )
             return
@@ -497,7 +453,7 @@ class Pool:
         for message in (*messages, task):
             self._send(w, message)
 
-    def _update_messages(self, w: _Worker, upto: int) -> list[bytes]:
+    def _update_messages(self, w: Worker, upto: int) -> list[bytes]:
         """The control messages that bring ``w`` to generation ``upto`` (it is now there)."""
         if upto <= w.generation:
             return []
@@ -517,7 +473,7 @@ class Pool:
             if w is not None:  # a dead worker's slabs went with it
                 self._send(w, pickle.dumps(message))
 
-    def _send(self, w: _Worker, message: bytes) -> None:
+    def _send(self, w: Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)
         try:
             w.conn.send_bytes(message)
@@ -538,16 +494,41 @@ class Pool:
         with self._lock:
             live = [w for w in self._workers if not w.dead]
             by_conn = {w.conn: w for w in live}
-            by_sentinel = {w.process.sentinel: w for w in live}
-        ready = wait([*by_conn, *by_sentinel, self._wakeup_r], timeout=IO_POLL_INTERVAL)
+            by_sentinel = {w.process.sentinel: w for w in live if w.process is not None}
+            retiring = {w.process.sentinel: w for w in self._retiring if w.process is not None}
+            template = self._workforce.template
+            templates = {t.conn: t for t in [*self._workforce.retired_templates, template] if t}
+        extra = [template.sentinel] if template is not None else []
+        template_sentinel = extra[0] if extra else None
+        waited = [*by_conn, *by_sentinel, *retiring, *templates, *extra, self._wakeup_r]
+        ready = wait(waited, timeout=IO_POLL_INTERVAL)
         if self._wakeup_r in ready:
             os.read(self._wakeup_r, 4096)
+        for obj in ready:
+            if obj in templates:
+                self._on_template(templates[obj])
         for obj in ready:
             if obj in by_conn:
                 self._drain(by_conn[obj])
         for obj in ready:
-            if obj in by_sentinel and not self._closing:
-                self._on_exit(by_sentinel[obj])
+            w = by_sentinel.get(obj) or retiring.get(obj)
+            if w is None:
+                continue
+            with self._lock:
+                retired = w in self._retiring  # perhaps since the wait began
+            if retired:
+                self._on_retired(w)
+            elif not self._closing:
+                self._on_exit(w)
+        if template_sentinel in ready and not self._closing:
+            with self._lock:  # (unless it was replaced meanwhile: then it was stopped)
+                error = (
+                    self._workforce.template_died()
+                    if self._workforce.template is template
+                    else None
+                )
+            if error is not None:
+                self._break(error)
         with self._lock:
             if not self._closing and self._broken is None:
                 self._dispatch()
@@ -558,7 +539,39 @@ class Pool:
         except (BlockingIOError, OSError):
             pass
 
-    def _drain(self, w: _Worker) -> None:
+    def _on_template(self, template: Any) -> None:
+        with self._lock:
+            news = self._workforce.on_template(template, [*self._workers, *self._retiring])
+            if news.unsafe:
+                self._workforce.drop_template(news.unsafe)
+                self._start_unforked()
+        if news.failure is not None:
+            self._break(news.failure)
+
+    def _start_unforked(self) -> None:
+        """Start directly the workers the template was asked for and never forked;
+        what was sent to them is sent again (their tasks go back, first, in order)."""
+        self._retiring = [w for w in self._retiring if w.process is not None]
+        for i, w in enumerate(self._workers):
+            if w.process is None:
+                for record in sorted(w.tasks.values(), key=lambda r: r.seq, reverse=True):
+                    record.worker = None
+                    self._pending.appendleft(record)
+                self._workforce.release(w)
+                self._workers[i] = self._launch(w.id, replacement=w.replacement)
+
+    def _on_retired(self, w: Worker) -> None:
+        """A worker stopped to start afresh has exited: forget it (and the template
+        it came from, if that was replaced and served no one else)."""
+        with self._lock:
+            self._retiring.remove(w)
+        w.process.join(EXIT_CODE_WAIT)
+        reap_group_later(w.pid, w.created)
+        self._workforce.release(w)
+        with self._lock:
+            self._workforce.stop_idle_templates([*self._workers, *self._retiring])
+
+    def _drain(self, w: Worker) -> None:
         while True:
             try:
                 if not w.conn.poll(0):
@@ -570,7 +583,7 @@ class Pool:
                 self._transport.receive(w.identity, message.payload)
             self._handle(w, message)
 
-    def _handle(self, w: _Worker, message: Any) -> None:
+    def _handle(self, w: Worker, message: Any) -> None:
         if isinstance(message, Ready):
             w.ready = True
             return
@@ -591,12 +604,12 @@ class Pool:
         assert record is not None
         try:
             outcome = self._outcome(w, message)
-        except _WorkerGone:
+        except WorkerGone:
             self._run_again(record)
             return
-        _resolve(record.future, outcome)
+        resolve(record.future, outcome)
 
-    def _outcome(self, w: _Worker, message: Done | Failed | Exhausted) -> Outcome:
+    def _outcome(self, w: Worker, message: Done | Failed | Exhausted) -> Outcome:
         if isinstance(message, Done):
             self._counters.bytes_moved += message.nbytes
             try:
@@ -607,11 +620,11 @@ class Pool:
                 # A batch in fresh shared memory is fetched from its worker while
                 # unpickling (torch's fd passing); a worker killed right after it
                 # sent the batch takes the batch with it.
-                raise _WorkerGone from exc
+                raise WorkerGone from exc
             except Exception as exc:  # that batch fails, not the I/O thread
                 if out_of_descriptors(exc):
                     return Lost(descriptor_error(exc, "a batch's tensors"), w.id, w.pid)
-                return Raised(_unreadable(exc), w.id, w.pid)
+                return Raised(unreadable(exc), w.id, w.pid)
         if isinstance(message, Failed):
             return Raised(message.error, w.id, w.pid)
         return Ended(w.id)
@@ -630,10 +643,10 @@ class Pool:
 
     # ---------------------------------------------------------------- deaths
 
-    def _on_exit(self, w: _Worker) -> None:
+    def _on_exit(self, w: Worker) -> None:
         """A worker's sentinel fired: reap its process tree, then replace it or break."""
         self._drain(w)
-        w.process.join(TERMINATE_GRACE)
+        w.process.join(EXIT_CODE_WAIT)
         code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
         w.dead = True
         reap_group_later(w.pid, w.created)
@@ -663,23 +676,21 @@ class Pool:
                 return
         self._break(failure)  # fails the dead worker's tasks with the rest
 
-    def _log_death(self, w: _Worker, code: int, lost: list[TaskRecord], doing: str) -> None:
+    def _log_death(self, w: Worker, code: int, lost: list[TaskRecord], doing: str) -> None:
         again = f"running batches {[r.position for r in lost]} again" if lost else "no batch lost"
         logger.warning(
             "poolloader worker %d (pid %d) died%s: %s; %s",
             w.id, w.pid, f" {doing}" if doing else "", describe_exit(code), again,
         )  # fmt: skip
 
-    def _replace(self, w: _Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:
+    def _replace(self, w: Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:
         """Start a worker in ``w``'s place and queue its tasks first, in their order.
 
         Only the task that was running counts a death: the others merely waited
         in the dead worker's inbox."""
         w.tasks.clear()
-        self._transport.detach(w.identity)
-        w.conn.close()
-        w.process.close()
-        fresh = self._spawn(w.id, replacement=True)
+        self._workforce.release(w)
+        fresh = self._launch(w.id, replacement=True)
         self._workers[self._workers.index(w)] = fresh
         self._counters.restarts += 1
         if running is not None:
@@ -694,7 +705,7 @@ class Pool:
                 return
             self._broken = error
             records = self._take_all_records()
-        _fail(records, error)
+        fail(records, error)
 
     def _all_records(self) -> list[TaskRecord]:
         return [*self._pending, *(r for w in self._workers for r in w.tasks.values())]
@@ -726,33 +737,3 @@ class Pool:
                 slab_batches=self._transport.slab_batches,
                 slab_reused=self._transport.slab_reused,
             )
-
-
-class _WorkerGone(Exception):
-    """A loaded batch could not be read because its worker is gone."""
-
-
-def _unreadable(exc: Exception) -> RemoteError:
-    """The error for a batch that pickled in its worker but fails to unpickle here."""
-    error = RuntimeError(
-        f"the batch cannot be rebuilt in the main process: unpickling it raised "
-        f"{type(exc).__name__}: {exc}. Objects in a batch must unpickle in the main process "
-        "too: their classes importable there, their __setstate__ or __reduce__ working."
-    )
-    error.__cause__ = exc
-    return RemoteError.capture(error)
-
-
-def _resolve(future: Future[Outcome], outcome: Outcome) -> None:
-    try:
-        future.set_result(outcome)
-    except InvalidStateError:
-        pass  # cancelled by the consumer meanwhile
-
-
-def _fail(records: list[TaskRecord], error: BaseException) -> None:
-    for record in records:
-        try:
-            record.future.set_exception(error)
-        except InvalidStateError:
-            pass

@@ -10,7 +10,6 @@ start are found and ended.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import pickle
 import time
 from dataclasses import dataclass, field, replace
@@ -18,7 +17,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
 from . import _proctree, _worker
-from ._deaths import descendants, start_error
+from ._deaths import descendants, describe_exit, silent_start_error, start_error
 from ._messages import (
     Forked,
     StartFailed,
@@ -39,6 +38,8 @@ logger = logging.getLogger("poolloader")
 STOP_GRACE = 2.0
 #: Seconds after SIGTERM before SIGKILL.
 TERMINATE_GRACE = 1.0
+#: Seconds to wait for a process known to have exited to report its exit code.
+EXIT_CODE_WAIT = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class Worker:
     generation: int
     started: float = field(default_factory=time.monotonic)
     process: Any = None
+    template: Template | None = None  # the template it was forked from
     pid: int = 0
     created: float = 0.0  # its start on psutil's create_time() clock
     ready: bool = False
@@ -97,6 +99,7 @@ class Workforce:
         self._setup = setup
         self._transport = transport
         self.template: Template | None = None
+        self.retired_templates: list[Template] = []  # replaced; their workers still run
         self._use_template = template
         self.base_seed = setup.base_seed  # the current epoch's: new workers are seeded with it
 
@@ -119,8 +122,10 @@ class Workforce:
         directly with ``direct_dataset``."""
         template = self.template
         if template is not None:
-            conn = template.fork(worker_id, catch_up, generation, self.base_seed)
-            w = Worker(worker_id, conn, generation, replacement=replacement)
+            started = time.monotonic()
+            conn = template.fork(worker_id, started, catch_up, generation, self.base_seed)
+            w = Worker(worker_id, conn, generation, started, template=template,
+                       replacement=replacement)  # fmt: skip
         else:
             w = self._start_directly(worker_id, generation, direct_dataset, replacement)
         self._transport.attach(w.identity, w.conn)
@@ -129,9 +134,7 @@ class Workforce:
     def _start_directly(
         self, worker_id: int, generation: int, dataset: Any, replacement: bool
     ) -> Worker:
-        setup = replace(
-            self._setup, worker_id=worker_id, dataset=dataset, base_seed=self.base_seed
-        )
+        setup = replace(self._setup, worker_id=worker_id, dataset=dataset, base_seed=self.base_seed)
         parent, child = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=_worker.run,
@@ -148,59 +151,78 @@ class Workforce:
 
     # -- the template's messages
 
-    def on_template(self, workers: list[Worker], direct_dataset: Any) -> PoolBrokenError | None:
-        """Handle what the template sent: give forked workers their process, or start
-        the waiting ones directly when forking is unsafe. Returns the error that
-        breaks the pool, if the template could not start."""
-        template = self.template
-        if template is None:
-            return None
+    @property
+    def inherits(self) -> bool:
+        """Whether workers inherit the dataset through ``fork`` (it is never pickled)."""
+        return bool(self._context.get_start_method() == "fork")
+
+    def restart_template(self, dataset: Any, generation: int) -> None:
+        """Start a new template holding ``dataset`` (the main process's object, at
+        ``generation``); the old one stays until the workers it forked are gone."""
+        if self.template is not None:
+            self.retired_templates.append(self.template)
+        setup = replace(self._setup, dataset=dataset, base_seed=self.base_seed)
+        self.template = Template(self._context, setup, generation)
+
+    def stop_idle_templates(self, workers: list[Worker]) -> None:
+        """Stop the replaced templates none of ``workers`` came from."""
+        for old in list(self.retired_templates):
+            if all(w.template is not old for w in workers):
+                self.retired_templates.remove(old)
+                old.stop()
+
+    def on_template(self, template: Template, workers: list[Worker]) -> TemplateNews:
+        """Handle what ``template`` sent: give each forked worker among ``workers``
+        its process. Returns what the pool must act on."""
+        news = TemplateNews()
         template.receive()
         for message, pidfd in template.take():
             if isinstance(message, TemplateReady):
                 template.ready = True
             elif isinstance(message, Forked) and pidfd is not None:
-                self._forked(workers, message, pidfd)
+                self._forked(workers, message, ForkedProcess(template, message.pid, pidfd))
             elif isinstance(message, TemplateUnsafe):
-                self._without_template(workers, direct_dataset, message.reason)
-                return None
+                news.unsafe = message.reason
             elif isinstance(message, StartFailed):
-                return start_error(message)
-        return None
+                news.failure = start_error(message)
+        return news
 
-    def _forked(self, workers: list[Worker], message: Forked, pidfd: int) -> None:
-        assert self.template is not None
+    @staticmethod
+    def _forked(workers: list[Worker], message: Forked, process: ForkedProcess) -> None:
+        identity = WorkerIdentity(message.worker_id, message.started)
         for w in workers:
-            if w.id == message.worker_id and w.process is None and not w.dead:
-                w.attach(ForkedProcess(self.template, message.pid, pidfd))
+            if w.identity == identity and w.process is None:
+                w.attach(process)
                 logger.debug("worker %d forked (pid %s)", w.id, message.pid)
                 return
-        ForkedProcess(self.template, message.pid, pidfd).kill()  # retired before it ran
+        process.kill()  # a worker the pool no longer knows (it was closed meanwhile)
+        process.close()
 
-    def _without_template(self, workers: list[Worker], dataset: Any, reason: str) -> None:
+    def drop_template(self, reason: str) -> None:
+        """Start workers directly from now on: forking the template is unsafe."""
         logger.warning(
             "poolloader starts each worker on its own (the dataset is unpickled in each): "
             "forking a template process is not safe, as %s", reason,
         )  # fmt: skip
         template, self.template = self.template, None
-        assert template is not None
-        template.stop()
-        for i, w in enumerate(workers):
-            if w.process is None:
-                self._transport.detach(w.identity)
-                w.conn.close()
-                workers[i] = self.launch(
-                    w.id, generation=w.generation, direct_dataset=dataset,
-                    replacement=w.replacement,
-                )  # fmt: skip
+        if template is not None:
+            template.stop()
 
     def template_died(self) -> PoolBrokenError:
-        assert self.template is not None
-        code = self.template.process.exitcode
+        """The template exited unasked: forget it; the error that breaks the pool."""
+        template, self.template = self.template, None
+        assert template is not None
+        template.process.join(EXIT_CODE_WAIT)
+        pid, code = int(template.process.pid or 0), template.process.exitcode
+        template.receive()
+        ready = template.ready or any(isinstance(m, TemplateReady) for m, _ in template.take())
+        template.stop()
+        if not ready:
+            return silent_start_error(-1, pid, code if code is not None else -9)
         return PoolBrokenError(
-            f"the process DataLoader workers are forked from (pid {self.template.process.pid}) "
-            f"exited ({code}): no worker can be started any more. Iterate the loader again to "
-            "start a new pool."
+            f"the process DataLoader workers are forked from (pid {pid}) exited "
+            f"({describe_exit(code if code is not None else -9)}): no worker can be started "
+            "any more. Iterate the loader again to start a new pool."
         )
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
@@ -222,7 +244,10 @@ class Workforce:
             w.process.close()
 
     def stop(self, workers: list[Worker]) -> None:
-        """Stop ``workers``, every process they started, and the template."""
+        """Stop ``workers``, every process they started, and the templates."""
+        for template in [*self.retired_templates, self.template]:
+            if template is not None:  # workers forked meanwhile get their process
+                self.on_template(template, workers)
         # See NOTE [ Process trees ] in _proctree.py.
         alive = [w for w in workers if not w.dead and w.process is not None]
         pids = {w.pid for w in alive}
@@ -237,8 +262,9 @@ class Workforce:
         _proctree.terminate_all(_proctree.unique([p for p in [*family, *strays] if p.is_running()]))
         for w in workers:
             self.release(w)
-        if self.template is not None:
-            self.template.stop()
+        for template in [*self.retired_templates, self.template]:
+            if template is not None:
+                template.stop()
 
     def _join(self, workers: list[Worker]) -> None:
         deadline = time.monotonic() + STOP_GRACE
@@ -254,12 +280,16 @@ class Workforce:
                 process.join(TERMINATE_GRACE)
 
 
+@dataclass
+class TemplateNews:
+    """What the template's messages ask of the pool."""
+
+    unsafe: str = ""  # why forking it is not safe: start workers directly
+    failure: PoolBrokenError | None = None  # it could not start
+
+
 def _send(w: Worker, message: object) -> None:
     try:
         w.conn.send_bytes(pickle.dumps(message))
     except OSError:
         pass  # the worker is gone
-
-
-def forkable_pipe() -> tuple[Connection, Connection]:
-    return multiprocessing.Pipe(duplex=True)

@@ -4,10 +4,38 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from ._pool import PoolStatistics
+
+@dataclass
+class PoolCounters:
+    """What a pool counts as it runs (its I/O and consumer threads add to it)."""
+
+    tasks_done: int = 0
+    deaths: int = 0
+    restarts: int = 0
+    bytes_moved: int = 0
+    busy: float = 0.0
+    control_messages: int = 0
+    control_bytes: int = 0
+    bytes_sent: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A pool's counters at one moment, with what it holds now."""
+
+    tasks_done: int
+    restarts: int
+    bytes_moved: int
+    busy_seconds: float
+    uptime_seconds: float
+    pending: int
+    running: int
+    control_messages: int
+    control_bytes: int
+    bytes_sent: int
+    slab_batches: int
+    slab_reused: int
 
 
 @dataclass(frozen=True, slots=True)

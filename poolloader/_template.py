@@ -75,9 +75,16 @@ TEMPLATE_STOP_GRACE = 2.0
 # ------------------------------------------------------------ in the template
 
 
+#: The template's process name (``ps -o comm``, ``top``): a template is told from
+#: the workers it forks, which get their name back.
+TEMPLATE_NAME = "pl-template"
+
+
 def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
     """The template process's entry point."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
+    own_name = _process_name()
+    _set_process_name(TEMPLATE_NAME)
     try:
         setup = replace(
             setup,
@@ -92,7 +99,7 @@ def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
         _send(conn, TemplateUnsafe(reason))
         os._exit(0)
     _send(conn, TemplateReady(os.getpid()))
-    _Template(setup, conn).serve()
+    _Template(setup, conn, own_name).serve()
     os._exit(0)  # not multiprocessing's exit: it would wait for the workers
 
 
@@ -101,6 +108,8 @@ def _unsafe_to_fork() -> str:
     if threading.active_count() > 1:
         names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
         return f"unpickling the dataset started threads ({', '.join(names)})"
+    if multiprocessing.get_start_method(allow_none=True) == "fork":
+        return ""  # forked from the main process, as torch's fork workers are: its state
     try:
         import torch
 
@@ -119,9 +128,10 @@ class _Template:
     """The template's state: the materialized setup, the dataset's generation, and
     the workers it forked (by their sentinels)."""
 
-    def __init__(self, setup: _worker.WorkerSetup, conn: Connection) -> None:
+    def __init__(self, setup: _worker.WorkerSetup, conn: Connection, worker_name: str) -> None:
         self.setup = setup
         self.conn = conn
+        self.worker_name = worker_name
         self.sock = socket.socket(fileno=os.dup(conn.fileno()))
         self.children: dict[int, Any] = {}
         self.fork = multiprocessing.get_context("fork")
@@ -151,19 +161,24 @@ class _Template:
         setup = replace(self.setup, worker_id=message.worker_id, base_seed=message.base_seed)
         process = self.fork.Process(
             target=_forked_worker,
-            args=(setup, worker_conn, message.catch_up, (self.conn.fileno(), self.sock.fileno())),
+            args=(setup, worker_conn, message.catch_up, self._fds(), self.worker_name),
             name=f"poolloader-worker-{message.worker_id}",
             daemon=False,
         )
         process.start()
         worker_conn.close()
+        pid = int(process.pid or 0)
         # Opened before the child can be reaped (only this loop reaps it), so the
         # pidfd is the child's even if its pid is later recycled.
-        pidfd = os.pidfd_open(process.pid)
-        _send(self.conn, Forked(message.worker_id, process.pid))
+        pidfd = os.pidfd_open(pid)
+        _send(self.conn, Forked(message.worker_id, message.started, pid))
         sendfds(self.sock, [pidfd])
         os.close(pidfd)
         self.children[process.sentinel] = process
+
+    def _fds(self) -> tuple[int, ...]:
+        """The template's own descriptors, which a forked worker closes."""
+        return self.conn.fileno(), self.sock.fileno()
 
     def _advance(self, updates: tuple[Update, ...]) -> None:
         dataset = self.setup.dataset
@@ -185,12 +200,33 @@ def _forked_worker(
     conn: Connection,
     catch_up: tuple[Update, ...],
     template_fds: tuple[int, ...],
+    name: str,
 ) -> None:
     # The template's connection to the main process must end with the template:
     # a worker holding a copy would hide each one's death from the other.
     for fd in template_fds:
         os.close(fd)
+    _set_process_name(name)
     _worker.run(setup, conn, catch_up)
+
+
+def _process_name() -> str:
+    try:
+        with open("/proc/self/comm") as comm:
+            return comm.read().strip()
+    except OSError:
+        return ""
+
+
+def _set_process_name(name: str) -> None:
+    """Set this process's name as ``ps -o comm`` shows it (Linux; best effort)."""
+    if not name:
+        return
+    try:
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(name[:15])
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------ in the main process
@@ -209,6 +245,7 @@ class Template:
         child.close()
         self.generation = generation  # of the dataset the template holds
         self.ready = False
+        self.stopped = False
         self._lock = threading.Lock()  # the I/O thread reads; a worker's join() may too
         self._exits: dict[int, int] = {}
         self._received: deque[tuple[object, int | None]] = deque()
@@ -218,14 +255,19 @@ class Template:
         return int(self.process.sentinel)
 
     def fork(
-        self, worker_id: int, catch_up: tuple[Update, ...], generation: int, base_seed: int
+        self,
+        worker_id: int,
+        started: float,
+        catch_up: tuple[Update, ...],
+        generation: int,
+        base_seed: int,
     ) -> Connection:
         """Ask for a worker; returns the main process's end of its connection.
 
         Messages sent on it before the worker runs wait for it there."""
         parent, child = multiprocessing.Pipe(duplex=True)
         try:
-            self._send(ForkWorker(worker_id, catch_up, generation, base_seed))
+            self._send(ForkWorker(worker_id, started, catch_up, generation, base_seed))
             sendfds(self._sock, [child.fileno()])
         except OSError:
             pass  # the template died; its sentinel tells the I/O thread
@@ -271,6 +313,9 @@ class Template:
 
     def stop(self) -> None:
         """Stop the template (its workers are stopped by the pool)."""
+        if self.stopped:
+            return
+        self.stopped = True
         try:
             self._send(Stop())
         except OSError:
@@ -279,6 +324,10 @@ class Template:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        self.receive()
+        for _, pidfd in self.take():  # workers forked for a pool that no longer waits
+            if pidfd is not None:
+                os.close(pidfd)
         self._sock.close()
         self.conn.close()
         self.process.close()
@@ -299,11 +348,15 @@ class ForkedProcess:
         return self._template.exit_code(self.pid)
 
     def join(self, timeout: float | None = None) -> None:
-        """Wait until the template reported the exit (or ``timeout`` passed)."""
+        """Wait until the template reported the exit (or ``timeout`` passed). With the
+        template gone, wait for the exit alone: its code is not known then."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.exitcode is None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                return
+            if self._template.stopped:
+                wait([self.sentinel], left)
                 return
             if wait([self._template.conn, self._template.sentinel], left):
                 self._template.receive()

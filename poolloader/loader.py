@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import sys
 import threading
 import weakref
@@ -15,11 +16,11 @@ import torch.utils.data
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.dataloader import _DatasetKind
 
-from . import _pickling, _seeding
+from . import _pickling, _proctree, _seeding
 from ._control import Channel, broadcast_payload
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
-from ._messages import Broadcast, Replace
+from ._messages import Broadcast, PickledObject, Refresh, Replace
 from ._pool import Pool
 from ._resume import (
     STATE_VERSION,
@@ -52,7 +53,7 @@ TRANSPORTS = ("shm", "pickle")
 #: (see DataLoader.__getstate__).
 _PER_OBJECT = frozenset(
     {"_channel", "_stats", "_lock", "_pool", "_pool_key", "_iterators", "_closed",
-     "dataset", "_dataset_target"}
+     "dataset", "_dataset_target", "_snapshot"}
 )  # fmt: skip
 
 
@@ -164,9 +165,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             in_order=in_order,
         )  # fmt: skip
         if num_workers > 0:
-            _resolve_context(self.multiprocessing_context)
-            _pickling.dumps(self.collate_fn, "collate_fn")
-            _pickling.dumps(self.worker_init_fn, "worker_init_fn")
+            inherited = _start_method(self.multiprocessing_context) == "fork"
+            _pickling.ship(self.collate_fn, "collate_fn", inherited=inherited)
+            _pickling.ship(self.worker_init_fn, "worker_init_fn", inherited=inherited)
 
     def _start_afresh(self) -> None:
         """The parts of a loader that belong to this object alone: its control
@@ -176,6 +177,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._lock = threading.Lock()
         self._pool: Pool | None = None
         self._pool_key: tuple[Any, ...] | None = None
+        self._snapshot: bytes | None = None  # the dataset as the pool's template holds it
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
 
     # --------------------------------------------------------- copy, pickle
@@ -280,11 +282,37 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         with self._lock:
             pool = self._ensure_pool(base_seed)
             if pool.epochs_begun > 0 and not self.persistent_workers:
-                snapshot = _pickling.dumps(self._dataset_target, "dataset")
-                self._channel.record(Replace(snapshot))
+                self._start_afresh_each_epoch(pool)
             position = self._next_epoch(iterator)
             pool.begin_epoch(position.epoch, base_seed)
             return position, pool
+
+    def _start_afresh_each_epoch(self, pool: Pool) -> None:
+        """``persistent_workers=False``: this epoch's workers are fresh processes that
+        see the dataset as it is now, as torch's new workers would.
+
+        Workers forked from a template (NOTE [ Templates ]) start afresh from its
+        copy: unchanged, nothing is sent (:class:`Refresh`); changed, the template
+        unpickles the new snapshot once (:class:`Replace`). A dataset that cannot
+        be pickled here (``fork``, or multiprocessing objects inside) gets a new
+        template. Workers started directly load the snapshot themselves."""
+        dataset = self._dataset_target
+        if not pool.forks_workers:
+            self._channel.record(Replace(_pickling.dumps(dataset, "dataset")))
+            return
+        snapshot = None if pool.inherits_dataset else _pickling.dumps_or_none(dataset)
+        if snapshot is None:
+            if not pool.restart_template(dataset):
+                # Another epoch's batches are unfinished: fresh workers come from
+                # the template as it is (changes made through loader.dataset reach
+                # them; changes made to the dataset object directly do not).
+                self._channel.record(Refresh())
+            return
+        if snapshot == self._snapshot:
+            self._channel.record(Refresh())
+        else:
+            self._channel.record(Replace(snapshot))
+            self._snapshot = snapshot
 
     # -------------------------------------------------------------- resume
 
@@ -352,13 +380,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def _start_pool(self, base_seed: int) -> Pool:
         context = _resolve_context(self.multiprocessing_context)
-        self._channel.start(_pickling.dumps(self._dataset_target, "dataset"))
+        inherited = context.get_start_method() == "fork"
+        dataset = _pickling.ship(self._dataset_target, "dataset", inherited=inherited)
+        functions = (self.collate_fn, self.worker_init_fn)
+        self._snapshot = dataset.data if isinstance(dataset, PickledObject) else None
+        self._channel.start(self._snapshot)
         transport = self._make_transport()
         setup = WorkerSetup(
             worker_id=-1,
             num_workers=self.num_workers,
-            dataset=b"",
-            functions=_pickling.dumps((self.collate_fn, self.worker_init_fn), "collate_fn"),
+            dataset=dataset,
+            functions=_pickling.ship(functions, "collate_fn", inherited=inherited),
             dataset_kind=self._dataset_kind,
             auto_collation=self._auto_collation,
             drop_last=self.drop_last,
@@ -366,6 +398,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             base_seed=base_seed,
             packer_factory=transport.packer_factory(),
             collate_privately=isinstance(transport, SlabTransport),
+            main_pid=os.getpid(),
+            main_started=_proctree.created(os.getpid()),
         )
         pool = Pool(
             context=context,
@@ -375,6 +409,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             transport=transport,
             max_restarts=self.max_worker_restarts,
             resumable=self._dataset_kind == _DatasetKind.Map,
+            dataset=self._dataset_target,
         )
         pool.start()
         return pool
@@ -446,19 +481,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
 
 def _resolve_context(context: Any) -> Any:
+    """The multiprocessing context workers start with: spawn unless the loader
+    says otherwise (torch resolved a string to a context already)."""
     if context is None:
         return multiprocessing.get_context("spawn")
-    method = context.get_start_method()
-    if method == "fork":
-        raise ValueError(
-            "poolloader workers need the 'spawn' or 'forkserver' start method, but got "
-            "multiprocessing_context='fork': forking a process that runs threads (the loader's "
-            "I/O thread, torch's thread pools) can deadlock the child. Use 'forkserver' for "
-            "fast starts."
-        )
-    if method == "forkserver":
-        context.set_forkserver_preload(["__main__", "poolloader._worker"])
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(["__main__", "poolloader._template"])
     return context
+
+
+def _start_method(context: Any) -> str:
+    return "spawn" if context is None else str(context.get_start_method())
 
 
 def _check_count(name: str, value: object, *, allow_negative: bool = False) -> None:

@@ -29,6 +29,7 @@ from _faults import (
 )
 
 from poolloader import DataLoader
+from poolloader._template import TEMPLATE_NAME
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 #: Seconds processes get to disappear after the event that should end them.
@@ -81,11 +82,24 @@ def descendant_pids() -> set[int]:
 
 
 def worker_pids() -> set[int]:
-    """The worker processes alive now (Python descendants that are not helpers)."""
+    """The worker processes alive now: Python descendants that are neither helpers
+    nor the template processes workers are forked from."""
     found = set()
     for pid in descendant_pids():
         try:
             if psutil.Process(pid).name().startswith("python"):
+                found.add(pid)
+        except psutil.Error:
+            pass
+    return found - template_pids()
+
+
+def template_pids() -> set[int]:
+    """The template processes alive now (see NOTE [ Templates ])."""
+    found = set()
+    for pid in descendant_pids():
+        try:
+            if psutil.Process(pid).name() == TEMPLATE_NAME:
                 found.add(pid)
         except psutil.Error:
             pass

@@ -45,10 +45,12 @@ def helpers_started_once():
     the descriptors they keep open are not counted against whichever test happened
     to need them first."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["__main__", "poolloader._worker"]
+        ["__main__", "poolloader._template"]
     )
     forkserver.ensure_running()
     resource_tracker.ensure_running()
+    # multiprocessing's heap keeps its first arena (where Value and Array live) for good.
+    arena = multiprocessing.get_context("spawn").Value("i", 0)
     try:  # tqdm (the benchmark's progress bar) keeps a multiprocessing lock for good
         import tqdm
 
@@ -56,6 +58,7 @@ def helpers_started_once():
     except ImportError:
         pass
     yield
+    del arena
 
 
 def _children() -> set[int]:

@@ -432,7 +432,8 @@ def test_workers_map_the_dataset_instead_of_copying_it(tmp_path):
         seen = [item["id"] for batch in loader for item in batch]
         holders = _mappers(rows)
     assert seen == list(ds.ids)
-    assert os.getpid() in holders and len(holders) == 3  # the main process and both workers
+    # The main process, the template the workers are forked from, and both workers.
+    assert os.getpid() in holders and len(holders) == 4
 
 
 def test_no_file_stays_open_between_items(corpora):

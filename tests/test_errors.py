@@ -181,6 +181,9 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
     done = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120
     )
-    assert "WorkerStartError: DataLoader worker 0" in done.stdout, done.stdout + done.stderr
+    # The template process, which workers are forked from, is the first to import it.
+    assert "WorkerStartError: The process DataLoader workers are forked from" in done.stdout, (
+        done.stdout + done.stderr
+    )
     assert "exited while starting (exit code 1)" in done.stdout
     assert "if __name__ == '__main__':" in done.stdout

@@ -38,6 +38,7 @@ from _procs import (
     live_grandchildren,
     logged_warnings,
     still_alive,
+    template_pids,
     torch_batches,
     wait_gone,
     wait_until,
@@ -66,7 +67,7 @@ def test_a_dataset_exception_is_not_a_crash(
     with fault_loader(dataset, start_method, batch_size=2) as loader:
         iterator = iter(loader)
         got = [next(iterator), next(iterator)]
-        workers = worker_pids()
+        templates = template_pids()
         with pytest.raises(CorruptItemError) as info:
             next(iterator)
         got += list(iterator)
@@ -76,7 +77,8 @@ def test_a_dataset_exception_is_not_a_crash(
         assert_batches(got, want[:2] + want[3:])
         with pytest.raises(CorruptItemError):
             list(loader)
-        assert worker_pids() == workers
+        # Each epoch's workers are fresh (persistent_workers=False), from the same template.
+        assert template_pids() == templates
     assert logged_warnings(caplog) == []
 
 
@@ -120,17 +122,17 @@ def test_hang_with_timeout_raises_and_close_reaps_the_hung_worker(
 
 def test_exception_in_the_training_loop_leaves_the_loader_usable() -> None:
     """An exception raised by the loop body, mid-epoch: the next epoch is whole,
-    served by the same workers."""
+    served by workers forked from the same template, none replaced."""
     dataset = Faulty(20)
     with fault_loader(dataset, batch_size=2) as loader:
         next(iter(loader))
-        workers = worker_pids()
+        templates = template_pids()
         with pytest.raises(ArithmeticError, match="loss is nan"):
             for k, _ in enumerate(loader):
                 if k == 3:
                     raise ArithmeticError("loss is nan")
         assert_batches(list(loader), torch_batches(dataset, batch_size=2))
-        assert worker_pids() == workers
+        assert template_pids() == templates
         assert loader.statistics().restarts == 0
 
 

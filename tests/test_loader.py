@@ -140,7 +140,6 @@ def test_invalid_arguments_raise_like_torch(kwargs):
         ({"seeding": "epoch"}, ValueError, "seeding should be 'batch' or 'worker', but got seeding='epoch'"),
         ({"reorder_buffer": -1}, ValueError, "reorder_buffer should be a non-negative integer, but got reorder_buffer=-1"),
         ({"max_worker_restarts": 1.5}, TypeError, "max_worker_restarts should be a non-negative integer, but got max_worker_restarts=1.5"),
-        ({"num_workers": 1, "multiprocessing_context": "fork"}, ValueError, "need the 'spawn' or 'forkserver' start method"),
     ],
 )  # fmt: skip
 def test_invalid_extra_options(kwargs, error, message):
@@ -182,13 +181,17 @@ def _info(item):
     }
 
 
-def test_epochs_reuse_the_same_processes():
-    with DataLoader(Plain(8), batch_size=2, num_workers=2,
-                    multiprocessing_context="forkserver") as loader:  # fmt: skip
-        list(loader)
-        first = set(loader._pool.worker_pids)
-        list(loader)
-        assert set(loader._pool.worker_pids) == first
+def test_epochs_start_no_new_interpreter():
+    """Persistent workers serve every epoch; without them each epoch's workers are
+    fresh processes (torch's meaning) forked from the same template, which stays."""
+    for persistent in (True, False):
+        with DataLoader(Plain(8), batch_size=2, num_workers=2, persistent_workers=persistent,
+                        multiprocessing_context="forkserver") as loader:  # fmt: skip
+            list(loader)
+            first, template = set(loader._pool.worker_pids), loader._pool.template_pid
+            list(loader)
+            assert (set(loader._pool.worker_pids) == first) is persistent
+            assert loader._pool.template_pid == template
 
 
 def test_non_persistent_epochs_see_the_dataset_as_it_is():

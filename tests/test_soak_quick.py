@@ -37,7 +37,9 @@ def test_quick_soak_loses_nothing_and_holds_steady(start_method: str) -> None:
     assert report.delivered == report.expected == 2 * 200 + 2 * 100
     assert (report.duplicated, report.lost, report.out_of_order, report.corrupt) == (0, 0, 0, 0)
     assert (report.kills, report.abandoned, report.abandoned_kills) == (2, 2, 2)
-    assert report.restarts == report.kills + report.abandoned_kills
+    # A worker killed in an abandoned epoch may be one that was about to start afresh
+    # for the next epoch anyway (persistent_workers=False): then nothing is replaced.
+    assert report.kills <= report.restarts <= report.kills + report.abandoned_kills
     assert report.first is not None and report.last is not None
     growth = report.growth()
     assert growth.threads == 0, report.lines()
