@@ -92,6 +92,13 @@ class PoolIterator(_BaseDataLoaderIter):
         if self._pinner is not None:
             self._pinner.shutdown(wait=False, cancel_futures=True)
 
+    def _shutdown_workers(self) -> None:
+        """torch's name, which Lightning and torch's tests call on a persistent
+        iterator: stop the workers. The loader starts new ones when iterated again."""
+        self.close()
+        if not self._pool.foreign:
+            self._pool.close()
+
     def __del__(self) -> None:
         try:
             self.close()

@@ -48,10 +48,15 @@ class Task:
 
 @dataclass(frozen=True, slots=True)
 class EpochStart:
-    """Sent to a worker before its first task of an epoch."""
+    """Sent to a worker before its first task of an epoch.
+
+    ``shared_seed``: for an ``IterDataPipe`` dataset, the seed its random
+    operations (shuffle) take this epoch, the same in every worker, as torch
+    seeds them."""
 
     epoch: int
     base_seed: int
+    shared_seed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

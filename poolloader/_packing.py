@@ -9,6 +9,12 @@ sparse and quantized tensors, tensor subclasses, tensors that need grad, object
 arrays) is pickled the way torch's own loader pickles it, with
 multiprocessing's ``ForkingPickler`` and torch's reducers.
 
+NOTE [ Views ]: a tensor that is a view (strided, offset, or part of a bigger
+storage) travels as its whole storage, once per batch, plus its size, strides
+and offset, so that it arrives as torch's loader delivers it: the same strides,
+and views of one storage in a batch still share it (a write through one shows
+in the others). Other tensors travel as their own contiguous bytes.
+
 NOTE [ Slab fallback ]: when a batch fits no slab and no slab is free (the
 consumer holds them all), the batch travels through fresh shared memory
 instead. Tensors that collation already wrote into a slab are *copied* out
@@ -182,15 +188,21 @@ class SkeletonPickler(TorchPickler):
     Tensors that collation already wrote into the staging slab are described
     where they lie; the others are assigned space after them (``blocks``)."""
 
-    def __init__(self, file: io.BytesIO, staging: _Slab | None) -> None:
+    def __init__(
+        self, file: io.BytesIO, staging: _Slab | None, shared: frozenset[int] = frozenset()
+    ) -> None:
         super().__init__(file)
         self.staging = staging
+        self.shared = shared  # storages several tensors of the batch view
         self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
         self.staged = 0  # tensors found already in the staging slab
         self.size = staging.top if staging is not None else 0
         self.data_bytes = 0  # bytes of every tensor and array, wherever it travels
+        self.storages: dict[tuple[int, int], int] = {}  # views' storages sent so far
 
     def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor and self._keeps_layout(obj):
+            return self._storage_view(obj)
         found = _slab_candidate(obj)
         if found is None:
             if isinstance(obj, torch.Tensor):
@@ -211,6 +223,41 @@ class SkeletonPickler(TorchPickler):
         self.size = _aligned(offset + size)
         return ("slab", kind, dtype, tuple(data.shape), offset, size)
 
+    def _keeps_layout(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view (strides, an offset, or a storage bigger than
+        itself) that should arrive as one, as torch's loader delivers it: views of
+        one storage keep sharing it. A plain tensor, or one that cannot travel as
+        bytes, or one in the staging slab, goes the usual way."""
+        if _slab_candidate(tensor) is None or tensor.is_conj() or tensor.is_neg():
+            return False
+        storage = tensor.untyped_storage()
+        staging = self.staging
+        if staging is not None and storage.data_ptr() == staging.base:
+            return False
+        whole = storage.nbytes() == tensor.element_size() * tensor.numel()
+        plain = tensor.is_contiguous() and tensor.storage_offset() == 0 and whole
+        return not plain or storage.data_ptr() in self.shared
+
+    def _storage_view(self, tensor: torch.Tensor) -> tuple[Any, ...]:
+        """A view of a storage sent once per batch (NOTE [ Views ])."""
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        shape = (str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()))
+        view = ("view", *shape, tensor.storage_offset())
+        index = self.storages.get(key)
+        if index is not None:
+            return (*view, index, None)
+        index = self.storages[key] = len(self.storages)
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+        size = flat.numel()
+        self.data_bytes += size
+        if size < INLINE_BYTES:
+            return (*view, index, ("inline", flat.numpy().tobytes()))
+        offset = self.size
+        self.blocks.append((offset, flat))
+        self.size = _aligned(offset + size)
+        return (*view, index, ("slab", offset, size))
+
     def _staged_offset(self, data: Any, size: int) -> int | None:
         staging = self.staging
         if staging is None or not isinstance(data, torch.Tensor):
@@ -219,6 +266,41 @@ class SkeletonPickler(TorchPickler):
         if offset >= 0 and offset + size <= staging.top:
             return offset
         return None
+
+
+class _StorageCounter(pickle.Pickler):
+    """Walks a batch as pickling would, counting the tensors on each storage."""
+
+    def __init__(self) -> None:
+        super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
+        self.seen: dict[int, int] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
+                ptr = obj.untyped_storage().data_ptr()
+                self.seen[ptr] = self.seen.get(ptr, 0) + 1
+            return 0
+        if isinstance(obj, np.ndarray):
+            return 0
+        return None
+
+
+class _NullSink(io.RawIOBase):
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+def shared_storages(batch: Any) -> frozenset[int]:
+    """The storages (by address) that more than one tensor of ``batch`` views."""
+    if isinstance(batch, torch.Tensor):  # the most common batch: nothing to share
+        return frozenset()
+    counter = _StorageCounter()
+    try:
+        counter.dump(batch)
+    except Exception:
+        return frozenset()  # the real pickling will say what is wrong
+    return frozenset(ptr for ptr, count in counter.seen.items() if count > 1 and ptr)
 
 
 def _aligned(n: int) -> int:
@@ -348,7 +430,7 @@ class SlabPacker:
 
     def pack(self, batch: Any) -> tuple[Any, int]:
         buffer = io.BytesIO()
-        pickler = SkeletonPickler(buffer, self._staging)
+        pickler = SkeletonPickler(buffer, self._staging, shared_storages(batch))
         pickler.dump(batch)
         check_size(pickler.data_bytes, self._config.max_batch_bytes)
         if not pickler.blocks and not pickler.staged:

@@ -299,10 +299,10 @@ class Pool:
 
     # ----------------------------------------------------------- submitting
 
-    def begin_epoch(self, epoch: int, base_seed: int) -> None:
+    def begin_epoch(self, epoch: int, base_seed: int, shared_seed: int | None = None) -> None:
         with self._lock:
             self.epochs_begun += 1
-            self._epochs[epoch] = EpochStart(epoch, base_seed)
+            self._epochs[epoch] = EpochStart(epoch, base_seed, shared_seed)
             self._workforce.base_seed = base_seed
             self._trim_control_log(self._channel.stamp())
 

@@ -34,6 +34,7 @@ import torch
 
 SEEDING_POLICIES = ("batch", "worker")
 _MASK32 = 0xFFFFFFFF
+SEED_MASK = 2**63 - 1
 
 
 def batch_seed_state(base_seed: int, epoch: int, position: int) -> np.ndarray:
@@ -52,7 +53,9 @@ def seed_batch(
     """Seed ``random``, NumPy and torch for batch ``position`` of ``epoch``, except
     the generators named in ``leave`` (those ``worker_init_fn`` took over)."""
     state = batch_seed_state(base_seed, epoch, position)
-    seed64 = int(state[0]) | (int(state[1]) << 32)
+    # 63 bits, as torch's worker seeds have: code that puts torch.initial_seed()
+    # into a tensor (int64) keeps working.
+    seed64 = (int(state[0]) | (int(state[1]) << 32)) & SEED_MASK
     if "random" not in leave:
         random.seed(seed64)
     if "torch" not in leave:

@@ -87,8 +87,26 @@ class _SkeletonUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, owner: np.ndarray | None) -> None:
         super().__init__(io.BytesIO(data))
         self._owner = owner
+        self._storages: dict[int, torch.Tensor] = {}  # NOTE [ Views ] in _packing.py
+
+    def _view_of_storage(
+        self, dtype: str, shape: Any, stride: Any, offset: int, index: int, where: Any
+    ) -> torch.Tensor:
+        if where is not None:
+            if where[0] == "inline":
+                flat = torch.frombuffer(bytearray(where[1]), dtype=torch.uint8)
+            elif self._owner is None:
+                raise TypeError("a batch laid out in a slab arrived without its slab")
+            else:
+                flat = torch.frombuffer(self._owner, dtype=torch.uint8, count=where[2],
+                                        offset=where[1])  # fmt: skip
+            self._storages[index] = flat
+        typed = self._storages[index].view(_torch_dtype(dtype))
+        return typed.as_strided(shape, stride, offset)
 
     def persistent_load(self, pid: Any) -> Any:
+        if pid[0] == "view":
+            return self._view_of_storage(*pid[1:])
         where, kind, dtype, shape = pid[:4]
         if where == "inline":
             return _from_bytes(kind, dtype, shape, pid[4])

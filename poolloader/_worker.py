@@ -242,10 +242,22 @@ class _State:
         self.epoch = message.epoch
         self.exhausted = False
         self.fetcher = None
+        if message.shared_seed is not None:
+            self._seed_datapipe(message.shared_seed)
         if message.base_seed != self.base_seed:
             # A new base seed means what new workers would mean to torch: reseed.
             self.base_seed = message.base_seed
             self._set_info(_seeding.seed_worker(self.base_seed, self.setup.worker_id))
+
+    def _seed_datapipe(self, shared_seed: int) -> None:
+        """Seed an IterDataPipe's random operations as torch's workers do, each epoch."""
+        from torch.utils.data import IterDataPipe
+        from torch.utils.data.graph_settings import apply_random_seed
+
+        if isinstance(self.dataset, IterDataPipe):
+            rng = torch.Generator()
+            rng.manual_seed(shared_seed)
+            self.dataset = apply_random_seed(self.dataset, rng)
 
     def apply(self, update: Update) -> None:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
 import os
@@ -284,7 +285,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             if pool.epochs_begun > 0 and not self.persistent_workers:
                 self._start_afresh_each_epoch(pool)
             position = self._next_epoch(iterator)
-            pool.begin_epoch(position.epoch, base_seed)
+            pool.begin_epoch(position.epoch, base_seed, iterator._shared_seed)
             return position, pool
 
     def _start_afresh_each_epoch(self, pool: Pool) -> None:
@@ -382,7 +383,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         context = _resolve_context(self.multiprocessing_context)
         inherited = context.get_start_method() == "fork"
         dataset = _pickling.ship(self._dataset_target, "dataset", inherited=inherited)
-        functions = (self.collate_fn, self.worker_init_fn)
+        functions = (self.collate_fn, self._worker_init())
         self._snapshot = dataset.data if isinstance(dataset, PickledObject) else None
         self._channel.start(self._snapshot)
         transport = self._make_transport()
@@ -413,6 +414,20 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         )
         pool.start()
         return pool
+
+    def _worker_init(self) -> Callable[[int], None] | None:
+        """``worker_init_fn``, wrapped as torch wraps it for a DataPipe dataset: each
+        worker (of each rank) first takes its shard of the pipe."""
+        from torch.utils.data import IterDataPipe, MapDataPipe
+        from torch.utils.data.dataloader import (
+            _get_distributed_settings,
+            _sharding_worker_init_fn,
+        )
+
+        if not isinstance(self._dataset_target, (IterDataPipe, MapDataPipe)):
+            return self.worker_init_fn
+        world_size, rank = _get_distributed_settings()
+        return functools.partial(_sharding_worker_init_fn, self.worker_init_fn, world_size, rank)
 
     def _make_transport(self) -> PickleTransport | SlabTransport:
         if self.transport == "pickle":

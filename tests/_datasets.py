@@ -395,3 +395,16 @@ class CountedWithValue(Counted):
     def __iter__(self):
         for item in super().__iter__():
             yield (item, self.value)
+
+
+class Views(Dataset):
+    """Item i: a tensor and views of it (a slice, a transpose, an offset row), some
+    small enough to travel inline, some through a slab."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        side = 8 if i % 2 else 256
+        base = torch.arange(side * side, dtype=torch.float32).reshape(side, side) + i
+        return {"base": base, "t": base.T, "row": base[3], "cols": base[:, 1:3], "other": base + 1}

@@ -285,3 +285,25 @@ def test_tensors_that_cannot_be_laid_out_travel_as_torch_sends_them(transport):
             a, b = dense(value), dense(original)
             pairs = zip(a, b, strict=True) if isinstance(a, list) else [(a, b)]
             assert all(torch.equal(x, y) for x, y in pairs), key
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_views_keep_their_strides_and_their_shared_storage_as_with_torch(transport):
+    """NOTE [ Views ] in _packing.py: a view arrives with torch's strides and
+    offset, and views of one storage in a batch share it, as torch's loader gives."""
+    from _datasets import Views, keep_items
+
+    def layout(item):
+        storage = {k: v.untyped_storage().data_ptr() for k, v in item.items()}
+        shares = {(a, b) for a in item for b in item if a < b and storage[a] == storage[b]}
+        return {k: (v.stride(), v.storage_offset()) for k, v in item.items()}, shares
+
+    theirs = torch.utils.data.DataLoader(Views(), batch_size=2, collate_fn=keep_items,
+                                         num_workers=2)  # fmt: skip
+    with _loader(Views(), batch_size=2, collate_fn=keep_items, transport=transport) as ours:
+        for got, want in zip(ours, theirs, strict=True):
+            for a, b in zip(got, want, strict=True):
+                assert layout(a) == layout(b)
+                assert all(torch.equal(a[k], b[k]) for k in a)
+                a["base"][3, 0] = -1.0
+                assert a["row"][0] == -1.0 and a["t"][0, 3] == -1.0  # one storage
