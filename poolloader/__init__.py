@@ -2,22 +2,28 @@
 
 ::
 
-  main process                                   workers (spawn/forkserver, not daemonic)
-  ┌──────────────────────────────────────────┐   ┌───────────────────────────────────────┐
-  │ DataLoader (a torch DataLoader subclass) │   │ start: dataset, collate_fn and        │
-  │  iterator: sampler → batch specs         │   │   worker_init_fn arrive once, cached  │
-  │   ≤ prefetch_factor*num_workers running  │   │ inbox thread: reads the connection,   │
-  │  pool: pending tasks → a free worker,    ├──►│   exits if the main process dies      │
-  │   the control updates it lacks first     │   │ update → change the cached dataset    │
-  │  I/O thread: results, deaths, respawns   │◄──┤ task → seed, fetch, collate, pack     │
-  │  loader.dataset: records changes         │   │ stop → end own process tree, exit     │
-  └──────────────────────────────────────────┘   └───────────────────────────────────────┘
+  main process                                 template (spawn/forkserver/fork)
+  ┌──────────────────────────────────────────┐   ┌──────────────────────────────┐
+  │ DataLoader (a torch DataLoader subclass) │   │ dataset, collate_fn and      │
+  │  iterator: sampler → batch specs         ├──►│   worker_init_fn, once       │
+  │   ≤ prefetch_factor*num_workers running  │   │ fork ──► workers (not daemonic)
+  │  pool: pending tasks → a free worker,    │   └──────────┬───────────────────┘
+  │   the control updates it lacks first     │   ┌──────────▼────────────────────┐
+  │  I/O thread: results, deaths, respawns   ├──►│ inbox thread: reads the       │
+  │  loader.dataset: records changes         │   │   connection, exits when the  │
+  │                                          │◄──┤   main process dies           │
+  └──────────────────────────────────────────┘   │ update → change the dataset   │
+                                                 │ task → seed, fetch, collate,  │
+                                                 │   pack into shared memory     │
+                                                 │ stop → end own process tree   │
+                                                 └───────────────────────────────┘
 
 Data flows one way: sampler → batch spec → worker → batch → consumer. Control
 flows beside it: each change to ``loader.dataset`` (or ``loader.broadcast``)
 bumps a generation number, and a worker receives the changes it lacks right
 before the first task that must see them (NOTE [ Control ordering ] in
-``_control.py``).
+``_control.py``). Workers are forked from the template, which holds the dataset
+(NOTE [ Templates ] in ``_template.py``).
 
 Big read-only data, such as a manifest of a million rows, goes in a
 :class:`SharedList` or :class:`SharedDict`: built once in the main process, it

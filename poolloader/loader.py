@@ -66,12 +66,14 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     change the import and everything else stays. Only these differ:
 
     * Workers (``num_workers > 0``) start with ``"spawn"`` unless
-      ``multiprocessing_context`` says ``"forkserver"`` (``"fork"`` is refused:
-      the loader runs threads). They are **not daemonic**, so dataset code may
-      start processes of its own, and they live as long as the loader: a new
-      epoch starts no processes. ``persistent_workers=False`` still gives each
-      epoch a fresh copy of the dataset, as torch does, by sending it to the
-      live workers.
+      ``multiprocessing_context`` says ``"forkserver"`` or ``"fork"``. One
+      *template* process receives the dataset, ``collate_fn`` and
+      ``worker_init_fn`` once and forks every worker, so the dataset is pickled
+      once per loader and workers start in milliseconds; with ``"fork"`` it is
+      inherited, never pickled. Workers are **not daemonic**, so dataset code may
+      start processes of its own. ``persistent_workers=False`` gives each epoch
+      fresh workers that see the dataset as it is, as torch does, forked from
+      the template instead of started from scratch.
     * A free worker takes the next batch; one slow batch does not hold up the
       others. Batches still arrive in sampler order unless ``in_order=False``.
     * ``loader.dataset`` is a live view: whatever changes the dataset through
