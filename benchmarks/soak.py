@@ -176,26 +176,38 @@ class Killer:
     def __init__(self, every: int, rng: random.Random, workers: Callable[[], list[int]]) -> None:
         self.every, self.rng, self.workers = every, rng, workers
         self.count = 0
+        self.seen = 0  # batches of whole epochs seen
         self.victims: list[psutil.Process] = []
 
-    def saw(self, delivered: int) -> None:
-        # Halfway through each stretch, so that no kill lands after the last batch.
-        if self.every and delivered % self.every == self.every // 2:
+    def saw(self) -> None:
+        """One more batch of a whole epoch. Kills land halfway through each stretch
+        of whole epochs' batches, so that none lands after an epoch's last batch
+        (a worker killed there is idle, and replaced unnoticed by the next epoch's
+        fresh start)."""
+        self.seen += 1
+        if self.every and self.seen % self.every == self.every // 2:
             self.kill_one()
 
-    def kill_one(self) -> int:
-        """SIGKILL one live worker, picked at random; how many were killed (0 or 1)."""
-        candidates = sorted(p for p in self.workers() if p and _alive(p))
-        if not candidates:
-            return 0
-        try:
-            victim = psutil.Process(self.rng.choice(candidates))
-            victim.kill()
-        except psutil.Error:
-            return 0
-        self.victims.append(victim)
-        self.count += 1
-        return 1
+    def kill_one(self, within: float = 10.0) -> int:
+        """SIGKILL one live worker, picked at random; how many were killed (0 or 1).
+        A worker that is being replaced has no pid yet: wait up to ``within``
+        seconds for one to run."""
+        deadline = time.monotonic() + within
+        while True:
+            candidates = sorted(p for p in self.workers() if p and _alive(p))
+            if candidates:
+                try:
+                    victim = psutil.Process(self.rng.choice(candidates))
+                    victim.kill()
+                except psutil.Error:
+                    pass  # it ended meanwhile: pick again
+                else:
+                    self.victims.append(victim)
+                    self.count += 1
+                    return 1
+            if time.monotonic() > deadline:
+                return 0
+            time.sleep(0.01)
 
 
 def _check_epoch(report: SoakReport, positions: list[int], length: int) -> None:
@@ -294,7 +306,7 @@ def _soak_epoch(
         report.delivered += 1
         del batch
         if not abandon:
-            killer.saw(report.delivered)
+            killer.saw()
         elif len(positions) == slow_from:
             loader.dataset.delay = ABANDON_DELAY  # the batches loaded from here on are slow
         elif len(positions) == half:
