@@ -30,6 +30,8 @@ from ._pool import Ended, Loaded, Lost, Outcome, Raised, TaskRecord
 from ._resume import EpochStart
 from .errors import LoaderTimeoutError
 
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
 if TYPE_CHECKING:
     from .loader import DataLoader
 
@@ -55,6 +57,17 @@ class PoolIterator(_BaseDataLoaderIter):
         self._pinner = _start_pinner() if self._pin_memory else None
         self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
         self._start_epoch(loader, epoch_start)
+
+    def __next__(self) -> Any:
+        # torch wraps each step in a profiler range (about 8 µs even when nothing
+        # records it); the range is kept whenever a profiler is on.
+        if self._iterable or _profiler_enabled():
+            return super().__next__()  # (with torch's IterableDataset length warning)
+        if self._sampler_iter is None:
+            self._reset()  # type: ignore[call-arg]
+        data = self._next_data()
+        self._num_yielded += 1
+        return data
 
     # ------------------------------------------------------------ epochs
 
@@ -111,10 +124,11 @@ class PoolIterator(_BaseDataLoaderIter):
         return sum(1 for r in self._window if not r.future.done())
 
     def _fill(self) -> None:
-        while (
-            not self._sampler_done
-            and len(self._window) < self._window_limit()
-            and self._unfinished() < self._limit
+        # Below the limit the window may always grow (its unfinished batches are
+        # fewer still); only beyond it are the slower checks needed.
+        while not self._sampler_done and (
+            len(self._window) < self._limit
+            or (self._unfinished() < self._limit and len(self._window) < self._window_limit())
         ):
             self._submit_next()
 

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._messages import message
 from .errors import ResultTooLargeError
 
 #: Tensors and arrays smaller than this travel inside the pickled skeleton:
@@ -80,21 +81,21 @@ def check_size(size: int, limit: int | None) -> None:
 # ------------------------------------------------------------------ payloads
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Pickled:
     """A batch pickled with ForkingPickler (tensors in fresh shared memory)."""
 
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class Inline:
     """A batch whose data all travelled inside its pickled skeleton."""
 
     skeleton: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@message
 class InSlab:
     """A batch whose large tensors and arrays are in slab ``slab`` of the worker."""
 

@@ -33,7 +33,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from multiprocessing.connection import wait
 from typing import Any
 
 from . import _worker
@@ -59,6 +58,7 @@ from ._messages import (
 )
 from ._packing import out_of_descriptors
 from ._pickling import not_picklable
+from ._polling import Entry, Watchlist, readable
 from ._processes import Worker, Workforce
 from ._stats import PoolCounters, PoolStatistics
 from ._tasks import (
@@ -169,6 +169,7 @@ class Pool:
         self._workers: list[Worker] = []
         self._retiring: list[Worker] = []  # workers stopped to start afresh
         self._epochs: dict[int, EpochStart] = {}
+        self._trimmed_at = -1  # the generation the control log was last trimmed at
         self.epochs_begun = 0
         self._seq = itertools.count()
         self._broken: PoolBrokenError | None = None
@@ -179,6 +180,7 @@ class Pool:
         self._started_at = time.monotonic()
         self._owner = os.getpid()  # a forked child holds a copy it must not act on
         self._wakeup_r, self._wakeup_w = os.pipe()
+        self._watch = Watchlist()
         os.set_blocking(self._wakeup_w, False)
         self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
 
@@ -327,7 +329,9 @@ class Pool:
     def _stamp(self) -> int:
         """The generation a new task sees (lock held); see NOTE [ Control ordering ]."""
         generation = self._channel.stamp()
-        self._trim_control_log(generation)
+        if generation != self._trimmed_at:  # nothing new to drop otherwise
+            self._trim_control_log(generation)
+            self._trimmed_at = generation
         return generation
 
     def _trim_control_log(self, generation: int) -> None:
@@ -492,35 +496,26 @@ class Pool:
 
     def _io_step(self) -> None:
         with self._lock:
-            live = [w for w in self._workers if not w.dead]
-            by_conn = {w.conn: w for w in live}
-            by_sentinel = {w.process.sentinel: w for w in live if w.process is not None}
-            retiring = {w.process.sentinel: w for w in self._retiring if w.process is not None}
             template = self._workforce.template
-            templates = {t.conn: t for t in [*self._workforce.retired_templates, template] if t}
-        extra = [template.sentinel] if template is not None else []
-        template_sentinel = extra[0] if extra else None
-        waited = [*by_conn, *by_sentinel, *retiring, *templates, *extra, self._wakeup_r]
-        ready = wait(waited, timeout=IO_POLL_INTERVAL)
-        if self._wakeup_r in ready:
+            signature = self._watch_signature(template)
+        ready = self._watch.wait(signature, self._watch_entries, IO_POLL_INTERVAL)
+        by_role: dict[str, list[Any]] = {}
+        for role, obj in ready:
+            by_role.setdefault(role, []).append(obj)
+        if "wake" in by_role:
             os.read(self._wakeup_r, 4096)
-        for obj in ready:
-            if obj in templates:
-                self._on_template(templates[obj])
-        for obj in ready:
-            if obj in by_conn:
-                self._drain(by_conn[obj])
-        for obj in ready:
-            w = by_sentinel.get(obj) or retiring.get(obj)
-            if w is None:
-                continue
+        for t in by_role.get("template", ()):
+            self._on_template(t)
+        for w in by_role.get("conn", ()):
+            self._drain(w, known_ready=True)
+        for w in [*by_role.get("sentinel", ()), *by_role.get("retiring", ())]:
             with self._lock:
                 retired = w in self._retiring  # perhaps since the wait began
             if retired:
                 self._on_retired(w)
-            elif not self._closing:
+            elif not self._closing and not w.dead:
                 self._on_exit(w)
-        if template_sentinel in ready and not self._closing:
+        if by_role.get("template-exit") and not self._closing:
             with self._lock:  # (unless it was replaced meanwhile: then it was stopped)
                 error = (
                     self._workforce.template_died()
@@ -532,6 +527,34 @@ class Pool:
         with self._lock:
             if not self._closing and self._broken is None:
                 self._dispatch()
+
+    def _watch_signature(self, template: Any) -> tuple[Any, ...]:
+        """What the I/O thread watches, as identities (lock held; NOTE [ Watch
+        signature ] in ``_polling.py``)."""
+        return (
+            tuple((id(w), w.dead, id(w.process)) for w in self._workers),
+            tuple(id(w.process) for w in self._retiring),
+            id(template),
+            tuple(map(id, self._workforce.retired_templates)),
+        )
+
+    def _watch_entries(self) -> list[Entry]:
+        """The descriptors behind :meth:`_watch_signature`: each live worker's
+        connection and sentinel, retiring workers' sentinels, the templates'
+        connections, the current template's sentinel and the wake-up pipe."""
+        with self._lock:
+            live = [w for w in self._workers if not w.dead and not w.conn.closed]
+            retiring = [w for w in self._retiring if w.process is not None]
+            template = self._workforce.template
+            templates = [t for t in [*self._workforce.retired_templates, template] if t]
+            entries: list[Entry] = [(w.conn.fileno(), "conn", w) for w in live]
+            entries += [(int(w.process.sentinel), "sentinel", w) for w in live if w.process]
+            entries += [(int(w.process.sentinel), "retiring", w) for w in retiring]
+            entries += [(t.conn.fileno(), "template", t) for t in templates if not t.conn.closed]
+            if template is not None:
+                entries.append((template.sentinel, "template-exit", template))
+        entries.append((self._wakeup_r, "wake", None))
+        return entries
 
     def _wake(self) -> None:
         try:
@@ -571,14 +594,17 @@ class Pool:
         with self._lock:
             self._workforce.stop_idle_templates([*self._workers, *self._retiring])
 
-    def _drain(self, w: Worker) -> None:
+    def _drain(self, w: Worker, known_ready: bool = False) -> None:
+        """Handle every message waiting on ``w``'s connection (the first without
+        looking when the watchlist said it is ready)."""
         while True:
             try:
-                if not w.conn.poll(0):
+                if not known_ready and not readable(w.conn.fileno()):
                     return
+                known_ready = False
                 message = pickle.loads(w.conn.recv_bytes())
-            except (EOFError, OSError):
-                return  # the worker died; its sentinel tells
+            except (EOFError, OSError, ValueError):
+                return  # the worker died (its sentinel tells), or its connection closed
             if isinstance(message, Done):
                 self._transport.receive(w.identity, message.payload)
             self._handle(w, message)
