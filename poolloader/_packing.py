@@ -82,6 +82,7 @@ def check_size(size: int, limit: int | None) -> None:
 
 
 @message
+@dataclass(frozen=True, slots=True)
 class Pickled:
     """A batch pickled with ForkingPickler (tensors in fresh shared memory)."""
 
@@ -89,6 +90,7 @@ class Pickled:
 
 
 @message
+@dataclass(frozen=True, slots=True)
 class Inline:
     """A batch whose data all travelled inside its pickled skeleton."""
 
@@ -96,6 +98,7 @@ class Inline:
 
 
 @message
+@dataclass(frozen=True, slots=True)
 class InSlab:
     """A batch whose large tensors and arrays are in slab ``slab`` of the worker."""
 
