@@ -134,7 +134,8 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _window_limit(self) -> int:
         """``prefetch_factor * num_workers``, plus the reorder allowance while the
-        oldest batch is running slowly: extra batches only go ahead of a slow one,
+        oldest batch is running late (longer than ``_pool.LATE_FACTOR`` times the
+        mean batch): extra batches only go ahead of a slow one,
         never merely ahead of a slow consumer, nor of a worker that has not
         started yet (a change made meanwhile would reach none of them)."""
         if self._window and self._running_late(self._window[0]):
@@ -143,7 +144,7 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _running_late(self, record: TaskRecord) -> bool:
         unfinished = [r for r in _tasks([record]) if not r.future.done()]
-        return bool(unfinished) and all(self._pool.running(r) for r in unfinished)
+        return bool(unfinished) and all(self._pool.running_late(r) for r in unfinished)
 
     def _submit_next(self) -> None:
         pin = self._next_pin() if self._iterable else None

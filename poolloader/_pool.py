@@ -83,6 +83,9 @@ logger = logging.getLogger("poolloader")
 #: let tasks queue behind a slow batch; fewer leaves the worker waiting for the
 #: I/O thread (which may wait for the GIL) after every batch.
 TASKS_PER_WORKER = 2
+#: A running batch is late (the reorder allowance lets batches behind it finish,
+#: see DataLoader.reorder_buffer) once it has run this many times the mean batch.
+LATE_FACTOR = 1.5
 #: Seconds the I/O thread sleeps between checks when nothing happens. Events
 #: (results, deaths, wake-ups) end the wait at once; this only bounds how long
 #: a missed wake-up could go unnoticed.
@@ -158,6 +161,8 @@ class Pool:
         self._num_workers = num_workers
         self._channel = channel
         self._transport = transport
+        if hasattr(transport, "on_release"):
+            transport.on_release = self._wake
         self._max_restarts = max_restarts
         self._resumable = resumable
         # What a worker started directly receives: the live dataset object when it
@@ -355,13 +360,21 @@ class Pool:
                         self._send(w, message)
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
 
-    def running(self, record: TaskRecord) -> bool:
-        """Whether ``record`` is the task a started worker is running now."""
+    def running_late(self, record: TaskRecord) -> bool:
+        """Whether ``record`` is the task a started worker is running now, and has
+        run for longer than :data:`LATE_FACTOR` times the mean batch so far (never
+        before a batch has finished)."""
         with self._lock:
-            if record.worker is None or record.future.done():
+            if record.worker is None or record.future.done() or not record.started:
                 return False
             w = self._workers[record.worker]
-            return w.ready and not w.dead and next(iter(w.tasks), None) == record.seq
+            if not w.ready or w.dead or next(iter(w.tasks), None) != record.seq:
+                return False
+            done = self._counters.tasks_done
+            if not done:
+                return False
+            typical = self._counters.busy / done
+            return time.monotonic() - record.started > LATE_FACTOR * typical
 
     def cancel(self, records: list[TaskRecord]) -> None:
         """Forget tasks whose batches nobody will read."""
@@ -453,6 +466,8 @@ class Pool:
             w.epoch = record.epoch
         messages += self._update_messages(w, record.generation)
         record.worker = w.id
+        if not w.tasks:
+            record.started = time.monotonic()
         w.tasks[record.seq] = record
         for message in (*messages, task):
             self._send(w, message)
@@ -619,6 +634,9 @@ class Pool:
         with self._lock:
             record = w.tasks.pop(message.seq, None)
             wanted = record is not None and not record.cancelled
+            following = next(iter(w.tasks.values()), None)
+            if following is not None and not following.started:
+                following.started = time.monotonic()  # it runs now
             self._dispatch()
         if isinstance(message, (Done, Failed)):
             self._counters.busy += message.elapsed

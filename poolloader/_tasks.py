@@ -56,6 +56,7 @@ class TaskRecord:
     worker: int | None = None
     deaths: int = 0
     cancelled: bool = False
+    started: float = 0.0  # when its worker began it (time.monotonic()), once running
 
 
 class WorkerGone(Exception):

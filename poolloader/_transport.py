@@ -174,6 +174,10 @@ def descriptor_error(exc: BaseException, what: str) -> TransportError:
 # ------------------------------------------------------------------ transports
 
 
+def _nothing() -> None:
+    pass
+
+
 class PickleTransport:
     """Batches travel pickled, tensors through fresh shared memory (torch's path)."""
 
@@ -223,6 +227,9 @@ class SlabTransport:
         self._released: deque[tuple[Hashable, Release | Drop]] = deque()
         self.slab_batches = 0
         self.slab_reused = 0
+        # Called when a batch dies, so that its slab goes back to its worker now
+        # rather than with the next task (the pool wakes its I/O thread).
+        self.on_release: Callable[[], None] = _nothing
 
     def packer_factory(self) -> Callable[[Any], Any]:
         return functools.partial(SlabPacker, self._config)
@@ -276,8 +283,14 @@ class SlabTransport:
         self.slab_batches += 1
         self.slab_reused += payload.new_size == 0
         owner = self._maps[(key, payload.slab)][: payload.used]
-        weakref.finalize(owner, self._released.append, (key, Release(payload.slab)))
+        weakref.finalize(owner, self._release, key, payload.slab)
         return _SkeletonUnpickler(payload.skeleton, owner).load()
+
+    def _release(self, key: Hashable, slab: int) -> None:
+        """The last view of a batch's slab died (any thread, perhaps inside the
+        garbage collector: only a queue append and a wake-up)."""
+        self._released.append((key, Release(slab)))
+        self.on_release()
 
     def discard(self, key: Hashable, payload: Any) -> None:
         if not isinstance(payload, InSlab):

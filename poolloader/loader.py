@@ -94,7 +94,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     Args:
         seeding: ``"batch"`` (default) or ``"worker"``; see above.
         reorder_buffer: How many finished batches may wait behind one slow
-            batch, beyond the ``prefetch_factor * num_workers`` in flight. By
+            batch (one running longer than 1.5 times the mean batch so far),
+            beyond the ``prefetch_factor * num_workers`` in flight. By
             default it adapts: as many as fit 128 MiB at the batch size seen so
             far, between ``2 * num_workers`` and ``16 * num_workers``.
         max_worker_restarts: How many worker deaths to survive before raising
