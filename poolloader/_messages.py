@@ -4,8 +4,9 @@ Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`SetItems`, :class:`DelItem`, :class:`Call`,
 :class:`Broadcast`, :class:`Replace`, and :class:`Changes` grouping several),
-:class:`Release`, :class:`Drop` and :class:`Stop`. Worker → main: :class:`Ready`,
-:class:`StartFailed`, :class:`Done`, :class:`Failed` and :class:`Exhausted`. Main →
+:class:`Release`, :class:`Drop`, :class:`Trim` and :class:`Stop`. Worker → main:
+:class:`Ready`, :class:`StartFailed`, :class:`Done`, :class:`Failed`, :class:`Exhausted`
+and :class:`Trimmed`. Main →
 template process (NOTE [ Templates ] in ``_template.py``): :class:`ForkWorker`,
 :class:`Advance` and :class:`Stop`; template → main: :class:`TemplateReady`,
 :class:`TemplateUnsafe`, :class:`StartFailed`, :class:`Forked` and :class:`Exited`.
@@ -224,6 +225,13 @@ class Stop:
     """Finish: stop the processes the worker started, then exit."""
 
 
+@message
+@dataclass(frozen=True, slots=True)
+class Trim:
+    """The loader is idle: close the slabs no batch holds (the worker answers
+    :class:`Trimmed`), so their memory goes back to the system."""
+
+
 # ---------------------------------------------------------------- worker → main
 
 
@@ -305,6 +313,14 @@ class Exhausted:
     """The worker's iterable-dataset shard has no more items for this epoch."""
 
     seq: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Trimmed:
+    """The slabs a worker closed after :class:`Trim`: unmap them."""
+
+    slabs: tuple[int, ...]
 
 
 # ------------------------------------------------------ main ↔ template process

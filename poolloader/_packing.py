@@ -493,6 +493,17 @@ class SlabPacker:
             if slab is not None:
                 slab.busy, slab.dropped = False, True
 
+    def trim(self) -> tuple[int, ...]:
+        """Close every slab no batch holds; their ids, for the main process to
+        unmap (the loader is idle, NOTE [ Idle slabs ] in ``_transport.py``)."""
+        with self._lock:
+            free = [s for s in self._slabs.values() if not s.busy]
+            for slab in free:
+                self._discard(slab)
+            closed = {s.id for s in free}
+            self._retired = [i for i in self._retired if i not in closed]
+        return tuple(sorted(closed))
+
     def _acquire(self, size: int) -> tuple[_Slab | None, bool]:
         with self._lock:
             for slab in [s for s in self._slabs.values() if s.dropped]:
@@ -565,3 +576,6 @@ class PicklePacker:
 
     def drop(self, slab_id: int) -> None:
         pass
+
+    def trim(self) -> tuple[int, ...]:
+        return ()

@@ -55,6 +55,8 @@ from ._messages import (
     Refresh,
     StartFailed,
     Task,
+    Trim,
+    Trimmed,
 )
 from ._packing import out_of_descriptors
 from ._pickling import not_picklable
@@ -73,7 +75,7 @@ from ._tasks import (
     resolve,
     unreadable,
 )
-from ._transport import descriptor_error
+from ._transport import IDLE_TRIM_SECONDS, descriptor_error
 from .errors import LoaderClosedError, PoolBrokenError, TransportError
 
 logger = logging.getLogger("poolloader")
@@ -175,6 +177,8 @@ class Pool:
         self._retiring: list[Worker] = []  # workers stopped to start afresh
         self._epochs: dict[int, EpochStart] = {}
         self._trimmed_at = -1  # the generation the control log was last trimmed at
+        self._idle_since: float | None = None  # no epoch running since (NOTE [ Idle slabs ])
+        self._trimmed = False  # the workers closed their free slabs since
         self.epochs_begun = 0
         self._seq = itertools.count()
         self._broken: PoolBrokenError | None = None
@@ -309,6 +313,7 @@ class Pool:
     def begin_epoch(self, epoch: int, base_seed: int, shared_seed: int | None = None) -> None:
         with self._lock:
             self.epochs_begun += 1
+            self._idle_since, self._trimmed = None, False
             self._epochs[epoch] = EpochStart(epoch, base_seed, shared_seed)
             self._workforce.base_seed = base_seed
             self._trim_control_log(self._channel.stamp())
@@ -318,6 +323,8 @@ class Pool:
         still waiting are dropped (a worker that ran one would need the epoch)."""
         with self._lock:
             self._epochs.pop(epoch, None)
+            if not self._epochs:
+                self._idle_since = time.monotonic()
             leftovers = [r for r in self._pending if r.epoch == epoch]
         if leftovers:
             self.cancel(leftovers)
@@ -491,6 +498,8 @@ class Pool:
             w = by_identity.get(identity)
             if w is not None:  # a dead worker's slabs went with it
                 self._send(w, pickle.dumps(message))
+                if self._trimmed:  # idle: a slab a kept batch held goes back too
+                    self._send(w, pickle.dumps(Trim()))
 
     def _send(self, w: Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)
@@ -542,6 +551,21 @@ class Pool:
         with self._lock:
             if not self._closing and self._broken is None:
                 self._dispatch()
+                self._trim_when_idle()
+
+    def _trim_when_idle(self) -> None:
+        """Have the workers close their free slabs once no epoch has run for
+        :data:`IDLE_TRIM_SECONDS` (lock held; NOTE [ Idle slabs ] in ``_transport.py``)."""
+        if self._trimmed or self._idle_since is None or self._pending:
+            return
+        if time.monotonic() - self._idle_since < IDLE_TRIM_SECONDS:
+            return
+        if any(w.tasks for w in self._workers):
+            return
+        self._trimmed = True
+        for w in self._workers:
+            if w.ready and not w.dead:
+                self._send(w, pickle.dumps(Trim()))
 
     def _watch_signature(self, template: Any) -> tuple[Any, ...]:
         """What the I/O thread watches, as identities (lock held; NOTE [ Watch
@@ -627,6 +651,9 @@ class Pool:
     def _handle(self, w: Worker, message: Any) -> None:
         if isinstance(message, Ready):
             w.ready = True
+            return
+        if isinstance(message, Trimmed):
+            self._transport.forget(w.identity, message.slabs)
             return
         if isinstance(message, StartFailed):
             self._break(start_error(message))
@@ -780,4 +807,5 @@ class Pool:
                 bytes_sent=c.bytes_sent,
                 slab_batches=self._transport.slab_batches,
                 slab_reused=self._transport.slab_reused,
+                slab_bytes=self._transport.mapped_bytes,
             )

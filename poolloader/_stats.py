@@ -36,6 +36,7 @@ class PoolStatistics:
     bytes_sent: int
     slab_batches: int
     slab_reused: int
+    slab_bytes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,10 @@ class LoaderStatistics:
         slab_reuse_rate: Share of those that reused an already-mapped slab
             (near 1 in steady state; low means batches are kept alive and
             the transport keeps allocating).
+        slab_bytes: Bytes of shared-memory slabs mapped now. They follow what
+            is in flight and what the consumer holds, and go back to the system
+            once the loader has been idle for two seconds (batches still held
+            keep theirs).
     """
 
     batches: int
@@ -87,13 +92,15 @@ class LoaderStatistics:
     tasks_done: int
     slab_batches: int
     slab_reuse_rate: float
+    slab_bytes: int = 0
 
     def __str__(self) -> str:
         """A short table for ``print(loader.statistics())``; ``repr`` keeps every field."""
         slabs = "no batch through slabs"
         if self.slab_batches:
             slabs = (
-                f"{self.slab_batches:,} batches through slabs, {self.slab_reuse_rate:.0%} reused"
+                f"{self.slab_batches:,} batches through slabs, {self.slab_reuse_rate:.0%} reused, "
+                f"{_size(self.slab_bytes)} mapped now"
             )
         rows = [
             ("batches yielded", f"{self.batches:,}"),
@@ -166,4 +173,5 @@ class LoaderStats:
             slab_reuse_rate=pool.slab_reused / pool.slab_batches
             if pool and pool.slab_batches
             else 0.0,
+            slab_bytes=pool.slab_bytes if pool else 0,
         )

@@ -28,6 +28,16 @@ still held (a consumer that keeps batches), the worker falls back to
 :class:`PickleTransport`'s fresh memory for that batch instead of waiting (NOTE
 [ Slab fallback ] in ``_packing.py``).
 
+NOTE [ Idle slabs ]: slabs stay mapped while the loader runs, sized by what is in
+flight and what the consumer holds (a worker makes one only when none of its
+own is free). Once the loader has been idle for :data:`IDLE_TRIM_SECONDS`
+(between epochs that do not follow each other at once, during validation with
+another loader, at the end of training) the pool sends each worker ``Trim``:
+the worker closes its free slabs and names them in ``Trimmed``, and the main
+process unmaps them, so their memory goes back to the system. Slabs held by
+batches the consumer keeps stay until those die. Back-to-back epochs keep
+their slabs.
+
 NOTE [ File descriptors ]: a mapped slab holds no descriptor in the main
 process (``_packing.map_shared``); a descriptor is open only while a new slab
 is being mapped. The main process holds three per worker (its connection, a
@@ -173,6 +183,10 @@ def descriptor_error(exc: BaseException, what: str) -> TransportError:
 
 # ------------------------------------------------------------------ transports
 
+#: Seconds without an epoch running after which workers close their free slabs
+#: (NOTE [ Idle slabs ]).
+IDLE_TRIM_SECONDS = 2.0
+
 
 def _nothing() -> None:
     pass
@@ -207,6 +221,13 @@ class PickleTransport:
 
     def take_releases(self) -> list[tuple[Hashable, Release | Drop]]:
         return []
+
+    def forget(self, key: Hashable, slabs: tuple[int, ...]) -> None:
+        pass
+
+    @property
+    def mapped_bytes(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass
@@ -305,6 +326,18 @@ class SlabTransport:
         while self._released:
             found.append(self._released.popleft())
         return found
+
+    def forget(self, key: Hashable, slabs: tuple[int, ...]) -> None:
+        """Unmap slabs worker ``key`` closed (NOTE [ Idle slabs ]); a batch still
+        alive keeps its own mapping until it dies."""
+        for slab in slabs:
+            self._maps.pop((key, slab), None)
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes of slabs this process maps now (not counting those that only
+        live batches still hold)."""
+        return sum(m.nbytes for m in list(self._maps.values()))
 
     def close(self) -> None:
         for key in list(self._socks):

@@ -51,6 +51,8 @@ from ._messages import (
     StartFailed,
     Stop,
     Task,
+    Trim,
+    Trimmed,
     Update,
 )
 
@@ -176,6 +178,8 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
                 state.packer.after_send(reply.payload)
         elif isinstance(message, EpochStart):
             state.start_epoch(message)
+        elif isinstance(message, Trim):
+            _send(conn, Trimmed(state.packer.trim()))
         elif isinstance(message, Stop):
             return
         else:
