@@ -124,7 +124,10 @@ def test_abandoned_epoch_releases_its_slabs():
         batches = [b["image"].sum().item() for b in loader]
         stats = loader.statistics()
     assert len(batches) == 16
-    assert stats.slab_reuse_rate > 0.5, stats
+    # Slabs the abandoned batches held come back: were they lost, the second
+    # epoch would make a new slab for most of its batches (reuse near 0.25).
+    # A loaded machine delays releases and so costs a few extra slabs.
+    assert stats.slab_reuse_rate >= 0.4, stats
 
 
 def test_unknown_transport_is_refused():
