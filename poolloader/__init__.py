@@ -38,7 +38,7 @@ from ._shared import SharedDict, SharedList
 from ._stats import LoaderStatistics
 from ._tracking import unwrap
 from ._version import __version__
-from ._worker import WorkerInfo, get_worker_info
+from ._worker import WorkerInfo, batch_buffer, get_worker_info
 from .loader import DataLoader
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "SharedList",
     "WorkerInfo",
     "__version__",
+    "batch_buffer",
     "get_worker_info",
     "unwrap",
 ]

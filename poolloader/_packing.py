@@ -264,9 +264,12 @@ class SkeletonPickler(TorchPickler):
 
     def _staged_offset(self, data: Any, size: int) -> int | None:
         staging = self.staging
-        if staging is None or not isinstance(data, torch.Tensor):
+        if staging is None:
             return None
-        offset = data.data_ptr() - staging.base
+        # A tensor stacked into the slab, or an array collated into
+        # poolloader.batch_buffer(): it is there already, nothing to copy.
+        address = data.data_ptr() if isinstance(data, torch.Tensor) else data.ctypes.data
+        offset = address - staging.base
         if offset >= 0 and offset + size <= staging.top:
             return offset
         return None

@@ -137,7 +137,12 @@ def _view(
     owner: np.ndarray, kind: str, dtype: str, shape: tuple[int, ...], offset: int, size: int
 ) -> Any:
     if kind == "array":
-        return owner[offset : offset + size].view(np.dtype(dtype)).reshape(shape)
+        # Through a memoryview: a plain slice would have the slab's whole mapping
+        # as its base (NumPy collapses chains of views), not ``owner``, whose
+        # death releases the slab; the batch's array must keep ``owner`` alive.
+        np_dtype = np.dtype(dtype)
+        flat = np.frombuffer(memoryview(owner), np_dtype, size // np_dtype.itemsize, offset)
+        return flat.reshape(shape)
     torch_dtype = _torch_dtype(dtype)
     if size == 0:
         return torch.empty(shape, dtype=torch_dtype)

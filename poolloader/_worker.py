@@ -22,6 +22,7 @@ process it started (the whole tree, found with psutil) before exiting.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 import queue
@@ -29,10 +30,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
+import numpy as np
 import psutil
 import torch
 
@@ -358,6 +361,39 @@ def _stack_into_slab(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -
         return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
     out = _state.packer.allocate(elem.dtype, (len(batch), *elem.shape))
     return torch.stack(batch, 0, out=out)
+
+
+def batch_buffer(shape: Sequence[int], dtype: Any) -> Any:
+    """An uninitialised array or tensor to collate a batch into, placed where the
+    batch travels to the main process without a copy.
+
+    In a worker of a poolloader DataLoader with the default ``transport="shm"``
+    the memory is in the shared-memory slab the batch will be read from in
+    place: a ``collate_fn`` that writes its result there (``np.stack(items,
+    out=batch_buffer(...))``) saves copying the batch once. Anywhere else (the
+    main process, ``num_workers=0``, another loader, a batch too big for the
+    slab, the first batch of a worker) it is ordinary memory, so the same
+    ``collate_fn`` works everywhere::
+
+        def stack(items):
+            out = poolloader.batch_buffer((len(items), *items[0].shape), items[0].dtype)
+            return np.stack(items, out=out)
+
+    Args:
+        shape: The result's shape.
+        dtype: A ``torch.dtype`` for a tensor; a NumPy dtype (or anything
+            ``numpy.dtype`` accepts) for an ``np.ndarray``.
+    """
+    shape = tuple(int(n) for n in shape)
+    if isinstance(dtype, torch.dtype):
+        found = _state.packer.allocate(dtype, shape) if _state is not None else None
+        return found if found is not None else torch.empty(shape, dtype=dtype)
+    np_dtype = np.dtype(dtype)
+    if _state is not None and not np_dtype.hasobject:
+        raw = _state.packer.allocate(torch.uint8, (np_dtype.itemsize * math.prod(shape),))
+        if raw is not None:
+            return raw.numpy().view(np_dtype).reshape(shape)
+    return np.empty(shape, dtype=np_dtype)
 
 
 class _ControlFailure(RuntimeError):

@@ -408,3 +408,24 @@ class Views(Dataset):
         side = 8 if i % 2 else 256
         base = torch.arange(side * side, dtype=torch.float32).reshape(side, side) + i
         return {"base": base, "t": base.T, "row": base[3], "cols": base[:, 1:3], "other": base + 1}
+
+
+def in_slab(address: int) -> bool:
+    """Whether ``address`` of this process lies in a poolloader slab mapping."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "poolloader-slab" in line:
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                if start <= address < end:
+                    return True
+    return False
+
+
+def stack_into_batch_buffer(items):
+    """A NumPy collate_fn that writes into poolloader.batch_buffer, and says
+    whether the memory it got is a slab."""
+    import poolloader
+
+    out = poolloader.batch_buffer((len(items), *np.shape(items[0])), np.float32)
+    np.stack([np.asarray(i, dtype=np.float32) for i in items], out=out)
+    return {"x": out, "in_slab": in_slab(out.ctypes.data)}

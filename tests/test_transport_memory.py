@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import psutil
 import torch
-from _datasets import Mixed
+from _datasets import Mixed, stack_into_batch_buffer
 
+import poolloader
 from poolloader import DataLoader
 
 #: Bytes of one Mixed(side=256) batch of 4: its images (4 x 256 x 256 float32), at least.
@@ -83,17 +85,57 @@ def test_back_to_back_epochs_keep_their_slabs():
     assert created - created_first <= 2, (first, second)
 
 
-def test_slabs_follow_the_window_when_batches_take_the_same_time():
-    """Uniform batches and a consumer that keeps up: no batch runs late, so the
-    window stays at prefetch_factor * num_workers and the slabs with it (plus
-    the batch being consumed and one a release is on its way for), whatever
-    the reorder allowance would allow behind a slow batch."""
-    with DataLoader(Mixed(n=160, side=256), batch_size=4, num_workers=2, persistent_workers=True,
-                    prefetch_factor=2, multiprocessing_context="forkserver") as loader:  # fmt: skip
-        for _ in range(2):
-            for batch in loader:
-                assert batch["image"].shape == (4, 256, 256)
-            del batch
-        slabs = _slab_maps()
-    window = 2 * 2
-    assert slabs <= window + 2 * 2, slabs
+class Rows(torch.utils.data.Dataset):
+    """Item k: 64 KiB of float32 rows, every element k (over the inline limit)."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, k: int):
+        return np.full((16, 1024), k, dtype=np.float32)
+
+
+def test_batch_buffer_collates_numpy_batches_into_the_slab_they_travel_in():
+    theirs = list(
+        torch.utils.data.DataLoader(Rows(), batch_size=4, collate_fn=stack_into_batch_buffer)
+    )
+    with DataLoader(Rows(), batch_size=4, num_workers=1, collate_fn=stack_into_batch_buffer,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        ours = list(loader)
+    assert len(ours) == len(theirs) == 6
+    for mine, stock in zip(ours, theirs):
+        assert isinstance(mine["x"], np.ndarray) and mine["x"].dtype == np.float32
+        np.testing.assert_array_equal(mine["x"], stock["x"])
+    assert not any(b["in_slab"] for b in theirs)  # plain memory in torch's loader
+    # A worker learns the batch size from its first batch; from then on the
+    # collate_fn writes straight into the slab the batch is read from.
+    assert [b["in_slab"] for b in ours[1:]] == [True] * 5, [b["in_slab"] for b in ours]
+
+
+def test_batch_buffer_is_plain_memory_without_slabs():
+    for kwargs in (
+        {"num_workers": 0},
+        {"num_workers": 1, "transport": "pickle", "multiprocessing_context": "forkserver"},
+    ):
+        with DataLoader(Rows(), batch_size=4, collate_fn=stack_into_batch_buffer,
+                        **kwargs) as loader:  # fmt: skip
+            batches = list(loader)
+        assert not any(b["in_slab"] for b in batches), kwargs
+        assert [float(b["x"][0, 0, 0]) for b in batches] == [0.0, 4.0, 8.0, 12.0, 16.0, 20.0]
+    tensor = poolloader.batch_buffer((2, 3), torch.float16)
+    assert isinstance(tensor, torch.Tensor) and tensor.shape == (2, 3)
+    assert tensor.dtype == torch.float16
+
+
+def test_numpy_batches_held_by_the_consumer_keep_their_slabs():
+    """A NumPy batch read in place from a slab keeps that slab busy while it
+    lives, however the array is viewed, so no later batch is written over it."""
+    theirs = [
+        b.copy() for b in torch.utils.data.DataLoader(Rows(), batch_size=2, collate_fn=np.stack)
+    ]
+    with DataLoader(Rows(), batch_size=2, num_workers=2, collate_fn=np.stack,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        held = [batch[1:] for batch in loader]  # a view of each batch; the batch itself goes
+        for mine, stock in zip(held, theirs):
+            np.testing.assert_array_equal(mine, stock[1:])
+    assert len(held) == 12

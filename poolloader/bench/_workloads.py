@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._worker import batch_buffer
+
 
 class Images(Dataset):
     """3×224×224 float32 images (~0.6 MB each) as tensors or numpy arrays.
@@ -43,8 +45,11 @@ class Images(Dataset):
 
 
 def stack_numpy(batch: list[np.ndarray]) -> np.ndarray:
-    """Collate numpy arrays into one numpy array (no conversion to tensors)."""
-    return np.stack(batch)
+    """Collate numpy arrays into one numpy array (no conversion to tensors), into
+    :func:`poolloader.batch_buffer`: the slab a poolloader batch travels in, and
+    plain ``np.empty`` memory for every other loader (the cost of ``np.stack``)."""
+    out = batch_buffer((len(batch), *batch[0].shape), batch[0].dtype)
+    return np.stack(batch, out=out)
 
 
 class Tiny(Dataset):
