@@ -141,8 +141,8 @@ def _view(
         # as its base (NumPy collapses chains of views), not ``owner``, whose
         # death releases the slab; the batch's array must keep ``owner`` alive.
         np_dtype = np.dtype(dtype)
-        flat = np.frombuffer(memoryview(owner), np_dtype, size // np_dtype.itemsize, offset)
-        return flat.reshape(shape)
+        exported = memoryview(owner)  # type: ignore[arg-type]
+        return np.frombuffer(exported, np_dtype, size // np_dtype.itemsize, offset).reshape(shape)
     torch_dtype = _torch_dtype(dtype)
     if size == 0:
         return torch.empty(shape, dtype=torch_dtype)
