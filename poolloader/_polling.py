@@ -19,7 +19,9 @@ signature by then, or will on the step after).
 
 from __future__ import annotations
 
+import os
 import select
+import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -74,3 +76,30 @@ def readable(fd: int) -> bool:
     probe = select.poll()
     probe.register(fd, _READ)
     return bool(probe.poll(0))
+
+
+class Waker:
+    """The write end of the I/O thread's wake-up pipe, safe to use from any
+    thread, from a finalizer (a batch that dies hands back its slab), and after
+    the pool closed. It references nothing of the pool: a finalizer that holds
+    it keeps no batch alive through the pool."""
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._lock = threading.RLock()  # re-entrant: a finalizer may run inside
+
+    def wake(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return  # closed: its number may belong to another file by now
+            try:
+                os.write(self._fd, b"\0")
+            except OSError:
+                pass  # full (a wake-up is pending anyway)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1

@@ -60,7 +60,7 @@ from ._messages import (
 )
 from ._packing import out_of_descriptors
 from ._pickling import not_picklable
-from ._polling import Entry, Watchlist, readable
+from ._polling import Entry, Waker, Watchlist, readable
 from ._processes import Worker, Workforce
 from ._stats import PoolCounters, PoolStatistics
 from ._tasks import (
@@ -163,8 +163,6 @@ class Pool:
         self._num_workers = num_workers
         self._channel = channel
         self._transport = transport
-        if hasattr(transport, "on_release"):
-            transport.on_release = self._wake
         self._max_restarts = max_restarts
         self._resumable = resumable
         # What a worker started directly receives: the live dataset object when it
@@ -188,9 +186,11 @@ class Pool:
         self._counters = PoolCounters()
         self._started_at = time.monotonic()
         self._owner = os.getpid()  # a forked child holds a copy it must not act on
-        self._wakeup_r, self._wakeup_w = os.pipe()
+        self._wakeup_r, wakeup_w = os.pipe()
+        self._waker = Waker(wakeup_w)
+        if hasattr(transport, "on_release"):
+            transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
         self._watch = Watchlist()
-        os.set_blocking(self._wakeup_w, False)
         self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
 
     # ---------------------------------------------------------------- life
@@ -300,8 +300,8 @@ class Pool:
             if self._thread.is_alive():  # see NOTE [ Waiting and Ctrl-C ] in _iterator.py
                 logger.debug("the I/O thread did not stop; closing without it")
         self._workforce.stop([*self._workers, *self._retiring])
-        for fd in (self._wakeup_r, self._wakeup_w):
-            os.close(fd)
+        self._waker.close()
+        os.close(self._wakeup_r)
         self._transport.close()
         self._channel.stop()
         _live_pools.discard(self)
@@ -596,10 +596,7 @@ class Pool:
         return entries
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wakeup_w, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        self._waker.wake()
 
     def _on_template(self, template: Any) -> None:
         with self._lock:
