@@ -99,8 +99,7 @@ class LoaderStatistics:
         slabs = "no batch through slabs"
         if self.slab_batches:
             slabs = (
-                f"{self.slab_batches:,} batches through slabs, {self.slab_reuse_rate:.0%} reused, "
-                f"{_size(self.slab_bytes)} mapped now"
+                f"{self.slab_batches:,} batches through slabs, {self.slab_reuse_rate:.0%} reused"
             )
         rows = [
             ("batches yielded", f"{self.batches:,}"),
@@ -111,6 +110,7 @@ class LoaderStatistics:
             ("in flight", f"{self.in_flight:,} batches"),
             ("worker restarts", f"{self.restarts:,}"),
             ("batch data moved", f"{_size(self.bytes_moved)} ({slabs})"),
+            ("slab memory", f"{_size(self.slab_bytes)} mapped now"),
             ("sent to workers", f"{_size(self.bytes_sent)} ({self.tasks_done:,} batches done)"),
             ("control changes", f"{self.control_messages:,} ({self.control_messages_sent:,} "
                                 f"messages, {_size(self.control_bytes_sent)} sent)"),

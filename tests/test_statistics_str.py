@@ -27,7 +27,7 @@ def test_a_real_loaders_statistics_print_as_a_short_table():
     text = str(stats)
     lines = text.splitlines()
     assert lines[0] == "LoaderStatistics"
-    assert len(lines) == 9 and all(len(line) <= 80 for line in lines)
+    assert len(lines) == 10 and all(len(line) <= 80 for line in lines)
     rows = {line[2:20].strip(): line[20:] for line in lines[1:]}
     assert rows["batches yielded"] == f"{batches:,}" == "12"
     assert rows["worker restarts"] == "0"
