@@ -52,6 +52,7 @@ def test_sizes_and_times_are_in_units_a_person_reads():
         "  in flight         4 batches",
         "  worker restarts   1",
         "  batch data moved  23.0 GiB (no batch through slabs)",
+        "  slab memory       0 B mapped now",
         "  sent to workers   85.9 KiB (1,240 batches done)",
         "  control changes   2 (4 messages, 312 B sent)",
     ]
