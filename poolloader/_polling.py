@@ -39,7 +39,6 @@ class Watchlist:
         self._poll = select.poll()
         self._signature: Hashable | None = None
         self._roles: dict[int, tuple[str, Any]] = {}
-        self.rebuilds = 0
 
     def wait(
         self, signature: Hashable, entries: Callable[[], list[Entry]], timeout: float
@@ -67,7 +66,6 @@ class Watchlist:
         for fd, role, obj in entries:
             self._poll.register(fd, _READ)
             self._roles[fd] = (role, obj)
-        self.rebuilds += 1
 
 
 def readable(fd: int) -> bool:

@@ -494,12 +494,15 @@ class Pool:
         if not released:
             return
         by_identity = {w.identity: w for w in self._workers}
+        told: dict[int, Worker] = {}
         for identity, message in released:
             w = by_identity.get(identity)
             if w is not None:  # a dead worker's slabs went with it
                 self._send(w, pickle.dumps(message))
-                if self._trimmed:  # idle: a slab a kept batch held goes back too
-                    self._send(w, pickle.dumps(Trim()))
+                told[id(w)] = w
+        if self._trimmed:  # idle: the slabs kept batches held go back too
+            for w in told.values():
+                self._send(w, pickle.dumps(Trim()))
 
     def _send(self, w: Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)
