@@ -167,6 +167,24 @@ def live_grandchildren(where: Path) -> list[psutil.Process]:
     return found
 
 
+def slab_maps(pid: int | None = None) -> int:
+    """Lines of ``/proc/<pid>/maps`` (this process's by default) that map a
+    poolloader memfd slab."""
+    with open(f"/proc/{pid or 'self'}/maps") as maps:
+        return sum("poolloader-slab" in line for line in maps)
+
+
+def child_slab_maps() -> int:
+    """Slab mappings in every process below this one (workers and templates)."""
+    total = 0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            total += slab_maps(child.pid)
+        except OSError:
+            continue  # it exited meanwhile
+    return total
+
+
 def wait_until(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := condition()):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from _compare import assert_same, assert_same_epochs
 from _datasets import DtypeZoo, Growing, Mixed, SizedParts, SlowFirst, keep_numpy, wrong_parts
+from _procs import slab_maps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,11 +21,6 @@ def _loader(dataset, **kwargs):
     kwargs.setdefault("num_workers", 2)
     kwargs.setdefault("multiprocessing_context", "forkserver")
     return DataLoader(dataset, **kwargs)
-
-
-def _slab_maps() -> int:
-    with open("/proc/self/maps") as fh:
-        return sum("poolloader-slab" in line for line in fh)
 
 
 @pytest.mark.parametrize("transport", ["shm", "pickle"])
@@ -105,15 +101,15 @@ def test_too_large_batch_is_an_error_and_the_loader_goes_on():
 def test_delivered_tensors_are_views_of_a_slab_and_mappings_go_away():
     loader = _loader(Mixed(n=8, side=256), batch_size=4)
     batch = next(iter(loader))
-    assert _slab_maps() >= 1
+    assert slab_maps() >= 1
     image = batch["image"]
     assert not image.is_shared()  # a view of a slab, not a torch shared-memory segment
     image += 1  # writable, and the slab is this batch's alone
     del batch
     loader.close()
-    assert _slab_maps() >= 1, "the tensor still holds its slab"
+    assert slab_maps() >= 1, "the tensor still holds its slab"
     del image
-    assert _slab_maps() == 0
+    assert slab_maps() == 0
 
 
 def test_abandoned_epoch_releases_its_slabs():

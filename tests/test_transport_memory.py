@@ -1,46 +1,19 @@
-"""The slab transport's memory: slabs follow what is in flight and what the
-consumer holds, and go back to the system when the loader is idle
-(NOTE [ Idle slabs ] in ``poolloader/_transport.py``)."""
+"""The slab transport's memory: slabs go back to the system when the loader is
+idle (NOTE [ Idle slabs ] in ``poolloader/_transport.py``), a batch held by the
+consumer keeps its slab, and batch_buffer puts NumPy batches in slabs."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
-import psutil
 import torch
 from _datasets import Mixed, stack_into_batch_buffer
+from _procs import child_slab_maps, slab_maps, wait_until
 
 import poolloader
 from poolloader import DataLoader
 
 #: Bytes of one Mixed(side=256) batch of 4: its images (4 x 256 x 256 float32), at least.
 BATCH_BYTES = 4 * 256 * 256 * 4
-
-
-def _slab_maps(pid: int | None = None) -> int:
-    with open(f"/proc/{pid or 'self'}/maps") as fh:
-        return sum("poolloader-slab" in line for line in fh)
-
-
-def _worker_slab_maps() -> int:
-    """Slab mappings in every process below this one (workers and template)."""
-    total = 0
-    for child in psutil.Process().children(recursive=True):
-        try:
-            total += _slab_maps(child.pid)
-        except OSError:
-            continue
-    return total
-
-
-def _wait_for(predicate, within: float = 30.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
 
 
 def _images(loader) -> list[float]:
@@ -58,15 +31,15 @@ def test_an_idle_loader_gives_its_slabs_back_and_keeps_what_a_batch_holds():
         del batch
         busy = loader.statistics().slab_bytes
         assert busy >= BATCH_BYTES
-        assert _worker_slab_maps() >= 2 and _slab_maps() >= 2
+        assert child_slab_maps() >= 2 and slab_maps() >= 2
         # Idle: every slab but the kept batch's goes, here and in the workers.
-        assert _wait_for(lambda: _worker_slab_maps() == 1), _worker_slab_maps()
-        assert _wait_for(lambda: _slab_maps() == 1), _slab_maps()
+        wait_until(lambda: child_slab_maps() == 1)
+        wait_until(lambda: slab_maps() == 1)
         assert 0 < loader.statistics().slab_bytes < busy
         assert float(kept["image"].sum()) == kept_sum  # the kept batch is untouched
         del kept
         # Its slab goes too once it dies.
-        assert _wait_for(lambda: _worker_slab_maps() == 0 and _slab_maps() == 0)
+        wait_until(lambda: child_slab_maps() == 0 and slab_maps() == 0)
         assert loader.statistics().slab_bytes == 0
         # The next epoch makes new slabs and loads the same batches.
         assert _images(loader) == expected
