@@ -542,6 +542,13 @@ class Pool:
                 self._on_retired(w)
             elif not self._closing and not w.dead:
                 self._on_exit(w)
+        # Joining an exit above reads everything its template sent (ForkedProcess.join):
+        # a replacement's Forked read there must reach its worker now, not when the
+        # template next writes, or that worker runs with no process watched.
+        with self._lock:
+            unread = [t for t in [*self._workforce.retired_templates, template] if t and t.has_news]
+        for t in unread:
+            self._on_template(t)
         if by_role.get("template-exit") and not self._closing:
             with self._lock:  # (unless it was replaced meanwhile: then it was stopped)
                 error = (
@@ -689,8 +696,9 @@ class Pool:
                 return Lost(exc, w.id, w.pid)
             except (ConnectionError, EOFError) as exc:
                 # A batch in fresh shared memory is fetched from its worker while
-                # unpickling (torch's fd passing); a worker killed right after it
-                # sent the batch takes the batch with it.
+                # unpickling (torch's fd passing), a new slab's descriptor right
+                # after the Done: a worker killed right after it sent the batch
+                # takes the batch with it.
                 raise WorkerGone from exc
             except Exception as exc:  # that batch fails, not the I/O thread
                 if out_of_descriptors(exc):

@@ -301,6 +301,14 @@ class Template:
             except (EOFError, OSError):
                 pass  # the template is gone; its sentinel tells
 
+    @property
+    def has_news(self) -> bool:
+        """Whether :meth:`receive` read messages nobody took yet: a worker's exit,
+        joined in :class:`ForkedProcess`, reads whatever the template sent, the
+        :class:`Forked` of another worker included."""
+        with self._lock:
+            return bool(self._received)
+
     def take(self) -> list[tuple[object, int | None]]:
         """The messages :meth:`receive` read, oldest first, each once."""
         with self._lock:
