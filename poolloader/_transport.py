@@ -301,6 +301,11 @@ class SlabTransport:
             return _unpack_plain(payload)
         failure = self._unmapped.pop((key, payload.slab), None)
         if failure is not None:
+            if isinstance(failure, (ConnectionError, EOFError)):
+                # The worker died between its Done and the slab's descriptor: the
+                # batch is lost with it, as a batch in fresh shared memory would be
+                # (the pool runs it again).
+                raise failure
             if out_of_descriptors(failure):
                 raise descriptor_error(failure, "a batch's shared memory") from failure
             raise TransportError(

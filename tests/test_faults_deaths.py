@@ -293,3 +293,35 @@ def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
     grandchildren = live_grandchildren(where)
     assert len(recorded_pids(where, "grandchild")) == 1
     assert not wait_gone(grandchildren, timeout=3.0), "the dead worker's child outlived close()"
+
+
+def test_fresh_workers_of_each_epoch_are_watched_and_replaced_when_killed(where: Path) -> None:
+    """``persistent_workers=False``: each epoch's workers are forked anew while the
+    last epoch's exit. A worker whose start was reported while another's exit was
+    being read must still be watched: the pool knows its process within moments,
+    and killed mid-epoch, it is replaced and the epoch completes (a death nobody
+    notices would leave its batches for ever)."""
+    dataset = Faulty(48, where=where, delay=0.002)
+    want = torch_batches(dataset, batch_size=2)
+    with fault_loader(dataset, "forkserver", batch_size=2, num_workers=4, timeout=30,
+                      max_worker_restarts=40) as loader:  # fmt: skip
+        for epoch in range(12):
+            got = []
+            for i, batch in enumerate(loader):
+                got.append(batch)
+                if i == 8:
+                    # Every worker of this epoch has a known process (pid) ...
+                    wait_until(lambda: all(loader._pool.worker_pids), timeout=10)
+                    if epoch % 3 == 2:  # ... and a death of each is noticed.
+                        kill_all(_processes(loader._pool.worker_pids))
+            assert_batches(got, want)
+
+
+def _processes(pids: list[int]) -> list[psutil.Process]:
+    found = []
+    for pid in pids:
+        try:
+            found.append(psutil.Process(pid))
+        except psutil.Error:
+            pass  # gone already
+    return found
