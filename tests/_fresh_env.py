@@ -28,9 +28,15 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from poolloader.bench._peers import PEER_PACKAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 #: What ``python -m venv`` puts in every venv (Python 3.11).
 IN_EVERY_VENV = ("pip", "setuptools")
+#: Requirements this machine may lack: the loaders ``python -m poolloader.bench
+#: --peers`` compares, which it leaves out with one line each when they are not
+#: installed. A view leaves them out too, as an install without them would be.
+OPTIONAL = frozenset(canonicalize_name(name) for name in PEER_PACKAGES)
 
 
 def setup_requirements(extras: tuple[str, ...]) -> list[Requirement]:
@@ -54,11 +60,19 @@ def closure(requirements: list[Requirement]) -> set[str]:
     while pending:
         requirement = pending.pop()
         name = canonicalize_name(requirement.name)
-        if name in found:
+        if name in found or (name in OPTIONAL and not _installed(name)):
             continue
         found.add(name)
         pending += _requires(metadata.distribution(name), requirement.extras)
     return found
+
+
+def _installed(name: str) -> bool:
+    try:
+        metadata.distribution(name)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def _requires(dist: metadata.Distribution, extras: set[str]) -> list[Requirement]:

@@ -6,15 +6,18 @@ from __future__ import annotations
 import configparser
 import io
 import json
+import os
 import re
 import subprocess
 import sys
 
 import _fresh_env
+import numpy as np
 import pytest
+import torch
 from _fresh_env import ROOT, Views
 
-from poolloader.bench import _cli
+from poolloader.bench import _cli, _peers, _runner
 from poolloader.bench._progress import ProgressDisplay, Section
 from poolloader.bench._report import Row
 from poolloader.bench._workloads import Skewed, workloads
@@ -168,3 +171,99 @@ def test_io_stalls_are_seeded_and_their_ideal_is_the_work_over_the_workers():
     assert found["io_stalls"].ideal_seconds == pytest.approx(sum(first.costs) / 2)
     with pytest.raises(ValueError, match="shape should be 'stalls' or 'lognormal'"):
         Skewed(3, "bimodal")
+
+
+# ---------------------------------------------------------------- --peers
+
+EVERY_COLUMN = [loader.column for loader in _peers.LOADERS]
+
+
+def _peers_run(python: list[str], out, *args: str, env=None) -> subprocess.CompletedProcess:
+    command = [*python, "-m", "poolloader.bench", "--peers", "--quick", "--only", "tiny_batches",
+               "--out", str(out), *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+
+
+def test_peers_quick_runs_every_loader_and_each_delivers_torchs_batches(tmp_path):
+    pytest.importorskip("torchdata")
+    pytest.importorskip("spdl.pipeline")
+    out = tmp_path / "results"
+    done = _peers_run([sys.executable], out)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "skipped" not in done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == EVERY_COLUMN
+    figures, relative = [line for line in lines if line.startswith("tiny batches, batches/s ")]
+    for row in (figures, relative):  # the label's three words, then a figure for each loader
+        assert len(row.split()) == 3 + len(EVERY_COLUMN)
+    assert relative.split()[3] == "1.00x"  # torch against itself
+    document = json.loads((out / "bench.json").read_text())
+    peers = document["peers"]
+    assert peers["columns"] == EVERY_COLUMN and peers["skipped"] == []
+    assert {"torchdata", "spdl", "spdl_core", "torch", "poolloader"} <= set(peers["versions"])
+    checksums = peers["checksums"]["tiny_batches"]
+    assert list(checksums) == EVERY_COLUMN
+    assert all(found == checksums["torch"] for found in checksums.values())
+    assert checksums["torch"]["batches"] == 375
+    assert all(document["raw"]["tiny_batches"][c]["batches"] == 375 for c in EVERY_COLUMN)
+
+
+def test_a_peer_not_installed_is_skipped_with_one_line(views, tmp_path):
+    """After ``pip install -e .`` neither torchdata nor SPDL is there: one line each,
+    and the table holds the loaders that are."""
+    view = views.of("pip install -e .")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(view), str(ROOT)])}
+    done = _peers_run([sys.executable, "-S"], tmp_path / "results", "--num-workers", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    skipped = [line for line in done.stdout.splitlines() if line.startswith("skipped ")]
+    assert skipped == [
+        "skipped StatefulDataLoader, nodes(process), nodes(thread): torchdata is not installed "
+        "(pip install 'poolloader[bench]')",
+        "skipped SPDL(process), SPDL(thread), SPDL(subprocess+shm): spdl is not installed "
+        "(pip install 'poolloader[bench]')",
+    ]
+    header = done.stdout.splitlines()[len(skipped)]
+    assert header.split() == ["torch", "poolloader"]
+
+
+def test_a_loader_that_delivers_other_batches_is_an_error_not_a_row():
+    same = _runner.checksum_epoch([torch.arange(4), np.arange(3), 7])
+    assert same == _runner.checksum_epoch([torch.arange(4), np.arange(3), 7])
+    others = [
+        [torch.arange(4), np.arange(3)],  # a batch short
+        [torch.arange(4), torch.arange(3), 7],  # a tensor where torch gives an array
+        [torch.arange(4).float(), np.arange(3), 7],  # another dtype
+        [torch.arange(4).reshape(2, 2), np.arange(3), 7],  # another shape
+        [np.arange(3), torch.arange(4), 7],  # another order
+    ]
+    for batches in others:
+        found = _runner.checksum_epoch(batches)
+        assert found != same
+        with pytest.raises(_runner.DifferentBatches, match=r"^SPDL\(thread\) delivered other "
+                           r"batches than torch's DataLoader on tiny_batches: "):  # fmt: skip
+            _runner.check_same_batches("tiny_batches", {"torch": same, "SPDL(thread)": found})
+
+
+def test_peers_lists_its_workloads(capsys):
+    assert _cli.main(["--peers", "--list"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(_cli.PEER_WORKLOADS)
+    assert set(listed) <= set(SECTIONS)
+
+
+def test_a_refused_workload_is_named_with_why_and_the_others_keep_their_rows(tmp_path, capsys):
+    measured = {c: _runner.Measurement(1.0, 100, 2**30) for c in ("torch", "poolloader")}
+    tiny = _runner.PeerResult("tiny_batches", 2, False, measured, {})
+    found = {
+        "tiny_batches": _cli.Found(peers=tiny),
+        "numpy_19mb": _cli.Found(error="poolloader delivered other batches than torch's ..."),
+    }
+    outputs = _cli._Outputs(tmp_path, tmp_path / "bench.json", None)
+    context = {"columns": ["torch", "poolloader"], "versions": {"torch": "2"}, "skipped": []}
+    outputs.write(found, {"num_workers": 2}, context)
+    text = capsys.readouterr().out
+    assert "tiny batches, batches/s " in text and "19 MB NumPy" not in text
+    assert "ERROR: no figures for these workloads, whose batches differ:\n  numpy_19mb: " in text
+    peers = json.loads((tmp_path / "bench.json").read_text())["peers"]
+    assert list(peers["errors"]) == ["numpy_19mb"]
+    assert [row["workload"] for row in peers["rows"]] == ["tiny_batches"]

@@ -6,6 +6,10 @@ turnaround, and the control channel. Adding one is adding a :class:`Plan` to
 :func:`plans`: its name, what it measures, how many progress steps it reports,
 and a function that returns its rows.
 
+``--peers`` runs instead a few of the workloads with every loader of
+``_peers.py`` (torch's, torchdata's, SPDL's, poolloader) and prints one table of
+them side by side (:func:`peer_plans`).
+
 The table, the JSON and the plot go into a results folder named at the end.
 """
 
@@ -18,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _report, _runner
+from . import _peers, _report, _runner
 from ._progress import Progress, ProgressDisplay, Section
 from ._report import Row
+from ._runner import PeerResult
 from ._workloads import Workload, workloads
 
 #: Throughput targets (poolloader / stock) per workload.
@@ -34,6 +39,11 @@ TARGETS = {
 IDEAL_SHARE = 0.9  # poolloader's target share of the work-conserving ideal
 FORKSERVER_FIRST_BATCH = 0.1  # seconds: poolloader's target for a second forkserver loader
 TURNAROUND_EPOCHS = 3
+#: The workloads ``--peers`` runs, each with this many times ``--num-workers``.
+#: The skewed costs are sleeps, so workers beyond the cores still help: with
+#: twice as many, how a loader schedules uneven batches decides, not the CPU.
+PEER_WORKLOADS = {"tensor_19mb": 1, "numpy_19mb": 1, "tiny_batches": 1, "cpu_bound": 1,
+                  "dynamic_costs": 2}  # fmt: skip
 #: Where results go unless ``--out`` says otherwise: one folder per run inside it.
 DEFAULT_RESULTS = "bench-results"
 
@@ -46,6 +56,8 @@ class Found:
     raw: dict[str, Any] = field(default_factory=dict)  # every figure, for the JSON
     seen: Any = None  # poolloader's own view of its median run (statistics table)
     extras: dict[str, Any] = field(default_factory=dict)  # the control channel's figures
+    peers: PeerResult | None = None  # with --peers: every loader's figures
+    error: str = ""  # why the section has no figures (--peers: a loader's batches differ)
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,13 @@ def plans(quick: bool, repeats: int, num_workers: int) -> list[Plan]:
     return found
 
 
+def peer_plans(quick: bool, repeats: int, num_workers: int, columns: list[str]) -> list[Plan]:
+    """The workloads of :data:`PEER_WORKLOADS`, each with every loader in ``columns``."""
+    found = workloads(quick, num_workers)
+    return [_peers_plan(found[name], columns, repeats, num_workers * factor)
+            for name, factor in PEER_WORKLOADS.items()]  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m poolloader.bench",
@@ -79,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="*", metavar="NAME", help="sections to run (--list)")
     parser.add_argument("--skip-startup", action="store_true", help="skip start-up timings")
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
+    parser.add_argument("--peers", action="store_true",
+                        help="compare torchdata's and SPDL's loaders too, in one table "
+                             "(a peer not installed is skipped)")  # fmt: skip
     parser.add_argument(
         "--out", metavar="DIR", help=f"results folder (default: a new one in ./{DEFAULT_RESULTS}/)"
     )
@@ -92,17 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
-    chosen = _choose(plans(args.quick, repeats, args.num_workers), args, parser)
+    missing = _peers.missing_packages() if args.peers else []
+    peers: dict[str, Any] | None = None  # with --peers: the columns, versions, peers left out
+    if args.peers:
+        columns = _peers.columns(missing)
+        peers = {"columns": columns, "versions": _peers.versions(missing),
+                 "skipped": _peers.skipped_lines(missing)}  # fmt: skip
+        every = peer_plans(args.quick, repeats, args.num_workers, columns)
+    else:
+        every = plans(args.quick, repeats, args.num_workers)
+    chosen = _choose(every, args, parser)
     if args.list:
         for plan in chosen:
             print(f"{plan.section.name:<18} {plan.description}")
         return 0
     outputs = _Outputs.from_args(args, parser)  # before the run: a missing matplotlib fails now
+    for line in peers["skipped"] if peers else []:
+        print(line, flush=True)
     found, seconds = _run(chosen)
     run = {"quick": args.quick, "repeats": repeats, "num_workers": args.num_workers,
            "section_seconds": seconds}  # fmt: skip
-    outputs.write(found, run)
-    return 0
+    outputs.write(found, run, peers)
+    return 1 if any(f.error for f in found.values()) else 0
 
 
 def _choose(
@@ -149,11 +182,18 @@ class _Outputs:
         plot = Path(args.plot or folder / "bench.png") if _report.can_plot() else None
         return cls(folder, json, plot)
 
-    def write(self, found: dict[str, Found], run: dict[str, Any]) -> None:
+    def write(
+        self, found: dict[str, Found], run: dict[str, Any], peers: dict[str, Any] | None = None
+    ) -> None:
+        """``peers`` (with ``--peers``): the columns, the versions and the skipped peers."""
         rows = [row for f in found.values() for row in f.rows]
         extras = {k: v for f in found.values() for k, v in f.extras.items()}
         seen = {name: f.seen for name, f in found.items() if f.seen is not None}
-        text = _report.table(rows, extras)
+        document = None  # the peers' part of the JSON
+        if peers is not None:
+            text, document = self._peers(found, run["num_workers"], peers)
+        else:
+            text = _report.table(rows, extras)
         if seen:
             text += "\n\n" + _report.statistics_table(seen)
         print(text)
@@ -161,10 +201,22 @@ class _Outputs:
             path.mkdir(parents=True, exist_ok=True)
         (self.folder / "bench.txt").write_text(text + "\n")
         raw = {name: f.raw for name, f in found.items()}
-        _report.write_json(str(self.json), rows, extras, raw, run=run)
+        _report.write_json(str(self.json), rows, extras, raw, run=run, peers=document)
         if self.plot is not None and rows:
             _report.plot(str(self.plot), rows)
         print(self._summary(bool(rows)))
+
+    @staticmethod
+    def _peers(
+        found: dict[str, Found], num_workers: int, context: dict[str, Any]
+    ) -> tuple[str, dict[str, Any]]:
+        """The peers' table and its part of the JSON."""
+        results = [f.peers for f in found.values() if f.peers is not None]
+        errors = {name: f.error for name, f in found.items() if f.error}
+        rows = _report.peer_rows(results, num_workers)
+        text = _report.peers_table(rows, context["columns"], context["versions"], num_workers,
+                                   errors)  # fmt: skip
+        return text, _report.peers_document(rows, results, errors, context)
 
     def _summary(self, any_rows: bool) -> str:
         written = [str(self.folder / "bench.txt"), str(self.json)]
@@ -210,6 +262,21 @@ def _throughput_rows(workload: Workload, found: dict[str, Any]) -> list[Row]:
         rows.append(Row(name, "peak memory", "MB", stock.peak_memory, ours.peak_memory,
                         False, "<= stock", ours.peak_memory <= stock.peak_memory))  # fmt: skip
     return rows
+
+
+def _peers_plan(workload: Workload, columns: list[str], repeats: int, num_workers: int) -> Plan:
+    def run(progress: Progress) -> Found:
+        try:
+            result = _runner.measure_peers(workload, columns, num_workers, repeats, progress)
+        except _runner.DifferentBatches as exc:  # an error, not a row; the run goes on
+            return Found(raw={"num_workers": num_workers, "error": str(exc)}, error=str(exc))
+        raw = {column: m.__dict__ for column, m in result.measurements.items()}
+        return Found(raw={"num_workers": num_workers, **raw}, peers=result)
+
+    steps = _runner.peers_steps(workload, columns, repeats)
+    estimate = workload.estimate * len(columns) / 2 * (1.5 if workload.measure_memory else 1.0)
+    description = f"{workload.description}; {num_workers} workers; every loader"
+    return Plan(Section(workload.name, steps, estimate), description, run)
 
 
 def _startup_plan(method: str, num_workers: int) -> Plan:

@@ -1,4 +1,4 @@
-"""The benchmark's table, JSON and plot."""
+"""The benchmark's table, JSON and plot (and with ``--peers``, the peers' table)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from .._version import __version__
 from . import _control_cost
+from ._runner import PeerResult
 
 
 @dataclass
@@ -115,16 +116,19 @@ def write_json(
     extras: dict[str, Any],
     raw: dict[str, Any],
     run: dict[str, Any] | None = None,
+    peers: dict[str, Any] | None = None,
 ) -> None:
     """Every figure: the machine, how the run was made (``run``), the table's rows,
     the control channel and each section's raw measurements (``raw``), keyed by
-    the workload names of the table."""
+    the workload names of the table; with ``--peers``, the peers' table
+    (:func:`peers_document`)."""
     document = {
         "machine": machine(),
         "run": run or {},
         "rows": [{**row.__dict__, "ratio": row.ratio} for row in rows],
         "extras": extras,
         "raw": raw,
+        **({"peers": peers} if peers is not None else {}),
     }
     with open(path, "w") as fh:
         json.dump(document, fh, indent=2, default=str)
@@ -163,3 +167,106 @@ def plot(path: str, rows: list[Row]) -> None:
     ax.invert_yaxis()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------- peers
+
+#: What the peers' table calls each workload.
+PEER_LABELS = {
+    "tensor_19mb": "19 MB tensor",
+    "numpy_19mb": "19 MB NumPy",
+    "tiny_batches": "tiny batches",
+    "cpu_bound": "4 ms CPU per item",
+    "dynamic_costs": "skewed costs",
+}
+
+
+@dataclass
+class PeerRow:
+    """One line of the peers' table: a figure for each loader."""
+
+    workload: str
+    label: str
+    measure: str  # "batches/s" or "peak PSS"
+    values: dict[str, float]
+
+    @property
+    def relative(self) -> dict[str, float]:
+        """Each value against torch's, > 1 better (faster, or less memory)."""
+        torch_value = self.values["torch"]
+        if self.measure == "peak PSS":
+            return {c: torch_value / v if v else float("inf") for c, v in self.values.items()}
+        return {c: v / torch_value if torch_value else float("inf") for c, v in self.values.items()}
+
+
+def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
+    """Throughput rows in the run's order, then the peak PSS rows."""
+    rows, memory = [], []
+    for result in results:
+        label = PEER_LABELS.get(result.workload, result.workload)
+        if result.num_workers != num_workers:
+            label += f" ({result.num_workers} workers)"
+        found = result.measurements
+        rows.append(PeerRow(result.workload, f"{label}, batches/s", "batches/s",
+                            {c: m.throughput for c, m in found.items()}))  # fmt: skip
+        if result.measure_memory:
+            memory.append(PeerRow(result.workload, f"peak PSS, {label}", "peak PSS",
+                                  {c: float(m.peak_memory) for c, m in found.items()}))  # fmt: skip
+    return rows + memory
+
+
+def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str],
+                num_workers: int, errors: dict[str, str]) -> str:  # fmt: skip
+    """The loaders side by side, then the same figures against torch's, then the
+    workloads refused because a loader delivered other batches than torch's."""
+    first = max([len("relative to torch"), *(len(row.label) for row in rows)])
+    widths = [max(len(c), 8) for c in columns]
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"{label:<{first}}" + "".join(
+            f"  {x:>{w}}" for x, w in zip(cells, widths, strict=True)
+        )
+
+    header = line("", columns)
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(line(row.label, [_peer_cell(row.values.get(c), row.measure) for c in columns]))
+    lines += ["", line("relative to torch", columns), "-" * len(header)]
+    for row in rows:
+        relative = row.relative
+        lines.append(line(row.label, [f"{relative[c]:.2f}x" if c in relative else "-"
+                                      for c in columns]))  # fmt: skip
+    lines += [
+        "",
+        "relative to torch: > 1 is better (faster, or less memory)",
+        f"{num_workers} workers per loader unless the row says; versions: "
+        + ", ".join(f"{name} {version}" for name, version in versions.items()),
+    ]
+    if errors:
+        lines += ["", "ERROR: no figures for these workloads, whose batches differ:"]
+        lines += [f"  {name}: {error}" for name, error in errors.items()]
+    return "\n".join(lines)
+
+
+def _peer_cell(value: float | None, measure: str) -> str:
+    if value is None:
+        return "-"
+    if measure == "peak PSS":
+        return f"{value / 2**20:.0f} MB"
+    return f"{value:.1f}"
+
+
+def peers_document(rows: list[PeerRow], results: list[PeerResult], errors: dict[str, str],
+                   context: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The peers' part of the JSON: the columns, versions and skipped peers
+    (``context``), the table's rows, the workloads refused and why (``errors``), and
+    what each loader's checked epoch delivered (its batches and their digest)."""
+    return {
+        **context,
+        "rows": [{**row.__dict__, "relative_to_torch": row.relative} for row in rows],
+        "errors": errors,
+        "checksums": {
+            result.workload: {column: found.__dict__ for column, found in result.checksums.items()}
+            for result in results
+        },
+    }

@@ -1,8 +1,10 @@
-"""Running workloads against the stock loader, alternating, in one process tree."""
+"""Running workloads against the stock loader (or, with ``--peers``, against every
+loader of ``_peers.py``), alternating, in one process tree."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
 import pickle
 import statistics
 import subprocess
@@ -14,12 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import psutil
 import torch
 
 from .._messages import EpochStart, Task
 from ..loader import DataLoader
-from . import _control_cost
+from . import _control_cost, _peers
 from ._progress import Progress
 from ._workloads import Tiny, Workload
 
@@ -245,3 +248,134 @@ def quiet_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+# ---------------------------------------------------------------- peers
+
+
+class DifferentBatches(RuntimeError):
+    """A loader delivered other batches than torch's DataLoader from the same
+    dataset and index batches: its figures would not compare like with like."""
+
+
+@dataclass(frozen=True)
+class Checksum:
+    """What one epoch of a loader delivered: its batches, and a digest of all of
+    them in order (types, dtypes, shapes and bytes)."""
+
+    batches: int
+    digest: str
+
+
+@dataclass
+class PeerResult:
+    """One workload measured with every loader of ``_peers.py`` that is installed."""
+
+    workload: str
+    num_workers: int
+    measure_memory: bool
+    measurements: dict[str, Measurement]
+    checksums: dict[str, Checksum]
+
+
+def peers_steps(workload: Workload, columns: list[str], repeats: int) -> int:
+    """How many times :func:`measure_peers` calls ``progress`` (for the display)."""
+    return len(columns) * (1 + repeats + (1 if workload.measure_memory else 0))
+
+
+def measure_peers(
+    workload: Workload, columns: list[str], num_workers: int, repeats: int, progress: Progress
+) -> PeerResult:
+    """Every loader in ``columns``: an epoch each that must deliver torch's batches,
+    then ``repeats`` timed epochs each, alternating; then, for workloads that
+    measure memory, each loader alone: peak PSS of an epoch after a warm-up.
+
+    Loaders that use threads in this process may change torch's intra-op thread
+    count (torchdata's thread workers set it to 1); it is put back after each of
+    their epochs so that the next loader runs as it would alone."""
+    threads = torch.get_num_threads()
+    loaders = {column: _peers.build(column, workload, num_workers)
+               for column in _peers.build_order(columns)}  # fmt: skip
+    runs: dict[str, list[Measurement]] = {column: [] for column in columns}
+    checksums: dict[str, Checksum] = {}
+    try:
+        for column in columns:
+            progress(f"{workload.name}: warming up {column}, checking its batches")
+            checksums[column] = checksum_epoch(loaders[column])
+            torch.set_num_threads(threads)
+        check_same_batches(workload.name, checksums)
+        for repeat in range(repeats):
+            for column in columns:
+                progress(f"{workload.name}: {column} run {repeat + 1}/{repeats}")
+                runs[column].append(_timed_epoch(loaders[column]))
+                torch.set_num_threads(threads)
+    finally:
+        for loader in loaders.values():
+            _peers.close(loader)
+        del loaders
+        gc.collect()
+    found = {column: _median(runs[column]) for column in columns}
+    if workload.measure_memory:
+        for column in columns:
+            progress(f"{workload.name}: {column} memory, alone")
+            found[column].peak_memory = _peak_memory_alone(column, workload, num_workers)
+            torch.set_num_threads(threads)
+    return PeerResult(workload.name, num_workers, workload.measure_memory, found, checksums)
+
+
+def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> int:
+    """Peak PSS of main process and children over one epoch of this loader, the only
+    one alive, after a warm-up epoch (with every loader alive at once, each
+    measurement would count all their workers)."""
+    loader = _peers.build(column, workload, num_workers)
+    try:
+        _drain(loader)
+        return _peak_memory_of_epoch(loader)
+    finally:
+        _peers.close(loader)
+        del loader
+        gc.collect()
+
+
+def check_same_batches(workload: str, checksums: dict[str, Checksum]) -> None:
+    """Raise :class:`DifferentBatches` unless every loader delivered torch's batches."""
+    reference = checksums["torch"]
+    for column, found in checksums.items():
+        if found != reference:
+            raise DifferentBatches(
+                f"{column} delivered other batches than torch's DataLoader on {workload}: "
+                f"{found.batches} batches with digest {found.digest}, but torch's are "
+                f"{reference.batches} with digest {reference.digest}; a loader that "
+                f"delivers other batches cannot be compared"
+            )
+
+
+def checksum_epoch(loader: Any) -> Checksum:
+    """Drain one epoch, digesting every batch in order."""
+    digest = hashlib.blake2b(digest_size=16)
+    count = 0
+    for batch in loader:
+        _digest(digest, batch)
+        count += 1
+        del batch
+    return Checksum(count, digest.hexdigest())
+
+
+def _digest(digest: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        digest.update(f"tensor {obj.dtype} {tuple(obj.shape)};".encode())
+        digest.update(obj.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(obj, np.ndarray):
+        digest.update(f"ndarray {obj.dtype} {obj.shape};".encode())
+        digest.update(np.ascontiguousarray(obj).reshape(-1).view(np.uint8).data)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(f"{type(obj).__name__} {len(obj)};".encode())
+        for item in obj:
+            _digest(digest, item)
+    elif isinstance(obj, dict):
+        digest.update(f"dict {len(obj)};".encode())
+        for key in sorted(obj, key=repr):
+            digest.update(f"{key!r}:".encode())
+            _digest(digest, obj[key])
+    else:
+        digest.update(f"{type(obj).__name__} {obj!r};".encode())
