@@ -74,8 +74,8 @@ FIRST_BATCH_SPAWN_RATIO = 4.0  # poolloader's spawn first batch: at most 1/4 of 
 FORKSERVER_FIRST_BATCH = 2.0  # seconds
 NEXT_EPOCH = 1.0  # seconds, persistent_workers=False
 #: Seconds the section takes on a 2-core machine (the progress bar's weights).
-ESTIMATE = 300.0
-QUICK_ESTIMATE = 90.0
+ESTIMATE = 320.0
+QUICK_ESTIMATE = 70.0
 
 
 @dataclass(frozen=True)
