@@ -59,17 +59,17 @@ QUICK_SERIES = (START_WORKERS,)
 #: Records per pickled chunk of the records file (what a probe holds at once while it
 #: builds a SharedList).
 CHUNK = 10_000
-#: Records in each epoch of a ``start`` probe: enough for every worker's first
+#: Records in each epoch of the start-up measurements: enough for every worker's first
 #: batches, few enough that an epoch ends within a second.
 START_RECORDS = 2048
-#: Epochs whose first batch the ``start`` probe with 8 workers times after the first
-#: (one: torch's spawn takes about 40 s for each).
+#: Epochs whose first batch the ``main`` probe times after the first (one: torch's
+#: spawn takes about 40 s for each).
 NEXT_EPOCHS = 1
 #: Seconds one probe may take; only bounds a hang (torch's spawn with 8 workers and
 #: 1M records takes about 40 s on a 2-core machine).
 PROBE_DEADLINE = 900
 
-# The goals (issue 15), as ratios or bounds measured in the same run.
+# The goals for a 1M-record manifest, as ratios or bounds measured in the same run.
 FIRST_BATCH_SPAWN_RATIO = 4.0  # poolloader's spawn first batch: at most 1/4 of torch's
 FORKSERVER_FIRST_BATCH = 2.0  # seconds
 NEXT_EPOCH = 1.0  # seconds, persistent_workers=False
