@@ -4,6 +4,7 @@ the README does, and writes its results folder."""
 from __future__ import annotations
 
 import configparser
+import faulthandler
 import io
 import json
 import os
@@ -17,12 +18,14 @@ import pytest
 import torch
 from _fresh_env import ROOT, Views
 
-from poolloader.bench import _cli, _peers, _runner
+from poolloader.bench import _cli, _manifest, _peers, _runner
 from poolloader.bench._progress import ProgressDisplay, Section
 from poolloader.bench._report import Row
-from poolloader.bench._workloads import Skewed, workloads
+from poolloader.bench._workloads import Skewed, manifest_records, workloads
 
 SECTIONS = [plan.section.name for plan in _cli.plans(quick=True, repeats=1, num_workers=1)]
+#: Seconds the manifest section may take with --quick (it takes one or two minutes).
+SECTION_DEADLINE = 600
 PROGRESS_LINE = r"\[\s*\d+%, (estimating time left|about \d+:\d\d left)\] "
 
 
@@ -267,3 +270,54 @@ def test_a_refused_workload_is_named_with_why_and_the_others_keep_their_rows(tmp
     peers = json.loads((tmp_path / "bench.json").read_text())["peers"]
     assert list(peers["errors"]) == ["numpy_19mb"]
     assert [row["workload"] for row in peers["rows"]] == ["tiny_batches"]
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def test_the_manifest_section_measures_every_configuration(tmp_path):
+    """``--quick --only manifest`` with a few hundred records: every row, figures positive,
+    and the memory run's process tree told apart (4 workers, poolloader's template).
+
+    Six fresh interpreters, torch's spawn with 8 workers among them: a minute or two on
+    a busy 2-core machine, past the suite's faulthandler timeout; the subprocess's own
+    timeout bounds a hang here, so the dump is put off to match it."""
+    faulthandler.dump_traceback_later(SECTION_DEADLINE + 60, file=sys.__stderr__)
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-W", "error::RuntimeWarning", "-m", "poolloader.bench", "--quick",
+         "--only", "manifest", "--manifest-records", "500", "--out", str(out)],
+        capture_output=True, text=True, timeout=SECTION_DEADLINE, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    document = json.loads((out / "bench.json").read_text())
+    ours = [c for c in _manifest.CONFIGS.values() if c.kind == "poolloader"]
+    measures = [r["measure"] for r in document["rows"]]
+    assert measures == [
+        f"{what}, {c.method}+{c.container}"
+        for what in ("PSS after epoch", "first batch x8", "next epoch x8")
+        for c in ours
+    ]
+    for row in document["rows"]:
+        assert row["workload"] == "manifest" and row["stock"] > 0 and row["ours"] > 0, row
+        no_goal = row["measure"].startswith("PSS") and row["measure"].endswith("+list")
+        assert row["met"] in ((None,) if no_goal else (True, False)), row
+    figures = document["raw"]["manifest"]
+    assert figures["records"] == 500 and set(figures["configs"]) == set(_manifest.CONFIGS)
+    for key, found in figures["configs"].items():
+        roles = [p["role"] for p in found["processes"]]
+        assert roles.count("main") == 1 and roles.count("worker") == 4, (key, roles)
+        assert ("template" in roles) == key.startswith("poolloader"), (key, roles)
+        assert found["pss"] == sum(p["pss"] for p in found["processes"]) > 0
+        assert found["first_batch"] == {"8": pytest.approx(found["first_batch"]["8"])}
+        assert found["first_batch"]["8"] > 0 and found["next_epoch"] > 0
+    text = (out / "bench.txt").read_text()
+    assert "manifest: 500 records" in text and "poolloader, forkserver, SharedList" in text
+
+
+def test_manifest_records_round_trip_through_their_file(tmp_path):
+    path = tmp_path / "records.pickle"
+    _manifest.write_records(path, _manifest.CHUNK + 7)
+    assert list(_manifest.read_records(path)) == list(manifest_records(_manifest.CHUNK + 7))
+    first = next(manifest_records(1))
+    assert set(first) == {"id", "path", "dur", "text"} and 1.0 <= first["dur"] <= 20.0

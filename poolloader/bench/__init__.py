@@ -11,7 +11,9 @@ Layout: ``_cli`` (command line, the run's sections, the results folder),
 ``_workloads`` (datasets and loader arguments), ``_runner`` (measuring),
 ``_peers`` (the other loaders and how each is built), ``_progress`` (progress
 bar or plain lines), ``_report`` (tables, JSON, plot), ``_startup`` (start-up
-timing in a fresh interpreter). ``__main__`` only runs ``_cli.main``.
+timing in a fresh interpreter), ``_manifest`` (a 1M-record manifest through both
+loaders, each figure from a fresh interpreter running ``_manifest_probe``).
+``__main__`` only runs ``_cli.main``.
 """
 
 from ._cli import main

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _peers, _report, _runner
+from . import _manifest, _peers, _report, _runner
 from ._progress import Progress, ProgressDisplay, Section
 from ._report import Row
 from ._runner import PeerResult
@@ -69,7 +69,9 @@ class Plan:
     run: Callable[[Progress], Found]
 
 
-def plans(quick: bool, repeats: int, num_workers: int) -> list[Plan]:
+def plans(
+    quick: bool, repeats: int, num_workers: int, manifest_records: int | None = None
+) -> list[Plan]:
     """Every section, in the order they run."""
     found = [
         _throughput_plan(w, repeats, num_workers) for w in workloads(quick, num_workers).values()
@@ -77,6 +79,8 @@ def plans(quick: bool, repeats: int, num_workers: int) -> list[Plan]:
     found += [_startup_plan(method, num_workers) for method in ("spawn", "forkserver")]
     found.append(_turnaround_plan(num_workers))
     found.append(_control_plan(num_workers))
+    records = _manifest.records_for(quick, manifest_records)
+    found.append(_manifest_plan(records, _manifest.series_for(quick)))
     return found
 
 
@@ -97,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, one repeat")
     parser.add_argument("--only", nargs="*", metavar="NAME", help="sections to run (--list)")
     parser.add_argument("--skip-startup", action="store_true", help="skip start-up timings")
+    parser.add_argument(
+        "--manifest-records", type=int, metavar="N",
+        help=f"records of the manifest section (default: {_manifest.RECORDS:,}; "
+        f"{_manifest.QUICK_RECORDS:,} with --quick)",
+    )  # fmt: skip
     parser.add_argument("--list", action="store_true", help="list the sections and exit")
     parser.add_argument("--peers", action="store_true",
                         help="compare torchdata's and SPDL's loaders too, in one table "
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
+    if args.manifest_records is not None and args.manifest_records < 1:
+        parser.error(f"--manifest-records should be positive, but got {args.manifest_records}")
     missing = _peers.missing_packages() if args.peers else []
     peers: dict[str, Any] | None = None  # with --peers: the columns, versions, peers left out
     if args.peers:
@@ -122,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                  "skipped": _peers.skipped_lines(missing)}  # fmt: skip
         every = peer_plans(args.quick, repeats, args.num_workers, columns)
     else:
-        every = plans(args.quick, repeats, args.num_workers)
+        every = plans(args.quick, repeats, args.num_workers, args.manifest_records)
     chosen = _choose(every, args, parser)
     if args.list:
         for plan in chosen:
@@ -319,3 +330,17 @@ def _control_plan(num_workers: int) -> Plan:
 
     description = "bytes sent to workers per batch while nothing changes, and for one change"
     return Plan(Section("control_channel", 2, CONTROL_ESTIMATE), description, run)
+
+
+def _manifest_plan(records: int, series: tuple[int, ...]) -> Plan:
+    def run(progress: Progress) -> Found:
+        figures = _manifest.measure(records, series, progress)
+        summary = _manifest.summary(figures)
+        return Found(_manifest.rows(figures), figures, extras={"manifest": summary})
+
+    description = (
+        f"a {records:,}-record manifest, list or SharedList: PSS after an epoch (4 workers), "
+        f"first batch with {', '.join(map(str, series))} workers, next epoch"
+    )
+    section = Section("manifest", _manifest.steps(series), _manifest.estimate(records))
+    return Plan(section, description, run)

@@ -69,8 +69,10 @@ def table(rows: list[Row], extras: dict[str, Any]) -> str:
         )
     lines.append("")
     lines.append("ratio > 1 means poolloader is better (faster, or less memory)")
-    if extras:
+    if "bytes_per_batch_idle" in extras:
         lines += ["", *control_lines(extras)]
+    if "manifest" in extras:
+        lines += ["", *manifest_lines(extras["manifest"])]
     return "\n".join(lines)
 
 
@@ -85,6 +87,31 @@ def control_lines(extras: dict[str, Any]) -> list[str]:
         f"messages, {extras['control_bytes_after_one_change']} bytes in all, once",
         *_control_cost.lines(extras),
     ]
+
+
+def manifest_lines(figures: dict[str, Any]) -> list[str]:
+    """Every configuration of the manifest section: PSS after an epoch, first batch by
+    worker count, next epoch's first batch (figures from ``_manifest.summary``)."""
+    configs = figures["configs"]
+    series = list(next(iter(configs.values()))["first_batch"])
+    label = max(len(found["label"]) for found in configs.values())
+    pickled = max(found["pickled_bytes"] for found in configs.values())
+    first = 8 * len(series) - 1
+    lines = [
+        f"manifest: {figures['records']:,} records ({pickled / 1e6:.1f} MB pickled as a list), "
+        f"batch_size {figures['batch_size']}",
+        f"  {'':<{label}}  {'PSS, 4 workers':^21}  {'first batch':^{first}}  {'next epoch':>11}",
+        f"  {'':<{label}}  {'all':>10} {'main':>10}  "
+        + " ".join(f"{f'N={n}':>7}" for n in series)
+        + f"  {'N=8':>11}",
+    ]
+    for found in configs.values():
+        seconds = " ".join(f"{value:>5.2f} s" for value in found["first_batch"].values())
+        lines.append(
+            f"  {found['label']:<{label}}  {_fmt(found['pss'], 'MB'):>10} "
+            f"{_fmt(found['main_pss'], 'MB'):>10}  {seconds}  {found['next_epoch']:>9.3f} s"
+        )
+    return lines
 
 
 def statistics_table(seen: dict[str, Any]) -> str:

@@ -4,6 +4,7 @@ them) and the loader arguments each workload runs with."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -124,6 +125,44 @@ class Skewed(Dataset):
     def __getitem__(self, i: int) -> int:
         time.sleep(self.cost(i))
         return i
+
+
+#: The words of a manifest's transcripts (:func:`manifest_records`).
+MANIFEST_WORDS = ("the", "a", "of", "speech", "model", "audio", "frame", "noise", "clean", "test")
+
+
+def manifest_records(count: int) -> Iterator[dict[str, Any]]:
+    """A speech corpus's manifest rows, seeded: an id, a path, a duration (1 to 20 s) and
+    a transcript of 3 to 8 words, each row its own dict and strings, as read from a file."""
+    rng = np.random.default_rng(0)
+    durations = np.round(rng.uniform(1.0, 20.0, count), 2).tolist()
+    lengths = rng.integers(3, 9, count).tolist()
+    words = rng.integers(0, len(MANIFEST_WORDS), (count, 8)).tolist()
+    for i in range(count):
+        yield {
+            "id": f"utt{i:07d}",
+            "path": f"spk{i % 2000:04d}/utt{i:07d}.flac",
+            "dur": durations[i],
+            "text": " ".join([MANIFEST_WORDS[w] for w in words[i][: lengths[i]]]),
+        }
+
+
+class Manifest(Dataset):
+    """A plain map-style dataset over manifest rows, held as given (a list or a SharedList).
+
+    An item reads every field of its row, as a speech dataset reads the path to open the
+    audio and the transcript to tokenise it, and returns the duration and a character
+    count: what the benchmark moves between processes is small, what it reads is not."""
+
+    def __init__(self, records: Sequence[dict[str, Any]]) -> None:
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[float, int]:
+        row = self.records[i]
+        return row["dur"], len(row["id"]) + len(row["path"]) + len(row["text"])
 
 
 @dataclass
