@@ -262,6 +262,12 @@ class Channel:
             self._started, self._snapshotting = True, snapshots and dataset is not None
             self._drop_log()
 
+    def provide_base(self, dataset: bytes) -> None:
+        """The base's pickle, made after :meth:`start` (``None``) while the pool's
+        template started; snapshots are taken from now on."""
+        with self._lock:
+            self._base, self._snapshotting = dataset, True
+
     def stop(self) -> None:
         with self._lock:
             self._base, self._open, self._run = None, [], None

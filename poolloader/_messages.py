@@ -338,6 +338,14 @@ class PickledObject:
 
 @message
 @dataclass(frozen=True, slots=True)
+class DatasetFollows:
+    """Stands for the dataset in a template's arguments: the main process pickles
+    the dataset while the template starts, and sends it as the first message on
+    the template's connection (NOTE [ Templates ])."""
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class ForkWorker:
     """Fork worker ``worker_id``; its connection's descriptor follows the message.
 

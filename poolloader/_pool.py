@@ -33,6 +33,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from . import _worker
@@ -195,12 +196,18 @@ class Pool:
 
     # ---------------------------------------------------------------- life
 
-    def start(self) -> None:
+    def start(self, ship: Callable[[], Any] | None = None) -> None:
+        """Start the template (or the workers) and the I/O thread. ``ship``: see
+        :meth:`Workforce.start`; it raises here, and then nothing is left running."""
         logger.debug("starting %d workers", self._num_workers)
         _ensure_exit_hook()
         with self._lock:
             # A fork-started template is forked here, before the I/O thread runs.
-            self._workforce.start(self._channel.base_generation)
+            try:
+                self._workforce.start(self._channel.base_generation, ship)
+            except BaseException:
+                self.close()
+                raise
             self._workers = [self._launch(i) for i in range(self._num_workers)]
         _live_pools.add(self)
         self._thread.start()

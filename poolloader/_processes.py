@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from . import _proctree, _worker
 from ._deaths import descendants, describe_exit, silent_start_error, start_error
 from ._messages import (
+    DatasetFollows,
     Forked,
+    PickledObject,
     StartFailed,
     Stop,
     TemplateReady,
@@ -103,9 +106,32 @@ class Workforce:
         self._use_template = template
         self.base_seed = setup.base_seed  # the current epoch's: new workers are seeded with it
 
-    def start(self, generation: int) -> None:
-        """Start the template (workers are asked for with :meth:`launch` at once)."""
-        if self._use_template:
+    def start(self, generation: int, ship: Callable[[], Any] | None = None) -> None:
+        """Start the template (workers are asked for with :meth:`launch` at once).
+
+        ``ship``: the dataset is not in the setup yet; ``ship()`` gives it as it
+        travels (:func:`~poolloader._pickling.ship`). The template starts first
+        and receives the pickle once made (NOTE [ Templates ]); a dataset that
+        must travel in a process's arguments gets a template started with it."""
+        if not self._use_template:
+            if ship is not None:
+                self._setup = replace(self._setup, dataset=ship())
+            return
+        if ship is None:
+            self.template = Template(self._context, self._setup, generation)
+            return
+        early = Template(self._context, replace(self._setup, dataset=DatasetFollows()), generation)
+        try:
+            dataset = ship()
+        except BaseException:
+            early.stop()
+            raise
+        self._setup = replace(self._setup, dataset=dataset)
+        if isinstance(dataset, PickledObject):
+            early.send_dataset(dataset.data)
+            self.template = early
+        else:
+            early.stop()
             self.template = Template(self._context, self._setup, generation)
 
     def launch(

@@ -13,7 +13,11 @@ and forks every worker from it::
 
 * The dataset is pickled once per loader and unpickled once, not once per
   worker: workers start in parallel, in milliseconds each, and share the
-  template's memory copy-on-write.
+  template's memory copy-on-write. The template is started before the dataset
+  is pickled (its arguments hold :class:`DatasetFollows` instead), and the
+  pickle follows on its connection: pickling a big dataset in the main process
+  overlaps the template's start (a new interpreter importing torch), where one
+  after the other would add them up.
 * The template runs one thread, so forking it is safe although the main process
   runs threads (the pool's I/O thread, torch's thread pools). With
   ``multiprocessing_context="fork"`` the template itself is forked from the main
@@ -34,6 +38,17 @@ template reaps the workers it forked and reports their exit codes; the main
 process watches each through a pidfd, which the template opens while the child
 cannot have been reaped yet, so a recycled pid is never mistaken for a worker.
 
+NOTE [ Frozen objects ]
+
+The template moves every object it holds into the collector's permanent
+generation (``gc.freeze()``) right before it forks a worker. A forked worker
+shares the template's pages until it writes to one, and a full collection in the
+worker writes to every object it examines: without the freeze the first full
+collection in each worker would copy the pages of the whole dataset (a million
+records: hundreds of MB per worker). Frozen objects are never examined. They are
+still freed by reference counting; a replaced dataset is unfrozen and collected
+first, so cycles in the old copy do not stay.
+
 If unpickling the dataset left the template with other threads running, or with
 CUDA initialised, forking it would not be safe: it says so and exits, and the
 pool starts each worker directly instead (each unpickles the dataset itself).
@@ -41,6 +56,7 @@ pool starts each worker directly instead (each unpickles the dataset itself).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -57,9 +73,11 @@ from typing import Any
 from . import _control, _worker
 from ._messages import (
     Advance,
+    DatasetFollows,
     Exited,
     Forked,
     ForkWorker,
+    PickledObject,
     RemoteError,
     Replace,
     StartFailed,
@@ -71,6 +89,8 @@ from ._messages import (
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
+#: :class:`Stop` as sent: a template waiting for its dataset may get this instead.
+STOP = pickle.dumps(Stop(), protocol=pickle.HIGHEST_PROTOCOL)
 
 # ------------------------------------------------------------ in the template
 
@@ -85,10 +105,18 @@ def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
     own_name = _process_name()
     _set_process_name(TEMPLATE_NAME)
+    dataset = setup.dataset
+    if isinstance(dataset, DatasetFollows):
+        try:
+            dataset = PickledObject(conn.recv_bytes())
+        except (EOFError, OSError):
+            os._exit(0)  # the main process gave up (its pickling failed) or is gone
+        if dataset.data == STOP:
+            os._exit(0)
     try:
         setup = replace(
             setup,
-            dataset=_worker.materialize(setup.dataset),
+            dataset=_worker.materialize(dataset),
             functions=_worker.materialize(setup.functions),
         )
     except BaseException as exc:  # every failure is reported home
@@ -165,6 +193,7 @@ class _Template:
             name=f"poolloader-worker-{message.worker_id}",
             daemon=False,
         )
+        gc.freeze()  # NOTE [ Frozen objects ]
         process.start()
         worker_conn.close()
         pid = int(process.pid or 0)
@@ -188,6 +217,9 @@ class _Template:
             else:
                 _control.apply_update(dataset, update)
         self.setup = replace(self.setup, dataset=dataset)
+        if any(isinstance(update, Replace) for update in updates):
+            gc.unfreeze()  # the old copy's cycles, frozen with it, can go now
+            gc.collect()
 
     def _reap(self, process: Any) -> None:
         process.join()
@@ -241,8 +273,18 @@ class Template:
         self.process = context.Process(
             target=template_main, args=(setup, child), name="poolloader-template", daemon=False
         )
-        self.process.start()
-        child.close()
+        self._starting: threading.Thread | None = None
+        self._start_error: BaseException | None = None
+        if isinstance(setup.dataset, DatasetFollows):
+            # The forkserver answers a start only once it runs (a new interpreter
+            # importing torch): meanwhile this thread's caller pickles the dataset.
+            self._starting = threading.Thread(
+                target=self._start, args=(child,), name="poolloader-template-start", daemon=True
+            )
+            self._starting.start()
+        else:
+            self._start(child)
+            self._raise_start_error()
         self.generation = generation  # of the dataset the template holds
         self.ready = False
         self.stopped = False
@@ -274,6 +316,32 @@ class Template:
         finally:
             child.close()
         return parent
+
+    def _start(self, child: Connection) -> None:
+        try:
+            self.process.start()
+        except BaseException as exc:
+            self._start_error = exc
+        finally:
+            child.close()
+
+    def _raise_start_error(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+            self._starting = None
+        if self._start_error is not None:
+            error, self._start_error = self._start_error, None
+            raise error
+
+    def send_dataset(self, data: bytes) -> None:
+        """Send the pickled dataset to a template started with :class:`DatasetFollows`
+        (it waits until the template reads it). A template that died first is left
+        to its sentinel, as everywhere else."""
+        self._raise_start_error()
+        try:
+            self.conn.send_bytes(data)
+        except OSError:
+            pass
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
         """Bring the template's dataset to ``generation``."""
@@ -324,6 +392,12 @@ class Template:
         if self.stopped:
             return
         self.stopped = True
+        try:
+            self._raise_start_error()
+        except BaseException:
+            self._sock.close()
+            self.conn.close()
+            return  # it never started
         try:
             self._send(Stop())
         except OSError:

@@ -21,7 +21,7 @@ from . import _pickling, _proctree, _seeding
 from ._control import Channel, broadcast_payload
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
-from ._messages import Broadcast, PickledObject, Refresh, Replace
+from ._messages import Broadcast, DatasetFollows, PickledObject, Refresh, Replace
 from ._pool import Pool
 from ._resume import (
     STATE_VERSION,
@@ -50,11 +50,14 @@ REORDER_MIN_PER_WORKER = 2
 REORDER_MAX_PER_WORKER = 16
 DEFAULT_MAX_WORKER_RESTARTS = 3
 TRANSPORTS = ("shm", "pickle")
+#: Bytes a dataset's fingerprint may pass twice its pickle by (NOTE [ Fingerprints ]
+#: in ``_pickling.py``) before the check falls back to pickling it.
+FINGERPRINT_SLACK = 2**20
 #: Attributes that belong to one loader object and are not copied or pickled
 #: (see DataLoader.__getstate__).
 _PER_OBJECT = frozenset(
     {"_channel", "_stats", "_lock", "_pool", "_pool_key", "_iterators", "_closed",
-     "dataset", "_dataset_target", "_snapshot"}
+     "dataset", "_dataset_target", "_snapshot", "_fingerprint"}
 )  # fmt: skip
 
 
@@ -182,6 +185,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._pool: Pool | None = None
         self._pool_key: tuple[Any, ...] | None = None
         self._snapshot: bytes | None = None  # the dataset as the pool's template holds it
+        self._fingerprint: tuple[bytes | None, int] = (None, 0)  # of the template's copy
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
 
     # --------------------------------------------------------- copy, pickle
@@ -304,6 +308,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if not pool.forks_workers:
             self._channel.record(Replace(_pickling.dumps(dataset, "dataset")))
             return
+        if not pool.inherits_dataset:
+            fingerprint = self._fingerprint_now()
+            if fingerprint[0] is not None and fingerprint == self._fingerprint:
+                self._channel.record(Refresh())  # unchanged since the template's copy
+                return
         snapshot = None if pool.inherits_dataset else _pickling.dumps_or_none(dataset)
         if snapshot is None:
             if not pool.restart_template(dataset):
@@ -317,6 +326,18 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         else:
             self._channel.record(Replace(snapshot))
             self._snapshot = snapshot
+        self._fingerprint = self._fingerprint_now()
+
+    def _fingerprint_now(self) -> tuple[bytes | None, int]:
+        """The dataset's fingerprint (NOTE [ Fingerprints ] in ``_pickling.py``) and
+        the count of changes recorded through ``loader.dataset`` so far: the
+        template's copy is the dataset as it is when both are as they were when
+        its copy was made (changes recorded since reached the template, but the
+        fingerprint then was of the dataset before them)."""
+        self._channel.stamp()  # changes still open are counted
+        recorded = self._channel.messages_recorded
+        limit = 2 * len(self._snapshot or b"") + FINGERPRINT_SLACK
+        return _pickling.fingerprint(self._dataset_target, limit), recorded
 
     # -------------------------------------------------------------- resume
 
@@ -385,15 +406,14 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _start_pool(self, base_seed: int) -> Pool:
         context = _resolve_context(self.multiprocessing_context)
         inherited = context.get_start_method() == "fork"
-        dataset = _pickling.ship(self._dataset_target, "dataset", inherited=inherited)
         functions = (self.collate_fn, self._worker_init())
-        self._snapshot = dataset.data if isinstance(dataset, PickledObject) else None
-        self._channel.start(self._snapshot)
+        self._snapshot = None
+        self._channel.start(None)
         transport = self._make_transport()
         setup = WorkerSetup(
             worker_id=-1,
             num_workers=self.num_workers,
-            dataset=dataset,
+            dataset=self._dataset_target if inherited else DatasetFollows(),
             functions=_pickling.ship(functions, "collate_fn", inherited=inherited),
             dataset_kind=self._dataset_kind,
             auto_collation=self._auto_collation,
@@ -415,8 +435,21 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             resumable=self._dataset_kind == _DatasetKind.Map,
             dataset=self._dataset_target,
         )
-        pool.start()
+        if inherited:
+            pool.start()
+        else:
+            pool.start(self._ship_dataset)  # pickled while the template starts
+            self._fingerprint = self._fingerprint_now()  # while it unpickles
         return pool
+
+    def _ship_dataset(self) -> Any:
+        """The dataset as it travels to a new pool (``_pickling.ship``); its pickle
+        becomes the control channel's base and the snapshot epochs compare with."""
+        dataset = _pickling.ship(self._dataset_target, "dataset", inherited=False)
+        if isinstance(dataset, PickledObject):
+            self._snapshot = dataset.data
+            self._channel.provide_base(dataset.data)
+        return dataset
 
     def _worker_init(self) -> Callable[[int], None] | None:
         """``worker_init_fn``, wrapped as torch wraps it for a DataPipe dataset: each

@@ -429,3 +429,46 @@ def stack_into_batch_buffer(items):
     out = poolloader.batch_buffer((len(items), *np.shape(items[0])), np.float32)
     np.stack([np.asarray(i, dtype=np.float32) for i in items], out=out)
     return {"x": out, "in_slab": in_slab(out.ctypes.data)}
+
+
+class Rows(Dataset):
+    """Item i is ``rows[i]["v"]``: a manifest of dict records, changed in place.
+
+    ``cyclic``: the dataset refers to itself. ``shared_blob``: every row holds the
+    same 1 MiB bytes object, so a pickle without a memo is as many times bigger
+    than the plain one as there are rows."""
+
+    def __init__(self, n: int = 6, cyclic: bool = False, shared_blob: bool = False) -> None:
+        blob = bytes(2**20) if shared_blob else b""
+        self.rows = [{"v": i, "blob": blob} for i in range(n)]
+        self.me = self if cyclic else None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]["v"]
+
+
+class WaitsForTemplate(Dataset):
+    """Pickling it waits (up to 30 s) until a template process runs, and records
+    whether one came: it does only if the template starts before the dataset is
+    pickled (NOTE [ Templates ])."""
+
+    template_seen: list[bool] = []
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        return i
+
+    def __getstate__(self):
+        if not WaitsForTemplate.template_seen:
+            from _procs import template_pids
+
+            deadline = time.monotonic() + 30
+            while not template_pids() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            WaitsForTemplate.template_seen.append(bool(template_pids()))
+        return self.__dict__

@@ -1,0 +1,116 @@
+"""``persistent_workers=False``: each epoch's workers see the dataset as it is when
+the epoch starts, as torch's new workers do, without pickling an unchanged dataset
+again (NOTE [ Fingerprints ] in ``poolloader/_pickling.py``)."""
+
+from __future__ import annotations
+
+import pytest
+from _datasets import Rows, WaitsForTemplate
+
+from poolloader import DataLoader, _pickling
+
+KINDS = {
+    "records": {},
+    "cyclic": {"cyclic": True},  # no fingerprint: fast pickling refuses cycles
+    "shared_blob": {"shared_blob": True},  # no fingerprint: past its size limit (6 MiB)
+}
+
+
+@pytest.fixture
+def pickles(monkeypatch):
+    """How many times the main process pickled the whole dataset to compare it."""
+    made: list[int] = []
+    real = _pickling.dumps_or_none
+
+    def counting(obj):
+        made.append(1)
+        return real(obj)
+
+    monkeypatch.setattr(_pickling, "dumps_or_none", counting)
+    return made
+
+
+def _loader(dataset, start_method="forkserver"):
+    return DataLoader(dataset, batch_size=None, num_workers=2,
+                      multiprocessing_context=start_method)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_a_change_deep_inside_the_dataset_reaches_the_next_epoch(kind):
+    dataset = Rows(**KINDS[kind])
+    with _loader(dataset) as loader:
+        assert list(loader) == [0, 1, 2, 3, 4, 5]
+        dataset.rows[3]["v"] = 30  # in place, behind the loader's back
+        assert list(loader) == [0, 1, 2, 30, 4, 5]
+        assert list(loader) == [0, 1, 2, 30, 4, 5]
+        dataset.rows.append({"v": 6, "blob": dataset.rows[0]["blob"]})
+        assert list(loader) == [0, 1, 2, 30, 4, 5, 6]
+
+
+def test_with_spawn_too():
+    dataset = Rows()
+    with _loader(dataset, "spawn") as loader:
+        assert list(loader) == [0, 1, 2, 3, 4, 5]
+        dataset.rows[0]["v"] = -1
+        assert list(loader) == [-1, 1, 2, 3, 4, 5]
+
+
+def test_an_unchanged_dataset_is_not_pickled_again(pickles):
+    dataset = Rows()
+    with _loader(dataset) as loader:
+        for _ in range(3):
+            assert list(loader) == [0, 1, 2, 3, 4, 5]
+        assert pickles == []
+        dataset.rows[1]["v"] = 10
+        assert list(loader) == [0, 10, 2, 3, 4, 5]
+        assert len(pickles) == 1  # a change: pickled once, sent to the template
+        assert list(loader) == [0, 10, 2, 3, 4, 5]
+        assert len(pickles) == 1
+
+
+def test_a_change_through_the_loader_then_one_behind_its_back(pickles):
+    dataset = Rows()
+    with _loader(dataset) as loader:
+        assert list(loader) == [0, 1, 2, 3, 4, 5]
+        loader.dataset.rows[2]["v"] = 20  # reaches the template through the channel
+        assert list(loader) == [0, 1, 20, 3, 4, 5]
+        assert list(loader) == [0, 1, 20, 3, 4, 5]
+        dataset.rows[4]["v"] = 40
+        assert list(loader) == [0, 1, 20, 3, 40, 5]
+        settled = len(pickles)
+        assert list(loader) == [0, 1, 20, 3, 40, 5]
+        assert len(pickles) == settled
+
+
+def test_a_cyclic_dataset_is_compared_by_its_pickle(pickles):
+    dataset = Rows(cyclic=True)
+    with _loader(dataset) as loader:
+        assert list(loader) == list(loader) == [0, 1, 2, 3, 4, 5]
+        assert len(pickles) == 1
+
+
+def test_fingerprints_tell_contents_apart_and_refuse_what_they_cannot_do():
+    rows = Rows().rows
+    before = _pickling.fingerprint(rows, 10**6)
+    assert before == _pickling.fingerprint([dict(r) for r in rows], 10**6)
+    rows[5]["v"] = 6
+    assert before != _pickling.fingerprint(rows, 10**6) is not None
+    assert _pickling.fingerprint(Rows(cyclic=True), 10**6) is None
+    assert _pickling.fingerprint(Rows(shared_blob=True), 3 * 2**20) is None
+    assert _pickling.fingerprint(lambda: 0, 10**6) is None
+
+
+def test_a_dataset_shared_many_times_over_is_compared_by_its_pickle(pickles):
+    dataset = Rows(shared_blob=True)
+    with _loader(dataset) as loader:
+        assert list(loader) == list(loader) == [0, 1, 2, 3, 4, 5]
+        assert len(pickles) == 1
+
+
+def test_the_template_starts_while_the_dataset_is_pickled(start_method):
+    """The template's start (an interpreter importing torch) and the main process's
+    pickling of a big dataset overlap instead of adding up."""
+    WaitsForTemplate.template_seen.clear()
+    with _loader(WaitsForTemplate(), start_method) as loader:
+        assert list(loader) == [0, 1, 2, 3]
+    assert WaitsForTemplate.template_seen == [True]
