@@ -50,11 +50,13 @@ def crash_error(
             f"{death.worker_id} (pid {death.pid}), was {doing}.",
             exitcodes=exitcodes, indices=indices,
         )  # fmt: skip
-    if running is not None and running.deaths >= 1:
+    if running is not None and running.killed:
+        # Its own deaths only: ``exitcodes`` has every death of the pool so far.
+        own = (*running.killed, death.code)
         return WorkerCrashedError(
             f"batch {running.position} (indices {short(running.index)}) killed two "
-            f"workers ({exits}); it is not retried again.",
-            exitcodes=exitcodes, indices=running.index,
+            f"workers ({', '.join(describe_exit(c) for c in own)}); it is not retried again.",
+            exitcodes=own, indices=running.index,
         )  # fmt: skip
     if death.held_tasks and not resumable:
         return WorkerCrashedError(

@@ -747,7 +747,7 @@ class Pool:
             lost = [r for r in held if not r.cancelled]
             if running is not None and running.cancelled:
                 self._log_death(w, code, lost, "while loading a batch nobody waits for")
-                self._replace(w, lost, None)
+                self._replace(w, lost, None, code)
                 return
             self._counters.deaths += 1
             self._exitcodes.append(code)
@@ -758,7 +758,7 @@ class Pool:
                 self._resumable,
             )  # fmt: skip
             if failure is None:
-                self._replace(w, lost, running)
+                self._replace(w, lost, running, code)
                 return
         self._break(failure)  # fails the dead worker's tasks with the rest
 
@@ -769,10 +769,13 @@ class Pool:
             w.id, w.pid, f" {doing}" if doing else "", describe_exit(code), again,
         )  # fmt: skip
 
-    def _replace(self, w: Worker, lost: list[TaskRecord], running: TaskRecord | None) -> None:
-        """Start a worker in ``w``'s place and queue its tasks first, in their order.
+    def _replace(
+        self, w: Worker, lost: list[TaskRecord], running: TaskRecord | None, code: int
+    ) -> None:
+        """Start a worker in ``w``'s place (it ended with ``code``) and queue its tasks
+        first, in their order.
 
-        Only the task that was running counts a death: the others merely waited
+        Only the task that was running counts the death: the others merely waited
         in the dead worker's inbox."""
         w.tasks.clear()
         self._workforce.release(w)
@@ -780,7 +783,7 @@ class Pool:
         self._workers[self._workers.index(w)] = fresh
         self._counters.restarts += 1
         if running is not None:
-            running.deaths += 1
+            running.killed.append(code)
         for record in sorted(lost, key=lambda r: r.seq, reverse=True):
             record.worker = None
             self._pending.appendleft(record)

@@ -60,9 +60,12 @@ class LoaderStatistics:
             and ``loader.broadcast`` while workers were running: the changes made
             between two batch submissions form one message. Reading sends none.
         control_messages_sent: Control messages actually sent to workers (each
-            change goes once to each worker that runs a batch after it; with
-            ``persistent_workers=False`` each epoch also sends each worker a
-            fresh copy of the dataset).
+            change goes once to each worker that runs a batch after it). With
+            ``persistent_workers=False`` each epoch's workers are forked from the
+            template process, whose copy of the dataset is brought up to date
+            once (the changes, or a new pickle of a dataset changed directly):
+            that is not counted here. Workers started directly (no template)
+            receive the dataset's pickle each epoch, counted here.
         control_bytes_sent: Bytes of those control messages. While nothing
             changes this stays put: the channel costs nothing per batch.
         bytes_sent: Bytes of all messages sent to workers (tasks and control).

@@ -54,7 +54,7 @@ class TaskRecord:
     pin: int | None
     future: Future[Outcome] = field(default_factory=Future)
     worker: int | None = None
-    deaths: int = 0
+    killed: list[int] = field(default_factory=list)  # exit codes of workers that died running it
     cancelled: bool = False
     started: float = 0.0  # when its worker began it (time.monotonic()), once running
 

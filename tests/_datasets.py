@@ -6,6 +6,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -455,7 +456,7 @@ class WaitsForTemplate(Dataset):
     whether one came: it does only if the template starts before the dataset is
     pickled (NOTE [ Templates ])."""
 
-    template_seen: list[bool] = []
+    template_seen: ClassVar[list[bool]] = []
 
     def __len__(self) -> int:
         return 4

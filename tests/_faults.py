@@ -128,6 +128,16 @@ def always(*indices: int) -> Trigger:
 NEVER = Trigger(())
 
 
+@dataclass(frozen=True)
+class AnyOf:
+    """Strikes where any of its triggers does (a one-off fault beside a poison item)."""
+
+    triggers: tuple[Trigger, ...]
+
+    def fires(self, index: int) -> bool:
+        return any(trigger.fires(index) for trigger in self.triggers)
+
+
 # ------------------------------------------------------------------ notes for the test
 
 

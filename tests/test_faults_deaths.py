@@ -22,6 +22,7 @@ import pytest
 from _faults import (
     DEADLY,
     EXIT_CODES,
+    AnyOf,
     Faulty,
     always,
     once,
@@ -162,6 +163,22 @@ def test_a_poison_batch_raises_worker_crashed_error(
     want = torch_batches(dataset, batch_size=3)
     assert_batches(got, want[: len(got)])
     assert len(got) <= 3
+
+
+def test_a_poison_batch_names_only_its_own_deaths(where: Path) -> None:
+    """An earlier death on another batch is not one of the two the poison batch
+    caused: the message and ``exitcodes`` list the batch's own."""
+    trigger = AnyOf((once(where, 1), always(10)))
+    dataset = Faulty(24, "segfault", trigger, where=where, delay=0.005)
+    with fault_loader(dataset, "forkserver", batch_size=3) as loader:
+        got, error = collect_batches(iter(loader))
+        restarts = loader.statistics().restarts
+    assert isinstance(error, WorkerCrashedError), error
+    assert restarts == 2  # batch 0's death and the poison batch's first
+    assert error.exitcodes == (EXIT_CODES["segfault"],) * 2
+    message = str(error)
+    assert "killed two workers" in message and message.count(DEADLY["segfault"]) == 2, message
+    assert_batches(got, torch_batches(dataset, batch_size=3)[: len(got)])
 
 
 @pytest.mark.parametrize("limit", [None, 0], ids=["default", "zero"])
