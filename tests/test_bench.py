@@ -18,7 +18,7 @@ import pytest
 import torch
 from _fresh_env import ROOT, Views
 
-from poolloader.bench import _cli, _manifest, _peers, _runner
+from poolloader.bench import _cli, _manifest, _peers, _report, _runner
 from poolloader.bench._progress import ProgressDisplay, Section
 from poolloader.bench._report import Row
 from poolloader.bench._workloads import Skewed, manifest_records, workloads
@@ -199,6 +199,8 @@ def test_peers_quick_runs_every_loader_and_each_delivers_torchs_batches(tmp_path
     figures, relative = [line for line in lines if line.startswith("tiny batches, batches/s ")]
     for row in (figures, relative):  # the label's three words, then a figure for each loader
         assert len(row.split()) == 3 + len(EVERY_COLUMN)
+    cpu, cpu_relative = [line for line in lines if line.startswith("main CPU/batch, tiny ")]
+    assert cpu.count(" µs") == len(EVERY_COLUMN) and cpu_relative.split()[4] == "1.00x"
     assert relative.split()[3] == "1.00x"  # torch against itself
     document = json.loads((out / "bench.json").read_text())
     peers = document["peers"]
@@ -269,7 +271,8 @@ def test_a_refused_workload_is_named_with_why_and_the_others_keep_their_rows(tmp
     assert "ERROR: no figures for these workloads, whose batches differ:\n  numpy_19mb: " in text
     peers = json.loads((tmp_path / "bench.json").read_text())["peers"]
     assert list(peers["errors"]) == ["numpy_19mb"]
-    assert [row["workload"] for row in peers["rows"]] == ["tiny_batches"]
+    assert [row["measure"] for row in peers["rows"]] == ["batches/s", "main CPU"]
+    assert {row["workload"] for row in peers["rows"]} == {"tiny_batches"}
 
 
 # ---------------------------------------------------------------- manifest
@@ -279,7 +282,7 @@ def test_the_manifest_section_measures_every_configuration(tmp_path):
     """``--quick --only manifest`` with a few hundred records: every row, figures positive,
     and the memory run's process tree told apart (4 workers, poolloader's template).
 
-    Six fresh interpreters, torch's spawn with 8 workers among them: a minute or two on
+    Seven fresh interpreters, torch's spawn with 8 workers among them: a minute or two on
     a busy 2-core machine, past the suite's faulthandler timeout; the subprocess's own
     timeout bounds a hang here, so the dump is put off to match it."""
     faulthandler.dump_traceback_later(SECTION_DEADLINE + 60, file=sys.__stderr__)
@@ -300,7 +303,10 @@ def test_the_manifest_section_measures_every_configuration(tmp_path):
     ]
     for row in document["rows"]:
         assert row["workload"] == "manifest" and row["stock"] > 0 and row["ours"] > 0, row
-        no_goal = row["measure"].startswith("PSS") and row["measure"].endswith("+list")
+        measure = row["measure"]
+        no_goal = (measure.startswith("PSS") and measure.endswith("+list")) or (
+            measure.startswith("first batch") and "fork+" in measure
+        )
         assert row["met"] in ((None,) if no_goal else (True, False)), row
     figures = document["raw"]["manifest"]
     assert figures["records"] == 500 and set(figures["configs"]) == set(_manifest.CONFIGS)
@@ -321,3 +327,12 @@ def test_manifest_records_round_trip_through_their_file(tmp_path):
     assert list(_manifest.read_records(path)) == list(manifest_records(_manifest.CHUNK + 7))
     first = next(manifest_records(1))
     assert set(first) == {"id", "path", "dur", "text"} and 1.0 <= first["dur"] <= 20.0
+
+
+def test_the_statistics_table_has_the_main_process_cpu_per_batch_of_both_loaders():
+    ours = _runner.Measurement(2.0, 100, busy=0.5, wait=0.001, slab_reuse=1.0, main_cpu=120e-6)
+    stock = _runner.Measurement(4.0, 100, main_cpu=1500e-6)
+    lines = _report.statistics_table({"tiny_batches": {"poolloader": ours, "stock": stock}})
+    header, _, row = lines.splitlines()
+    assert header.split()[-3:] == ["main", "CPU/batch", "torch"]
+    assert row.split() == ["tiny_batches", "50%", "1.00", "ms", "100%", "120", "µs", "1500", "µs"]

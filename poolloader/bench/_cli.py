@@ -54,7 +54,7 @@ class Found:
 
     rows: list[Row] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)  # every figure, for the JSON
-    seen: Any = None  # poolloader's own view of its median run (statistics table)
+    seen: Any = None  # both loaders' median runs, by kind (the statistics table)
     extras: dict[str, Any] = field(default_factory=dict)  # the control channel's figures
     peers: PeerResult | None = None  # with --peers: every loader's figures
     error: str = ""  # why the section has no figures (--peers: a loader's batches differ)
@@ -76,7 +76,7 @@ def plans(
     found = [
         _throughput_plan(w, repeats, num_workers) for w in workloads(quick, num_workers).values()
     ]
-    found += [_startup_plan(method, num_workers) for method in ("spawn", "forkserver")]
+    found += [_startup_plan(method, num_workers) for method in ("spawn", "forkserver", "fork")]
     found.append(_turnaround_plan(num_workers))
     found.append(_control_plan(num_workers))
     records = _manifest.records_for(quick, manifest_records)
@@ -241,7 +241,7 @@ class _Outputs:
 
 # ---------------------------------------------------------------- sections
 
-_STARTUP_SECTIONS = ("startup_spawn", "startup_forkserver", "epoch_turnaround")
+_STARTUP_SECTIONS = ("startup_spawn", "startup_forkserver", "startup_fork", "epoch_turnaround")
 #: Seconds each non-workload section takes on a 2-core machine (the progress
 #: bar's weights; a wrong guess only skews the time left until the pace is known).
 STARTUP_ESTIMATE = 7.5
@@ -253,7 +253,7 @@ def _throughput_plan(workload: Workload, repeats: int, num_workers: int) -> Plan
     def run(progress: Progress) -> Found:
         measured = _runner.measure_throughput(workload, num_workers, repeats, progress)
         raw = {kind: m.__dict__ for kind, m in measured.items()}
-        return Found(_throughput_rows(workload, measured), raw, measured["poolloader"])
+        return Found(_throughput_rows(workload, measured), raw, measured)
 
     steps = _runner.throughput_steps(workload, repeats)
     return Plan(Section(workload.name, steps, workload.estimate), workload.description, run)

@@ -115,15 +115,21 @@ def manifest_lines(figures: dict[str, Any]) -> list[str]:
 
 
 def statistics_table(seen: dict[str, Any]) -> str:
-    """poolloader's own view of its median run of each workload (``loader.statistics()``)."""
+    """poolloader's own view of its median run of each workload (``loader.statistics()``),
+    and the main process's CPU per batch of both loaders (``time.process_time()``: every
+    thread of the main process, not the workers)."""
     header = (
         f"{'poolloader statistics':<22} {'workers busy':>13} {'consumer wait':>14} "
-        f"{'slab reuse':>11}"
+        f"{'slab reuse':>11} {'main CPU/batch':>15} {'torch':>9}"
     )
     lines = [header, "-" * len(header)]
-    for name, run in seen.items():
+    for name, runs in seen.items():
+        run, stock = runs["poolloader"], runs["stock"]
         reuse = f"{run.slab_reuse:.0%}" if run.slab_reuse is not None else "-"
-        lines.append(f"{name:<22} {run.busy:>13.0%} {run.wait * 1000:>11.2f} ms {reuse:>11}")
+        lines.append(
+            f"{name:<22} {run.busy:>13.0%} {run.wait * 1000:>11.2f} ms {reuse:>11} "
+            f"{run.main_cpu * 1e6:>12.0f} µs {stock.main_cpu * 1e6:>6.0f} µs"
+        )
     return "\n".join(lines)
 
 
@@ -214,21 +220,23 @@ class PeerRow:
 
     workload: str
     label: str
-    measure: str  # "batches/s" or "peak PSS"
+    measure: str  # "batches/s", "peak PSS" or "main CPU" (seconds per batch)
     values: dict[str, float]
 
     @property
     def relative(self) -> dict[str, float]:
-        """Each value against torch's, > 1 better (faster, or less memory)."""
+        """Each value against torch's, > 1 better (faster, less memory or less CPU)."""
         torch_value = self.values["torch"]
-        if self.measure == "peak PSS":
+        if self.measure in ("peak PSS", "main CPU"):
             return {c: torch_value / v if v else float("inf") for c, v in self.values.items()}
         return {c: v / torch_value if torch_value else float("inf") for c, v in self.values.items()}
 
 
 def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
-    """Throughput rows in the run's order, then the peak PSS rows."""
-    rows, memory = [], []
+    """Throughput rows in the run's order, then the peak PSS rows, then the main
+    process's CPU per batch where batches are tiny (where the loader's own work
+    per batch is what is measured)."""
+    rows, memory, cpu = [], [], []
     for result in results:
         label = PEER_LABELS.get(result.workload, result.workload)
         if result.num_workers != num_workers:
@@ -239,7 +247,10 @@ def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
         if result.measure_memory:
             memory.append(PeerRow(result.workload, f"peak PSS, {label}", "peak PSS",
                                   {c: float(m.peak_memory) for c, m in found.items()}))  # fmt: skip
-    return rows + memory
+        if result.workload == "tiny_batches":
+            cpu.append(PeerRow(result.workload, f"main CPU/batch, {label}", "main CPU",
+                               {c: m.main_cpu for c, m in found.items()}))  # fmt: skip
+    return rows + memory + cpu
 
 
 def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str],
@@ -265,7 +276,7 @@ def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str
                                       for c in columns]))  # fmt: skip
     lines += [
         "",
-        "relative to torch: > 1 is better (faster, or less memory)",
+        "relative to torch: > 1 is better (faster, less memory or less CPU)",
         f"{num_workers} workers per loader unless the row says; versions: "
         + ", ".join(f"{name} {version}" for name, version in versions.items()),
     ]
@@ -280,6 +291,8 @@ def _peer_cell(value: float | None, measure: str) -> str:
         return "-"
     if measure == "peak PSS":
         return f"{value / 2**20:.0f} MB"
+    if measure == "main CPU":
+        return f"{value * 1e6:.0f} µs"
     return f"{value:.1f}"
 
 

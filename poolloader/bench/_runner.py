@@ -41,6 +41,9 @@ class Measurement:
     busy: float = 0.0  # poolloader only: share of worker time spent loading
     wait: float = 0.0  # poolloader only: the consumer's mean wait per batch, seconds
     slab_reuse: float | None = None  # poolloader only
+    # CPU seconds of the main process per batch, all its threads (the consumer's
+    # loop, the loader's I/O and pinning threads); not the workers'.
+    main_cpu: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -97,10 +100,11 @@ def _peak_memory_of_epoch(loader: Any) -> int:
 
 def _timed_epoch(loader: Any) -> Measurement:
     before = loader.statistics() if isinstance(loader, DataLoader) else None
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     batches = _drain(loader)
     seconds = time.perf_counter() - started
     found = Measurement(seconds, batches)
+    found.main_cpu = (time.process_time() - cpu) / max(batches, 1)
     if before is not None:
         after = loader.statistics()
         busy = after.worker_busy_seconds - before.worker_busy_seconds
@@ -131,6 +135,7 @@ def _median(found: list[Measurement]) -> Measurement:
         middle.busy,
         middle.wait,
         middle.slab_reuse,
+        middle.main_cpu,
     )
 
 
