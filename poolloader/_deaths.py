@@ -18,7 +18,7 @@ from ._messages import StartFailed
 from .errors import PoolBrokenError, WorkerCrashedError, WorkerStartError
 
 if TYPE_CHECKING:
-    from ._pool import TaskRecord
+    from ._tasks import TaskRecord
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,8 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import short
-from ._pool import Ended, Loaded, Lost, Outcome, Raised, TaskRecord
 from ._resume import EpochStart
+from ._tasks import Ended, Loaded, Lost, Outcome, Raised, TaskRecord
 from .errors import LoaderTimeoutError
 
 _profiler_enabled = torch._C._autograd._profiler_enabled

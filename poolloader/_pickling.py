@@ -74,12 +74,13 @@ class _Digest:
         self.size = 0
         self.limit = limit
 
-    def write(self, data: Any) -> int:
-        self.size += len(data)
+    def write(self, data: Any) -> int:  # bytes, or a PickleBuffer (a big array's memory)
+        size = memoryview(data).nbytes
+        self.size += size
         if self.size > self.limit:
             raise _TooBig
         self.hash.update(data)
-        return len(data)
+        return size
 
 
 class _TooBig(Exception):
@@ -127,9 +128,10 @@ class _Parts:
     def __init__(self) -> None:
         self.parts: list[bytes] = []
 
-    def write(self, data: Any) -> int:
-        self.parts.append(bytes(data))
-        return len(data)
+    def write(self, data: Any) -> int:  # bytes, or a PickleBuffer (a big array's memory)
+        part = bytes(data)
+        self.parts.append(part)
+        return len(part)
 
 
 def _dumps_sharing_the_gil(obj: object) -> bytes:

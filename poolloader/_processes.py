@@ -33,7 +33,7 @@ from ._template import ForkedProcess, Template
 from .errors import PoolBrokenError
 
 if TYPE_CHECKING:
-    from ._pool import TaskRecord
+    from ._tasks import TaskRecord
 
 logger = logging.getLogger("poolloader")
 

@@ -4,7 +4,11 @@ again (NOTE [ Fingerprints ] in ``poolloader/_pickling.py``)."""
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
 import pytest
+import torch
 from _datasets import Rows, WaitsForTemplate
 
 from poolloader import DataLoader, _pickling
@@ -98,6 +102,20 @@ def test_fingerprints_tell_contents_apart_and_refuse_what_they_cannot_do():
     assert _pickling.fingerprint(Rows(cyclic=True), 10**6) is None
     assert _pickling.fingerprint(Rows(shared_blob=True), 3 * 2**20) is None
     assert _pickling.fingerprint(lambda: 0, 10**6) is None
+
+
+def test_fingerprints_see_inside_arrays_and_tensors():
+    """Big arrays reach the pickler's file as buffers of their own (protocol 5)."""
+    array, tensor = np.zeros(100_000), torch.zeros(100_000)
+    before = _pickling.fingerprint((array, tensor), 10**7)
+    assert before is not None
+    array[7] = 1.0
+    after_array = _pickling.fingerprint((array, tensor), 10**7)
+    tensor[7] = 1.0
+    after_tensor = _pickling.fingerprint((array, tensor), 10**7)
+    assert len({before, after_array, after_tensor}) == 3
+    shipped = _pickling.ship((array, tensor), "dataset", inherited=False)
+    assert shipped.data == pickle.dumps((array, tensor), protocol=_pickling.PROTOCOL)
 
 
 def test_a_dataset_shared_many_times_over_is_compared_by_its_pickle(pickles):
