@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 #: ``timeout=0``. The pool fails waiting futures itself when it breaks; this
 #: only guards against a wait that nothing would ever end.
 WAIT_SLICE = 5.0
+#: Shortest wait for a batch to turn late (seconds): batches of microseconds
+#: would otherwise have the consumer spin.
+LATE_RECHECK_FLOOR = 0.001
 
 
 class PoolIterator(_BaseDataLoaderIter):
@@ -143,8 +146,16 @@ class PoolIterator(_BaseDataLoaderIter):
         return self._limit
 
     def _running_late(self, record: TaskRecord) -> bool:
+        return self._late_in(record) == 0.0
+
+    def _late_in(self, record: TaskRecord) -> float | None:
+        """Seconds until every unfinished part of ``record`` runs late (0.0: they
+        do), or ``None`` while one is not running."""
         unfinished = [r for r in _tasks([record]) if not r.future.done()]
-        return bool(unfinished) and all(self._pool.running_late(r) for r in unfinished)
+        waits = [self._pool.late_in(r) for r in unfinished]
+        if not waits or None in waits:
+            return None
+        return max(w for w in waits if w is not None)
 
     def _submit_next(self) -> None:
         pin = self._next_pin() if self._iterable else None
@@ -287,6 +298,11 @@ class PoolIterator(_BaseDataLoaderIter):
             left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise self._timeout_error(record)
+            # Wake when the batch turns late too: the reorder allowance opens then,
+            # and no other batch may finish to say so (the other workers idle).
+            late = self._late_in(record)
+            if late is not None and late > 0:
+                left = min(left, max(late, LATE_RECHECK_FLOOR))
             self._await_news(left)
             self._fill()
             broken = self._pool.broken

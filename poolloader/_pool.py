@@ -349,17 +349,22 @@ class Pool(IOThread):
         """Whether ``record`` is the task a started worker is running now, and has
         run for longer than :data:`LATE_FACTOR` times the mean batch so far (never
         before a batch has finished)."""
+        return self.late_in(record) == 0.0
+
+    def late_in(self, record: TaskRecord) -> float | None:
+        """Seconds until ``record`` runs late (see :meth:`running_late`; 0.0: it
+        does now), or ``None`` while it is not running or no batch has finished."""
         with self._lock:
             if record.worker is None or record.future.done() or not record.started:
-                return False
+                return None
             w = self._workers[record.worker]
             if not w.ready or w.dead or next(iter(w.tasks), None) != record.seq:
-                return False
+                return None
             done = self._counters.tasks_done
             if not done:
-                return False
+                return None
             typical = self._counters.busy / done
-            return time.monotonic() - record.started > LATE_FACTOR * typical
+            return max(0.0, LATE_FACTOR * typical - (time.monotonic() - record.started))
 
     def cancel(self, records: list[TaskRecord]) -> None:
         """Forget tasks whose batches nobody will read."""

@@ -473,3 +473,33 @@ class WaitsForTemplate(Dataset):
                 time.sleep(0.02)
             WaitsForTemplate.template_seen.append(bool(template_pids()))
         return self.__dict__
+
+
+class WaitsForOthers(Dataset):
+    """Item ``stall`` waits (up to 4 s) until ``ahead`` items after it have been
+    loaded and returns how many it saw; every other item takes ``seconds`` (the
+    items before the stall ``before`` each), then leaves a note in ``where``. Only
+    a loader that loads ahead of a stalled batch within 4 s sees them all (the
+    consumer's health check comes every 5 s, ``_iterator.WAIT_SLICE``)."""
+
+    def __init__(self, where: str, n: int = 40, stall: int = 10, ahead: int = 5,
+                 seconds: float = 0.005, before: float = 0.005) -> None:  # fmt: skip
+        self.where, self.n, self.stall, self.ahead = where, n, stall, ahead
+        self.seconds, self.before = seconds, before
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _seen(self) -> int:
+        notes = os.listdir(self.where)
+        return sum(1 for name in notes if int(name.split("-")[1]) > self.stall)
+
+    def __getitem__(self, i: int):
+        if i != self.stall:
+            time.sleep(self.before if i < self.stall else self.seconds)
+            open(os.path.join(self.where, f"loaded-{i}"), "w").close()
+            return 0
+        deadline = time.monotonic() + 4
+        while self._seen() < self.ahead and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return self._seen()

@@ -8,7 +8,7 @@ import typing
 import pytest
 import torch
 from _compare import assert_same_epochs
-from _datasets import Counted, Plain, Squares, Uneven, collate_sum, record_pid
+from _datasets import Counted, Plain, Squares, Uneven, WaitsForOthers, collate_sum, record_pid
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 import poolloader
@@ -343,3 +343,18 @@ def test_copies_and_pickles_are_independent_loaders():
                 assert [b.tolist() for b in other] == [[6 * k, 6 * k + 3] for k in range(6)]
                 assert other._pool is not loader._pool
         assert [b.tolist() for b in loader] == [[2 * k, 2 * k + 1] for k in range(6)]
+
+
+@pytest.mark.parametrize("stall, before", [(0, 0.0), (6, 0.2)])
+def test_workers_load_ahead_of_a_stalled_batch(tmp_path, stall, before):
+    """While one worker is stuck on a batch, the other loads the batches after it,
+    and the stalled batch still comes first in its place. With slow batches before
+    it (0.2 s), the stalled one is late only after 0.3 s: by then the other worker
+    has long finished what the window held, and no other batch finishes to say
+    that the reorder allowance may open; the consumer's wait must end then."""
+    dataset = WaitsForOthers(str(tmp_path), stall=stall, before=before)
+    with DataLoader(dataset, batch_size=None, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        got = list(loader)
+    assert got[stall] >= dataset.ahead, got
+    assert got[:stall] + got[stall + 1 :] == [0] * (dataset.n - 1)
