@@ -336,3 +336,15 @@ def test_the_statistics_table_has_the_main_process_cpu_per_batch_of_both_loaders
     header, _, row = lines.splitlines()
     assert header.split()[-3:] == ["main", "CPU/batch", "torch"]
     assert row.split() == ["tiny_batches", "50%", "1.00", "ms", "100%", "120", "µs", "1500", "µs"]
+
+
+def test_a_peers_memory_is_measured_in_a_fresh_interpreter():
+    """Each loader's peak PSS comes from a process that ran no other loader: more
+    than an interpreter with torch, less than a leftover heap of other loaders."""
+    workload = workloads(quick=True, num_workers=1)["tensor_19mb"]
+    found = {column: _runner._peak_memory_alone(column, workload, 1)
+             for column in ("torch", "poolloader")}  # fmt: skip
+    for column, peak in found.items():
+        assert 150 * 2**20 < peak < 2**30, (column, peak)
+    with pytest.raises(RuntimeError, match="measuring nobody's memory on tensor_19mb failed"):
+        _runner._peak_memory_alone("nobody", workload, 1)

@@ -178,6 +178,11 @@ class PeakMemory:
         self.peak = max(self.peak, total)
 
 
+#: Seconds one loader's memory probe may take (a warm-up epoch and a measured one);
+#: only bounds a hang.
+PEER_MEMORY_DEADLINE = 600
+
+
 def measure_startup(kind: str, method: str, num_workers: int, progress: Progress) -> float:
     """Seconds from creating a second loader of that start method to its first
     batch, in a fresh interpreter (see ``_startup.py``)."""
@@ -329,17 +334,17 @@ def measure_peers(
 
 
 def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> int:
-    """Peak PSS of main process and children over one epoch of this loader, the only
-    one alive, after a warm-up epoch (with every loader alive at once, each
-    measurement would count all their workers)."""
-    loader = _peers.build(column, workload, num_workers)
-    try:
-        _drain(loader)
-        return _peak_memory_of_epoch(loader)
-    finally:
-        _peers.close(loader)
-        del loader
-        gc.collect()
+    """Peak PSS of main process and children over one epoch of this loader, after a
+    warm-up epoch, in a fresh interpreter of its own (``_peer_memory.py`` says why)."""
+    command = [sys.executable, "-m", "poolloader.bench._peer_memory", column, str(num_workers)]
+    done = subprocess.run(command, input=pickle.dumps(workload), capture_output=True,
+                          timeout=PEER_MEMORY_DEADLINE)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"measuring {column}'s memory on {workload.name} failed:\n"
+            + done.stderr.decode(errors="replace")[-2000:]
+        )
+    return int(done.stdout.decode().strip().splitlines()[-1])
 
 
 def check_same_batches(workload: str, checksums: dict[str, Checksum]) -> None:
