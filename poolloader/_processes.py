@@ -123,12 +123,13 @@ class Workforce:
         early = Template(self._context, replace(self._setup, dataset=DatasetFollows()), generation)
         try:
             dataset = ship()
+            if isinstance(dataset, PickledObject):
+                early.send_dataset(dataset.data)  # raises if the template failed to start
         except BaseException:
             early.stop()
             raise
         self._setup = replace(self._setup, dataset=dataset)
         if isinstance(dataset, PickledObject):
-            early.send_dataset(dataset.data)
             self.template = early
         else:
             early.stop()

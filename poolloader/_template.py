@@ -284,7 +284,10 @@ class Template:
             self._starting.start()
         else:
             self._start(child)
-            self._raise_start_error()
+            if self._start_error is not None:
+                self._sock.close()
+                self.conn.close()
+                raise self._start_error
         self.generation = generation  # of the dataset the template holds
         self.ready = False
         self.stopped = False
@@ -326,12 +329,12 @@ class Template:
             child.close()
 
     def _raise_start_error(self) -> None:
+        """Wait for the start on its thread to end; raise what it raised (each time)."""
         if self._starting is not None:
             self._starting.join()
             self._starting = None
         if self._start_error is not None:
-            error, self._start_error = self._start_error, None
-            raise error
+            raise self._start_error
 
     def send_dataset(self, data: bytes) -> None:
         """Send the pickled dataset to a template started with :class:`DatasetFollows`
@@ -394,10 +397,10 @@ class Template:
         self.stopped = True
         try:
             self._raise_start_error()
-        except BaseException:
+        except BaseException:  # it never started: nothing to stop
             self._sock.close()
             self.conn.close()
-            return  # it never started
+            return
         try:
             self._send(Stop())
         except OSError:

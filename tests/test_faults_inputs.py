@@ -5,11 +5,15 @@ too big.
 
 from __future__ import annotations
 
+import errno
+import multiprocessing.context
 import re
+import threading
 from typing import Any
 
 import pytest
 import torch
+from _datasets import Plain
 from _faults import (
     EXIT_CODE,
     Carrying,
@@ -244,3 +248,26 @@ def test_max_batch_bytes_holds_for_every_batch(options: dict[str, Any]) -> None:
     with fault_loader(Faulty(8), batch_size=4, max_batch_bytes=32 * 1024, **options) as loader:
         with pytest.raises(ResultTooLargeError):
             next(iter(loader))
+
+
+class _CannotStart(multiprocessing.context.SpawnProcess):
+    """A process the system refuses to start (fork's EAGAIN: too many processes)."""
+
+    def start(self) -> None:
+        raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+
+
+class _NoProcesses(multiprocessing.context.SpawnContext):
+    Process = _CannotStart
+
+
+def test_a_template_that_cannot_start_raises_that_and_leaves_nothing_open():
+    """The template starts on a thread while the dataset is pickled: its failure
+    reaches the caller of iter() as the system's error, and the pool's pipes and
+    threads are closed (the leak check after each test looks)."""
+    loader = DataLoader(Plain(8), batch_size=2, num_workers=2,
+                        multiprocessing_context=_NoProcesses())  # fmt: skip
+    with pytest.raises(BlockingIOError, match="Resource temporarily unavailable"):
+        next(iter(loader))
+    assert all(t.name != "poolloader-template-start" for t in threading.enumerate())
+    loader.close()
