@@ -93,8 +93,10 @@ def fingerprint(obj: object, limit: int) -> bytes | None:
     fast pickle passes ``limit`` bytes."""
     digest = _Digest(limit)
     pickler = pickle.Pickler(digest, protocol=PROTOCOL)
-    pickler.fast = True  # no memo: see the NOTE
     try:
+        # No memo (see the NOTE). ``fast`` is deprecated: where it is gone, the
+        # AttributeError gives no fingerprint, and epochs compare pickles.
+        pickler.fast = True
         pickler.dump(obj)
     except Exception:  # _TooBig, ValueError for a cycle, anything that does not pickle
         return None
