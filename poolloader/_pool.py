@@ -345,15 +345,11 @@ class Pool(IOThread):
                         self._send(w, message)
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
 
-    def running_late(self, record: TaskRecord) -> bool:
-        """Whether ``record`` is the task a started worker is running now, and has
-        run for longer than :data:`LATE_FACTOR` times the mean batch so far (never
-        before a batch has finished)."""
-        return self.late_in(record) == 0.0
-
     def late_in(self, record: TaskRecord) -> float | None:
-        """Seconds until ``record`` runs late (see :meth:`running_late`; 0.0: it
-        does now), or ``None`` while it is not running or no batch has finished."""
+        """Seconds until ``record`` runs late (0.0: it does now): the task a started
+        worker is running, it is late once it has run for longer than
+        :data:`LATE_FACTOR` times the mean batch so far. ``None`` while it is not
+        running, or before any batch has finished."""
         with self._lock:
             if record.worker is None or record.future.done() or not record.started:
                 return None

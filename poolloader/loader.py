@@ -308,12 +308,15 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if not pool.forks_workers:
             self._channel.record(Replace(_pickling.dumps(dataset, "dataset")))
             return
-        if not pool.inherits_dataset:
-            fingerprint = self._fingerprint_now()
-            if fingerprint[0] is not None and fingerprint == self._fingerprint:
-                self._channel.record(Refresh())  # unchanged since the template's copy
-                return
-        snapshot = None if pool.inherits_dataset else _pickling.dumps_or_none(dataset)
+        fingerprint = None if pool.inherits_dataset else self._fingerprint_now()
+        if (
+            fingerprint is not None
+            and fingerprint[0] is not None
+            and fingerprint == self._fingerprint
+        ):
+            self._channel.record(Refresh())  # unchanged since the template's copy
+            return
+        snapshot = None if fingerprint is None else _pickling.dumps_or_none(dataset)
         if snapshot is None:
             if not pool.restart_template(dataset):
                 # Another epoch's batches are unfinished: fresh workers come from
@@ -326,7 +329,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         else:
             self._channel.record(Replace(snapshot))
             self._snapshot = snapshot
-        self._fingerprint = self._fingerprint_now()
+        # The template's copy is now the dataset as fingerprinted above (neither
+        # Refresh nor Replace counts as a change recorded through loader.dataset).
+        assert fingerprint is not None  # a snapshot is only taken with one
+        self._fingerprint = fingerprint
 
     def _fingerprint_now(self) -> tuple[bytes | None, int]:
         """The dataset's fingerprint (NOTE [ Fingerprints ] in ``_pickling.py``) and
