@@ -330,15 +330,5 @@ def test_fresh_workers_of_each_epoch_are_watched_and_replaced_when_killed(where:
                     # Every worker of this epoch has a known process (pid) ...
                     wait_until(lambda: all(loader._pool.worker_pids), timeout=10)
                     if epoch % 3 == 2:  # ... and a death of each is noticed.
-                        kill_all(_processes(loader._pool.worker_pids))
+                        kill_all(handles(loader._pool.worker_pids))
             assert_batches(got, want)
-
-
-def _processes(pids: list[int]) -> list[psutil.Process]:
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.Error:
-            pass  # gone already
-    return found

@@ -23,6 +23,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
+from _procs import handles
 
 import poolloader
 import poolloader._records
@@ -551,6 +552,7 @@ CRASH_SCRIPT = """
 import json, sys
 import multiprocessing as mp
 import torch
+from _procs import handles
 from poolloader import DataLoader, SharedDict, SharedList
 
 
@@ -616,22 +618,11 @@ def test_a_sigkilled_main_process_leaves_no_memory_behind(tmp_path, method):
     assert report["first"] == [0, 2, 4] if method != "fork" else [0, 1, 2]
     workers = holders - {main.pid}
     assert main.pid in holders and workers, holders  # a worker mapped it too
-    _, alive = psutil.wait_procs(_processes(workers), timeout=DEADLINE)
+    _, alive = psutil.wait_procs(handles(workers), timeout=DEADLINE)
     assert not alive, "workers of a dead main process should exit on their own"
     for name in report["names"]:
         assert mappers(name) == set(), f"{name} is still mapped"
     assert not [n for n in set(os.listdir("/dev/shm")) - shm_before if "poolloader" in n]
-
-
-def _processes(pids: set[int]) -> list[psutil.Process]:
-    """The processes of ``pids`` that still exist."""
-    found = []
-    for pid in pids:
-        try:
-            found.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
-    return found
 
 
 def test_public_names_are_exported():
