@@ -33,8 +33,6 @@ import itertools
 import json
 import pickle
 import statistics
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ from typing import Any
 
 from ._progress import Progress
 from ._report import Row
+from ._runner import run_probe
 from ._workloads import manifest_records
 
 #: Records of the full run, and of ``--quick``.
@@ -157,15 +156,9 @@ def read_records(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _probe(kind: str, config: Config, path: Path, workers: int) -> dict[str, Any]:
-    command = [sys.executable, "-m", "poolloader.bench._manifest_probe", kind, config.key,
-               str(path), str(workers)]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=PROBE_DEADLINE)
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"the manifest probe {' '.join(command[3:])} exited with {done.returncode}:\n"
-            f"{done.stderr[-4000:]}"
-        )
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    found = run_probe("_manifest_probe", [kind, config.key, str(path), str(workers)],
+                      f"the manifest's {kind} probe of {config.label}", PROBE_DEADLINE)  # fmt: skip
+    return dict(json.loads(found))
 
 
 def measure(records: int, series: tuple[int, ...], progress: Progress) -> dict[str, Any]:

@@ -178,18 +178,35 @@ class PeakMemory:
         self.peak = max(self.peak, total)
 
 
-#: Seconds one loader's memory probe may take (a warm-up epoch and a measured one);
-#: only bounds a hang.
+#: Seconds one loader's memory probe may take (a warm-up epoch and a measured one),
+#: and one start-up probe; they only bound a hang.
 PEER_MEMORY_DEADLINE = 600
+STARTUP_DEADLINE = 600
 
 
 def measure_startup(kind: str, method: str, num_workers: int, progress: Progress) -> float:
     """Seconds from creating a second loader of that start method to its first
     batch, in a fresh interpreter (see ``_startup.py``)."""
     progress(f"startup_{method}: {kind}")
-    command = [sys.executable, "-m", "poolloader.bench._startup", kind, method, str(num_workers)]
-    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=600)
-    return float(done.stdout.strip().splitlines()[-1])
+    found = run_probe("_startup", [kind, method, str(num_workers)],
+                      f"timing {kind}'s {method} start-up", STARTUP_DEADLINE)  # fmt: skip
+    return float(found)
+
+
+def run_probe(
+    module: str, args: list[str], what: str, deadline: float, stdin: bytes | None = None
+) -> str:
+    """The last line ``python -m poolloader.bench.<module> ARGS`` printed, run in a
+    fresh interpreter (``stdin`` on its standard input); a probe that fails raises
+    :class:`RuntimeError` saying ``what`` failed, with the end of its errors."""
+    command = [sys.executable, "-m", f"poolloader.bench.{module}", *args]
+    done = subprocess.run(command, input=stdin, capture_output=True, timeout=deadline)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"{what} failed: python -m poolloader.bench.{module} {' '.join(args)} exited "
+            f"with {done.returncode}:\n{done.stderr.decode(errors='replace')[-4000:]}"
+        )
+    return done.stdout.decode().strip().splitlines()[-1]
 
 
 def measure_turnaround(kind: str, num_workers: int, epochs: int, progress: Progress) -> float:
@@ -336,15 +353,10 @@ def measure_peers(
 def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> int:
     """Peak PSS of main process and children over one epoch of this loader, after a
     warm-up epoch, in a fresh interpreter of its own (``_peer_memory.py`` says why)."""
-    command = [sys.executable, "-m", "poolloader.bench._peer_memory", column, str(num_workers)]
-    done = subprocess.run(command, input=pickle.dumps(workload), capture_output=True,
-                          timeout=PEER_MEMORY_DEADLINE)  # fmt: skip
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"measuring {column}'s memory on {workload.name} failed:\n"
-            + done.stderr.decode(errors="replace")[-2000:]
-        )
-    return int(done.stdout.decode().strip().splitlines()[-1])
+    found = run_probe("_peer_memory", [column, str(num_workers)],
+                      f"measuring {column}'s memory on {workload.name}",
+                      PEER_MEMORY_DEADLINE, stdin=pickle.dumps(workload))  # fmt: skip
+    return int(found)
 
 
 def check_same_batches(workload: str, checksums: dict[str, Checksum]) -> None:
