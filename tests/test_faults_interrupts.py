@@ -307,6 +307,7 @@ SCRIPT = textwrap.dedent(
         for k, batch in enumerate(loader):
             if k == 4:
                 print("READY", flush=True)
+                sys.stdin.readline()  # the test has counted the family
                 {ending}
             time.sleep(0.02)
         for k, batch in enumerate(loader):
@@ -344,6 +345,7 @@ def test_the_main_process_ending_leaves_nothing_behind(
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen(
             [sys.executable, "-c", code],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=stderr,
             text=True,
@@ -355,6 +357,12 @@ def test_the_main_process_ending_leaves_nothing_behind(
         assert line.strip() == "READY", f"script failed: {stderr_path.read_text()}"
         family = psutil.Process(proc.pid).children(recursive=True) + live_grandchildren(where)
         assert len(live_grandchildren(where)) == 4
+        # The script holds its ending until the family is counted: a break that
+        # ran at once would end the first epoch's workers (and their children)
+        # while they were being counted.
+        assert proc.stdin is not None
+        proc.stdin.write("GO\n")
+        proc.stdin.flush()
         if ending == "ctrl-c":
             os.killpg(proc.pid, signal.SIGINT)
         returncode = proc.wait(timeout=60)
@@ -363,8 +371,9 @@ def test_the_main_process_ending_leaves_nothing_behind(
     finally:
         kill_all([*handles([proc.pid]), *family])
         proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
     text = stderr_path.read_text()
     expected_rc = {"ctrl-c": (1, -signal.SIGINT), "break-exception": (1,)}
     assert returncode in expected_rc.get(ending, (-signal.SIGKILL,)), text
