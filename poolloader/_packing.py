@@ -22,6 +22,18 @@ first: torch's reducer would otherwise move the slab's own storage into new
 shared memory (``share_memory_()`` swaps a storage's memory in place), so the
 slab would stop being the memory the main process maps, and every later batch
 placed in it would arrive stale.
+
+NOTE [ Slab ageing ]: a worker makes a slab only when none of its own is free,
+so its slabs number what it has in flight plus what the consumer holds of its
+batches, at their highest so far. A burst raises that for a while (the first
+batch of a pool takes seconds and the others run ahead of it; a consumer that
+held batches for a moment), and the slabs it added would stay mapped for the
+loader's life. So a batch takes the free slab used last, and a free slab that
+none of the worker's last :data:`SLAB_IDLE_BATCHES` batches took is closed:
+the worker names it in its next payload and the main process unmaps it
+(``InSlab.retired``). A pool that needs the slab again pays one new slab's page
+faults. Closing free slabs when the whole loader is idle is NOTE [ Idle slabs ]
+in ``_transport.py``.
 """
 
 from __future__ import annotations
@@ -51,6 +63,9 @@ INLINE_BYTES = 32 * 1024
 ALIGN = 64
 #: Slabs grow in steps of this many bytes, so similar batches fit the same slab.
 SLAB_GRANULE = 1 << 20
+#: A free slab that none of a worker's last this many batches used is closed
+#: (NOTE [ Slab ageing ]).
+SLAB_IDLE_BATCHES = 32
 
 
 def nbytes(batch: Any) -> int:
@@ -361,6 +376,7 @@ class _Slab:
             raise
         self.base = self.bytes.data_ptr()
         self.top = 0  # bump pointer while the slab stages a batch
+        self.last_used = 0  # the worker's batch count when a batch last took it
 
     def region(self, offset: int, size: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
         return self.bytes[offset : offset + size].view(dtype).view(shape)
@@ -399,6 +415,7 @@ class SlabPacker:
         self._largest = 0
         self._staging: _Slab | None = None
         self._staging_new = False
+        self._acquired = 0  # slabs handed to batches so far (NOTE [ Slab ageing ])
 
     # -- staging: collation writes straight into a slab
 
@@ -511,14 +528,24 @@ class SlabPacker:
         with self._lock:
             for slab in [s for s in self._slabs.values() if s.dropped]:
                 self._discard(slab)
+            self._acquired += 1
+            self._close_idle()
             free = [s for s in self._slabs.values() if not s.busy and s.size >= size]
             if free:
-                slab = min(free, key=lambda s: s.size)
-                slab.busy = True
+                # The smallest that fits; among equals the one used last, so that
+                # slabs a burst added fall idle and age out.
+                slab = min(free, key=lambda s: (s.size, -s.last_used))
+                slab.busy, slab.last_used = True, self._acquired
                 return slab, False
             if len(self._slabs) >= self._config.max_slabs and not self._retire_one():
                 return None, False
             return self._create(size), True
+
+    def _close_idle(self) -> None:
+        """Close the free slabs no batch took for :data:`SLAB_IDLE_BATCHES` (lock held)."""
+        for slab in [s for s in self._slabs.values() if not s.busy]:
+            if self._acquired - slab.last_used > SLAB_IDLE_BATCHES:
+                self._discard(slab)
 
     def _retire_one(self) -> bool:
         """Close the smallest free slab (too small for this batch) to make room."""
@@ -543,7 +570,7 @@ class SlabPacker:
                 f"could not allocate {size} bytes of shared memory for a batch: {exc}"
             ) from exc
         self._next_id += 1
-        slab.busy = True
+        slab.busy, slab.last_used = True, self._acquired
         self._slabs[slab.id] = slab
         self._largest = max(self._largest, size)
         return slab

@@ -26,6 +26,7 @@ import math
 import os
 import pickle
 import queue
+import select
 import signal
 import sys
 import threading
@@ -427,9 +428,14 @@ class _Inbox:
         return self._queue.get()
 
     def _read(self) -> None:
+        # One poll object for the worker's life: Connection.poll builds and drops
+        # a selector on every call, a sizeable share of a tiny batch's cost.
+        watch = select.poll()
+        watch.register(self._conn.fileno(), select.POLLIN | select.POLLPRI | select.POLLHUP)
+        timeout = int(PARENT_CHECK_INTERVAL * 1000)
         while True:
             try:
-                if not self._conn.poll(PARENT_CHECK_INTERVAL):
+                if not watch.poll(timeout):
                     if not _still_running(*self._main):
                         _orphaned()
                     continue

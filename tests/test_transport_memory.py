@@ -11,6 +11,7 @@ from _procs import child_slab_maps, slab_maps, wait_until
 
 import poolloader
 from poolloader import DataLoader
+from poolloader._packing import SLAB_IDLE_BATCHES
 
 #: Bytes of one Mixed(side=256) batch of 4: its images (4 x 256 x 256 float32), at least.
 BATCH_BYTES = 4 * 256 * 256 * 4
@@ -56,6 +57,30 @@ def test_back_to_back_epochs_keep_their_slabs():
     created = round(second.slab_batches * (1 - second.slab_reuse_rate))
     created_first = round(first.slab_batches * (1 - first.slab_reuse_rate))
     assert created - created_first <= 2, (first, second)
+
+
+def test_slabs_a_burst_added_close_once_the_worker_stops_needing_them():
+    """A consumer that holds many batches for a while makes the worker add slabs;
+    once it lets go, the slabs no later batch takes close (here and in the
+    worker) while the loader keeps running, and every batch stays right."""
+    held_batches = 8
+    dataset = Mixed(n=4 * (held_batches + 2 * SLAB_IDLE_BATCHES + 8), side=256)
+    expected = _images(torch.utils.data.DataLoader(dataset, batch_size=4))
+    with DataLoader(dataset, batch_size=4, num_workers=1, prefetch_factor=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        iterator = iter(loader)
+        held = [next(iterator) for _ in range(held_batches)]
+        burst = loader.statistics().slab_bytes
+        one_slab = burst / slab_maps()
+        assert slab_maps() >= held_batches
+        sums = [float(b["image"].sum()) for b in held]
+        del held
+        sums += [float(b["image"].sum()) for b in iterator]
+        assert sums == expected
+        # In flight (2) and the batch being consumed, with a slab to spare.
+        assert loader.statistics().slab_bytes <= 4 * one_slab < burst
+        assert slab_maps() <= 4
+        wait_until(lambda: child_slab_maps() <= 4)
 
 
 class Rows(torch.utils.data.Dataset):
