@@ -17,7 +17,11 @@ Columns, in the table's order:
 - ``SPDL(subprocess+shm)``: the same thread pipeline run in one subprocess by
   ``run_pipeline_in_subprocess``, batches handed back through a
   ``SharedMemorySegmentPool`` (SPDL's recommended production pattern, "MTP").
-- ``poolloader``.
+- ``poolloader``, and ``poolloader(fork)``: the same with
+  ``multiprocessing_context="fork"``, torch's default start method on Linux, under
+  which the workers share the main process's pages (its imported modules, above
+  all) as torch's do; poolloader's default, spawn, starts them from a fresh
+  interpreter.
 
 torch, StatefulDataLoader and poolloader keep their workers between epochs
 (``persistent_workers=True``), as the rest of the benchmark runs them. A peer
@@ -161,6 +165,11 @@ def _poolloader(workload: Workload, num_workers: int) -> Any:
                       **workload.loader_kwargs)  # fmt: skip
 
 
+def _poolloader_fork(workload: Workload, num_workers: int) -> Any:
+    return DataLoader(workload.dataset, num_workers=num_workers, persistent_workers=True,
+                      multiprocessing_context="fork", **workload.loader_kwargs)  # fmt: skip
+
+
 def _stateful(workload: Workload, num_workers: int) -> Any:
     from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -293,6 +302,7 @@ LOADERS: tuple[Loader, ...] = (
     Loader("SPDL(thread)", "spdl", lambda w, n: SpdlLoader(w, n, processes=False)),
     Loader("SPDL(subprocess+shm)", "spdl", SpdlSubprocess),
     Loader("poolloader", None, _poolloader),
+    Loader("poolloader(fork)", None, _poolloader_fork),
 )
 _BY_COLUMN = {loader.column: loader for loader in LOADERS}
 #: The packages the peers need, as the ``bench`` extra names them.

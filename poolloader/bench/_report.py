@@ -220,14 +220,14 @@ class PeerRow:
 
     workload: str
     label: str
-    measure: str  # "batches/s", "peak PSS" or "main CPU" (seconds per batch)
+    measure: str  # "batches/s", "peak PSS", "peak held" or "main CPU" (seconds per batch)
     values: dict[str, float]
 
     @property
     def relative(self) -> dict[str, float]:
         """Each value against torch's, > 1 better (faster, less memory or less CPU)."""
         torch_value = self.values["torch"]
-        if self.measure in ("peak PSS", "main CPU"):
+        if self.measure in ("peak PSS", "peak held", "main CPU"):
             return {c: torch_value / v if v else float("inf") for c, v in self.values.items()}
         return {c: v / torch_value if torch_value else float("inf") for c, v in self.values.items()}
 
@@ -247,6 +247,10 @@ def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
         if result.measure_memory:
             memory.append(PeerRow(result.workload, f"peak PSS, {label}", "peak PSS",
                                   {c: float(m.peak_memory) for c, m in found.items()}))  # fmt: skip
+            if all(m.peak_held for m in found.values()):
+                held = {c: float(m.peak_held) for c, m in found.items()}
+                memory.append(PeerRow(result.workload, f"peak held memory, {label}", "peak held",
+                                      held))  # fmt: skip
         if result.workload == "tiny_batches":
             cpu.append(PeerRow(result.workload, f"main CPU/batch, {label}", "main CPU",
                                {c: m.main_cpu for c, m in found.items()}))  # fmt: skip
@@ -289,7 +293,7 @@ def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str
 def _peer_cell(value: float | None, measure: str) -> str:
     if value is None:
         return "-"
-    if measure == "peak PSS":
+    if measure in ("peak PSS", "peak held"):
         return f"{value / 2**20:.0f} MB"
     if measure == "main CPU":
         return f"{value * 1e6:.0f} µs"

@@ -44,6 +44,9 @@ class Measurement:
     # CPU seconds of the main process per batch, all its threads (the consumer's
     # loop, the loader's I/O and pinning threads); not the workers'.
     main_cpu: float = 0.0
+    # --peers only: bytes the loader holds, shared memory counted once whether or
+    # not a process maps it (NOTE [ Held memory ])
+    peak_held: int = 0
 
     @property
     def throughput(self) -> float:
@@ -146,10 +149,14 @@ def _close(loader: Any) -> None:
 
 
 class PeakMemory:
-    """Samples the proportional set size of this process and its descendants."""
+    """Samples the proportional set size of this process and its descendants
+    (``peak``) and, with a ``shared_baseline``, the memory they hold (``peak_held``,
+    NOTE [ Held memory ])."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_baseline: int | None = None) -> None:
         self.peak = 0
+        self.peak_held = 0
+        self._baseline = shared_baseline
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -169,13 +176,53 @@ class PeakMemory:
 
     def _take(self) -> None:
         me = psutil.Process()
-        total = 0
+        total = private = 0
         for proc in [me, *me.children(recursive=True)]:
-            try:
-                total += proc.memory_full_info().pss
-            except (psutil.Error, AttributeError):
+            found = _rollup(proc.pid)
+            if found is None:
                 continue
+            total += found.get("Pss", 0)
+            private += found.get("Pss_Anon", 0) + found.get("Pss_File", 0)
         self.peak = max(self.peak, total)
+        if self._baseline is not None:
+            held = private + max(0, shared_memory_in_use() - self._baseline)
+            self.peak_held = max(self.peak_held, held)
+
+
+# NOTE [ Held memory ]: PSS counts shared memory only while a process maps it.
+# torch's workers unmap a batch's shared memory once they have sent its
+# descriptor, so the batches waiting in its queue are in no process's PSS; a
+# loader that keeps its shared memory mapped (poolloader's slabs, SPDL's
+# segment pool) has all of it counted. "Held" memory counts each kind once:
+# every process's PSS of private and file-backed pages, plus the growth of the
+# system's shared memory (``Shmem`` of ``/proc/meminfo``) since before the
+# loader was built, mapped or not. Another program creating shared memory
+# meanwhile would be counted too: a quiet machine is assumed.
+
+
+def _rollup(pid: int) -> dict[str, int] | None:
+    """``/proc/PID/smaps_rollup`` in bytes, or ``None`` once the process is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            lines = rollup.read().splitlines()
+    except OSError:
+        return None
+    found = {}
+    for line in lines[1:]:
+        name, _, rest = line.partition(":")
+        value = rest.split()
+        if len(value) == 2 and value[1] == "kB":
+            found[name] = int(value[0]) * 1024
+    return found
+
+
+def shared_memory_in_use() -> int:
+    """Bytes of shared memory (tmpfs, memfd, System V) in use on the machine."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 #: Seconds one loader's memory probe may take (a warm-up epoch and a measured one),
@@ -345,18 +392,22 @@ def measure_peers(
     if workload.measure_memory:
         for column in columns:
             progress(f"{workload.name}: {column} memory, alone")
-            found[column].peak_memory = _peak_memory_alone(column, workload, num_workers)
+            found[column].peak_memory, found[column].peak_held = _peak_memory_alone(
+                column, workload, num_workers
+            )
             torch.set_num_threads(threads)
     return PeerResult(workload.name, num_workers, workload.measure_memory, found, checksums)
 
 
-def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> int:
-    """Peak PSS of main process and children over one epoch of this loader, after a
-    warm-up epoch, in a fresh interpreter of its own (``_peer_memory.py`` says why)."""
+def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> tuple[int, int]:
+    """Peak PSS and peak held memory (NOTE [ Held memory ]) of main process and
+    children over one epoch of this loader, after a warm-up epoch, in a fresh
+    interpreter of its own (``_peer_memory.py`` says why)."""
     found = run_probe("_peer_memory", [column, str(num_workers)],
                       f"measuring {column}'s memory on {workload.name}",
                       PEER_MEMORY_DEADLINE, stdin=pickle.dumps(workload))  # fmt: skip
-    return int(found)
+    pss, held = found.split()
+    return int(pss), int(held)
 
 
 def check_same_batches(workload: str, checksums: dict[str, Checksum]) -> None:
