@@ -514,15 +514,14 @@ class SlabPacker:
                 slab.busy, slab.dropped = False, True
 
     def trim(self) -> tuple[int, ...]:
-        """Close every slab no batch holds; their ids, for the main process to
-        unmap (the loader is idle, NOTE [ Idle slabs ] in ``_transport.py``)."""
+        """Close every slab no batch holds; their ids, and those of slabs closed
+        earlier that no payload has named yet, for the main process to unmap (the
+        loader is idle, NOTE [ Idle slabs ] in ``_transport.py``)."""
         with self._lock:
-            free = [s for s in self._slabs.values() if not s.busy]
-            for slab in free:
+            for slab in [s for s in self._slabs.values() if not s.busy]:
                 self._discard(slab)
-            closed = {s.id for s in free}
-            self._retired = [i for i in self._retired if i not in closed]
-        return tuple(sorted(closed))
+            closed, self._retired = tuple(sorted(self._retired)), []
+        return closed
 
     def _acquire(self, size: int) -> tuple[_Slab | None, bool]:
         with self._lock:

@@ -93,6 +93,41 @@ class Rows(torch.utils.data.Dataset):
         return np.full((16, 1024), k, dtype=np.float32)
 
 
+class BigThenSmall(torch.utils.data.Dataset):
+    """Items 0..big-1 are 256 KiB tensors (batches travel in slabs), the rest ints
+    (batches travel inline, in no slab)."""
+
+    def __init__(self, big: int, n: int) -> None:
+        self.big, self.n = big, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.full((256, 256), float(i)) if i < self.big else i
+
+
+def test_slabs_closed_while_batches_travel_inline_are_unmapped_once_idle():
+    """Slabs a worker closes while its batches no longer use slabs are named to
+    the main process by no batch; the idle trim names them, so that they are
+    unmapped here too and their memory goes."""
+    held_batches = 8
+    dataset = BigThenSmall(4 * (held_batches + 2), 4 * (held_batches + 2 + 2 * SLAB_IDLE_BATCHES))
+    expected = [b.sum().item() for b in torch.utils.data.DataLoader(dataset, batch_size=4)]
+    with DataLoader(dataset, batch_size=4, num_workers=1, persistent_workers=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        iterator = iter(loader)
+        held = [next(iterator) for _ in range(held_batches)]
+        assert slab_maps() >= held_batches
+        sums = [b.sum().item() for b in held]
+        del held
+        sums += [b.sum().item() for b in iterator]
+        assert sums == expected
+        wait_until(lambda: child_slab_maps() == 0)
+        wait_until(lambda: slab_maps() == 0)
+        assert loader.statistics().slab_bytes == 0
+
+
 def test_batch_buffer_collates_numpy_batches_into_the_slab_they_travel_in():
     theirs = list(
         torch.utils.data.DataLoader(Rows(), batch_size=4, collate_fn=stack_into_batch_buffer)
