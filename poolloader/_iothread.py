@@ -290,6 +290,20 @@ class IOThread:
 
     # ---------------------------------------------------------------- deaths
 
+    # NOTE [ Started tasks ]: a batch that killed two workers is not run a third
+    # time (a poison batch, ``_deaths.crash_error``), so a death must count only
+    # against a batch its worker really ran. The first task a dead worker held
+    # need not be one: workers killed together (the out-of-memory killer on a
+    # container, a user's ``pkill``) exit one after another, a process holding
+    # much memory taking a while to, and batches sent meanwhile to one already
+    # killed (the first death's batch run again, or a batch it was given for a
+    # result that was still in its pipe) were never read. Each worker therefore
+    # writes the ``seq`` of every task it starts into a little shared memory of
+    # its own (:class:`~poolloader._messages.StartedSlot`, sent before anything
+    # else on its connection): one store per batch, no message. A death counts
+    # against the first task only if the slot names it; otherwise the tasks just
+    # go to another worker.
+
     def _on_exit(self, w: Worker) -> None:
         """A worker's sentinel fired: reap its process tree, then replace it or break."""
         self._drain(w)
@@ -303,6 +317,8 @@ class IOThread:
         with self._lock:
             held = list(w.tasks.values())
             running = held[0] if held and w.ready else None
+            if running is not None and not w.has_started(running):
+                running = None  # killed before it read it (NOTE [ Started tasks ])
             # Batches nobody waits for (an epoch left with `break`) are not run
             # again, and a death while loading one is not held against anyone.
             lost = [r for r in held if not r.cancelled]

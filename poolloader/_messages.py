@@ -4,7 +4,8 @@ Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`SetItems`, :class:`DelItem`, :class:`Call`,
 :class:`Broadcast`, :class:`Replace`, and :class:`Changes` grouping several),
-:class:`Release`, :class:`Drop`, :class:`Trim` and :class:`Stop`. Worker → main:
+:class:`Release`, :class:`Drop`, :class:`Trim`, :class:`StartedSlot` and :class:`Stop`.
+Worker → main:
 :class:`Ready`, :class:`StartFailed`, :class:`Done`, :class:`Failed`, :class:`Exhausted`
 and :class:`Trimmed`. Main →
 template process (NOTE [ Templates ] in ``_template.py``): :class:`ForkWorker`,
@@ -223,6 +224,15 @@ class Drop:
 @dataclass(frozen=True, slots=True)
 class Stop:
     """Finish: stop the processes the worker started, then exit."""
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class StartedSlot:
+    """The first message on a worker's connection, followed by a descriptor of a
+    little shared memory: the worker writes there the ``seq`` of each task as it
+    starts it, so that the main process knows which task a dead worker was running
+    (NOTE [ Started tasks ] in ``_iothread.py``). Handled by the inbox thread."""
 
 
 @message

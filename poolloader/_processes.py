@@ -10,11 +10,16 @@ start are found and ended.
 from __future__ import annotations
 
 import logging
+import mmap
+import os
 import pickle
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import sendfds
 from typing import TYPE_CHECKING, Any
 
 from . import _proctree, _worker
@@ -23,6 +28,7 @@ from ._messages import (
     DatasetFollows,
     Forked,
     PickledObject,
+    StartedSlot,
     StartFailed,
     Stop,
     TemplateReady,
@@ -76,6 +82,17 @@ class Worker:
     # Tasks sent to it, in the order sent: it runs them in that order, so the
     # first is the one running and the others only wait in its inbox.
     tasks: dict[int, TaskRecord] = field(default_factory=dict)
+    # Where it writes the seq of each task it starts (NOTE [ Started tasks ] in
+    # _iothread.py); None if the shared memory could not be made.
+    started_slot: mmap.mmap | None = None
+
+    def has_started(self, record: TaskRecord) -> bool:
+        """Whether it began ``record`` (its first task): ``False`` when it died
+        before it read it, for instance killed together with another worker."""
+        slot = self.started_slot
+        if slot is None or slot.closed:
+            return True  # unknown: as if it had
+        return bool(struct.unpack_from("q", slot)[0] == record.seq)
 
     @property
     def identity(self) -> WorkerIdentity:
@@ -155,6 +172,7 @@ class Workforce:
                        replacement=replacement)  # fmt: skip
         else:
             w = self._start_directly(worker_id, generation, direct_dataset, replacement)
+        w.started_slot = _send_started_slot(w.conn)  # first on the connection
         self._transport.attach(w.identity, w.conn)
         return w
 
@@ -267,6 +285,8 @@ class Workforce:
         """Forget a worker whose exit was handled."""
         self._transport.detach(w.identity)
         w.conn.close()
+        if w.started_slot is not None:
+            w.started_slot.close()
         if w.process is not None:
             w.process.close()
 
@@ -320,3 +340,34 @@ def _send(w: Worker, message: object) -> None:
         w.conn.send_bytes(pickle.dumps(message))
     except OSError:
         pass  # the worker is gone
+
+
+#: What a started slot holds before the worker starts any task.
+NO_TASK = -1
+
+
+def _send_started_slot(conn: Connection) -> mmap.mmap | None:
+    """Make a worker's started slot and send it as the first message on ``conn``
+    (:class:`~poolloader._messages.StartedSlot` and its descriptor); ``None``
+    when it could not be made or sent (deaths then count as before)."""
+    try:
+        fd = os.memfd_create("poolloader-started", os.MFD_CLOEXEC)
+    except OSError:
+        return None
+    slot = None
+    try:
+        os.ftruncate(fd, 8)
+        slot = mmap.mmap(fd, 8)
+        struct.pack_into("q", slot, 0, NO_TASK)
+        conn.send_bytes(pickle.dumps(StartedSlot()))
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno())
+        ) as sock:
+            sendfds(sock, [fd])
+        return slot
+    except OSError:
+        if slot is not None:
+            slot.close()
+        return None
+    finally:
+        os.close(fd)

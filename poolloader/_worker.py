@@ -23,17 +23,21 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import os
 import pickle
 import queue
 import select
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recvfds
 from typing import Any, cast
 
 import numpy as np
@@ -52,6 +56,7 @@ from ._messages import (
     Release,
     RemoteError,
     Replace,
+    StartedSlot,
     StartFailed,
     Stop,
     Task,
@@ -97,6 +102,9 @@ class WorkerInfo:
 
 _worker_info: WorkerInfo | None = None
 _state: _State | None = None  # this worker's state, for the slab-aware collate
+#: Where this worker writes the seq of each task it starts (NOTE [ Started tasks ]
+#: in _iothread.py), once the inbox has mapped it.
+_started_slot: mmap.mmap | None = None
 
 
 def get_worker_info() -> WorkerInfo | None:
@@ -277,6 +285,8 @@ class _State:
             self.pending_error = RemoteError.capture(exc)
 
     def run(self, task: Task) -> Done | Failed | Exhausted:
+        if _started_slot is not None:  # NOTE [ Started tasks ] in _iothread.py
+            struct.pack_into("q", _started_slot, 0, task.seq)
         if self.exhausted:
             return Exhausted(task.seq)
         started = time.perf_counter()
@@ -445,9 +455,24 @@ class _Inbox:
             if isinstance(message, (Release, Drop)):
                 self._to_packer(message)
                 continue
+            if isinstance(message, StartedSlot):
+                self._take_started_slot()
+                continue
             self._queue.put(message)
             if isinstance(message, Stop):
                 return
+
+    def _take_started_slot(self) -> None:
+        """Map the shared memory that follows :class:`StartedSlot` (first of all
+        messages, so before any task is queued)."""
+        global _started_slot
+        family, kind = socket.AF_UNIX, socket.SOCK_STREAM
+        with socket.socket(family, kind, fileno=os.dup(self._conn.fileno())) as sock:
+            (fd,) = recvfds(sock, 1)
+        try:
+            _started_slot = mmap.mmap(fd, 8)
+        finally:
+            os.close(fd)
 
     def _to_packer(self, message: Release | Drop) -> None:
         if self.packer is None:

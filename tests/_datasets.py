@@ -6,7 +6,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -503,3 +503,24 @@ class WaitsForOthers(Dataset):
         while self._seen() < self.ahead and time.monotonic() < deadline:
             time.sleep(0.005)
         return self._seen()
+
+
+class Ballast(Dataset):
+    """Item ``i`` is ``i`` after ``delay`` seconds, loaded by a worker that holds
+    ``megabytes`` of touched memory: a killed worker takes a while to exit."""
+
+    def __init__(self, n: int, megabytes: int = 128, delay: float = 0.02) -> None:
+        self.n, self.megabytes, self.delay = n, megabytes, delay
+        self._ballast: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        if self._ballast is None:  # in the worker, not pickled with the dataset
+            self._ballast = np.ones(self.megabytes * 2**20 // 8)
+        time.sleep(self.delay)
+        return i
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ballast": None}

@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+from _datasets import Ballast
 from _faults import (
     DEADLY,
     EXIT_CODES,
@@ -46,6 +47,7 @@ from _procs import (
     worker_pids,
 )
 
+from poolloader import DataLoader
 from poolloader.errors import (
     WorkerCrashedError,
 )
@@ -310,6 +312,26 @@ def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
     grandchildren = live_grandchildren(where)
     assert len(recorded_pids(where, "grandchild")) == 1
     assert not wait_gone(grandchildren, timeout=3.0), "the dead worker's child outlived close()"
+
+
+def test_workers_killed_together_do_not_make_a_batch_look_poisonous() -> None:
+    """Every worker killed at once, mid-epoch, each epoch: a batch runs during one
+    kill only, so it must never count two deaths, although the first death found
+    sends its batch to another worker killed in the same moment that has not
+    finished exiting (NOTE [ Started tasks ]): no WorkerCrashedError, every batch
+    once, in order."""
+    dataset = Ballast(64, megabytes=256, delay=0.002)
+    with DataLoader(dataset, batch_size=2, num_workers=4, persistent_workers=True,
+                    multiprocessing_context="forkserver", timeout=HANG,
+                    max_worker_restarts=100) as loader:  # fmt: skip
+        for _ in range(10):
+            got = []
+            for i, batch in enumerate(loader):
+                got += batch.tolist()
+                if i == 4:
+                    wait_until(lambda: all(loader._pool.worker_pids), timeout=HANG)
+                    kill_all(handles(loader._pool.worker_pids))
+            assert got == list(range(64))
 
 
 def test_fresh_workers_of_each_epoch_are_watched_and_replaced_when_killed(where: Path) -> None:
