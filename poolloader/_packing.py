@@ -127,6 +127,13 @@ class InSlab:
 # ------------------------------------------------------------------ shared memory
 
 
+def descriptor_socket(conn: Any) -> socket.socket:
+    """A socket on a duplicate of ``conn``'s descriptor, to send or receive file
+    descriptors on the connection (``sendfds``, ``recvfds``); closing it leaves
+    ``conn`` open."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno()))
+
+
 def map_shared(fd: int, size: int) -> torch.Tensor:
     """Map ``size`` bytes of the shared-memory file ``fd`` as a flat uint8 tensor.
 
@@ -407,7 +414,7 @@ class SlabPacker:
 
     def __init__(self, config: SlabConfig, conn: Any) -> None:
         self._config = config
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno()))
+        self._sock = descriptor_socket(conn)
         self._lock = threading.Lock()  # release() and drop() run on the inbox thread
         self._slabs: dict[int, _Slab] = {}
         self._next_id = 0

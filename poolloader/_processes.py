@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 import pickle
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from ._messages import (
     TemplateUnsafe,
     Update,
 )
+from ._packing import descriptor_socket
 from ._template import ForkedProcess, Template
 from .errors import PoolBrokenError
 
@@ -360,9 +360,7 @@ def _send_started_slot(conn: Connection) -> mmap.mmap | None:
         slot = mmap.mmap(fd, 8)
         struct.pack_into("q", slot, 0, NO_TASK)
         conn.send_bytes(pickle.dumps(StartedSlot()))
-        with socket.socket(
-            socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno())
-        ) as sock:
+        with descriptor_socket(conn) as sock:
             sendfds(sock, [fd])
         return slot
     except OSError:

@@ -61,7 +61,6 @@ import multiprocessing
 import os
 import pickle
 import signal
-import socket
 import threading
 import time
 from collections import deque
@@ -86,6 +85,7 @@ from ._messages import (
     TemplateUnsafe,
     Update,
 )
+from ._packing import descriptor_socket
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
@@ -160,7 +160,7 @@ class _Template:
         self.setup = setup
         self.conn = conn
         self.worker_name = worker_name
-        self.sock = socket.socket(fileno=os.dup(conn.fileno()))
+        self.sock = descriptor_socket(conn)
         self.children: dict[int, Any] = {}
         self.fork = multiprocessing.get_context("fork")
 
@@ -269,7 +269,7 @@ class Template:
 
     def __init__(self, context: Any, setup: _worker.WorkerSetup, generation: int) -> None:
         self.conn, child = context.Pipe(duplex=True)
-        self._sock = socket.socket(fileno=os.dup(self.conn.fileno()))
+        self._sock = descriptor_socket(self.conn)
         self.process = context.Process(
             target=template_main, args=(setup, child), name="poolloader-template", daemon=False
         )
@@ -285,8 +285,7 @@ class Template:
         else:
             self._start(child)
             if self._start_error is not None:
-                self._sock.close()
-                self.conn.close()
+                self._close_pipe()
                 raise self._start_error
         self.generation = generation  # of the dataset the template holds
         self.ready = False
@@ -327,6 +326,11 @@ class Template:
             self._start_error = exc
         finally:
             child.close()
+
+    def _close_pipe(self) -> None:
+        """Close the main process's ends of the template's connection."""
+        self._sock.close()
+        self.conn.close()
 
     def _raise_start_error(self) -> None:
         """Wait for the start on its thread to end; raise what it raised (each time)."""
@@ -398,8 +402,7 @@ class Template:
         try:
             self._raise_start_error()
         except BaseException:  # it never started: nothing to stop
-            self._sock.close()
-            self.conn.close()
+            self._close_pipe()
             return
         try:
             self._send(Stop())
@@ -413,8 +416,7 @@ class Template:
         for _, pidfd in self.take():  # workers forked for a pool that no longer waits
             if pidfd is not None:
                 os.close(pidfd)
-        self._sock.close()
-        self.conn.close()
+        self._close_pipe()
         self.process.close()
 
 

@@ -76,6 +76,7 @@ from ._packing import (
     PicklePacker,
     SlabConfig,
     SlabPacker,
+    descriptor_socket,
     map_shared,
     out_of_descriptors,
 )
@@ -261,8 +262,7 @@ class SlabTransport:
         return functools.partial(SlabPacker, self._config)
 
     def attach(self, key: Hashable, conn: Any) -> None:
-        fd = os.dup(conn.fileno())
-        self._socks[key] = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+        self._socks[key] = descriptor_socket(conn)
 
     def detach(self, key: Hashable) -> None:
         sock = self._socks.pop(key, None)

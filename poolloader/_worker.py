@@ -29,7 +29,6 @@ import pickle
 import queue
 import select
 import signal
-import socket
 import struct
 import sys
 import threading
@@ -64,6 +63,7 @@ from ._messages import (
     Trimmed,
     Update,
 )
+from ._packing import descriptor_socket
 
 #: Why a batch must pickle, for the error when it does not.
 RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
@@ -466,8 +466,7 @@ class _Inbox:
         """Map the shared memory that follows :class:`StartedSlot` (first of all
         messages, so before any task is queued)."""
         global _started_slot
-        family, kind = socket.AF_UNIX, socket.SOCK_STREAM
-        with socket.socket(family, kind, fileno=os.dup(self._conn.fileno())) as sock:
+        with descriptor_socket(self._conn) as sock:
             (fd,) = recvfds(sock, 1)
         try:
             _started_slot = mmap.mmap(fd, 8)

@@ -552,7 +552,6 @@ CRASH_SCRIPT = """
 import json, sys
 import multiprocessing as mp
 import torch
-from _procs import handles
 from poolloader import DataLoader, SharedDict, SharedList
 
 

@@ -18,7 +18,7 @@ import pickle
 import sys
 
 from . import _peers
-from ._runner import PeakMemory, _drain, shared_memory_in_use
+from ._runner import _drain, memory_of_epoch, shared_memory_in_use
 from ._workloads import Workload
 
 
@@ -28,8 +28,7 @@ def peak_memory(column: str, workload: Workload, num_workers: int) -> tuple[int,
     loader = _peers.build(column, workload, num_workers)
     try:
         _drain(loader)
-        with PeakMemory(shared_baseline=baseline) as memory:
-            _drain(loader)
+        memory = memory_of_epoch(loader, baseline)
         return memory.peak, memory.peak_held
     finally:
         _peers.close(loader)

@@ -85,7 +85,7 @@ def measure_throughput(
         if workload.measure_memory:
             for kind, loader in loaders.items():
                 progress(f"{workload.name}: {kind} memory")
-                runs[kind][-1].peak_memory = _peak_memory_of_epoch(loader)
+                runs[kind][-1].peak_memory = memory_of_epoch(loader).peak
     finally:
         _close(loaders["poolloader"])
         del loaders
@@ -93,12 +93,13 @@ def measure_throughput(
     return {kind: _median(found) for kind, found in runs.items()}
 
 
-def _peak_memory_of_epoch(loader: Any) -> int:
-    """Peak memory of one more epoch, in a run of its own: reading every process's
-    smaps costs milliseconds of CPU, which must not slow the timed runs."""
-    with PeakMemory() as memory:
+def memory_of_epoch(loader: Any, shared_baseline: int | None = None) -> PeakMemory:
+    """The memory peaks of one more epoch (held memory too with a
+    ``shared_baseline``, NOTE [ Held memory ]), in a run of its own: reading every
+    process's smaps costs milliseconds of CPU, which must not slow the timed runs."""
+    with PeakMemory(shared_baseline) as memory:
         _drain(loader)
-    return memory.peak
+    return memory
 
 
 def _timed_epoch(loader: Any) -> Measurement:
