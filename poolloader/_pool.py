@@ -167,15 +167,23 @@ class Pool(IOThread):
 
     # ---------------------------------------------------------------- life
 
-    def start(self, ship: Callable[[], Any] | None = None) -> None:
+    def start(
+        self,
+        ship: Callable[[], Any] | None = None,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> None:
         """Start the template (or the workers) and the I/O thread. ``ship``: see
-        :meth:`Workforce.start`; it raises here, and then nothing is left running."""
+        :meth:`Workforce.start`; ``meanwhile``: what to do while the dataset travels
+        to the template, before any worker is asked for. What they raise is raised
+        here, and then nothing is left running."""
         logger.debug("starting %d workers", self._num_workers)
         _ensure_exit_hook()
         with self._lock:
             # A fork-started template is forked here, before the I/O thread runs.
             try:
                 self._workforce.start(self._channel.base_generation, ship)
+                if meanwhile is not None:
+                    meanwhile()
             except BaseException:
                 self.close()
                 raise

@@ -17,7 +17,12 @@ and forks every worker from it::
   is pickled (its arguments hold :class:`DatasetFollows` instead), and the
   pickle follows on its connection: pickling a big dataset in the main process
   overlaps the template's start (a new interpreter importing torch), where one
-  after the other would add them up.
+  after the other would add them up. The pickle travels in parts, sent by a
+  thread, and the template unpickles each part while the next travels; the main
+  process meanwhile takes the dataset's fingerprint (NOTE [ Fingerprints ] in
+  ``_pickling.py``). A million records: about 1.4 s to pickle, beside the
+  template's start; 0.5-1.2 s to unpickle (most of it the kernel handing the
+  template fresh pages), with nothing else on that path.
 * The template runs one thread, so forking it is safe although the main process
   runs threads (the pool's I/O thread, torch's thread pools). With
   ``multiprocessing_context="fork"`` the template itself is forked from the main
@@ -76,7 +81,6 @@ from ._messages import (
     Exited,
     Forked,
     ForkWorker,
-    PickledObject,
     RemoteError,
     Replace,
     StartFailed,
@@ -91,6 +95,9 @@ from ._packing import descriptor_socket
 TEMPLATE_STOP_GRACE = 2.0
 #: :class:`Stop` as sent: a template waiting for its dataset may get this instead.
 STOP = pickle.dumps(Stop(), protocol=pickle.HIGHEST_PROTOCOL)
+#: Bytes of the dataset's pickle per message to the template: it unpickles each
+#: part while the next travels.
+DATASET_PART = 4 << 20
 
 # ------------------------------------------------------------ in the template
 
@@ -105,20 +112,14 @@ def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
     own_name = _process_name()
     _set_process_name(TEMPLATE_NAME)
-    dataset = setup.dataset
-    if isinstance(dataset, DatasetFollows):
-        try:
-            dataset = PickledObject(conn.recv_bytes())
-        except (EOFError, OSError):
-            os._exit(0)  # the main process gave up (its pickling failed) or is gone
-        if dataset.data == STOP:
-            os._exit(0)
     try:
         setup = replace(
             setup,
-            dataset=_worker.materialize(dataset),
+            dataset=_receive_dataset(conn, setup.dataset),
             functions=_worker.materialize(setup.functions),
         )
+    except _MainGone:
+        os._exit(0)  # the main process gave up (its pickling failed) or is gone
     except BaseException as exc:  # every failure is reported home
         _send(conn, StartFailed(-1, os.getpid(), RemoteError.capture(exc)))
         os._exit(1)
@@ -129,6 +130,94 @@ def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
     _send(conn, TemplateReady(os.getpid()))
     _Template(setup, conn, own_name).serve()
     os._exit(0)  # not multiprocessing's exit: it would wait for the workers
+
+
+def _receive_dataset(conn: Connection, dataset: Any) -> Any:
+    """The dataset: unpickled from ``dataset``, or, for :class:`DatasetFollows`,
+    from its parts as they arrive on ``conn`` (NOTE [ Templates ])."""
+    if not isinstance(dataset, DatasetFollows):
+        return _worker.materialize(dataset)
+    incoming = _Incoming(conn)
+    if incoming.first_part() == STOP:
+        raise _MainGone
+    # The collector is held while a million records unpickle (each full collection
+    # would walk all of them again), and they are frozen before it runs again, so
+    # that it never walks them (NOTE [ Frozen objects ]).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        dataset = pickle.load(incoming)
+        incoming.read()  # up to the empty part that ends it
+        gc.freeze()
+        return dataset
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _MainGone(Exception):
+    """The main process went away, or gave up, before the dataset arrived."""
+
+
+class _Incoming:
+    """A file to unpickle the dataset from, reading its parts off ``conn`` as they
+    arrive, into one buffer used again for each part; an empty part ends it."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._buffer = bytearray(DATASET_PART)
+        self._part = memoryview(self._buffer)[:0]
+        self._ended = False
+
+    def first_part(self) -> memoryview:
+        """The first part, still to be read."""
+        self._next_part()
+        return self._part
+
+    def _next_part(self) -> bool:
+        """Read the next part; False once the empty part that ends them was read."""
+        if self._ended:
+            return False
+        try:
+            size = self._conn.recv_bytes_into(self._buffer)
+        except (EOFError, OSError):
+            raise _MainGone from None
+        self._ended = size == 0
+        self._part = memoryview(self._buffer)[:size]
+        return not self._ended
+
+    def _take(self, size: int) -> memoryview:
+        taken, self._part = self._part[:size], self._part[size:]
+        return taken
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target) and (self._part or self._next_part()):
+            taken = self._take(len(target) - filled)
+            target[filled : filled + len(taken)] = taken
+            filled += len(taken)
+        return filled
+
+    def read(self, size: int = -1) -> bytes:
+        if 0 <= size <= len(self._part):  # the common case: a pickle frame within a part
+            return bytes(self._take(size))
+        if size >= 0:
+            buffer = bytearray(size)
+            return bytes(buffer[: self.readinto(buffer)])
+        rest = bytearray()
+        while self._part or self._next_part():
+            rest += self._take(len(self._part))
+        return bytes(rest)
+
+    def readline(self) -> bytes:
+        line = bytearray()
+        while self._part or self._next_part():
+            end = bytes(self._part).find(b"\n")
+            line += self._take(len(self._part) if end < 0 else end + 1)
+            if end >= 0:
+                break
+        return bytes(line)
 
 
 def _unsafe_to_fork() -> str:
@@ -274,6 +363,7 @@ class Template:
             target=template_main, args=(setup, child), name="poolloader-template", daemon=False
         )
         self._starting: threading.Thread | None = None
+        self._sending: threading.Thread | None = None
         self._start_error: BaseException | None = None
         if isinstance(setup.dataset, DatasetFollows):
             # The forkserver answers a start only once it runs (a new interpreter
@@ -341,14 +431,33 @@ class Template:
             raise self._start_error
 
     def send_dataset(self, data: bytes) -> None:
-        """Send the pickled dataset to a template started with :class:`DatasetFollows`
-        (it waits until the template reads it). A template that died first is left
-        to its sentinel, as everywhere else."""
+        """Start sending the pickled dataset to a template started with
+        :class:`DatasetFollows`; raises if the template failed to start.
+
+        A thread sends it in parts of :data:`DATASET_PART` bytes, which the template
+        unpickles as they arrive, then an empty part; meanwhile the caller may go
+        on with other work (messages to the template wait for the last part). A
+        template that dies first is left to its sentinel, as everywhere else."""
         self._raise_start_error()
+        self._sending = threading.Thread(
+            target=self._send_parts, args=(data,), name="poolloader-dataset-send", daemon=True
+        )
+        self._sending.start()
+
+    def _send_parts(self, data: bytes) -> None:
+        view = memoryview(data)
         try:
-            self.conn.send_bytes(data)
+            for start in range(0, len(view), DATASET_PART):
+                self.conn.send_bytes(view[start : start + DATASET_PART])
+            self.conn.send_bytes(b"")
         except OSError:
             pass
+
+    def _wait_sent(self) -> None:
+        """Wait until the dataset's last part is sent, so that what follows comes after it."""
+        if self._sending is not None:
+            self._sending.join()
+            self._sending = None
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
         """Bring the template's dataset to ``generation``."""
@@ -360,6 +469,7 @@ class Template:
         self.generation = generation
 
     def _send(self, message: object) -> None:
+        self._wait_sent()
         self.conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     def receive(self) -> None:
@@ -404,6 +514,11 @@ class Template:
         except BaseException:  # it never started: nothing to stop
             self._close_pipe()
             return
+        if self._sending is not None and self._sending.is_alive():
+            # Stopped while its dataset travels: it has forked nothing, and holds
+            # nothing anyone needs. Once it is gone the rest fails to send.
+            self.process.kill()
+            self._wait_sent()
         try:
             self._send(Stop())
         except OSError:

@@ -444,9 +444,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if inherited:
             pool.start()
         else:
-            pool.start(self._ship_dataset)  # pickled while the template starts
-            self._fingerprint = self._fingerprint_now()  # while it unpickles
+            # Pickled while the template starts; fingerprinted while it unpickles.
+            pool.start(self._ship_dataset, meanwhile=self._take_fingerprint)
         return pool
+
+    def _take_fingerprint(self) -> None:
+        self._fingerprint = self._fingerprint_now()
 
     def _ship_dataset(self) -> Any:
         """The dataset as it travels to a new pool (``_pickling.ship``); its pickle
