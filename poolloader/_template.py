@@ -202,9 +202,9 @@ class _Incoming:
     def read(self, size: int = -1) -> bytes:
         if 0 <= size <= len(self._part):  # the common case: a pickle frame within a part
             return bytes(self._take(size))
-        if size >= 0:
+        if size >= 0:  # a big bytes object, across parts: one copy besides the buffer
             buffer = bytearray(size)
-            return bytes(buffer[: self.readinto(buffer)])
+            return bytes(memoryview(buffer)[: self.readinto(buffer)])
         rest = bytearray()
         while self._part or self._next_part():
             rest += self._take(len(self._part))
@@ -455,8 +455,9 @@ class Template:
 
     def _wait_sent(self) -> None:
         """Wait until the dataset's last part is sent, so that what follows comes after it."""
-        if self._sending is not None:
-            self._sending.join()
+        sending = self._sending  # read once: stop() and a send may both get here
+        if sending is not None:
+            sending.join()
             self._sending = None
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
@@ -514,7 +515,8 @@ class Template:
         except BaseException:  # it never started: nothing to stop
             self._close_pipe()
             return
-        if self._sending is not None and self._sending.is_alive():
+        sending = self._sending
+        if sending is not None and sending.is_alive():
             # Stopped while its dataset travels: it has forked nothing, and holds
             # nothing anyone needs. Once it is gone the rest fails to send.
             self.process.kill()
