@@ -128,10 +128,12 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _fill(self) -> None:
         # Below the limit the window may always grow (its unfinished batches are
-        # fewer still); only beyond it are the slower checks needed.
+        # fewer still); only beyond it are the slower checks needed, and of those
+        # the window's limit first: it is the limit itself unless the oldest
+        # batch runs late, while counting the unfinished asks every batch.
         while not self._sampler_done and (
             len(self._window) < self._limit
-            or (self._unfinished() < self._limit and len(self._window) < self._window_limit())
+            or (len(self._window) < self._window_limit() and self._unfinished() < self._limit)
         ):
             self._submit_next()
 
@@ -151,7 +153,11 @@ class PoolIterator(_BaseDataLoaderIter):
     def _late_in(self, record: TaskRecord) -> float | None:
         """Seconds until every unfinished part of ``record`` runs late (0.0: they
         do), or ``None`` while one is not running."""
-        unfinished = [r for r in _tasks([record]) if not r.future.done()]
+        if not isinstance(record, GroupRecord):
+            if not record.started or record.future.done():
+                return None  # (asked first without the pool's lock: the common case)
+            return self._pool.late_in(record)
+        unfinished = [r for r in record.parts if not r.future.done()]
         waits = [self._pool.late_in(r) for r in unfinished]
         if not waits or None in waits:
             return None

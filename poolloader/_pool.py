@@ -359,7 +359,7 @@ class Pool(IOThread):
         :data:`LATE_FACTOR` times the mean batch so far. ``None`` while it is not
         running, or before any batch has finished."""
         with self._lock:
-            if record.worker is None or record.future.done() or not record.started:
+            if record.worker is None or not record.started or record.future.done():
                 return None
             w = self._workers[record.worker]
             if not w.ready or w.dead or next(iter(w.tasks), None) != record.seq:

@@ -9,6 +9,7 @@ start are found and ended.
 
 from __future__ import annotations
 
+import functools
 import logging
 import mmap
 import os
@@ -94,8 +95,9 @@ class Worker:
             return True  # unknown: as if it had
         return bool(struct.unpack_from("q", slot)[0] == record.seq)
 
-    @property
+    @functools.cached_property
     def identity(self) -> WorkerIdentity:
+        # id and start never change; the I/O thread asks for each batch.
         return WorkerIdentity(self.id, self.started)
 
     def attach(self, process: Any) -> None:

@@ -41,6 +41,20 @@ class Ended:
 
 Outcome = Loaded | Raised | Lost | Ended
 
+#: What ``Future.done()`` checks for (``concurrent.futures._base``'s states).
+_DONE_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"})
+
+
+class TaskFuture(Future[Outcome]):
+    """A task's future, whose :meth:`done` reads the state without taking the
+    future's lock (one attribute read, atomic): the consumer asks it of the
+    batches in its window for every batch it takes. A ``False`` that turns
+    ``True`` a moment later loses nothing: the done-callbacks, which wake the
+    consumer, run after the state is set."""
+
+    def done(self) -> bool:
+        return self._state in _DONE_STATES
+
 
 @dataclass(eq=False)
 class TaskRecord:
@@ -52,7 +66,7 @@ class TaskRecord:
     index: Any
     generation: int
     pin: int | None
-    future: Future[Outcome] = field(default_factory=Future)
+    future: Future[Outcome] = field(default_factory=TaskFuture)
     worker: int | None = None
     killed: list[int] = field(default_factory=list)  # exit codes of workers that died running it
     cancelled: bool = False

@@ -358,3 +358,28 @@ def test_workers_load_ahead_of_a_stalled_batch(tmp_path, stall, before):
         got = list(loader)
     assert got[stall] >= dataset.ahead, got
     assert got[:stall] + got[stall + 1 :] == [0] * (dataset.n - 1)
+
+
+def test_task_futures_say_done_as_futures_do():
+    """The window's lock-free ``done()`` agrees with ``Future.done()`` in every
+    state a future passes through (a Python that renamed its states fails here)."""
+    from concurrent.futures import Future
+
+    from poolloader._tasks import TaskFuture
+
+    def states(make):
+        pending = make()
+        running = make()
+        running.set_running_or_notify_cancel()
+        cancelled = make()
+        cancelled.cancel()
+        notified = make()
+        notified.cancel()
+        notified.set_running_or_notify_cancel()
+        finished = make()
+        finished.set_result(1)
+        failed = make()
+        failed.set_exception(ValueError())
+        return [f.done() for f in (pending, running, cancelled, notified, finished, failed)]
+
+    assert states(TaskFuture) == states(Future) == [False, False, True, True, True, True]
