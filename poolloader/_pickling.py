@@ -12,7 +12,7 @@ import hashlib
 import io
 import pickle
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._messages import PickledObject
@@ -103,7 +103,9 @@ def fingerprint(obj: object, limit: int) -> bytes | None:
     return digest.hash.digest()
 
 
-def ship(obj: object, what: str, *, inherited: bool) -> object:
+def ship(
+    obj: object, what: str, *, inherited: bool, on_part: Callable[[bytes], None] | None = None
+) -> object:
     """How ``obj`` travels to the template process (and the workers it forks).
 
     ``inherited`` (the ``fork`` start method): as itself, never pickled. Else
@@ -111,11 +113,16 @@ def ship(obj: object, what: str, *, inherited: bool) -> object:
     object that may only be pickled while a process starts (``multiprocessing``
     locks, values, queues: "through inheritance") travels as itself, in the
     process's arguments. Anything else that does not pickle raises
-    :class:`NotPicklableError`, naming the part."""
+    :class:`NotPicklableError`, naming the part.
+
+    ``on_part``: given each :data:`PART` bytes of the pickle as soon as they are
+    made, and the rest at the end, so that the receiver unpickles while this
+    process still pickles; when pickling fails, what it was given is to be
+    thrown away."""
     if inherited:
         return obj
     try:
-        return PickledObject(_dumps_sharing_the_gil(obj))
+        return PickledObject(_dumps_sharing_the_gil(obj, on_part))
     except RuntimeError as exc:
         if "through inheritance" in str(exc):
             return obj
@@ -124,26 +131,51 @@ def ship(obj: object, what: str, *, inherited: bool) -> object:
         raise not_picklable(obj, what, exc) from exc
 
 
-class _Parts:
-    """A write-only file that keeps what is written."""
+#: Bytes of a pickle handed on at a time while it is made (:func:`ship`).
+PART = 4 << 20
 
-    def __init__(self) -> None:
-        self.parts: list[bytes] = []
+
+class _Parts:
+    """A write-only file that keeps what is written and hands it on to ``on_part``
+    (if any) in parts of :data:`PART` bytes as they fill."""
+
+    def __init__(self, on_part: Callable[[bytes], None] | None) -> None:
+        self._parts: list[bytes] = []
+        self._pending = bytearray()
+        self._on_part = on_part
 
     def write(self, data: Any) -> int:  # bytes, or a PickleBuffer (a big array's memory)
-        part = bytes(data)
-        self.parts.append(part)
-        return len(part)
+        if self._on_part is None:
+            part = bytes(data)
+            self._parts.append(part)
+            return len(part)
+        self._pending += data
+        while len(self._pending) >= PART:
+            self._hand_on(bytes(memoryview(self._pending)[:PART]))
+            del self._pending[:PART]
+        return memoryview(data).nbytes
+
+    def _hand_on(self, part: bytes) -> None:
+        self._parts.append(part)
+        assert self._on_part is not None
+        self._on_part(part)
+
+    def close(self) -> bytes:
+        """All that was written; the last part is handed on."""
+        if self._pending:
+            self._hand_on(bytes(self._pending))
+            self._pending.clear()
+        return b"".join(self._parts)
 
 
-def _dumps_sharing_the_gil(obj: object) -> bytes:
+def _dumps_sharing_the_gil(obj: object, on_part: Callable[[bytes], None] | None) -> bytes:
     """``pickle.dumps(obj)``, written out frame by frame through Python code, so
-    that other threads run meanwhile: ``pickle.dumps`` holds the GIL until it is
-    done, 1.5 s for a million records, and the thread starting the template
-    (NOTE [ Templates ]) would wait all that time before it even asked."""
-    out = _Parts()
+    that other threads run meanwhile (``pickle.dumps`` holds the GIL until it is
+    done, 1.5 s for a million records) and ``on_part`` gets the pickle as it is
+    made (see :func:`ship`)."""
+    out = _Parts(on_part)
     pickle.Pickler(out, protocol=PROTOCOL).dump(obj)
-    return b"".join(out.parts)
+    return out.close()
 
 
 #: Why most objects must pickle, for the error when one does not.

@@ -48,7 +48,7 @@ from ._messages import (
 )
 from ._pickling import not_picklable
 from ._polling import Waker, Watchlist
-from ._processes import Worker, Workforce
+from ._processes import Ship, Worker, Workforce
 from ._stats import PoolCounters, PoolStatistics
 from ._tasks import (
     TaskRecord,
@@ -169,7 +169,7 @@ class Pool(IOThread):
 
     def start(
         self,
-        ship: Callable[[], Any] | None = None,
+        ship: Ship | None = None,
         meanwhile: Callable[[], None] | None = None,
     ) -> None:
         """Start the template (or the workers) and the I/O thread. ``ship``: see

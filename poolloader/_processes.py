@@ -105,6 +105,11 @@ class Worker:
         self.created = _proctree.created(process.pid)
 
 
+#: How a pool gets the dataset it ships to its template (:meth:`Workforce.start`):
+#: called with what takes each part of the pickle as it is made, or ``None``.
+Ship = Callable[[Callable[[bytes], None] | None], Any]
+
+
 class Workforce:
     """Starts and stops the workers of one pool.
 
@@ -125,25 +130,27 @@ class Workforce:
         self._use_template = template
         self.base_seed = setup.base_seed  # the current epoch's: new workers are seeded with it
 
-    def start(self, generation: int, ship: Callable[[], Any] | None = None) -> None:
+    def start(self, generation: int, ship: Ship | None = None) -> None:
         """Start the template (workers are asked for with :meth:`launch` at once).
 
-        ``ship``: the dataset is not in the setup yet; ``ship()`` gives it as it
-        travels (:func:`~poolloader._pickling.ship`). The template starts first
-        and receives the pickle once made (NOTE [ Templates ]); a dataset that
-        must travel in a process's arguments gets a template started with it."""
+        ``ship``: the dataset is not in the setup yet; ``ship(on_part)`` gives it as
+        it travels (:func:`~poolloader._pickling.ship`), handing each part of its
+        pickle to ``on_part`` (if not ``None``) as it is made. The template starts
+        first and receives the pickle while it is made (NOTE [ Templates ]); a
+        dataset that must travel in a process's arguments gets a template started
+        with it."""
         if not self._use_template:
             if ship is not None:
-                self._setup = replace(self._setup, dataset=ship())
+                self._setup = replace(self._setup, dataset=ship(None))
             return
         if ship is None:
             self.template = Template(self._context, self._setup, generation)
             return
         early = Template(self._context, replace(self._setup, dataset=DatasetFollows()), generation)
         try:
-            dataset = ship()
+            dataset = ship(early.stream_dataset())
             if isinstance(dataset, PickledObject):
-                early.send_dataset(dataset.data)  # raises if the template failed to start
+                early.end_dataset()  # raises if the template failed to start
         except BaseException:
             early.stop()
             raise

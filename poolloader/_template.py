@@ -17,12 +17,16 @@ and forks every worker from it::
   is pickled (its arguments hold :class:`DatasetFollows` instead), and the
   pickle follows on its connection: pickling a big dataset in the main process
   overlaps the template's start (a new interpreter importing torch), where one
-  after the other would add them up. The pickle travels in parts, sent by a
-  thread, and the template unpickles each part while the next travels; the main
-  process meanwhile takes the dataset's fingerprint (NOTE [ Fingerprints ] in
-  ``_pickling.py``). A million records: about 1.4 s to pickle, beside the
-  template's start; 0.5-1.2 s to unpickle (most of it the kernel handing the
-  template fresh pages), with nothing else on that path.
+  after the other would add them up. The pickle travels in parts of
+  :data:`DATASET_PART` bytes as it is made, sent by a thread once the template
+  runs, and the template unpickles each part while the next is made and travels;
+  the main process then takes the dataset's fingerprint (NOTE [ Fingerprints ]
+  in ``_pickling.py``) while the last parts go. A million records: about 1.4 s
+  to pickle, beside the template's start (0.7-1.6 s, torch's import); 0.5-1.2 s
+  to unpickle (most of it the kernel handing the template fresh pages), all of
+  it after the template's start and as much as the start leaves beside the
+  pickling. A dataset found mid-pickle to need inheritance (below) or not to
+  pickle at all ends that template, with whatever parts it got.
 * The template runs one thread, so forking it is safe although the main process
   runs threads (the pool's I/O thread, torch's thread pools). With
   ``multiprocessing_context="fork"`` the template itself is forked from the main
@@ -65,10 +69,12 @@ import gc
 import multiprocessing
 import os
 import pickle
+import queue
 import signal
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recvfds, sendfds
@@ -90,14 +96,13 @@ from ._messages import (
     Update,
 )
 from ._packing import descriptor_socket
+from ._pickling import PART
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
-#: :class:`Stop` as sent: a template waiting for its dataset may get this instead.
-STOP = pickle.dumps(Stop(), protocol=pickle.HIGHEST_PROTOCOL)
-#: Bytes of the dataset's pickle per message to the template: it unpickles each
-#: part while the next travels.
-DATASET_PART = 4 << 20
+#: Bytes of the dataset's pickle per message to the template at most: it unpickles
+#: each part while the next travels.
+DATASET_PART = PART
 
 # ------------------------------------------------------------ in the template
 
@@ -138,8 +143,6 @@ def _receive_dataset(conn: Connection, dataset: Any) -> Any:
     if not isinstance(dataset, DatasetFollows):
         return _worker.materialize(dataset)
     incoming = _Incoming(conn)
-    if incoming.first_part() == STOP:
-        raise _MainGone
     # The collector is held while a million records unpickle (each full collection
     # would walk all of them again), and they are frozen before it runs again, so
     # that it never walks them (NOTE [ Frozen objects ]).
@@ -168,11 +171,6 @@ class _Incoming:
         self._buffer = bytearray(DATASET_PART)
         self._part = memoryview(self._buffer)[:0]
         self._ended = False
-
-    def first_part(self) -> memoryview:
-        """The first part, still to be read."""
-        self._next_part()
-        return self._part
 
     def _next_part(self) -> bool:
         """Read the next part; False once the empty part that ends them was read."""
@@ -364,6 +362,7 @@ class Template:
         )
         self._starting: threading.Thread | None = None
         self._sending: threading.Thread | None = None
+        self._stream: _DatasetStream | None = None
         self._start_error: BaseException | None = None
         if isinstance(setup.dataset, DatasetFollows):
             # The forkserver answers a start only once it runs (a new interpreter
@@ -430,28 +429,30 @@ class Template:
         if self._start_error is not None:
             raise self._start_error
 
-    def send_dataset(self, data: bytes) -> None:
-        """Start sending the pickled dataset to a template started with
-        :class:`DatasetFollows`; raises if the template failed to start.
+    def stream_dataset(self) -> Callable[[bytes], None]:
+        """Start sending the dataset's pickle, as it is made, to a template started
+        with :class:`DatasetFollows`; returns what takes each part of it.
 
-        A thread sends it in parts of :data:`DATASET_PART` bytes, which the template
-        unpickles as they arrive, then an empty part; meanwhile the caller may go
-        on with other work (messages to the template wait for the last part). A
-        template that dies first is left to its sentinel, as everywhere else."""
-        self._raise_start_error()
+        A thread sends the parts once the template has started (the template
+        unpickles each as it arrives), so that the caller goes on pickling
+        meanwhile; :meth:`end_dataset` says the pickle is whole. Messages to the
+        template wait for the last part. A template that dies first is left to its
+        sentinel, as everywhere else; one stopped before its dataset arrived whole
+        is killed (it has forked nothing and holds nothing anyone needs)."""
+        stream = _DatasetStream(self.conn, self._starting)
+        self._stream = stream
         self._sending = threading.Thread(
-            target=self._send_parts, args=(data,), name="poolloader-dataset-send", daemon=True
+            target=stream.send_all, name="poolloader-dataset-send", daemon=True
         )
         self._sending.start()
+        return stream.parts.put
 
-    def _send_parts(self, data: bytes) -> None:
-        view = memoryview(data)
-        try:
-            for start in range(0, len(view), DATASET_PART):
-                self.conn.send_bytes(view[start : start + DATASET_PART])
-            self.conn.send_bytes(b"")
-        except OSError:
-            pass
+    def end_dataset(self) -> None:
+        """The dataset's pickle is whole (all of it went to :meth:`stream_dataset`'s
+        taker); raises if the template failed to start."""
+        assert self._stream is not None
+        self._stream.parts.put(_DatasetStream.END)
+        self._raise_start_error()
 
     def _wait_sent(self) -> None:
         """Wait until the dataset's last part is sent, so that what follows comes after it."""
@@ -510,16 +511,22 @@ class Template:
         if self.stopped:
             return
         self.stopped = True
+        if self._stream is not None:
+            self._stream.parts.put(_DatasetStream.ABORT)  # the sender stops waiting for parts
         try:
             self._raise_start_error()
         except BaseException:  # it never started: nothing to stop
+            self._wait_sent()
             self._close_pipe()
             return
-        sending = self._sending
-        if sending is not None and sending.is_alive():
-            # Stopped while its dataset travels: it has forked nothing, and holds
-            # nothing anyone needs. Once it is gone the rest fails to send.
-            self.process.kill()
+        stream = self._stream
+        if stream is not None:
+            stream.parts.put(_DatasetStream.ABORT)  # nothing more follows the parts sent
+            sending = self._sending
+            if not stream.delivered or (sending is not None and sending.is_alive()):
+                # Stopped before its dataset arrived whole (see stream_dataset);
+                # once it is gone, the rest fails to send.
+                self.process.kill()
             self._wait_sent()
         try:
             self._send(Stop())
@@ -535,6 +542,48 @@ class Template:
                 os.close(pidfd)
         self._close_pipe()
         self.process.close()
+
+
+class _DatasetStream:
+    """The main process's side of a dataset sent while it is pickled: the pickling
+    thread puts parts into :attr:`parts`, and :meth:`send_all`, on a thread of its
+    own, sends them once the template has started (``starting``: the thread that
+    starts it), each in messages of at most :data:`DATASET_PART` bytes, then the
+    empty part that ends them."""
+
+    END = object()  # the pickle is whole
+    ABORT = object()  # no more parts: the template is to be stopped
+
+    def __init__(self, conn: Connection, starting: threading.Thread | None) -> None:
+        self.parts: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.delivered = False  # the template got every part and the end
+        self._conn = conn
+        self._starting = starting
+
+    def send_all(self) -> None:
+        if self._starting is not None:
+            self._starting.join()
+        failing = False  # a send failed: the template is gone; the rest is dropped
+        while True:
+            part = self.parts.get()
+            if part is self.ABORT:
+                return
+            if part is self.END:
+                if not failing:
+                    failing = not self._send(b"")
+                self.delivered = not failing
+                return
+            if not failing:
+                failing = not self._send(part)
+
+    def _send(self, part: bytes) -> bool:
+        view = memoryview(part)
+        try:
+            for start in range(0, max(len(view), 1), DATASET_PART):
+                self._conn.send_bytes(view[start : start + DATASET_PART])
+        except OSError:  # the template is gone (a failed start, a crash, a kill)
+            return False
+        return True
 
 
 class ForkedProcess:

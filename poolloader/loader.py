@@ -451,10 +451,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _take_fingerprint(self) -> None:
         self._fingerprint = self._fingerprint_now()
 
-    def _ship_dataset(self) -> Any:
-        """The dataset as it travels to a new pool (``_pickling.ship``); its pickle
-        becomes the control channel's base and the snapshot epochs compare with."""
-        dataset = _pickling.ship(self._dataset_target, "dataset", inherited=False)
+    def _ship_dataset(self, on_part: Callable[[bytes], None] | None) -> Any:
+        """The dataset as it travels to a new pool (``_pickling.ship``, ``on_part``
+        taking its pickle as it is made); the pickle becomes the control channel's
+        base and the snapshot epochs compare with."""
+        dataset = _pickling.ship(self._dataset_target, "dataset", inherited=False,
+                                 on_part=on_part)  # fmt: skip
         if isinstance(dataset, PickledObject):
             self._snapshot = dataset.data
             self._channel.provide_base(dataset.data)

@@ -4,10 +4,12 @@ arrive (NOTE [ Templates ] in ``poolloader/_template.py``)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 import threading
 import time
 from multiprocessing import Pipe
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -135,6 +137,65 @@ class ManyParts(Dataset):
     def __getitem__(self, i: int) -> tuple[int, float, int]:
         record = self.records[i]
         return record["id"], record["dur"], self.blob[(i * 7919) % len(self.blob)]
+
+
+def _touch(path: str) -> str:
+    Path(path).touch()
+    return "unpickled"
+
+
+class TouchWhenUnpickled:
+    """Unpickling it creates the file ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self) -> Any:
+        return _touch, (self.path,)
+
+
+class PickledOnceTouched:
+    """Pickling it waits until the file ``path`` exists, and fails if it never does."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        deadline = time.monotonic() + 20
+        while not self.path.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.path} was never created: nothing unpickled it")
+            time.sleep(0.01)
+        return str, ("pickled",)
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_the_template_unpickles_the_dataset_while_the_main_process_pickles_it(
+    start_method, tmp_path
+):
+    """The pickle goes to the template as it is made: the dataset's last part only
+    pickles once the template has unpickled its first (a first part and more: the
+    blob fills one). A template that waited for the whole pickle would never
+    unpickle the first, and the main process would give up pickling the last."""
+    flag = tmp_path / "unpickled"
+    parts = [TouchWhenUnpickled(flag), b"\0" * (DATASET_PART + 1), PickledOnceTouched(flag)]
+    with fault_loader(Carrying(parts), start_method, batch_size=2) as loader:
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert flag.exists()
+
+
+def test_a_dataset_found_to_need_inheritance_after_parts_went_ahead_still_arrives():
+    """A ``multiprocessing`` lock behind more than a part of other data: the parts
+    already sent are thrown away with the template that got them, and the dataset
+    travels in a new template's arguments instead. Nothing of the first template
+    is left."""
+    before = descendant_pids()
+    lock = multiprocessing.get_context("forkserver").Lock()
+    dataset = Carrying([b"\0" * (2 * DATASET_PART), lock])
+    with fault_loader(dataset, batch_size=2) as loader:
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    wait_until(lambda: descendant_pids() <= before)
 
 
 def test_a_dataset_of_many_parts_arrives_whole(start_method):
