@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import pickle
 import queue
@@ -367,6 +368,10 @@ class Template:
         if isinstance(setup.dataset, DatasetFollows):
             # The forkserver answers a start only once it runs (a new interpreter
             # importing torch): meanwhile this thread's caller pickles the dataset.
+            # The server itself is started here, before the pickling holds the GIL
+            # (the thread would get to it only after some of the pickler's turns).
+            if context.get_start_method() == "forkserver":
+                _start_forkserver()
             self._starting = threading.Thread(
                 target=self._start, args=(child,), name="poolloader-template-start", daemon=True
             )
@@ -511,17 +516,16 @@ class Template:
         if self.stopped:
             return
         self.stopped = True
-        if self._stream is not None:
-            self._stream.parts.put(_DatasetStream.ABORT)  # the sender stops waiting for parts
+        stream = self._stream
+        if stream is not None:
+            stream.parts.put(_DatasetStream.ABORT)  # nothing more follows the parts sent
         try:
             self._raise_start_error()
         except BaseException:  # it never started: nothing to stop
             self._wait_sent()
             self._close_pipe()
             return
-        stream = self._stream
         if stream is not None:
-            stream.parts.put(_DatasetStream.ABORT)  # nothing more follows the parts sent
             sending = self._sending
             if not stream.delivered or (sending is not None and sending.is_alive()):
                 # Stopped before its dataset arrived whole (see stream_dataset);
@@ -542,6 +546,16 @@ class Template:
                 os.close(pidfd)
         self._close_pipe()
         self.process.close()
+
+
+def _start_forkserver() -> None:
+    """Start multiprocessing's fork server if it is not running, without waiting
+    for what it preloads. If that fails, the template's start fails the same way
+    and reports it."""
+    try:
+        multiprocessing.forkserver.ensure_running()
+    except Exception:
+        pass
 
 
 class _DatasetStream:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
+import subprocess
+import sys
 import threading
 import time
 from multiprocessing import Pipe
@@ -182,6 +184,41 @@ def test_the_template_unpickles_the_dataset_while_the_main_process_pickles_it(
     with fault_loader(Carrying(parts), start_method, batch_size=2) as loader:
         assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert flag.exists()
+
+
+FORKSERVER_FIRST = """
+import multiprocessing.forkserver, torch
+from poolloader import DataLoader
+
+class Probe(torch.utils.data.Dataset):
+    seen = []  # whether the fork server was running, at each pickling of the dataset
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return i
+    def __reduce__(self):
+        Probe.seen.append(multiprocessing.forkserver._forkserver._forkserver_pid is not None)
+        return Probe, ()
+
+if __name__ == "__main__":
+    with DataLoader(Probe(), batch_size=2, num_workers=1,
+                    multiprocessing_context="forkserver") as loader:
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+    print(Probe.seen[0])
+"""
+
+
+def test_the_fork_server_starts_before_the_dataset_is_pickled(tmp_path):
+    """The first forkserver loader of a process starts the server before it
+    pickles the dataset, not on a thread that waits for the pickler's turns: the
+    server imports torch meanwhile. (A fresh interpreter: in this one the server
+    may run already.)"""
+    script = tmp_path / "first_forkserver.py"
+    script.write_text(FORKSERVER_FIRST)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
 
 
 def test_a_dataset_found_to_need_inheritance_after_parts_went_ahead_still_arrives():
