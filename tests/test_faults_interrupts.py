@@ -296,6 +296,9 @@ def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
+    # As started from a terminal: a shell that runs the tests in the background
+    # ignores SIGINT, and every process it starts would inherit that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from _faults import Faulty, always
     from poolloader import DataLoader

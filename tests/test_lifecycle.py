@@ -87,7 +87,10 @@ def test_context_manager_closes():
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import os, signal, sys, time
+    # As started from a terminal: a shell that runs the tests in the background
+    # ignores SIGINT, and every process it starts would inherit that.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from _datasets import SpawnsSleeper, Plain
     from poolloader import DataLoader

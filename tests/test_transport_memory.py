@@ -77,10 +77,12 @@ def test_slabs_a_burst_added_close_once_the_worker_stops_needing_them():
         del held
         sums += [float(b["image"].sum()) for b in iterator]
         assert sums == expected
-        # In flight (2) and the batch being consumed, with a slab to spare.
-        assert loader.statistics().slab_bytes <= 4 * one_slab < burst
-        assert slab_maps() <= 4
-        wait_until(lambda: child_slab_maps() <= 4)
+        # In flight (2) and the batch being consumed, with a slab to spare, and one
+        # more when a release reached the worker late (a loaded machine) and no
+        # batch since was enough for it to age: the burst's 8 or more are gone.
+        assert loader.statistics().slab_bytes <= 5 * one_slab < burst
+        assert slab_maps() <= 5
+        wait_until(lambda: child_slab_maps() <= 5)
 
 
 class Rows(torch.utils.data.Dataset):
