@@ -26,6 +26,9 @@ CULPRIT_SEARCH_WIDTH = 32
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
+#: What takes each part of a pickle as it is made (:func:`ship`).
+OnPart = Callable[[bytes | bytearray], None]
+
 
 def dumps(obj: object, what: str) -> bytes:
     """Pickle ``obj`` for spawn workers, or raise :class:`NotPicklableError` naming it.
@@ -103,9 +106,7 @@ def fingerprint(obj: object, limit: int) -> bytes | None:
     return digest.hash.digest()
 
 
-def ship(
-    obj: object, what: str, *, inherited: bool, on_part: Callable[[bytes], None] | None = None
-) -> object:
+def ship(obj: object, what: str, *, inherited: bool, on_part: OnPart | None = None) -> object:
     """How ``obj`` travels to the template process (and the workers it forks).
 
     ``inherited`` (the ``fork`` start method): as itself, never pickled. Else
@@ -115,7 +116,7 @@ def ship(
     process's arguments. Anything else that does not pickle raises
     :class:`NotPicklableError`, naming the part.
 
-    ``on_part``: given each :data:`PART` bytes of the pickle as soon as they are
+    ``on_part``: given each :data:`DATASET_PART` bytes of the pickle as soon as they are
     made, and the rest at the end, so that the receiver unpickles while this
     process still pickles; when pickling fails, what it was given is to be
     thrown away."""
@@ -131,44 +132,53 @@ def ship(
         raise not_picklable(obj, what, exc) from exc
 
 
-#: Bytes of a pickle handed on at a time while it is made (:func:`ship`).
-PART = 4 << 20
+#: Bytes of a pickle handed on at a time while it is made (:func:`ship`): the
+#: template process unpickles the dataset's in parts of this size, each while the
+#: next travels.
+DATASET_PART = 4 << 20
 
 
 class _Parts:
-    """A write-only file that keeps what is written and hands it on to ``on_part``
-    (if any) in parts of :data:`PART` bytes as they fill."""
+    """A write-only file that keeps what is written, in parts of
+    :data:`DATASET_PART` bytes, each handed on to ``on_part`` (if any) once full.
+    Each byte is copied once into its part (and once more when the parts are
+    joined), as the pickler's frames and big buffers arrive."""
 
-    def __init__(self, on_part: Callable[[bytes], None] | None) -> None:
-        self._parts: list[bytes] = []
+    def __init__(self, on_part: OnPart | None) -> None:
+        self._parts: list[bytes | bytearray] = []
         self._pending = bytearray()
         self._on_part = on_part
 
     def write(self, data: Any) -> int:  # bytes, or a PickleBuffer (a big array's memory)
-        if self._on_part is None:
-            part = bytes(data)
-            self._parts.append(part)
-            return len(part)
-        self._pending += data
-        while len(self._pending) >= PART:
-            self._hand_on(bytes(memoryview(self._pending)[:PART]))
-            del self._pending[:PART]
-        return memoryview(data).nbytes
+        view = memoryview(data).cast("B")
+        written = len(view)
+        while view:
+            if self._pending or len(view) < DATASET_PART:
+                room = DATASET_PART - len(self._pending)
+                self._pending += view[:room]
+                view = view[room:]
+                if len(self._pending) == DATASET_PART:
+                    self._keep(self._pending)
+            else:  # a big buffer: whole parts straight from it
+                self._keep(bytes(view[:DATASET_PART]))
+                view = view[DATASET_PART:]
+        return written
 
-    def _hand_on(self, part: bytes) -> None:
+    def _keep(self, part: bytes | bytearray) -> None:
+        if part is self._pending:
+            self._pending = bytearray()  # the full one is the part, never written again
         self._parts.append(part)
-        assert self._on_part is not None
-        self._on_part(part)
+        if self._on_part is not None:
+            self._on_part(part)
 
     def close(self) -> bytes:
         """All that was written; the last part is handed on."""
         if self._pending:
-            self._hand_on(bytes(self._pending))
-            self._pending.clear()
+            self._keep(self._pending)
         return b"".join(self._parts)
 
 
-def _dumps_sharing_the_gil(obj: object, on_part: Callable[[bytes], None] | None) -> bytes:
+def _dumps_sharing_the_gil(obj: object, on_part: OnPart | None) -> bytes:
     """``pickle.dumps(obj)``, written out frame by frame through Python code, so
     that other threads run meanwhile (``pickle.dumps`` holds the GIL until it is
     done, 1.5 s for a million records) and ``on_part`` gets the pickle as it is

@@ -36,6 +36,7 @@ from ._messages import (
     Update,
 )
 from ._packing import descriptor_socket
+from ._pickling import OnPart
 from ._template import ForkedProcess, Template
 from .errors import PoolBrokenError
 
@@ -107,7 +108,7 @@ class Worker:
 
 #: How a pool gets the dataset it ships to its template (:meth:`Workforce.start`):
 #: called with what takes each part of the pickle as it is made, or ``None``.
-Ship = Callable[[Callable[[bytes], None] | None], Any]
+Ship = Callable[[OnPart | None], Any]
 
 
 class Workforce:

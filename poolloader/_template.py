@@ -75,7 +75,6 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recvfds, sendfds
@@ -97,13 +96,10 @@ from ._messages import (
     Update,
 )
 from ._packing import descriptor_socket
-from ._pickling import PART
+from ._pickling import DATASET_PART, OnPart
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
-#: Bytes of the dataset's pickle per message to the template at most: it unpickles
-#: each part while the next travels.
-DATASET_PART = PART
 
 # ------------------------------------------------------------ in the template
 
@@ -434,7 +430,7 @@ class Template:
         if self._start_error is not None:
             raise self._start_error
 
-    def stream_dataset(self) -> Callable[[bytes], None]:
+    def stream_dataset(self) -> OnPart:
         """Start sending the dataset's pickle, as it is made, to a template started
         with :class:`DatasetFollows`; returns what takes each part of it.
 
@@ -525,13 +521,11 @@ class Template:
             self._wait_sent()
             self._close_pipe()
             return
-        if stream is not None:
-            sending = self._sending
-            if not stream.delivered or (sending is not None and sending.is_alive()):
-                # Stopped before its dataset arrived whole (see stream_dataset);
-                # once it is gone, the rest fails to send.
-                self.process.kill()
-            self._wait_sent()
+        if stream is not None and not stream.delivered:
+            # Stopped before its dataset arrived whole (see stream_dataset): once
+            # it is gone, the rest fails to send.
+            self.process.kill()
+        self._wait_sent()
         try:
             self._send(Stop())
         except OSError:
@@ -562,8 +556,8 @@ class _DatasetStream:
     """The main process's side of a dataset sent while it is pickled: the pickling
     thread puts parts into :attr:`parts`, and :meth:`send_all`, on a thread of its
     own, sends them once the template has started (``starting``: the thread that
-    starts it), each in messages of at most :data:`DATASET_PART` bytes, then the
-    empty part that ends them."""
+    starts it), each in one message (parts are :data:`DATASET_PART` bytes at most,
+    the size of the template's buffer), then the empty part that ends them."""
 
     END = object()  # the pickle is whole
     ABORT = object()  # no more parts: the template is to be stopped
@@ -591,10 +585,8 @@ class _DatasetStream:
                 failing = not self._send(part)
 
     def _send(self, part: bytes) -> bool:
-        view = memoryview(part)
         try:
-            for start in range(0, max(len(view), 1), DATASET_PART):
-                self._conn.send_bytes(view[start : start + DATASET_PART])
+            self._conn.send_bytes(part)
         except OSError:  # the template is gone (a failed start, a crash, a kill)
             return False
         return True

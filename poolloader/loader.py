@@ -451,7 +451,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     def _take_fingerprint(self) -> None:
         self._fingerprint = self._fingerprint_now()
 
-    def _ship_dataset(self, on_part: Callable[[bytes], None] | None) -> Any:
+    def _ship_dataset(self, on_part: _pickling.OnPart | None) -> Any:
         """The dataset as it travels to a new pool (``_pickling.ship``, ``on_part``
         taking its pickle as it is made); the pickle becomes the control channel's
         base and the snapshot epochs compare with."""
