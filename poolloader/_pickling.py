@@ -158,15 +158,18 @@ class _Parts:
                 self._pending += view[:room]
                 view = view[room:]
                 if len(self._pending) == DATASET_PART:
-                    self._keep(self._pending)
+                    self._keep_pending()
             else:  # a big buffer: whole parts straight from it
                 self._keep(bytes(view[:DATASET_PART]))
                 view = view[DATASET_PART:]
         return written
 
+    def _keep_pending(self) -> None:
+        """The pending bytes become a part as they are (never written again)."""
+        part, self._pending = self._pending, bytearray()
+        self._keep(part)
+
     def _keep(self, part: bytes | bytearray) -> None:
-        if part is self._pending:
-            self._pending = bytearray()  # the full one is the part, never written again
         self._parts.append(part)
         if self._on_part is not None:
             self._on_part(part)
@@ -174,7 +177,7 @@ class _Parts:
     def close(self) -> bytes:
         """All that was written; the last part is handed on."""
         if self._pending:
-            self._keep(self._pending)
+            self._keep_pending()
         return b"".join(self._parts)
 
 
