@@ -197,9 +197,15 @@ def test_peers_quick_runs_every_loader_and_each_delivers_torchs_batches(tmp_path
     assert "Traceback" not in done.stderr and "skipped" not in done.stdout
     lines = done.stdout.splitlines()
     assert lines[0].split() == EVERY_COLUMN
-    figures, relative = [line for line in lines if line.startswith("tiny batches, batches/s ")]
+    figures, relative, *verdicts = [line for line in lines
+                                    if line.startswith("tiny batches, batches/s ")]  # fmt: skip
     for row in (figures, relative):  # the label's three words, then a figure for each loader
         assert len(row.split()) == 3 + len(EVERY_COLUMN)
+    # Each poolloader column against the fastest other loader; one round can only
+    # say ahead or behind.
+    best = max(EVERY_COLUMN[:-2], key=lambda c: float(figures.split()[3 + EVERY_COLUMN.index(c)]))
+    assert [v.split()[3:5] for v in verdicts] == [["poolloader", best], ["poolloader(fork)", best]]
+    assert all(v.split()[-1] in ("ahead", "behind") for v in verdicts)
     cpu, cpu_relative = [line for line in lines if line.startswith("main CPU/batch, tiny ")]
     assert cpu.count(" µs") == len(EVERY_COLUMN) and cpu_relative.split()[4] == "1.00x"
     assert relative.split()[3] == "1.00x"  # torch against itself
@@ -250,6 +256,55 @@ def test_a_loader_that_delivers_other_batches_is_an_error_not_a_row():
             _runner.check_same_batches("tiny_batches", {"torch": same, "SPDL(thread)": found})
 
 
+def _rounds_row(label: str, rounds: dict[str, list[float]]) -> _report.PeerRow:
+    medians = {c: sorted(found)[len(found) // 2] for c, found in rounds.items()}
+    return _report.PeerRow("tiny_batches", label, "batches/s", medians, rounds)
+
+
+def test_verdicts_judge_each_round_of_the_alternating_runs():
+    """Ahead or behind only when every round says so; rounds that disagree are level
+    within the noise, whatever the medians say. Memory: against torch's, bound 1.1x."""
+    columns = ["torch", "nodes(thread)", "SPDL(thread)", "poolloader"]
+    rows = [
+        _rounds_row("ahead", {"torch": [10, 11, 9], "nodes(thread)": [50, 40, 60],
+                              "SPDL(thread)": [30, 30, 30], "poolloader": [55, 41, 61]}),
+        _rounds_row("behind", {"torch": [10, 10, 10], "nodes(thread)": [50, 40, 60],
+                               "SPDL(thread)": [5, 5, 5], "poolloader": [49, 39, 59]}),
+        # a better median, but round 2 lost: level
+        _rounds_row("level", {"torch": [10, 10, 10], "nodes(thread)": [50, 40, 60],
+                              "SPDL(thread)": [5, 5, 5], "poolloader": [70, 35, 80]}),
+        _report.PeerRow("tiny_batches", "memory within", "peak PSS",
+                        {"torch": 100.0, "nodes(thread)": 90.0, "SPDL(thread)": 80.0,
+                         "poolloader": 110.0}),
+        _report.PeerRow("tiny_batches", "memory over", "peak held",
+                        {"torch": 100.0, "nodes(thread)": 90.0, "SPDL(thread)": 80.0,
+                         "poolloader": 111.0}),
+        _report.PeerRow("tiny_batches", "CPU", "main CPU", {c: 1e-4 for c in columns}),
+    ]  # fmt: skip
+    found = {v.label: v for v in _report.peer_verdicts(rows, columns)}
+    assert list(found) == ["ahead", "behind", "level", "memory within", "memory over"]
+    assert {v.column for v in found.values()} == {"poolloader"}
+    assert [found[k].other for k in ("ahead", "behind", "level")] == ["nodes(thread)"] * 3
+    assert (found["ahead"].low, found["ahead"].high) == (61 / 60, 55 / 50)
+    verdicts = [found[k].verdict for k in ("ahead", "behind", "level")]
+    assert verdicts == ["ahead", "behind", "level (within noise)"]
+    assert found["level"].ratio == 70 / 50 and found["level"].low == 35 / 40
+    assert found["memory within"].other == "torch" and found["memory within"].low is None
+    assert found["memory within"].verdict == "within 1.1x of torch's"
+    assert found["memory over"].verdict == "over 1.1x torch's (1.11x)"
+    text = _report.verdicts_table(list(found.values()))
+    level = "level          poolloader  nodes(thread)  1.40x  0.88-1.40x  level (within noise)"
+    assert level in text
+    assert "memory within  poolloader  torch          0.91x  one sample  within 1.1x" in text
+
+
+def test_one_round_says_ahead_or_behind():
+    row = _rounds_row("one", {"torch": [10.0], "poolloader": [12.0]})
+    (verdict,) = _report.peer_verdicts([row], ["torch", "poolloader"])
+    assert (verdict.other, verdict.low, verdict.high) == ("torch", 1.2, 1.2)
+    assert verdict.verdict == "ahead"
+
+
 def test_peers_lists_its_workloads(capsys):
     assert _cli.main(["--peers", "--list"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
@@ -274,6 +329,7 @@ def test_a_refused_workload_is_named_with_why_and_the_others_keep_their_rows(tmp
     assert list(peers["errors"]) == ["numpy_19mb"]
     assert [row["measure"] for row in peers["rows"]] == ["batches/s", "main CPU"]
     assert {row["workload"] for row in peers["rows"]} == {"tiny_batches"}
+    assert [(v["column"], v["other"]) for v in peers["verdicts"]] == [("poolloader", "torch")]
 
 
 # ---------------------------------------------------------------- manifest

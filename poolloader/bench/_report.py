@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psutil
@@ -222,6 +222,8 @@ class PeerRow:
     label: str
     measure: str  # "batches/s", "peak PSS", "peak held" or "main CPU" (seconds per batch)
     values: dict[str, float]
+    #: batches/s rows: each loader's figure in each round of the alternating runs
+    rounds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def relative(self) -> dict[str, float]:
@@ -242,8 +244,9 @@ def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
         if result.num_workers != num_workers:
             label += f" ({result.num_workers} workers)"
         found = result.measurements
-        rows.append(PeerRow(result.workload, f"{label}, batches/s", "batches/s",
-                            {c: m.throughput for c, m in found.items()}))  # fmt: skip
+        speeds = {c: m.throughput for c, m in found.items()}
+        rows.append(PeerRow(result.workload, f"{label}, batches/s", "batches/s", speeds,
+                            result.rounds))  # fmt: skip
         if result.measure_memory:
             memory.append(PeerRow(result.workload, f"peak PSS, {label}", "peak PSS",
                                   {c: float(m.peak_memory) for c, m in found.items()}))  # fmt: skip
@@ -284,6 +287,9 @@ def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str
         f"{num_workers} workers per loader unless the row says; versions: "
         + ", ".join(f"{name} {version}" for name, version in versions.items()),
     ]
+    verdicts = verdicts_table(peer_verdicts(rows, columns))
+    if verdicts:
+        lines += ["", verdicts]
     if errors:
         lines += ["", "ERROR: no figures for these workloads, whose batches differ:"]
         lines += [f"  {name}: {error}" for name, error in errors.items()]
@@ -300,6 +306,86 @@ def _peer_cell(value: float | None, measure: str) -> str:
     return f"{value:.1f}"
 
 
+# NOTE [ Verdicts ]: the machines this runs on are shared, and the same loader's
+# batches/s moves by a quarter or more between runs seconds apart, more than some
+# rows' differences between loaders. A throughput row is therefore judged round
+# by round: the timed runs alternate (round ``i`` of every loader, one after the
+# other), so each round compares the loaders under about the same load. Ahead:
+# poolloader beats the best other loader in every round; behind: it loses every
+# round; level (within noise): the rounds disagree, so the difference is smaller
+# than the noise between runs. One round (``--quick``) can only say ahead or
+# behind. Memory is one sample per loader (each alone, in a fresh interpreter),
+# judged against torch's with the bound :data:`MEMORY_BOUND`.
+
+#: Peak memory at most this many times torch's counts as level with it.
+MEMORY_BOUND = 1.1
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one of poolloader's columns stands on one row of the peers' table
+    (NOTE [ Verdicts ]); ratios are > 1 where poolloader is better."""
+
+    label: str  # the row's
+    column: str  # poolloader's column
+    other: str  # the best other loader of the row; torch for memory
+    ratio: float  # of the medians (memory: of the one sample each)
+    low: float | None  # the least and the greatest of the rounds' ratios (memory: None)
+    high: float | None
+    verdict: str
+
+
+def peer_verdicts(rows: list[PeerRow], columns: list[str]) -> list[Verdict]:
+    """Each poolloader column against the fastest other loader on every throughput
+    row, and against torch on every memory row."""
+    ours = [c for c in columns if c.startswith("poolloader")]
+    others = [c for c in columns if not c.startswith("poolloader")]
+    found = []
+    for row in rows:
+        present = [c for c in others if c in row.values]
+        if row.measure == "main CPU" or not present:
+            continue
+        for column in [c for c in ours if c in row.values]:
+            if row.measure == "batches/s":
+                found.append(_throughput_verdict(row, column, present))
+            elif "torch" in row.values:
+                ratio = row.relative[column]
+                within = ratio * MEMORY_BOUND >= 1
+                verdict = (f"within {MEMORY_BOUND}x of torch's" if within
+                           else f"over {MEMORY_BOUND}x torch's ({1 / ratio:.2f}x)")  # fmt: skip
+                found.append(Verdict(row.label, column, "torch", ratio, None, None, verdict))
+    return found
+
+
+def _throughput_verdict(row: PeerRow, column: str, others: list[str]) -> Verdict:
+    other = max(others, key=lambda c: row.values[c])
+    ratio = row.values[column] / row.values[other] if row.values[other] else float("inf")
+    ours, theirs = row.rounds.get(column, []), row.rounds.get(other, [])
+    pairs = [a / b for a, b in zip(ours, theirs, strict=False) if b] or [ratio]
+    low, high = min(pairs), max(pairs)
+    verdict = "ahead" if low > 1 else "behind" if high < 1 else "level (within noise)"
+    return Verdict(row.label, column, other, ratio, low, high, verdict)
+
+
+def verdicts_table(verdicts: list[Verdict]) -> str:
+    """The verdicts, one line each (empty when there are none)."""
+    if not verdicts:
+        return ""
+    header = ("", "loader", "against", "ratio", "rounds", "verdict")
+    cells = [header] + [
+        (v.label, v.column, v.other, f"{v.ratio:.2f}x",
+         "one sample" if v.low is None else f"{v.low:.2f}-{v.high:.2f}x", v.verdict)
+        for v in verdicts
+    ]  # fmt: skip
+    widths = [max(len(line[i]) for line in cells) for i in range(len(header) - 1)]
+    lines = ["poolloader against the best other loader: the medians' ratio and each round's "
+             "(> 1 is better)"]  # fmt: skip
+    for line in cells:
+        lines.append("  ".join(f"{x:<{w}}" for x, w in zip(line, widths, strict=False))
+                     + "  " + line[-1])  # fmt: skip
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def peers_document(rows: list[PeerRow], results: list[PeerResult], errors: dict[str, str],
                    context: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The peers' part of the JSON: the columns, versions and skipped peers
@@ -308,6 +394,7 @@ def peers_document(rows: list[PeerRow], results: list[PeerResult], errors: dict[
     return {
         **context,
         "rows": [{**row.__dict__, "relative_to_torch": row.relative} for row in rows],
+        "verdicts": [v.__dict__ for v in peer_verdicts(rows, context["columns"])],
         "errors": errors,
         "checksums": {
             result.workload: {column: found.__dict__ for column, found in result.checksums.items()}

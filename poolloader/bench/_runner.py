@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -351,6 +351,9 @@ class PeerResult:
     measure_memory: bool
     measurements: dict[str, Measurement]
     checksums: dict[str, Checksum]
+    #: batches/s of each loader's timed epochs, one per round of the alternating
+    #: runs (round ``i`` of every loader ran one after the other)
+    rounds: dict[str, list[float]] = field(default_factory=dict)
 
 
 def peers_steps(workload: Workload, columns: list[str], repeats: int) -> int:
@@ -390,6 +393,7 @@ def measure_peers(
         del loaders
         gc.collect()
     found = {column: _median(runs[column]) for column in columns}
+    rounds = {column: [m.throughput for m in runs[column]] for column in columns}
     if workload.measure_memory:
         for column in columns:
             progress(f"{workload.name}: {column} memory, alone")
@@ -397,7 +401,8 @@ def measure_peers(
                 column, workload, num_workers
             )
             torch.set_num_threads(threads)
-    return PeerResult(workload.name, num_workers, workload.measure_memory, found, checksums)
+    return PeerResult(workload.name, num_workers, workload.measure_memory, found, checksums,
+                      rounds)  # fmt: skip
 
 
 def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> tuple[int, int]:
