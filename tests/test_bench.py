@@ -287,13 +287,13 @@ def test_verdicts_judge_each_round_of_the_alternating_runs():
     assert [found[k].other for k in ("ahead", "behind", "level")] == ["nodes(thread)"] * 3
     assert (found["ahead"].low, found["ahead"].high) == (61 / 60, 55 / 50)
     verdicts = [found[k].verdict for k in ("ahead", "behind", "level")]
-    assert verdicts == ["ahead", "behind", "level (within noise)"]
+    assert verdicts == ["ahead", "behind", "level (within noise): faster in 2 of 3 rounds"]
     assert found["level"].ratio == 70 / 50 and found["level"].low == 35 / 40
     assert found["memory within"].other == "torch" and found["memory within"].low is None
     assert found["memory within"].verdict == "within 1.1x of torch's"
     assert found["memory over"].verdict == "over 1.1x torch's (1.11x)"
     text = _report.verdicts_table(list(found.values()))
-    level = "level          poolloader  nodes(thread)  1.40x  0.88-1.40x  level (within noise)"
+    level = "level          poolloader  nodes(thread)  1.40x  0.88-1.40x  level (within noise): "
     assert level in text
     assert "memory within  poolloader  torch          0.91x  one sample  within 1.1x" in text
 

@@ -313,9 +313,10 @@ def _peer_cell(value: float | None, measure: str) -> str:
 # other), so each round compares the loaders under about the same load. Ahead:
 # poolloader beats the best other loader in every round; behind: it loses every
 # round; level (within noise): the rounds disagree, so the difference is smaller
-# than the noise between runs. One round (``--quick``) can only say ahead or
-# behind. Memory is one sample per loader (each alone, in a fresh interpreter),
-# judged against torch's with the bound :data:`MEMORY_BOUND`.
+# than the noise between runs (the rounds it won say which way it leans). One
+# round (``--quick``) can only say ahead or behind. Memory is one sample per
+# loader (each alone, in a fresh interpreter), judged against torch's with the
+# bound :data:`MEMORY_BOUND`.
 
 #: Peak memory at most this many times torch's counts as level with it.
 MEMORY_BOUND = 1.1
@@ -363,7 +364,12 @@ def _throughput_verdict(row: PeerRow, column: str, others: list[str]) -> Verdict
     ours, theirs = row.rounds.get(column, []), row.rounds.get(other, [])
     pairs = [a / b for a, b in zip(ours, theirs, strict=False) if b] or [ratio]
     low, high = min(pairs), max(pairs)
-    verdict = "ahead" if low > 1 else "behind" if high < 1 else "level (within noise)"
+    won = sum(r > 1 for r in pairs)
+    verdict = (
+        "ahead" if won == len(pairs)
+        else "behind" if not any(r >= 1 for r in pairs)
+        else f"level (within noise): faster in {won} of {len(pairs)} rounds"
+    )  # fmt: skip
     return Verdict(row.label, column, other, ratio, low, high, verdict)
 
 
