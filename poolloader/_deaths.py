@@ -38,34 +38,49 @@ def crash_error(
     """The error that ends the pool after ``death``, or ``None`` to replace the worker.
 
     Too many deaths, a batch that killed a second worker (a poison batch), or a death
-    in an IterableDataset's shard (its position cannot be recovered) end the pool."""
+    in an IterableDataset's shard (its position cannot be recovered) end the pool.
+    The message opens with torch's own sentence for the death (:func:`torch_words`)."""
     running = death.running
     indices = running.index if running is not None else None
     exits = ", ".join(describe_exit(c) for c in exitcodes)
     if deaths > max_restarts:
         doing = f"loading batch indices {short(indices)}" if running else "not loading a batch"
-        return WorkerCrashedError(
-            f"DataLoader workers died {deaths} times, more than "
-            f"max_worker_restarts={max_restarts} allows ({exits}). The last, worker "
-            f"{death.worker_id} (pid {death.pid}), was {doing}.",
-            exitcodes=exitcodes, indices=indices,
-        )  # fmt: skip
-    if running is not None and running.killed:
+        why = (
+            f"Workers died {deaths} times, more than max_worker_restarts={max_restarts} "
+            f"allows ({exits}). This one, worker {death.worker_id}, was {doing}."
+        )
+    elif running is not None and running.killed:
         # Its own deaths only: ``exitcodes`` has every death of the pool so far.
-        own = (*running.killed, death.code)
-        return WorkerCrashedError(
-            f"batch {running.position} (indices {short(running.index)}) killed two "
-            f"workers ({', '.join(describe_exit(c) for c in own)}); it is not retried again.",
-            exitcodes=own, indices=running.index,
-        )  # fmt: skip
-    if death.held_tasks and not resumable:
-        return WorkerCrashedError(
-            f"worker {death.worker_id} (pid {death.pid}) died while iterating an "
-            f"IterableDataset ({describe_exit(death.code)}); its position in its shard is "
-            "lost, so the epoch cannot continue exactly.",
-            exitcodes=exitcodes, indices=indices,
-        )  # fmt: skip
-    return None
+        exitcodes = (*running.killed, death.code)
+        why = (
+            f"Batch {running.position} (indices {short(running.index)}) killed two "
+            f"workers ({', '.join(describe_exit(c) for c in exitcodes)}); it is not retried "
+            "again."
+        )
+    elif death.held_tasks and not resumable:
+        why = (
+            f"Worker {death.worker_id} died while iterating an IterableDataset "
+            f"({describe_exit(death.code)}); its position in its shard is lost, so the epoch "
+            "cannot continue exactly."
+        )
+    else:
+        return None
+    return WorkerCrashedError(
+        f"{torch_words(death.pid, death.code)} {why}", exitcodes=exitcodes, indices=indices
+    )
+
+
+def torch_words(pid: int, code: int) -> str:
+    """The sentence torch's DataLoader raises for worker ``pid`` ended with ``code``
+    ("DataLoader worker (pid 4242) is killed by signal: Killed."): scripts that look
+    for it in an error, and people who search for it, find it here too."""
+    if code >= 0:
+        return f"DataLoader worker (pid {pid}) exited unexpectedly with exit code {code}."
+    try:
+        name = signal.strsignal(-code) or f"signal {-code}"
+    except ValueError:
+        name = f"signal {-code}"
+    return f"DataLoader worker (pid {pid}) is killed by signal: {name}."
 
 
 def reap_group_later(pid: int, created: float) -> None:

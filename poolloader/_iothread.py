@@ -328,19 +328,26 @@ class IOThread:
                 return
             self._counters.deaths += 1
             self._exitcodes.append(code)
-            self._log_death(w, code, lost, "")
             failure = crash_error(
                 Death(w.id, w.pid, code, running, bool(lost)),
                 tuple(self._exitcodes), self._counters.deaths, self._max_restarts,
                 self._resumable,
             )  # fmt: skip
+            self._log_death(w, code, lost, "", fatal=failure is not None)
             if failure is None:
                 self._replace(w, lost, running, code)
                 return
         self._break(failure)  # fails the dead worker's tasks with the rest
 
-    def _log_death(self, w: Worker, code: int, lost: list[TaskRecord], doing: str) -> None:
-        again = f"running batches {[r.position for r in lost]} again" if lost else "no batch lost"
+    def _log_death(
+        self, w: Worker, code: int, lost: list[TaskRecord], doing: str, fatal: bool = False
+    ) -> None:
+        if fatal:
+            again = "not replaced: the loader raises WorkerCrashedError"
+        elif lost:
+            again = f"running batches {[r.position for r in lost]} again"
+        else:
+            again = "no batch lost"
         logger.warning(
             "poolloader worker %d (pid %d) died%s: %s; %s",
             w.id, w.pid, f" {doing}" if doing else "", describe_exit(code), again,

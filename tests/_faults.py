@@ -18,6 +18,7 @@ fault                      where it strikes           what the user should see
 ``Faulty("grandchild")``   worker, ``__getitem__``    starts a process of its own, then goes on
 ``Faulty("orphan")``       worker, ``__getitem__``    starts a grandchild, then SIGKILLs itself
 ``Faulty("huge")``         worker, ``__getitem__``    an item over ``max_batch_bytes``
+``FaultyStream``           worker, ``__iter__``       a deadly fault mid-shard: the epoch ends
 ``OpaqueItems``            worker, collate            torch's ``default_collate`` TypeError
 ``collate_bad_result``     worker / main, transport   a batch that cannot travel home
 ``slow_start``             worker_init_fn             a worker alive but not ready for 1 s
@@ -53,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 #: Floats in each item's tensor: 16 KiB, so a batch of two or more items is
@@ -279,6 +280,25 @@ class Faulty(Dataset):
     def healthy(self) -> Faulty:
         """The same items, no fault, no delay: what torch's num_workers=0 loader reads."""
         return Faulty(self.n)
+
+
+class FaultyStream(IterableDataset):
+    """An IterableDataset: each worker yields its share of ``range(n)`` (every
+    ``num_workers``-th item), and the fault strikes at the items ``trigger``
+    names, in whichever worker yields them. A worker's position in its stream
+    dies with it, so a deadly fault ends the epoch with ``WorkerCrashedError``."""
+
+    def __init__(self, n: int, fault: str, trigger: Trigger, *, where: str | Path) -> None:
+        self.n, self.fault, self.trigger, self.where = n, fault, trigger, str(where)
+
+    def __iter__(self) -> Any:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for i in range(worker, self.n, workers):
+            if self.trigger.fires(i):
+                record_pid(self.where, "victim", os.getpid())
+                FAULTS[self.fault](i, self.where)
+            yield {"i": i}
 
 
 # ------------------------------------------------------------------ faults at (un)pickling

@@ -11,6 +11,7 @@ a representative subset also runs under spawn.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from _faults import (
     EXIT_CODES,
     AnyOf,
     Faulty,
+    FaultyStream,
     always,
     once,
     recorded_pids,
@@ -55,6 +57,8 @@ from poolloader.errors import (
 #: Seconds after which a wait that should end counts as a hang: far beyond what
 #: any step takes on a busy machine.
 HANG = 60.0
+#: How torch's own error names the signal that killed a worker (strsignal).
+TORCH_SIGNAL_WORDS = {"sigkill": "Killed", "segfault": "Segmentation fault"}
 
 # ------------------------------------------------------------------ dead workers
 
@@ -155,6 +159,11 @@ def test_a_poison_batch_raises_worker_crashed_error(
     assert isinstance(error, WorkerCrashedError), error
     assert isinstance(error, RuntimeError)  # what torch's loader raises for dead workers
     message = str(error)
+    # torch's own sentence first (as its test_segfault looks for it), then which batch
+    opening = re.match(rf"DataLoader worker \(pid (\d+)\) is killed by signal: "
+                       rf"{TORCH_SIGNAL_WORDS[fault]}\. Batch 3 \(indices \[9, 10, 11\]\)",
+                       message)  # fmt: skip
+    assert opening and int(opening[1]) in recorded_pids(where, "victim"), message
     assert "[9, 10, 11]" in message and error.indices == [9, 10, 11]
     assert "killed two workers" in message
     assert error.exitcodes == (EXIT_CODES[fault],) * 2
@@ -202,6 +211,8 @@ def test_deaths_beyond_max_worker_restarts_raise(limit: int | None, where: Path)
     message = str(error)
     context = (message, error.exitcodes, error.indices, seen)
     assert f"died {deaths} times, more than max_worker_restarts={limit}" in message, context
+    opening = re.match(r"DataLoader worker \(pid (\d+)\) is killed by signal: Killed\. ", message)
+    assert opening and int(opening[1]) in recorded_pids(where, "victim"), context
     assert error.exitcodes == (-signal.SIGKILL,) * deaths, context
     last = indices[-1] // 3 * 3
     assert error.indices == [last, last + 1, last + 2], context
@@ -209,6 +220,29 @@ def test_deaths_beyond_max_worker_restarts_raise(limit: int | None, where: Path)
     want = torch_batches(dataset, batch_size=3)
     assert_batches(got, want[: len(got)])
     assert len(got) <= last // 3, context
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "exit"])
+def test_a_death_inside_an_iterable_datasets_stream_ends_the_epoch(fault: str, where: Path) -> None:
+    """An IterableDataset's worker cannot be replaced mid-stream (its position dies
+    with it): the epoch ends in WorkerCrashedError that opens with torch's words
+    for the death, after every batch that arrived before it, none twice."""
+    dataset = FaultyStream(40, fault, always(13), where=where)
+    with fault_loader(dataset, batch_size=2) as loader:
+        got, error = collect_batches(iter(loader))
+    assert isinstance(error, WorkerCrashedError), error
+    (victim,) = recorded_pids(where, "victim")
+    opening = {
+        "sigkill": f"DataLoader worker (pid {victim}) is killed by signal: Killed. ",
+        "exit": f"DataLoader worker (pid {victim}) exited unexpectedly with exit code 7. ",
+    }[fault]
+    message = str(error)
+    assert message.startswith(opening), message
+    assert "died while iterating an IterableDataset" in message
+    assert DEADLY[fault] in message and error.exitcodes[-1] == EXIT_CODES[fault]
+    seen = [i for batch in got for i in batch["i"].tolist()]
+    assert len(seen) == len(set(seen)) and 13 not in seen, seen
+    assert set(seen) <= set(range(40))
 
 
 @pytest.mark.parametrize("how", ["poison", "max_worker_restarts"])
@@ -228,7 +262,10 @@ def test_a_broken_pool_goes_quiet(how: str, where: Path, caplog: pytest.LogCaptu
         cpu = psutil.Process().cpu_times()
         time.sleep(1.0)  # a window to measure the process's CPU time in, not a wait
         spent = sum(psutil.Process().cpu_times()[:2]) - sum(cpu[:2])
-        assert len(logged_warnings(caplog)) == deaths
+        logged = logged_warnings(caplog)
+        assert len(logged) == deaths
+        # The death that ended the pool is not said to be followed by a rerun.
+        assert logged[-1].endswith("; not replaced: the loader raises WorkerCrashedError")
         assert loader.statistics().restarts == restarts
         assert descendant_pids() <= children
         # A thread spinning on the dead worker would use the whole second.
