@@ -378,6 +378,27 @@ def test_the_manifest_section_measures_every_configuration(tmp_path):
     assert "manifest: 500 records" in text and "poolloader, forkserver, SharedList" in text
 
 
+def test_the_forkserver_first_batch_is_the_median_of_fresh_runs():
+    """Its goal is seconds, not a ratio to a loader measured beside it: the full run
+    takes it three times (two probes more for each forkserver configuration), and the
+    table names every sample; ``--quick`` takes one."""
+    assert _manifest.samples_for(quick=True) == 1 and _manifest.samples_for(quick=False) == 3
+    series = _manifest.SERIES
+    assert _manifest.steps(series, 3) == _manifest.steps(series) + 2 * 2
+    config = {"label": "poolloader, forkserver, list", "pss": 2**29, "main_pss": 2**28,
+              "first_batch": {8: 2.1}, "next_epoch": 0.2, "pickled_bytes": 10**8}  # fmt: skip
+    one = {**config, "label": "poolloader, spawn, list", "first_batch_samples": [1.5]}
+    three = {**config, "first_batch_samples": [2.4, 1.9, 2.1]}
+    lines = _report.manifest_lines(
+        {"records": 10, "batch_size": 4, "configs": {"a": one, "b": three}}
+    )
+    notes = [line for line in lines if "median" in line]
+    assert notes == [
+        "  poolloader, forkserver, list: first batch with 8 workers is the median of 3 fresh "
+        "runs: 2.40, 1.90, 2.10 s"
+    ]
+
+
 def test_manifest_records_round_trip_through_their_file(tmp_path):
     path = tmp_path / "records.pickle"
     _manifest.write_records(path, _manifest.CHUNK + 7)

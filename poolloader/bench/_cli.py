@@ -80,7 +80,7 @@ def plans(
     found.append(_turnaround_plan(num_workers))
     found.append(_control_plan(num_workers))
     records = _manifest.records_for(quick, manifest_records)
-    found.append(_manifest_plan(records, _manifest.series_for(quick)))
+    found.append(_manifest_plan(records, _manifest.series_for(quick), _manifest.samples_for(quick)))
     return found
 
 
@@ -332,9 +332,9 @@ def _control_plan(num_workers: int) -> Plan:
     return Plan(Section("control_channel", 2, CONTROL_ESTIMATE), description, run)
 
 
-def _manifest_plan(records: int, series: tuple[int, ...]) -> Plan:
+def _manifest_plan(records: int, series: tuple[int, ...], samples: int) -> Plan:
     def run(progress: Progress) -> Found:
-        figures = _manifest.measure(records, series, progress)
+        figures = _manifest.measure(records, series, progress, samples)
         summary = _manifest.summary(figures)
         return Found(_manifest.rows(figures), figures, extras={"manifest": summary})
 
@@ -342,5 +342,5 @@ def _manifest_plan(records: int, series: tuple[int, ...]) -> Plan:
         f"a {records:,}-record manifest, list or SharedList: PSS after an epoch (4 workers), "
         f"first batch with {', '.join(map(str, series))} workers, next epoch"
     )
-    section = Section("manifest", _manifest.steps(series), _manifest.estimate(records))
+    section = Section("manifest", _manifest.steps(series, samples), _manifest.estimate(records))
     return Plan(section, description, run)

@@ -65,6 +65,11 @@ START_RECORDS = 2048
 #: Epochs whose first batch the ``main`` probe times after the first (one: torch's
 #: spawn takes about 40 s for each).
 NEXT_EPOCHS = 1
+#: First batches with 8 workers the forkserver rows take the median of, each from a
+#: fresh interpreter: their goal is a number of seconds, not a ratio to a loader
+#: measured beside them, and one sample moves by 0.3 s or more between runs here.
+#: ``--quick`` takes one.
+FORKSERVER_SAMPLES = 3
 #: Seconds one probe may take; only bounds a hang (torch's spawn with 8 workers and
 #: 1M records takes about 40 s on a 2-core machine).
 PROBE_DEADLINE = 900
@@ -127,9 +132,14 @@ def series_for(quick: bool) -> tuple[int, ...]:
     return QUICK_SERIES if quick else SERIES
 
 
-def steps(series: tuple[int, ...]) -> int:
+def samples_for(quick: bool) -> int:
+    return 1 if quick else FORKSERVER_SAMPLES
+
+
+def steps(series: tuple[int, ...], samples: int = 1) -> int:
     """Probes the section runs (the progress display's steps)."""
-    return len(CONFIGS) * len(series)
+    forkservers = sum(c.method == "forkserver" for c in CONFIGS.values())
+    return len(CONFIGS) * len(series) + forkservers * (samples - 1)
 
 
 def estimate(records: int) -> float:
@@ -161,25 +171,34 @@ def _probe(kind: str, config: Config, path: Path, workers: int) -> dict[str, Any
     return dict(json.loads(found))
 
 
-def measure(records: int, series: tuple[int, ...], progress: Progress) -> dict[str, Any]:
+def measure(
+    records: int, series: tuple[int, ...], progress: Progress, samples: int = 1
+) -> dict[str, Any]:
     """Every configuration's figures: PSS after an epoch, first batch for each worker
-    count of ``series``, next epoch's first batch."""
+    count of ``series``, next epoch's first batch; the forkserver's first batch with
+    8 workers is the median of ``samples``."""
     found: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="poolloader-manifest-") as folder:
         path = Path(folder, "records.pickle")
         write_records(path, records)
         for config in CONFIGS.values():
-            found[config.key] = _measure_config(config, path, series, progress)
+            found[config.key] = _measure_config(config, path, series, progress, samples)
     return {"records": records, "batch_size": BATCH_SIZE, "configs": found}
 
 
 def _measure_config(
-    config: Config, path: Path, series: tuple[int, ...], progress: Progress
+    config: Config, path: Path, series: tuple[int, ...], progress: Progress, samples: int
 ) -> dict[str, Any]:
     progress(f"manifest: {config.label}, {START_WORKERS} workers, then an epoch with "
              f"{MEMORY_WORKERS}")  # fmt: skip
     found = {"label": config.label, **_probe("main", config, path, START_WORKERS)}
-    first = {START_WORKERS: found.pop("first_batch")}
+    taken = [found.pop("first_batch")]
+    for sample in range(2, samples + 1 if config.method == "forkserver" else 2):
+        progress(f"manifest: {config.label}, first batch with {START_WORKERS} workers, "
+                 f"sample {sample}/{samples}")  # fmt: skip
+        taken.append(_probe("start", config, path, START_WORKERS)["first_batch"])
+    found["first_batch_samples"] = taken
+    first = {START_WORKERS: statistics.median(taken)}
     for workers in series:
         if workers != START_WORKERS:
             progress(f"manifest: {config.label}, first batch with {workers} worker(s)")

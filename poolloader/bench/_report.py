@@ -111,6 +111,13 @@ def manifest_lines(figures: dict[str, Any]) -> list[str]:
             f"  {found['label']:<{label}}  {_fmt(found['pss'], 'MB'):>10} "
             f"{_fmt(found['main_pss'], 'MB'):>10}  {seconds}  {found['next_epoch']:>9.3f} s"
         )
+    for found in configs.values():
+        taken = found.get("first_batch_samples", [])
+        if len(taken) > 1:
+            lines.append(
+                f"  {found['label']}: first batch with 8 workers is the median of "
+                f"{len(taken)} fresh runs: " + ", ".join(f"{t:.2f}" for t in taken) + " s"
+            )
     return lines
 
 
