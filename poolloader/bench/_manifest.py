@@ -133,6 +133,7 @@ def series_for(quick: bool) -> tuple[int, ...]:
 
 
 def samples_for(quick: bool) -> int:
+    """Fresh runs the forkserver rows' 8-worker first batch is the median of."""
     return 1 if quick else FORKSERVER_SAMPLES
 
 
