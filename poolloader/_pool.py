@@ -443,8 +443,12 @@ class Pool(IOThread):
         w.dead = True
         self._retiring.append(w)
         logger.debug("worker %d (pid %d) starts afresh", w.id, w.pid)
+        # Once a worker of this slot has started, a silent death of the fresh one
+        # while it starts is a death like any other (replaced, counted against
+        # max_worker_restarts), not a sign that workers cannot start.
         return self._workforce.launch(w.id, generation=start, direct_dataset=None,
-                                      catch_up=catch_up)  # fmt: skip
+                                      catch_up=catch_up,
+                                      replacement=w.replacement or w.ready)  # fmt: skip
 
     def _send_task(self, w: Worker, record: TaskRecord) -> None:
         try:

@@ -78,7 +78,9 @@ class Worker:
     pid: int = 0
     created: float = 0.0  # its start on psutil's create_time() clock
     ready: bool = False
-    replacement: bool = False  # started after a death, not by start()
+    # Started in place of a worker that had started (after its death, or afresh for
+    # a new epoch), not by start(): a silent death while it starts is no start error.
+    replacement: bool = False
     dead: bool = False  # its exit was handled; the I/O thread no longer watches it
     epoch: int = -1
     # Tasks sent to it, in the order sent: it runs them in that order, so the

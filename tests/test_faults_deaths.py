@@ -340,6 +340,24 @@ def test_a_replacement_killed_while_starting_is_replaced_again() -> None:
     assert_batches(got, torch_batches(dataset, batch_size=2))
 
 
+def test_a_fresh_epochs_worker_killed_while_starting_is_replaced() -> None:
+    """With persistent_workers=False every epoch's workers start afresh, and the OOM
+    killer may strike one before it is ready (here, during a one-second
+    worker_init_fn; memory peaks as epochs turn over). That is one more death,
+    replaced, not a WorkerStartError that ends the run."""
+    dataset = Faulty(24, delay=0.01)
+    with fault_loader(dataset, batch_size=2, worker_init_fn=slow_start) as loader:
+        assert_batches(list(loader), torch_batches(dataset, batch_size=2))
+        before = worker_pids()
+        epoch = iter(loader)  # its first tasks start the fresh workers
+        fresh = wait_until(lambda: worker_pids() - before, timeout=5.0)
+        kill_all(handles([min(fresh)]))  # still inside slow_start
+        got, error = collect_batches(epoch)
+        assert error is None, error
+        assert loader.statistics().restarts == 1
+    assert_batches(got, torch_batches(dataset, batch_size=2))
+
+
 def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
     """A worker starts a process, then is SIGKILLed: the epoch completes, and the
     orphaned grandchild is gone by the time the loader is closed."""
