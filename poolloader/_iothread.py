@@ -309,7 +309,18 @@ class IOThread:
         self._drain(w)
         w.process.join(EXIT_CODE_WAIT)
         code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
-        w.dead = True
+        with self._lock:
+            # The consumer's dispatch may have retired it for a fresh start meanwhile
+            # (an idle worker whose death was not handled yet): it held no task and
+            # its slot has a new worker, so it is forgotten as a retired one is.
+            retired = w not in self._workers
+            w.dead = True  # from here on no dispatch sends it a task or retires it
+        if retired:
+            with self._lock:
+                still_retiring = w in self._retiring
+            if still_retiring:
+                self._on_retired(w)
+            return
         reap_group_later(w.pid, w.created)
         if not w.ready and not w.replacement:
             self._break(silent_start_error(w.id, w.pid, code))

@@ -404,7 +404,8 @@ class Pool(IOThread):
         while progress and self._pending:
             progress = False
             for w in sorted(self._workers, key=lambda w: len(w.tasks)):
-                if len(w.tasks) < TASKS_PER_WORKER:
+                # A dead worker waits for the I/O thread to replace it (_on_exit).
+                if not w.dead and len(w.tasks) < TASKS_PER_WORKER:
                     record = self._take_for(w)
                     if record is not None:
                         if self._fresh_start(w, record.generation) is not None:

@@ -358,6 +358,22 @@ def test_a_fresh_epochs_worker_killed_while_starting_is_replaced() -> None:
     assert_batches(got, torch_batches(dataset, batch_size=2))
 
 
+def test_workers_killed_as_the_next_epoch_starts_them_afresh() -> None:
+    """With persistent_workers=False the next epoch retires each idle worker for a
+    fresh start; one that has just died may be retired before the I/O thread has
+    handled its death, which then finds its slot taken. Every worker is killed
+    right after each epoch and the next one starts at once, ten times: each epoch
+    is complete, and the pool never breaks."""
+    dataset = Faulty(16)
+    want = torch_batches(dataset, batch_size=2)
+    with fault_loader(dataset, batch_size=2, num_workers=8, max_worker_restarts=1000) as loader:
+        for _ in range(10):
+            got, error = collect_batches(iter(loader))
+            assert error is None, error
+            assert_batches(got, want)
+            kill_all(handles(worker_pids()))
+
+
 def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
     """A worker starts a process, then is SIGKILLed: the epoch completes, and the
     orphaned grandchild is gone by the time the loader is closed."""
