@@ -314,10 +314,9 @@ class IOThread:
             # (an idle worker whose death was not handled yet): it held no task and
             # its slot has a new worker, so it is forgotten as a retired one is.
             retired = w not in self._workers
+            still_retiring = w in self._retiring
             w.dead = True  # from here on no dispatch sends it a task or retires it
         if retired:
-            with self._lock:
-                still_retiring = w in self._retiring
             if still_retiring:
                 self._on_retired(w)
             return

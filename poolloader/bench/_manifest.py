@@ -137,10 +137,16 @@ def samples_for(quick: bool) -> int:
     return 1 if quick else FORKSERVER_SAMPLES
 
 
+def _first_batch_samples(config: Config, samples: int) -> int:
+    """How many fresh runs ``config``'s 8-worker first batch takes: ``samples`` for
+    the forkserver rows (their goal is seconds), one for the others."""
+    return samples if config.method == "forkserver" else 1
+
+
 def steps(series: tuple[int, ...], samples: int = 1) -> int:
     """Probes the section runs (the progress display's steps)."""
-    forkservers = sum(c.method == "forkserver" for c in CONFIGS.values())
-    return len(CONFIGS) * len(series) + forkservers * (samples - 1)
+    extra = sum(_first_batch_samples(c, samples) - 1 for c in CONFIGS.values())
+    return len(CONFIGS) * len(series) + extra
 
 
 def estimate(records: int) -> float:
@@ -194,9 +200,10 @@ def _measure_config(
              f"{MEMORY_WORKERS}")  # fmt: skip
     found = {"label": config.label, **_probe("main", config, path, START_WORKERS)}
     taken = [found.pop("first_batch")]
-    for sample in range(2, samples + 1 if config.method == "forkserver" else 2):
+    wanted = _first_batch_samples(config, samples)
+    for sample in range(2, wanted + 1):
         progress(f"manifest: {config.label}, first batch with {START_WORKERS} workers, "
-                 f"sample {sample}/{samples}")  # fmt: skip
+                 f"sample {sample}/{wanted}")  # fmt: skip
         taken.append(_probe("start", config, path, START_WORKERS)["first_batch"])
     found["first_batch_samples"] = taken
     first = {START_WORKERS: statistics.median(taken)}
