@@ -224,11 +224,13 @@ class Pool(IOThread):
 
     def restart_template(self, dataset: Any) -> bool:
         """Fork workers from a new template holding ``dataset`` as it is now (for a
-        dataset that cannot be pickled here). Refused (``False``) while tasks are
-        unfinished: a replacement for one of them could not start from the new
-        template, which is ahead of it."""
+        dataset that cannot be pickled here). Refused (``False``) while tasks whose
+        batches are wanted are unfinished: a replacement for one of them could not
+        start from the new template, which is ahead of it. Tasks of an epoch left
+        early (cancelled) do not count: they are never run again, and the workers
+        busy with them start afresh from the new template once done."""
         with self._lock:
-            if self._all_records():
+            if any(not r.cancelled for r in self._all_records()):
                 return False
             self._channel.record(Refresh())  # the workers start afresh, from the new template
             generation = self._channel.stamp()

@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -57,7 +58,7 @@ FINGERPRINT_SLACK = 2**20
 #: (see DataLoader.__getstate__).
 _PER_OBJECT = frozenset(
     {"_channel", "_stats", "_lock", "_pool", "_pool_key", "_iterators", "_closed",
-     "dataset", "_dataset_target", "_snapshot", "_fingerprint"}
+     "dataset", "_dataset_target", "_snapshot", "_fingerprint", "_warned_stale_template"}
 )  # fmt: skip
 
 
@@ -76,7 +77,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
       inherited, never pickled. Workers are **not daemonic**, so dataset code may
       start processes of its own. ``persistent_workers=False`` gives each epoch
       fresh workers that see the dataset as it is, as torch does, forked from
-      the template instead of started from scratch.
+      the template instead of started from scratch. (One case cannot: a dataset
+      only ``fork`` can carry, changed directly while another iterator of the
+      loader still wants batches; the loader warns.)
     * A free worker takes the next batch; one slow batch does not hold up the
       others. Batches still arrive in sampler order unless ``in_order=False``.
     * ``loader.dataset`` is a live view: whatever changes the dataset through
@@ -187,6 +190,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._snapshot: bytes | None = None  # the dataset as the pool's template holds it
         self._fingerprint: tuple[bytes | None, int] = (None, 0)  # of the template's copy
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
+        self._warned_stale_template = False
 
     # --------------------------------------------------------- copy, pickle
 
@@ -319,10 +323,11 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         snapshot = None if fingerprint is None else _pickling.dumps_or_none(dataset)
         if snapshot is None:
             if not pool.restart_template(dataset):
-                # Another epoch's batches are unfinished: fresh workers come from
-                # the template as it is (changes made through loader.dataset reach
+                # Another iterator still wants batches: fresh workers come from the
+                # template as it is (changes made through loader.dataset reach
                 # them; changes made to the dataset object directly do not).
                 self._channel.record(Refresh())
+                self._warn_stale_template()
             return
         if snapshot == self._snapshot:
             self._channel.record(Refresh())
@@ -333,6 +338,20 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         # Refresh nor Replace counts as a change recorded through loader.dataset).
         assert fingerprint is not None  # a snapshot is only taken with one
         self._fingerprint = fingerprint
+
+    def _warn_stale_template(self) -> None:
+        if self._warned_stale_template:
+            return
+        self._warned_stale_template = True
+        warnings.warn(
+            "An epoch of this DataLoader began while another of its iterators still "
+            "had batches to load, so its fresh workers start from the dataset as it was "
+            "when that iterator's epoch began: a change made since to the dataset object "
+            "directly (not through loader.dataset) does not reach them. Make changes "
+            "through loader.dataset, or finish (or delete) the other iterator first.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _fingerprint_now(self) -> tuple[bytes | None, int]:
         """The dataset's fingerprint (NOTE [ Fingerprints ] in ``_pickling.py``) and

@@ -112,6 +112,47 @@ def test_fork_without_persistent_workers_sees_the_dataset_as_each_epoch_starts()
         assert list(loader) == [0, -1, -2, -3]
 
 
+def _slowly(x: int) -> int:
+    time.sleep(0.02)  # the epoch left with break still has batches in flight
+    return x * 10
+
+
+@pytest.mark.parametrize("loader_cls", [torch.utils.data.DataLoader, DataLoader])
+def test_fork_sees_a_direct_change_after_an_epoch_left_with_break(loader_cls):
+    """The batches still loading for an epoch left early are nobody's: the next
+    epoch's fresh workers see the dataset as it is then, as torch's do."""
+    dataset = Unpicklable(40)
+    dataset.transform = _slowly
+    loader = loader_cls(dataset, batch_size=2, num_workers=2, multiprocessing_context="fork")
+    firsts = []
+    try:
+        for epoch in range(3):
+            dataset.transform = lambda x, k=epoch: _slowly(x) + k  # noqa: B023
+            for batch in loader:
+                firsts.append(batch.tolist())
+                break
+    finally:
+        getattr(loader, "close", lambda: None)()
+    assert firsts == [[0, 10], [1, 11], [2, 12]]
+
+
+def test_fork_warns_when_another_iterator_keeps_the_old_template():
+    """A new epoch while another iterator still wants batches: the fresh workers
+    cannot come from a new copy of the dataset (a replacement for the other
+    iterator's batches must start from the old one), so a direct change does not
+    reach them, and the loader says so, once. Both iterators yield every batch."""
+    dataset = Unpicklable(8)
+    with DataLoader(dataset, batch_size=None, num_workers=2,
+                    multiprocessing_context="fork") as loader:  # fmt: skip
+        first = iter(loader)
+        assert next(first) == 0
+        dataset.transform = lambda x: -x
+        with pytest.warns(RuntimeWarning, match="does not reach them"):
+            second = iter(loader)
+        assert len(list(second)) == 8
+        assert list(first) == [10, 20, 30, 40, 50, 60, 70]
+
+
 # ------------------------------------------------------------------ multiprocessing objects
 
 
