@@ -194,7 +194,10 @@ class Killer:
         seconds for one to run."""
         deadline = time.monotonic() + within
         while True:
-            candidates = sorted(p for p in self.workers() if p and _alive(p))
+            # A worker killed a moment ago may still look alive (its exit is still
+            # tearing down its memory): killing it again would count one death twice.
+            killed = {v.pid for v in self.victims}
+            candidates = sorted(p for p in self.workers() if p and p not in killed and _alive(p))
             if candidates:
                 try:
                     victim = psutil.Process(self.rng.choice(candidates))
@@ -335,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs per epoch left halfway with a kill; 0: none")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--start-method", default="forkserver", choices=["forkserver", "spawn"])
+    parser.add_argument("--start-method", default="forkserver",
+                        choices=["forkserver", "spawn", "fork"])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")
