@@ -122,6 +122,10 @@ class Replay:
     after: RngState
 
 
+#: Drawn ahead in place of a spec: the sampler had none left.
+_END = object()
+
+
 class EpochLedger:
     """Draws an epoch's specs and records which batches were yielded (NOTE [ Resume ])."""
 
@@ -142,6 +146,7 @@ class EpochLedger:
         self._snapshots: dict[int, Any] = {}
         self._replay: Replay | None = None
         self._skip: set[int] = set()  # positions a resumed epoch had yielded already
+        self._ahead: list[Any] = []  # a spec drawn already (by _first_draw), or _END
 
     def resume(self, in_epoch: Mapping[str, Any], replay: Replay | None) -> None:
         """Continue the saved epoch: positions, already-yielded batches, sampler state."""
@@ -158,7 +163,12 @@ class EpochLedger:
         if self.before_draw is None:
             self._first_draw(sampler_iter)
         while True:
-            index = next(sampler_iter)
+            if self._ahead:
+                index = self._ahead.pop()
+                if index is _END:
+                    raise StopIteration
+            else:
+                index = next(sampler_iter)
             position = self.next_position
             self.next_position += 1
             if self.snapshot is not None:
@@ -179,6 +189,11 @@ class EpochLedger:
             for _ in range(replay.skip):
                 next(sampler_iter)
                 self.next_position += 1
+            # The first spec to load is drawn under the saved state too: a sampler may
+            # draw its randomness on its first next() (torch's RandomSampler without a
+            # generator takes its seed from the global generator there), which is this
+            # one when nothing is skipped (saved before batch 0 reached the consumer).
+            self._ahead.append(next(sampler_iter, _END))
         finally:
             replay.after.apply(self._generators)
 

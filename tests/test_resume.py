@@ -213,6 +213,36 @@ def test_state_after_an_epochs_last_batch_resumes_to_the_next_epoch(sampler, num
     _check_resume(make, num_workers, reference, _absolute((1, LAST), reference))
 
 
+def _global_shuffle():
+    return {"batch_size": 3, "shuffle": True}  # torch's RandomSampler, no generator
+
+
+# A state saved before the epoch's first batch reached the consumer: RandomSampler
+# without a generator draws its seed from the global generator on its first next(),
+# which the resumed epoch must make under the saved state, not the caller's.
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("make", [_global_shuffle, _random_global])
+def test_a_state_saved_before_the_first_batch_resumes_that_epoch(make, num_workers):
+    torch.manual_seed(0)
+    with _loader(make, num_workers) as loader:
+        reference, _ = _epochs(loader, 0, 2)
+    torch.manual_seed(0)
+    with _loader(make, num_workers) as first:
+        before, _ = _epochs(first, 0, 1)
+        iterator = iter(first)
+        state = first.state_dict()
+        assert state["in_epoch"]["yielded"] == 0
+        del iterator
+    torch.manual_seed(12345)  # a fresh process: the caller's generator is elsewhere
+    with _loader(make, num_workers) as second:
+        second.load_state_dict(state)
+        after = [(1, batch) for batch in second]
+    assert len(before) + len(after) == len(reference)
+    for i, ((e1, got), (e2, want)) in enumerate(zip(before + after, reference)):
+        assert e1 == e2
+        assert_same(got, want, f"batch {i}")
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 @pytest.mark.parametrize("sampler", ["dynamic", "torch_global"])
 def test_state_taken_after_break_is_where_the_loop_stopped(sampler, num_workers):
