@@ -338,8 +338,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs per epoch left halfway with a kill; 0: none")  # fmt: skip
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--start-method", default="forkserver",
-                        choices=["forkserver", "spawn", "fork"])
+    parser.add_argument(
+        "--start-method", default="forkserver", choices=["forkserver", "spawn", "fork"]
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(f"machine: {machine()}")

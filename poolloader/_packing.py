@@ -164,7 +164,8 @@ def out_of_descriptors(exc: BaseException) -> bool:
 
 
 def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
-    """``("tensor", contiguous tensor)`` or ``("array", contiguous array)`` if ``obj``
+    """``("tensor", contiguous tensor)``, ``("array", contiguous array)`` or
+    ``("array_t", C-contiguous transpose of a Fortran-order array)`` if ``obj``
     can travel as raw bytes; ``None`` to pickle it as torch would."""
     if type(obj) is torch.Tensor:
         if (
@@ -176,14 +177,27 @@ def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
         ):
             return None
         return "tensor", obj.resolve_conj().resolve_neg().contiguous()
-    if type(obj) is np.ndarray and not obj.dtype.hasobject:
-        return "array", np.ascontiguousarray(obj)
+    if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
+        if not obj.dtype.isnative:  # pickled through torch's queue it arrives native too
+            obj = obj.astype(obj.dtype.newbyteorder("="))
+        if obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous:
+            # Fortran order arrives as Fortran order, as pickle keeps it: its
+            # transpose's bytes, in C order, transposed back on arrival.
+            return "array_t", obj.T
+        # (Not np.ascontiguousarray: it makes a 0-d array 1-d.)
+        return "array", obj if obj.flags.c_contiguous else obj.copy(order="C")
     return None
 
 
+def _plain_dtype(dtype: np.dtype) -> bool:
+    """Whether an array of ``dtype`` travels as bytes and ``dtype.str``: not objects,
+    and not a structured or sub-array dtype, whose fields ``dtype.str`` drops."""
+    return not dtype.hasobject and dtype.names is None and dtype.subdtype is None
+
+
 def _raw_bytes(kind: str, data: Any) -> bytes:
-    if kind == "array":
-        return bytes(data.data)
+    if kind != "tensor":
+        return bytes(data.tobytes())  # any dtype (a memoryview refuses datetimes)
     return data.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -191,7 +205,8 @@ class TorchPickler(ForkingPickler):
     """multiprocessing's pickler with torch's reducers (tensors through fresh shared
     memory), except for quantized tensors: torch's reducer drops their quantizer
     (they arrive unusable, "UnknownQuantizer"), so they take the ordinary
-    pickling path, which keeps it."""
+    pickling path, which keeps it. NumPy arrays arrive in native byte order, as
+    through torch's queue."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
@@ -199,6 +214,10 @@ class TorchPickler(ForkingPickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.is_quantized:
             return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        if type(obj) is np.ndarray and not obj.dtype.isnative and _plain_dtype(obj.dtype):
+            # torch's queue pickles with protocol 4, which delivers NumPy arrays in
+            # native byte order; protocol 5 would keep ">f4".
+            return obj.astype(obj.dtype.newbyteorder("=")).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         return NotImplemented
 
     @classmethod
@@ -237,7 +256,7 @@ class SkeletonPickler(TorchPickler):
         kind, data = found
         size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
         self.data_bytes += size
-        dtype = str(data.dtype) if kind == "tensor" else data.dtype.str
+        dtype = str(data.dtype) if kind == "tensor" else data.dtype.str  # array, array_t
         offset = self._staged_offset(data, size)
         if offset is not None:
             self.staged += 1

@@ -128,6 +128,8 @@ class _SkeletonUnpickler(pickle.Unpickler):
 
 
 def _from_bytes(kind: str, dtype: str, shape: tuple[int, ...], raw: bytes) -> Any:
+    if kind == "array_t":
+        return _from_bytes("array", dtype, shape, raw).T
     if kind == "array":
         return np.frombuffer(bytearray(raw), dtype=np.dtype(dtype)).reshape(shape)
     array = np.frombuffer(bytearray(raw), dtype=np.uint8)
@@ -137,6 +139,8 @@ def _from_bytes(kind: str, dtype: str, shape: tuple[int, ...], raw: bytes) -> An
 def _view(
     owner: np.ndarray, kind: str, dtype: str, shape: tuple[int, ...], offset: int, size: int
 ) -> Any:
+    if kind == "array_t":  # a Fortran-order array, sent as its transpose
+        return _view(owner, "array", dtype, shape, offset, size).T
     if kind == "array":
         # Through a memoryview: a plain slice would have the slab's whole mapping
         # as its base (NumPy collapses chains of views), not ``owner``, whose

@@ -13,6 +13,7 @@ def assert_same(a, b, where: str = "batch") -> None:
         assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a!r} != {b!r}"
         assert torch.equal(a, b), f"{where}: {a!r} != {b!r}"
     elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.strides == b.strides, f"{where}: {a!r} != {b!r}"
         np.testing.assert_array_equal(a, b, err_msg=where)
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), f"{where}: keys {a.keys()} != {b.keys()}"

@@ -264,6 +264,38 @@ class DtypeZoo(Dataset):
         }
 
 
+class NumpyZoo(Dataset):
+    """NumPy arrays whose dtype or layout a raw copy must not lose: structured,
+    datetime, strings, Fortran order; each small (inline) and big (slab)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        n = 30 if i == 0 else 30_000
+        record = np.zeros(n, dtype=[("a", "<i4"), ("b", "<f8"), ("c", "<f4", (2,))])
+        record["a"] = np.arange(n)
+        record["b"] = np.arange(n) / 3
+        grid = np.arange(n * 4, dtype=np.float32).reshape(n, 4)
+        return {
+            "record": record,
+            "when": np.arange(n).astype("datetime64[s]"),
+            "took": np.arange(n).astype("timedelta64[ms]"),
+            "text": np.array([f"utt{k}" for k in range(n)]),
+            "raw": np.array([b"ab", b"c"] * (n // 2)),
+            "fortran": np.asfortranarray(grid),
+            "strided": grid[::2, 1:3],
+            "scalar": np.array(3.5),
+            "big_endian": np.arange(n, dtype=">f4"),
+        }
+
+
+def as_is(item):
+    """collate_fn for ``batch_size=None`` that keeps the item as it is (torch's
+    default would turn arrays into tensors)."""
+    return item
+
+
 class Slots:
     """A batch index that splits by slot: slot b is loaded by worker b % num_workers."""
 

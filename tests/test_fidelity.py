@@ -127,7 +127,7 @@ def test_fork_sees_a_direct_change_after_an_epoch_left_with_break(loader_cls):
     firsts = []
     try:
         for epoch in range(3):
-            dataset.transform = lambda x, k=epoch: _slowly(x) + k  # noqa: B023
+            dataset.transform = lambda x, k=epoch: _slowly(x) + k
             for batch in loader:
                 firsts.append(batch.tolist())
                 break

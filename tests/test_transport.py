@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 import torch
 from _compare import assert_same, assert_same_epochs
-from _datasets import DtypeZoo, Growing, Mixed, SizedParts, SlowFirst, keep_numpy, wrong_parts
+from _datasets import (
+    DtypeZoo,
+    Growing,
+    Mixed,
+    NumpyZoo,
+    SizedParts,
+    SlowFirst,
+    as_is,
+    keep_numpy,
+    wrong_parts,
+)
 from _procs import slab_maps
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -82,6 +92,16 @@ def test_batches_larger_than_any_slab():
 def test_dtypes_layouts_and_empty_tensors():
     ours = _loader(DtypeZoo(), batch_size=2)
     theirs = torch.utils.data.DataLoader(DtypeZoo(), batch_size=2)
+    with ours:
+        assert_same_epochs(ours, theirs, epochs=1)
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_numpy_dtypes_and_layouts_arrive_as_torch_delivers_them(transport):
+    """Structured and datetime dtypes, strings, Fortran order, small and big."""
+    ours = _loader(NumpyZoo(), batch_size=None, collate_fn=as_is, transport=transport)
+    theirs = torch.utils.data.DataLoader(NumpyZoo(), batch_size=None, collate_fn=as_is,
+                                         num_workers=1)  # fmt: skip
     with ours:
         assert_same_epochs(ours, theirs, epochs=1)
 
