@@ -19,7 +19,7 @@ import queue
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory
@@ -28,7 +28,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 from ._deaths import short
 from ._resume import EpochStart
 from ._tasks import Ended, Loaded, Lost, Outcome, Raised, TaskRecord
-from .errors import LoaderTimeoutError
+from .errors import LoaderClosedError, LoaderTimeoutError
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
@@ -59,6 +59,8 @@ class PoolIterator(_BaseDataLoaderIter):
         self._outcomes: dict[int, Future[Outcome]] = {}
         self._pinner = _start_pinner() if self._pin_memory else None
         self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
+        self._cut_short = False  # close() ended the epoch before its last batch
+        self._loader_closed = False  # ... because the loader was closed
         self._start_epoch(loader, epoch_start)
 
     def __next__(self) -> Any:
@@ -81,7 +83,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._position, self._pool = loader._begin_epoch(self, int(self._base_seed))
         self._epoch = self._position.epoch
         self._window = deque()
-        self._sampler_done = False
+        self._sampler_done = self._cut_short = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
         self._fill()
@@ -100,9 +102,15 @@ class PoolIterator(_BaseDataLoaderIter):
             self._outcomes.clear()
         self._pool.end_epoch(self._epoch)
 
-    def close(self) -> None:
-        """Cancel the batches loaded ahead; the iterator yields nothing more."""
-        self._sampler_done = True
+    def close(self, loader_closed: bool = False) -> None:
+        """Cancel the batches loaded ahead; the iterator yields nothing more.
+
+        The epoch is left unfinished (``state_dict()`` still says where it
+        stopped). ``loader_closed``: the loader itself was closed, and the next
+        ``next()`` raises :class:`~poolloader.errors.LoaderClosedError` rather than
+        end the loop as if the epoch were done."""
+        self._sampler_done = self._cut_short = True
+        self._loader_closed = self._loader_closed or loader_closed
         if not self._pool.closed and not self._pool.foreign:
             self._abandon()
         if self._pinner is not None:
@@ -255,8 +263,7 @@ class PoolIterator(_BaseDataLoaderIter):
     def _next_data(self) -> Any:
         while True:
             if not self._window:
-                self._finish()
-                raise StopIteration
+                self._end()
             record = self._take()
             outcome = self._outcomes.pop(record.seq, record.future).result()
             self._fill()
@@ -264,9 +271,19 @@ class PoolIterator(_BaseDataLoaderIter):
             if data is not _SKIP:
                 return data
 
-    def _finish(self) -> None:
-        self._sampler_done = self._position.finished = True
-        self._pool.end_epoch(self._epoch)
+    def _end(self) -> NoReturn:
+        """No batch is left: the epoch ended, or was cut short by :meth:`close`."""
+        if not self._cut_short:
+            self._sampler_done = self._position.finished = True
+            self._pool.end_epoch(self._epoch)
+        elif self._loader_closed and not self._position.finished:
+            raise LoaderClosedError(
+                f"the DataLoader was closed during epoch {self._epoch}, after "
+                f"{self._position.ledger.yielded} of its batches; the rest were not "
+                "loaded. loader.state_dict() still says where it stopped: a new "
+                "DataLoader given load_state_dict(state) continues from there"
+            )
+        raise StopIteration
 
     def _take(self) -> TaskRecord:
         started = time.perf_counter()

@@ -261,8 +261,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     # ----------------------------------------------------------- iteration
 
     def _get_iterator(self) -> Any:
-        if self._closed:
-            raise LoaderClosedError("this DataLoader was closed; create a new one to load more")
+        self._check_open()
         if self.num_workers == 0:
             iterator: Any = InProcessIterator(self)
         else:
@@ -289,8 +288,15 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._epoch_index += 1
         return position
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LoaderClosedError("this DataLoader was closed; create a new one to load more")
+
     def _begin_epoch(self, iterator: Any, base_seed: int) -> tuple[EpochPosition, Pool]:
         """Called by each new (or reset) pool iterator: the epoch's position and the pool."""
+        # torch's __iter__ resets a persistent iterator without _get_iterator: a
+        # closed loader must not start a new pool there either.
+        self._check_open()
         with self._lock:
             pool = self._ensure_pool(base_seed)
             if pool.epochs_begun > 0 and not self.persistent_workers:
@@ -529,7 +535,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """Stop the workers and every process they started. Idempotent."""
         self._closed = True
         for iterator in list(self._iterators):
-            iterator.close()
+            iterator.close(loader_closed=True)
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()

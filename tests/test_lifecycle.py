@@ -85,6 +85,50 @@ def test_context_manager_closes():
     assert _gone(workers, timeout=GONE_WITHIN)
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_closed_loader_refuses_a_new_epoch(persistent):
+    """Also a persistent one, which torch's __iter__ resets rather than replaces:
+    it must not start a new pool behind close()."""
+    loader = DataLoader(Plain(4), batch_size=2, num_workers=2, persistent_workers=persistent,
+                        multiprocessing_context="forkserver")  # fmt: skip
+    assert len(list(loader)) == 2
+    loader.close()
+    with pytest.raises(LoaderClosedError, match="was closed"):
+        iter(loader)
+    assert loader._pool is None
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.name() == "pl-template"]  # fmt: skip
+
+
+def test_closing_the_loader_mid_epoch_stops_the_loop_with_an_error():
+    """As from a signal handler or another thread: the loop must not end as if the
+    epoch were done, and the state still says where it stopped."""
+    loader = DataLoader(Plain(20), batch_size=2, num_workers=2,
+                        multiprocessing_context="forkserver")  # fmt: skip
+    seen = []
+    with pytest.raises(LoaderClosedError, match="closed during epoch 0, after 3 of its batches"):
+        for batch in loader:
+            seen.append(batch)
+            if len(seen) == 3:
+                loader.close()
+    state = loader.state_dict()
+    assert state["epoch"] == 0 and state["in_epoch"]["yielded"] == 3
+    with DataLoader(Plain(20), batch_size=2) as again:
+        again.load_state_dict(state)
+        rest = list(again)
+    assert [int(x) for b in seen + rest for x in b] == list(range(20))
+
+
+def test_an_iterator_closed_mid_epoch_leaves_the_epoch_unfinished():
+    with DataLoader(Plain(20), batch_size=2, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        iterator = iter(loader)
+        next(iterator)
+        iterator.close()
+        assert list(iterator) == []
+        assert loader.state_dict()["in_epoch"]["yielded"] == 1
+
+
 SCRIPT = textwrap.dedent(
     """
     import os, signal, sys, time
