@@ -109,8 +109,15 @@ TEMPLATE_STOP_GRACE = 2.0
 TEMPLATE_NAME = "pl-template"
 
 
-def template_main(setup: _worker.WorkerSetup, conn: Connection) -> None:
-    """The template process's entry point."""
+def template_main(
+    setup: _worker.WorkerSetup, conn: Connection, main_ends: tuple[int, ...] = ()
+) -> None:
+    """The template process's entry point. ``main_ends``: with ``fork``, the
+    descriptors of the main process's end of ``conn``, inherited here and closed at
+    once: held open, they would hide the main process's death (no end of file on
+    ``conn``), and the template would outlive a SIGKILLed main process."""
+    for fd in main_ends:
+        os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
     own_name = _process_name()
     _set_process_name(TEMPLATE_NAME)
@@ -354,9 +361,12 @@ class Template:
     def __init__(self, context: Any, setup: _worker.WorkerSetup, generation: int) -> None:
         self.conn, child = context.Pipe(duplex=True)
         self._sock = descriptor_socket(self.conn)
+        forked = context.get_start_method() == "fork"
+        main_ends = (self.conn.fileno(), self._sock.fileno()) if forked else ()
         self.process = context.Process(
-            target=template_main, args=(setup, child), name="poolloader-template", daemon=False
-        )
+            target=template_main, args=(setup, child, main_ends), name="poolloader-template",
+            daemon=False,
+        )  # fmt: skip
         self._starting: threading.Thread | None = None
         self._sending: threading.Thread | None = None
         self._stream: _DatasetStream | None = None

@@ -140,26 +140,34 @@ SCRIPT = textwrap.dedent(
     from poolloader import DataLoader
 
     if __name__ == "__main__":
-        loader = DataLoader({dataset}, batch_size=None, num_workers=2)
+        loader = DataLoader({dataset}, batch_size=None, num_workers=2,
+                            multiprocessing_context={context!r})
         it = iter(loader)
         first = next(it)
-        print("WORKERS", *loader._pool.worker_pids, flush=True)
+        template = [loader._pool.template_pid] if loader._pool.template_pid else []
+        print("WORKERS", *loader._pool.worker_pids, *template, flush=True)
         print("FIRST", first, flush=True)
         {ending}
     """
 )
 
 
-def _run_script(dataset: str, ending: str) -> tuple[subprocess.Popen, list[int], int]:
-    code = SCRIPT.format(tests=TESTS, dataset=dataset, ending=ending)
+def _run_script(
+    dataset: str, ending: str, context: str = "spawn"
+) -> tuple[subprocess.Popen, list[int], int]:
+    """The script's process, its workers' and template's pids, and its first item."""
+    code = SCRIPT.format(tests=TESTS, dataset=dataset, ending=ending, context=context)
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     workers = [int(p) for p in proc.stdout.readline().split()[1:]]
     first = int(proc.stdout.readline().split()[1])
     return proc, workers, first
 
 
-def test_workers_exit_when_the_main_process_is_killed():
-    proc, workers, sleeper = _run_script("SpawnsSleeper()", "os.kill(os.getpid(), 9)")
+@pytest.mark.parametrize("context", ["spawn", "fork"])
+def test_workers_exit_when_the_main_process_is_killed(context):
+    """The template too: a fork-started one inherits the main process's end of its
+    connection, and must close it to see the main process die."""
+    proc, workers, sleeper = _run_script("SpawnsSleeper()", "os.kill(os.getpid(), 9)", context)
     proc.wait(timeout=30)
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
