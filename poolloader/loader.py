@@ -62,6 +62,22 @@ _PER_OBJECT = frozenset(
 )  # fmt: skip
 
 
+def reorder_allowance(reorder_buffer: int | None, num_workers: int, mean_batch_bytes: float) -> int:
+    """How many finished batches may wait behind the oldest unfinished one.
+
+    ``reorder_buffer`` when given; otherwise as many as fit
+    :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, between
+    :data:`REORDER_MIN_PER_WORKER` and :data:`REORDER_MAX_PER_WORKER` per worker.
+    """
+    if reorder_buffer is not None:
+        return reorder_buffer
+    low = REORDER_MIN_PER_WORKER * num_workers
+    high = REORDER_MAX_PER_WORKER * num_workers
+    if mean_batch_bytes <= 0:
+        return low
+    return max(low, min(high, int(REORDER_MEMORY_BUDGET // mean_batch_bytes)))
+
+
 class DataLoader(torch.utils.data.DataLoader[T_co]):
     """torch's ``DataLoader``, with the same arguments and the same batches, on a
     process pool.
@@ -222,6 +238,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             super().__setattr__(name, root_view(target, self._channel))
             object.__setattr__(self, "_dataset_target", target)
             return
+        if name == "_iterator" and value is None and self.__dict__.get("_pool") is not None:
+            # Dropping torch's persistent iterator ends torch's workers; code written
+            # for torch does it to free them (Lightning's teardown after fit,
+            # validate, test). This loader's workers are its pool's: end it. The
+            # loader stays usable: iterating it again starts a new pool.
+            self._stop_pool()
         super().__setattr__(name, value)
 
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -514,28 +536,26 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         window = (self.prefetch_factor or 2) * self.num_workers + most
         return SlabTransport(window + 2, self.max_batch_bytes)
 
-    def _reorder_allowance(self, mean_batch_bytes: float) -> int:
-        """How many finished batches may wait behind the oldest unfinished one.
-
-        ``reorder_buffer`` when given; otherwise as many as fit
-        :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, between
-        :data:`REORDER_MIN_PER_WORKER` and :data:`REORDER_MAX_PER_WORKER` per worker.
-        """
-        if self.reorder_buffer is not None:
-            return self.reorder_buffer
-        low = REORDER_MIN_PER_WORKER * self.num_workers
-        high = REORDER_MAX_PER_WORKER * self.num_workers
-        if mean_batch_bytes <= 0:
-            return low
-        return max(low, min(high, int(REORDER_MEMORY_BUDGET // mean_batch_bytes)))
+    @property
+    def _reorder_allowance(self) -> Callable[[float], int]:
+        """How many finished batches may wait behind the oldest unfinished one, given
+        the mean batch size so far (:func:`reorder_allowance`). Holds no reference
+        to the loader: a persistent iterator keeps it, and the loader keeps that
+        iterator, so a reference back would keep both (and the workers) alive past
+        the loader's last use, until the cycle collector ran."""
+        return functools.partial(reorder_allowance, self.reorder_buffer, self.num_workers)
 
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
         """Stop the workers and every process they started. Idempotent."""
         self._closed = True
+        self._stop_pool(loader_closed=True)
+
+    def _stop_pool(self, loader_closed: bool = False) -> None:
+        """End the iterators' epochs and the pool (its workers, their processes)."""
         for iterator in list(self._iterators):
-            iterator.close(loader_closed=True)
+            iterator.close(loader_closed=loader_closed)
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 import pytest
 import torch
 from _compare import assert_same_epochs
@@ -127,3 +130,46 @@ def test_lightning_recreates_the_loader_with_a_distributed_sampler():
         assert isinstance(rebuilt.dataset, Line)
         xs = [x for batch in rebuilt for x in batch[0].flatten().tolist()]
     assert xs == [i / 64.0 for i in range(1, 64, 2)]
+
+
+def _workers_gone(pids, within: float = 20.0) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not [p for p in pids if psutil.pid_exists(p) and
+                psutil.Process(p).status() != psutil.STATUS_ZOMBIE]:  # fmt: skip
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_lightnings_teardown_ends_the_workers_and_the_loader_stays_usable(persistent):
+    """After fit, validate or test, Lightning ends torch's workers by dropping the
+    persistent iterator (``loader._iterator = None``); poolloader's workers end
+    there too, without waiting for the cycle collector to free the loader."""
+    from pytorch_lightning.utilities.combined_loader import _shutdown_workers_and_reset_iterator
+
+    with _loader(persistent_workers=persistent) as loader:
+        assert len(list(loader)) == 8
+        workers = [*loader._pool.worker_pids, loader._pool.template_pid]
+        _shutdown_workers_and_reset_iterator(loader)
+        assert loader._pool is None
+        assert _workers_gone(workers)
+        assert len(list(loader)) == 8
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_the_last_reference_to_a_loader_ends_its_workers(persistent):
+    """No reference cycle keeps a used loader (and its workers) alive: its workers
+    end when it is dropped, as torch's do, also with the cycle collector off."""
+    loader = _loader(persistent_workers=persistent)
+    assert len(list(loader)) == 8
+    workers = [*loader._pool.worker_pids, loader._pool.template_pid]
+    gc.disable()
+    try:
+        del loader
+        assert _workers_gone(workers)
+    finally:
+        gc.enable()
