@@ -249,6 +249,11 @@ class Channel:
         """The main process's dataset, which later snapshots pickle."""
         self._source = dataset
 
+    @property
+    def source(self) -> Any:
+        """The main process's dataset (:meth:`attach`)."""
+        return self._source
+
     def start(self, dataset: bytes | None, *, snapshots: bool = True) -> None:
         """Take ``dataset`` (pickled) as the base for the workers about to start.
 

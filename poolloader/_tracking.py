@@ -59,6 +59,7 @@ import torch
 
 from . import _control, _pickling
 from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
+from ._tracking_paths import current_path
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
 #: NOTE [ View forms ]). Their items are copied each time the view is handed
@@ -71,8 +72,16 @@ _get = object.__getattribute__  # a view's own state, past its __getattribute__
 
 
 def _state(view: Any) -> tuple[Any, Path, Any]:
-    """``(object, path, channel)`` of a view."""
-    return _get(view, "_pl_target"), _get(view, "_pl_path"), _get(view, "_pl_channel")
+    """``(object, path, channel)`` of a view about to record a change: its path
+    checked against the dataset as it is now (NOTE [ Stale references ])."""
+    target, path = _get(view, "_pl_target"), _get(view, "_pl_path")
+    channel = _get(view, "_pl_channel")
+    if path and channel.active:
+        current = current_path(channel.source, path, target)
+        if current is not path:
+            object.__setattr__(view, "_pl_path", current)
+            path = current
+    return target, path, channel
 
 
 # ------------------------------------------------------------- classification

@@ -20,6 +20,7 @@ from ._tracking import (
     _base,
     _get,
     _kind,
+    _state,
     record_call,
     unwrap,
     unwrap_deep,
@@ -67,7 +68,7 @@ def call_mutator(view: View, name: str, fn: Any, args: tuple[Any, ...], kwargs: 
     """Run the C mutator ``fn`` (``list.append``, ``ndarray.fill``) on the view's
     object and record the call, or the object's contents when the arguments do
     not pickle (a ``sort`` with a lambda key)."""
-    target, channel = _get(view, "_pl_target"), _get(view, "_pl_channel")
+    target, _, channel = _state(view)  # a reference kept across a change: checked first
     args = tuple(_materialise(a) for a in args)
     kwargs = {k: _materialise(v) for k, v in kwargs.items()}
     call = None

@@ -90,6 +90,9 @@ def _change(views: list[Any], fn: Any, args: Any, kwargs: Any, run: Any) -> Any:
     targets = {id(v._pl_target): v for v in views}
     first = views[0]
     active = first._pl_channel.active
+    if active:
+        for view in targets.values():
+            _tracking._state(view)  # a reference kept across a change: checked first
     one = active and len(targets) == 1
     call = _pickled_call(fn, args, kwargs, first._pl_target) if one else None
     result = run()
@@ -276,7 +279,7 @@ class TensorView(torch.Tensor):
         if name.startswith("_pl_") or hasattr(torch.Tensor, name):
             super().__setattr__(name, value)  # a tensor property: __torch_function__ records
             return
-        target, path, channel = self._pl_target, self._pl_path, self._pl_channel
+        target, path, channel = _tracking._state(self)
         value = _tracking.unwrap_deep(value)
         payload = _tracking._payload(channel, value, f"{_control.render(path)}.{name}")
         setattr(target, name, value)
@@ -300,7 +303,7 @@ def _changed_tensor(name: str, args: Any, kwargs: Any) -> Any:
 
 def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw: Any) -> Any:
     raw_args, raw_kwargs = raw
-    target, path, channel = view._pl_target, view._pl_path, view._pl_channel
+    target, path, channel = _tracking._state(view)
     if name == "__set__":  # t.data = x, t.requires_grad = False
         prop, value = func.__self__.__name__, raw_args[1]
         payload = _tracking._payload(channel, value, f"{_control.render(path)}.{prop}")
@@ -322,7 +325,7 @@ def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw:
 
 
 def _set_tensor_item(view: Any, key: Any, value: Any) -> None:
-    target, path, channel = view._pl_target, view._pl_path, view._pl_channel
+    target, path, channel = _tracking._state(view)
     where = f"{_control.render(path)}[{key!r}]"
     key_payload = _tracking._payload(channel, key, f"the key of {where}")
     payload = _tracking._payload(channel, value, where)

@@ -207,3 +207,43 @@ def test_a_method_that_sets_several_attributes_is_one_message(replica):
     assert isinstance(sent, Changes) and {type(u) for u in sent.updates} == {SetAttr}
     assert replica.dataset.sub.value == 5.0 and replica.dataset.sub.calls == 2
     assert replica.agrees()
+
+
+# ------------------------------------------------------------ references kept
+
+
+def test_a_kept_reference_to_an_item_that_moved_changes_it_where_it_is_now(replica):
+    """NOTE [ Stale references ]: the change goes to the record itself, at its new
+    place, not to whatever now sits where it was read."""
+    replica.view.records = [{"id": i, "w": 0} for i in range(4)]
+    replica.sync()
+    record = replica.view.records[1]
+    replica.view.records.insert(0, replica.view.records.pop())  # record 1 is at [2] now
+    record["w"] = 99
+    replica.sync()
+    assert replica.agrees()
+    assert [r["w"] for r in replica.copy.records] == [0, 0, 99, 0]
+
+
+def test_a_change_through_a_reference_to_a_replaced_object_is_refused(replica):
+    """The object is no longer in the dataset: replaying the change at its old path
+    would change its successor in the workers. Nothing changes, anywhere."""
+    sub = replica.view.sub
+    replica.view.sub = Child()
+    replica.sync()
+    with pytest.raises(RuntimeError, match=r"dataset\.sub no longer holds the object"):
+        sub.set(0.7)
+    with pytest.raises(RuntimeError, match="Take the reference again"):
+        sub.value = 0.7
+    replica.sync()
+    assert replica.agrees()
+    assert replica.dataset.sub.value == 0.0 and sub.value == 0.0
+
+
+def test_a_kept_reference_whose_place_is_unchanged_records_as_before(replica):
+    cfg, w = replica.view.cfg, replica.view.w
+    replica.view.items.append(5)
+    cfg["crop"] = 2.0
+    w[0] = 7.0
+    replica.sync()
+    assert replica.agrees()
