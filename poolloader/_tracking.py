@@ -59,6 +59,7 @@ import torch
 
 from . import _control, _pickling
 from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
+from ._shared import SharedDict, SharedList
 from ._tracking_paths import current_path
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
@@ -97,6 +98,7 @@ _LEAF_TYPES: tuple[type, ...] = (
     enum.Enum, pathlib.PurePath, decimal.Decimal, fractions.Fraction, datetime.date,
     datetime.time, datetime.timedelta, re.Pattern, random.Random, np.generic, np.dtype,
     torch.dtype, torch.device, torch.Size, torch.Generator, BaseException,
+    SharedList, SharedDict,  # read-only: their methods read, and need their own memory
 )  # fmt: skip
 _CONTAINER_TYPES = (dict, list, set, collections.deque, bytearray, tuple)
 _FOLDABLE = frozenset({_CONTAINER, _ARRAY, _TENSOR})

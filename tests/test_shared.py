@@ -526,6 +526,40 @@ def test_torch_and_poolloader_loaders_read_the_same_batches():
     assert torch.cat([b["position"] for b in got]).tolist() == list(range(300))
 
 
+class WithShared(torch.utils.data.Dataset):
+    def __init__(self) -> None:
+        self.rows = SharedList([{"id": f"u{i}", "dur": float(i)} for i in range(6)],
+                               columns=["dur"])  # fmt: skip
+        self.index = SharedDict({"u1": 1})
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return i
+
+
+def test_reading_shared_containers_through_the_loaders_view(tmp_path):
+    """``loader.dataset`` is a view; the containers in it are read-only, so it hands
+    them out as they are, and their methods work on their own memory."""
+    from poolloader.datasets import ManifestDataset, select
+
+    with poolloader.DataLoader(WithShared(), num_workers=0) as loader:
+        rows = loader.dataset.rows
+        assert type(rows) is SharedList
+        assert rows.column("dur").tolist() == [float(i) for i in range(6)]
+        assert list(rows.take([2, 0])) == [{"id": "u2", "dur": 2.0}, {"id": "u0", "dur": 0.0}]
+        assert dict(SharedDict(loader.dataset.index)) == {"u1": 1}
+    table = tmp_path / "table.csv"
+    table.write_text("id,dur,text\n" + "".join(f"u{i},{i}.0,t{i}\n" for i in range(1, 5)))
+    manifest = ManifestDataset.from_table(table, lengths="dur", loaders={"text": "text"})
+    with poolloader.DataLoader(manifest, num_workers=0) as loader:
+        subset = loader.dataset.subset(["u2", "u1"])
+        assert type(subset) is ManifestDataset and len(subset) == 2
+        assert type(select(loader.dataset, "max", "2")) is ManifestDataset
+        assert repr(loader.dataset).startswith("ManifestDataset(")
+
+
 def _read_shared(shared, conn):
     conn.send(list(shared))
 

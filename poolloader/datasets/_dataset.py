@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .._shared import SharedList
+from .._tracking import unwrap
 from ._collate import pad_collate
 from ._items import ItemTable, Row
 from ._loaders import (
@@ -342,6 +343,7 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             ValueError: no keys, or a key given twice.
             KeyError, IndexError: an unknown id or position.
         """
+        self = unwrap(self)  # called through loader.dataset: copy the dataset, not its view
         positions = [self._position(k) for k in self._keys(keys)]
         if not positions:
             raise ValueError("subset needs at least one id; got none")
@@ -361,9 +363,8 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
             name: loader if isinstance(loader, str) else getattr(loader, "__qualname__", loader)
             for name, loader in self._loaders.items()
         }
-        return (
-            f"{type(self).__name__}({len(self)} items, loaders={loaders}, duration={self.duration})"
-        )
+        name = type(unwrap(self)).__name__
+        return f"{name}({len(self)} items, loaders={loaders}, duration={self.duration})"
 
     # ------------------------------------------------------------------ item loading
 
