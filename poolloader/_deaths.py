@@ -139,8 +139,11 @@ def start_error(message: StartFailed) -> WorkerStartError:
     hint = ""
     if "__main__" in error.message or "__mp_main__" in error.message:
         hint = (
-            " Spawn workers cannot import classes or functions defined in an interactive "
-            "session's __main__: move them into a module (a .py file) and import them."
+            " Spawn workers import your main script again (as __mp_main__, without running "
+            'what is under `if __name__ == "__main__":`) and look classes and functions '
+            "up there by name: define them at the top level of the script, not inside "
+            "that block or a function; in an interactive session, which workers cannot "
+            "import, move them into a module (a .py file) and import them."
         )
     return WorkerStartError(
         f"{_who(message.worker_id)} (pid {message.pid}) failed to start: "

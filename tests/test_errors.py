@@ -187,3 +187,41 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
     )
     assert "exited while starting (exit code 1)" in done.stdout
     assert "if __name__ == '__main__':" in done.stdout
+
+
+CLASS_IN_GUARD = """
+import torch
+from poolloader import DataLoader
+from poolloader.errors import WorkerStartError
+
+if __name__ == "__main__":
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return i
+
+    loader = DataLoader(Items(), batch_size=2, num_workers=1)
+    try:
+        next(iter(loader))
+    except WorkerStartError as exc:
+        print("WorkerStartError:", exc)
+    finally:
+        loader.close()
+"""
+
+
+def test_a_class_defined_under_the_main_guard_is_told_where_it_must_go(tmp_path):
+    """The script is a file, so the fix is not a module of its own: it is to define
+    the class at the script's top level, outside the guard."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "class_in_guard.py"
+    script.write_text(CLASS_IN_GUARD)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert "WorkerStartError:" in done.stdout, done.stdout + done.stderr
+    assert "Can't get attribute 'Items'" in done.stdout
+    assert "define them at the top level of the script, not inside that block" in done.stdout
