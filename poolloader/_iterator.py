@@ -77,6 +77,11 @@ class PoolIterator(_BaseDataLoaderIter):
     # ------------------------------------------------------------ epochs
 
     def _start_epoch(self, loader: DataLoader[Any], epoch_start: EpochStart) -> None:
+        # The loader (its pool) lives while an epoch runs, however the caller holds
+        # this iterator (``it = iter(DataLoader(...))``). Only while it runs: a
+        # persistent iterator is the loader's, and a reference back for good would
+        # keep both, and the workers, alive past the loader's last use.
+        self._loader: DataLoader[Any] | None = loader
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
@@ -111,6 +116,7 @@ class PoolIterator(_BaseDataLoaderIter):
         end the loop as if the epoch were done."""
         self._sampler_done = self._cut_short = True
         self._loader_closed = self._loader_closed or loader_closed
+        self._loader = None
         if not self._pool.closed and not self._pool.foreign:
             self._abandon()
         if self._pinner is not None:
@@ -273,17 +279,22 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _end(self) -> NoReturn:
         """No batch is left: the epoch ended, or was cut short by :meth:`close`."""
-        if not self._cut_short:
-            self._sampler_done = self._position.finished = True
-            self._pool.end_epoch(self._epoch)
-        elif self._loader_closed and not self._position.finished:
-            raise LoaderClosedError(
-                f"the DataLoader was closed during epoch {self._epoch}, after "
-                f"{self._position.ledger.yielded} of its batches; the rest were not "
-                "loaded. loader.state_dict() still says where it stopped: a new "
-                "DataLoader given load_state_dict(state) continues from there"
-            )
-        raise StopIteration
+        try:
+            if not self._cut_short:
+                self._sampler_done = self._position.finished = True
+                self._pool.end_epoch(self._epoch)
+            elif self._loader_closed and not self._position.finished:
+                raise LoaderClosedError(
+                    f"the DataLoader was closed during epoch {self._epoch}, after "
+                    f"{self._position.ledger.yielded} of its batches; the rest were not "
+                    "loaded. loader.state_dict() still says where it stopped: a new "
+                    "DataLoader given load_state_dict(state) continues from there"
+                )
+            raise StopIteration
+        finally:
+            # Last: dropping the loader may close it (its last reference), which
+            # closes this iterator too; the epoch is settled by then.
+            self._loader = None
 
     def _take(self) -> TaskRecord:
         started = time.perf_counter()

@@ -173,3 +173,14 @@ def test_the_last_reference_to_a_loader_ends_its_workers(persistent):
         assert _workers_gone(workers)
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_an_iterator_keeps_its_dropped_loader_working_to_the_epochs_end(persistent):
+    """``it = iter(DataLoader(...))``, as torch's own tests do: the loader has no
+    other reference, and its epoch still runs to the end; then its workers end."""
+    iterator = iter(_loader(persistent_workers=persistent))
+    pool = iterator._pool
+    gc.collect()
+    assert len(list(iterator)) == 8
+    assert pool.closed
