@@ -105,6 +105,33 @@ def _change(views: list[Any], fn: Any, args: Any, kwargs: Any, run: Any) -> Any:
 # ------------------------------------------------------------------- arrays
 
 
+class _Flat:
+    """``view.flat``: reads go to the array's own flat iterator; a write is made as
+    ``np.put`` on the view (which fills the same places, repeating the value the
+    same way), so it is recorded and reaches the workers."""
+
+    __slots__ = ("_view",)
+
+    def __init__(self, view: ArrayView) -> None:
+        self._view = view
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._view._pl_target.flat[_raw(key)]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        places = np.arange(self._view._pl_target.size)[_raw(key)]
+        np.put(self._view, places, _raw(value))  # type: ignore[arg-type]
+
+    def __iter__(self) -> Any:
+        return iter(self._view._pl_target.flat)
+
+    def __len__(self) -> int:
+        return int(self._view._pl_target.size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._view._pl_target.flat, name)
+
+
 class ArrayView(Tracked):
     """A view of a NumPy array: a proxy that speaks NumPy's protocols."""
 
@@ -122,6 +149,8 @@ class ArrayView(Tracked):
         if name in ("__array_interface__", "__array_struct__"):
             # NumPy would build a writable alias from these: it must use __array__.
             raise AttributeError(name)
+        if name == "flat":  # reads as NumPy's; a write (arr.flat[i] = v) is recorded
+            return _Flat(self)
         return super()._pl_getattr(name)
 
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:

@@ -137,6 +137,8 @@ ARRAY_CHANGES = [
     lambda ds: np.add.at(ds.w, [0, 0, 1], 1),
     lambda ds: ds.w.fill(2),
     lambda ds: ds.w[::-1].sort(),
+    lambda ds: ds.w.flat.__setitem__(2, 9.0),
+    lambda ds: ds.w.reshape(2, 3).T.flat.__setitem__(slice(1, 4), [7.0, 8.0]),
     lambda ds: ds.t.fill_(3),
     lambda ds: ds.t.view(2, 2)[1].add_(1),
     lambda ds: ds.t.chunk(2)[1].fill_(5),
