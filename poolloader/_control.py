@@ -297,6 +297,9 @@ class Channel:
                 self._start_afresh(update)
                 return
             run = self._continue_run(getattr(update, "path", ()), container, atom=False)
+            if self._supersedes(update):
+                self._open[-1] = update
+                return
             self._open.append(update)
             if run is not None:
                 run.writes += 1
@@ -357,6 +360,17 @@ class Channel:
         del self._open[run.start :]  # the writes, and an earlier fold of them
         self._open.append(Call(run.path, contents))
         run.writes, run.atoms = 0, []
+
+    def _supersedes(self, update: Update) -> bool:
+        """Whether ``update`` assigns the attribute the group's last change assigned
+        (``rows = SharedList(a)`` then ``rows = SharedList(b)``, also from two
+        method calls): nothing can have seen the first value, so it is not sent.
+        Besides the message, this spares the workers unpickling a value the main
+        process may have let go of already (a replaced SharedList's memory)."""
+        if not isinstance(update, SetAttr) or not self._open:
+            return False
+        last = self._open[-1]
+        return isinstance(last, SetAttr) and (last.path, last.name) == (update.path, update.name)
 
     def stamp(self) -> int:
         """Close the group of changes recorded so far; the generation a new task sees."""

@@ -560,6 +560,48 @@ def test_reading_shared_containers_through_the_loaders_view(tmp_path):
         assert repr(loader.dataset).startswith("ManifestDataset(")
 
 
+CURRICULUM_ROWS = [{"id": i, "dur": 1.0 + i % 5} for i in range(40)]
+
+
+class Curriculum(torch.utils.data.Dataset):
+    ROWS = CURRICULUM_ROWS
+
+    def __init__(self) -> None:
+        self.rows = SharedList(self.ROWS)
+
+    def reset(self) -> None:
+        self.rows = SharedList(self.ROWS)
+
+    def set_epoch(self, max_dur: float) -> None:
+        self.rows = SharedList(r for r in self.ROWS if r["dur"] <= max_dur)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.rows[i % len(self.rows)]["id"]
+
+
+@pytest.mark.parametrize("how", ["assignments", "methods"])
+def test_a_shared_list_replaced_twice_between_batches(how):
+    """Both replacements fall in one group of changes; the first list is gone in
+    the main process by the time the workers would unpickle it. Only the second
+    is sent (the first could not have been seen by any batch)."""
+    with poolloader.DataLoader(Curriculum(), batch_size=4, num_workers=2,
+                               persistent_workers=True,
+                               multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        if how == "methods":
+            loader.dataset.reset()
+            loader.dataset.set_epoch(3.0)
+        else:
+            loader.dataset.rows = SharedList(CURRICULUM_ROWS[::-1])
+            loader.dataset.rows = SharedList(CURRICULUM_ROWS[::2])
+        gc.collect()
+        expected = [loader._dataset_target[i] for i in range(8)]
+        assert [x for b in loader for x in b.tolist()] == expected
+
+
 def _read_shared(shared, conn):
     conn.send(list(shared))
 
