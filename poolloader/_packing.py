@@ -178,8 +178,7 @@ def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
             return None
         return "tensor", obj.resolve_conj().resolve_neg().contiguous()
     if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
-        if not obj.dtype.isnative:  # pickled through torch's queue it arrives native too
-            obj = obj.astype(obj.dtype.newbyteorder("="))
+        obj = _native_order(obj)
         if obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous:
             # Fortran order arrives as Fortran order, as pickle keeps it: its
             # transpose's bytes, in C order, transposed back on arrival.
@@ -195,9 +194,15 @@ def _plain_dtype(dtype: np.dtype) -> bool:
     return not dtype.hasobject and dtype.names is None and dtype.subdtype is None
 
 
+def _native_order(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order (a copy only when it is not): through torch's
+    queue (pickle protocol 4) NumPy arrays arrive native, ``>f4`` as ``<f4``."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
 def _raw_bytes(kind: str, data: Any) -> bytes:
     if kind != "tensor":
-        return bytes(data.tobytes())  # any dtype (a memoryview refuses datetimes)
+        return data.tobytes()  # any dtype (a memoryview refuses datetimes)
     return data.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -215,9 +220,8 @@ class TorchPickler(ForkingPickler):
         if isinstance(obj, torch.Tensor) and obj.is_quantized:
             return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if type(obj) is np.ndarray and not obj.dtype.isnative and _plain_dtype(obj.dtype):
-            # torch's queue pickles with protocol 4, which delivers NumPy arrays in
-            # native byte order; protocol 5 would keep ">f4".
-            return obj.astype(obj.dtype.newbyteorder("=")).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+            # Protocol 5 would keep ">f4" (_native_order).
+            return _native_order(obj).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         return NotImplemented
 
     @classmethod

@@ -119,7 +119,13 @@ class _Flat:
         return self._view._pl_target.flat[_raw(key)]
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        places = np.arange(self._view._pl_target.size)[_raw(key)]
+        key, size = _raw(key), self._view._pl_target.size
+        if isinstance(key, slice):
+            places: Any = np.arange(*key.indices(size))
+        elif isinstance(key, (int, np.integer)):
+            places = key  # np.put takes a negative index as indexing does
+        else:  # an index array or a mask
+            places = np.arange(size)[key]
         np.put(self._view, places, _raw(value))  # type: ignore[arg-type]
 
     def __iter__(self) -> Any:

@@ -28,9 +28,9 @@ _MISSING = object()
 
 
 def current_path(root: Any, path: Path, target: Any) -> Path:
-    """``path`` if it leads from ``root`` to ``target`` (or cannot be checked), the
-    place ``target`` moved to in the same parent, or :class:`RuntimeError`."""
-    parent, obj = None, root
+    """``path`` (not empty) if it leads from ``root`` to ``target`` (or cannot be
+    checked), the place ``target`` moved to in the same parent, or :class:`RuntimeError`."""
+    parent, obj = root, root
     for kind, key in path:
         parent = obj
         if kind == "attr":
@@ -48,7 +48,7 @@ def current_path(root: Any, path: Path, target: Any) -> Path:
             return path  # a call's result, an array's item: new objects each time
     if obj is target:
         return path
-    if parent is not None and obj is not _MISSING and len(path) and path[-1][0] == "item":
+    if obj is not _MISSING and path[-1][0] == "item":
         moved = _find(parent, target)
         if moved is not _MISSING:
             return (*path[:-1], ("item", moved))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 from _datasets import Failing, HoldsLock, Plain, Sleepy
 
@@ -151,14 +153,9 @@ def test_assigning_an_unpicklable_value_fails_and_changes_nothing():
         assert list(loader) == [0, 1, 2, 3]
 
 
-NO_MAIN_GUARD = """
-import sys
-sys.path.insert(0, {tests!r})
-from _datasets import Plain
-from poolloader import DataLoader
-from poolloader.errors import WorkerStartError
-
-loader = DataLoader(Plain(4), batch_size=2, num_workers=1)
+#: How the scripts below end: the first batch, or the start error printed.
+FIRST_BATCH = """\
+loader = DataLoader({dataset}, batch_size=2, num_workers=1)
 try:
     next(iter(loader))
 except WorkerStartError as exc:
@@ -166,6 +163,15 @@ except WorkerStartError as exc:
 finally:
     loader.close()
 """
+
+NO_MAIN_GUARD = """
+import sys
+sys.path.insert(0, {tests!r})
+from _datasets import Plain
+from poolloader import DataLoader
+from poolloader.errors import WorkerStartError
+
+""" + FIRST_BATCH.format(dataset="Plain(4)")
 
 
 def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
@@ -202,14 +208,7 @@ if __name__ == "__main__":
         def __getitem__(self, i):
             return i
 
-    loader = DataLoader(Items(), batch_size=2, num_workers=1)
-    try:
-        next(iter(loader))
-    except WorkerStartError as exc:
-        print("WorkerStartError:", exc)
-    finally:
-        loader.close()
-"""
+""" + textwrap.indent(FIRST_BATCH.format(dataset="Items()"), "    ")
 
 
 def test_a_class_defined_under_the_main_guard_is_told_where_it_must_go(tmp_path):
