@@ -106,42 +106,62 @@ worker has reached. The base moves forward to snapshots the channel takes of
 the main process's dataset whenever the changes logged since the last one
 outweigh it (at least :data:`SNAPSHOT_FLOOR`), so with changes every step the
 log stays within about twice the dataset's pickled size, and each snapshot's
-cost is spread over as many bytes of changes. Snapshots are only ever the
+cost is spread over as many bytes of changes (counting the shared memory the
+changes hold, NOTE [ Pinned segments ]). Snapshots are only ever the
 start of *new* workers: a live worker is never sent one (that would replace
 its dataset object and run ``worker_init_fn`` again). Finding a worker's
 changes is a binary search on generation.
+
+NOTE [ Pinned segments ]
+
+A pickled :class:`~poolloader.SharedList` (or anything else on a
+:class:`~poolloader._segment.Segment`) names a descriptor of the main process,
+and opens only while the main process holds it (NOTE [ Shared segments ]). A
+change that assigns one is sent when the next task needs it, and unpickled
+when the worker applies it, which may be long after the main process let the
+list go: ``loader.dataset.rows = SharedList(a)``, a batch, then
+``loader.dataset.rows = SharedList(b)`` while a worker is still busy with the
+batch before the one that needs ``a``. So the channel holds every segment that
+a pickle it keeps names (collected with :func:`~poolloader._segment.pinning`
+while the change, the snapshot or the base is pickled) for as long as it keeps
+that pickle, and, once it has dropped it, until every process that may
+unpickle it has said it has: the pool calls :meth:`Channel.release` with the
+oldest generation its live workers and template have acknowledged (a worker by
+finishing a task of that generation, by :class:`~poolloader._messages.Synced`
+or by starting there; the template by :class:`~poolloader._messages.Advanced`
+or by starting there). Pins collected for a change are held with the next
+group of changes sealed, or with a later one (never an earlier one), so they
+are released no sooner than what names them.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import logging
 import pickle
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
-from . import _pickling
+from . import _pickling, _segment
 from ._messages import (
     THIS,
-    Broadcast,
     Call,
     Changes,
-    DelAttr,
-    DelItem,
     Path,
     Refresh,
     Replace,
     SetAttr,
-    SetItem,
     SetItems,
-    This,
     Update,
 )
+from ._replay import assign_contents
 
 logger = logging.getLogger("poolloader")
 
@@ -166,6 +186,14 @@ RUN_MINIMUM = 64
 
 
 # ------------------------------------------------------------------ the channel
+
+
+class _Snapshot(NamedTuple):
+    """A pickle of the dataset at ``generation``, and the segments it names."""
+
+    generation: int
+    data: bytes
+    pins: list[_segment.Segment]
 
 
 @dataclass
@@ -193,10 +221,16 @@ class Channel:
         self._gens: list[int] = []  # the log's generations, ascending
         self._log: list[Update] = []
         self._sizes: list[int] = []
+        self._pins: list[list[_segment.Segment]] = []  # what each change names
         self._trimmed = 0  # changes at or below this generation were dropped
         self._base_generation = 0
         self._base: bytes | None = None
-        self._snapshots: list[tuple[int, bytes]] = []  # newer than the base
+        self._base_pins: list[_segment.Segment] = []
+        self._snapshots: list[_Snapshot] = []  # newer than the base
+        # NOTE [ Pinned segments ]: named by what is recorded but not yet sealed,
+        # and by what was dropped, until receivers acknowledge the generation.
+        self._open_pins: list[_segment.Segment] = []
+        self._retired: list[tuple[int, list[_segment.Segment]]] = []
         self._since_snapshot = 0
         self._open: list[Update] = []  # recorded since the last stamp
         self._run: _Run | None = None
@@ -243,7 +277,21 @@ class Channel:
     def log_bytes(self) -> int:
         """About how many bytes the log and the snapshots besides the base hold."""
         with self._lock:
-            return sum(self._sizes) + sum(len(s) for _, s in self._snapshots)
+            return sum(self._sizes) + sum(len(s.data) for s in self._snapshots)
+
+    @property
+    def holds_released(self) -> bool:
+        """Whether segments wait for :meth:`release` (NOTE [ Pinned segments ])."""
+        return bool(self._retired)
+
+    @property
+    def pinned(self) -> int:
+        """How many segments the channel holds for receivers (for tests)."""
+        with self._lock:
+            kept = [*self._open_pins, *self._base_pins]
+            kept += [p for pins in [*self._pins, *(s.pins for s in self._snapshots)] for p in pins]
+            kept += [p for _, pins in self._retired for p in pins]
+            return len({id(p) for p in kept})
 
     def attach(self, dataset: Any) -> None:
         """The main process's dataset, which later snapshots pickle."""
@@ -267,11 +315,11 @@ class Channel:
             self._started, self._snapshotting = True, snapshots and dataset is not None
             self._drop_log()
 
-    def provide_base(self, dataset: bytes) -> None:
+    def provide_base(self, dataset: bytes, pins: list[_segment.Segment]) -> None:
         """The base's pickle, made after :meth:`start` (``None``) while the pool's
-        template started; snapshots are taken from now on."""
+        template started, and the segments it names; snapshots are taken from now on."""
         with self._lock:
-            self._base, self._snapshotting = dataset, True
+            self._base, self._base_pins, self._snapshotting = dataset, pins, True
 
     def stop(self) -> None:
         with self._lock:
@@ -280,8 +328,33 @@ class Channel:
             self._drop_log()
 
     def _drop_log(self) -> None:
+        """Forget the log, and every pin: no process of a pool is left to need them."""
         self._gens, self._log, self._sizes, self._snapshots = [], [], [], []
+        self._pins, self._base_pins, self._open_pins, self._retired = [], [], [], []
         self._trimmed, self._since_snapshot = self._generation, 0
+
+    # --------------------------------------------------------------- pins
+
+    @contextlib.contextmanager
+    def pinning(self) -> Iterator[None]:
+        """Hold the segments pickled inside the block with the changes recorded
+        next (NOTE [ Pinned segments ]): wrap each pickling of a change's values."""
+        with _segment.pinning() as pinned:
+            yield
+        if pinned and self._started:
+            with self._lock:
+                self._open_pins.extend(pinned)
+
+    def release(self, acknowledged: int) -> None:
+        """Let go of the dropped pickles' segments that every receiver has
+        unpickled: each live worker and the template acknowledged ``acknowledged``."""
+        with self._lock:
+            self._retired = [(g, pins) for g, pins in self._retired if g > acknowledged]
+
+    def _retire(self, generation: int, pins: list[_segment.Segment]) -> None:
+        """Hold ``pins`` until receivers acknowledge ``generation`` (lock held)."""
+        if pins:
+            self._retired.append((generation, pins))
 
     # ---------------------------------------------------------- recording
 
@@ -309,12 +382,13 @@ class Channel:
     def _start_afresh(self, update: Replace | Refresh) -> None:
         """A new epoch of non-persistent workers: a generation of its own, and not a
         user's change (not counted in ``messages_recorded``)."""
+        pins, self._open_pins = self._open_pins, []  # the Replace's (and the group's)
         self._seal()
         self._generation += 1
         data = update.dataset if isinstance(update, Replace) else b""
-        self._append(update, len(data))
+        self._append(update, len(data), pins)
         if data and self._snapshotting:
-            self._add_snapshot(self._generation, data)
+            self._add_snapshot(self._generation, data, pins)
 
     def record_atom(self, path: Path, container: Any, key: Any, value: Any) -> None:
         """Record ``container[key] = value`` where key and value are numbers, strings
@@ -353,7 +427,9 @@ class Channel:
 
     def _fold(self, run: _Run) -> None:
         """Replace the run's writes (and an earlier fold of them) by the container's contents."""
-        contents = _contents_call(run.container)
+        with _segment.pinning() as pinned:
+            contents = _contents_call(run.container)
+        self._open_pins += pinned
         if contents is None:
             run.limit *= 2  # the contents do not pickle: the writes themselves travel
             return
@@ -386,30 +462,37 @@ class Channel:
         self._open, self._run = [], None
         self._generation += 1
         self.messages_recorded += 1
-        self._append(update, _size(update))
+        pins, self._open_pins = self._open_pins, []
+        self._append(update, _size(update), pins)
         self._maybe_snapshot()
 
-    def _append(self, update: Update, size: int) -> None:
+    def _append(self, update: Update, size: int, pins: list[_segment.Segment]) -> None:
         self._gens.append(self._generation)
         self._log.append(update)
         self._sizes.append(size)
-        self._since_snapshot += size
+        self._pins.append(pins)
+        # What a snapshot would let go of includes the memory the change holds:
+        # a list replaced every epoch costs a few hundred bytes of log, and all of
+        # its records in shared memory.
+        self._since_snapshot += size + sum(p.size for p in {id(p): p for p in pins}.values())
 
     def _maybe_snapshot(self) -> None:
-        newest = self._snapshots[-1][1] if self._snapshots else self._base or b""
+        newest = self._snapshots[-1].data if self._snapshots else self._base or b""
         if not self._snapshotting or self._source is None:
             return
         if self._since_snapshot <= max(len(newest), SNAPSHOT_FLOOR):
             return
         try:
-            data = pickle.dumps(self._source, protocol=_pickling.PROTOCOL)
+            with _segment.pinning() as pinned:
+                data = pickle.dumps(self._source, protocol=_pickling.PROTOCOL)
         except Exception as exc:  # the log keeps everything: correct, only larger
             logger.debug("no snapshot of the dataset for the control log: %r", exc)
             return
-        self._add_snapshot(self._generation, data)
+        self._add_snapshot(self._generation, data, pinned)
 
-    def _add_snapshot(self, generation: int, data: bytes) -> None:
-        self._snapshots.append((generation, data))
+    def _add_snapshot(self, generation: int, data: bytes, pins: list[_segment.Segment]) -> None:
+        # A snapshot not yet the base was never sent: dropped, it needs no pins.
+        self._snapshots.append(_Snapshot(generation, data, pins))
         if len(self._snapshots) > PENDING_SNAPSHOTS:
             del self._snapshots[-2]  # keep the oldest (the next base) and the newest
         self._since_snapshot = 0
@@ -460,14 +543,15 @@ class Channel:
         found = self.updates(after, upto)
         with self._lock:
             self._base_generation = max(self._base_generation, upto)
-            self._snapshots = [s for s in self._snapshots if s[0] > self._base_generation]
+            self._snapshots = [s for s in self._snapshots if s.generation > self._base_generation]
         return found
 
     def move_base(self, generation: int) -> None:
         """A new template holds the dataset at ``generation``: the base is there."""
         with self._lock:
+            self._retire(self._base_generation, self._base_pins)
             self._base, self._base_generation, self._snapshots = None, generation, []
-            self._snapshotting = False
+            self._base_pins, self._snapshotting = [], False
 
     def compact(self, oldest_needed: int, live: list[int]) -> None:
         """Drop what no worker can need.
@@ -476,14 +560,18 @@ class Channel:
         (the oldest generation of an unfinished task), and changes at or below
         both the base and every ``live`` worker's generation are dropped."""
         with self._lock:
-            usable = [s for s in self._snapshots if s[0] <= oldest_needed]
+            usable = [s for s in self._snapshots if s.generation <= oldest_needed]
             if usable:
-                self._base_generation, self._base = usable[-1]
-                self._snapshots = [s for s in self._snapshots if s[0] > self._base_generation]
+                self._retire(self._base_generation, self._base_pins)
+                self._base_generation, self._base, self._base_pins = usable[-1]
+                self._snapshots = [
+                    s for s in self._snapshots if s.generation > self._base_generation
+                ]
             floor = min([self._base_generation, *live])
             cut = bisect.bisect_right(self._gens, floor)
             if cut:
-                del self._gens[:cut], self._log[:cut], self._sizes[:cut]
+                self._retire(self._gens[cut - 1], [p for pins in self._pins[:cut] for p in pins])
+                del self._gens[:cut], self._log[:cut], self._sizes[:cut], self._pins[:cut]
                 self._trimmed = max(self._trimmed, floor)
 
 
@@ -519,97 +607,6 @@ def _contents_call(container: Any) -> bytes | None:
         return pickle.dumps((assign_contents, (THIS, value), {}), protocol=_pickling.PROTOCOL)
     except Exception:  # the writes themselves pickled: keep them
         return None
-
-
-# ------------------------------------------------------------- in a worker
-
-
-def resolve(dataset: Any, path: Path) -> Any:
-    """Follow ``path`` from ``dataset`` to the object a change applies to."""
-    obj = dataset
-    for kind, key in path:
-        if kind == "attr":
-            obj = getattr(obj, key)
-        elif kind == "item":
-            obj = obj[key]
-        else:
-            fn, args, kwargs = pickle.loads(key)
-            obj = fn(*_put(args, obj), **_put(kwargs, obj))
-    return obj
-
-
-def _put(arguments: Any, obj: Any) -> Any:
-    """``arguments`` with :data:`THIS` (also inside a tuple) replaced by ``obj``."""
-    if isinstance(arguments, This):
-        return obj
-    if isinstance(arguments, tuple):
-        return tuple(_put(a, obj) for a in arguments)
-    if isinstance(arguments, dict):
-        return {k: _put(v, obj) for k, v in arguments.items()}
-    return arguments
-
-
-def apply_update(dataset: Any, update: Update) -> None:
-    """Apply a recorded change to a worker's copy of the dataset."""
-    if isinstance(update, Changes):
-        _apply_all(dataset, update.updates)
-    elif isinstance(update, SetAttr):
-        setattr(resolve(dataset, update.path), update.name, pickle.loads(update.value))
-    elif isinstance(update, DelAttr):
-        delattr(resolve(dataset, update.path), update.name)
-    elif isinstance(update, SetItem):
-        resolve(dataset, update.path)[pickle.loads(update.key)] = pickle.loads(update.value)
-    elif isinstance(update, SetItems):
-        obj = resolve(dataset, update.path)
-        for key, value in pickle.loads(update.items):
-            obj[key] = value
-    elif isinstance(update, DelItem):
-        del resolve(dataset, update.path)[pickle.loads(update.key)]
-    elif isinstance(update, Call):
-        obj = resolve(dataset, update.path)
-        fn, args, kwargs = pickle.loads(update.call)
-        fn(*_put(args, obj), **_put(kwargs, obj))
-    elif isinstance(update, Broadcast):
-        fn, args, kwargs = pickle.loads(update.call)
-        fn(dataset, *args, **kwargs)
-    elif not isinstance(update, Refresh):  # a fresh start changes no dataset
-        raise TypeError(f"not a control update: {update!r}")
-
-
-def _apply_all(dataset: Any, updates: tuple[Update, ...]) -> None:
-    """Apply every update of a group, then raise the first that failed, if one did:
-    a failure leaves the worker's copy as close to the main process's as it can."""
-    failure: Exception | None = None
-    for update in updates:
-        try:
-            apply_update(dataset, update)
-        except Exception as exc:
-            failure = failure or exc
-    if failure is not None:
-        raise failure
-
-
-def assign_contents(obj: Any, value: Any) -> None:
-    """Give ``obj`` the contents ``value`` (as :func:`_contents_call` took them)."""
-    if isinstance(obj, np.ndarray):
-        obj[...] = value
-    elif isinstance(obj, torch.Tensor):
-        with torch.no_grad():
-            obj.copy_(value)
-    elif isinstance(obj, dict):
-        obj.clear()
-        for key, item in value:
-            obj[key] = item
-    elif isinstance(obj, (list, bytearray)):
-        obj[:] = value
-    else:  # set, deque
-        obj.clear()
-        obj.extend(value) if isinstance(obj, collections.deque) else obj.update(value)
-
-
-def call_ufunc(ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
-    """``getattr(ufunc, method)(*inputs, **kwargs)``, picklable by reference."""
-    return getattr(ufunc, method)(*inputs, **kwargs)
 
 
 # ------------------------------------------------------------ the main side

@@ -27,7 +27,7 @@ from ._deaths import (
     silent_start_error,
     start_error,
 )
-from ._messages import Done, Exhausted, Failed, Ready, StartFailed, Trim, Trimmed
+from ._messages import Done, Exhausted, Failed, Ready, StartFailed, Synced, Trim, Trimmed
 from ._packing import out_of_descriptors
 from ._polling import Entry, Waker, Watchlist, readable
 from ._processes import EXIT_CODE_WAIT, Worker, Workforce
@@ -80,6 +80,7 @@ class IOThread:
         def _send(self, w: Worker, message: bytes) -> None: ...
         def _launch(self, worker_id: int, *, replacement: bool = False) -> Worker: ...
         def _break(self, error: PoolBrokenError) -> None: ...
+        def _release_pins(self) -> None: ...
 
     def _io_loop(self) -> None:
         try:
@@ -179,6 +180,7 @@ class IOThread:
     def _on_template(self, template: Any) -> None:
         with self._lock:
             news = self._workforce.on_template(template, [*self._workers, *self._retiring])
+            self._release_pins()  # it may have acknowledged changes
             if news.unsafe:
                 self._workforce.drop_template(news.unsafe)
                 self._start_unforked()
@@ -225,7 +227,15 @@ class IOThread:
 
     def _handle(self, w: Worker, message: Any) -> None:
         if isinstance(message, Ready):
-            w.ready = True
+            with self._lock:
+                w.ready = True
+                w.acknowledge(w.start_generation)
+                self._release_pins()
+            return
+        if isinstance(message, Synced):
+            with self._lock:
+                w.acknowledge(message.generation)
+                self._release_pins()
             return
         if isinstance(message, Trimmed):
             self._transport.forget(w.identity, message.slabs)
@@ -236,6 +246,9 @@ class IOThread:
         with self._lock:
             record = w.tasks.pop(message.seq, None)
             wanted = record is not None and not record.cancelled
+            if record is not None:  # it applied the changes the task needed
+                w.acknowledge(record.generation)
+                self._release_pins()
             following = next(iter(w.tasks.values()), None)
             if following is not None and not following.started:
                 following.started = time.monotonic()  # it runs now

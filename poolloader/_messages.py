@@ -4,13 +4,14 @@ Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`SetItems`, :class:`DelItem`, :class:`Call`,
 :class:`Broadcast`, :class:`Replace`, and :class:`Changes` grouping several),
-:class:`Release`, :class:`Drop`, :class:`Trim`, :class:`StartedSlot` and :class:`Stop`.
-Worker → main:
-:class:`Ready`, :class:`StartFailed`, :class:`Done`, :class:`Failed`, :class:`Exhausted`
-and :class:`Trimmed`. Main →
+:class:`Sync`, :class:`Release`, :class:`Drop`, :class:`Trim`, :class:`StartedSlot` and
+:class:`Stop`. Worker → main:
+:class:`Ready`, :class:`StartFailed`, :class:`Done`, :class:`Failed`, :class:`Exhausted`,
+:class:`Synced` and :class:`Trimmed`. Main →
 template process (NOTE [ Templates ] in ``_template.py``): :class:`ForkWorker`,
 :class:`Advance` and :class:`Stop`; template → main: :class:`TemplateReady`,
-:class:`TemplateUnsafe`, :class:`StartFailed`, :class:`Forked` and :class:`Exited`.
+:class:`TemplateUnsafe`, :class:`StartFailed`, :class:`Forked`, :class:`Advanced` and
+:class:`Exited`.
 
 Values chosen by the user (attribute values, broadcast functions, datasets) are
 pickled once in the main process, when the change is made, and travel as
@@ -242,6 +243,15 @@ class Trim:
     :class:`Trimmed`), so their memory goes back to the system."""
 
 
+@message
+@dataclass(frozen=True, slots=True)
+class Sync:
+    """Follows the changes sent to a worker with no task: once it has applied
+    them, it answers :class:`Synced` (NOTE [ Pinned segments ] in ``_control.py``)."""
+
+    generation: int
+
+
 # ---------------------------------------------------------------- worker → main
 
 
@@ -327,6 +337,14 @@ class Exhausted:
 
 @message
 @dataclass(frozen=True, slots=True)
+class Synced:
+    """The worker applied every change up to ``generation`` (the answer to :class:`Sync`)."""
+
+    generation: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class Trimmed:
     """The slabs a worker closed after :class:`Trim`: unmap them."""
 
@@ -405,6 +423,15 @@ class Forked:
     worker_id: int
     started: float
     pid: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Advanced:
+    """The template applied :class:`Advance` up to ``generation``: what the changes
+    named may go (NOTE [ Pinned segments ] in ``_control.py``)."""
+
+    generation: int
 
 
 @message

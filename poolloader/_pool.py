@@ -43,6 +43,7 @@ from ._messages import (
     EpochStart,
     PickledObject,
     Refresh,
+    Sync,
     Task,
     Trim,
 )
@@ -351,9 +352,24 @@ class Pool(IOThread):
                 if self._fresh_start(w, upto) is not None:
                     self._workers[i] = self._recycle(w, upto)
                 else:
-                    for message in self._update_messages(w, upto):
+                    messages = self._update_messages(w, upto)
+                    for message in messages:
                         self._send(w, message)
+                    if messages:  # its answer lets what the changes named go
+                        self._send(w, pickle.dumps(Sync(upto)))
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
+        self._release_pins()
+
+    def _release_pins(self) -> None:
+        """Let the channel drop the segments every live worker and the template
+        have unpickled (lock held; NOTE [ Pinned segments ] in _control.py)."""
+        if not self._channel.holds_released:
+            return
+        marks = [w.acknowledged for w in self._workers if not w.dead]
+        template = self._workforce.template
+        if template is not None:
+            marks.append(template.acknowledged)
+        self._channel.release(min(marks, default=self._channel.generation))
 
     def late_in(self, record: TaskRecord) -> float | None:
         """Seconds until ``record`` runs late (0.0: it does now): the task a started

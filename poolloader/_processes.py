@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from . import _proctree, _worker
 from ._deaths import descendants, describe_exit, silent_start_error, start_error
 from ._messages import (
+    Advanced,
     DatasetFollows,
     Forked,
     PickledObject,
@@ -89,6 +90,16 @@ class Worker:
     # Where it writes the seq of each task it starts (NOTE [ Started tasks ] in
     # _iothread.py); None if the shared memory could not be made.
     started_slot: mmap.mmap | None = None
+    # The newest generation it has said it applied (NOTE [ Pinned segments ] in
+    # _control.py): where it started once Ready, then its finished tasks' and Synced.
+    acknowledged: int = -1
+    start_generation: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.start_generation = self.generation
+
+    def acknowledge(self, generation: int) -> None:
+        self.acknowledged = max(self.acknowledged, generation)
 
     def has_started(self, record: TaskRecord) -> bool:
         """Whether it began ``record`` (its first task): ``False`` when it died
@@ -235,7 +246,9 @@ class Workforce:
         template.receive()
         for message, pidfd in template.take():
             if isinstance(message, TemplateReady):
-                template.ready = True
+                template.on_ready()
+            elif isinstance(message, Advanced):
+                template.acknowledged = max(template.acknowledged, message.generation)
             elif isinstance(message, Forked) and pidfd is not None:
                 self._forked(workers, message, ForkedProcess(template, message.pid, pidfd))
             elif isinstance(message, TemplateUnsafe):

@@ -80,9 +80,10 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
-from . import _control, _worker
+from . import _replay, _worker
 from ._messages import (
     Advance,
+    Advanced,
     DatasetFollows,
     Exited,
     Forked,
@@ -271,6 +272,7 @@ class _Template:
                 self._fork(message)
             elif isinstance(message, Advance):
                 self._advance(message.updates)
+                _send(self.conn, Advanced(message.generation))
             elif isinstance(message, Stop):
                 return
 
@@ -306,7 +308,7 @@ class _Template:
             if isinstance(update, Replace):
                 dataset = pickle.loads(update.dataset)
             else:
-                _control.apply_update(dataset, update)
+                _replay.apply_update(dataset, update)
         self.setup = replace(self.setup, dataset=dataset)
         if any(isinstance(update, Replace) for update in updates):
             gc.unfreeze()  # the old copy's cycles, frozen with it, can go now
@@ -388,6 +390,10 @@ class Template:
                 self._close_pipe()
                 raise self._start_error
         self.generation = generation  # of the dataset the template holds
+        # The newest generation it has said it holds (NOTE [ Pinned segments ] in
+        # _control.py): where it started once ready, then each Advanced.
+        self.acknowledged = -1
+        self._start_generation = generation
         self.ready = False
         self.stopped = False
         self._lock = threading.Lock()  # the I/O thread reads; a worker's join() may too
@@ -471,6 +477,11 @@ class Template:
         if sending is not None:
             sending.join()
             self._sending = None
+
+    def on_ready(self) -> None:
+        """It reported :class:`TemplateReady`: it holds the dataset it started with."""
+        self.ready = True
+        self.acknowledged = max(self.acknowledged, self._start_generation)
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
         """Bring the template's dataset to ``generation``."""

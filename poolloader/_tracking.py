@@ -202,7 +202,8 @@ def _payload(channel: Any, value: Any, where: Any) -> bytes | None:
     if not channel.active:
         return None
     try:
-        return pickle.dumps(value, _pickling.PROTOCOL)
+        with channel.pinning():
+            return pickle.dumps(value, _pickling.PROTOCOL)
     except Exception as exc:
         raise _pickling.not_picklable(value, where if isinstance(where, str) else where(), exc)
 
@@ -216,7 +217,8 @@ def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
     """Record a call that changed the view's object (its contents if ``call`` is None)."""
     target, path, channel = _state(view)
     if call is None:
-        call = _control._contents_call(target)
+        with channel.pinning():
+            call = _control._contents_call(target)
         if call is None:  # its items do not pickle: say which
             _pickling.dumps(target, _control.render(path))
             return

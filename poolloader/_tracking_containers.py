@@ -74,7 +74,8 @@ def call_mutator(view: View, name: str, fn: Any, args: tuple[Any, ...], kwargs: 
     call = None
     if channel.active:
         try:
-            call = pickle.dumps((fn, (THIS, *args), kwargs), _pickling.PROTOCOL)
+            with channel.pinning():
+                call = pickle.dumps((fn, (THIS, *args), kwargs), _pickling.PROTOCOL)
         except Exception:  # a lambda sort key: the contents travel instead
             call = None
     container = _kind(type(target)) == _CONTAINER

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _control, _pickling, _tracking
+from . import _control, _pickling, _replay, _tracking
 from ._messages import THIS, Path, SetAttr, SetItem
 from ._tracking import Tracked, View, record_call
 from ._tracking_containers import _mutator, call_mutator
@@ -94,7 +94,10 @@ def _change(views: list[Any], fn: Any, args: Any, kwargs: Any, run: Any) -> Any:
         for view in targets.values():
             _tracking._state(view)  # a reference kept across a change: checked first
     one = active and len(targets) == 1
-    call = _pickled_call(fn, args, kwargs, first._pl_target) if one else None
+    call = None
+    if one:
+        with first._pl_channel.pinning():
+            call = _pickled_call(fn, args, kwargs, first._pl_target)
     result = run()
     if active:
         for view in targets.values():
@@ -173,7 +176,7 @@ class ArrayView(Tracked):
         if not changed:
             return run()
         call_args = (ufunc, method, *inputs)
-        return _change(changed, _control.call_ufunc, call_args, kwargs, run)
+        return _change(changed, _replay.call_ufunc, call_args, kwargs, run)
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         changed = [o for o in _outs(kwargs) if isinstance(o, ArrayView)]

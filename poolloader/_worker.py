@@ -43,7 +43,7 @@ import numpy as np
 import psutil
 import torch
 
-from . import _control, _pickling, _proctree, _seeding
+from . import _pickling, _proctree, _replay, _seeding
 from ._messages import (
     Done,
     Drop,
@@ -58,6 +58,8 @@ from ._messages import (
     StartedSlot,
     StartFailed,
     Stop,
+    Sync,
+    Synced,
     Task,
     Trim,
     Trimmed,
@@ -192,6 +194,8 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
             state.start_epoch(message)
         elif isinstance(message, Trim):
             _send(conn, Trimmed(state.packer.trim()))
+        elif isinstance(message, Sync):
+            _send(conn, Synced(message.generation))
         elif isinstance(message, Stop):
             return
         else:
@@ -225,7 +229,7 @@ class _State:
             if isinstance(update, Replace):
                 self.dataset = pickle.loads(update.dataset)
             else:
-                _control.apply_update(self.dataset, update)
+                _replay.apply_update(self.dataset, update)
         self.install(self.dataset)
 
     def install(self, dataset: Any) -> None:
@@ -280,7 +284,7 @@ class _State:
             if isinstance(update, Replace):
                 self.install(pickle.loads(update.dataset))
             else:
-                _control.apply_update(self.dataset, update)
+                _replay.apply_update(self.dataset, update)
         except Exception as exc:
             self.pending_error = RemoteError.capture(exc)
 

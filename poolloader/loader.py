@@ -18,7 +18,7 @@ import torch.utils.data
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.dataloader import _DatasetKind
 
-from . import _pickling, _proctree, _seeding
+from . import _pickling, _proctree, _seeding, _segment
 from ._control import Channel, broadcast_payload
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
@@ -265,7 +265,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """
         if not callable(fn):
             raise TypeError(f"broadcast() needs a callable, but got {fn!r}")
-        payload = broadcast_payload(fn, args, kwargs) if self.num_workers > 0 else None
+        payload = None
+        if self.num_workers > 0:
+            with self._channel.pinning():
+                payload = broadcast_payload(fn, args, kwargs)
         result = fn(self._dataset_target, *args, **kwargs)
         if payload is not None:
             self._channel.record(Broadcast(payload))
@@ -338,7 +341,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         template. Workers started directly load the snapshot themselves."""
         dataset = self._dataset_target
         if not pool.forks_workers:
-            self._channel.record(Replace(_pickling.dumps(dataset, "dataset")))
+            with self._channel.pinning():
+                pickled = _pickling.dumps(dataset, "dataset")
+            self._channel.record(Replace(pickled))
             return
         fingerprint = None if pool.inherits_dataset else self._fingerprint_now()
         if (
@@ -348,7 +353,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         ):
             self._channel.record(Refresh())  # unchanged since the template's copy
             return
-        snapshot = None if fingerprint is None else _pickling.dumps_or_none(dataset)
+        with self._channel.pinning():  # held with the Replace below, or the next change
+            snapshot = None if fingerprint is None else _pickling.dumps_or_none(dataset)
         if snapshot is None:
             if not pool.restart_template(dataset):
                 # Another iterator still wants batches: fresh workers come from the
@@ -502,11 +508,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """The dataset as it travels to a new pool (``_pickling.ship``, ``on_part``
         taking its pickle as it is made); the pickle becomes the control channel's
         base and the snapshot epochs compare with."""
-        dataset = _pickling.ship(self._dataset_target, "dataset", inherited=False,
-                                 on_part=on_part)  # fmt: skip
+        with _segment.pinning() as pinned:  # NOTE [ Pinned segments ] in _control.py
+            dataset = _pickling.ship(self._dataset_target, "dataset", inherited=False,
+                                     on_part=on_part)  # fmt: skip
         if isinstance(dataset, PickledObject):
             self._snapshot = dataset.data
-            self._channel.provide_base(dataset.data)
+            self._channel.provide_base(dataset.data, pinned)
         return dataset
 
     def _worker_init(self) -> Callable[[int], None] | None:

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from poolloader._control import Channel, apply_update
+from poolloader._control import Channel
 from poolloader._messages import Call, Changes, SetAttr
+from poolloader._replay import apply_update
 from poolloader._tracking import _VIEWS, root_view
 from poolloader.errors import NotPicklableError
 

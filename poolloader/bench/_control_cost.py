@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _control
+from .. import _control, _replay
 from ..loader import DataLoader
 
 #: Rows of the dataset the figures are measured on.
@@ -112,7 +112,7 @@ def _time_change(
         main.append(time.perf_counter() - started)
         started = time.perf_counter()
         for update in (pickle.loads(m) for m in messages[: len(messages) // num_workers]):
-            _control.apply_update(replica, update)
+            _replay.apply_update(replica, update)
         worker.append(time.perf_counter() - started)
         size = sum(len(m) for m in messages) // num_workers
     return statistics.median(main) * 1e3, statistics.median(worker) * 1e3, size
