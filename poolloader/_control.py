@@ -69,8 +69,9 @@ does not:
   and a tensor of at most 4 KiB. A call that changes nothing is not recorded
   (``pop(k, None)`` of a missing key, ``extend([])``, ``discard`` of an absent
   element);
-* item writes of numbers and strings into one container between two batches
-  (``random.shuffle(loader.dataset.items)``) travel together, a few bytes each
+* item writes of numbers and strings (NumPy's scalars too) into one container
+  between two batches (``random.shuffle(loader.dataset.items)``,
+  ``np.random.shuffle(loader.dataset.arr)``) travel together, a few bytes each
   (:class:`~._messages.SetItems`), and once they outnumber a quarter of its
   items, its whole contents travel instead.
 

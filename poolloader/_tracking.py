@@ -176,7 +176,13 @@ def unwrap_deep(obj: Any) -> Any:
 
 #: Types of keys and values whose item writes are recorded without pickling
 #: each (see ``Channel.record_atom``).
-_ATOMS = frozenset({int, float, str, bool, bytes, complex, type(None)})
+_ATOMS = frozenset({int, float, str, bool, bytes, complex, type(None)}) | frozenset(
+    # NumPy's scalars are as immutable (``np.random.shuffle(loader.dataset.arr)``
+    # writes them back one by one); not np.void, a structured record's view.
+    t
+    for t in set(np.sctypeDict.values())
+    if issubclass(t, np.generic) and not issubclass(t, (np.void, np.object_))
+)
 #: Values assigned through a view that may hold views inside them.
 _UNWRAPPED = frozenset({list, tuple, dict, set})
 

@@ -4,6 +4,7 @@ workers, and reads change nothing (issue 14)."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -48,6 +49,22 @@ def test_a_change_reaches_persistent_workers(change, transport):
     assert expected != Knobs().summary(), "the change changed the main process's dataset"
     assert {row[2] for row in after} == {expected}, "every worker agrees with the main process"
     assert {row[1] for row in after} == {0, 1}
+
+
+def test_numpy_shuffle_of_an_array_reaches_the_workers():
+    """np.random.shuffle writes NumPy scalars back one at a time; they travel as
+    item writes of numbers do (folded into the contents), and keep their dtype."""
+    dataset = Knobs(n=8)
+    dataset.w = np.arange(300, dtype=np.float32)
+    with _loader(dataset) as loader:
+        list(loader)
+        with warnings.catch_warnings():  # NumPy: "not a subclass of 'Sequence'"
+            warnings.simplefilter("ignore", UserWarning)
+            np.random.RandomState(1).shuffle(loader.dataset.w)
+        rows = list(loader)
+    assert dataset.w.dtype == np.float32 and sorted(dataset.w.tolist()) == list(range(300))
+    assert dataset.w.tolist() != list(range(300))
+    assert {row[2] for row in rows} == {dataset.summary()}
 
 
 def test_the_table_of_issue_14_as_written():
