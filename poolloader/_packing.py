@@ -9,12 +9,6 @@ sparse and quantized tensors, tensor subclasses, tensors that need grad, object
 arrays) is pickled the way torch's own loader pickles it, with
 multiprocessing's ``ForkingPickler`` and torch's reducers.
 
-NOTE [ Views ]: a tensor that is a view (strided, offset, or part of a bigger
-storage) travels as its whole storage, once per batch, plus its size, strides
-and offset, so that it arrives as torch's loader delivers it: the same strides,
-and views of one storage in a batch still share it (a write through one shows
-in the others). Other tensors travel as their own contiguous bytes.
-
 NOTE [ Slab fallback ]: when a batch fits no slab and no slab is free (the
 consumer holds them all), the batch travels through fresh shared memory
 instead. Tensors that collation already wrote into a slab are *copied* out
@@ -42,45 +36,30 @@ import errno
 import io
 import math
 import os
-import pickle
 import socket
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler, sendfds
+from multiprocessing.reduction import sendfds
 from typing import Any
 
-import numpy as np
 import torch
 
 from ._messages import message
+from ._skeleton import (
+    CopyOutOfSlabs,
+    SkeletonPickler,
+    TorchPickler,
+    aligned,
+    nbytes,
+    shared_storages,
+)
 from .errors import ResultTooLargeError
 
-#: Tensors and arrays smaller than this travel inside the pickled skeleton:
-#: for small data one pipe write beats a slab's bookkeeping and release message.
-INLINE_BYTES = 32 * 1024
-#: Data offsets in a slab are aligned to this (a cache line, and any dtype's size).
-ALIGN = 64
 #: Slabs grow in steps of this many bytes, so similar batches fit the same slab.
 SLAB_GRANULE = 1 << 20
 #: A free slab that none of a worker's last this many batches used is closed
 #: (NOTE [ Slab ageing ]).
 SLAB_IDLE_BATCHES = 32
-
-
-def nbytes(batch: Any) -> int:
-    """Bytes of tensor and array data in a (nested) batch."""
-    if isinstance(batch, torch.Tensor):
-        if batch.is_nested:
-            return sum(nbytes(t) for t in batch.unbind())
-        return batch.element_size() * batch.numel()
-    if isinstance(batch, np.ndarray):
-        return int(batch.nbytes)
-    if isinstance(batch, Mapping):
-        return sum(nbytes(v) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return sum(nbytes(v) for v in batch)
-    return 0
 
 
 def check_size(size: int, limit: int | None) -> None:
@@ -160,229 +139,6 @@ def out_of_descriptors(exc: BaseException) -> bool:
     return False
 
 
-# ------------------------------------------------------------------ skeletons
-
-
-def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
-    """``("tensor", contiguous tensor)``, ``("array", contiguous array)`` or
-    ``("array_t", C-contiguous transpose of a Fortran-order array)`` if ``obj``
-    can travel as raw bytes; ``None`` to pickle it as torch would."""
-    if type(obj) is torch.Tensor:
-        if (
-            obj.is_nested
-            or obj.layout != torch.strided
-            or obj.is_quantized
-            or obj.device.type != "cpu"
-            or obj.requires_grad
-        ):
-            return None
-        return "tensor", obj.resolve_conj().resolve_neg().contiguous()
-    if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
-        obj = _native_order(obj)
-        if obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous:
-            # Fortran order arrives as Fortran order, as pickle keeps it: its
-            # transpose's bytes, in C order, transposed back on arrival.
-            return "array_t", obj.T
-        # (Not np.ascontiguousarray: it makes a 0-d array 1-d.)
-        return "array", obj if obj.flags.c_contiguous else obj.copy(order="C")
-    return None
-
-
-def _plain_dtype(dtype: np.dtype) -> bool:
-    """Whether an array of ``dtype`` travels as bytes and ``dtype.str``: not objects,
-    and not a structured or sub-array dtype, whose fields ``dtype.str`` drops."""
-    return not dtype.hasobject and dtype.names is None and dtype.subdtype is None
-
-
-def _native_order(array: np.ndarray) -> np.ndarray:
-    """``array`` in native byte order (a copy only when it is not): through torch's
-    queue (pickle protocol 4) NumPy arrays arrive native, ``>f4`` as ``<f4``."""
-    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
-
-
-def _raw_bytes(kind: str, data: Any) -> bytes:
-    if kind != "tensor":
-        return data.tobytes()  # any dtype (a memoryview refuses datetimes)
-    return data.reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
-class TorchPickler(ForkingPickler):
-    """multiprocessing's pickler with torch's reducers (tensors through fresh shared
-    memory), except for quantized tensors: torch's reducer drops their quantizer
-    (they arrive unusable, "UnknownQuantizer"), so they take the ordinary
-    pickling path, which keeps it. NumPy arrays arrive in native byte order, as
-    through torch's queue."""
-
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
-
-    def reducer_override(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor) and obj.is_quantized:
-            return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        if type(obj) is np.ndarray and not obj.dtype.isnative and _plain_dtype(obj.dtype):
-            # Protocol 5 would keep ">f4" (_native_order).
-            return _native_order(obj).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        return NotImplemented
-
-    @classmethod
-    def to_bytes(cls, obj: Any) -> bytes:
-        buffer = io.BytesIO()
-        cls(buffer).dump(obj)
-        return buffer.getvalue()
-
-
-class SkeletonPickler(TorchPickler):
-    """Pickles a batch, replacing tensors and arrays by descriptors of their bytes.
-
-    Tensors that collation already wrote into the staging slab are described
-    where they lie; the others are assigned space after them (``blocks``)."""
-
-    def __init__(
-        self, file: io.BytesIO, staging: _Slab | None, shared: frozenset[int] = frozenset()
-    ) -> None:
-        super().__init__(file)
-        self.staging = staging
-        self.shared = shared  # storages several tensors of the batch view
-        self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
-        self.staged = 0  # tensors found already in the staging slab
-        self.size = staging.top if staging is not None else 0
-        self.data_bytes = 0  # bytes of every tensor and array, wherever it travels
-        self.storages: dict[tuple[int, int], int] = {}  # views' storages sent so far
-
-    def persistent_id(self, obj: Any) -> Any:
-        if type(obj) is torch.Tensor and self._keeps_layout(obj):
-            return self._storage_view(obj)
-        found = _slab_candidate(obj)
-        if found is None:
-            if isinstance(obj, torch.Tensor):
-                self.data_bytes += nbytes(obj)
-            return None
-        kind, data = found
-        size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
-        self.data_bytes += size
-        dtype = str(data.dtype) if kind == "tensor" else data.dtype.str  # array, array_t
-        offset = self._staged_offset(data, size)
-        if offset is not None:
-            self.staged += 1
-            return ("slab", kind, dtype, tuple(data.shape), offset, size)
-        if size < INLINE_BYTES:
-            return ("inline", kind, dtype, tuple(data.shape), _raw_bytes(kind, data))
-        offset = self.size
-        self.blocks.append((offset, data))
-        self.size = _aligned(offset + size)
-        return ("slab", kind, dtype, tuple(data.shape), offset, size)
-
-    def _keeps_layout(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a view (strides, an offset, or a storage bigger than
-        itself) that should arrive as one, as torch's loader delivers it: views of
-        one storage keep sharing it. A plain tensor, or one that cannot travel as
-        bytes, or one in the staging slab, goes the usual way."""
-        if _slab_candidate(tensor) is None or tensor.is_conj() or tensor.is_neg():
-            return False
-        storage = tensor.untyped_storage()
-        staging = self.staging
-        if staging is not None and storage.data_ptr() == staging.base:
-            return False
-        whole = storage.nbytes() == tensor.element_size() * tensor.numel()
-        plain = tensor.is_contiguous() and tensor.storage_offset() == 0 and whole
-        return not plain or storage.data_ptr() in self.shared
-
-    def _storage_view(self, tensor: torch.Tensor) -> tuple[Any, ...]:
-        """A view of a storage sent once per batch (NOTE [ Views ])."""
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        shape = (str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()))
-        view = ("view", *shape, tensor.storage_offset())
-        index = self.storages.get(key)
-        if index is not None:
-            return (*view, index, None)
-        index = self.storages[key] = len(self.storages)
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-        size = flat.numel()
-        self.data_bytes += size
-        if size < INLINE_BYTES:
-            return (*view, index, ("inline", flat.numpy().tobytes()))
-        offset = self.size
-        self.blocks.append((offset, flat))
-        self.size = _aligned(offset + size)
-        return (*view, index, ("slab", offset, size))
-
-    def _staged_offset(self, data: Any, size: int) -> int | None:
-        staging = self.staging
-        if staging is None:
-            return None
-        # A tensor stacked into the slab, or an array collated into
-        # poolloader.batch_buffer(): it is there already, nothing to copy.
-        address = data.data_ptr() if isinstance(data, torch.Tensor) else data.ctypes.data
-        offset = address - staging.base
-        if offset >= 0 and offset + size <= staging.top:
-            return offset
-        return None
-
-
-class _StorageCounter(pickle.Pickler):
-    """Walks a batch as pickling would, counting the tensors on each storage."""
-
-    def __init__(self) -> None:
-        super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
-        self.seen: dict[int, int] = {}
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
-                ptr = obj.untyped_storage().data_ptr()
-                self.seen[ptr] = self.seen.get(ptr, 0) + 1
-            return 0
-        if isinstance(obj, np.ndarray):
-            return 0
-        return None
-
-
-class _NullSink(io.RawIOBase):
-    def write(self, b: Any) -> int:
-        return len(b)
-
-
-def shared_storages(batch: Any) -> frozenset[int]:
-    """The storages (by address) that more than one tensor of ``batch`` views."""
-    if isinstance(batch, torch.Tensor):  # the most common batch: nothing to share
-        return frozenset()
-    counter = _StorageCounter()
-    try:
-        counter.dump(batch)
-    except Exception:
-        return frozenset()  # the real pickling will say what is wrong
-    return frozenset(ptr for ptr, count in counter.seen.items() if count > 1 and ptr)
-
-
-def _aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
-
-
-class _CopyOutOfSlabs(TorchPickler):
-    """torch's pickling, except that tensors living in a slab are copied out first
-    (see NOTE [ Slab fallback ])."""
-
-    def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
-        super().__init__(file)
-        self._slab_storages = slab_storages
-
-    def reducer_override(self, obj: Any) -> Any:
-        if (
-            isinstance(obj, torch.Tensor)
-            and not obj.is_nested
-            and obj.layout == torch.strided
-            and not obj.is_quantized
-            and obj.untyped_storage().data_ptr() in self._slab_storages
-        ):
-            return _copy_of, (obj.clone(),)
-        return super().reducer_override(obj)
-
-
-def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
-
-
 # ------------------------------------------------------------------ slabs
 
 
@@ -392,7 +148,7 @@ class SlabConfig:
     max_batch_bytes: int | None
 
 
-class _Slab:
+class Slab:
     def __init__(self, slab_id: int, size: int) -> None:
         self.id, self.size = slab_id, size
         self.busy = False  # holds a batch the main process has not released
@@ -406,6 +162,7 @@ class _Slab:
             raise
         self.base = self.bytes.data_ptr()
         self.top = 0  # bump pointer while the slab stages a batch
+        self.allocations: list[tuple[int, int]] = []  # (offset, size) staged, ascending
         self.last_used = 0  # the worker's batch count when a batch last took it
 
     def region(self, offset: int, size: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
@@ -439,11 +196,11 @@ class SlabPacker:
         self._config = config
         self._sock = descriptor_socket(conn)
         self._lock = threading.Lock()  # release() and drop() run on the inbox thread
-        self._slabs: dict[int, _Slab] = {}
+        self._slabs: dict[int, Slab] = {}
         self._next_id = 0
         self._retired: list[int] = []
         self._largest = 0
-        self._staging: _Slab | None = None
+        self._staging: Slab | None = None
         self._staging_new = False
         self._acquired = 0  # slabs handed to batches so far (NOTE [ Slab ageing ])
 
@@ -454,7 +211,7 @@ class SlabPacker:
         if self._largest:
             self._staging, self._staging_new = self._acquire(self._largest)
             if self._staging is not None:
-                self._staging.top = 0
+                self._staging.top, self._staging.allocations = 0, []
 
     def allocate(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
         """An uninitialised tensor in the staging slab, or ``None`` if it does not fit."""
@@ -465,7 +222,8 @@ class SlabPacker:
         if slab.top + size > slab.size:
             return None
         tensor = slab.region(slab.top, size, dtype, shape)
-        slab.top = _aligned(slab.top + size)
+        slab.allocations.append((slab.top, size))
+        slab.top = aligned(slab.top + size)
         return tensor
 
     def end(self) -> None:
@@ -484,7 +242,7 @@ class SlabPacker:
 
     def pack(self, batch: Any) -> tuple[Any, int]:
         buffer = io.BytesIO()
-        pickler = SkeletonPickler(buffer, self._staging, shared_storages(batch))
+        pickler = SkeletonPickler(buffer, self._staging, *shared_storages(batch))
         pickler.dump(batch)
         check_size(pickler.data_bytes, self._config.max_batch_bytes)
         if not pickler.blocks and not pickler.staged:
@@ -502,7 +260,7 @@ class SlabPacker:
         payload = InSlab(slab.id, slab.size if new else 0, pickler.size, buffer.getvalue(), retired)
         return payload, pickler.size
 
-    def _place(self, pickler: SkeletonPickler) -> tuple[_Slab | None, bool]:
+    def _place(self, pickler: SkeletonPickler) -> tuple[Slab | None, bool]:
         """The slab the batch goes into: the staging slab if it fits, else another
         (with the staged part copied over), else ``None`` (fresh memory)."""
         staging = self._staging
@@ -518,7 +276,7 @@ class SlabPacker:
         buffer = io.BytesIO()
         with self._lock:
             storages = {s.base for s in self._slabs.values()}
-        _CopyOutOfSlabs(buffer, storages).dump(batch)
+        CopyOutOfSlabs(buffer, storages).dump(batch)
         return buffer.getvalue()
 
     def after_send(self, payload: Any) -> None:
@@ -553,7 +311,7 @@ class SlabPacker:
             closed, self._retired = tuple(sorted(self._retired)), []
         return closed
 
-    def _acquire(self, size: int) -> tuple[_Slab | None, bool]:
+    def _acquire(self, size: int) -> tuple[Slab | None, bool]:
         with self._lock:
             for slab in [s for s in self._slabs.values() if s.dropped]:
                 self._discard(slab)
@@ -584,16 +342,16 @@ class SlabPacker:
         self._discard(min(free, key=lambda s: s.size))
         return True
 
-    def _discard(self, slab: _Slab) -> None:
+    def _discard(self, slab: Slab) -> None:
         del self._slabs[slab.id]
         slab.close()
         self._retired.append(slab.id)
 
-    def _create(self, size: int) -> _Slab:
+    def _create(self, size: int) -> Slab:
         largest = max((s.size for s in self._slabs.values()), default=0)
         size = -(-max(size, largest) // SLAB_GRANULE) * SLAB_GRANULE
         try:
-            slab = _Slab(self._next_id, size)
+            slab = Slab(self._next_id, size)
         except (OSError, RuntimeError) as exc:
             raise ResultTooLargeError(
                 f"could not allocate {size} bytes of shared memory for a batch: {exc}"

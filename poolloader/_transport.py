@@ -98,7 +98,7 @@ class _SkeletonUnpickler(pickle.Unpickler):
     def __init__(self, data: bytes, owner: np.ndarray | None) -> None:
         super().__init__(io.BytesIO(data))
         self._owner = owner
-        self._storages: dict[int, torch.Tensor] = {}  # NOTE [ Views ] in _packing.py
+        self._storages: dict[int, torch.Tensor] = {}  # NOTE [ Views ] in _skeleton.py
 
     def _view_of_storage(
         self, dtype: str, shape: Any, stride: Any, offset: int, index: int, where: Any

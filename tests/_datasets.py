@@ -464,6 +464,26 @@ def stack_into_batch_buffer(items):
     return {"x": out, "in_slab": in_slab(out.ctypes.data)}
 
 
+class Filled(Dataset):
+    """Item i: 20,000 floats of value i (big enough to travel in a slab)."""
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((20_000,), float(i))
+
+
+def views_of_batch_buffer(items):
+    """A collate_fn that stacks into poolloader.batch_buffer and returns views of
+    it beside it, as a model's input and its transposed copy might be."""
+    import poolloader
+
+    out = poolloader.batch_buffer((len(items), *items[0].shape), items[0].dtype)
+    torch.stack(items, out=out)
+    return {"head": out[:, :10], "t": out.t(), "whole": out}
+
+
 class Rows(Dataset):
     """Item i is ``rows[i]["v"]``: a manifest of dict records, changed in place.
 

@@ -306,9 +306,33 @@ def test_tensors_that_cannot_be_laid_out_travel_as_torch_sends_them(transport):
             assert all(torch.equal(x, y) for x, y in pairs), key
 
 
+def test_views_of_a_batch_buffer_arrive_as_views_of_one_storage_as_with_torch():
+    """Collated into the staging slab (a worker's batches after its first), views
+    of one batch_buffer() keep their strides and share their storage."""
+    from _datasets import Filled, views_of_batch_buffer
+
+    def layout(batch):
+        pointers = {v.untyped_storage().data_ptr() for v in batch.values()}
+        return {k: (v.stride(), v.storage_offset(), v.shape) for k, v in batch.items()}, pointers
+
+    theirs = torch.utils.data.DataLoader(Filled(), batch_size=4, num_workers=2,
+                                         collate_fn=views_of_batch_buffer)  # fmt: skip
+    with _loader(Filled(), batch_size=4, collate_fn=views_of_batch_buffer,
+                 persistent_workers=True) as ours:  # fmt: skip
+        for _ in range(2):
+            for got, want in zip(ours, theirs, strict=True):
+                (got_layout, got_storages), (want_layout, _) = layout(got), layout(want)
+                assert got_layout == want_layout and len(got_storages) == 1
+                assert all(torch.equal(got[k], want[k]) for k in got)
+                got["whole"][0, 3] = -1.0
+                assert got["head"][0, 3] == -1.0 and got["t"][3, 0] == -1.0  # one storage
+            stats = ours.statistics()
+    assert stats.slab_batches > 0, "no batch was collated into a slab: nothing was tested"
+
+
 @pytest.mark.parametrize("transport", ["shm", "pickle"])
 def test_views_keep_their_strides_and_their_shared_storage_as_with_torch(transport):
-    """NOTE [ Views ] in _packing.py: a view arrives with torch's strides and
+    """NOTE [ Views ] in _skeleton.py: a view arrives with torch's strides and
     offset, and views of one storage in a batch share it, as torch's loader gives."""
     from _datasets import Views, keep_items
 

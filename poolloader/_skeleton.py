@@ -1,0 +1,327 @@
+"""Skeletons: a batch pickled with its tensors and arrays replaced by descriptors
+of their bytes, which travel inline or in a slab (``_packing.py``).
+
+NOTE [ Views ]: a tensor that is a view (strided, offset, or part of a bigger
+storage) travels as its whole storage, once per batch, plus its size, strides
+and offset, so that it arrives as torch's loader delivers it: the same strides,
+and views of one storage in a batch still share it (a write through one shows
+in the others). Other tensors travel as their own contiguous bytes. A tensor
+collated into the staging slab (``poolloader.batch_buffer``, the default
+collate's stack) is where it will be read already; its "storage" is the
+allocation it lies in: ``out[:, :10]`` and ``out.t()`` of one
+``batch_buffer()`` arrive as views of one storage, as torch delivers them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import pickle
+from collections.abc import Mapping
+from multiprocessing.reduction import ForkingPickler
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from ._packing import Slab
+
+#: Tensors and arrays smaller than this travel inside the pickled skeleton:
+#: for small data one pipe write beats a slab's bookkeeping and release message.
+INLINE_BYTES = 32 * 1024
+#: Data offsets in a slab are aligned to this (a cache line, and any dtype's size).
+ALIGN = 64
+
+
+def nbytes(batch: Any) -> int:
+    """Bytes of tensor and array data in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_nested:
+            return sum(nbytes(t) for t in batch.unbind())
+        return batch.element_size() * batch.numel()
+    if isinstance(batch, np.ndarray):
+        return int(batch.nbytes)
+    if isinstance(batch, Mapping):
+        return sum(nbytes(v) for v in batch.values())
+    if isinstance(batch, (list, tuple)):
+        return sum(nbytes(v) for v in batch)
+    return 0
+
+
+def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
+    """``("tensor", contiguous tensor)``, ``("array", contiguous array)`` or
+    ``("array_t", C-contiguous transpose of a Fortran-order array)`` if ``obj``
+    can travel as raw bytes; ``None`` to pickle it as torch would."""
+    if type(obj) is torch.Tensor:
+        if (
+            obj.is_nested
+            or obj.layout != torch.strided
+            or obj.is_quantized
+            or obj.device.type != "cpu"
+            or obj.requires_grad
+        ):
+            return None
+        return "tensor", obj.resolve_conj().resolve_neg().contiguous()
+    if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
+        obj = _native_order(obj)
+        if obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous:
+            # Fortran order arrives as Fortran order, as pickle keeps it: its
+            # transpose's bytes, in C order, transposed back on arrival.
+            return "array_t", obj.T
+        # (Not np.ascontiguousarray: it makes a 0-d array 1-d.)
+        return "array", obj if obj.flags.c_contiguous else obj.copy(order="C")
+    return None
+
+
+def _plain_dtype(dtype: np.dtype) -> bool:
+    """Whether an array of ``dtype`` travels as bytes and ``dtype.str``: not objects,
+    and not a structured or sub-array dtype, whose fields ``dtype.str`` drops."""
+    return not dtype.hasobject and dtype.names is None and dtype.subdtype is None
+
+
+def _native_order(array: np.ndarray) -> np.ndarray:
+    """``array`` in native byte order (a copy only when it is not): through torch's
+    queue (pickle protocol 4) NumPy arrays arrive native, ``>f4`` as ``<f4``."""
+    return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def _raw_bytes(kind: str, data: Any) -> bytes:
+    if kind != "tensor":
+        return data.tobytes()  # any dtype (a memoryview refuses datetimes)
+    return data.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+class TorchPickler(ForkingPickler):
+    """multiprocessing's pickler with torch's reducers (tensors through fresh shared
+    memory), except for quantized tensors: torch's reducer drops their quantizer
+    (they arrive unusable, "UnknownQuantizer"), so they take the ordinary
+    pickling path, which keeps it. NumPy arrays arrive in native byte order, as
+    through torch's queue."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.is_quantized:
+            return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        if type(obj) is np.ndarray and not obj.dtype.isnative and _plain_dtype(obj.dtype):
+            # Protocol 5 would keep ">f4" (_native_order).
+            return _native_order(obj).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        return NotImplemented
+
+    @classmethod
+    def to_bytes(cls, obj: Any) -> bytes:
+        buffer = io.BytesIO()
+        cls(buffer).dump(obj)
+        return buffer.getvalue()
+
+
+class SkeletonPickler(TorchPickler):
+    """Pickles a batch, replacing tensors and arrays by descriptors of their bytes.
+
+    Tensors that collation already wrote into the staging slab are described
+    where they lie; the others are assigned space after them (``blocks``)."""
+
+    def __init__(
+        self,
+        file: io.BytesIO,
+        staging: Slab | None,
+        shared: frozenset[int] = frozenset(),
+        starts: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__(file)
+        self.staging = staging
+        self.shared = shared  # storages several tensors of the batch view
+        self.starts = starts  # where each tensor on a shared storage begins
+        self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
+        self.staged = 0  # tensors found already in the staging slab
+        self.size = staging.top if staging is not None else 0
+        self.data_bytes = 0  # bytes of every tensor and array, wherever it travels
+        self.storages: dict[tuple[int, int], int] = {}  # views' storages sent so far
+
+    def persistent_id(self, obj: Any) -> Any:
+        if type(obj) is torch.Tensor and self._keeps_layout(obj):
+            return self._storage_view(obj)
+        if type(obj) is torch.Tensor and self._in_staging(obj):
+            view = self._staged_view(obj)
+            if view is not None:
+                return view
+        found = _slab_candidate(obj)
+        if found is None:
+            if isinstance(obj, torch.Tensor):
+                self.data_bytes += nbytes(obj)
+            return None
+        kind, data = found
+        size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
+        self.data_bytes += size
+        dtype = str(data.dtype) if kind == "tensor" else data.dtype.str  # array, array_t
+        offset = self._staged_offset(data, size)
+        if offset is not None:
+            self.staged += 1
+            return ("slab", kind, dtype, tuple(data.shape), offset, size)
+        if size < INLINE_BYTES:
+            return ("inline", kind, dtype, tuple(data.shape), _raw_bytes(kind, data))
+        offset = self.size
+        self.blocks.append((offset, data))
+        self.size = aligned(offset + size)
+        return ("slab", kind, dtype, tuple(data.shape), offset, size)
+
+    def _keeps_layout(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view (strides, an offset, or a storage bigger than
+        itself) that should arrive as one, as torch's loader delivers it: views of
+        one storage keep sharing it. A plain tensor, or one that cannot travel as
+        bytes, or one in the staging slab, goes the usual way."""
+        if _slab_candidate(tensor) is None or tensor.is_conj() or tensor.is_neg():
+            return False
+        storage = tensor.untyped_storage()
+        staging = self.staging
+        if staging is not None and storage.data_ptr() == staging.base:
+            return False
+        whole = storage.nbytes() == tensor.element_size() * tensor.numel()
+        plain = tensor.is_contiguous() and tensor.storage_offset() == 0 and whole
+        return not plain or storage.data_ptr() in self.shared
+
+    def _storage_view(self, tensor: torch.Tensor) -> tuple[Any, ...]:
+        """A view of a storage sent once per batch (NOTE [ Views ])."""
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        shape = (str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()))
+        view = ("view", *shape, tensor.storage_offset())
+        index = self.storages.get(key)
+        if index is not None:
+            return (*view, index, None)
+        index = self.storages[key] = len(self.storages)
+        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+        size = flat.numel()
+        self.data_bytes += size
+        if size < INLINE_BYTES:
+            return (*view, index, ("inline", flat.numpy().tobytes()))
+        offset = self.size
+        self.blocks.append((offset, flat))
+        self.size = aligned(offset + size)
+        return (*view, index, ("slab", offset, size))
+
+    def _in_staging(self, tensor: torch.Tensor) -> bool:
+        staging = self.staging
+        return (
+            staging is not None
+            and tensor.layout == torch.strided
+            and not tensor.is_nested
+            and tensor.untyped_storage().data_ptr() == staging.base
+        )
+
+    def _staged_view(self, tensor: torch.Tensor) -> tuple[Any, ...] | None:
+        """A tensor in the staging slab that is not simply the whole of its
+        allocation, or shares it with another tensor of the batch, described as a
+        view of that allocation (NOTE [ Views ]); ``None``: it travels as itself."""
+        staging = self.staging
+        assert staging is not None
+        size, where = tensor.element_size(), tensor.data_ptr() - staging.base
+        found = _allocation(staging.allocations, where)
+        if found is None or tensor.is_conj() or tensor.is_neg() or tensor.requires_grad:
+            return None
+        offset, length = found
+        if (where - offset) % size or length % size:
+            return None
+        whole = tensor.is_contiguous() and where == offset and tensor.numel() * size == length
+        start, end = staging.base + offset, staging.base + offset + length
+        if whole and sum(start <= s < end for s in self.starts) <= 1:
+            return None  # the usual case: the plain "slab" descriptor
+        shape = (str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()))
+        view = ("view", *shape, (where - offset) // size)
+        index = self.storages.get((start, length))
+        if index is not None:
+            return (*view, index, None)
+        index = self.storages[(start, length)] = len(self.storages)
+        self.data_bytes += length
+        self.staged += 1
+        return (*view, index, ("slab", offset, length))
+
+    def _staged_offset(self, data: Any, size: int) -> int | None:
+        staging = self.staging
+        if staging is None:
+            return None
+        # A tensor stacked into the slab, or an array collated into
+        # poolloader.batch_buffer(): it is there already, nothing to copy.
+        address = data.data_ptr() if isinstance(data, torch.Tensor) else data.ctypes.data
+        offset = address - staging.base
+        if offset >= 0 and offset + size <= staging.top:
+            return offset
+        return None
+
+
+def _allocation(allocations: list[tuple[int, int]], where: int) -> tuple[int, int] | None:
+    """The staging allocation ``(offset, size)`` that byte ``where`` lies in."""
+    i = bisect.bisect_right(allocations, (where, math.inf)) - 1
+    if i >= 0 and allocations[i][0] <= where < sum(allocations[i]):
+        return allocations[i]
+    return None
+
+
+class _StorageCounter(pickle.Pickler):
+    """Walks a batch as pickling would, counting the tensors on each storage."""
+
+    def __init__(self) -> None:
+        super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
+        self.seen: dict[int, int] = {}
+        self.starts: list[tuple[int, int]] = []  # (storage, where a tensor begins)
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
+                ptr = obj.untyped_storage().data_ptr()
+                self.seen[ptr] = self.seen.get(ptr, 0) + 1
+                self.starts.append((ptr, obj.data_ptr()))
+            return 0
+        if isinstance(obj, np.ndarray):
+            return 0
+        return None
+
+
+class _NullSink(io.RawIOBase):
+    def write(self, b: Any) -> int:
+        return len(b)
+
+
+def shared_storages(batch: Any) -> tuple[frozenset[int], tuple[int, ...]]:
+    """The storages (by address) that more than one tensor of ``batch`` views,
+    and where each tensor on one of them begins."""
+    if isinstance(batch, torch.Tensor):  # the most common batch: nothing to share
+        return frozenset(), ()
+    counter = _StorageCounter()
+    try:
+        counter.dump(batch)
+    except Exception:
+        return frozenset(), ()  # the real pickling will say what is wrong
+    shared = frozenset(ptr for ptr, count in counter.seen.items() if count > 1 and ptr)
+    return shared, tuple(start for ptr, start in counter.starts if ptr in shared)
+
+
+def aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+class CopyOutOfSlabs(TorchPickler):
+    """torch's pickling, except that tensors living in a slab are copied out first
+    (see NOTE [ Slab fallback ] in ``_packing.py``)."""
+
+    def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
+        super().__init__(file)
+        self._slab_storages = slab_storages
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, torch.Tensor)
+            and not obj.is_nested
+            and obj.layout == torch.strided
+            and not obj.is_quantized
+            and obj.untyped_storage().data_ptr() in self._slab_storages
+        ):
+            return _copy_of, (obj.clone(),)
+        return super().reducer_override(obj)
+
+
+def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
