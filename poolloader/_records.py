@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ._segment import Segment, SegmentWriter
+from ._segment import Segment, SegmentWriter, pinning
 
 __all__ = ["Records", "encode_key", "key_index", "lookup_key", "write_keys", "write_records"]
 
@@ -128,7 +128,11 @@ def _listed(records: Iterable[Any]) -> list[Any]:
 
 def _chunks(records: Iterable[Any]) -> Iterator[Sequence[Any]]:
     """The records a chunk at a time: slices of a sequence, or an iterator read in turn."""
-    if isinstance(records, np.ndarray):
+    if isinstance(records, np.ndarray) and records.dtype.kind in "mMV":
+        # Dates, durations and structured records stay NumPy's: tolist() turns
+        # datetime64[ns] into ints and records into tuples.
+        records = list(records)
+    elif isinstance(records, np.ndarray):
         records = records.tolist()  # text or object arrays: their records as Python objects
     if isinstance(records, (list, tuple)):
         for start in range(0, len(records), CHUNK_RECORDS):
@@ -187,10 +191,13 @@ class _Stream:
         return np.asarray(self._held, dtype=_ARRAY_DTYPES[self.kind or "float"])
 
     def _encode(self, chunk: Sequence[Any], encode: Encoder, start: int) -> bytes:
-        try:
-            encoded = [encode(record) for record in chunk]
-        except Exception:
-            encoded = _encode_one_by_one(encode, chunk, start)
+        with pinning() as inside:  # a SharedList or SharedDict inside a record
+            try:
+                encoded = [encode(record) for record in chunk]
+            except Exception:
+                encoded = _encode_one_by_one(encode, chunk, start)
+        if inside:
+            _refuse_containers(encode, chunk, start)
         self.lengths.extend(map(len, encoded))
         return b"".join(encoded)
 
@@ -228,6 +235,20 @@ def _to_array(records: Sequence[Any] | np.ndarray, dtype: npt.DTypeLike | None) 
             f"dtype={array.dtype}; leave dtype=None to keep records as objects"
         )
     return array if array.dtype.isnative else array.astype(array.dtype.newbyteorder("="))
+
+
+def _refuse_containers(encode: Encoder, chunk: Sequence[Any], start: int) -> None:
+    """Raise for the first record that holds a SharedList or SharedDict: pickled,
+    it would name memory of its own, which goes when that container does."""
+    for offset, record in enumerate(chunk):
+        with pinning() as inside:
+            encode(record)
+        if inside:
+            raise TypeError(
+                f"record {start + offset} cannot be stored in shared memory: it holds a "
+                "SharedList or SharedDict, whose records live in memory of their own that "
+                "goes when it does; store its contents instead (list(x), dict(x))"
+            )
 
 
 def _encode_one_by_one(encode: Encoder, chunk: Sequence[Any], start: int) -> list[bytes]:
@@ -271,7 +292,13 @@ def _column_array(name: str, values: list[Any]) -> np.ndarray:
     """A column's values as a numeric array, or a TypeError naming a record that is not a number."""
     array = np.asarray(values) if values else np.zeros(0, dtype=np.float64)
     if array.dtype.kind not in "biuf" or array.ndim != 1:
-        bad = next((i for i, v in enumerate(values) if not _is_number(v)), 0)
+        bad = next((i for i, v in enumerate(values) if not _is_number(v)), None)
+        if bad is None:  # numbers all, but some int does not fit in 64 bits
+            bad = next(i for i, v in enumerate(values) if not _fits_int64([v]))
+            raise TypeError(
+                f"column {name!r} should hold numbers that fit a 64-bit integer or a float, "
+                f"but record {bad} has {values[bad]!r:.80}; leave {name!r} out of columns="
+            )
         raise TypeError(
             f"column {name!r} should hold one number per record, but record {bad} has "
             f"{values[bad]!r:.80}; leave {name!r} out of columns="
@@ -361,6 +388,25 @@ _DECODERS: dict[str, Callable[[memoryview], Any]] = {
 }
 
 
+def _item(array: np.ndarray) -> Callable[[int], Any]:
+    """Reads item ``index`` of an N-d ``array``: a scalar, or a row."""
+
+    def get(index: int) -> Any:
+        row = array[index]
+        return row.item() if row.ndim == 0 else row
+
+    return get
+
+
+def _decoded(data: memoryview, offsets: memoryview, decode: Any) -> Callable[[int], Any]:
+    """Decodes record ``index`` of the encoded ``data`` cut at ``offsets``."""
+
+    def get(index: int) -> Any:
+        return decode(data[offsets[index] : offsets[index + 1]])
+
+    return get
+
+
 class Records:
     """The records under one prefix of a segment, decoded on access.
 
@@ -385,20 +431,16 @@ class Records:
             char = self._array.dtype.char
             if self._array.ndim == 1 and char in _MEMORYVIEW_FORMATS:
                 self._scalars = segment.view(f"{prefix}values", char)
-            self.get = self._scalars.__getitem__ if self._scalars is not None else self._item
+            scalars = self._scalars
+            self.get = scalars.__getitem__ if scalars is not None else _item(self._array)
         else:
             self._data = segment.view(f"{prefix}data")
             self._offsets = segment.view(f"{prefix}offsets", "q")
             self._decode = _DECODERS[self.kind]
-            self.get = self._decoded
-
-    def _item(self, index: int) -> Any:
-        row = self._array[index]
-        return row.item() if row.ndim == 0 else row
-
-    def _decoded(self, index: int) -> Any:
-        offsets = self._offsets
-        return self._decode(self._data[offsets[index] : offsets[index + 1]])
+            self.get = _decoded(self._data, self._offsets, self._decode)
+        # (``get`` is a closure, not a bound method: a bound method held by its
+        # own object is a cycle, and the segment's memory would wait for the
+        # garbage collector instead of going with the last reference.)
 
     def encoded(self, index: int) -> memoryview:
         """The stored bytes of record ``index`` (kinds other than ``array``)."""
@@ -412,7 +454,7 @@ class Records:
                 part = rows[start : start + CHUNK_RECORDS]
                 yield from self._array[as_slice(part)].tolist()
         elif self.kind == "array":
-            yield from map(self._item, rows)
+            yield from map(self.get, rows)
         else:
             data, offsets, decode = self._data, self._offsets, self._decode
             for index in rows:

@@ -22,6 +22,7 @@ however it ends (NOTE [ Shared segments ] in ``_segment.py``); nothing is ever c
 from __future__ import annotations
 
 import bisect
+import re
 import zlib
 from collections.abc import (
     Callable,
@@ -401,7 +402,10 @@ class SharedDict(Mapping[K, V]):
         with SegmentWriter("dict") as writer:
             keys_meta = write_keys(writer, "keys.", encoded)
             del encoded
-            values_meta = write_records(writer, "values.", list(mapping.values()), dtype, names)
+            try:
+                values_meta = write_records(writer, "values.", list(mapping.values()), dtype, names)
+            except TypeError as exc:  # "record 3 cannot ...": say whose value it is
+                raise _naming_the_key(exc, list(mapping)) from exc.__cause__
             writer.add_array("index.hash", hashes)
             writer.add_array("index.order", order)
             segment = writer.finish({"keys.": keys_meta, "values.": values_meta})
@@ -571,3 +575,11 @@ class _Items(ItemsView[K, V]):
         shared = self._mapping
         rows = range(len(shared))
         return zip(shared._keys.iterate(rows), shared._values.iterate(rows), strict=True)
+
+
+def _naming_the_key(error: TypeError, keys: list[Any]) -> TypeError:
+    """``error`` about "record N" of a dict's values, reworded to name N's key."""
+    found = re.match(r"record (\d+) (.*)", str(error), re.DOTALL)
+    if found is None:
+        return error
+    return TypeError(f"the value of key {keys[int(found[1])]!r} {found[2]}")

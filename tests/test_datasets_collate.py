@@ -79,6 +79,20 @@ def test_strings_and_other_objects_stay_lists_and_numbers_become_tensors():
     assert set(batch) == {"text", "spk", "dur", "ok", "extra"}
 
 
+def test_numpy_strings_and_dates_stay_lists_as_torch_keeps_them():
+    """np.loadtxt(..., dtype=str) gives np.str_ labels: a list, as default_collate gives."""
+    labels, days = np.array(["cat", "dog"]), np.array(["2020-01-01", "2021-06-01"], "M8[D]")
+    items = [{"x": ramp(2 + i), "label": labels[i], "day": days[i]} for i in range(2)]
+    batch = pad_collate(items)
+    assert (
+        batch["label"] == torch.utils.data.default_collate([{"label": v} for v in labels])["label"]
+    )
+    assert batch["label"] == ["cat", "dog"] and type(batch["label"][0]) is np.str_
+    assert batch["day"] == list(days) and batch["x"].shape == (2, 3)
+    words = pad_collate([{"w": np.array(["a", "b"])}, {"w": np.array(["c"])}])["w"]
+    assert [w.tolist() for w in words] == [["a", "b"], ["c"]]
+
+
 def test_numpy_scalars_mixed_with_python_numbers_become_one_tensor():
     batch = pad_collate([{"n": np.int64(3), "f": np.float32(0.5)}, {"n": 4, "f": 1.0}])
     assert batch["n"].dtype == torch.int64 and batch["n"].tolist() == [3, 4]
@@ -126,6 +140,18 @@ def test_tuple_items_give_a_tuple_with_padded_positions_as_pairs():
         [1, 7],
         [1, 2],
     ]
+
+
+def test_namedtuple_items_give_the_namedtuple_as_torch_does():
+    import collections
+
+    Item = collections.namedtuple("Item", "feat label")
+    batch = pad_collate([Item(ramp(2), 0), Item(ramp(3), 1)])
+    assert type(batch) is Item and batch.label.tolist() == [0, 1]
+    assert batch.feat[0].shape == (2, 3) and batch.feat[1].tolist() == [2, 3]
+    same = pad_collate([Item(ramp(2), 0), Item(ramp(2), 1)])
+    theirs = torch.utils.data.default_collate([Item(ramp(2), 0), Item(ramp(2), 1)])
+    assert torch.equal(same.feat[0], theirs.feat) and torch.equal(same.label, theirs.label)
 
 
 def test_bare_arrays_give_padded_and_lengths():

@@ -202,6 +202,34 @@ def test_a_container_built_from_another_shares_its_memory():
 def test_a_record_that_does_not_pickle_is_named():
     with pytest.raises(TypeError, match=r"record 2 cannot be stored in shared memory: .*lambda"):
         SharedList([1, "a", lambda: 0])
+    with pytest.raises(TypeError, match=r"the value of key 'b' cannot be stored .*lambda"):
+        SharedDict({"a": 1, "b": lambda: 0})
+
+
+def test_a_container_inside_a_record_is_refused_saying_what_to_store():
+    """Pickled into a record, a SharedList would name its own memory, which goes
+    when it does: reads would fail later, depending on the collector."""
+    inner = SharedList(["a.wav", "b.wav"])
+    with pytest.raises(TypeError, match=r"key 'spk1' .*holds a SharedList.*list\(x\)"):
+        SharedDict({"spk1": inner})
+    with pytest.raises(TypeError, match=r"record 1 .*holds a SharedList or SharedDict"):
+        SharedList([1, {"nested": SharedDict({"k": 1})}])
+    assert SharedDict({"spk1": list(inner)})["spk1"] == ["a.wav", "b.wav"]
+
+
+def test_numpy_dates_and_structured_records_keep_their_type():
+    days = np.array(["2020-01-01", "2021-06-01"], dtype="datetime64[ns]")
+    spans = np.array([1, 2], dtype="timedelta64[s]")
+    rows = np.array([(1, 2.0), (3, 4.0)], dtype=[("a", "i4"), ("b", "f8")])
+    for array in (days, spans, rows):
+        shared = SharedList(array)
+        assert shared == list(array) and type(shared[0]) is type(array[0])
+    assert days[0] in SharedList(days)
+
+
+def test_a_column_value_too_big_for_an_array_is_named():
+    with pytest.raises(TypeError, match=r"fit a 64-bit integer.*record 2 has 18446744073709551616"):
+        SharedList([{"d": 1}, {"d": 2}, {"d": 2**64}], columns=["d"])
 
 
 def test_empty_containers_and_repr():
@@ -382,6 +410,34 @@ def test_memory_goes_with_the_last_reference_and_views_keep_it():
     del array
     gc.collect()
     assert mappers(name) == set()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SharedList(["text"] * 100),
+        lambda: SharedList(RECORDS),
+        lambda: SharedList([[1.0, 2.0]] * 100),  # an N-d array of records
+        lambda: SharedList(range(100)),
+        lambda: SharedDict({f"k{i}": i for i in range(100)}),
+    ],
+    ids=["strings", "objects", "rows", "numbers", "dict"],
+)
+def test_memory_goes_with_the_last_reference_without_the_collector(make):
+    """No container is part of a reference cycle: with the collector off (as
+    training loops often run), ``del`` frees the memory at once."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        shared = make()
+        name = segment_of(shared)
+        assert mappers(name) == {os.getpid()}
+        del shared
+        assert mappers(name) == set(), "the memory waited for the garbage collector"
+    finally:
+        if enabled:
+            gc.enable()
 
 
 # ---------------------------------------------------------------- other processes

@@ -168,12 +168,16 @@ def _collate_sequences(batch: Sequence[Any], pad_value: PerKey, axis: PerKeyAxis
         pad, ax = _pick(pad_value, position, 0.0), _pick(axis, position, 0)
         result = _collate_values(what, values, pad, ax)
         results.append(tuple(result) if isinstance(result, _Padded) else result)
-    return type(batch[0])(results)
+    kind = type(batch[0])
+    return kind(*results) if hasattr(kind, "_fields") else kind(results)  # a namedtuple's fields
 
 
 def _is_array(value: Any) -> bool:
-    """Tell whether a value is a tensor, a numpy array or a numpy scalar (a 0-dim array)."""
-    return isinstance(value, (torch.Tensor, np.ndarray, np.generic))
+    """Tell whether a value is a tensor, or a numpy array or scalar (a 0-dim array) of
+    numbers; strings, dates and objects of numpy stay as they are, as torch keeps them."""
+    if isinstance(value, torch.Tensor):
+        return True
+    return isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "biufc"
 
 
 def _is_number(value: Any) -> bool:
