@@ -54,6 +54,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._window: deque[TaskRecord] = deque()
         self._limit = (loader.prefetch_factor or 2) * loader.num_workers
         self._allowance = loader._reorder_allowance
+        self._paced = False  # read the sampler a fixed window ahead (SamplerBase.paced)
         self._in_order = loader.in_order
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
         self._outcomes: dict[int, Future[Outcome]] = {}
@@ -86,6 +87,7 @@ class PoolIterator(_BaseDataLoaderIter):
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
         self._position, self._pool = loader._begin_epoch(self, int(self._base_seed))
+        self._paced = bool(getattr(self._index_sampler, "paced", False))
         self._epoch = self._position.epoch
         self._window = deque()
         self._sampler_done = self._cut_short = False
@@ -157,7 +159,7 @@ class PoolIterator(_BaseDataLoaderIter):
         mean batch): extra batches only go ahead of a slow one,
         never merely ahead of a slow consumer, nor of a worker that has not
         started yet (a change made meanwhile would reach none of them)."""
-        if self._window and self._running_late(self._window[0]):
+        if self._window and not self._paced and self._running_late(self._window[0]):
             return self._limit + self._allowance(self._pool.mean_batch_bytes)
         return self._limit
 

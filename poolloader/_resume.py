@@ -134,11 +134,15 @@ class EpochLedger:
         generators: tuple[torch.Generator, ...],
         before_iter: RngState,
         snapshot: Callable[[], Any] | None,
+        limits: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         self._generators = generators
         self.before_iter = before_iter
         self.before_draw: RngState | None = None
         self.snapshot = snapshot
+        # The sampler's limits as they are now (a poolloader sampler's): a position's
+        # snapshot holds those in effect when it was drawn, up to a window earlier.
+        self._limits = limits
         self.next_position = 0
         self.yielded = 0  # every position below this reached the consumer
         self.yielded_after: set[int] = set()
@@ -213,11 +217,16 @@ class EpochLedger:
         if self.snapshot is None:
             before_draw = self.before_draw or RngState.capture(self._generators)
             rng = {"before_iter": self.before_iter.to_dict(), "before_draw": before_draw.to_dict()}
+        sampler = self.resume_state if self.snapshot is not None else None
+        if isinstance(sampler, Mapping) and self._limits is not None:
+            # A limit set after the position was drawn (while batches were loaded
+            # ahead) holds for the resumed epoch too, as it would have here.
+            sampler = {**sampler, **self._limits()}
         return {
             "base_seed": base_seed,
             "yielded": self.yielded,
             "yielded_after": sorted(self.yielded_after),
-            "sampler": self.resume_state if self.snapshot is not None else None,
+            "sampler": sampler,
             "rng": rng,
         }
 
@@ -286,8 +295,10 @@ class EpochStart:
     def ledger(self, iterator: Any) -> EpochLedger:
         """The ledger of the epoch ``iterator`` is starting (its sampler iterated)."""
         self.settle()
-        snapshot = sampler_snapshot(iterator._index_sampler, iterator._sampler_iter)
-        ledger = EpochLedger(self.generators, self.before_iter, snapshot)
+        sampler = iterator._index_sampler
+        snapshot = sampler_snapshot(sampler, iterator._sampler_iter)
+        limits = getattr(sampler, "_limit_state", None) if snapshot is not None else None
+        ledger = EpochLedger(self.generators, self.before_iter, snapshot, limits)
         if self.in_epoch is not None:
             ledger.resume(self.in_epoch, self.replay)
         return ledger

@@ -295,6 +295,28 @@ def test_state_does_not_depend_on_how_far_workers_prefetched():
     assert resumed == reference
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_limit_set_while_batches_were_loaded_ahead_is_kept_by_the_state(num_workers):
+    """With workers the sampler's position is read when a batch is drawn, a
+    window ahead of the loop: a curriculum step made after that draw (here after
+    the second batch) must still be in the state, or the resumed epoch goes back
+    to the old, larger limit."""
+    with _loader(_dynamic, num_workers) as loader:
+        iterator = iter(loader)
+        for step in range(4):
+            next(iterator)
+            if step == 1:
+                loader.batch_sampler.max_duration = 6.0
+        state = loader.state_dict()
+    assert state["in_epoch"]["sampler"]["max_duration"] == 6.0
+    with _loader(_dynamic, num_workers) as resumed:
+        resumed.load_state_dict(state)
+        rest = [batch[:, 0].long().tolist() for batch in resumed]
+        assert resumed.batch_sampler.max_duration == 6.0
+    # (an item longer than the limit is a batch of its own)
+    assert rest and all(sum(LENGTHS[i] for i in b) <= 6.0 or len(b) == 1 for b in rest)
+
+
 def test_resume_with_a_different_worker_count():
     torch.manual_seed(0)
     with _loader(_dynamic, 2) as loader:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import time
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
@@ -173,3 +174,58 @@ def _check_shards(name: str, single: SamplerBase, shards: list[Batches]) -> None
     assert covered == {i for batch in everything for i in batch}, name
     if not drop_last and getattr(single, "batches_per_epoch", None) is None:
         assert covered == set(range(single.num_items)), name  # type: ignore[attr-defined]
+
+
+# --------------------------------------------- a limit changed mid-epoch, with workers
+
+#: Item lengths for the mid-epoch tests: 1 to 5 seconds.
+MIDCHANGE_LENGTHS = [1.0 + (i % 5) for i in range(120)]
+
+
+class _SlowAt(torch.utils.data.Dataset):
+    """Reads item ``slow`` slowly: its batch runs late, and the loader may load
+    the batches after it meanwhile."""
+
+    def __init__(self, slow: int | None) -> None:
+        self.slow = slow
+
+    def __len__(self) -> int:
+        return len(MIDCHANGE_LENGTHS)
+
+    def __getitem__(self, i: int) -> int:
+        time.sleep(1.5 if i == self.slow else 0.002)
+        return i
+
+
+def _ids(items: list[int]) -> list[int]:
+    return list(items)
+
+
+def _rank_batches(rank: int, slow: int | None) -> Batches:
+    """One rank's epoch, its curriculum halving max_duration after the third batch."""
+    sampler = DynamicBatchSampler(MIDCHANGE_LENGTHS, max_duration=20.0, num_buckets=1,
+                                  seed=0, rank=rank, world_size=WORLD_SIZE)  # fmt: skip
+    batches: Batches = []
+    with DataLoader(_SlowAt(slow), batch_sampler=sampler, num_workers=2, collate_fn=_ids,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        for step, batch in enumerate(loader):
+            batches.append(batch)
+            if step == 2:
+                sampler.max_duration = 6.0  # at the same step on every rank
+    return batches
+
+
+def test_a_limit_changed_mid_epoch_lands_in_the_same_round_on_every_rank() -> None:
+    """One rank's batch runs late; a loader that read the sampler further ahead
+    there cut more batches under the old limit than the other rank did: the ranks
+    disagreed on the global order and on the number of batches (a DDP job hangs
+    in its next collective). Read a fixed window ahead, as torch reads it, every
+    rank agrees, and the shards cover every item once."""
+    slow = list(DynamicBatchSampler(MIDCHANGE_LENGTHS, max_duration=20.0, num_buckets=1,
+                                    seed=0, rank=0, world_size=WORLD_SIZE))[1][0]  # fmt: skip
+    late, on_time = _rank_batches(0, slow), _rank_batches(1, None)
+    assert len(late) == len(on_time), "the ranks yielded different numbers of batches"
+    items = sorted(i for batch in late + on_time for i in batch)
+    assert items == list(range(len(MIDCHANGE_LENGTHS))), "an item was lost or duplicated"
+    after = [b for b in late[3 + 2 * 2 :]]  # past the window drawn before the change
+    assert all(sum(MIDCHANGE_LENGTHS[i] for i in b) <= 6.0 for b in after)

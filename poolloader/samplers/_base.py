@@ -283,6 +283,16 @@ class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
                     f"{key}={mine!r}; build the sampler with the same {key} to resume"
                 )
 
+    @property
+    def paced(self) -> bool:
+        """Whether a loader must read this sampler exactly ``prefetch_factor *
+        num_workers`` batches ahead of the training loop, as torch's does: its limits
+        may change mid-epoch, and with several ranks a change made at the same step
+        on every rank must land in the same round on every rank. (poolloader's
+        loader otherwise draws further ahead behind a slow batch, by an amount that
+        depends on timing.)"""
+        return bool(self._LIMIT_KEYS) and self._world_size > 1
+
     @abc.abstractmethod
     def _start_epoch(self, epoch: int, position: Mapping[str, Any] | None) -> EpochIterator:
         """A new iterator for ``epoch``, at its start or at a validated ``position``."""

@@ -51,9 +51,13 @@ class DynamicBatchSampler(GroupedSampler):
     except the padding of the last round (the epoch's first batches again), and together
     they cover every item not dropped. ``len()`` is ``n``.
 
-    Assigning ``max_duration`` or ``max_batch_size`` takes effect from the next batch (with
-    several ranks, the next round; make the same change on every rank at the same step);
-    ``len()`` then counts the epoch under the new limits (see ``SamplerBase.__len__``).
+    Assigning ``max_duration`` or ``max_batch_size`` takes effect from the next batch drawn
+    (with several ranks, the next round; make the same change on every rank at the same
+    step); ``len()`` then counts the epoch under the new limits (see
+    ``SamplerBase.__len__``). A DataLoader with workers has drawn ``prefetch_factor *
+    num_workers`` batches ahead of the loop, so the change shows that many batches later,
+    at the same batch on every rank (see ``SamplerBase.paced``); the loader's
+    ``state_dict()`` carries the new limits.
 
     Args:
         lengths: One non-negative length per item (sequence, NumPy array or tensor).

@@ -96,8 +96,10 @@ class SortedBatchSampler(GroupedSampler):
     together cover the epoch, so items repeat across ranks only where the global order
     repeats batches (the padding, or a ``batches_per_epoch`` longer than a pass).
 
-    Assigning ``batch_size`` or ``max_duration`` takes effect from the next batch (with
-    several ranks, the next round); either may then be ``None`` as long as one is set.
+    Assigning ``batch_size`` or ``max_duration`` takes effect from the next batch drawn
+    (with several ranks, the next round; a DataLoader with workers has drawn
+    ``prefetch_factor * num_workers`` ahead, see ``SamplerBase.paced``); either may then be
+    ``None`` as long as one is set.
     Without ``batches_per_epoch``, ``len()`` then counts the epoch under the new limits.
 
     Args:
