@@ -10,8 +10,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from torch.utils.data import IterDataPipe, MapDataPipe
 from torch.utils.data._utils.pin_memory import pin_memory
-from torch.utils.data.dataloader import _DatasetKind, _SingleProcessDataLoaderIter
+from torch.utils.data.dataloader import (
+    _BaseDataLoaderIter,
+    _DatasetKind,
+    _SingleProcessDataLoaderIter,
+)
 
 from . import _seeding
 
@@ -31,14 +36,23 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
 
     def __init__(self, loader: DataLoader[Any]) -> None:
         epoch_start = loader._before_iter()
-        super().__init__(loader)
+        # torch's _SingleProcessDataLoaderIter.__init__ but for its fetcher, which it
+        # would build over loader.dataset (the view): an IterableDataset's
+        # __iter__ would run twice an epoch, once with the view as ``self``.
+        _BaseDataLoaderIter.__init__(self, loader)
+        if self._timeout != 0:
+            raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
+        self._dataset = loader._dataset_target
+        if isinstance(self._dataset, (IterDataPipe, MapDataPipe)):
+            torch.utils.data.graph_settings.apply_sharding(
+                self._dataset, self._world_size, self._rank
+            )
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
         self._position = loader._next_epoch(self)
         self._epoch = self._position.epoch
         self._seed_batches = loader.seeding == "batch"
-        self._dataset = loader._dataset_target
         self._dataset_fetcher = _DatasetKind.create_fetcher(
             self._dataset_kind,
             self._dataset,

@@ -51,7 +51,7 @@ from ._skeleton import (
     TorchPickler,
     aligned,
     nbytes,
-    shared_storages,
+    sharing,
 )
 from .errors import ResultTooLargeError
 
@@ -242,7 +242,7 @@ class SlabPacker:
 
     def pack(self, batch: Any) -> tuple[Any, int]:
         buffer = io.BytesIO()
-        pickler = SkeletonPickler(buffer, self._staging, *shared_storages(batch))
+        pickler = SkeletonPickler(buffer, self._staging, sharing(batch))
         pickler.dump(batch)
         check_size(pickler.data_bytes, self._config.max_batch_bytes)
         if not pickler.blocks and not pickler.staged:

@@ -19,6 +19,7 @@ import io
 import math
 import pickle
 from collections.abc import Mapping
+from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
@@ -124,17 +125,13 @@ class SkeletonPickler(TorchPickler):
     Tensors that collation already wrote into the staging slab are described
     where they lie; the others are assigned space after them (``blocks``)."""
 
-    def __init__(
-        self,
-        file: io.BytesIO,
-        staging: Slab | None,
-        shared: frozenset[int] = frozenset(),
-        starts: tuple[int, ...] = (),
-    ) -> None:
+    def __init__(self, file: io.BytesIO, staging: Slab | None, sharing: Sharing) -> None:
         super().__init__(file)
         self.staging = staging
-        self.shared = shared  # storages several tensors of the batch view
-        self.starts = starts  # where each tensor on a shared storage begins
+        self.shared = sharing.storages  # storages several tensors of the batch view
+        self.starts = sharing.starts  # where each tensor on a shared storage begins
+        self.repeated = sharing.repeated  # ids of objects the batch holds more than once
+        self.aliases: dict[int, int] = {}  # id of such an object → its number
         self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
         self.staged = 0  # tensors found already in the staging slab
         self.size = staging.top if staging is not None else 0
@@ -142,6 +139,21 @@ class SkeletonPickler(TorchPickler):
         self.storages: dict[tuple[int, int], int] = {}  # views' storages sent so far
 
     def persistent_id(self, obj: Any) -> Any:
+        # persistent_id comes before pickle's memo: an array or tensor the batch
+        # holds twice (labels = input_ids) is described once, then named again,
+        # so that it arrives as one object, as through torch's pickling.
+        if not self.repeated or id(obj) not in self.repeated:
+            return self._describe(obj)
+        number = self.aliases.get(id(obj))
+        if number is not None:
+            return ("again", number)
+        described = self._describe(obj)
+        if described is None:
+            return None  # pickled as torch pickles it: the memo keeps it one object
+        number = self.aliases[id(obj)] = len(self.aliases)
+        return ("first", number, described)
+
+    def _describe(self, obj: Any) -> Any:
         if type(obj) is torch.Tensor and self._keeps_layout(obj):
             return self._storage_view(obj)
         if type(obj) is torch.Tensor and self._in_staging(obj):
@@ -267,15 +279,18 @@ class _StorageCounter(pickle.Pickler):
         super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
         self.seen: dict[int, int] = {}
         self.starts: list[tuple[int, int]] = []  # (storage, where a tensor begins)
+        self.objects: dict[int, int] = {}  # times each array or tensor object is met
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
+            self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
             if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
                 ptr = obj.untyped_storage().data_ptr()
                 self.seen[ptr] = self.seen.get(ptr, 0) + 1
                 self.starts.append((ptr, obj.data_ptr()))
             return 0
         if isinstance(obj, np.ndarray):
+            self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
             return 0
         return None
 
@@ -285,18 +300,30 @@ class _NullSink(io.RawIOBase):
         return len(b)
 
 
-def shared_storages(batch: Any) -> tuple[frozenset[int], tuple[int, ...]]:
-    """The storages (by address) that more than one tensor of ``batch`` views,
-    and where each tensor on one of them begins."""
+@dataclass(frozen=True, slots=True)
+class Sharing:
+    """What parts of one batch share, found before it is pickled."""
+
+    storages: frozenset[int] = frozenset()  # storages (by address) several tensors view
+    starts: tuple[int, ...] = ()  # where each tensor on one of them begins
+    repeated: frozenset[int] = frozenset()  # ids of arrays and tensors held more than once
+
+
+def sharing(batch: Any) -> Sharing:
+    """What the tensors and arrays of ``batch`` share (NOTE [ Views ])."""
     if isinstance(batch, torch.Tensor):  # the most common batch: nothing to share
-        return frozenset(), ()
+        return Sharing()
     counter = _StorageCounter()
     try:
         counter.dump(batch)
     except Exception:
-        return frozenset(), ()  # the real pickling will say what is wrong
+        return Sharing()  # the real pickling will say what is wrong
     shared = frozenset(ptr for ptr, count in counter.seen.items() if count > 1 and ptr)
-    return shared, tuple(start for ptr, start in counter.starts if ptr in shared)
+    return Sharing(
+        shared,
+        tuple(start for ptr, start in counter.starts if ptr in shared),
+        frozenset(key for key, count in counter.objects.items() if count > 1),
+    )
 
 
 def aligned(n: int) -> int:

@@ -99,6 +99,7 @@ class _SkeletonUnpickler(pickle.Unpickler):
         super().__init__(io.BytesIO(data))
         self._owner = owner
         self._storages: dict[int, torch.Tensor] = {}  # NOTE [ Views ] in _skeleton.py
+        self._aliases: dict[int, Any] = {}  # an object the batch holds more than once
 
     def _view_of_storage(
         self, dtype: str, shape: Any, stride: Any, offset: int, index: int, where: Any
@@ -116,6 +117,11 @@ class _SkeletonUnpickler(pickle.Unpickler):
         return typed.as_strided(shape, stride, offset)
 
     def persistent_load(self, pid: Any) -> Any:
+        if pid[0] == "again":
+            return self._aliases[pid[1]]
+        if pid[0] == "first":
+            found = self._aliases[pid[1]] = self.persistent_load(pid[2])
+            return found
         if pid[0] == "view":
             return self._view_of_storage(*pid[1:])
         where, kind, dtype, shape = pid[:4]

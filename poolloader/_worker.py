@@ -375,6 +375,9 @@ def _stack_into_slab(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -
     if _state is None or elem.is_nested or elem.layout != torch.strided:
         return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
     out = _state.packer.allocate(elem.dtype, (len(batch), *elem.shape))
+    if out is None:  # no slab (yet): stacked as torch's workers stack, not as its main
+        # process does (their out= fixes the first item's dtype and a contiguous layout)
+        out = torch.empty((len(batch), *elem.shape), dtype=elem.dtype)
     return torch.stack(batch, 0, out=out)
 
 

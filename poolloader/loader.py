@@ -190,6 +190,14 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             persistent_workers=persistent_workers, pin_memory_device=pin_memory_device,
             in_order=in_order,
         )  # fmt: skip
+        if num_workers > 0 and prefetch_factor is not None and prefetch_factor < 1:
+            # torch accepts 0 here and fails when iterated (an assert in its iterator)
+            raise ValueError(
+                f"prefetch_factor should be a positive integer (the batches each worker "
+                f"loads ahead), but got prefetch_factor={prefetch_factor!r}"
+            )
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator should be a torch.Generator or None, but got {generator!r}")
         if num_workers > 0:
             inherited = _start_method(self.multiprocessing_context) == "fork"
             _pickling.ship(self.collate_fn, "collate_fn", inherited=inherited)
