@@ -57,10 +57,24 @@ def _put(arguments: Any, obj: Any) -> Any:
 
 
 def apply_update(dataset: Any, update: Update) -> None:
-    """Apply a recorded change to a worker's copy of the dataset."""
+    """Apply a recorded change to a worker's copy of the dataset.
+
+    A change other than a broadcast is replayed without autograd: it was legal
+    where it was made, perhaps under ``torch.no_grad()`` (``load_state_dict``,
+    an EMA's ``weight.mul_(0.5)``), and in place on a parameter that needs
+    grad it would fail here otherwise; a dataset's copy needs no graph."""
     if isinstance(update, Changes):
         _apply_all(dataset, update.updates)
-    elif isinstance(update, SetAttr):
+    elif isinstance(update, Broadcast):
+        fn, args, kwargs = pickle.loads(update.call)
+        fn(dataset, *args, **kwargs)
+    else:
+        with torch.no_grad():
+            _apply_change(dataset, update)
+
+
+def _apply_change(dataset: Any, update: Update) -> None:
+    if isinstance(update, SetAttr):
         setattr(resolve(dataset, update.path), update.name, pickle.loads(update.value))
     elif isinstance(update, DelAttr):
         delattr(resolve(dataset, update.path), update.name)
@@ -76,9 +90,6 @@ def apply_update(dataset: Any, update: Update) -> None:
         obj = resolve(dataset, update.path)
         fn, args, kwargs = pickle.loads(update.call)
         fn(*_put(args, obj), **_put(kwargs, obj))
-    elif isinstance(update, Broadcast):
-        fn, args, kwargs = pickle.loads(update.call)
-        fn(dataset, *args, **kwargs)
     elif not isinstance(update, Refresh):  # a fresh start changes no dataset
         raise TypeError(f"not a control update: {update!r}")
 

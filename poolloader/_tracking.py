@@ -163,14 +163,20 @@ def unwrap(obj: Any) -> Any:
 
 
 def unwrap_deep(obj: Any) -> Any:
-    """``obj`` unwrapped, and so are views inside the (small) lists, tuples and
-    dicts it is made of, so the dataset never ends up holding views."""
+    """``obj`` unwrapped, and so are views inside the lists, tuples, sets and dicts
+    it is made of, so the dataset never ends up holding views. Of a container of
+    more than :data:`MIRROR_LIMIT` items only views among its own items are
+    looked for (``[u for u in self.all if ...]`` built through the view): looking
+    inside a million records would cost more than pickling them."""
     obj = unwrap(obj)
     kind = type(obj)
-    if kind in (list, tuple, set) and len(obj) <= MIRROR_LIMIT and _holds_views(obj):
+    if kind in (list, tuple, set, dict):
+        items = obj.values() if kind is dict else obj
+        if not _holds_views(items, containers=len(obj) <= MIRROR_LIMIT):
+            return obj
+        if kind is dict:
+            return {k: unwrap_deep(v) for k, v in obj.items()}
         return kind(unwrap_deep(x) for x in obj)
-    if kind is dict and len(obj) <= MIRROR_LIMIT and _holds_views(obj.values()):
-        return {k: unwrap_deep(v) for k, v in obj.items()}
     return obj
 
 
@@ -194,8 +200,11 @@ def _item(container: Any, key: Any) -> Any:
         return _MISSING
 
 
-def _holds_views(items: Any) -> bool:
-    return any(isinstance(x, _VIEWS) or type(x) in (list, tuple, dict, set) for x in items)
+def _holds_views(items: Any, containers: bool = True) -> bool:
+    """Whether ``items`` are or (``containers``) may hold views. Read by type, at C
+    speed: a million plain records take milliseconds."""
+    kinds = set(map(type, items))
+    return any(issubclass(t, _VIEWS) or (containers and t in _UNWRAPPED) for t in kinds)
 
 
 # ----------------------------------------------------------------- recording
@@ -267,7 +276,31 @@ def _rebinds(value: Any, path: Path, current: Any) -> bool:
 _MISSING = object()
 
 
-class View:
+class _ViewClass(type):
+    """The type of the view classes: they take no attributes once made. A method
+    run through ``loader.dataset`` has the view as ``self``, and ``type(self).x =
+    v`` there would set ``x`` on poolloader's view class, for every dataset's
+    view, instead of on the dataset's class."""
+
+    _sealed = False
+
+    def __setattr__(cls, name: str, value: Any) -> None:
+        if cls._sealed:
+            raise TypeError(
+                f"cannot set {name!r} on {cls.__name__}: inside a method called through "
+                "loader.dataset, type(self) is poolloader's view class. Set it on the "
+                f"dataset's class by name (MyDataset.{name} = ...); class attributes do "
+                "not reach the workers, so also pass it with loader.broadcast(fn)"
+            )
+        super().__setattr__(name, value)
+
+    def __delattr__(cls, name: str) -> None:
+        if cls._sealed:
+            raise TypeError(f"cannot delete {name!r} from poolloader's view class {cls.__name__}")
+        super().__delattr__(name)
+
+
+class View(metaclass=_ViewClass):
     """What every form of view shares; the state lives in each form's slots."""
 
     __slots__ = ()
@@ -334,6 +367,10 @@ class View:
 
     def __setattr__(self, name: str, value: Any) -> None:
         target, path, channel = _state(self)
+        setter = _python_setter(type(target), name)
+        if setter is not None:  # runs here, against the view, as a method does
+            setter(self, value)
+            return
         if isinstance(value, _VIEWS) and _rebinds(
             value, (*path, ("attr", name)), getattr(target, name, _MISSING)
         ):
@@ -494,6 +531,29 @@ def _identity(obj: Any) -> Any:
 _BUILTIN_BOUND = (types.BuiltinMethodType, types.MethodWrapperType)
 
 
+def _python_setter(tp: type, name: str) -> Any:
+    """What assigning ``name`` on a ``tp`` runs when it is Python code: a property's
+    setter, or a Python descriptor's ``__set__`` (bound to it); else None. Run
+    against the view, what it assigns is recorded, and it does not run again in
+    the workers (where, drawing random numbers say, it would differ)."""
+    found = _setters.get((tp, name), _MISSING)
+    if found is _MISSING:
+        found = None
+        for klass in tp.__mro__:
+            if name in klass.__dict__:
+                attr = klass.__dict__[name]
+                if isinstance(attr, property):
+                    found = attr.fset if isinstance(attr.fset, types.FunctionType) else None
+                elif isinstance(getattr(type(attr), "__set__", None), types.FunctionType):
+                    found = functools.partial(type(attr).__set__, attr)
+                break
+        _setters[(tp, name)] = found
+    return found
+
+
+_setters: dict[tuple[type, str], Any] = {}
+
+
 def _python_special(tp: type, name: str) -> Any:
     """``tp``'s special method ``name`` when it is written in Python, else None."""
     fn = getattr(tp, name, None)
@@ -588,3 +648,5 @@ class Tracked(View):
 _VIEWS: tuple[type, ...] = (View,)
 
 from . import _tracking_containers, _tracking_numeric  # noqa: E402  (forms built on View)
+
+_ViewClass._sealed = True  # every view class is complete
