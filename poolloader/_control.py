@@ -89,9 +89,9 @@ Not carried, and said so where it can be seen cheaply:
   ``loader.broadcast``;
 * a Python method that hands ``self`` to code needing the real object
   (``super().update(...)`` into ``dict`` from a dict subclass's method,
-  ``type(self)(...)``, ``type(self).level = 3``, ``dataclasses.replace(self.cfg,
-  ...)`` or ``asdict``) raises ``TypeError``: call it through
-  ``loader.broadcast``;
+  ``type(self)(...)``, ``type(self).level = 3``) raises ``TypeError``: call it
+  through ``loader.broadcast``. (``dataclasses`` functions work on a view of a
+  dataclass instance: its type carries the fields);
 * C code that writes into a list's memory directly rather than through its
   methods (``heapq.heappush(self.queue, x)``): it writes into the view (a real
   list holding the items) and neither the dataset nor the workers see it; keep

@@ -142,7 +142,31 @@ def view_of(value: Any, path: Path, channel: Any) -> Any:
     mirrored = _tracking_containers.MIRRORED.get(type(value))
     if mirrored is not None and len(value) <= MIRROR_LIMIT:
         return mirrored.make(value, path, channel)
+    if hasattr(type(value), "__dataclass_fields__"):
+        return _dataclass_view(type(value))(value, path, channel)
     return Tracked(value, path, channel)
+
+
+def _dataclass_view(cls: type) -> Any:
+    """The view class for instances of the dataclass ``cls``: ``dataclasses``
+    goes by ``type(obj)``, so ``is_dataclass``, ``fields``, ``asdict`` and
+    ``replace`` (a frozen config's ``set_epoch``) need its fields on the view's type."""
+    found = _dataclass_views.get(cls)
+    if found is None:
+        namespace = {
+            "__slots__": (),
+            "__module__": __name__,
+            "__dataclass_fields__": cls.__dataclass_fields__,  # type: ignore[attr-defined]
+            "__dataclass_params__": getattr(cls, "__dataclass_params__", None),
+        }
+        found = _dataclass_views[cls] = _ViewClass(
+            f"Tracked[{cls.__qualname__}]", (Tracked,), namespace
+        )
+    return found
+
+
+_dataclass_views: dict[type, Any] = {}
+_DATACLASS_ATTRIBUTES = frozenset({"__dataclass_fields__", "__dataclass_params__"})
 
 
 def root_view(dataset: Any, channel: Any) -> Any:
@@ -177,6 +201,12 @@ def unwrap_deep(obj: Any) -> Any:
         if kind is dict:
             return {k: unwrap_deep(v) for k, v in obj.items()}
         return kind(unwrap_deep(x) for x in obj)
+    if hasattr(kind, "__dataclass_fields__") and hasattr(obj, "__dict__"):
+        # dataclasses.replace(view, ...) builds the new object from the view's
+        # fields: those that are objects arrive as views; the object holds them.
+        for name, value in list(vars(obj).items()):
+            if isinstance(value, _VIEWS) or type(value) in _UNWRAPPED:
+                object.__setattr__(obj, name, unwrap_deep(value))
     return obj
 
 
@@ -332,6 +362,8 @@ class View(metaclass=_ViewClass):
     def _pl_getattr(self, name: str) -> Any:
         target = _get(self, "_pl_target")
         value = getattr(target, name)
+        if name in _DATACLASS_ATTRIBUTES:
+            return value  # dataclasses reads these (and compares their parts with `is`)
         if type(value) is types.MethodType and value.__self__ is target:
             # A Python method runs against the view: what it changes is recorded.
             return types.MethodType(value.__func__, self)

@@ -4,6 +4,7 @@ dataset's own records, a property setter that reshuffles, and what is refused.""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -171,3 +172,48 @@ def test_a_class_attribute_set_through_type_self_is_refused_not_misplaced():
     with pytest.raises(TypeError, match=r"type\(self\) is poolloader's view class"):
         loader.dataset.set_level(3)
     assert Leveled.level == 0 and not hasattr(type(loader.dataset), "level")
+
+
+@dataclass(frozen=True)
+class Augment:
+    p: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    crop: float = 1.0
+    augment: Augment = Augment()
+
+
+class Configured(torch.utils.data.Dataset):
+    """A frozen config, changed the only way it can be: dataclasses.replace."""
+
+    def __init__(self) -> None:
+        self.cfg = Config()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.cfg = dataclasses.replace(self.cfg, crop=1.0 + epoch)
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        return (self.cfg.crop, self.cfg.augment.p)
+
+
+def test_dataclasses_functions_work_on_views_and_replace_reaches_workers():
+    """``dataclasses`` goes by ``type(obj)``: on a view is_dataclass was False and
+    replace/asdict raised, where torch's loader hands out the object itself."""
+    with DataLoader(Configured(), batch_size=None, collate_fn=keep, num_workers=1,
+                    persistent_workers=True, multiprocessing_context="forkserver") as loader:  # fmt: skip
+        cfg = loader.dataset.cfg
+        assert dataclasses.is_dataclass(cfg) and dataclasses.asdict(cfg) == {
+            "crop": 1.0,
+            "augment": {"p": 0.5},
+        }
+        assert [f.name for f in dataclasses.fields(cfg)] == ["crop", "augment"]
+        list(loader)
+        loader.dataset.set_epoch(3)
+        assert list(loader) == [(4.0, 0.5)] * 2
+    held = unwrap(loader.dataset).cfg
+    assert type(held) is Config and type(held.augment) is Augment  # no views inside
