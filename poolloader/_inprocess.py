@@ -4,6 +4,7 @@ per-batch seeding and resume ledger the pool iterator has."""
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -53,6 +54,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         self._position = loader._next_epoch(self)
         self._epoch = self._position.epoch
         self._seed_batches = loader.seeding == "batch"
+        self._loader_stats = loader._stats
         self._dataset_fetcher = _DatasetKind.create_fetcher(
             self._dataset_kind,
             self._dataset,
@@ -73,6 +75,13 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         return self._ledger.state(int(self._base_seed))
 
     def _next_data(self) -> Any:
+        started = time.perf_counter()  # loading in place is the consumer's wait
+        data = self._load_next()
+        self._loader_stats.record_wait(time.perf_counter() - started)
+        self._loader_stats.batches += 1
+        return data
+
+    def _load_next(self) -> Any:
         try:
             position, index = self._ledger.draw(self._sampler_iter)
         except StopIteration:

@@ -224,6 +224,11 @@ class PoolIterator(_BaseDataLoaderIter):
         return None
 
     @property
+    def loading(self) -> bool:
+        """Whether this iterator's epoch still has batches to load or to yield."""
+        return not self._cut_short and (bool(self._window) or not self._sampler_done)
+
+    @property
     def submitted(self) -> int:
         """How many batches of this epoch have been submitted to the workers so far.
 

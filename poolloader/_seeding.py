@@ -73,6 +73,13 @@ def generator_states() -> tuple[Any, Any, torch.Tensor]:
     return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
 
 
+def set_generator_states(states: tuple[Any, Any, torch.Tensor]) -> None:
+    """Put back states :func:`generator_states` returned."""
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.default_generator.set_state(states[2])
+
+
 def changed_since(before: tuple[Any, Any, torch.Tensor]) -> frozenset[str]:
     """The generators (of :data:`GENERATORS`) whose state differs from ``before``."""
     now = generator_states()

@@ -146,6 +146,7 @@ class LoaderStats:
         self.batches = 0
         self.wait_seconds = 0.0
         self.waits = 0
+        self.last_pool: PoolStatistics | None = None  # of the pool last stopped
 
     def record_wait(self, seconds: float) -> None:
         with self._lock:

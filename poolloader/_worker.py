@@ -21,6 +21,7 @@ process it started (the whole tree, found with psutil) before exiting.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import mmap
@@ -209,6 +210,20 @@ def _send(conn: Connection, message: object) -> None:
         _orphaned()
 
 
+#: Epochs a worker keeps the state of while it serves another (NOTE on start_epoch).
+PAUSED_EPOCHS = 8
+
+
+@dataclass
+class _Paused:
+    """An epoch a worker left for another: where its stream and random state were."""
+
+    fetcher: Any
+    exhausted: bool
+    base_seed: int
+    random_states: tuple[Any, Any, torch.Tensor]
+
+
 class _State:
     """The worker's cached dataset, functions, epoch and fetcher."""
 
@@ -222,6 +237,9 @@ class _State:
         self.base_seed = setup.base_seed
         self.exhausted = False
         self.fetcher: Any = None
+        # Epochs this worker served and may serve again (two live iterators of one
+        # loader alternate on it): their iterable-dataset stream and random state.
+        self.paused: collections.OrderedDict[int, _Paused] = collections.OrderedDict()
         self.pending_error: RemoteError | None = None
         self.user_seeded: frozenset[str] = frozenset()  # generators worker_init_fn took over
         self.dataset = materialize(setup.dataset)
@@ -259,7 +277,23 @@ class _State:
         )
 
     def start_epoch(self, message: EpochStart) -> None:
+        """Begin ``message.epoch``, or go back to it: two live iterators of one
+        loader alternate on a worker, and each epoch continues where it was, as in
+        torch, where each iterator has workers of its own."""
+        if self.epoch >= 0 and message.epoch != self.epoch:
+            self.paused[self.epoch] = _Paused(
+                self.fetcher, self.exhausted, self.base_seed, _seeding.generator_states()
+            )
+            while len(self.paused) > PAUSED_EPOCHS:
+                self.paused.popitem(last=False)
         self.epoch = message.epoch
+        paused = self.paused.pop(message.epoch, None)
+        if paused is not None:
+            self.fetcher, self.exhausted = paused.fetcher, paused.exhausted
+            self.base_seed = paused.base_seed
+            self._set_info(self.base_seed + self.setup.worker_id)  # (seed_worker's seed)
+            _seeding.set_generator_states(paused.random_states)
+            return
         self.exhausted = False
         self.fetcher = None
         if message.shared_seed is not None:

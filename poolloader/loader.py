@@ -346,8 +346,19 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         copy: unchanged, nothing is sent (:class:`Refresh`); changed, the template
         unpickles the new snapshot once (:class:`Replace`). A dataset that cannot
         be pickled here (``fork``, or multiprocessing objects inside) gets a new
-        template. Workers started directly load the snapshot themselves."""
+        template. Workers started directly load the snapshot themselves.
+
+        While another iterator of this loader still loads batches, the epoch
+        keeps the workers: fresh ones would also serve that iterator's remaining
+        batches, and restart its IterableDataset streams and random state (torch
+        gives each iterator workers of its own; here they share a pool, and each
+        worker keeps each epoch's state)."""
         dataset = self._dataset_target
+        if any(it.loading for it in list(self._iterators)):
+            fingerprint = None if pool.inherits_dataset else self._fingerprint_now()
+            if fingerprint is None or fingerprint[0] is None or fingerprint != self._fingerprint:
+                self._warn_stale_template()
+            return
         if not pool.forks_workers:
             with self._channel.pinning():
                 pickled = _pickling.dumps(dataset, "dataset")
@@ -387,10 +398,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._warned_stale_template = True
         warnings.warn(
             "An epoch of this DataLoader began while another of its iterators still "
-            "had batches to load, so its fresh workers start from the dataset as it was "
-            "when that iterator's epoch began: a change made since to the dataset object "
-            "directly (not through loader.dataset) does not reach them. Make changes "
-            "through loader.dataset, or finish (or delete) the other iterator first.",
+            "had batches to load, so its workers hold the dataset as it was when that "
+            "iterator's epoch began: a change made since to the dataset object directly "
+            "(not through loader.dataset) does not reach them. Make changes through "
+            "loader.dataset, or finish (or delete) the other iterator first.",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -574,6 +585,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
+            self._stats.last_pool = pool.statistics()  # what statistics() shows from now on
 
     def __enter__(self) -> DataLoader[T_co]:
         return self
@@ -591,7 +603,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def statistics(self) -> LoaderStatistics:
         """A snapshot of what the loader has done so far; see :class:`LoaderStatistics`."""
-        pool = self._pool.statistics() if self._pool is not None else None
+        pool = self._pool.statistics() if self._pool is not None else self._stats.last_pool
         return self._stats.snapshot(pool, self.num_workers, self._channel.messages_recorded)
 
     def __repr__(self) -> str:

@@ -117,3 +117,60 @@ def test_prefetch_factor_zero_and_a_generator_that_is_not_one_are_refused():
         DataLoader(Indices(), num_workers=2, prefetch_factor=0)
     with pytest.raises(TypeError, match=r"generator should be a torch.Generator"):
         DataLoader(Indices(), generator=5)
+
+
+class Numbers(torch.utils.data.IterableDataset):
+    """Each worker streams its share of 0..23."""
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        return iter(range(info.id, 24, info.num_workers))
+
+
+def _peek_and_nest(loader_class, **kwargs) -> tuple[list, list]:
+    loader = loader_class(Numbers(), batch_size=2, num_workers=2, **kwargs)
+    seen, inner = [], []
+    for i, batch in enumerate(loader):
+        seen.append(batch.tolist())
+        if i == 1:
+            next(iter(loader))  # a peek: a second, short-lived iterator
+        if i == 3:
+            inner = [b.tolist() for b in loader]  # a whole epoch inside this one
+        if i > 40:
+            break
+    return seen, inner
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_two_live_iterators_of_an_iterable_dataset_each_stream_once(persistent):
+    """Workers served one epoch at a time: a second live iterator restarted the
+    first one's streams (repeated batches; nested loops that never ended)."""
+    theirs = _peek_and_nest(torch.utils.data.DataLoader, persistent_workers=persistent)
+    ours = _peek_and_nest(DataLoader, persistent_workers=persistent,
+                          multiprocessing_context="forkserver")  # fmt: skip
+    assert ours == theirs
+
+
+class Draws(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 16
+
+    def __getitem__(self, i: int) -> int:
+        return int(torch.randint(0, 10**6, ()))
+
+
+def test_two_live_iterators_under_worker_seeding_draw_as_torchs_do():
+    """seeding="worker": each epoch's workers continue their own random stream
+    (the second iterator's epoch reseeded the workers the first one was using, and
+    its draws repeated). Which worker loads which batch is the pool's choice, so
+    only the first batch of each worker's stream is torch's for certain."""
+
+    def draws(loader_class, **kwargs) -> list[int]:
+        torch.manual_seed(0)
+        loader = loader_class(Draws(), batch_size=2, num_workers=2, **kwargs)
+        return [x for a, _ in zip(loader, loader, strict=True) for x in a.tolist()]
+
+    theirs = draws(torch.utils.data.DataLoader)
+    ours = draws(DataLoader, seeding="worker", multiprocessing_context="forkserver")
+    assert len(set(ours)) == len(ours) == 16, "a worker's random stream restarted"
+    assert ours[0] == theirs[0]

@@ -56,3 +56,20 @@ def test_sizes_and_times_are_in_units_a_person_reads():
         "  sent to workers   85.9 KiB (1,240 batches done)",
         "  control changes   2 (4 messages, 312 B sent)",
     ]
+
+
+def test_statistics_count_in_process_batches_and_outlive_the_pool():
+    """num_workers=0 counted no batch; after close() the workers' numbers read 0
+    beside the consumer's."""
+    in_process = DataLoader(Vectors(), batch_size=4)
+    assert len(list(in_process)) == 6
+    stats = in_process.statistics()
+    assert stats.batches == 6 and stats.wait_seconds > 0
+    with DataLoader(Vectors(), batch_size=4, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        list(loader)
+        running = loader.statistics()
+    closed = loader.statistics()
+    assert closed.batches == running.batches == 6
+    assert closed.tasks_done == running.tasks_done == 6
+    assert closed.bytes_moved == running.bytes_moved > 0
