@@ -27,7 +27,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import short
 from ._resume import EpochStart
-from ._tasks import Ended, Loaded, Lost, Outcome, Raised, TaskRecord
+from ._tasks import Ended, Loaded, Lost, Outcome, Raised, TaskRecord, raisable
 from .errors import LoaderClosedError, LoaderTimeoutError
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
@@ -309,6 +309,8 @@ class PoolIterator(_BaseDataLoaderIter):
         deadline = time.monotonic() + self._timeout if self._timeout > 0 else None
         record = self._window[0] if self._in_order else self._first_done(deadline)
         self._wait(record, deadline)
+        if self._cut_short:  # close() while it waited: the window is gone
+            self._end()
         self._window.remove(record)
         self._loader_stats.record_wait(time.perf_counter() - started)
         return record
@@ -319,6 +321,8 @@ class PoolIterator(_BaseDataLoaderIter):
         Returns the oldest at the ``deadline`` (or when the pool broke), for
         :meth:`_wait` to raise about."""
         while True:
+            if self._cut_short or not self._window:  # close() meanwhile
+                self._end()
             for record in self._window:
                 if self._outcome_of(record).done():
                     return record
@@ -346,9 +350,11 @@ class PoolIterator(_BaseDataLoaderIter):
                 left = min(left, max(late, LATE_RECHECK_FLOOR))
             self._await_news(left)
             self._fill()
+            if self._cut_short:  # close() from a signal handler or another thread
+                self._end()
             broken = self._pool.broken
             if broken is not None and not future.done():
-                raise broken
+                raise raisable(broken)
 
     def _await_news(self, seconds: float) -> None:
         """Sleep until a batch of the window finishes (or ``seconds``, at most

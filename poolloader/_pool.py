@@ -54,6 +54,7 @@ from ._stats import PoolCounters, PoolStatistics
 from ._tasks import (
     TaskRecord,
     fail,
+    raisable,
 )
 from .errors import LoaderClosedError, PoolBrokenError
 
@@ -411,7 +412,7 @@ class Pool(IOThread):
         if self._closing:
             raise LoaderClosedError("the DataLoader was closed; create a new one to load more")
         if self._broken is not None:
-            raise self._broken
+            raise raisable(self._broken)
 
     # ------------------------------------------------------------- dispatch
 
@@ -527,7 +528,7 @@ class Pool(IOThread):
                 return
             self._broken = error
             records = self._take_all_records()
-        fail(records, error)
+        fail(records, raisable(error))  # (the kept one never takes a traceback)
 
     def _all_records(self) -> list[TaskRecord]:
         return [*self._pending, *(r for w in self._workers for r in w.tasks.values())]

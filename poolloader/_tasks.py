@@ -4,6 +4,7 @@ of an IterableDataset's shard)."""
 
 from __future__ import annotations
 
+import copy
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,3 +102,13 @@ def fail(records: list[TaskRecord], error: BaseException) -> None:
             record.future.set_exception(error)
         except InvalidStateError:
             pass
+
+
+def raisable(error: BaseException) -> BaseException:
+    """A copy of ``error`` to raise (its cause and notes kept), so that ``error``
+    itself, kept by a pool, never takes a traceback: the traceback's frames hold
+    the caller's loader, and the pool, held by its I/O thread, would keep that
+    loader and its processes alive until the interpreter exits."""
+    found = copy.copy(error)
+    found.__cause__, found.__suppress_context__ = error.__cause__, error.__suppress_context__
+    return found
