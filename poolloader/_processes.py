@@ -248,7 +248,7 @@ class Workforce:
             if isinstance(message, TemplateReady):
                 template.on_ready()
             elif isinstance(message, Advanced):
-                template.acknowledged = max(template.acknowledged, message.generation)
+                template.acknowledge(message.generation)
             elif isinstance(message, Forked) and pidfd is not None:
                 self._forked(workers, message, ForkedProcess(template, message.pid, pidfd))
             elif isinstance(message, TemplateUnsafe):

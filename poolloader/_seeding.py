@@ -100,11 +100,16 @@ def _same_numpy_state(a: Any, b: Any) -> bool:
     )
 
 
+def worker_seed(base_seed: int, worker_id: int) -> int:
+    """torch's seed for worker ``worker_id`` (``WorkerInfo.seed``)."""
+    return base_seed + worker_id
+
+
 def seed_worker(base_seed: int, worker_id: int) -> int:
     """torch's per-worker seeding; returns the worker's seed (``WorkerInfo.seed``)."""
     from torch.utils.data._utils.worker import _generate_state
 
-    seed = base_seed + worker_id
+    seed = worker_seed(base_seed, worker_id)
     random.seed(seed)
     torch.manual_seed(seed)
     np.random.seed(_generate_state(base_seed, worker_id))

@@ -195,25 +195,36 @@ class SkeletonPickler(TorchPickler):
         plain = tensor.is_contiguous() and tensor.storage_offset() == 0 and whole
         return not plain or storage.data_ptr() in self.shared
 
-    def _storage_view(self, tensor: torch.Tensor) -> tuple[Any, ...]:
-        """A view of a storage sent once per batch (NOTE [ Views ])."""
-        storage = tensor.untyped_storage()
-        key = (storage.data_ptr(), storage.nbytes())
-        shape = (str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()))
-        view = ("view", *shape, tensor.storage_offset())
+    def _as_view(
+        self, tensor: torch.Tensor, key: tuple[int, int], offset: int, place: Any
+    ) -> tuple[Any, ...]:
+        """``tensor`` as a view, at element ``offset``, of the storage ``key``
+        (its address and size), which travels once per batch: the first time,
+        ``place()`` says where its bytes are (NOTE [ Views ])."""
+        view = ("view", str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()), offset)
         index = self.storages.get(key)
         if index is not None:
             return (*view, index, None)
         index = self.storages[key] = len(self.storages)
-        flat = torch.empty(0, dtype=torch.uint8).set_(storage)
-        size = flat.numel()
-        self.data_bytes += size
-        if size < INLINE_BYTES:
-            return (*view, index, ("inline", flat.numpy().tobytes()))
-        offset = self.size
-        self.blocks.append((offset, flat))
-        self.size = aligned(offset + size)
-        return (*view, index, ("slab", offset, size))
+        return (*view, index, place())
+
+    def _storage_view(self, tensor: torch.Tensor) -> tuple[Any, ...]:
+        """A view of a storage sent once per batch (NOTE [ Views ])."""
+        storage = tensor.untyped_storage()
+
+        def place() -> tuple[Any, ...]:
+            flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+            size = flat.numel()
+            self.data_bytes += size
+            if size < INLINE_BYTES:
+                return ("inline", flat.numpy().tobytes())
+            offset = self.size
+            self.blocks.append((offset, flat))
+            self.size = aligned(offset + size)
+            return ("slab", offset, size)
+
+        key = (storage.data_ptr(), storage.nbytes())
+        return self._as_view(tensor, key, int(tensor.storage_offset()), place)
 
     def _in_staging(self, tensor: torch.Tensor) -> bool:
         staging = self.staging
@@ -241,15 +252,13 @@ class SkeletonPickler(TorchPickler):
         start, end = staging.base + offset, staging.base + offset + length
         if whole and sum(start <= s < end for s in self.starts) <= 1:
             return None  # the usual case: the plain "slab" descriptor
-        shape = (str(tensor.dtype), tuple(tensor.shape), tuple(tensor.stride()))
-        view = ("view", *shape, (where - offset) // size)
-        index = self.storages.get((start, length))
-        if index is not None:
-            return (*view, index, None)
-        index = self.storages[(start, length)] = len(self.storages)
-        self.data_bytes += length
-        self.staged += 1
-        return (*view, index, ("slab", offset, length))
+
+        def place() -> tuple[Any, ...]:  # where the allocation lies already
+            self.data_bytes += length
+            self.staged += 1
+            return ("slab", offset, length)
+
+        return self._as_view(tensor, (start, length), (where - offset) // size, place)
 
     def _staged_offset(self, data: Any, size: int) -> int | None:
         staging = self.staging

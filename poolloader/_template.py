@@ -481,7 +481,11 @@ class Template:
     def on_ready(self) -> None:
         """It reported :class:`TemplateReady`: it holds the dataset it started with."""
         self.ready = True
-        self.acknowledged = max(self.acknowledged, self._start_generation)
+        self.acknowledge(self._start_generation)
+
+    def acknowledge(self, generation: int) -> None:
+        """It said it holds the dataset at ``generation`` (or a later one)."""
+        self.acknowledged = max(self.acknowledged, generation)
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
         """Bring the template's dataset to ``generation``."""

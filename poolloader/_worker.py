@@ -291,7 +291,7 @@ class _State:
         if paused is not None:
             self.fetcher, self.exhausted = paused.fetcher, paused.exhausted
             self.base_seed = paused.base_seed
-            self._set_info(self.base_seed + self.setup.worker_id)  # (seed_worker's seed)
+            self._set_info(_seeding.worker_seed(self.base_seed, self.setup.worker_id))
             _seeding.set_generator_states(paused.random_states)
             return
         self.exhausted = False

@@ -354,22 +354,23 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         gives each iterator workers of its own; here they share a pool, and each
         worker keeps each epoch's state)."""
         dataset = self._dataset_target
-        if any(it.loading for it in list(self._iterators)):
-            fingerprint = None if pool.inherits_dataset else self._fingerprint_now()
-            if fingerprint is None or fingerprint[0] is None or fingerprint != self._fingerprint:
-                self._warn_stale_template()
-            return
-        if not pool.forks_workers:
+        others_load = any(it.loading for it in list(self._iterators))
+        if not pool.forks_workers and not others_load:
             with self._channel.pinning():
                 pickled = _pickling.dumps(dataset, "dataset")
             self._channel.record(Replace(pickled))
             return
         fingerprint = None if pool.inherits_dataset else self._fingerprint_now()
-        if (
+        unchanged = (
             fingerprint is not None
             and fingerprint[0] is not None
             and fingerprint == self._fingerprint
-        ):
+        )
+        if others_load:
+            if not unchanged:
+                self._warn_stale_template()
+            return
+        if unchanged:
             self._channel.record(Refresh())  # unchanged since the template's copy
             return
         with self._channel.pinning():  # held with the Replace below, or the next change
