@@ -283,19 +283,26 @@ class Pool(IOThread):
                 return
             self._closing = True
             orphans = self._take_all_records()
-        fail(orphans, LoaderClosedError("the DataLoader was closed"))
-        self._wake()
-        if threading.current_thread() is not self._thread and self._thread.is_alive():
-            self._thread.join(IO_JOIN_TIMEOUT)
-            if self._thread.is_alive():  # see NOTE [ Waiting and Ctrl-C ] in _iterator.py
-                logger.debug("the I/O thread did not stop; closing without it")
-        self._workforce.stop([*self._workers, *self._retiring])
-        self._waker.close()
-        os.close(self._wakeup_r)
-        self._transport.close()
-        self._channel.stop()
-        _live_pools.discard(self)
-        self._closed = True
+        try:
+            fail(orphans, LoaderClosedError("the DataLoader was closed"))
+            self._wake()
+            if threading.current_thread() is not self._thread and self._thread.is_alive():
+                self._thread.join(IO_JOIN_TIMEOUT)
+                if self._thread.is_alive():  # see NOTE [ Waiting and Ctrl-C ] in _iterator.py
+                    logger.debug("the I/O thread did not stop; closing without it")
+            self._workforce.stop([*self._workers, *self._retiring])
+        except BaseException:
+            # Interrupted while it waited (a second Ctrl-C as a `with` block closes
+            # the loader): later calls return at once, so end everything now.
+            self._workforce.kill([*self._workers, *self._retiring])
+            raise
+        finally:
+            self._waker.close()
+            os.close(self._wakeup_r)
+            self._transport.close()
+            self._channel.stop()
+            _live_pools.discard(self)
+            self._closed = True
         logger.debug("pool closed")
 
     # ----------------------------------------------------------- submitting

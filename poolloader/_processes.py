@@ -22,6 +22,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import sendfds
 from typing import TYPE_CHECKING, Any
 
+import psutil
+
 from . import _proctree, _worker
 from ._deaths import descendants, describe_exit, silent_start_error, start_error
 from ._messages import (
@@ -334,6 +336,37 @@ class Workforce:
         _proctree.terminate_all(_proctree.unique([p for p in [*family, *strays] if p.is_running()]))
         for w in workers:
             self.release(w)
+        for template in [*self.retired_templates, self.template]:
+            if template is not None:
+                template.stop()
+
+    def kill(self, workers: list[Worker]) -> None:
+        """End ``workers``, the processes they started and the templates at once,
+        with SIGKILL: :meth:`stop` was interrupted (a second Ctrl-C while it waited
+        for a worker in a long ``__getitem__``), and the user wants out now."""
+        alive = [w for w in workers if not w.dead and w.process is not None]
+        pids = {w.pid for w in alive}
+        since = min((w.created for w in alive), default=0.0)
+        # Found before the workers die: their children are reparented after.
+        family = descendants(list(pids))
+        family += _proctree.group_members(pids, since, _proctree.process_clock())
+        for w in alive:
+            w.process.kill()
+        for proc in _proctree.unique(family):
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        for template in [*self.retired_templates, self.template]:
+            if template is not None:
+                template.process.kill()
+        for w in alive:
+            w.process.join(TERMINATE_GRACE)
+        for w in workers:
+            try:
+                self.release(w)
+            except (ValueError, OSError):
+                pass  # not reaped yet: the process object is left to the collector
         for template in [*self.retired_templates, self.template]:
             if template is not None:
                 template.stop()

@@ -1,7 +1,9 @@
 """Process trees: finding and ending the processes a worker started.
 
 NOTE [ Process trees ]: a worker ends the processes it started when it stops
-(:func:`kill_descendants`). Those it cannot end (it was killed) are found by the
+(:func:`kill_descendants`); one that finds the main process gone then SIGKILLs
+its whole group, itself included, for what dataset code forked meanwhile. Those
+it cannot end (it was killed) are found by the
 main process: through the process tree while their parent lives, and through
 the worker's process group (each worker leads one) once they are orphaned,
 bounded by when the group was known to be the worker's (:func:`group_members`).

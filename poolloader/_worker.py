@@ -499,9 +499,9 @@ class _Inbox:
             if isinstance(message, StartedSlot):
                 self._take_started_slot()
                 continue
+            # Also after Stop: a worker that finishes a long item first still ends
+            # (its processes too) if the main process dies meanwhile.
             self._queue.put(message)
-            if isinstance(message, Stop):
-                return
 
     def _take_started_slot(self) -> None:
         """Map the shared memory that follows :class:`StartedSlot` (first of all
@@ -536,8 +536,20 @@ def _still_running(pid: int, started: float) -> bool:
 
 
 def _orphaned() -> None:
-    """The main process is gone: end this worker's process tree, then exit."""
-    _finish(EXIT_ORPHANED)
+    """The main process is gone: end this worker's process tree, then exit.
+
+    The descendants get :data:`~poolloader._proctree.DESCENDANT_GRACE` to exit on
+    SIGTERM; meanwhile dataset code may fork more (a ``multiprocessing.Pool``
+    replaces the workers it lost from a thread of its own), after the snapshot
+    those were found in. All of them are in this worker's process group, so one
+    SIGKILL to the group, this worker included, ends the rest: the kernel lets
+    no fork in progress escape a signal to its group."""
+    _proctree.kill_descendants(psutil.Process())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(EXIT_ORPHANED)
 
 
 def _finish(code: int) -> None:

@@ -168,6 +168,22 @@ class SpawnsSleeper(Dataset):
         return proc.pid
 
 
+class KeepsForkPool(Dataset):
+    """Each worker keeps a fork-context ``multiprocessing.Pool`` of two processes
+    (started on first use), which replaces the processes it loses from a thread
+    of its own; an item is its index squared in that pool."""
+
+    pool: ClassVar[Any] = None
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int):
+        if KeepsForkPool.pool is None:
+            KeepsForkPool.pool = get_context("fork").Pool(2)
+        return KeepsForkPool.pool.apply(_square, (i,))
+
+
 class HoldsLock(Dataset):
     def __init__(self) -> None:
         import threading

@@ -176,6 +176,38 @@ def test_workers_exit_when_the_main_process_is_killed(context):
     )
 
 
+def test_processes_a_dataset_pool_forks_after_the_main_process_dies_end_too():
+    """A worker's own fork-context Pool forks replacements for the processes the
+    worker ends on its way out, after it looked for them: all must go. Every
+    process of the script carries a mark in its environment to be found by."""
+    mark = f"poolloader-test-{os.getpid()}-{time.monotonic_ns()}"
+    code = SCRIPT.format(tests=TESTS, dataset="KeepsForkPool()",
+                         ending="os.kill(os.getpid(), 9)", context="spawn")  # fmt: skip
+    code = code.replace("import SpawnsSleeper, Plain", "import KeepsForkPool")
+    env = {**os.environ, "POOLLOADER_TEST_MARK": mark}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=env)  # fmt: skip
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and "FIRST 0" in out
+    deadline = time.monotonic() + GONE_WITHIN
+    while (left := _marked(mark)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in left:
+        p.kill()
+    assert not left, f"processes outlived the main process: {left}"
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("POOLLOADER_TEST_MARK") == mark and p.status() != "zombie":
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
 def test_interpreter_exit_without_close_does_not_hang():
     proc, workers, sleeper = _run_script("SpawnsSleeper()", "print('bye')")
     proc.wait(timeout=30)
@@ -189,6 +221,48 @@ def test_keyboard_interrupt_in_the_main_process_ends_everything():
     proc.wait(timeout=30)
     proc.stdout.close()
     assert proc.returncode != 0
+    assert _gone(workers, timeout=GONE_WITHIN)
+
+
+INTERRUPTED_CLOSE = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    sys.path.insert(0, {tests!r})
+    from _datasets import Sleepy
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        with DataLoader(Sleepy(8, slow=2, seconds=300), batch_size=None, num_workers=1,
+                        multiprocessing_context="spawn") as loader:
+            it = iter(loader)
+            next(it)
+            print("WORKERS", *loader._pool.worker_pids, flush=True)
+            # Ctrl-C pressed again while leaving the block waits for the worker,
+            # which is inside a 300 s item.
+            threading.Timer(1.0, os.kill, (os.getpid(), {second})).start()
+            raise KeyboardInterrupt
+    """
+)
+
+
+@pytest.mark.parametrize("second", ["SIGINT", "SIGKILL"])
+def test_a_second_ctrl_c_while_the_loader_closes_ends_everything_at_once(second):
+    """Or the main process killed then: the worker, told to stop, still watches it."""
+    code = INTERRUPTED_CLOSE.format(tests=TESTS, second=f"signal.{second}")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    workers = [int(p) for p in proc.stdout.readline().split()[1:]]
+    try:
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert workers and proc.returncode != 0
+    if second == "SIGINT":
+        assert err.count("KeyboardInterrupt") >= 2
     assert _gone(workers, timeout=GONE_WITHIN)
 
 
