@@ -83,6 +83,7 @@ class PoolIterator(_BaseDataLoaderIter):
         # persistent iterator is the loader's, and a reference back for good would
         # keep both, and the workers, alive past the loader's last use.
         self._loader: DataLoader[Any] | None = loader
+        loader.hold_iterator(self, weakly=True)
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
@@ -301,6 +302,8 @@ class PoolIterator(_BaseDataLoaderIter):
         finally:
             # Last: dropping the loader may close it (its last reference), which
             # closes this iterator too; the epoch is settled by then.
+            if self._loader is not None:
+                self._loader.hold_iterator(self, weakly=False)
             self._loader = None
 
     def _take(self) -> TaskRecord:
@@ -372,11 +375,11 @@ class PoolIterator(_BaseDataLoaderIter):
             pass
 
     def _timeout_error(self, record: TaskRecord) -> LoaderTimeoutError:
-        where = f" at worker {record.worker}" if record.worker is not None else " (not started)"
+        where, look = self._pool.whereabouts(record)
         return LoaderTimeoutError(
             f"DataLoader timed out after {self._timeout} seconds waiting for batch "
-            f"{record.position} (indices {short(record.index)}){where}. Raise `timeout`, "
-            "or look for a dataset __getitem__ that hangs."
+            f"{record.position} (indices {short(record.index)}) {where}. Raise `timeout`, "
+            f"{look}."
         )
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> Any:

@@ -396,6 +396,34 @@ class Pool(IOThread):
             typical = self._counters.busy / done
             return max(0.0, LATE_FACTOR * typical - (time.monotonic() - record.started))
 
+    def whereabouts(self, record: TaskRecord) -> tuple[str, str]:
+        """Where ``record`` stands, and what to look at, in words for a timeout."""
+        hang = "or look for a dataset __getitem__ (or collate_fn) that hangs"
+        with self._lock:
+            if record.worker is None or record.worker >= len(self._workers):
+                return "(no worker has taken it yet)", hang
+            w = self._workers[record.worker]
+            template = w.template or self._workforce.template
+            if not w.ready and template is not None and not template.ready:
+                return (
+                    f"(worker {w.id} has not started: the process workers are forked from "
+                    "is still unpickling the dataset)",
+                    "or make the dataset quicker to unpickle (keep big data in "
+                    "poolloader.SharedList or SharedDict, or open files lazily)",
+                )
+            if not w.ready:
+                return (
+                    f"(worker {w.id} is still starting: unpickling the dataset or running "
+                    "worker_init_fn)",
+                    "or look for what makes a worker's start slow (a dataset slow to "
+                    "unpickle, a worker_init_fn that hangs)",
+                )
+            queue = list(w.tasks)
+            ahead = queue.index(record.seq) if record.seq in queue else 0
+            if ahead:
+                return f"at worker {w.id}, behind {ahead} batch(es) it has not finished", hang
+            return f"at worker {w.id}", hang
+
     def cancel(self, records: list[TaskRecord]) -> None:
         """Forget tasks whose batches nobody will read."""
         with self._lock:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
@@ -146,7 +146,12 @@ class LoaderStats:
         self.batches = 0
         self.wait_seconds = 0.0
         self.waits = 0
-        self.last_pool: PoolStatistics | None = None  # of the pool last stopped
+        # The pools stopped so far (closed, or replaced when broken), added up.
+        self.ended_pools: PoolStatistics | None = None
+
+    def pool_ended(self, pool: PoolStatistics) -> None:
+        """Keep what a stopped pool did: statistics() adds it to the next pool's."""
+        self.ended_pools = combined(self.ended_pools, pool)
 
     def record_wait(self, seconds: float) -> None:
         with self._lock:
@@ -179,3 +184,25 @@ class LoaderStats:
             else 0.0,
             slab_bytes=pool.slab_bytes if pool else 0,
         )
+
+
+def combined(earlier: PoolStatistics | None, now: PoolStatistics | None) -> PoolStatistics | None:
+    """The counters of pools that ended (``earlier``) and of the one running
+    (``now``) added up; what is held at this moment is the running pool's."""
+    if earlier is None or now is None:
+        return now if earlier is None else replace(earlier, pending=0, running=0, slab_bytes=0)
+    return PoolStatistics(
+        tasks_done=earlier.tasks_done + now.tasks_done,
+        restarts=earlier.restarts + now.restarts,
+        bytes_moved=earlier.bytes_moved + now.bytes_moved,
+        busy_seconds=earlier.busy_seconds + now.busy_seconds,
+        uptime_seconds=earlier.uptime_seconds + now.uptime_seconds,
+        pending=now.pending,
+        running=now.running,
+        control_messages=earlier.control_messages + now.control_messages,
+        control_bytes=earlier.control_bytes + now.control_bytes,
+        bytes_sent=earlier.bytes_sent + now.bytes_sent,
+        slab_batches=earlier.slab_batches + now.slab_batches,
+        slab_reused=earlier.slab_reused + now.slab_reused,
+        slab_bytes=now.slab_bytes,
+    )

@@ -33,7 +33,7 @@ from ._resume import (
     generator_states,
     set_generator_states,
 )
-from ._stats import LoaderStatistics, LoaderStats
+from ._stats import LoaderStatistics, LoaderStats, combined
 from ._tracking import root_view, unwrap
 from ._transport import PickleTransport, SlabTransport
 from ._worker import WorkerSetup
@@ -58,7 +58,8 @@ FINGERPRINT_SLACK = 2**20
 #: (see DataLoader.__getstate__).
 _PER_OBJECT = frozenset(
     {"_channel", "_stats", "_lock", "_pool", "_pool_key", "_iterators", "_closed",
-     "dataset", "_dataset_target", "_snapshot", "_fingerprint", "_warned_stale_template"}
+     "dataset", "_dataset_target", "_snapshot", "_fingerprint", "_warned_stale_template",
+     "_held_iterator"}
 )  # fmt: skip
 
 
@@ -214,7 +215,34 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._snapshot: bytes | None = None  # the dataset as the pool's template holds it
         self._fingerprint: tuple[bytes | None, int] = (None, 0)  # of the template's copy
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
+        self._held_iterator: Any = None  # see _iterator
         self._warned_stale_template = False
+
+    @property
+    def _iterator(self) -> Any:
+        """torch's persistent iterator (``persistent_workers=True``), reset by each
+        ``iter(loader)``.
+
+        Held weakly while it runs an epoch (:meth:`hold_iterator`): it holds
+        the loader then (NOTE on PoolIterator._start_epoch), and a loader and
+        iterator dropped mid-epoch must go, with the workers, when the last
+        reference does, not when the cycle collector runs. Dropped mid-epoch
+        itself (a ``break`` in a ``for`` loop), it is gone; the next
+        ``iter(loader)`` makes another for the same workers."""
+        held = self.__dict__.get("_held_iterator")
+        return held() if isinstance(held, weakref.ref) else held
+
+    @_iterator.setter
+    def _iterator(self, iterator: Any) -> None:
+        # torch's __iter__ sets it after the first epoch began (in the iterator's __init__).
+        running = getattr(iterator, "_loader", None) is self
+        self.__dict__["_held_iterator"] = weakref.ref(iterator) if running else iterator
+
+    def hold_iterator(self, iterator: Any, *, weakly: bool) -> None:
+        """Hold the persistent ``iterator`` weakly (it runs an epoch) or strongly
+        (between epochs); any other iterator is not the loader's to hold."""
+        if self._iterator is iterator:
+            self.__dict__["_held_iterator"] = weakref.ref(iterator) if weakly else iterator
 
     # --------------------------------------------------------- copy, pickle
 
@@ -223,8 +251,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         arguments and position, as for torch's loader. The copy starts workers of
         its own when it is iterated; the original's keep running."""
         state = {k: v for k, v in self.__dict__.items() if k not in _PER_OBJECT}
-        state["dataset"] = self._dataset_target
-        state["_iterator"] = None  # torch's persistent iterator: processes of this object
+        state["dataset"] = self._dataset_target  # (torch's persistent iterator is not taken)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -292,6 +319,17 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return sum(it.refresh() for it in list(self._iterators))
 
     # ----------------------------------------------------------- iteration
+
+    def __iter__(self) -> Any:
+        # torch's, holding the new persistent iterator while the loader holds it weakly.
+        if not (self.persistent_workers and self.num_workers > 0):
+            return self._get_iterator()
+        iterator = self._iterator
+        if iterator is None:
+            iterator = self._iterator = self._get_iterator()
+        else:
+            iterator._reset(self)
+        return iterator
 
     def _get_iterator(self) -> Any:
         self._check_open()
@@ -476,6 +514,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         pool = self._pool
         if pool is not None and (pool.broken or pool.closed or key != self._pool_key):
             pool.close()
+            self._stats.pool_ended(pool.statistics())
             pool = None
         if pool is None:
             pool = self._start_pool(base_seed)
@@ -586,7 +625,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.close()
-            self._stats.last_pool = pool.statistics()  # what statistics() shows from now on
+            self._stats.pool_ended(pool.statistics())
 
     def __enter__(self) -> DataLoader[T_co]:
         return self
@@ -604,7 +643,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def statistics(self) -> LoaderStatistics:
         """A snapshot of what the loader has done so far; see :class:`LoaderStatistics`."""
-        pool = self._pool.statistics() if self._pool is not None else self._stats.last_pool
+        now = self._pool.statistics() if self._pool is not None else None
+        pool = combined(self._stats.ended_pools, now)
         return self._stats.snapshot(pool, self.num_workers, self._channel.messages_recorded)
 
     def __repr__(self) -> str:

@@ -134,6 +134,23 @@ class Sleepy(Dataset):
         return i
 
 
+class SlowToUnpickle(Plain):
+    """:class:`Plain` whose unpickling takes ``seconds`` (an index built on load)."""
+
+    def __init__(self, n: int = 8, seconds: float = 4.0) -> None:
+        super().__init__(n)
+        self.seconds = seconds
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        time.sleep(state["seconds"])
+        self.__dict__.update(state)
+
+
+def sleep_in_init(worker_id: int) -> None:
+    """A ``worker_init_fn`` that takes 4 s."""
+    time.sleep(4.0)
+
+
 class Nested(Dataset):
     """Each item is computed in a process pool the dataset starts in its worker."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-from _datasets import Failing, HoldsLock, Plain, Sleepy
+from _datasets import Failing, HoldsLock, Plain, Sleepy, SlowToUnpickle, sleep_in_init
 
 from poolloader import DataLoader
 from poolloader.errors import LoaderTimeoutError, NotPicklableError, RemoteTraceback
@@ -107,8 +107,29 @@ def test_timeout_names_the_batch():
             next(iterator)
     message = str(info.value)
     assert message.startswith("DataLoader timed out after 1 seconds waiting for batch 1")
-    assert "indices [2, 3]" in message
+    assert "indices [2, 3]) at worker 1. Raise `timeout`" in message
+    assert "__getitem__" in message
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, TimeoutError)
+
+
+@pytest.mark.parametrize(
+    "slow, where, look",
+    [("unpickling", "the process workers are forked from is still unpickling the dataset",
+      "quicker to unpickle"),
+     ("worker_init_fn", "worker 0 is still starting", "a worker_init_fn that hangs")],
+)  # fmt: skip
+def test_timeout_says_when_the_worker_has_not_started(slow, where, look):
+    """A timeout counts from the first batch asked for, as torch's does, the
+    workers' start included: the message must not blame __getitem__ then."""
+    if slow == "unpickling":
+        loader = _loader(SlowToUnpickle(8, seconds=4), batch_size=2, timeout=1)
+    else:
+        loader = _loader(Plain(8), batch_size=2, timeout=1, worker_init_fn=sleep_in_init)
+    with loader, pytest.raises(LoaderTimeoutError) as info:
+        next(iter(loader))
+    message = str(info.value)
+    assert "waiting for batch 0 (indices [0, 1]) (" in message
+    assert where in message and look in message and "__getitem__" not in message
 
 
 def test_unpicklable_index_from_sampler():

@@ -78,6 +78,38 @@ def test_garbage_collection_closes_the_pool():
     assert _gone(workers, timeout=GONE_WITHIN)
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_loader_and_iterator_dropped_mid_epoch_go_with_their_last_reference(persistent):
+    """Without the cycle collector: a persistent iterator is the loader's, and
+    during an epoch it holds the loader."""
+    loader = DataLoader(Plain(64), batch_size=4, num_workers=2, persistent_workers=persistent,
+                        multiprocessing_context="forkserver")  # fmt: skip
+    it = iter(loader)
+    next(it)
+    workers = loader._pool.worker_pids
+    gc.disable()
+    try:
+        del loader, it
+        assert _gone(workers, timeout=GONE_WITHIN)
+    finally:
+        gc.enable()
+
+
+def test_a_persistent_loader_keeps_its_workers_and_iterator_across_epochs_and_breaks():
+    with DataLoader(Plain(16), batch_size=4, num_workers=2, persistent_workers=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert len(list(loader)) == 4
+        iterator, workers = loader._iterator, loader._pool.worker_pids
+        assert [b.tolist() for b in loader] == [[4 * k + j for j in range(4)] for k in range(4)]
+        assert loader._iterator is iterator  # torch's: one iterator, reset each epoch
+        for _ in loader:
+            break  # the loop's iterator is dropped mid-epoch; the workers stay
+        gc.collect()
+        again = [b.tolist() for b in loader]
+        assert again[0] == [0, 1, 2, 3] and len(again) == 4
+        assert loader._pool.worker_pids == workers
+
+
 def test_context_manager_closes():
     with DataLoader(Plain(4), num_workers=1, multiprocessing_context="forkserver") as loader:
         next(iter(loader))

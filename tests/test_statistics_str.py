@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 
 from poolloader import DataLoader, LoaderStatistics
@@ -73,3 +74,23 @@ def test_statistics_count_in_process_batches_and_outlive_the_pool():
     assert closed.batches == running.batches == 6
     assert closed.tasks_done == running.tasks_done == 6
     assert closed.bytes_moved == running.bytes_moved > 0
+
+
+@pytest.mark.parametrize("how", ["torch's shutdown", "Lightning's teardown"])
+def test_statistics_add_up_the_pools_a_loader_went_through(how):
+    """A persistent loader's workers ended (torch's `_shutdown_workers`, Lightning
+    setting `_iterator = None`) start again in a new pool: the counts go on."""
+    with DataLoader(Vectors(), batch_size=4, num_workers=2, persistent_workers=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert len(list(loader)) == 6
+        first = loader.statistics()
+        if how == "torch's shutdown":
+            loader._iterator._shutdown_workers()
+        else:
+            loader._iterator = None
+        assert loader.statistics().tasks_done == first.tasks_done == 6
+        assert len(list(loader)) == 6
+        both = loader.statistics()
+    assert both.batches == both.tasks_done == 12
+    assert both.bytes_moved == 2 * first.bytes_moved
+    assert both.worker_busy_seconds > first.worker_busy_seconds
