@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
 import os
 import sys
 import threading
@@ -18,11 +17,20 @@ import torch.utils.data
 from torch.utils.data import Dataset, Sampler
 from torch.utils.data.dataloader import _DatasetKind
 
-from . import _pickling, _proctree, _seeding, _segment
+from . import _pickling, _proctree, _segment
 from ._control import Channel, broadcast_payload
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
 from ._messages import Broadcast, DatasetFollows, PickledObject, Refresh, Replace
+from ._options import (
+    DEFAULT_MAX_WORKER_RESTARTS,
+    REORDER_MAX_PER_WORKER,
+    check_count,
+    check_options,
+    reorder_allowance,
+    resolve_context,
+    start_method,
+)
 from ._pool import Pool
 from ._resume import (
     STATE_VERSION,
@@ -42,15 +50,6 @@ from .errors import LoaderClosedError
 T_co = TypeVar("T_co", covariant=True)
 logger = logging.getLogger("poolloader")
 
-#: Finished batches that may wait behind one slow batch (beyond the prefetch
-#: window), unless ``reorder_buffer`` says otherwise: as many as fit this many
-#: bytes, at least MIN and at most MAX per worker. More keeps workers busy
-#: behind longer stalls; each waiting batch holds its memory.
-REORDER_MEMORY_BUDGET = 128 * 2**20
-REORDER_MIN_PER_WORKER = 2
-REORDER_MAX_PER_WORKER = 16
-DEFAULT_MAX_WORKER_RESTARTS = 3
-TRANSPORTS = ("shm", "pickle")
 #: Bytes a dataset's fingerprint may pass twice its pickle by (NOTE [ Fingerprints ]
 #: in ``_pickling.py``) before the check falls back to pickling it.
 FINGERPRINT_SLACK = 2**20
@@ -61,22 +60,6 @@ _PER_OBJECT = frozenset(
      "dataset", "_dataset_target", "_snapshot", "_fingerprint", "_warned_stale_template",
      "_held_iterator"}
 )  # fmt: skip
-
-
-def reorder_allowance(reorder_buffer: int | None, num_workers: int, mean_batch_bytes: float) -> int:
-    """How many finished batches may wait behind the oldest unfinished one.
-
-    ``reorder_buffer`` when given; otherwise as many as fit
-    :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, between
-    :data:`REORDER_MIN_PER_WORKER` and :data:`REORDER_MAX_PER_WORKER` per worker.
-    """
-    if reorder_buffer is not None:
-        return reorder_buffer
-    low = REORDER_MIN_PER_WORKER * num_workers
-    high = REORDER_MAX_PER_WORKER * num_workers
-    if mean_batch_bytes <= 0:
-        return low
-    return max(low, min(high, int(REORDER_MEMORY_BUDGET // mean_batch_bytes)))
 
 
 class DataLoader(torch.utils.data.DataLoader[T_co]):
@@ -172,8 +155,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         transport: str = "shm",
         max_batch_bytes: int | None = None,
     ) -> None:
-        _check_count("num_workers", num_workers, allow_negative=True)
-        _check_options(seeding, reorder_buffer, max_worker_restarts, transport, max_batch_bytes)
+        check_count("num_workers", num_workers, allow_negative=True)
+        check_options(seeding, reorder_buffer, max_worker_restarts, transport, max_batch_bytes)
         self._start_afresh()
         self._epoch_index = 0  # the number the next epoch gets; part of each batch's seed
         self._resume: dict[str, Any] | None = None
@@ -200,7 +183,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator should be a torch.Generator or None, but got {generator!r}")
         if num_workers > 0:
-            inherited = _start_method(self.multiprocessing_context) == "fork"
+            inherited = start_method(self.multiprocessing_context) == "fork"
             _pickling.ship(self.collate_fn, "collate_fn", inherited=inherited)
             _pickling.ship(self.worker_init_fn, "worker_init_fn", inherited=inherited)
 
@@ -522,7 +505,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         return pool
 
     def _start_pool(self, base_seed: int) -> Pool:
-        context = _resolve_context(self.multiprocessing_context)
+        context = resolve_context(self.multiprocessing_context)
         inherited = context.get_start_method() == "fork"
         functions = (self.collate_fn, self._worker_init())
         self._snapshot = None
@@ -653,42 +636,3 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             f"poolloader.DataLoader(dataset={type(self._dataset_target).__name__}, "
             f"batch_size={self.batch_size}, num_workers={self.num_workers}, {state})"
         )
-
-
-def _resolve_context(context: Any) -> Any:
-    """The multiprocessing context workers start with: spawn unless the loader
-    says otherwise (torch resolved a string to a context already)."""
-    if context is None:
-        return multiprocessing.get_context("spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["__main__", "poolloader._template"])
-    return context
-
-
-def _start_method(context: Any) -> str:
-    return "spawn" if context is None else str(context.get_start_method())
-
-
-def _check_count(name: str, value: object, *, allow_negative: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} should be a non-negative integer, but got {name}={value!r}")
-    if value < 0 and not allow_negative:
-        raise ValueError(f"{name} should be a non-negative integer, but got {name}={value!r}")
-
-
-def _check_options(
-    seeding: object,
-    reorder_buffer: object,
-    max_worker_restarts: object,
-    transport: object,
-    max_batch_bytes: object,
-) -> None:
-    if seeding not in _seeding.SEEDING_POLICIES:
-        raise ValueError(f"seeding should be 'batch' or 'worker', but got seeding={seeding!r}")
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport should be 'shm' or 'pickle', but got transport={transport!r}")
-    if reorder_buffer is not None:
-        _check_count("reorder_buffer", reorder_buffer)
-    if max_batch_bytes is not None:
-        _check_count("max_batch_bytes", max_batch_bytes)
-    _check_count("max_worker_restarts", max_worker_restarts)

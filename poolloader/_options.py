@@ -1,0 +1,73 @@
+"""The loader's own options: defaults, checks, and what they resolve to."""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+from . import _seeding
+
+#: Finished batches that may wait behind one slow batch (beyond the prefetch
+#: window), unless ``reorder_buffer`` says otherwise: as many as fit this many
+#: bytes, at least MIN and at most MAX per worker. More keeps workers busy
+#: behind longer stalls; each waiting batch holds its memory.
+REORDER_MEMORY_BUDGET = 128 * 2**20
+REORDER_MIN_PER_WORKER = 2
+REORDER_MAX_PER_WORKER = 16
+DEFAULT_MAX_WORKER_RESTARTS = 3
+TRANSPORTS = ("shm", "pickle")
+
+
+def reorder_allowance(reorder_buffer: int | None, num_workers: int, mean_batch_bytes: float) -> int:
+    """How many finished batches may wait behind the oldest unfinished one.
+
+    ``reorder_buffer`` when given; otherwise as many as fit
+    :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, between
+    :data:`REORDER_MIN_PER_WORKER` and :data:`REORDER_MAX_PER_WORKER` per worker.
+    """
+    if reorder_buffer is not None:
+        return reorder_buffer
+    low = REORDER_MIN_PER_WORKER * num_workers
+    high = REORDER_MAX_PER_WORKER * num_workers
+    if mean_batch_bytes <= 0:
+        return low
+    return max(low, min(high, int(REORDER_MEMORY_BUDGET // mean_batch_bytes)))
+
+
+def resolve_context(context: Any) -> Any:
+    """The multiprocessing context workers start with: spawn unless the loader
+    says otherwise (torch resolved a string to a context already)."""
+    if context is None:
+        return multiprocessing.get_context("spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload(["__main__", "poolloader._template"])
+    return context
+
+
+def start_method(context: Any) -> str:
+    return "spawn" if context is None else str(context.get_start_method())
+
+
+def check_count(name: str, value: object, *, allow_negative: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} should be a non-negative integer, but got {name}={value!r}")
+    if value < 0 and not allow_negative:
+        raise ValueError(f"{name} should be a non-negative integer, but got {name}={value!r}")
+
+
+def check_options(
+    seeding: object,
+    reorder_buffer: object,
+    max_worker_restarts: object,
+    transport: object,
+    max_batch_bytes: object,
+) -> None:
+    if seeding not in _seeding.SEEDING_POLICIES:
+        raise ValueError(f"seeding should be 'batch' or 'worker', but got seeding={seeding!r}")
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport should be 'shm' or 'pickle', but got transport={transport!r}")
+    if reorder_buffer is not None:
+        check_count("reorder_buffer", reorder_buffer)
+    if max_batch_bytes is not None:
+        check_count("max_batch_bytes", max_batch_bytes)
+    check_count("max_worker_restarts", max_worker_restarts)
