@@ -40,7 +40,7 @@ def resolve_context(context: Any) -> Any:
     if context is None:
         return multiprocessing.get_context("spawn")
     if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["__main__", "poolloader._template"])
+        context.set_forkserver_preload(["__main__", "poolloader._template_process"])
     return context
 
 

@@ -65,7 +65,6 @@ pool starts each worker directly instead (each unpickles the dataset itself).
 
 from __future__ import annotations
 
-import gc
 import multiprocessing
 import multiprocessing.forkserver
 import os
@@ -75,284 +74,26 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
-from . import _replay, _worker
+from . import _worker
 from ._messages import (
     Advance,
-    Advanced,
     DatasetFollows,
     Exited,
     Forked,
     ForkWorker,
-    RemoteError,
-    Replace,
-    StartFailed,
     Stop,
-    TemplateReady,
-    TemplateUnsafe,
     Update,
 )
 from ._packing import descriptor_socket
-from ._pickling import DATASET_PART, OnPart
+from ._pickling import OnPart
+from ._template_process import template_main
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
-
-# ------------------------------------------------------------ in the template
-
-
-#: The template's process name (``ps -o comm``, ``top``): a template is told from
-#: the workers it forks, which get their name back.
-TEMPLATE_NAME = "pl-template"
-
-
-def template_main(
-    setup: _worker.WorkerSetup, conn: Connection, main_ends: tuple[int, ...] = ()
-) -> None:
-    """The template process's entry point. ``main_ends``: with ``fork``, the
-    descriptors of the main process's end of ``conn``, inherited here and closed at
-    once: held open, they would hide the main process's death (no end of file on
-    ``conn``), and the template would outlive a SIGKILLed main process."""
-    for fd in main_ends:
-        os.close(fd)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
-    own_name = _process_name()
-    _set_process_name(TEMPLATE_NAME)
-    try:
-        setup = replace(
-            setup,
-            dataset=_receive_dataset(conn, setup.dataset),
-            functions=_worker.materialize(setup.functions),
-        )
-    except _MainGone:
-        os._exit(0)  # the main process gave up (its pickling failed) or is gone
-    except BaseException as exc:  # every failure is reported home
-        _send(conn, StartFailed(-1, os.getpid(), RemoteError.capture(exc)))
-        os._exit(1)
-    reason = _unsafe_to_fork()
-    if reason:
-        _send(conn, TemplateUnsafe(reason))
-        os._exit(0)
-    _send(conn, TemplateReady(os.getpid()))
-    _Template(setup, conn, own_name).serve()
-    os._exit(0)  # not multiprocessing's exit: it would wait for the workers
-
-
-def _receive_dataset(conn: Connection, dataset: Any) -> Any:
-    """The dataset: unpickled from ``dataset``, or, for :class:`DatasetFollows`,
-    from its parts as they arrive on ``conn`` (NOTE [ Templates ])."""
-    if not isinstance(dataset, DatasetFollows):
-        return _worker.materialize(dataset)
-    incoming = _Incoming(conn)
-    # The collector is held while a million records unpickle (each full collection
-    # would walk all of them again), and they are frozen before it runs again, so
-    # that it never walks them (NOTE [ Frozen objects ]).
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        dataset = pickle.load(incoming)
-        incoming.read()  # up to the empty part that ends it
-        gc.freeze()
-        return dataset
-    finally:
-        if enabled:
-            gc.enable()
-
-
-class _MainGone(Exception):
-    """The main process went away, or gave up, before the dataset arrived."""
-
-
-class _Incoming:
-    """A file to unpickle the dataset from, reading its parts off ``conn`` as they
-    arrive, into one buffer used again for each part; an empty part ends it."""
-
-    def __init__(self, conn: Connection) -> None:
-        self._conn = conn
-        self._buffer = bytearray(DATASET_PART)
-        self._part = memoryview(self._buffer)[:0]
-        self._ended = False
-
-    def _next_part(self) -> bool:
-        """Read the next part; False once the empty part that ends them was read."""
-        if self._ended:
-            return False
-        try:
-            size = self._conn.recv_bytes_into(self._buffer)
-        except (EOFError, OSError):
-            raise _MainGone from None
-        self._ended = size == 0
-        self._part = memoryview(self._buffer)[:size]
-        return not self._ended
-
-    def _take(self, size: int) -> memoryview:
-        taken, self._part = self._part[:size], self._part[size:]
-        return taken
-
-    def readinto(self, buffer: Any) -> int:
-        target = memoryview(buffer).cast("B")
-        filled = 0
-        while filled < len(target) and (self._part or self._next_part()):
-            taken = self._take(len(target) - filled)
-            target[filled : filled + len(taken)] = taken
-            filled += len(taken)
-        return filled
-
-    def read(self, size: int = -1) -> bytes:
-        if 0 <= size <= len(self._part):  # the common case: a pickle frame within a part
-            return bytes(self._take(size))
-        if size >= 0:  # a big bytes object, across parts: one copy besides the buffer
-            buffer = bytearray(size)
-            return bytes(memoryview(buffer)[: self.readinto(buffer)])
-        rest = bytearray()
-        while self._part or self._next_part():
-            rest += self._take(len(self._part))
-        return bytes(rest)
-
-    def readline(self) -> bytes:
-        line = bytearray()
-        while self._part or self._next_part():
-            end = bytes(self._part).find(b"\n")
-            line += self._take(len(self._part) if end < 0 else end + 1)
-            if end >= 0:
-                break
-        return bytes(line)
-
-
-def _unsafe_to_fork() -> str:
-    """Why forking this process would not be safe now ("" if it would be)."""
-    if threading.active_count() > 1:
-        names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-        return f"unpickling the dataset started threads ({', '.join(names)})"
-    if multiprocessing.get_start_method(allow_none=True) == "fork":
-        return ""  # forked from the main process, as torch's fork workers are: its state
-    try:
-        import torch
-
-        if torch.cuda.is_initialized():
-            return "unpickling the dataset initialised CUDA, which forked processes cannot use"
-    except Exception:
-        pass
-    return ""
-
-
-def _send(conn: Connection, message: object) -> None:
-    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-class _Template:
-    """The template's state: the materialized setup, the dataset's generation, and
-    the workers it forked (by their sentinels)."""
-
-    def __init__(self, setup: _worker.WorkerSetup, conn: Connection, worker_name: str) -> None:
-        self.setup = setup
-        self.conn = conn
-        self.worker_name = worker_name
-        self.sock = descriptor_socket(conn)
-        self.children: dict[int, Any] = {}
-        self.fork = multiprocessing.get_context("fork")
-
-    def serve(self) -> None:
-        while True:
-            ready = wait([self.conn, *self.children])
-            for sentinel in ready:
-                if sentinel in self.children:
-                    self._reap(self.children.pop(sentinel))
-            if self.conn not in ready:
-                continue
-            try:
-                message = pickle.loads(self.conn.recv_bytes())
-            except (EOFError, OSError):
-                return  # the main process is gone; the workers notice it themselves
-            if isinstance(message, ForkWorker):
-                self._fork(message)
-            elif isinstance(message, Advance):
-                self._advance(message.updates)
-                _send(self.conn, Advanced(message.generation))
-            elif isinstance(message, Stop):
-                return
-
-    def _fork(self, message: ForkWorker) -> None:
-        (fd,) = recvfds(self.sock, 1)
-        worker_conn = Connection(fd)
-        setup = replace(self.setup, worker_id=message.worker_id, base_seed=message.base_seed)
-        process = self.fork.Process(
-            target=_forked_worker,
-            args=(setup, worker_conn, message.catch_up, self._fds(), self.worker_name),
-            name=f"poolloader-worker-{message.worker_id}",
-            daemon=False,
-        )
-        gc.freeze()  # NOTE [ Frozen objects ]
-        process.start()
-        worker_conn.close()
-        pid = int(process.pid or 0)
-        # Opened before the child can be reaped (only this loop reaps it), so the
-        # pidfd is the child's even if its pid is later recycled.
-        pidfd = os.pidfd_open(pid)
-        _send(self.conn, Forked(message.worker_id, message.started, pid))
-        sendfds(self.sock, [pidfd])
-        os.close(pidfd)
-        self.children[process.sentinel] = process
-
-    def _fds(self) -> tuple[int, ...]:
-        """The template's own descriptors, which a forked worker closes."""
-        return self.conn.fileno(), self.sock.fileno()
-
-    def _advance(self, updates: tuple[Update, ...]) -> None:
-        dataset = self.setup.dataset
-        for update in updates:
-            if isinstance(update, Replace):
-                dataset = pickle.loads(update.dataset)
-            else:
-                _replay.apply_update(dataset, update)
-        self.setup = replace(self.setup, dataset=dataset)
-        if any(isinstance(update, Replace) for update in updates):
-            gc.unfreeze()  # the old copy's cycles, frozen with it, can go now
-            gc.collect()
-
-    def _reap(self, process: Any) -> None:
-        process.join()
-        _send(self.conn, Exited(process.pid, process.exitcode))
-        process.close()
-
-
-def _forked_worker(
-    setup: _worker.WorkerSetup,
-    conn: Connection,
-    catch_up: tuple[Update, ...],
-    template_fds: tuple[int, ...],
-    name: str,
-) -> None:
-    # The template's connection to the main process must end with the template:
-    # a worker holding a copy would hide each one's death from the other.
-    for fd in template_fds:
-        os.close(fd)
-    _set_process_name(name)
-    _worker.run(setup, conn, catch_up)
-
-
-def _process_name() -> str:
-    try:
-        with open("/proc/self/comm") as comm:
-            return comm.read().strip()
-    except OSError:
-        return ""
-
-
-def _set_process_name(name: str) -> None:
-    """Set this process's name as ``ps -o comm`` shows it (Linux; best effort)."""
-    if not name:
-        return
-    try:
-        with open("/proc/self/comm", "w") as comm:
-            comm.write(name[:15])
-    except OSError:
-        pass
-
 
 # ------------------------------------------------------------ in the main process
 

@@ -29,7 +29,7 @@ from _faults import (
 )
 
 from poolloader import DataLoader
-from poolloader._template import TEMPLATE_NAME
+from poolloader._template_process import TEMPLATE_NAME
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 #: Seconds processes get to disappear after the event that should end them.

@@ -45,7 +45,7 @@ def helpers_started_once():
     the descriptors they keep open are not counted against whichever test happened
     to need them first."""
     multiprocessing.get_context("forkserver").set_forkserver_preload(
-        ["__main__", "poolloader._template"]
+        ["__main__", "poolloader._template_process"]
     )
     forkserver.ensure_running()
     resource_tracker.ensure_running()

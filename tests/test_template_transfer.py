@@ -21,7 +21,7 @@ from _procs import descendant_pids, fault_loader, wait_until
 from torch.utils.data import Dataset
 
 from poolloader import DataLoader
-from poolloader._template import DATASET_PART, _Incoming, _MainGone
+from poolloader._template_process import DATASET_PART, _Incoming, _MainGone
 from poolloader.errors import WorkerStartError
 
 # ------------------------------------------------------------ the reading end

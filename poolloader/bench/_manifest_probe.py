@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import RandomSampler
 
 from .._shared import SharedList
-from .._template import TEMPLATE_NAME
+from .._template_process import TEMPLATE_NAME
 from ..loader import DataLoader
 from ._manifest import (
     BATCH_SIZE,
