@@ -45,7 +45,6 @@ import decimal
 import enum
 import fractions
 import functools
-import operator
 import pathlib
 import pickle
 import random
@@ -592,78 +591,6 @@ def _python_special(tp: type, name: str) -> Any:
     return fn if isinstance(fn, types.FunctionType) else None
 
 
-def _forward(op: Any) -> Any:
-    def method(self: View, other: Any) -> Any:
-        return op(_get(self, "_pl_target"), unwrap(other))
-
-    return method
-
-
-def _reflected(op: Any) -> Any:
-    def method(self: View, other: Any) -> Any:
-        return op(unwrap(other), _get(self, "_pl_target"))
-
-    return method
-
-
-def _inplace(name: str) -> Any:
-    def method(self: View, other: Any) -> Any:
-        tp = type(_get(self, "_pl_target"))
-        fn = getattr(tp, name, None)
-        if fn is None:
-            return NotImplemented  # Python falls back to `x = x + y`: an assignment
-        if isinstance(fn, types.FunctionType):
-            return fn(self, other)
-        return _tracking_containers.call_mutator(self, name, fn, (other,), {})
-
-    return method
-
-
-def _unary(op: Any) -> Any:
-    def method(self: View, *args: Any) -> Any:
-        return op(_get(self, "_pl_target"), *args)
-
-    return method
-
-
-_BINARY: dict[str, Any] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "matmul": operator.matmul,
-    "truediv": operator.truediv, "floordiv": operator.floordiv, "mod": operator.mod,
-    "pow": operator.pow, "lshift": operator.lshift, "rshift": operator.rshift,
-    "and": operator.and_, "xor": operator.xor, "or": operator.or_, "divmod": divmod,
-}  # fmt: skip
-_COMPARE: dict[str, Any] = {
-    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
-    "gt": operator.gt, "ge": operator.ge,
-}  # fmt: skip
-_UNARY: dict[str, Any] = {
-    "neg": operator.neg, "pos": operator.pos, "abs": abs, "invert": operator.invert,
-    "int": int, "float": float, "complex": complex, "index": operator.index, "round": round,
-    "bytes": bytes, "fspath": lambda obj: obj.__fspath__(),
-    "trunc": lambda obj: obj.__trunc__(), "floor": lambda obj: obj.__floor__(),
-    "ceil": lambda obj: obj.__ceil__(),
-}  # fmt: skip
-for _name, _op in _BINARY.items():
-    setattr(View, f"__{_name}__", _forward(_op))
-    setattr(View, f"__r{_name}__", _reflected(_op))
-    if _name != "divmod":
-        setattr(View, f"__i{_name}__", _inplace(f"__i{_name}__"))
-for _name, _op in _COMPARE.items():
-    setattr(View, f"__{_name}__", _forward(_op))
-for _name, _op in _UNARY.items():
-    setattr(View, f"__{_name}__", _unary(_op))
-del _name, _op
-
-#: Special methods a view answers itself when asked for them by name (the rest,
-#: like ``__init__`` or ``__dict__``, are the object's).
-_OWN = frozenset(
-    name
-    for name in vars(View)
-    if name.startswith("__")
-    and name not in ("__init__", "__doc__", "__module__", "__slots__", "__annotations__")
-) | {"__weakref__"}
-
-
 # ------------------------------------------------------------------ the forms
 
 
@@ -679,6 +606,17 @@ class Tracked(View):
 #: Every view type (the tensor view joins from ``_tracking_numeric``).
 _VIEWS: tuple[type, ...] = (View,)
 
-from . import _tracking_containers, _tracking_numeric  # noqa: E402  (forms built on View)
+from . import _tracking_containers, _tracking_operators  # noqa: E402, F401  (built on View)
+
+#: Special methods a view answers itself when asked for them by name (the rest,
+#: like ``__init__`` or ``__dict__``, are the object's).
+_OWN = frozenset(
+    name
+    for name in vars(View)
+    if name.startswith("__")
+    and name not in ("__init__", "__doc__", "__module__", "__slots__", "__annotations__")
+) | {"__weakref__"}
+
+from . import _tracking_numeric  # noqa: E402  (the tensor view; adds to _OWN)
 
 _ViewClass._sealed = True  # every view class is complete
