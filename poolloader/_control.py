@@ -615,34 +615,3 @@ def _contents_call(container: Any) -> bytes | None:
         return pickle.dumps((assign_contents, (THIS, value), {}), protocol=_pickling.PROTOCOL)
     except Exception:  # the writes themselves pickled: keep them
         return None
-
-
-# ------------------------------------------------------------ the main side
-
-
-def render(path: Path) -> str:
-    """``(("attr", "cfg"), ("item", "crop"))`` → ``"dataset.cfg['crop']"``."""
-    parts = ["dataset"]
-    for kind, key in path:
-        if kind == "attr":
-            parts.append(f".{key}")
-        elif kind == "item":
-            parts.append(f"[{key!r}]")
-        else:
-            parts.append(f".{_call_name(key)}(...)")
-    return "".join(parts)
-
-
-def _call_name(pickled: bytes) -> str:
-    try:
-        fn = pickle.loads(pickled)[0]
-    except Exception:
-        return "<call>"
-    return str(getattr(fn, "__name__", "<call>"))
-
-
-def broadcast_payload(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
-    """Pickle a broadcast call, failing with the function's name when it cannot be."""
-    name = getattr(fn, "__qualname__", repr(fn))
-    _pickling.dumps(fn, f"the broadcast function {name}")
-    return _pickling.dumps((fn, args, kwargs), f"the arguments of broadcast({name}, ...)")

@@ -6,7 +6,9 @@ NOTE [ Process trees ] in ``_pool.py`` says how those processes are found.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -159,7 +161,15 @@ EXIT_BOOTSTRAP_ERROR = 1
 
 def silent_start_error(worker_id: int, pid: int, code: int) -> WorkerStartError:
     """The error for a worker that exited before it reported ready or why not."""
-    if code == EXIT_BOOTSTRAP_ERROR:
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if code == EXIT_BOOTSTRAP_ERROR and main_file and not os.path.exists(main_file):
+        hint = (
+            f"It raised before it could report why (its traceback is on stderr): spawn and "
+            f"forkserver workers import your main script again, and it is not a file they "
+            f"can read ({main_file}: a script fed on standard input, `python - < script.py`). "
+            "Save it as a .py file and run that, or pass multiprocessing_context='fork'."
+        )
+    elif code == EXIT_BOOTSTRAP_ERROR:
         hint = (
             "It raised before it could report why (its traceback is on stderr). Most often "
             "this is a script without a main guard: spawn and forkserver workers import your "

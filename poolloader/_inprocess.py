@@ -20,6 +20,10 @@ from torch.utils.data.dataloader import (
 )
 
 from . import _seeding
+from ._deaths import short
+from ._packing import check_size
+from ._skeleton import nbytes
+from .errors import ResultTooLargeError
 
 if TYPE_CHECKING:
     from .loader import DataLoader
@@ -54,6 +58,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         self._position = loader._next_epoch(self)
         self._epoch = self._position.epoch
         self._seed_batches = loader.seeding == "batch"
+        self._max_batch_bytes = loader.max_batch_bytes
         self._loader_stats = loader._stats
         self._dataset_fetcher = _DatasetKind.create_fetcher(
             self._dataset_kind,
@@ -94,6 +99,12 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
             raise
         finally:
             self._ledger.consumed(position)
+        if self._max_batch_bytes is not None:  # as the workers' transports refuse it
+            try:
+                check_size(nbytes(data), self._max_batch_bytes)
+            except ResultTooLargeError as exc:
+                exc.args = (f"{exc.args[0]}\n(batch {position} with indices {short(index)})",)
+                raise
         if self._pin_memory:
             data = pin_memory(data, self._pin_memory_device)
         return data

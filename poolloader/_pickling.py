@@ -8,6 +8,7 @@ attributes to name the culprit (``dataset.reader._fh``) and says how to fix it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import pickle
@@ -192,7 +193,7 @@ def _dumps_sharing_the_gil(obj: object, on_part: OnPart | None) -> bytes:
 
 
 #: Why most objects must pickle, for the error when one does not.
-WORKER_PICKLING = "spawn worker processes receive it by pickling"
+WORKER_PICKLING = "workers started with spawn or forkserver receive it by pickling"
 
 
 def not_picklable(
@@ -240,6 +241,12 @@ def _children(obj: object, name: str) -> Iterator[tuple[str, object]]:
     elif isinstance(obj, (list, tuple)):
         for i, value in enumerate(obj[:CULPRIT_SEARCH_WIDTH]):
             yield f"{name}[{i}]", value
+    elif isinstance(obj, functools.partial):
+        yield f"{name}.func", obj.func
+        for i, value in enumerate(obj.args[:CULPRIT_SEARCH_WIDTH]):
+            yield f"{name}.args[{i}]", value
+        for key, value in list(obj.keywords.items())[:CULPRIT_SEARCH_WIDTH]:
+            yield f"{name}.keywords[{key!r}]", value
     elif isinstance(obj, types.FunctionType | types.MethodType | type):
         return
     else:
@@ -254,9 +261,15 @@ def _hint(part: object) -> str:
         part.__name__ == "<lambda>" or "<locals>" in part.__qualname__
     ):
         return (
-            "Spawn workers import functions by their qualified name, so lambdas and functions "
+            "Workers import functions by their qualified name, so lambdas and functions "
             "defined inside other functions cannot reach them: define it with `def` at module "
             "level (functools.partial of a module-level function works too)."
+        )
+    cls = part if isinstance(part, type) else type(part)
+    if "<locals>" in getattr(cls, "__qualname__", ""):
+        return (
+            f"Workers import classes by their qualified name, so a class defined inside a "
+            f"function ({cls.__qualname__}) cannot reach them: define it at module level."
         )
     if isinstance(part, types.GeneratorType):
         return "Generators cannot be pickled: create the iterator inside the worker instead."
@@ -265,3 +278,10 @@ def _hint(part: object) -> str:
         "pickled: create them lazily in the worker (on first use in __getitem__, or in "
         "worker_init_fn), or leave them out in __getstate__."
     )
+
+
+def broadcast_payload(fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    """Pickle a broadcast call, failing with the function's name when it cannot be."""
+    name = getattr(fn, "__qualname__", repr(fn))
+    dumps(fn, f"the broadcast function {name}")
+    return dumps((fn, args, kwargs), f"the arguments of broadcast({name}, ...)")

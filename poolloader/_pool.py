@@ -407,9 +407,11 @@ class Pool(IOThread):
             if not w.ready and template is not None and not template.ready:
                 return (
                     f"(worker {w.id} has not started: the process workers are forked from "
-                    "is still unpickling the dataset)",
-                    "or make the dataset quicker to unpickle (keep big data in "
-                    "poolloader.SharedList or SharedDict, or open files lazily)",
+                    "is still starting, which takes a new interpreter, the import of torch "
+                    "and the unpickling of the dataset)",
+                    "counting the start (a second or more with spawn or forkserver), or make "
+                    "the dataset quicker to unpickle (keep big data in poolloader.SharedList "
+                    "or SharedDict, open files lazily)",
                 )
             if not w.ready:
                 return (

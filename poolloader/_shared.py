@@ -213,6 +213,13 @@ class SharedList(Sequence[T]):
             return any(records.encoded(row) == wanted for row in self._rows)
         return any(record is value or record == value for record in self)
 
+    def index(self, value: Any, start: int = 0, stop: int | None = None) -> int:
+        """The position of the first record equal to ``value`` (``list.index``)."""
+        try:
+            return super().index(value, start, len(self) if stop is None else stop)
+        except ValueError:
+            raise ValueError(f"{value!r} is not in SharedList") from None
+
     def __eq__(self, other: object) -> bool:
         """Equal to a SharedList, list or tuple holding equal records in the same order."""
         if isinstance(other, SharedList):

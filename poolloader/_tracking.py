@@ -59,7 +59,7 @@ import torch
 from . import _control, _pickling
 from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
 from ._shared import SharedDict, SharedList
-from ._tracking_paths import current_path
+from ._tracking_paths import current_path, render
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
 #: NOTE [ View forms ]). Their items are copied each time the view is handed
@@ -264,7 +264,7 @@ def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
         with channel.pinning():
             call = _control._contents_call(target)
         if call is None:  # its items do not pickle: say which
-            _pickling.dumps(target, _control.render(path))
+            _pickling.dumps(target, render(path))
             return
     channel.record(Call(path, call), container)
 
@@ -277,7 +277,7 @@ def _untracked_call(view: View, name: str, bound: Any, *args: Any, **kwargs: Any
     tp = type(_get(view, "_pl_target"))
     if (tp, name) not in _warned:
         _warned.add((tp, name))
-        where = _control.render(_get(view, "_pl_path"))
+        where = render(_get(view, "_pl_path"))
         owner = next((k.__qualname__ for k in tp.__mro__ if name in vars(k)), tp.__qualname__)
         warnings.warn(
             f"{where}.{name}() is implemented in C (by {owner}), so poolloader cannot see "
@@ -407,7 +407,7 @@ class View(metaclass=_ViewClass):
         ):
             return
         value = unwrap_deep(value)
-        payload = _payload(channel, value, lambda: f"{_control.render(path)}.{name}")
+        payload = _payload(channel, value, lambda: f"{render(path)}.{name}")
         setattr(target, name, value)
         if payload is not None:
             channel.record(SetAttr(path, name, payload))
@@ -458,7 +458,7 @@ class View(metaclass=_ViewClass):
         target, path, channel = _state(self)
 
         def where() -> str:
-            return f"{_control.render(path)}[{key!r}]"
+            return f"{render(path)}[{key!r}]"
 
         key_payload = _payload(channel, key, lambda: f"the key of {where()}")
         payload = _payload(channel, value, where)
@@ -471,7 +471,7 @@ class View(metaclass=_ViewClass):
     def __delitem__(self, key: Any) -> None:
         target, path, channel = _state(self)
         key = unwrap(key)
-        key_payload = _payload(channel, key, lambda: f"the key of {_control.render(path)}[{key!r}]")
+        key_payload = _payload(channel, key, lambda: f"the key of {render(path)}[{key!r}]")
         del target[key]
         if key_payload is not None:
             channel.record(DelItem(path, key_payload), _foldable(target))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _control, _pickling, _replay, _tracking
+from . import _pickling, _replay, _tracking, _tracking_paths
 from ._messages import THIS, Path, SetAttr, SetItem
 from ._tracking import Tracked, View, record_call
 from ._tracking_containers import _mutator, call_mutator
@@ -319,7 +319,7 @@ class TensorView(torch.Tensor):
             return
         target, path, channel = _tracking._state(self)
         value = _tracking.unwrap_deep(value)
-        payload = _tracking._payload(channel, value, f"{_control.render(path)}.{name}")
+        payload = _tracking._payload(channel, value, f"{_tracking_paths.render(path)}.{name}")
         setattr(target, name, value)
         if payload is not None:
             channel.record(SetAttr(path, name, payload))
@@ -344,7 +344,7 @@ def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw:
     target, path, channel = _tracking._state(view)
     if name == "__set__":  # t.data = x, t.requires_grad = False
         prop, value = func.__self__.__name__, raw_args[1]
-        payload = _tracking._payload(channel, value, f"{_control.render(path)}.{prop}")
+        payload = _tracking._payload(channel, value, f"{_tracking_paths.render(path)}.{prop}")
         func(*raw_args)
         if payload is not None:
             channel.record(SetAttr(path, prop, payload))
@@ -364,7 +364,7 @@ def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw:
 
 def _set_tensor_item(view: Any, key: Any, value: Any) -> None:
     target, path, channel = _tracking._state(view)
-    where = f"{_control.render(path)}[{key!r}]"
+    where = f"{_tracking_paths.render(path)}[{key!r}]"
     key_payload = _tracking._payload(channel, key, f"the key of {where}")
     payload = _tracking._payload(channel, value, where)
     target[key] = value

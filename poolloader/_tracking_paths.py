@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import collections
+import pickle
 from typing import Any
 
-from . import _control
 from ._messages import Path
 
 _MISSING = object()
@@ -53,7 +53,7 @@ def current_path(root: Any, path: Path, target: Any) -> Path:
         if moved is not _MISSING:
             return (*path[:-1], ("item", moved))
     raise RuntimeError(
-        f"{_control.render(path)} no longer holds the object this reference was taken "
+        f"{render(path)} no longer holds the object this reference was taken "
         "from: the dataset changed since (an assignment replaced it, or its container "
         "was reordered), so poolloader cannot tell where this change belongs in the "
         "workers' copies. Nothing was changed. Take the reference again from "
@@ -70,3 +70,24 @@ def _find(container: Any, target: Any) -> Any:
     """The key (or index) at which ``container`` holds ``target`` itself, or _MISSING."""
     pairs = container.items() if isinstance(container, dict) else enumerate(container)
     return next((key for key, value in pairs if value is target), _MISSING)
+
+
+def render(path: Path) -> str:
+    """``(("attr", "cfg"), ("item", "crop"))`` → ``"dataset.cfg['crop']"``."""
+    parts = ["dataset"]
+    for kind, key in path:
+        if kind == "attr":
+            parts.append(f".{key}")
+        elif kind == "item":
+            parts.append(f"[{key!r}]")
+        else:
+            parts.append(f".{_call_name(key)}(...)")
+    return "".join(parts)
+
+
+def _call_name(pickled: bytes) -> str:
+    try:
+        fn = pickle.loads(pickled)[0]
+    except Exception:
+        return "<call>"
+    return str(getattr(fn, "__name__", "<call>"))

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset, Sampler
 from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _proctree, _segment
-from ._control import Channel, broadcast_payload
+from ._control import Channel
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
 from ._messages import Broadcast, DatasetFollows, PickledObject, Refresh, Replace
@@ -286,7 +286,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         payload = None
         if self.num_workers > 0:
             with self._channel.pinning():
-                payload = broadcast_payload(fn, args, kwargs)
+                payload = _pickling.broadcast_payload(fn, args, kwargs)
         result = fn(self._dataset_target, *args, **kwargs)
         if payload is not None:
             self._channel.record(Broadcast(payload))

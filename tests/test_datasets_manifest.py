@@ -98,6 +98,14 @@ def test_from_table_id_column_and_explicit_format(tmp_path):
     assert ds["u2"] == {"id": "u2", "spk": "S2"}
 
 
+def test_from_table_with_another_id_column_and_an_id_column_says_what_to_do(tmp_path):
+    table = write_lines(tmp_path / "t.csv", "id,utt,duration", "a,u1,1.5", "b,u2,2.0")
+    with pytest.raises(ValueError, match=r"t\.csv has a column 'id' besides the id column 'utt'"):
+        ManifestDataset.from_table(table, id_column="utt")
+    ds = ManifestDataset.from_table(table, id_column="utt", fields=["duration"])
+    assert ds["u2"] == {"id": "u2", "duration": "2.0"}
+
+
 # ---------------------------------------------------------------- indexing
 
 

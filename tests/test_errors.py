@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import pytest
+import torch
 from _datasets import Failing, HoldsLock, Plain, Sleepy, SlowToUnpickle, sleep_in_init
 
 from poolloader import DataLoader
@@ -79,6 +81,29 @@ def test_lambda_collate_fn_fails_at_construction():
     assert isinstance(info.value, TypeError)
 
 
+def test_a_class_defined_in_a_function_is_named_with_the_fix():
+    """The commonest newcomer mistake: a dataset (or a transform) class defined
+    inside main(); and a partial over a lambda, whose lambda is named."""
+
+    class Local(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return i
+
+    with pytest.raises(NotPicklableError) as info:
+        iter(_loader(Local(), multiprocessing_context="forkserver"))
+    message = str(info.value)
+    assert message.startswith("dataset cannot be pickled, but workers started with spawn or ")
+    assert "test_a_class_defined_in_a_function_is_named_with_the_fix.<locals>.Local" in message
+    assert "define it at module level" in message and "Open files" not in message
+    with pytest.raises(NotPicklableError) as info:
+        _loader(Plain(4), collate_fn=functools.partial(lambda batch, k: batch, k=1))
+    assert str(info.value).startswith("collate_fn.func (part of collate_fn) cannot be pickled")
+    assert "lambdas and functions defined inside other functions" in str(info.value)
+
+
 def test_dataset_holding_a_lock_names_the_attribute():
     loader = DataLoader(HoldsLock(), num_workers=1)
     with pytest.raises(NotPicklableError) as info:
@@ -114,7 +139,7 @@ def test_timeout_names_the_batch():
 
 @pytest.mark.parametrize(
     "slow, where, look",
-    [("unpickling", "the process workers are forked from is still unpickling the dataset",
+    [("unpickling", "the process workers are forked from is still starting",
       "quicker to unpickle"),
      ("worker_init_fn", "worker 0 is still starting", "a worker_init_fn that hangs")],
 )  # fmt: skip
@@ -214,6 +239,33 @@ def test_a_script_without_a_main_guard_is_told_to_add_one(tmp_path):
     )
     assert "exited while starting (exit code 1)" in done.stdout
     assert "if __name__ == '__main__':" in done.stdout
+
+
+GUARDED = """
+import sys
+sys.path.insert(0, {tests!r})
+from _datasets import Plain
+from poolloader import DataLoader
+from poolloader.errors import WorkerStartError
+
+if __name__ == "__main__":
+""" + textwrap.indent(FIRST_BATCH.format(dataset="Plain(4)"), "    ")
+
+
+def test_a_script_fed_on_standard_input_is_told_why_workers_cannot_start():
+    """`python - < script.py`: the guard is there, but spawn workers cannot import
+    a main module that is no file; the main-guard advice would mislead."""
+    import os
+    import subprocess
+    import sys
+
+    code = GUARDED.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-"], input=code, capture_output=True, text=True, timeout=120
+    )
+    assert "exited while starting (exit code 1)" in done.stdout, done.stdout + done.stderr
+    assert "a script fed on standard input" in done.stdout
+    assert "Save it as a .py file" in done.stdout and "__name__" not in done.stdout
 
 
 CLASS_IN_GUARD = """

@@ -219,11 +219,17 @@ def test_a_batch_that_fails_to_unpickle_in_the_main_process() -> None:
         assert [b["i"].tolist() for b in iterator] == [[4, 5], [6, 7]]
 
 
-def test_a_batch_over_max_batch_bytes() -> None:
+@pytest.mark.parametrize("num_workers", [2, 0])
+def test_a_batch_over_max_batch_bytes(num_workers: int) -> None:
     """One item is 4 MiB with max_batch_bytes=1 MiB: ResultTooLargeError (a
-    ValueError) for that batch, naming the sizes and the fix; the loader goes on."""
+    ValueError) for that batch, naming the sizes and the fix; the loader goes on.
+    Also in the main process, where no transport would need the limit."""
     dataset = Faulty(8, "huge", always(5))
-    with fault_loader(dataset, batch_size=1, max_batch_bytes=1 << 20) as loader:
+    if num_workers:
+        loader = fault_loader(dataset, batch_size=1, max_batch_bytes=1 << 20)
+    else:
+        loader = DataLoader(dataset, batch_size=1, max_batch_bytes=1 << 20)
+    with loader:
         iterator = iter(loader)
         got = [next(iterator) for _ in range(5)]
         with pytest.raises(ResultTooLargeError) as info:

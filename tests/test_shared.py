@@ -67,6 +67,8 @@ def test_list_reads_like_a_tuple_of_its_records_and_keeps_their_types():
     assert list(reversed(shared)) == RECORDS[::-1]
     assert "three" in shared and {"id": "u5", "dur": 1.5} in shared and "four" not in shared
     assert shared.index((6, "six")) == 5 and shared.count(None) == 1
+    with pytest.raises(ValueError, match=r"^\(6, 'six'\) is not in SharedList$"):
+        shared.index((6, "six"), 0, 5)  # as list.index says it
     assert shared != RECORDS[:-1] and shared != [*RECORDS[:-1], [9]]
     assert (shared == {1: 2}) is False
     with pytest.raises(IndexError, match=r"SharedList index 8 is out of range for 8 records"):

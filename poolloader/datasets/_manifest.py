@@ -429,6 +429,13 @@ def _table_readers(
     names = [name for name in row if name != id_column] if fields is None else list(fields)
     if not names:
         raise ValueError(f"{path} line {line}: the table has no column besides {id_column!r}")
+    clashing = [name for name in names if name in RESERVED_NAMES]
+    if fields is None and clashing:
+        raise ValueError(
+            f"{path} has a column {clashing[0]!r} besides the id column {id_column!r}: every "
+            f"item carries its id (from {id_column!r}) under 'id', so no field may be called "
+            f"{clashing[0]!r}. Pass fields=[...] naming the columns to keep, without it"
+        )
     return {name: _FieldReader(_check_field_name(name)) for name in names}
 
 
