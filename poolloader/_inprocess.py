@@ -55,6 +55,8 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
+        elif epoch_start.base_seed is not None:
+            self._base_seed = epoch_start.base_seed
         self._position = loader._next_epoch(self)
         self._epoch = self._position.epoch
         self._seed_batches = loader.seeding == "batch"

@@ -87,6 +87,8 @@ class PoolIterator(_BaseDataLoaderIter):
         self._ledger = epoch_start.ledger(self)
         if epoch_start.in_epoch is not None:
             self._base_seed = epoch_start.in_epoch["base_seed"]
+        elif epoch_start.base_seed is not None:
+            self._base_seed = epoch_start.base_seed
         self._position, self._pool = loader._begin_epoch(self, int(self._base_seed))
         self._paced = bool(getattr(self._index_sampler, "paced", False))
         self._epoch = self._position.epoch

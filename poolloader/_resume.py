@@ -35,6 +35,9 @@ import torch
 
 STATE_VERSION = 1
 _KEYS = {"version", "epoch", "in_epoch", "generators"}
+#: Between epochs, a persistent loader's state also holds the base seed its
+#: iterator keeps for the next epoch (torch's persistent iterator draws none).
+_OPTIONAL_KEYS = frozenset({"base_seed"})
 _EPOCH_KEYS = {"base_seed", "yielded", "yielded_after", "sampler", "rng"}
 
 
@@ -120,6 +123,10 @@ class Replay:
     # epoch's had been after those draws (their state when state_dict() ran also
     # holds draws for batches loaded ahead, which the resumed epoch makes again).
     after: RngState
+    # The saved epoch had drawn nothing yet (num_workers=0, saved right after
+    # iter()): its first draw came after the state was saved, so a caller who
+    # restored the random state saved with it keeps what that draw did to it.
+    undrawn: bool = False
 
 
 #: Drawn ahead in place of a spec: the sampler had none left.
@@ -199,7 +206,9 @@ class EpochLedger:
             # one when nothing is skipped (saved before batch 0 reached the consumer).
             self._ahead.append(next(sampler_iter, _END))
         finally:
-            replay.after.apply(self._generators)
+            restored = torch.equal(replay.after.global_rng, replay.before_draw.global_rng)
+            if not (replay.undrawn and restored):
+                replay.after.apply(self._generators)
 
     def consumed(self, position: int) -> None:
         """Batch ``position`` reached the consumer (as data or as its exception)."""
@@ -213,10 +222,19 @@ class EpochLedger:
             del self._snapshots[stale]
 
     def state(self, base_seed: int) -> dict[str, Any]:
-        rng = None
+        rng: dict[str, Any] | None = None
         if self.snapshot is None:
-            before_draw = self.before_draw or RngState.capture(self._generators)
-            rng = {"before_iter": self.before_iter.to_dict(), "before_draw": before_draw.to_dict()}
+            before_draw, undrawn = self.before_draw, False
+            if before_draw is None and self._replay is not None:  # resumed, nothing drawn
+                before_draw, undrawn = self._replay.before_draw, self._replay.undrawn
+            elif before_draw is None:  # the first draw is still to come
+                before_draw, undrawn = RngState.capture(self._generators), True
+            rng = {
+                "before_iter": self.before_iter.to_dict(),
+                "before_draw": before_draw.to_dict(),
+            }
+            if undrawn:
+                rng["undrawn"] = True
         sampler = self.resume_state if self.snapshot is not None else None
         if isinstance(sampler, Mapping) and self._limits is not None:
             # A limit set after the position was drawn (while batches were loaded
@@ -255,6 +273,7 @@ class EpochStart:
     in_epoch: Mapping[str, Any] | None  # the saved epoch to continue, if resuming
     replay: Replay | None
     after: RngState | None  # when resuming: the random state to leave behind
+    base_seed: int | None = None  # a persistent iterator's, kept between epochs
 
     @classmethod
     def begin(
@@ -263,6 +282,7 @@ class EpochStart:
         generators: tuple[torch.Generator, ...],
         in_epoch: Mapping[str, Any] | None,
         saved_generators: list[torch.Tensor] | None,
+        base_seed: int | None = None,
     ) -> EpochStart:
         """Capture the random state; when resuming, put the sampler (or the random
         state it draws from) back where the saved epoch had it.
@@ -271,10 +291,13 @@ class EpochStart:
         order) again; those draws happened before the state was saved, so
         afterwards the caller's global random state is put back, and a sampler
         that loads its own state finds the generators as they were saved
-        (:meth:`settle`)."""
+        (:meth:`settle`). ``base_seed``: a state saved between epochs of a
+        persistent loader, whose iterator keeps its base seed and draws none;
+        the new iterator's draw is undone too."""
         before = RngState.capture(generators)
         if in_epoch is None:
-            return cls(generators, before, None, None, None)
+            after = before if base_seed is not None else None
+            return cls(generators, before, None, None, after, base_seed)
         if in_epoch["sampler"] is not None:
             _load_sampler(sampler, in_epoch["sampler"])
             return cls(
@@ -283,7 +306,8 @@ class EpochStart:
         rng = in_epoch["rng"]
         saved = RngState.from_dict(rng["before_iter"])
         after = RngState(None, before.global_rng)
-        replay = Replay(RngState.from_dict(rng["before_draw"]), int(in_epoch["yielded"]), after)
+        first = RngState.from_dict(rng["before_draw"])
+        replay = Replay(first, int(in_epoch["yielded"]), after, bool(rng.get("undrawn", False)))
         saved.apply(generators)
         return cls(generators, saved, in_epoch, replay, after)
 
@@ -333,7 +357,7 @@ def check_state(state: Mapping[str, Any]) -> None:
     """Refuse a state this version cannot resume, saying why."""
     if not isinstance(state, Mapping):
         raise TypeError(f"load_state_dict() expects the dict from state_dict(), but got {state!r}")
-    _check_keys("state", state, _KEYS)
+    _check_keys("state", state, _KEYS, _OPTIONAL_KEYS)
     if state["version"] != STATE_VERSION:
         raise ValueError(
             f"this state was saved by another version of poolloader (state version "
@@ -344,8 +368,10 @@ def check_state(state: Mapping[str, Any]) -> None:
         _check_keys("state['in_epoch']", in_epoch, _EPOCH_KEYS)
 
 
-def _check_keys(name: str, found: Mapping[str, Any], expected: set[str]) -> None:
-    unknown, missing = set(found) - expected, expected - set(found)
+def _check_keys(
+    name: str, found: Mapping[str, Any], expected: set[str], optional: frozenset[str] = frozenset()
+) -> None:
+    unknown, missing = set(found) - expected - optional, expected - set(found)
     if unknown or missing:
         raise ValueError(
             f"{name} is not a poolloader DataLoader state: unknown keys {sorted(unknown)}, "

@@ -161,6 +161,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._epoch_index = 0  # the number the next epoch gets; part of each batch's seed
         self._resume: dict[str, Any] | None = None
         self._resume_generators: list[torch.Tensor] | None = None
+        self._resume_base_seed: int | None = None  # see _kept_base_seed
         self._position: EpochPosition | None = None
         self.seeding = seeding
         self.max_worker_restarts = max_worker_restarts
@@ -328,7 +329,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         """Called by an iterator right before it iterates the sampler for a new epoch."""
         in_epoch, self._resume = self._resume, None
         saved, self._resume_generators = self._resume_generators, None
-        return EpochStart.begin(self._index_sampler, self._generators(), in_epoch, saved)
+        kept, self._resume_base_seed = self._resume_base_seed, None
+        return EpochStart.begin(self._index_sampler, self._generators(), in_epoch, saved, kept)
 
     def _generators(self) -> tuple[torch.Generator, ...]:
         """The generators an epoch's order is drawn from (``loader.generator`` first)."""
@@ -467,8 +469,21 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             return {**state, "epoch": self._epoch_index, "in_epoch": self._resume}
         position = self._position
         if position is None or position.finished:
-            return {**state, "epoch": self._epoch_index, "in_epoch": None}
+            state = {**state, "epoch": self._epoch_index, "in_epoch": None}
+            kept = self._kept_base_seed()
+            return state if kept is None else {**state, "base_seed": kept}
         return {**state, "epoch": position.epoch, "in_epoch": position.state()}
+
+    def _kept_base_seed(self) -> int | None:
+        """The base seed the next epoch keeps: torch's persistent iterator draws one
+        when it is made and keeps it (its reset draws none), so every epoch of a
+        persistent loader has the first one's. A state saved between epochs
+        carries it, or a fresh loader's new iterator would draw another (and take
+        one more number from ``loader.generator``, shifting every later order)."""
+        if self._resume_base_seed is not None:
+            return self._resume_base_seed
+        iterator = self._iterator if self.persistent_workers and self.num_workers > 0 else None
+        return int(iterator._base_seed) if iterator is not None else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state returned by :meth:`state_dict` at the next ``iter()``.
@@ -483,6 +498,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._position = None
         self._epoch_index = int(state["epoch"])
         self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
+        self._resume_base_seed = state.get("base_seed") if self._resume is None else None
         if self._resume is None:
             set_generator_states(self._generators(), state["generators"])  # drawn as saved
         else:

@@ -351,6 +351,63 @@ def test_state_between_epochs_starts_the_next_epoch():
         assert_same(got, want)
 
 
+@pytest.mark.parametrize("make", [_random_with_generator, _global_shuffle])
+def test_a_persistent_loaders_state_between_epochs_resumes_the_next_epochs(make):
+    """torch's persistent iterator draws its base seed once and keeps it (its reset
+    draws none): a fresh loader resuming between epochs must not draw another, which
+    would change every batch's random draws and, through loader.generator, the order."""
+
+    def persistent():
+        options = make()
+        return DataLoader(Tagged(), num_workers=2, persistent_workers=True,
+                          multiprocessing_context="forkserver", **options)  # fmt: skip
+
+    torch.manual_seed(0)
+    with persistent() as loader:
+        reference, _ = _epochs(loader, 0, 3)
+    torch.manual_seed(0)
+    with persistent() as first:
+        before, _ = _epochs(first, 0, 1)
+        state, rng = first.state_dict(), torch.get_rng_state()
+    assert state["in_epoch"] is None and "base_seed" in state
+    torch.manual_seed(99)
+    with persistent() as second:
+        torch.set_rng_state(rng)
+        second.load_state_dict(state)
+        assert second.state_dict()["base_seed"] == state["base_seed"]  # pending, kept
+        after, _ = _epochs(second, 1, 3)
+    assert len(before) + len(after) == len(reference)
+    for i, ((e1, got), (e2, want)) in enumerate(zip(before + after, reference)):
+        assert e1 == e2
+        assert_same(got, want, f"batch {i}")
+
+
+@pytest.mark.parametrize("load_workers", [0, 2])
+def test_a_state_saved_before_any_draw_leaves_the_next_epochs_order_as_it_was(load_workers):
+    """num_workers=0 draws nothing at iter(): the saved epoch's first draw (torch's
+    RandomSampler takes its seed from the global generator) came after the state,
+    so a caller who restores its random state with the loader's must find that
+    draw made, or every later epoch's order shifts."""
+    torch.manual_seed(0)
+    with _loader(_global_shuffle, 0) as loader:
+        reference, _ = _epochs(loader, 0, 3)
+    torch.manual_seed(0)
+    with _loader(_global_shuffle, 0) as first:
+        before, _ = _epochs(first, 0, 1)
+        iterator = iter(first)
+        state, rng = first.state_dict(), torch.get_rng_state()
+        del iterator
+    torch.manual_seed(123)
+    with _loader(_global_shuffle, load_workers) as second:
+        torch.set_rng_state(rng)
+        second.load_state_dict(state)
+        after, _ = _epochs(second, 1, 3)
+    assert len(before) + len(after) == len(reference)
+    for i, ((e1, got), (e2, want)) in enumerate(zip(before + after, reference)):
+        assert e1 == e2
+        assert_same(got, want, f"batch {i}")
+
+
 def test_state_survives_torch_save_with_weights_only(tmp_path):
     with _loader(_random_with_generator, 2) as loader:
         _, state = _epochs(loader, 0, 1, stop_after=(0, 2))
