@@ -89,18 +89,26 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         return data
 
     def _load_next(self) -> Any:
-        try:
-            position, index = self._ledger.draw(self._sampler_iter)
-        except StopIteration:
-            self._position.finished = True
-            raise
-        try:
-            data = self._fetch(position, index)
-        except StopIteration:
-            self._position.finished = True
-            raise
-        finally:
+        while True:
+            try:
+                position, index = self._ledger.draw(self._sampler_iter)
+            except StopIteration:
+                self._position.finished = True
+                raise
+            try:
+                data = self._fetch(position, index)
+            except StopIteration:
+                self._ledger.consumed(position)
+                self._position.finished = True
+                raise
+            except Exception:
+                self._ledger.consumed(position)
+                if self._ledger.dropped(position):
+                    continue  # raised to the consumer before the state was saved
+                raise
             self._ledger.consumed(position)
+            if not self._ledger.dropped(position):
+                break
         if self._max_batch_bytes is not None:  # as the workers' transports refuse it
             try:
                 check_size(nbytes(data), self._max_batch_bytes)

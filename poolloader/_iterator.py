@@ -391,6 +391,8 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._active_workers.remove(outcome.worker_id)
             self._fill()
             return _SKIP
+        if self._ledger.dropped(record.position):
+            return _SKIP
         if isinstance(outcome, Raised):
             raise _reraise(outcome, record)
         if isinstance(outcome, Lost):

@@ -23,15 +23,22 @@ seeding (``seeding="batch"``) gives resumed batches the random state they
 would have had. With ``in_order=False`` batches may be yielded out of order:
 the state records which batches beyond the contiguous prefix were already
 yielded, and the resumed epoch skips them.
+
+An IterableDataset has no sampler to replay: its streams start again, and the
+resumed epoch loads the batches the saved one had yielded once more and drops
+them (with a warning), which reproduces the epoch when the streams are
+deterministic.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from torch.utils.data.dataloader import _DatasetKind
 
 STATE_VERSION = 1
 _KEYS = {"version", "epoch", "in_epoch", "generators"}
@@ -158,9 +165,29 @@ class EpochLedger:
         self._replay: Replay | None = None
         self._skip: set[int] = set()  # positions a resumed epoch had yielded already
         self._ahead: list[Any] = []  # a spec drawn already (by _first_draw), or _END
+        self._drop: set[int] = set()  # positions a resumed stream loads again and drops
 
-    def resume(self, in_epoch: Mapping[str, Any], replay: Replay | None) -> None:
-        """Continue the saved epoch: positions, already-yielded batches, sampler state."""
+    def resume(
+        self, in_epoch: Mapping[str, Any], replay: Replay | None, iterable: bool = False
+    ) -> None:
+        """Continue the saved epoch: positions, already-yielded batches, sampler state.
+
+        An IterableDataset cannot be told where to start: its streams begin again,
+        and the batches the saved epoch yielded are loaded again and dropped
+        (:meth:`dropped`), so that the epoch goes on from the first it had not."""
+        if iterable:
+            done = int(in_epoch["yielded"])
+            self._drop = set(range(done)) | set(in_epoch["yielded_after"])
+            if self._drop:
+                warnings.warn(
+                    f"resuming an IterableDataset's epoch loads again the {len(self._drop)} "
+                    "batch(es) it had yielded and drops them: a stream cannot be told where "
+                    "to start",
+                    UserWarning,
+                    stacklevel=6,
+                )
+            self._replay = replace(replay, skip=0) if replay is not None else None
+            return
         self.next_position = self.yielded = int(in_epoch["yielded"])
         self.yielded_after = set(in_epoch["yielded_after"])
         self._skip = set(self.yielded_after)
@@ -209,6 +236,14 @@ class EpochLedger:
             restored = torch.equal(replay.after.global_rng, replay.before_draw.global_rng)
             if not (replay.undrawn and restored):
                 replay.after.apply(self._generators)
+
+    def dropped(self, position: int) -> bool:
+        """Whether batch ``position``, just consumed, is one a resumed IterableDataset
+        epoch loaded again to reach where the saved epoch was: not for the consumer."""
+        if position in self._drop:
+            self._drop.discard(position)
+            return True
+        return False
 
     def consumed(self, position: int) -> None:
         """Batch ``position`` reached the consumer (as data or as its exception)."""
@@ -324,7 +359,8 @@ class EpochStart:
         limits = getattr(sampler, "_limit_state", None) if snapshot is not None else None
         ledger = EpochLedger(self.generators, self.before_iter, snapshot, limits)
         if self.in_epoch is not None:
-            ledger.resume(self.in_epoch, self.replay)
+            iterable = iterator._dataset_kind == _DatasetKind.Iterable
+            ledger.resume(self.in_epoch, self.replay, iterable)
         return ledger
 
 

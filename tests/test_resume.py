@@ -408,6 +408,33 @@ def test_a_state_saved_before_any_draw_leaves_the_next_epochs_order_as_it_was(lo
         assert_same(got, want, f"batch {i}")
 
 
+@pytest.mark.parametrize("dataset", ["sharded", "uneven"])
+@pytest.mark.parametrize(("num_workers", "cut"), [(0, 3), (2, 3), (3, 4)])
+def test_an_iterable_datasets_epoch_resumes_after_the_batches_it_yielded(dataset, num_workers, cut):
+    """A stream cannot be told where to start: the resumed epoch loads again the
+    batches the saved one yielded and drops them (with a warning that says so),
+    instead of yielding them a second time. Also with shards that end unevenly."""
+    from _datasets import Counted, Uneven
+
+    def make():
+        extra = {"multiprocessing_context": "forkserver"} if num_workers else {}
+        stream = Counted(13) if dataset == "sharded" else Uneven()
+        return DataLoader(stream, batch_size=2, num_workers=num_workers, **extra)
+
+    with make() as loader:
+        reference = [b.tolist() for b in loader]
+        cut = min(cut, len(reference) - 1)  # (one worker's uneven shard: two batches)
+        iterator = iter(loader)
+        seen = [next(iterator).tolist() for _ in range(cut)]
+        state = loader.state_dict()
+        del iterator
+    with make() as again:
+        again.load_state_dict(state)
+        with pytest.warns(UserWarning, match=rf"loads again the {cut} batch\(es\) it had"):
+            rest = [b.tolist() for b in again]
+    assert seen + rest == reference
+
+
 def test_state_survives_torch_save_with_weights_only(tmp_path):
     with _loader(_random_with_generator, 2) as loader:
         _, state = _epochs(loader, 0, 1, stop_after=(0, 2))
