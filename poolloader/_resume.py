@@ -44,7 +44,7 @@ STATE_VERSION = 1
 _KEYS = {"version", "epoch", "in_epoch", "generators"}
 #: Between epochs, a persistent loader's state also holds the base seed its
 #: iterator keeps for the next epoch (torch's persistent iterator draws none).
-_OPTIONAL_KEYS = frozenset({"base_seed"})
+_OPTIONAL_KEYS = frozenset({"base_seed", "order"})
 _EPOCH_KEYS = {"base_seed", "yielded", "yielded_after", "sampler", "rng"}
 
 
@@ -389,6 +389,51 @@ def sampler_snapshot(sampler: Any, sampler_iter: Any) -> Callable[[], Any] | Non
     return None
 
 
+def order_of(sampler: Any) -> dict[str, Any]:
+    """What decides an epoch's order, as a state records it: the index sampler's
+    kind (with the samplers it wraps) and, for one replayed (NOTE [ Resume ]),
+    its number of batches (or indices); ``None`` where it has no length or
+    loads a state of its own, which it checks itself."""
+    kinds, level = [], sampler
+    for _ in range(GENERATOR_SEARCH_DEPTH):
+        if level is None:
+            break
+        kinds.append(type(level).__name__)
+        level = getattr(level, "sampler", None) or getattr(level, "batch_sampler", None)
+    length: int | None = None
+    if not callable(getattr(sampler, "load_state_dict", None)):  # else it checks its own state
+        try:
+            length = len(sampler)
+        except Exception:  # no __len__, or one that refuses (an IterableDataset's)
+            length = None
+    return {"sampler": "(".join(kinds) + ")" * (len(kinds) - 1), "length": length}
+
+
+def check_order(saved: Mapping[str, Any], here: Mapping[str, Any]) -> None:
+    """Refuse a state saved by a loader that draws another order than this one."""
+    if saved["sampler"] != here["sampler"] or saved["length"] != here["length"]:
+        raise ValueError(
+            f"this state was saved by a loader whose sampler is {_describe(saved)}, but this "
+            f"loader's is {_describe(here)}: its positions would name other items here. Build "
+            "the loader with the same dataset, batch_size, shuffle, drop_last and sampler as "
+            "the one that saved it"
+        )
+
+
+def check_position(in_epoch: Mapping[str, Any], length: int) -> None:
+    """Refuse a replayed epoch's position past the end of the order (``length``)."""
+    if in_epoch["sampler"] is None and in_epoch["yielded"] > length:
+        raise ValueError(
+            f"state['in_epoch']['yielded'] is {in_epoch['yielded']}, but the epoch it was "
+            f"saved in has {length} positions: pass what loader.state_dict() returned"
+        )
+
+
+def _describe(order: Mapping[str, Any]) -> str:
+    length = order["length"]
+    return order["sampler"] + (f" of length {length}" if length is not None else "")
+
+
 def check_state(state: Mapping[str, Any]) -> None:
     """Refuse a state this version cannot resume, saying why."""
     if not isinstance(state, Mapping):
@@ -399,9 +444,45 @@ def check_state(state: Mapping[str, Any]) -> None:
             f"this state was saved by another version of poolloader (state version "
             f"{state['version']!r}, this one reads {STATE_VERSION})"
         )
+    _check_count("state['epoch']", state["epoch"])
+    if not isinstance(state["generators"], list | tuple) or not all(
+        isinstance(g, torch.Tensor) for g in state["generators"]
+    ):
+        raise ValueError("state['generators'] should be a list of generator states (tensors)")
+    if state.get("base_seed") is not None:
+        _check_count("state['base_seed']", state["base_seed"], signed=True)
     in_epoch = state["in_epoch"]
     if in_epoch is not None:
         _check_keys("state['in_epoch']", in_epoch, _EPOCH_KEYS)
+        _check_epoch(in_epoch)
+
+
+def _check_epoch(in_epoch: Mapping[str, Any]) -> None:
+    _check_count("state['in_epoch']['base_seed']", in_epoch["base_seed"], signed=True)
+    yielded = in_epoch["yielded"]
+    _check_count("state['in_epoch']['yielded']", yielded)
+    after = in_epoch["yielded_after"]
+    if not isinstance(after, list | tuple) or not all(
+        isinstance(p, int) and not isinstance(p, bool) and p > yielded for p in after
+    ):
+        raise ValueError(
+            f"state['in_epoch']['yielded_after'] should list the positions past "
+            f"yielded={yielded} that were yielded, but it is {after!r}"
+        )
+    rng = in_epoch["rng"]
+    if in_epoch["sampler"] is None and (
+        not isinstance(rng, Mapping) or not {"before_iter", "before_draw"} <= set(rng)
+    ):
+        raise ValueError(
+            "state['in_epoch']['rng'] should hold the random states the epoch was drawn "
+            f"from ('before_iter', 'before_draw'), but it is {rng!r}"
+        )
+
+
+def _check_count(name: str, value: Any, signed: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 0 and not signed):
+        kind = "an integer" if signed else "a non-negative integer"
+        raise ValueError(f"{name} should be {kind}, but it is {value!r}")
 
 
 def _check_keys(

@@ -36,9 +36,12 @@ from ._resume import (
     STATE_VERSION,
     EpochPosition,
     EpochStart,
+    check_order,
+    check_position,
     check_state,
     find_generators,
     generator_states,
+    order_of,
     set_generator_states,
 )
 from ._stats import LoaderStatistics, LoaderStats, combined
@@ -464,7 +467,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         generators = self._resume_generators
         if generators is None:
             generators = generator_states(self._generators())
-        state = {"version": STATE_VERSION, "generators": generators}
+        order = order_of(self._index_sampler)
+        state = {"version": STATE_VERSION, "generators": generators, "order": order}
         if self._resume is not None:
             return {**state, "epoch": self._epoch_index, "in_epoch": self._resume}
         position = self._position
@@ -493,6 +497,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 sampler this loader's sampler cannot load.
         """
         check_state(state)
+        if "order" in state:
+            check_order(state["order"], order_of(self._index_sampler))
+        if state["in_epoch"] is not None and state.get("order", {}).get("length") is not None:
+            check_position(state["in_epoch"], state["order"]["length"])
         for iterator in list(self._iterators):
             iterator.close()
         self._position = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import random
+import re
 import threading
 import warnings
 
@@ -455,6 +456,57 @@ def test_bad_states_are_refused():
         loader.load_state_dict({"version": 99, "epoch": 0, "in_epoch": None, "generators": []})
     with pytest.raises(TypeError, match="expects the dict from state_dict"):
         loader.load_state_dict([1, 2])  # type: ignore[arg-type]
+
+
+def test_a_state_from_a_loader_with_another_order_is_refused():
+    """Positions name other items under another batch size, dataset length or
+    shuffle: refused when loaded, not resumed into lost or repeated items."""
+    saving = DataLoader(Tagged(), batch_size=4)
+    iterator = iter(saving)
+    next(iterator), next(iterator)
+    state = saving.state_dict()
+    assert state["order"] == {"sampler": "BatchSampler(SequentialSampler)", "length": 10}
+    others = {
+        "BatchSampler(SequentialSampler) of length 8": DataLoader(Tagged(), batch_size=5),
+        "BatchSampler(SequentialSampler) of length 3": DataLoader(
+            torch.utils.data.TensorDataset(torch.arange(10)), batch_size=4
+        ),
+        "BatchSampler(RandomSampler) of length 10": DataLoader(
+            Tagged(), batch_size=4, shuffle=True
+        ),
+    }
+    for says, loader in others.items():
+        with pytest.raises(ValueError, match=f"but this loader's is {re.escape(says)}: its"):
+            loader.load_state_dict(state)
+    same = DataLoader(Tagged(), batch_size=4)
+    same.load_state_dict(state)
+    assert [b[0, 0].item() for b in same][:1] == [8.0]
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [({"epoch": -3}, r"state\['epoch'\] should be a non-negative integer"),
+     ({"yielded": -1}, r"\['yielded'\] should be a non-negative integer"),
+     ({"yielded": 2.7}, r"\['yielded'\] should be a non-negative integer"),
+     ({"yielded": 100}, r"\['yielded'\] is 100, but the epoch it was saved in has 10"),
+     ({"yielded_after": None}, r"\['yielded_after'\] should list the positions"),
+     ({"base_seed": None}, r"\['base_seed'\] should be an integer"),
+     ({"rng": None}, r"\['rng'\] should hold the random states"),
+     ({"rng": {}}, r"\['rng'\] should hold the random states")],
+)  # fmt: skip
+def test_a_damaged_state_is_refused_when_loaded(change, says):
+    saving = DataLoader(Tagged(), batch_size=4)
+    iterator = iter(saving)
+    next(iterator)
+    state = saving.state_dict()
+    if "epoch" in change:
+        state = {**state, **change}
+    else:
+        state = {**state, "in_epoch": {**state["in_epoch"], **change}}
+    loader = DataLoader(Tagged(), batch_size=4)
+    with pytest.raises(ValueError, match=says):
+        loader.load_state_dict(state)
+    assert [b[0, 0].item() for b in loader][:1] == [0.0]  # nothing half-loaded
 
 
 def test_a_state_saved_with_other_generators_is_refused():
