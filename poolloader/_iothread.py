@@ -119,12 +119,12 @@ class IOThread:
         for t in unread:
             self._on_template(t)
         if by_role.get("template-exit") and not self._closing:
+            error = None
             with self._lock:  # (unless it was replaced meanwhile: then it was stopped)
-                error = (
-                    self._workforce.template_died()
-                    if self._workforce.template is template
-                    else None
-                )
+                if self._workforce.template is template:
+                    error = self._workforce.template_died([*self._workers, *self._retiring])
+                    if error is None:
+                        self._start_unforked()
             if error is not None:
                 self._break(error)
         with self._lock:

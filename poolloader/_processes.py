@@ -280,22 +280,28 @@ class Workforce:
         if template is not None:
             template.stop()
 
-    def template_died(self) -> PoolBrokenError:
-        """The template exited unasked: forget it; the error that breaks the pool."""
-        template, self.template = self.template, None
+    def template_died(self, workers: list[Worker]) -> PoolBrokenError | None:
+        """The template exited unasked: forget it. Before it was ready, that is the
+        error that breaks the pool (it could not start); after, workers start on
+        their own from now on (``None``), as when forking it is unsafe: the
+        workers it forked live on, and a dead one is still replaced."""
+        template = self.template
         assert template is not None
         template.process.join(EXIT_CODE_WAIT)
         pid, code = int(template.process.pid or 0), template.process.exitcode
-        template.receive()
-        ready = template.ready or any(isinstance(m, TemplateReady) for m, _ in template.take())
+        self.on_template(template, workers)  # what it sent before it died (forked workers)
+        self.template = None
+        ready = template.ready
         template.stop()
+        exit_code = code if code is not None else -9
         if not ready:
-            return silent_start_error(-1, pid, code if code is not None else -9)
-        return PoolBrokenError(
-            f"the process DataLoader workers are forked from (pid {pid}) exited "
-            f"({describe_exit(code if code is not None else -9)}): no worker can be started "
-            "any more. Iterate the loader again to start a new pool."
-        )
+            return silent_start_error(-1, pid, exit_code)
+        logger.warning(
+            "poolloader: the process DataLoader workers are forked from (pid %s) exited "
+            "(%s); workers are started on their own from now on (each unpickles the dataset)",
+            pid, describe_exit(exit_code),
+        )  # fmt: skip
+        return None
 
     def advance(self, updates: tuple[Update, ...], generation: int) -> None:
         """Bring the template's dataset to ``generation`` (new workers start there)."""

@@ -102,6 +102,7 @@ class Template:
     """The main process's handle on a template process (see NOTE [ Templates ])."""
 
     def __init__(self, context: Any, setup: _worker.WorkerSetup, generation: int) -> None:
+        self._pidfd: int | None = None  # see sentinel
         self.conn, child = context.Pipe(duplex=True)
         self._sock = descriptor_socket(self.conn)
         forked = context.get_start_method() == "fork"
@@ -143,7 +144,12 @@ class Template:
 
     @property
     def sentinel(self) -> int:
-        return int(self.process.sentinel)
+        """Ready once the template has exited: a pidfd. Not multiprocessing's
+        sentinel, a pipe whose other end the template holds and every worker it
+        forks inherits: that one fires only once the workers are gone too, and a
+        worker that died meanwhile would be asked of a dead template for ever."""
+        pidfd = self._pidfd
+        return pidfd if pidfd is not None else int(self.process.sentinel)
 
     def fork(
         self,
@@ -169,6 +175,7 @@ class Template:
     def _start(self, child: Connection) -> None:
         try:
             self.process.start()
+            self._pidfd = os.pidfd_open(self.process.pid)  # templates need pidfds (Linux 5.3+)
         except BaseException as exc:
             self._start_error = exc
         finally:
@@ -306,6 +313,9 @@ class Template:
                 os.close(pidfd)
         self._close_pipe()
         self.process.close()
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
 
 
 def _start_forkserver() -> None:

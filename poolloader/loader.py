@@ -309,6 +309,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def __iter__(self) -> Any:
         # torch's, holding the new persistent iterator while the loader holds it weakly.
+        self._leave_inherited_pool()
         if not (self.persistent_workers and self.num_workers > 0):
             return self._get_iterator()
         iterator = self._iterator
@@ -327,6 +328,21 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             iterator = PoolIterator(self)
             self._iterators.add(iterator)
         return iterator
+
+    def _leave_inherited_pool(self) -> None:
+        """In a process forked from the one that ran this loader (``os.fork()``, a
+        fork-started child), forget the pool and iterators it inherited: they are
+        copies of the parent's, whose workers and template serve the parent. An
+        epoch begun on them would send the child's changes and tasks to the
+        parent's workers (changing the parent's batches) and wait for ever for
+        answers that go to the parent. The child starts a pool of its own."""
+        pool = self._pool
+        if pool is None or not pool.foreign:
+            return
+        self._pool, self._pool_key = None, None
+        self._iterators = weakref.WeakSet()
+        self.__dict__["_held_iterator"] = None  # the parent's persistent iterator (a copy)
+        self._snapshot, self._fingerprint = None, (None, 0)
 
     def _before_iter(self) -> EpochStart:
         """Called by an iterator right before it iterates the sampler for a new epoch."""
@@ -518,6 +534,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             id(self.worker_init_fn), self.seeding, self.max_worker_restarts, self.transport,
             self.max_batch_bytes,
         )  # fmt: skip
+        self._leave_inherited_pool()
         pool = self._pool
         if pool is not None and (pool.broken or pool.closed or key != self._pool_key):
             pool.close()

@@ -151,6 +151,36 @@ def sleep_in_init(worker_id: int) -> None:
     time.sleep(4.0)
 
 
+class WithInnerLoader(Dataset):
+    """Item i is ``[i, the sum of an epoch of an inner poolloader over range(12)]``;
+    each worker keeps its inner loader (persistent workers) for every item."""
+
+    loader: ClassVar[Any] = None
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        if WithInnerLoader.loader is None:
+            WithInnerLoader.loader = poolloader.DataLoader(
+                list(range(12)), batch_size=3, num_workers=2, persistent_workers=True
+            )
+        return torch.tensor([i, sum(int(b.sum()) for b in WithInnerLoader.loader)])
+
+
+class Scaled(Dataset):
+    """Item i is ``i * scale`` (``scale`` 1 unless changed), for i in range(40)."""
+
+    def __init__(self) -> None:
+        self.scale = 1
+
+    def __len__(self) -> int:
+        return 40
+
+    def __getitem__(self, i: int):
+        return torch.tensor(i * self.scale)
+
+
 class Nested(Dataset):
     """Each item is computed in a process pool the dataset starts in its worker."""
 

@@ -425,3 +425,38 @@ def test_fresh_workers_of_each_epoch_are_watched_and_replaced_when_killed(where:
                     if epoch % 3 == 2:  # ... and a death of each is noticed.
                         kill_all(handles(loader._pool.worker_pids))
             assert_batches(got, want)
+
+
+def _slow_identity(batch: Any) -> Any:
+    time.sleep(0.01)
+    return batch
+
+
+@pytest.mark.parametrize("context", ["spawn", "fork", "forkserver"])
+@pytest.mark.parametrize("persistent", [True, False])
+def test_the_template_killed_then_a_worker_the_epochs_go_on(context, persistent, caplog):
+    """The process workers are forked from killed (the OOM killer), then a worker:
+    its replacement starts on its own, where it was asked of the dead template for
+    ever (spawn, fork: the template's pipe sentinel also waited for its workers),
+    and the next epoch's workers too."""
+    import os
+
+    from _datasets import Plain
+
+    caplog.set_level(logging.WARNING, logger="poolloader")
+    with DataLoader(Plain(120), batch_size=4, num_workers=2, collate_fn=_slow_identity,
+                    persistent_workers=persistent, timeout=60,
+                    multiprocessing_context=context) as loader:  # fmt: skip
+        iterator = iter(loader)
+        got = [next(iterator)]
+        template = loader._pool.template_pid
+        os.kill(template, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while loader._pool.template_pid is not None and time.monotonic() < deadline:
+            got.append(next(iterator))
+        assert loader._pool.template_pid is None
+        os.kill(loader._pool.worker_pids[0], signal.SIGKILL)
+        got += list(iterator)
+        assert [int(x) for b in got for x in b] == list(range(120))
+        assert [int(x) for b in loader for x in b] == list(range(120))
+    assert "workers are started on their own from now on" in caplog.text

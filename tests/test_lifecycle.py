@@ -47,6 +47,34 @@ def test_dataset_may_start_its_own_process_pool(kind):
         assert [b.tolist() for b in loader] == [[0, 1], [4, 9]]
 
 
+NESTED = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from _datasets import WithInnerLoader
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        with DataLoader(WithInnerLoader(), batch_size=2, num_workers=2,
+                        persistent_workers={persistent}) as loader:
+            for epoch in range(2):
+                print([b.tolist() for b in loader], flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_nested_loaders_end_without_crash_reports(persistent):
+    """A worker that ends closes the loaders its dataset runs before it ends their
+    processes: their I/O threads reported each inner worker killed by SIGKILL."""
+    code = NESTED.format(tests=TESTS, persistent=persistent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    epoch = "[[[0, 66], [1, 66]], [[2, 66], [3, 66]]]"
+    assert done.stdout.split("\n")[:2] == [epoch, epoch], done.stdout + done.stderr
+    assert "died" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_torch_refuses_what_poolloader_allows():
     import torch
 
@@ -296,6 +324,48 @@ def test_a_second_ctrl_c_while_the_loader_closes_ends_everything_at_once(second)
     if second == "SIGINT":
         assert err.count("KeyboardInterrupt") >= 2
     assert _gone(workers, timeout=GONE_WITHIN)
+
+
+FORKED_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys
+    sys.path.insert(0, {tests!r})
+    from _datasets import Scaled
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        loader = DataLoader(Scaled(), batch_size=4, num_workers=2,
+                            persistent_workers={persistent}, multiprocessing_context="spawn")
+        print("PARENT", sum(int(b.sum()) for b in loader), flush=True)
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)
+            loader.dataset.scale = 1000  # the child's copy of the dataset
+            print("CHILD", sum(int(b.sum()) for b in loader), flush=True)
+            loader.close()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        print("STATUS", status, flush=True)
+        print("PARENT", sum(int(b.sum()) for b in loader), loader.statistics().restarts,
+              flush=True)
+        loader.close()
+    """
+)
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_a_loader_iterated_in_a_forked_child_starts_its_own_pool(persistent):
+    """The child's copy of the pool is the parent's: an epoch begun on it sent the
+    child's changes to the parent's workers and waited for ever. The parent's
+    batches and workers are untouched."""
+    code = FORKED_CHILD.format(tests=TESTS, persistent=persistent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    lines = done.stdout.split("\n")
+    assert lines[:4] == ["PARENT 780", "CHILD 780000", "STATUS 0", "PARENT 780 0"], (
+        done.stdout + done.stderr
+    )
+    assert "died" not in done.stderr
 
 
 def test_a_killed_worker_is_replaced_and_nothing_is_lost():
