@@ -203,6 +203,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._fingerprint: tuple[bytes | None, int] = (None, 0)  # of the template's copy
         self._iterators: weakref.WeakSet[PoolIterator] = weakref.WeakSet()
         self._held_iterator: Any = None  # see _iterator
+        self._persistent_seed: int | None = None  # see _kept_base_seed
         self._warned_stale_template = False
 
     @property
@@ -264,8 +265,10 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             # Dropping torch's persistent iterator ends torch's workers; code written
             # for torch does it to free them (Lightning's teardown after fit,
             # validate, test). This loader's workers are its pool's: end it. The
-            # loader stays usable: iterating it again starts a new pool.
+            # loader stays usable: iterating it again starts a new pool (and, as
+            # torch's new iterator, draws a new base seed).
             self._stop_pool()
+            self._persistent_seed = None
         super().__setattr__(name, value)
 
     def broadcast(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -314,6 +317,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             return self._get_iterator()
         iterator = self._iterator
         if iterator is None:
+            if self._resume is None and self._resume_base_seed is None:
+                self._resume_base_seed = self._persistent_seed  # (None before the first)
             iterator = self._iterator = self._get_iterator()
         else:
             iterator._reset(self)
@@ -372,6 +377,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         # torch's __iter__ resets a persistent iterator without _get_iterator: a
         # closed loader must not start a new pool there either.
         self._check_open()
+        if self.persistent_workers:
+            self._persistent_seed = base_seed
         with self._lock:
             pool = self._ensure_pool(base_seed)
             if pool.epochs_begun > 0 and not self.persistent_workers:
@@ -390,13 +397,18 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         be pickled here (``fork``, or multiprocessing objects inside) gets a new
         template. Workers started directly load the snapshot themselves.
 
-        While another iterator of this loader still loads batches, the epoch
-        keeps the workers: fresh ones would also serve that iterator's remaining
-        batches, and restart its IterableDataset streams and random state (torch
-        gives each iterator workers of its own; here they share a pool, and each
-        worker keeps each epoch's state)."""
+        While another iterator of this loader still loads batches (a framework
+        that made one and left it, a peek), the epoch keeps the workers when the
+        dataset is unchanged: fresh ones would also serve that iterator's
+        remaining batches, with fresh random state (torch gives each iterator
+        workers of its own; here they share a pool, and each worker keeps each
+        epoch's state). A changed map-style dataset still gets fresh workers,
+        which the other iterator's later batches see too. An IterableDataset's
+        workers are kept in any case: fresh ones would restart that iterator's
+        streams."""
         dataset = self._dataset_target
         others_load = any(it.loading for it in list(self._iterators))
+        streams = self._dataset_kind == _DatasetKind.Iterable
         if not pool.forks_workers and not others_load:
             with self._channel.pinning():
                 pickled = _pickling.dumps(dataset, "dataset")
@@ -408,15 +420,22 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             and fingerprint[0] is not None
             and fingerprint == self._fingerprint
         )
-        if others_load:
+        if others_load and (unchanged or streams):
             if not unchanged:
                 self._warn_stale_template()
+            return
+        if not pool.forks_workers:  # (another iterator loads: the workers take it live)
+            with self._channel.pinning():
+                pickled = _pickling.dumps(dataset, "dataset")
+            self._channel.record(Replace(pickled))
             return
         if unchanged:
             self._channel.record(Refresh())  # unchanged since the template's copy
             return
         with self._channel.pinning():  # held with the Replace below, or the next change
-            snapshot = None if fingerprint is None else _pickling.dumps_or_none(dataset)
+            # (fork: a new template, unless another iterator's batches need this one)
+            picklable = fingerprint is not None or others_load
+            snapshot = _pickling.dumps_or_none(dataset) if picklable else None
         if snapshot is None:
             if not pool.restart_template(dataset):
                 # Another iterator still wants batches: fresh workers come from the
@@ -432,8 +451,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             self._snapshot = snapshot
         # The template's copy is now the dataset as fingerprinted above (neither
         # Refresh nor Replace counts as a change recorded through loader.dataset).
-        assert fingerprint is not None  # a snapshot is only taken with one
-        self._fingerprint = fingerprint
+        if fingerprint is not None:
+            self._fingerprint = fingerprint
 
     def _warn_stale_template(self) -> None:
         if self._warned_stale_template:
@@ -499,11 +518,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         when it is made and keeps it (its reset draws none), so every epoch of a
         persistent loader has the first one's. A state saved between epochs
         carries it, or a fresh loader's new iterator would draw another (and take
-        one more number from ``loader.generator``, shifting every later order)."""
+        one more number from ``loader.generator``, shifting every later order).
+        For the same reason a persistent iterator dropped mid-epoch (a peek with
+        ``next(iter(loader))``, a ``break``) leaves its base seed to the next one."""
         if self._resume_base_seed is not None:
             return self._resume_base_seed
-        iterator = self._iterator if self.persistent_workers and self.num_workers > 0 else None
-        return int(iterator._base_seed) if iterator is not None else None
+        return self._persistent_seed if self.persistent_workers and self.num_workers > 0 else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state returned by :meth:`state_dict` at the next ``iter()``.
@@ -523,6 +543,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._epoch_index = int(state["epoch"])
         self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
         self._resume_base_seed = state.get("base_seed") if self._resume is None else None
+        self._persistent_seed = None
         if self._resume is None:
             set_generator_states(self._generators(), state["generators"])  # drawn as saved
         else:

@@ -132,3 +132,42 @@ def test_the_template_starts_while_the_dataset_is_pickled(start_method):
     with _loader(WaitsForTemplate(), start_method) as loader:
         assert list(loader) == [0, 1, 2, 3]
     assert WaitsForTemplate.template_seen == [True]
+
+
+@pytest.mark.parametrize("context", ["forkserver", "fork"])
+def test_an_iterator_left_unfinished_does_not_keep_a_changed_dataset_from_the_next_epoch(
+    context,
+):
+    """Lightning (reload_dataloaders_every_n_epochs) makes an iterator before its
+    epoch hook changes the dataset and another after, leaving the first: the
+    second epoch's workers must see the change, as torch's fresh workers do."""
+    from _datasets import Scaled
+
+    dataset = Scaled()
+    kept = []
+    with DataLoader(dataset, batch_size=4, num_workers=2,
+                    multiprocessing_context=context) as loader:  # fmt: skip
+        for scale in (1, 100, 10_000):
+            dataset.scale = scale  # directly, not through loader.dataset
+            kept.append(iter(loader))  # made and left, as a framework does
+            fresh = iter(loader)
+            assert next(fresh).tolist() == [0, scale, 2 * scale, 3 * scale]
+        # Still whole (its later batches, loaded by the fresh workers, see the change).
+        assert len(list(kept[0])) == 10
+
+
+def test_a_persistent_loader_peeked_at_keeps_torchs_order():
+    """A peek drops the persistent iterator mid-epoch; the next one keeps its base
+    seed, as torch's one persistent iterator does, so the orders stay torch's."""
+
+    def run(loader_class):
+        torch.manual_seed(0)
+        loader = loader_class(list(range(12)), batch_size=4, shuffle=True, num_workers=2,
+                              persistent_workers=True)  # fmt: skip
+        peek = next(iter(loader)).tolist()
+        epochs = [[b.tolist() for b in loader] for _ in range(2)]
+        if isinstance(loader, DataLoader):
+            loader.close()
+        return peek, epochs
+
+    assert run(DataLoader) == run(torch.utils.data.DataLoader)
