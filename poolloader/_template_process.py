@@ -50,6 +50,14 @@ def template_main(
     for fd in main_ends:
         os.close(fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides
+    # A fork-started template inherits the main process's Python signal handlers
+    # (a preemption handler that saves a checkpoint): they are not its to run.
+    for signum in signal.valid_signals():
+        try:
+            if callable(signal.getsignal(signum)) and signum != signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
     own_name = _process_name()
     _set_process_name(TEMPLATE_NAME)
     try:

@@ -379,13 +379,26 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._check_open()
         if self.persistent_workers:
             self._persistent_seed = base_seed
-        with self._lock:
-            pool = self._ensure_pool(base_seed)
-            if pool.epochs_begun > 0 and not self.persistent_workers:
-                self._start_afresh_each_epoch(pool)
-            position = self._next_epoch(iterator)
-            pool.begin_epoch(position.epoch, base_seed, iterator._shared_seed)
-            return position, pool
+        pool: Pool | None = None
+        try:
+            with self._lock:
+                pool = self._ensure_pool(base_seed)
+                if pool.epochs_begun > 0 and not self.persistent_workers:
+                    self._start_afresh_each_epoch(pool)
+                position = self._next_epoch(iterator)
+                pool.begin_epoch(position.epoch, base_seed, iterator._shared_seed)
+        except Exception:
+            if not self._closed:
+                raise
+        if self._closed:
+            # close() ran meanwhile (a signal handler, another thread): it may have
+            # found no pool yet, or ended this one halfway through its epoch start.
+            if pool is not None:
+                pool.close()
+            self._pool = None
+            raise LoaderClosedError("the DataLoader was closed while an epoch was starting")
+        assert pool is not None
+        return position, pool
 
     def _start_afresh_each_epoch(self, pool: Pool) -> None:
         """``persistent_workers=False``: this epoch's workers are fresh processes that

@@ -168,6 +168,19 @@ class WithInnerLoader(Dataset):
         return torch.tensor([i, sum(int(b.sum()) for b in WithInnerLoader.loader)])
 
 
+class SlowToPickle(Plain):
+    """:class:`Plain` whose pickling (in the main process, as a pool starts) takes
+    ``seconds``."""
+
+    def __init__(self, n: int = 8, seconds: float = 1.5) -> None:
+        super().__init__(n)
+        self.seconds = seconds
+
+    def __getstate__(self) -> dict[str, Any]:
+        time.sleep(self.seconds)
+        return dict(self.__dict__)
+
+
 class Scaled(Dataset):
     """Item i is ``i * scale`` (``scale`` 1 unless changed), for i in range(40)."""
 

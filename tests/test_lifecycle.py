@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import psutil
@@ -366,6 +367,70 @@ def test_a_loader_iterated_in_a_forked_child_starts_its_own_pool(persistent):
         done.stdout + done.stderr
     )
     assert "died" not in done.stderr
+
+
+def test_close_from_another_thread_while_the_pool_starts_ends_the_epoch():
+    """close() (a signal handler's, another thread's) that lands while the first
+    epoch starts its pool found no pool yet: the epoch ran on, workers and all."""
+    from _datasets import SlowToPickle
+
+    loader = DataLoader(SlowToPickle(40, seconds=1.5), batch_size=4, num_workers=2,
+                        multiprocessing_context="forkserver")  # fmt: skip
+    outcome = []
+
+    def consume():
+        try:
+            outcome.append(len(list(loader)))
+        except LoaderClosedError as exc:
+            outcome.append(exc)
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    time.sleep(0.5)  # the main process is pickling the dataset for the template
+    loader.close()
+    consumer.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], LoaderClosedError), outcome
+    assert not [p for p in psutil.Process().children(recursive=True)
+                if p.name() in ("pl-template", "python") and p.status() != "zombie"
+                and "resource_tracker" not in " ".join(p.cmdline())
+                and "forkserver" not in " ".join(p.cmdline())]  # fmt: skip
+
+
+SIGTERM_HANDLER = textwrap.dedent(
+    """
+    import os, signal, sys, time
+    sys.path.insert(0, {tests!r})
+    from _datasets import Sleepy
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        loader = DataLoader(Sleepy(400, slow=-1), batch_size=4, num_workers=2,
+                            multiprocessing_context="fork")
+
+        def on_sigterm(signum, frame):  # preemption: save, then leave
+            print("HANDLER", os.getpid(), flush=True)
+            os._exit(0)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        print("MAIN", os.getpid(), flush=True)
+        for k, batch in enumerate(loader):
+            if k == 5:
+                os.killpg(os.getpgrp(), signal.SIGTERM)  # as a job scheduler does
+                time.sleep(2)
+    """
+)
+
+
+def test_a_fork_template_does_not_run_the_users_signal_handlers():
+    """A fork-started template inherited the main process's SIGTERM handler and ran
+    it on a signal to the process group (writing a second, stale checkpoint)."""
+    code = SIGTERM_HANDLER.format(tests=TESTS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, start_new_session=True)  # fmt: skip
+    lines = done.stdout.split()
+    main = lines[lines.index("MAIN") + 1]
+    handlers = [lines[i + 1] for i, word in enumerate(lines) if word == "HANDLER"]
+    assert handlers == [main], done.stdout + done.stderr
 
 
 def test_a_killed_worker_is_replaced_and_nothing_is_lost():
