@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -19,9 +18,10 @@ from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _proctree, _segment
 from ._control import Channel
+from ._fresh_epochs import start_afresh_each_epoch
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
-from ._messages import Broadcast, DatasetFollows, PickledObject, Refresh, Replace
+from ._messages import Broadcast, DatasetFollows, PickledObject
 from ._options import (
     DEFAULT_MAX_WORKER_RESTARTS,
     REORDER_MAX_PER_WORKER,
@@ -384,7 +384,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             with self._lock:
                 pool = self._ensure_pool(base_seed)
                 if pool.epochs_begun > 0 and not self.persistent_workers:
-                    self._start_afresh_each_epoch(pool)
+                    start_afresh_each_epoch(self, pool)
                 position = self._next_epoch(iterator)
                 pool.begin_epoch(position.epoch, base_seed, iterator._shared_seed)
         except Exception:
@@ -399,87 +399,6 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             raise LoaderClosedError("the DataLoader was closed while an epoch was starting")
         assert pool is not None
         return position, pool
-
-    def _start_afresh_each_epoch(self, pool: Pool) -> None:
-        """``persistent_workers=False``: this epoch's workers are fresh processes that
-        see the dataset as it is now, as torch's new workers would.
-
-        Workers forked from a template (NOTE [ Templates ]) start afresh from its
-        copy: unchanged, nothing is sent (:class:`Refresh`); changed, the template
-        unpickles the new snapshot once (:class:`Replace`). A dataset that cannot
-        be pickled here (``fork``, or multiprocessing objects inside) gets a new
-        template. Workers started directly load the snapshot themselves.
-
-        While another iterator of this loader still loads batches (a framework
-        that made one and left it, a peek), the epoch keeps the workers when the
-        dataset is unchanged: fresh ones would also serve that iterator's
-        remaining batches, with fresh random state (torch gives each iterator
-        workers of its own; here they share a pool, and each worker keeps each
-        epoch's state). A changed map-style dataset still gets fresh workers,
-        which the other iterator's later batches see too. An IterableDataset's
-        workers are kept in any case: fresh ones would restart that iterator's
-        streams."""
-        dataset = self._dataset_target
-        others_load = any(it.loading for it in list(self._iterators))
-        streams = self._dataset_kind == _DatasetKind.Iterable
-        if not pool.forks_workers and not others_load:
-            with self._channel.pinning():
-                pickled = _pickling.dumps(dataset, "dataset")
-            self._channel.record(Replace(pickled))
-            return
-        fingerprint = None if pool.inherits_dataset else self._fingerprint_now()
-        unchanged = (
-            fingerprint is not None
-            and fingerprint[0] is not None
-            and fingerprint == self._fingerprint
-        )
-        if others_load and (unchanged or streams):
-            if not unchanged:
-                self._warn_stale_template()
-            return
-        if not pool.forks_workers:  # (another iterator loads: the workers take it live)
-            with self._channel.pinning():
-                pickled = _pickling.dumps(dataset, "dataset")
-            self._channel.record(Replace(pickled))
-            return
-        if unchanged:
-            self._channel.record(Refresh())  # unchanged since the template's copy
-            return
-        with self._channel.pinning():  # held with the Replace below, or the next change
-            # (fork: a new template, unless another iterator's batches need this one)
-            picklable = fingerprint is not None or others_load
-            snapshot = _pickling.dumps_or_none(dataset) if picklable else None
-        if snapshot is None:
-            if not pool.restart_template(dataset):
-                # Another iterator still wants batches: fresh workers come from the
-                # template as it is (changes made through loader.dataset reach
-                # them; changes made to the dataset object directly do not).
-                self._channel.record(Refresh())
-                self._warn_stale_template()
-            return
-        if snapshot == self._snapshot:
-            self._channel.record(Refresh())
-        else:
-            self._channel.record(Replace(snapshot))
-            self._snapshot = snapshot
-        # The template's copy is now the dataset as fingerprinted above (neither
-        # Refresh nor Replace counts as a change recorded through loader.dataset).
-        if fingerprint is not None:
-            self._fingerprint = fingerprint
-
-    def _warn_stale_template(self) -> None:
-        if self._warned_stale_template:
-            return
-        self._warned_stale_template = True
-        warnings.warn(
-            "An epoch of this DataLoader began while another of its iterators still "
-            "had batches to load, so its workers hold the dataset as it was when that "
-            "iterator's epoch began: a change made since to the dataset object directly "
-            "(not through loader.dataset) does not reach them. Make changes through "
-            "loader.dataset, or finish (or delete) the other iterator first.",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
     def _fingerprint_now(self) -> tuple[bytes | None, int]:
         """The dataset's fingerprint (NOTE [ Fingerprints ] in ``_pickling.py``) and
