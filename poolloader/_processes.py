@@ -331,8 +331,7 @@ class Workforce:
         # See NOTE [ Process trees ] in _proctree.py.
         alive = [w for w in workers if not w.dead and w.process is not None]
         pids = {w.pid for w in alive}
-        # Found while the workers live, their group ids cannot belong to anyone else.
-        family = descendants(list(pids)) + _proctree.group_members(pids)
+        family = _family(pids)
         for w in workers:
             _send(w, Stop())
         self._join(alive)
@@ -351,11 +350,8 @@ class Workforce:
         with SIGKILL: :meth:`stop` was interrupted (a second Ctrl-C while it waited
         for a worker in a long ``__getitem__``), and the user wants out now."""
         alive = [w for w in workers if not w.dead and w.process is not None]
-        pids = {w.pid for w in alive}
-        since = min((w.created for w in alive), default=0.0)
-        # Found before the workers die: their children are reparented after.
-        family = descendants(list(pids))
-        family += _proctree.group_members(pids, since, _proctree.process_clock())
+        family = _family({w.pid for w in alive})  # before the workers die (and orphan them)
+        templates = [t for t in [*self.retired_templates, self.template] if t is not None]
         for w in alive:
             w.process.kill()
         for proc in _proctree.unique(family):
@@ -363,9 +359,8 @@ class Workforce:
                 proc.kill()
             except psutil.Error:
                 pass
-        for template in [*self.retired_templates, self.template]:
-            if template is not None:
-                template.process.kill()
+        for template in templates:
+            template.process.kill()
         for w in alive:
             w.process.join(TERMINATE_GRACE)
         for w in workers:
@@ -373,9 +368,8 @@ class Workforce:
                 self.release(w)
             except (ValueError, OSError):
                 pass  # not reaped yet: the process object is left to the collector
-        for template in [*self.retired_templates, self.template]:
-            if template is not None:
-                template.stop()
+        for template in templates:
+            template.stop()
 
     def _join(self, workers: list[Worker]) -> None:
         deadline = time.monotonic() + STOP_GRACE
@@ -433,3 +427,10 @@ def _send_started_slot(conn: Connection) -> mmap.mmap | None:
         return None
     finally:
         os.close(fd)
+
+
+def _family(pids: set[int]) -> list[psutil.Process]:
+    """The processes the live workers ``pids`` started: their descendants and the
+    other members of their process groups (NOTE [ Process trees ] in _proctree.py).
+    Found while the workers live, their group ids cannot belong to anyone else."""
+    return descendants(list(pids)) + _proctree.group_members(pids)

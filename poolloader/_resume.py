@@ -409,8 +409,13 @@ def order_of(sampler: Any) -> dict[str, Any]:
     return {"sampler": "(".join(kinds) + ")" * (len(kinds) - 1), "length": length}
 
 
-def check_order(saved: Mapping[str, Any], here: Mapping[str, Any]) -> None:
-    """Refuse a state saved by a loader that draws another order than this one."""
+def check_order(state: Mapping[str, Any], here: Mapping[str, Any]) -> None:
+    """Refuse a state saved by a loader that draws another order than this one
+    (``here``, from :func:`order_of`), or whose replayed position is past the
+    end of its order. A state that records no order (an older one) passes."""
+    saved = state.get("order")
+    if saved is None:
+        return
     if saved["sampler"] != here["sampler"] or saved["length"] != here["length"]:
         raise ValueError(
             f"this state was saved by a loader whose sampler is {_describe(saved)}, but this "
@@ -418,11 +423,9 @@ def check_order(saved: Mapping[str, Any], here: Mapping[str, Any]) -> None:
             "the loader with the same dataset, batch_size, shuffle, drop_last and sampler as "
             "the one that saved it"
         )
-
-
-def check_position(in_epoch: Mapping[str, Any], length: int) -> None:
-    """Refuse a replayed epoch's position past the end of the order (``length``)."""
-    if in_epoch["sampler"] is None and in_epoch["yielded"] > length:
+    in_epoch, length = state["in_epoch"], saved["length"]
+    replayed = in_epoch is not None and in_epoch["sampler"] is None
+    if replayed and length is not None and in_epoch["yielded"] > length:
         raise ValueError(
             f"state['in_epoch']['yielded'] is {in_epoch['yielded']}, but the epoch it was "
             f"saved in has {length} positions: pass what loader.state_dict() returned"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 
 @dataclass
@@ -186,23 +186,22 @@ class LoaderStats:
         )
 
 
+#: What a pool holds at one moment, rather than counts up: not added across pools.
+_HELD_NOW = frozenset({"pending", "running", "slab_bytes"})
+
+
 def combined(earlier: PoolStatistics | None, now: PoolStatistics | None) -> PoolStatistics | None:
     """The counters of pools that ended (``earlier``) and of the one running
     (``now``) added up; what is held at this moment is the running pool's."""
-    if earlier is None or now is None:
-        return now if earlier is None else replace(earlier, pending=0, running=0, slab_bytes=0)
+    if earlier is None:
+        return now
+    if now is None:
+        return replace(earlier, **dict.fromkeys(_HELD_NOW, 0))
     return PoolStatistics(
-        tasks_done=earlier.tasks_done + now.tasks_done,
-        restarts=earlier.restarts + now.restarts,
-        bytes_moved=earlier.bytes_moved + now.bytes_moved,
-        busy_seconds=earlier.busy_seconds + now.busy_seconds,
-        uptime_seconds=earlier.uptime_seconds + now.uptime_seconds,
-        pending=now.pending,
-        running=now.running,
-        control_messages=earlier.control_messages + now.control_messages,
-        control_bytes=earlier.control_bytes + now.control_bytes,
-        bytes_sent=earlier.bytes_sent + now.bytes_sent,
-        slab_batches=earlier.slab_batches + now.slab_batches,
-        slab_reused=earlier.slab_reused + now.slab_reused,
-        slab_bytes=now.slab_bytes,
+        **{
+            f.name: getattr(now, f.name)
+            if f.name in _HELD_NOW
+            else getattr(earlier, f.name) + getattr(now, f.name)
+            for f in fields(PoolStatistics)
+        }
     )

@@ -37,7 +37,6 @@ from ._resume import (
     EpochPosition,
     EpochStart,
     check_order,
-    check_position,
     check_state,
     find_generators,
     generator_states,
@@ -465,10 +464,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
                 sampler this loader's sampler cannot load.
         """
         check_state(state)
-        if "order" in state:
-            check_order(state["order"], order_of(self._index_sampler))
-        if state["in_epoch"] is not None and state.get("order", {}).get("length") is not None:
-            check_position(state["in_epoch"], state["order"]["length"])
+        check_order(state, order_of(self._index_sampler))
         for iterator in list(self._iterators):
             iterator.close()
         self._position = None
