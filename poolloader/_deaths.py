@@ -112,8 +112,15 @@ def descendants(pids: list[int]) -> list[psutil.Process]:
     return found
 
 
+#: The exit code of a worker whose thread reading the main process's messages
+#: failed (its traceback is on stderr): deaf to tasks, it ends rather than wait.
+EXIT_INBOX_FAILED = 4
+
+
 def describe_exit(code: int) -> str:
     """Words for a worker's exit code: ``-9`` → "killed by SIGKILL (...)"."""
+    if code == EXIT_INBOX_FAILED:
+        return f"exit code {code} (its thread reading messages failed; traceback on stderr)"
     if code >= 0:
         return f"exit code {code}"
     try:

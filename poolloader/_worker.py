@@ -34,6 +34,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -45,6 +46,7 @@ import psutil
 import torch
 
 from . import _pickling, _proctree, _replay, _seeding
+from ._deaths import EXIT_INBOX_FAILED
 from ._messages import (
     Done,
     Drop,
@@ -479,6 +481,16 @@ class _Inbox:
         return self._queue.get()
 
     def _read(self) -> None:
+        try:
+            self._read_messages()
+        except BaseException:
+            # A worker that no longer reads its messages would wait for tasks
+            # for ever: it exits, and the pool runs its batches elsewhere.
+            print("poolloader: a DataLoader worker's message thread failed:", file=sys.stderr)
+            traceback.print_exc()
+            _finish(EXIT_INBOX_FAILED)
+
+    def _read_messages(self) -> None:
         # One poll object for the worker's life: Connection.poll builds and drops
         # a selector on every call, a sizeable share of a tiny batch's cost.
         watch = select.poll()

@@ -18,6 +18,7 @@ fault                      where it strikes           what the user should see
 ``Faulty("grandchild")``   worker, ``__getitem__``    starts a process of its own, then goes on
 ``Faulty("orphan")``       worker, ``__getitem__``    starts a grandchild, then SIGKILLs itself
 ``Faulty("huge")``         worker, ``__getitem__``    an item over ``max_batch_bytes``
+``Faulty("deaf")``         worker, its next message   its message thread fails: replaced
 ``FaultyStream``           worker, ``__iter__``       a deadly fault mid-shard: the epoch ends
 ``OpaqueItems``            worker, collate            torch's ``default_collate`` TypeError
 ``collate_bad_result``     worker / main, transport   a batch that cannot travel home
@@ -209,6 +210,25 @@ def huge(index: int, where: str) -> None:
     """Marks the item as huge; :meth:`Faulty.__getitem__` makes it :data:`HUGE_FLOATS` long."""
 
 
+def deafen(index: int, where: str) -> None:
+    """The worker's thread that reads the main process's messages fails at the next
+    one (a stand-in for any failure there); the item itself loads normally."""
+    from poolloader import _worker
+
+    real = _worker.pickle
+
+    class FailingLoads:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        @staticmethod
+        def loads(data: bytes) -> Any:
+            raise RuntimeError("the worker's message thread failed (injected)")
+
+    _worker.pickle = FailingLoads()  # type: ignore[assignment]
+    record_pid(where, "victim", os.getpid())
+
+
 def _no_fault(index: int, where: str) -> None:
     pass
 
@@ -223,6 +243,7 @@ FAULTS: dict[str, Callable[[int, str], None]] = {
     "grandchild": start_grandchild,
     "orphan": orphan_then_die,
     "huge": huge,
+    "deaf": deafen,
 }
 
 #: Faults that end the worker process, and how each reads in an exit description.

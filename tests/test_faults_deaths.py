@@ -86,6 +86,23 @@ def test_a_dead_worker_is_replaced_and_every_batch_arrives_once_in_order(
     assert names_batch(message, 3), message
 
 
+def test_a_worker_whose_message_thread_fails_is_replaced(
+    where: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker whose thread reading tasks and releases fails would wait for tasks
+    for ever, and the epoch with it. It exits instead (its traceback on stderr):
+    it is replaced like any dead worker, and the epoch is torch's."""
+    caplog.set_level(logging.WARNING, logger="poolloader")
+    dataset = Faulty(30, "deaf", once(where, 10), where=where, delay=0.005)
+    with fault_loader(dataset, batch_size=3, timeout=HANG) as loader:
+        got = list(loader)
+        assert loader.statistics().restarts == 1
+    assert_batches(got, torch_batches(dataset, batch_size=3))
+    (victim,) = recorded_pids(where, "victim")
+    (message,) = logged_warnings(caplog)
+    assert f"pid {victim}" in message and "thread reading messages failed" in message, message
+
+
 def test_a_batch_lost_with_its_worker_after_loading_runs_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
