@@ -93,6 +93,10 @@ class PoolIterator(_BaseDataLoaderIter):
         self._paced = bool(getattr(self._index_sampler, "paced", False))
         self._epoch = self._position.epoch
         self._window = deque()
+        # The batch next() took from the window and has not handed over yet: a
+        # next() interrupted meanwhile (Ctrl-C) leaves it for the next call.
+        self._taken: TaskRecord | None = None
+        self._drawn: tuple[int, Any, int | None] | None = None  # see _submit_next
         self._sampler_done = self._cut_short = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
@@ -106,6 +110,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._start_epoch(loader, epoch_start)
 
     def _abandon(self) -> None:
+        self._taken = None
         if self._window:
             self._pool.cancel(_tasks(self._window))
             self._window.clear()
@@ -120,6 +125,7 @@ class PoolIterator(_BaseDataLoaderIter):
         ``next()`` raises :class:`~poolloader.errors.LoaderClosedError` rather than
         end the loop as if the epoch were done."""
         self._sampler_done = self._cut_short = True
+        self._taken = None
         self._loader_closed = self._loader_closed or loader_closed
         self._loader = None
         if not self._pool.closed and not self._pool.foreign:
@@ -183,16 +189,25 @@ class PoolIterator(_BaseDataLoaderIter):
         return max(w for w in waits if w is not None)
 
     def _submit_next(self) -> None:
-        pin = self._next_pin() if self._iterable else None
-        if self._iterable and pin is None:
-            self._sampler_done = True
-            return
-        try:
-            position, index = self._ledger.draw(self._sampler_iter)
-        except StopIteration:
-            self._sampler_done = True
-            return
-        self._track(self._submit(position, index, pin))
+        # A batch drawn is kept until it is in the window: a next() interrupted in
+        # between (Ctrl-C) leaves it to the next call, which submits it again
+        # unless it made it into the window (the first submission, if any, only
+        # loads a batch nobody reads).
+        if self._drawn is None:
+            pin = self._next_pin() if self._iterable else None
+            if self._iterable and pin is None:
+                self._sampler_done = True
+                return
+            try:
+                position, index = self._ledger.draw(self._sampler_iter)
+            except StopIteration:
+                self._sampler_done = True
+                return
+            self._drawn = (position, index, pin)
+        position, index, pin = self._drawn
+        if not (self._window and self._window[-1].position == position):
+            self._track(self._submit(position, index, pin))
+        self._drawn = None
 
     def _submit(self, position: int, index: Any, pin: int | None) -> TaskRecord:
         split = getattr(index, "poolloader_split", None)
@@ -278,11 +293,21 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _next_data(self) -> Any:
         while True:
-            if not self._window:
-                self._end()
-            record = self._take()
-            outcome = self._outcomes.pop(record.seq, record.future).result()
-            self._fill()
+            record = self._taken
+            if record is None:
+                if not self._window:
+                    self._end()
+                record = self._take()
+            try:
+                outcome = self._outcomes.get(record.seq, record.future).result()
+                self._fill()
+            except Exception:
+                self._taken = None  # the batch failed, or the sampler: the next is next
+                self._outcomes.pop(record.seq, None)
+                raise
+            # An interrupt (KeyboardInterrupt) above leaves the batch taken.
+            self._taken = None
+            self._outcomes.pop(record.seq, None)
             data = self._deliver(record, outcome)
             if data is not _SKIP:
                 return data
@@ -316,6 +341,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._wait(record, deadline)
         if self._cut_short:  # close() while it waited: the window is gone
             self._end()
+        self._taken = record
         self._window.remove(record)
         self._loader_stats.record_wait(time.perf_counter() - started)
         return record

@@ -45,6 +45,7 @@ from _procs import (
     worker_pids,
 )
 
+import poolloader
 from poolloader._pool import IO_JOIN_TIMEOUT
 from poolloader.errors import (
     LoaderTimeoutError,
@@ -274,6 +275,66 @@ def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
     # A lock left held by an interrupted wait makes close() wait IO_JOIN_TIMEOUT
     # for the I/O thread; a healthy close() returns well before.
     assert closing < IO_JOIN_TIMEOUT, f"close() took {closing:.1f} s after the interrupts"
+
+
+#: Where poolloader's own code is (its frames' file names start so).
+PACKAGE = str(Path(poolloader.__file__).parent) + os.sep
+
+
+def test_ctrl_c_inside_next_loses_no_batch() -> None:
+    """A KeyboardInterrupt caught around next(), wherever it lands (waiting,
+    submitting the next batches, between the two), costs no batch: calling next()
+    again goes on from the batch that was interrupted, so each epoch's batches are
+    consecutive from its first. (An interrupt inside the sampler's generator ends
+    that generator and so the epoch, as with torch's loader.)"""
+    armed = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        # Only inside the loader's code: one landing in this test's own lines,
+        # right after next() returned, would drop the batch here.
+        if armed.is_set() and frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
+            armed.clear()
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    stop = threading.Event()
+    main = threading.get_ident()
+
+    def pester() -> None:
+        while not stop.is_set():
+            signal.pthread_kill(main, signal.SIGINT)
+            time.sleep(0.0003)
+
+    epochs: list[list[int]] = [[]]
+    interrupts = 0
+    pesterer = threading.Thread(target=pester, daemon=True)
+    with fault_loader(Faulty(10**6, delay=0.002), batch_size=1) as loader:
+        try:
+            iterator = iter(loader)
+            pesterer.start()
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    armed.set()
+                    batch = next(iterator)
+                    armed.clear()
+                    epochs[-1].append(int(batch["i"]))
+                except KeyboardInterrupt:
+                    interrupts += 1
+                except StopIteration:
+                    armed.clear()
+                    epochs.append([])
+                    iterator = iter(loader)
+        finally:
+            armed.clear()
+            stop.set()
+            pesterer.join(5)
+            time.sleep(0.05)  # signals still pending run the (disarmed) handler
+            signal.signal(signal.SIGINT, previous)
+    assert interrupts > 100 and sum(map(len, epochs)) > 100, (interrupts, len(epochs))
+    for got in epochs:
+        skipped = sorted(set(range(len(got))) - set(got))
+        assert got == list(range(len(got))), f"batches lost: {skipped[:10]}"
 
 
 def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
