@@ -654,3 +654,77 @@ def test_a_short_iterator_fails_the_batch_with_the_stream_named(tmp_path) -> Non
     dataset = StreamDataset(iterate=LoggedStreams(tmp_path, [5, 6], 2))
     with pytest.raises(ValueError, match=r"iterate\(1\) ended after 3 chunk\(s\)"):
         load(dataset, sampler, 2)
+
+
+# ------------------------------------------------------- changes, dtypes and misuse
+
+
+class Features(StreamDataset):
+    """``dim`` features per time step, each ``stream + t``; ``dim`` may change mid-run."""
+
+    def __init__(self) -> None:
+        super().__init__(read=self.read_features, pad_value=PAD)
+        self.dim = 4
+
+    def read_features(self, stream: int, start: int, stop: int) -> torch.Tensor:
+        t = torch.arange(start, stop, dtype=torch.float32)[:, None]
+        return (t + stream).expand(-1, self.dim).contiguous()
+
+
+def read_mixed_dtypes(stream: int, start: int, stop: int) -> torch.Tensor:
+    """Stream 0 gives int64 counts, the others float32 halves."""
+    t = torch.arange(start, stop) + 0.5 * stream
+    return t.long() if stream == 0 else t.float()
+
+
+def _two_epochs_with_a_change(workers: int, change: str) -> list[StreamBatch]:
+    # One stream in two slots: with 2 workers, one worker's part of every step is
+    # padding alone, built from what that worker knew before the change.
+    sampler = StreamSampler([6], batch_size=2, chunk_size=3)
+    context = "forkserver" if workers else None
+    with DataLoader(Features(), sampler=sampler, batch_size=None, num_workers=workers,
+                    persistent_workers=workers > 0, multiprocessing_context=context) as loader:  # fmt: skip
+        batches = list(loader)
+        setattr(loader.dataset, change, 8 if change == "dim" else -7.0)
+        return batches + list(loader)
+
+
+@pytest.mark.parametrize("change", ["dim", "pad_value"])
+def test_a_change_through_loader_dataset_reaches_padding(change: str) -> None:
+    """Padding follows the dataset: its pad_value and the shape of its chunks, as
+    changed through loader.dataset between epochs, the same with workers (whose part
+    of a step may be padding alone) as in the main process."""
+    alone = _two_epochs_with_a_change(0, change)
+    pooled = _two_epochs_with_a_change(2, change)
+    last = alone[-1]
+    if change == "pad_value":
+        assert set(last.data[~last.mask].flatten().tolist()) == {-7.0}
+    else:
+        assert last.data.shape == (3, 2, 8)
+    assert len(pooled) == len(alone) == 4
+    for a, b in zip(alone, pooled, strict=True):
+        assert a.data.dtype == b.data.dtype and torch.equal(a.data, b.data)
+        assert torch.equal(a.mask, b.mask)
+
+
+def test_chunks_of_mixed_dtypes_give_the_same_batches_with_workers() -> None:
+    """Chunks of several dtypes become the dtype of the step's first chunk (by slot),
+    as one process assembling the whole step makes them, whatever the workers."""
+    found = []
+    for workers in (0, 2):
+        sampler = StreamSampler([4, 4], batch_size=2, chunk_size=2)
+        context = "forkserver" if workers else None
+        with DataLoader(StreamDataset(read_mixed_dtypes), sampler=sampler, batch_size=None,
+                        num_workers=workers, multiprocessing_context=context) as loader:  # fmt: skip
+            found.append(list(loader))
+    for a, b in zip(*found, strict=True):
+        assert a.data.dtype == b.data.dtype == torch.int64 and torch.equal(a.data, b.data)
+
+
+def test_a_stream_sampler_given_as_batch_sampler_is_explained() -> None:
+    """torch's loader (and poolloader's) collate items when given a batch_sampler;
+    the error says how to build the loader instead of failing on len()."""
+    sampler = StreamSampler([5, 3, 2], batch_size=2, chunk_size=2)
+    loader = torch.utils.data.DataLoader(StreamDataset(read_pairs), batch_sampler=sampler)
+    with pytest.raises(TypeError, match=r"sampler=StreamSampler\(\.\.\.\), batch_size=None"):
+        next(iter(loader))

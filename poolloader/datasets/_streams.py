@@ -129,8 +129,9 @@ class StreamBatch:
         def field(name: str, dim: int) -> torch.Tensor:
             return join([getattr(part, name) for part in parts], dim)
 
+        data = join(_agreeing_data(parts, slot_ids, wide), wide)
         return cls(
-            field("data", wide), field("mask", wide), field("first", 0), field("streams", 0),
+            data, field("mask", wide), field("first", 0), field("streams", 0),
             field("starts", 0), field("repeat", 0), parts[0].batch_first,
         )  # fmt: skip
 
@@ -152,6 +153,43 @@ class StreamBatch:
             fn(self.data), fn(self.mask), fn(self.first), fn(self.streams), fn(self.starts),
             fn(self.repeat), self.batch_first,
         )  # fmt: skip
+
+
+def _agreeing_data(
+    parts: Sequence[StreamBatch], slot_ids: Sequence[Sequence[int]], wide: int
+) -> list[torch.Tensor]:
+    """The parts' ``data``, in the step's feature shape and dtype: those of the chunk
+    of the lowest slot, as one process assembling the whole step makes them (it casts
+    the other chunks to that dtype). A part of padding alone was made by a worker that
+    read nothing of this step, from what it knew before (the dataset may have changed
+    since): it is made again, of the same value, in that shape and dtype."""
+    real = [
+        (min(ids[row] for row in range(len(ids)) if part.streams[row] >= 0), i)
+        for i, (part, ids) in enumerate(zip(parts, slot_ids, strict=True))
+        if bool((part.streams >= 0).any())
+    ]
+    if not real:
+        return [part.data for part in parts]
+    template = parts[min(real)[1]].data
+    feature, dtype = template.shape[2:], template.dtype
+    found = []
+    for i, part in enumerate(parts):
+        data = part.data
+        if data.shape[2:] == feature and data.dtype == dtype:
+            found.append(data)
+        elif not any(k == i for _, k in real):
+            value = data.flatten()[0].item() if data.numel() else 0
+            shape = (*data.shape[:2], *feature)
+            found.append(torch.full(shape, value, dtype=dtype))
+        elif data.shape[2:] != feature:
+            raise ValueError(
+                "chunks of one StreamDataset must share their shape after the time axis, "
+                f"but one step's chunks gave {tuple(data.shape[2:])} and {tuple(feature)}; "
+                "make every stream's time steps the same shape"
+            )
+        else:
+            found.append(data.to(dtype))
+    return found
 
 
 def _joiner(slot_ids: Sequence[Sequence[int]]) -> Callable[[list[torch.Tensor], int], torch.Tensor]:
@@ -271,6 +309,7 @@ class StreamDataset(Dataset[StreamBatch]):
         self.pad_value = pad_value
         self._template: Template | None = None
         self._pad: torch.Tensor | None = None  # cached by _pad_rows
+        self._pad_value: Any = None  # the pad_value _pad holds
 
     @property
     def open_streams(self) -> dict[int, int]:
@@ -297,8 +336,9 @@ class StreamDataset(Dataset[StreamBatch]):
 
     def __getitems__(self, indices: list[Any]) -> NoReturn:
         raise TypeError(
-            "StreamDataset builds whole batches itself, but the DataLoader asked for a list "
-            f"of {len(indices)} step(s) to collate; build it with batch_size=None: "
+            "StreamDataset builds whole batches itself, but the DataLoader asked it for "
+            f"items to collate ({type(indices).__name__}), as it does with a batch_size or "
+            "a batch_sampler; give the StreamSampler as the sampler and batch_size=None: "
             "DataLoader(dataset, sampler=StreamSampler(...), batch_size=None)"
         )
 
@@ -309,7 +349,7 @@ class StreamDataset(Dataset[StreamBatch]):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_source"] = self._source.fresh()  # open iterators stay where they are
-        state["_template"] = state["_pad"] = None
+        state["_template"] = state["_pad"] = state["_pad_value"] = None
         return state
 
     def __repr__(self) -> str:
@@ -335,8 +375,12 @@ class StreamDataset(Dataset[StreamBatch]):
     def _pad_rows(self, size: int, feature: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         """``[size, *feature]`` of ``pad_value``: a padding row, and the tail of short ones."""
         pad = self._pad
-        if pad is None or pad.shape != (size, *feature) or pad.dtype != dtype:
+        if (
+            pad is None or pad.shape != (size, *feature) or pad.dtype != dtype
+            or self._pad_value is not self.pad_value
+        ):  # fmt: skip
             pad = self._pad = torch.full((size, *feature), self.pad_value, dtype=dtype)
+            self._pad_value = self.pad_value  # (a change through loader.dataset sets a new one)
         return pad
 
     def _template_for(self, chunks: list[torch.Tensor | None]) -> Template:
