@@ -3,6 +3,8 @@ files written under tmp_path."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from _manifests import write_lines
 
@@ -163,3 +165,51 @@ def test_table_errors_name_path_line_and_id(tmp_path):
         ManifestDataset.from_table(twice)
     with pytest.raises(ValueError, match=r"cannot tell the format of .*m.txt"):
         ManifestDataset.from_table(write_lines(tmp_path / "m.txt", "id,text"))
+
+
+# ---------------------------------------------------------------- files that are valid, or nearly
+
+
+def test_a_csv_value_longer_than_the_csv_modules_default_limit_is_read(tmp_path):
+    """Python's csv module writes values of any length but, by default, reads back only
+    131,072 characters of one; a manifest's long transcript is read whole."""
+    import csv
+
+    text = "word " * 30_000
+    for name, delimiter in (("long.csv", ","), ("long.tsv", "\t")):
+        path = tmp_path / name
+        with open(path, "w", newline="") as file:
+            writer = csv.writer(file, delimiter=delimiter)
+            writer.writerows([["id", "text"], ["u1", text], ["u2", "short"]])
+        dataset = ManifestDataset.from_table(path)
+        assert dataset[0]["text"] == text and dataset[1]["text"] == "short"
+    assert csv.field_size_limit() == 131_072  # the caller's setting is left as it was
+
+
+@pytest.mark.parametrize("name", ["table.csv", "table.jsonl", "text"])
+def test_a_file_that_is_not_utf8_names_its_line(tmp_path, name):
+    """A Latin-1 byte deep in a file: the error names the file and the line it is on,
+    not a position inside a read buffer."""
+    path = tmp_path / name
+    rows = [f"u{i} hello {i}" for i in range(50_000)] + ["u_bad caf\xe9"]
+    if name.endswith(".csv"):
+        rows = ["id,text"] + [row.replace(" ", ",", 1) for row in rows]
+    elif name.endswith(".jsonl"):
+        rows = [
+            json.dumps(dict(zip(("id", "text"), row.split(" ", 1))), ensure_ascii=False)
+            for row in rows
+        ]
+    path.write_bytes("\n".join(rows).encode("latin-1") + b"\n")
+    with pytest.raises(ValueError) as info:
+        if name == "text":
+            ManifestDataset({"text": path})
+        else:
+            ManifestDataset.from_table(path)
+    assert str(info.value).startswith(f"{path} line {len(rows)}: not UTF-8"), info.value
+
+
+def test_a_header_with_a_nameless_column_names_the_file(tmp_path):
+    path = write_lines(tmp_path / "trailing.csv", "id,dur,", "u1,1.5,", "u2,2.0,")
+    with pytest.raises(ValueError) as info:
+        ManifestDataset.from_table(path, lengths="dur")
+    assert str(info.value).startswith(f"{path} line 1: column 3 of the header has no name")

@@ -18,6 +18,7 @@ dataset is built: ``ManifestDataset`` then moves it into shared memory
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import os
@@ -146,6 +147,32 @@ def _open_manifest(path: str, what: str) -> Any:
         raise FileNotFoundError(f"{path}: no such manifest file (given for {what})") from exc
 
 
+#: Characters one CSV/TSV value may hold: the csv module's default (131,072)
+#: refuses long transcripts that it writes itself.
+FIELD_LIMIT = 2**31 - 1
+
+
+def _not_utf8(path: str, exc: UnicodeDecodeError) -> ValueError:
+    """The error for a manifest that is not UTF-8, naming the line of its first
+    undecodable byte (the decoder's own position is inside a read buffer)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, offset = 1, 0
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as found:
+                line += chunk.count(b"\n", 0, max(found.start, 0))
+                offset += found.start
+                break
+            line += chunk.count(b"\n")
+            offset += len(chunk)
+    return ValueError(
+        f"{path} line {line}: not UTF-8 (byte {offset} of the file: {exc.reason}); "
+        "manifests are read as UTF-8: convert the file (iconv -f latin1 -t utf-8, say)"
+    )
+
+
 def iter_idx2data(path: str, what: str) -> Iterator[tuple[str, str, int]]:
     """Yield ``(id, value, line)`` from a Kaldi-style ``id value`` file.
 
@@ -158,14 +185,21 @@ def iter_idx2data(path: str, what: str) -> Iterator[tuple[str, str, int]]:
         ValueError: a line has an id but no value.
     """
     with _open_manifest(path, what) as file:
-        for line_number, line in enumerate(file, start=1):
-            text = line.strip()
-            if not text:
-                continue
-            parts = text.split(maxsplit=1)
-            if len(parts) != 2:
-                raise ValueError(f"{path} line {line_number}: expected 'id value', got {text!r}")
-            yield parts[0], parts[1], line_number
+        try:
+            yield from _idx2data_lines(path, file)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
+
+
+def _idx2data_lines(path: str, file: Any) -> Iterator[tuple[str, str, int]]:
+    for line_number, line in enumerate(file, start=1):
+        text = line.strip()
+        if not text:
+            continue
+        parts = text.split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path} line {line_number}: expected 'id value', got {text!r}")
+        yield parts[0], parts[1], line_number
 
 
 def _check_field_name(name: object) -> str:
@@ -301,17 +335,26 @@ def _iter_delimited(path: str, format: str, id_column: str) -> Iterator[tuple[di
     options: dict[str, Any] = {"delimiter": ",", "strict": True}
     if format == "tsv":
         options = {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
-    with _open_manifest(path, "tables") as file:
-        reader = csv.reader(file, **options)
-        header = _read_header(path, reader)
-        start = reader.line_num + 1
-        while (record := _next_record(path, reader, start)) is not None:
-            line, start = start, reader.line_num + 1
-            if not record or record == [""]:
-                continue
-            if len(record) != len(header):
-                raise ValueError(_width_message(path, line, header, record, id_column))
-            yield dict(zip(header, record, strict=True)), line
+    previous = csv.field_size_limit(FIELD_LIMIT)
+    try:
+        with _open_manifest(path, "tables") as file:
+            yield from _delimited_rows(path, csv.reader(file, **options), id_column)
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from exc
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _delimited_rows(path: str, reader: Any, id_column: str) -> Iterator[tuple[dict[str, Any], int]]:
+    header = _read_header(path, reader)
+    start = reader.line_num + 1
+    while (record := _next_record(path, reader, start)) is not None:
+        line, start = start, reader.line_num + 1
+        if not record or record == [""]:
+            continue
+        if len(record) != len(header):
+            raise ValueError(_width_message(path, line, header, record, id_column))
+        yield dict(zip(header, record, strict=True)), line
 
 
 def _next_record(path: str, reader: Iterator[list[str]], start: int) -> list[str] | None:
@@ -344,6 +387,11 @@ def _read_header(path: str, reader: Iterator[list[str]]) -> list[str]:
     header = next(reader, None)
     if not header or header == [""]:
         raise ValueError(f"{path} line 1: expected a header line naming the columns, got none")
+    if "" in header:
+        raise ValueError(
+            f"{path} line 1: column {header.index('') + 1} of the header has no name "
+            f"({header!r}); name every column, or remove the delimiter at the end of the lines"
+        )
     repeated = sorted({name for name in header if header.count(name) > 1})
     if repeated:
         raise ValueError(f"{path} line 1: the header repeats column(s) {repeated}; rename them")
@@ -353,23 +401,30 @@ def _read_header(path: str, reader: Iterator[list[str]]) -> list[str]:
 def _iter_jsonl(path: str) -> Iterator[tuple[dict[str, Any], int]]:
     """Yield the objects of a JSON-lines file, one per non-blank line."""
     with _open_manifest(path, "tables") as file:
-        for line_number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"{path} line {line_number}: not valid JSON ({exc.msg} at column "
-                    f"{exc.colno}); each line must hold one JSON object"
-                ) from exc
-            if not isinstance(row, dict):
-                # A malformed manifest line, like any other: ValueError, not TypeError.
-                raise ValueError(
-                    f"{path} line {line_number}: expected a JSON object, got "
-                    f"{type(row).__name__}: {line.strip()!r}"
-                )
-            yield row, line_number
+        try:
+            yield from _jsonl_rows(path, file)
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, exc) from exc
+
+
+def _jsonl_rows(path: str, file: Any) -> Iterator[tuple[dict[str, Any], int]]:
+    for line_number, line in enumerate(file, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path} line {line_number}: not valid JSON ({exc.msg} at column "
+                f"{exc.colno}); each line must hold one JSON object"
+            ) from exc
+        if not isinstance(row, dict):
+            # A malformed manifest line, like any other: ValueError, not TypeError.
+            raise ValueError(
+                f"{path} line {line_number}: expected a JSON object, got "
+                f"{type(row).__name__}: {line.strip()!r}"
+            )
+        yield row, line_number
 
 
 def read_tables(
