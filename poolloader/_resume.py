@@ -28,10 +28,23 @@ An IterableDataset has no sampler to replay: its streams start again, and the
 resumed epoch loads the batches the saved one had yielded once more and drops
 them (with a warning), which reproduces the epoch when the streams are
 deterministic.
+
+NOTE [ Limits changed mid-epoch ]
+
+A poolloader sampler's limits (``max_duration``, ``batch_size``) may change while
+an epoch runs (a curriculum); each batch is cut with the limits in effect when it
+is drawn, up to a prefetch window before it is yielded. The snapshot of the last
+yielded batch holds the limits it was drawn with, and the batches drawn after it
+may have been drawn with others. So the state lists, as ``[position, limits]``
+pairs, where the limits changed among the drawn batches not yet yielded, and the
+limits in effect now from the next position to draw on; the resumed epoch puts
+each in effect right before it draws that position, and cuts every batch as the
+uninterrupted epoch did.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -46,6 +59,7 @@ _KEYS = {"version", "epoch", "in_epoch", "generators"}
 #: iterator keeps for the next epoch (torch's persistent iterator draws none).
 _OPTIONAL_KEYS = frozenset({"base_seed", "order"})
 _EPOCH_KEYS = {"base_seed", "yielded", "yielded_after", "sampler", "rng"}
+_EPOCH_OPTIONAL_KEYS = frozenset({"limits"})
 
 
 #: How many ``.sampler`` / ``.batch_sampler`` links :func:`find_generators`
@@ -149,14 +163,18 @@ class EpochLedger:
         before_iter: RngState,
         snapshot: Callable[[], Any] | None,
         limits: Callable[[], Mapping[str, Any]] | None = None,
+        apply_limits: Callable[[Mapping[str, Any]], None] | None = None,
     ) -> None:
         self._generators = generators
         self.before_iter = before_iter
         self.before_draw: RngState | None = None
         self.snapshot = snapshot
         # The sampler's limits as they are now (a poolloader sampler's): a position's
-        # snapshot holds those in effect when it was drawn, up to a window earlier.
+        # snapshot holds those in effect when it was drawn, up to a window earlier
+        # (NOTE [ Limits changed mid-epoch ]).
         self._limits = limits
+        self._apply_limits = apply_limits
+        self._limit_changes: dict[int, Mapping[str, Any]] = {}  # to apply, by position
         self.next_position = 0
         self.yielded = 0  # every position below this reached the consumer
         self.yielded_after: set[int] = set()
@@ -192,6 +210,7 @@ class EpochLedger:
         self.yielded_after = set(in_epoch["yielded_after"])
         self._skip = set(self.yielded_after)
         self.resume_state = in_epoch["sampler"]
+        self._limit_changes = {int(p): limits for p, limits in in_epoch.get("limits", ())}
         self._replay = replay
         if replay is not None:
             self.next_position = 0  # the skipped specs are drawn again
@@ -206,6 +225,9 @@ class EpochLedger:
                 if index is _END:
                     raise StopIteration
             else:
+                changes = self._limit_changes.pop(self.next_position, None)
+                if changes is not None and self._apply_limits is not None:
+                    self._apply_limits(changes)
                 index = next(sampler_iter)
             position = self.next_position
             self.next_position += 1
@@ -271,17 +293,36 @@ class EpochLedger:
             if undrawn:
                 rng["undrawn"] = True
         sampler = self.resume_state if self.snapshot is not None else None
-        if isinstance(sampler, Mapping) and self._limits is not None:
-            # A limit set after the position was drawn (while batches were loaded
-            # ahead) holds for the resumed epoch too, as it would have here.
-            sampler = {**sampler, **self._limits()}
-        return {
+        state = {
             "base_seed": base_seed,
             "yielded": self.yielded,
             "yielded_after": sorted(self.yielded_after),
             "sampler": sampler,
             "rng": rng,
         }
+        if isinstance(sampler, Mapping) and self._limits is not None:
+            state["limits"] = self._changes_since(sampler)
+        return state
+
+    def _changes_since(self, sampler: Mapping[str, Any]) -> list[list[Any]]:
+        """The limit changes a resumed epoch makes, as ``[position, limits]`` pairs
+        (NOTE [ Limits changed mid-epoch ])."""
+        assert self._limits is not None
+        now = dict(self._limits())
+        last = {key: sampler.get(key) for key in now}
+        changes: list[list[Any]] = []
+        for position in range(self.yielded, self.next_position):
+            drawn = self._snapshots.get(position)
+            if isinstance(drawn, Mapping):
+                limits = {key: drawn.get(key) for key in now}
+                if limits != last:
+                    changes.append([position, limits])
+                    last = limits
+        pending = self._limit_changes  # resumed, and not drawn that far yet
+        changes += [[p, dict(limits)] for p, limits in sorted(pending.items())]
+        if now != last and not pending:
+            changes.append([self.next_position, now])
+        return changes
 
 
 @dataclass(eq=False)
@@ -357,11 +398,17 @@ class EpochStart:
         sampler = iterator._index_sampler
         snapshot = sampler_snapshot(sampler, iterator._sampler_iter)
         limits = getattr(sampler, "_limit_state", None) if snapshot is not None else None
-        ledger = EpochLedger(self.generators, self.before_iter, snapshot, limits)
+        apply = functools.partial(_apply_limits, sampler) if limits is not None else None
+        ledger = EpochLedger(self.generators, self.before_iter, snapshot, limits, apply)
         if self.in_epoch is not None:
             iterable = iterator._dataset_kind == _DatasetKind.Iterable
             ledger.resume(self.in_epoch, self.replay, iterable)
         return ledger
+
+
+def _apply_limits(sampler: Any, limits: Mapping[str, Any]) -> None:
+    """Put a poolloader sampler's ``limits`` (some of its ``_limit_state()``) in effect."""
+    sampler._apply_limits(sampler._parse_limits({**sampler._limit_state(), **limits}))
 
 
 def _load_sampler(sampler: Any, state: Any) -> None:
@@ -456,7 +503,7 @@ def check_state(state: Mapping[str, Any]) -> None:
         _check_count("state['base_seed']", state["base_seed"], signed=True)
     in_epoch = state["in_epoch"]
     if in_epoch is not None:
-        _check_keys("state['in_epoch']", in_epoch, _EPOCH_KEYS)
+        _check_keys("state['in_epoch']", in_epoch, _EPOCH_KEYS, _EPOCH_OPTIONAL_KEYS)
         _check_epoch(in_epoch)
 
 
@@ -471,6 +518,16 @@ def _check_epoch(in_epoch: Mapping[str, Any]) -> None:
         raise ValueError(
             f"state['in_epoch']['yielded_after'] should list the positions past "
             f"yielded={yielded} that were yielded, but it is {after!r}"
+        )
+    changes = in_epoch.get("limits", [])
+    if not isinstance(changes, list | tuple) or not all(
+        isinstance(c, list | tuple) and len(c) == 2 and isinstance(c[0], int)
+        and not isinstance(c[0], bool) and c[0] >= yielded and isinstance(c[1], Mapping)
+        for c in changes
+    ):  # fmt: skip
+        raise ValueError(
+            "state['in_epoch']['limits'] should list the sampler's limit changes as "
+            f"[position, limits] pairs from position {yielded} on, but it is {changes!r}"
         )
     rng = in_epoch["rng"]
     if in_epoch["sampler"] is None and (

@@ -37,8 +37,11 @@ def _row(i: int) -> torch.Tensor:
 class Tagged(torch.utils.data.Dataset):
     """Item i: (i, python, numpy and torch random draws)."""
 
+    def __init__(self, n: int = len(LENGTHS)) -> None:
+        self.n = n
+
     def __len__(self) -> int:
-        return len(LENGTHS)
+        return self.n
 
     def __getitem__(self, i: int):
         return _row(i)
@@ -296,26 +299,45 @@ def test_state_does_not_depend_on_how_far_workers_prefetched():
     assert resumed == reference
 
 
+def _two_ranks():
+    # Two ranks: the loader draws a fixed window ahead (SamplerBase.paced), so where a
+    # limit set in the loop takes effect does not depend on the workers' speed.
+    sampler = DynamicBatchSampler(LENGTHS * 4, max_duration=20.0, seed=3, rank=0, world_size=2)
+    return {"batch_sampler": sampler, "dataset": Tagged(len(LENGTHS) * 4)}
+
+
+def _with_a_curriculum_step(iterator, loader, done=0, stop=None, step_after=2):
+    """The batches of ``iterator`` (``done`` of the epoch's yielded before it), up to
+    batch ``stop``; the limit halves once ``step_after`` batches were yielded."""
+    found = []
+    for k, batch in enumerate(iterator, start=done):
+        found.append(batch[:, 0].long().tolist())
+        if k + 1 == step_after:
+            loader.batch_sampler.max_duration = 10.0
+        if k + 1 == stop:
+            break
+    return found
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_a_limit_set_while_batches_were_loaded_ahead_is_kept_by_the_state(num_workers):
-    """With workers the sampler's position is read when a batch is drawn, a
-    window ahead of the loop: a curriculum step made after that draw (here after
-    the second batch) must still be in the state, or the resumed epoch goes back
-    to the old, larger limit."""
-    with _loader(_dynamic, num_workers) as loader:
-        iterator = iter(loader)
-        for step in range(4):
-            next(iterator)
-            if step == 1:
-                loader.batch_sampler.max_duration = 6.0
+@pytest.mark.parametrize("cut", [1, 3, 4, 6])
+def test_a_limit_changed_mid_epoch_resumes_as_the_epoch_went_on(num_workers, cut):
+    """A curriculum step (a smaller max_duration) made in the loop takes effect at the
+    next draw, a prefetch window ahead of the loop: the batches drawn before it keep
+    the old limit. A state taken anywhere around the step resumes into the very
+    batches the uninterrupted epoch yielded, those cut with the old limit included,
+    and the sampler ends with the new limit."""
+    with _loader(_two_ranks, num_workers) as loader:
+        reference = _with_a_curriculum_step(iter(loader), loader)
+    with _loader(_two_ranks, num_workers) as loader:
+        got = _with_a_curriculum_step(iter(loader), loader, stop=cut)
         state = loader.state_dict()
-    assert state["in_epoch"]["sampler"]["max_duration"] == 6.0
-    with _loader(_dynamic, num_workers) as resumed:
+    with _loader(_two_ranks, num_workers) as resumed:
         resumed.load_state_dict(state)
-        rest = [batch[:, 0].long().tolist() for batch in resumed]
-        assert resumed.batch_sampler.max_duration == 6.0
-    # (an item longer than the limit is a batch of its own)
-    assert rest and all(sum(LENGTHS[i] for i in b) <= 6.0 or len(b) == 1 for b in rest)
+        got += _with_a_curriculum_step(iter(resumed), resumed, done=cut)
+        assert resumed.batch_sampler.max_duration == 10.0
+    assert got == reference
+    assert any(sum(LENGTHS[i % len(LENGTHS)] for i in b) > 10.0 for b in reference[2:])
 
 
 def test_resume_with_a_different_worker_count():
@@ -492,7 +514,8 @@ def test_a_state_from_a_loader_with_another_order_is_refused():
      ({"yielded_after": None}, r"\['yielded_after'\] should list the positions"),
      ({"base_seed": None}, r"\['base_seed'\] should be an integer"),
      ({"rng": None}, r"\['rng'\] should hold the random states"),
-     ({"rng": {}}, r"\['rng'\] should hold the random states")],
+     ({"rng": {}}, r"\['rng'\] should hold the random states"),
+     ({"limits": [[0, {}], ["x", {}]]}, r"\['limits'\] should list the sampler's limit changes")],
 )  # fmt: skip
 def test_a_damaged_state_is_refused_when_loaded(change, says):
     saving = DataLoader(Tagged(), batch_size=4)
