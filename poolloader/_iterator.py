@@ -91,6 +91,7 @@ class PoolIterator(_BaseDataLoaderIter):
             self._base_seed = epoch_start.base_seed
         self._position, self._pool = loader._begin_epoch(self, int(self._base_seed))
         self._paced = bool(getattr(self._index_sampler, "paced", False))
+        self._batches: int | None = -1  # the sampler's length, asked when first needed
         self._epoch = self._position.epoch
         self._window = deque()
         # The batch next() took from the window and has not handed over yet: a
@@ -158,9 +159,26 @@ class PoolIterator(_BaseDataLoaderIter):
         # batch runs late, while counting the unfinished asks every batch.
         while not self._sampler_done and (
             len(self._window) < self._limit
-            or (len(self._window) < self._window_limit() and self._unfinished() < self._limit)
+            or (
+                len(self._window) < self._window_limit()
+                and self._unfinished() < self._limit
+                and not self._at_the_end()
+            )
         ):
             self._submit_next()
+
+    def _at_the_end(self) -> bool:
+        """Whether the sampler has given every batch it has (by its length).
+
+        Asking it once more ends its iterator, and torch's RandomSampler then draws
+        one more permutation from its generator. Torch's loader asks that only when
+        its window reaches the end, so beyond the window (the reorder allowance)
+        poolloader does not either: an epoch left early (``break``) would leave the
+        generator one draw further on than torch's, depending on how late a batch
+        ran, and every later epoch's order with it."""
+        if self._batches == -1:  # asked only here: some samplers count by iterating
+            self._batches = None if self._iterable else _length(self._index_sampler)
+        return self._batches is not None and self._ledger.next_position >= self._batches
 
     def _window_limit(self) -> int:
         """``prefetch_factor * num_workers``, plus the reorder allowance while the
@@ -496,6 +514,14 @@ def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) ->
 def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
     """A batch finished: wake the consumer if it waits (holds the queue, not the iterator)."""
     news.put(None)
+
+
+def _length(sampler: Any) -> int | None:
+    """``len(sampler)``, or ``None`` for a sampler without one (or whose length fails)."""
+    try:
+        return len(sampler)
+    except Exception:
+        return None
 
 
 def _tasks(records: Any) -> list[TaskRecord]:

@@ -31,17 +31,18 @@ PROTOCOL = pickle.HIGHEST_PROTOCOL
 OnPart = Callable[[bytes | bytearray], None]
 
 
-def dumps(obj: object, what: str) -> bytes:
+def dumps(obj: object, what: str, why: str | None = None) -> bytes:
     """Pickle ``obj`` for spawn workers, or raise :class:`NotPicklableError` naming it.
 
     Args:
         obj: The object to send.
         what: How the user knows the object, e.g. ``"dataset"`` or ``"collate_fn"``.
+        why: Why it must pickle, for the error (by default, :data:`WORKER_PICKLING`).
     """
     try:
         return pickle.dumps(obj, protocol=PROTOCOL)
     except Exception as exc:
-        raise not_picklable(obj, what, exc) from exc
+        raise not_picklable(obj, what, exc, why or WORKER_PICKLING) from exc
 
 
 def dumps_or_none(obj: object) -> bytes | None:
@@ -194,6 +195,12 @@ def _dumps_sharing_the_gil(obj: object, on_part: OnPart | None) -> bytes:
 
 #: Why most objects must pickle, for the error when one does not.
 WORKER_PICKLING = "workers started with spawn or forkserver receive it by pickling"
+#: Why a change made through ``loader.dataset`` must pickle (whatever the start method).
+CHANGE_PICKLING = (
+    "a change made through loader.dataset reaches running workers by pickling, with "
+    "every start method (fork included); loader.broadcast(fn, ...) can build such a "
+    "value in each worker instead"
+)
 
 
 def not_picklable(

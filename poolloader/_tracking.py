@@ -249,7 +249,8 @@ def _payload(channel: Any, value: Any, where: Any) -> bytes | None:
         with channel.pinning():
             return pickle.dumps(value, _pickling.PROTOCOL)
     except Exception as exc:
-        raise _pickling.not_picklable(value, where if isinstance(where, str) else where(), exc)
+        what = where if isinstance(where, str) else where()
+        raise _pickling.not_picklable(value, what, exc, _pickling.CHANGE_PICKLING) from exc
 
 
 def _foldable(target: Any) -> Any:
@@ -264,7 +265,7 @@ def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
         with channel.pinning():
             call = _control._contents_call(target)
         if call is None:  # its items do not pickle: say which
-            _pickling.dumps(target, render(path))
+            _pickling.dumps(target, render(path), _pickling.CHANGE_PICKLING)
             return
     channel.record(Call(path, call), container)
 

@@ -195,8 +195,12 @@ def test_many_writes_into_one_container_become_its_contents(replica):
 
 
 def test_an_unpicklable_value_fails_before_the_change(replica):
-    with pytest.raises(NotPicklableError, match=r"dataset\.sub\.value"):
+    """It names the value and why it must pickle: not the start method (fork's
+    workers need the change pickled as much as spawn's)."""
+    with pytest.raises(NotPicklableError, match=r"dataset\.sub\.value") as info:
         replica.view.sub.value = threading.Lock()
+    assert "made through loader.dataset reaches running workers by pickling" in str(info.value)
+    assert "spawn or forkserver" not in str(info.value)
     assert replica.dataset.sub.value == 0.0
     with pytest.raises(NotPicklableError, match=r"dataset\.cfg\['x'\]"):
         replica.view.cfg["x"] = threading.Lock()

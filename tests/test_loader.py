@@ -8,7 +8,16 @@ import typing
 import pytest
 import torch
 from _compare import assert_same_epochs
-from _datasets import Counted, Plain, Squares, Uneven, WaitsForOthers, collate_sum, record_pid
+from _datasets import (
+    Counted,
+    Plain,
+    Sleepy,
+    Squares,
+    Uneven,
+    WaitsForOthers,
+    collate_sum,
+    record_pid,
+)
 from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
 import poolloader
@@ -358,6 +367,33 @@ def test_workers_load_ahead_of_a_stalled_batch(tmp_path, stall, before):
         got = list(loader)
     assert got[stall] >= dataset.ahead, got
     assert got[:stall] + got[stall + 1 :] == [0] * (dataset.n - 1)
+
+
+def _first_then_next_epoch(loader: typing.Any) -> tuple[list[int], list[int]]:
+    for batch in loader:  # one batch of the epoch, then leave it
+        first = batch.tolist()
+        break
+    return first, next(iter(loader)).tolist()
+
+
+def test_an_epoch_left_while_a_batch_ran_late_leaves_the_order_as_torchs():
+    """The first batch of a shuffled epoch runs late and the other worker loads past
+    the window (the reorder allowance), up to the end of the epoch; the loop takes
+    one batch and breaks. Asking the sampler past its end would make torch's
+    RandomSampler draw one more permutation from the generator, which torch's loader
+    (its window short of the end) does not: the next epoch's order is torch's."""
+    seed = torch.Generator().manual_seed(3)
+    torch.empty((), dtype=torch.int64).random_(generator=seed)  # the loader's base seed
+    slow = int(torch.randperm(32, generator=seed)[0])  # in the epoch's first batch
+
+    def make(cls: typing.Any, **options: typing.Any) -> typing.Any:
+        return cls(Sleepy(32, slow, seconds=0.6), batch_size=4, shuffle=True,
+                   generator=torch.Generator().manual_seed(3), **options)  # fmt: skip
+
+    want = _first_then_next_epoch(make(torch.utils.data.DataLoader))
+    with make(DataLoader, num_workers=2, multiprocessing_context="forkserver") as loader:
+        got = _first_then_next_epoch(loader)
+    assert got == want
 
 
 def test_task_futures_say_done_as_futures_do():
