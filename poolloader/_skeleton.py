@@ -2,19 +2,25 @@
 of their bytes, which travel inline or in a slab (``_packing.py``).
 
 NOTE [ Views ]: a tensor that is a view (strided, offset, or part of a bigger
-storage) travels as its whole storage, once per batch, plus its size, strides
-and offset, so that it arrives as torch's loader delivers it: the same strides,
-and views of one storage in a batch still share it (a write through one shows
-in the others). Other tensors travel as their own contiguous bytes. A tensor
-collated into the staging slab (``poolloader.batch_buffer``, the default
-collate's stack) is where it will be read already; its "storage" is the
-allocation it lies in: ``out[:, :10]`` and ``out.t()`` of one
+storage) travels as the part of its storage that the batch's tensors on it read,
+once per batch, plus its size, strides and offset, so that it arrives as torch's
+loader delivers it: the same strides, and views of one storage in a batch that
+overlap still share it (a write through one shows in the others). Only that part:
+a window of a big token tensor, or of a file's bytes, sends the window (its
+``storage_offset()`` then counts from the window's start), where torch's loader
+moves the whole storage into shared memory once per worker. Views that do not
+overlap travel as parts of their own. A part that would save less than itself
+(or than ``INLINE_BYTES``) is the whole storage, with torch's offsets. Other tensors travel as their
+own contiguous bytes. A tensor collated into the staging slab
+(``poolloader.batch_buffer``, the default collate's stack) is where it will be
+read already; its "storage" is the allocation it lies in: ``out[:, :10]`` and ``out.t()`` of one
 ``batch_buffer()`` arrive as views of one storage, as torch delivers them.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import io
 import math
 import pickle
@@ -34,6 +40,9 @@ if TYPE_CHECKING:
 INLINE_BYTES = 32 * 1024
 #: Data offsets in a slab are aligned to this (a cache line, and any dtype's size).
 ALIGN = 64
+#: The part of a storage a view travels with starts this many bytes into it, or a
+#: multiple (the largest element size, complex128's).
+SPAN_ALIGN = 16
 
 
 def nbytes(batch: Any) -> int:
@@ -130,6 +139,7 @@ class SkeletonPickler(TorchPickler):
         self.staging = staging
         self.shared = sharing.storages  # storages several tensors of the batch view
         self.starts = sharing.starts  # where each tensor on a shared storage begins
+        self.spans = sharing.spans  # what the tensors on a shared storage read
         self.repeated = sharing.repeated  # ids of objects the batch holds more than once
         self.aliases: dict[int, int] = {}  # id of such an object → its number
         self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
@@ -209,11 +219,20 @@ class SkeletonPickler(TorchPickler):
         return (*view, index, place())
 
     def _storage_view(self, tensor: torch.Tensor) -> tuple[Any, ...]:
-        """A view of a storage sent once per batch (NOTE [ Views ])."""
+        """A view of the part of a storage the batch reads, sent once per batch
+        (NOTE [ Views ])."""
         storage = tensor.untyped_storage()
+        base, whole = storage.data_ptr(), storage.nbytes()
+        start, end = self._span(tensor, base)
+        # From a multiple of any element size into the storage (torch's are 1 to 16
+        # bytes), so that each view's offset into the part is whole elements.
+        first = (start - base) // SPAN_ALIGN * SPAN_ALIGN
+        last = min(whole, aligned(end - base, SPAN_ALIGN))
+        if whole - (last - first) < max(last - first, INLINE_BYTES):
+            first, last = 0, whole  # little to save: the whole storage, torch's offsets
 
         def place() -> tuple[Any, ...]:
-            flat = torch.empty(0, dtype=torch.uint8).set_(storage)
+            flat = torch.empty(0, dtype=torch.uint8).set_(storage)[first:last]
             size = flat.numel()
             self.data_bytes += size
             if size < INLINE_BYTES:
@@ -223,8 +242,20 @@ class SkeletonPickler(TorchPickler):
             self.size = aligned(offset + size)
             return ("slab", offset, size)
 
-        key = (storage.data_ptr(), storage.nbytes())
-        return self._as_view(tensor, key, int(tensor.storage_offset()), place)
+        offset = (tensor.data_ptr() - base - first) // tensor.element_size()
+        return self._as_view(tensor, (base, first), offset, place)
+
+    def _span(self, tensor: torch.Tensor, base: int) -> tuple[int, int]:
+        """The addresses of the part of ``tensor``'s storage that travels: what the
+        batch's tensors on that storage read around ``tensor`` (a window of a big
+        token tensor sends the window, not the whole storage)."""
+        spans = self.spans.get(base)
+        start, end = extent(tensor)
+        if spans:
+            i = bisect.bisect_right(spans, (start, math.inf)) - 1
+            if i >= 0 and spans[i][0] <= start and end <= spans[i][1]:
+                return spans[i]
+        return start, end
 
     def _in_staging(self, tensor: torch.Tensor) -> bool:
         staging = self.staging
@@ -288,6 +319,7 @@ class _StorageCounter(pickle.Pickler):
         super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
         self.seen: dict[int, int] = {}
         self.starts: list[tuple[int, int]] = []  # (storage, where a tensor begins)
+        self.ranges: dict[int, list[tuple[int, int]]] = {}  # storage → what its tensors read
         self.objects: dict[int, int] = {}  # times each array or tensor object is met
 
     def persistent_id(self, obj: Any) -> Any:
@@ -297,6 +329,7 @@ class _StorageCounter(pickle.Pickler):
                 ptr = obj.untyped_storage().data_ptr()
                 self.seen[ptr] = self.seen.get(ptr, 0) + 1
                 self.starts.append((ptr, obj.data_ptr()))
+                self.ranges.setdefault(ptr, []).append(extent(obj))
             return 0
         if isinstance(obj, np.ndarray):
             self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
@@ -316,6 +349,9 @@ class Sharing:
     storages: frozenset[int] = frozenset()  # storages (by address) several tensors view
     starts: tuple[int, ...] = ()  # where each tensor on one of them begins
     repeated: frozenset[int] = frozenset()  # ids of arrays and tensors held more than once
+    # For each storage the batch's tensors view, the address ranges they cover,
+    # overlapping ones merged, ascending (NOTE [ Views ]).
+    spans: Mapping[int, tuple[tuple[int, int], ...]] = dataclasses.field(default_factory=dict)
 
 
 def sharing(batch: Any) -> Sharing:
@@ -332,11 +368,32 @@ def sharing(batch: Any) -> Sharing:
         shared,
         tuple(start for ptr, start in counter.starts if ptr in shared),
         frozenset(key for key, count in counter.objects.items() if count > 1),
+        {ptr: _merged(ranges) for ptr, ranges in counter.ranges.items() if ptr in shared},
     )
 
 
-def aligned(n: int) -> int:
-    return (n + ALIGN - 1) // ALIGN * ALIGN
+def extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """The addresses ``[start, end)`` of the bytes a strided tensor reads."""
+    start = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return start, start
+    last = sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def _merged(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``ranges`` sorted, overlapping (or touching) ones made one."""
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def aligned(n: int, to: int = ALIGN) -> int:
+    return (n + to - 1) // to * to
 
 
 class CopyOutOfSlabs(TorchPickler):

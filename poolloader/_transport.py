@@ -113,7 +113,11 @@ class _SkeletonUnpickler(pickle.Unpickler):
                 flat = torch.frombuffer(self._owner, dtype=torch.uint8, count=where[2],
                                         offset=where[1])  # fmt: skip
             self._storages[index] = flat
-        typed = self._storages[index].view(_torch_dtype(dtype))
+        torch_dtype = _torch_dtype(dtype)
+        flat = self._storages[index]
+        whole = flat.numel() // torch_dtype.itemsize * torch_dtype.itemsize
+        # (a storage of an odd size, such as a WAV file's bytes, viewed as int16)
+        typed = (flat if whole == flat.numel() else flat[:whole]).view(torch_dtype)
         return typed.as_strided(shape, stride, offset)
 
     def persistent_load(self, pid: Any) -> Any:

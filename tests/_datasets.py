@@ -652,3 +652,33 @@ class Ballast(Dataset):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_ballast": None}
+
+
+class TokenWindows(Dataset):
+    """Item ``i``: a window of 1,001 tokens of one 16 MB token tensor (a language
+    model's usual dataset), a view of that big storage."""
+
+    def __init__(self, n: int = 24) -> None:
+        self.n = n
+        self.tokens = torch.arange(4_000_000, dtype=torch.int32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tokens[i * 1000 : (i + 1) * 1000 + 1]
+
+
+class OddWav(Dataset):
+    """Item ``i``: 16-bit samples viewed in a file's bytes after a 44-byte header;
+    the file's length (and so the storage's) is odd."""
+
+    def __init__(self, samples: int = 50_000) -> None:
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        raw = torch.full((44 + 2 * self.samples + 1,), i, dtype=torch.uint8)
+        return raw[44 : 44 + 2 * self.samples].view(torch.int16)

@@ -350,3 +350,44 @@ def test_views_keep_their_strides_and_their_shared_storage_as_with_torch(transpo
                 assert all(torch.equal(a[k], b[k]) for k in a)
                 a["base"][3, 0] = -1.0
                 assert a["row"][0] == -1.0 and a["t"][0, 3] == -1.0  # one storage
+
+
+def test_a_window_of_a_big_storage_moves_only_the_window():
+    """A view into a big tensor (a token window) travels as the part it reads, not as
+    its 16 MB storage once per batch: the same values as torch's loader, a few KB
+    moved per batch, and max_batch_bytes counts the window."""
+    from _datasets import TokenWindows
+
+    want = list(torch.utils.data.DataLoader(TokenWindows(), batch_size=None))
+    with _loader(TokenWindows(), batch_size=None, max_batch_bytes=64_000) as ours:
+        got = list(ours)
+        moved = ours.statistics().bytes_moved
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    assert moved < 2 * sum(b.numel() * b.element_size() for b in want), moved
+    assert all(b.untyped_storage().nbytes() < 8192 for b in got)
+
+
+def test_views_of_one_storage_in_a_list_share_what_overlaps():
+    """Views the batch holds of one big storage, each sent as the part it reads:
+    those that overlap still arrive sharing memory (a write through one shows in
+    the other, as with torch), and all hold torch's values."""
+    from _datasets import TokenWindows, keep_items
+
+    theirs = torch.utils.data.DataLoader(TokenWindows(), batch_size=3, collate_fn=keep_items)
+    with _loader(TokenWindows(), batch_size=3, collate_fn=keep_items) as ours:
+        for got, want in zip(ours, theirs, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+            got[0][-1] = -1  # the last token of a window is the first of the next
+            assert got[1][0] == -1 and got[2][0] != -1
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_a_view_into_a_storage_of_odd_size_arrives_as_with_torch(transport):
+    """int16 samples viewed in bytes whose count is odd (a WAV file's): torch's loader
+    delivers them; so does poolloader's."""
+    from _datasets import OddWav
+
+    want = list(torch.utils.data.DataLoader(OddWav(), batch_size=None))
+    with _loader(OddWav(), batch_size=None, transport=transport) as ours:
+        got = list(ours)
+    assert all(torch.equal(a, b) and a.dtype == torch.int16 for a, b in zip(got, want, strict=True))
