@@ -35,6 +35,11 @@ import torch
 if TYPE_CHECKING:
     from ._packing import Slab
 
+try:  # NumPy 2
+    from numpy.lib.array_utils import byte_bounds as _byte_bounds
+except ImportError:  # NumPy 1
+    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
+
 #: Tensors and arrays smaller than this travel inside the pickled skeleton:
 #: for small data one pipe write beats a slab's bookkeeping and release message.
 INLINE_BYTES = 32 * 1024
@@ -140,6 +145,7 @@ class SkeletonPickler(TorchPickler):
         self.shared = sharing.storages  # storages several tensors of the batch view
         self.starts = sharing.starts  # where each tensor on a shared storage begins
         self.spans = sharing.spans  # what the tensors on a shared storage read
+        self.overlapping = sharing.overlapping  # arrays that must travel as copies
         self.repeated = sharing.repeated  # ids of objects the batch holds more than once
         self.aliases: dict[int, int] = {}  # id of such an object → its number
         self.blocks: list[tuple[int, Any]] = []  # (offset, tensor or array) still to copy
@@ -179,7 +185,10 @@ class SkeletonPickler(TorchPickler):
         size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
         self.data_bytes += size
         dtype = str(data.dtype) if kind == "tensor" else data.dtype.str  # array, array_t
-        offset = self._staged_offset(data, size)
+        # NumPy arrays arrive as copies, as torch pickles them: two that overlap in
+        # the staging slab (slices of one batch_buffer) must not arrive as views.
+        staged = kind == "tensor" or id(obj) not in self.overlapping
+        offset = self._staged_offset(data, size) if staged else None
         if offset is not None:
             self.staged += 1
             return ("slab", kind, dtype, tuple(data.shape), offset, size)
@@ -321,6 +330,7 @@ class _StorageCounter(pickle.Pickler):
         self.starts: list[tuple[int, int]] = []  # (storage, where a tensor begins)
         self.ranges: dict[int, list[tuple[int, int]]] = {}  # storage → what its tensors read
         self.objects: dict[int, int] = {}  # times each array or tensor object is met
+        self.arrays: dict[int, tuple[int, int]] = {}  # each array's memory, by id
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor):
@@ -333,8 +343,22 @@ class _StorageCounter(pickle.Pickler):
             return 0
         if isinstance(obj, np.ndarray):
             self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
+            if obj.nbytes:
+                low, high = _byte_bounds(obj)
+                self.arrays[id(obj)] = (low, high)
             return 0
         return None
+
+    def overlapping_arrays(self) -> frozenset[int]:
+        """Ids of the arrays whose memory overlaps another array's."""
+        found: set[int] = set()
+        reach, last = -1, None
+        for key, (low, high) in sorted(self.arrays.items(), key=lambda item: item[1]):
+            if low < reach and last is not None:
+                found.update((key, last))
+            if high > reach:
+                reach, last = high, key
+        return frozenset(found)
 
 
 class _NullSink(io.RawIOBase):
@@ -352,6 +376,7 @@ class Sharing:
     # For each storage the batch's tensors view, the address ranges they cover,
     # overlapping ones merged, ascending (NOTE [ Views ]).
     spans: Mapping[int, tuple[tuple[int, int], ...]] = dataclasses.field(default_factory=dict)
+    overlapping: frozenset[int] = frozenset()  # ids of arrays whose memory overlaps
 
 
 def sharing(batch: Any) -> Sharing:
@@ -369,6 +394,7 @@ def sharing(batch: Any) -> Sharing:
         tuple(start for ptr, start in counter.starts if ptr in shared),
         frozenset(key for key, count in counter.objects.items() if count > 1),
         {ptr: _merged(ranges) for ptr, ranges in counter.ranges.items() if ptr in shared},
+        counter.overlapping_arrays(),
     )
 
 

@@ -682,3 +682,22 @@ class OddWav(Dataset):
     def __getitem__(self, i: int) -> torch.Tensor:
         raw = torch.full((44 + 2 * self.samples + 1,), i, dtype=torch.uint8)
         return raw[44 : 44 + 2 * self.samples].view(torch.int16)
+
+
+class Ranges(Dataset):
+    """Item ``i``: 2,049 int64 values from ``10_000 * i``."""
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.arange(2049, dtype=np.int64) + 10_000 * i
+
+
+def overlapping_parts(items: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Items stacked into a poolloader.batch_buffer; two slices of it that overlap."""
+    import poolloader
+
+    out = poolloader.batch_buffer((len(items), 2049), np.int64)
+    np.stack(items, out=out)
+    return {"first": out[:4], "rest": out[2:]}

@@ -391,3 +391,19 @@ def test_a_view_into_a_storage_of_odd_size_arrives_as_with_torch(transport):
     with _loader(OddWav(), batch_size=None, transport=transport) as ours:
         got = list(ours)
     assert all(torch.equal(a, b) and a.dtype == torch.int16 for a, b in zip(got, want, strict=True))
+
+
+def test_numpy_arrays_that_overlap_in_a_batch_buffer_arrive_as_copies():
+    """NumPy arrays arrive as copies, as torch pickles them: two slices of one
+    batch_buffer that overlap are independent arrays in the main process too."""
+    from _datasets import Ranges, overlapping_parts
+
+    theirs = torch.utils.data.DataLoader(Ranges(), batch_size=8, collate_fn=overlapping_parts)
+    with _loader(Ranges(), batch_size=8, collate_fn=overlapping_parts) as ours:
+        assert ours.statistics().slab_batches == 0
+        for got, want in zip(ours, theirs, strict=True):
+            assert all(np.array_equal(got[k], want[k]) for k in want)
+            before = got["rest"].copy()
+            got["first"][...] = -1
+            assert np.array_equal(got["rest"], before)
+        assert ours.statistics().slab_batches > 0  # it was laid out in slabs
