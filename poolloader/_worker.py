@@ -408,7 +408,8 @@ def _stack_into_slab(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -
     from torch.utils.data._utils.collate import collate_tensor_fn
 
     elem = batch[0]
-    if _state is None or elem.is_nested or elem.layout != torch.strided:
+    plain = elem.layout == torch.strided and not elem.is_nested and elem.device.type == "cpu"
+    if _state is None or not plain:  # (a slab holds CPU memory)
         return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
     out = _state.packer.allocate(elem.dtype, (len(batch), *elem.shape))
     if out is None:  # no slab (yet): stacked as torch's workers stack, not as its main

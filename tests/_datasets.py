@@ -701,3 +701,14 @@ def overlapping_parts(items: list[np.ndarray]) -> dict[str, np.ndarray]:
     out = poolloader.batch_buffer((len(items), 2049), np.int64)
     np.stack(items, out=out)
     return {"first": out[:4], "rest": out[2:]}
+
+
+class MetaTensors(Dataset):
+    """Items on torch's "meta" device (shape and dtype, no data): a non-CPU tensor
+    the default collate can stack, as torch's loader does."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.empty(4, device="meta")

@@ -407,3 +407,15 @@ def test_numpy_arrays_that_overlap_in_a_batch_buffer_arrive_as_copies():
             got["first"][...] = -1
             assert np.array_equal(got["rest"], before)
         assert ours.statistics().slab_batches > 0  # it was laid out in slabs
+
+
+def test_items_on_another_device_are_collated_as_torch_does():
+    """The default collate stacks CPU tensors into a slab; tensors on another device
+    (here "meta", which runs without hardware) are stacked where they are, as torch's
+    loader stacks them."""
+    from _datasets import MetaTensors
+
+    want = [(b.device.type, tuple(b.shape)) for b in torch.utils.data.DataLoader(
+        MetaTensors(), batch_size=2)]  # fmt: skip
+    with _loader(MetaTensors(), batch_size=2, num_workers=1) as ours:
+        assert [(b.device.type, tuple(b.shape)) for b in ours] == want == [("meta", (2, 4))] * 2
