@@ -38,6 +38,16 @@ process unmaps them, so their memory goes back to the system. Slabs held by
 batches the consumer keeps stay until those die. Back-to-back epochs keep
 their slabs.
 
+NOTE [ Small parts ]: a batch's tensors and arrays arrive as views of its slab,
+which goes back to the worker when the last of them dies. A consumer that keeps
+a small part of each batch (its labels, its lengths) would keep every slab, and
+the worker would make new ones: 900 MB held for 9 MB of labels kept. So a small
+part of a bigger batch (at most :data:`COPY_OUT_BYTES`, and at most a
+:data:`COPY_OUT_SHARE`-th of the batch's bytes in the slab) is copied out when the
+batch is rebuilt, which costs a memcpy of at most that much; the big parts stay
+views. Parts that are views of one storage (NOTE [ Views ] in ``_skeleton.py``)
+stay views, so that they still share it.
+
 NOTE [ File descriptors ]: a mapped slab holds no descriptor in the main
 process (``_packing.map_shared``); a descriptor is open only while a new slab
 is being mapped. The main process holds three per worker (its connection, a
@@ -134,7 +144,12 @@ class _SkeletonUnpickler(pickle.Unpickler):
         offset, size = pid[4], pid[5]
         if self._owner is None:
             raise TypeError("a batch laid out in a slab arrived without its slab")
-        return _view(self._owner, kind, dtype, shape, offset, size)
+        found = _view(self._owner, kind, dtype, shape, offset, size)
+        if size <= COPY_OUT_BYTES and size * COPY_OUT_SHARE <= self._owner.nbytes:
+            # A small part of a big batch (its labels): a copy of its own, so that a
+            # consumer keeping it does not keep the whole slab (NOTE [ Small parts ]).
+            return found.clone() if kind == "tensor" else np.array(found, order="K")
+        return found
 
 
 def _from_bytes(kind: str, dtype: str, shape: tuple[int, ...], raw: bytes) -> Any:
@@ -202,6 +217,12 @@ def descriptor_error(exc: BaseException, what: str) -> TransportError:
 
 
 # ------------------------------------------------------------------ transports
+
+#: Parts of a batch in a slab up to this size, and at most 1 / COPY_OUT_SHARE of
+#: the batch's bytes there, arrive as copies rather than views of the slab (NOTE
+#: [ Small parts ]).
+COPY_OUT_BYTES = 1 << 20
+COPY_OUT_SHARE = 4
 
 #: Seconds without an epoch running after which workers close their free slabs
 #: (NOTE [ Idle slabs ]).

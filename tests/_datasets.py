@@ -712,3 +712,13 @@ class MetaTensors(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return torch.empty(4, device="meta")
+
+
+class ImagesWithLabels(Dataset):
+    """Item ``i``: a 768 KB image and a small label tensor holding ``i``."""
+
+    def __len__(self) -> int:
+        return 16 * 40
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": torch.ones(3, 256, 256), "label": torch.full((512,), i)}

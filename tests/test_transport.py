@@ -419,3 +419,17 @@ def test_items_on_another_device_are_collated_as_torch_does():
         MetaTensors(), batch_size=2)]  # fmt: skip
     with _loader(MetaTensors(), batch_size=2, num_workers=1) as ours:
         assert [(b.device.type, tuple(b.shape)) for b in ours] == want == [("meta", (2, 4))] * 2
+
+
+def test_keeping_the_small_part_of_each_batch_keeps_no_slab():
+    """A consumer that keeps each batch's labels (a 64 KB part of a 12 MB batch)
+    keeps copies of them, not the batches' slabs: the workers go on reusing their
+    slabs, and the labels hold their values."""
+    from _datasets import ImagesWithLabels
+
+    with _loader(ImagesWithLabels(), batch_size=16) as ours:
+        labels = [batch["label"] for batch in ours]
+        stats = ours.statistics()
+    assert [int(t[k, 0]) for t in labels for k in range(16)] == list(range(16 * 40))
+    assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in labels)
+    assert stats.slab_batches == 40 and stats.slab_reuse_rate > 0.75, stats
