@@ -6,6 +6,7 @@ serves whole epochs afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -15,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -219,18 +221,15 @@ def test_keyboard_interrupt_while_waiting_for_a_batch(where: Path) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
-def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
-    """Thousands of KeyboardInterrupts, each landing wherever next() happens to be
-    (waiting, submitting, unpacking): every one reaches the caller, batches keep
-    coming between them, and close() still returns at once (no lock left held by
-    an interrupted wait; NOTE [ Waiting and Ctrl-C ] in _iterator.py).
-
-    An interrupt inside the sampler's generator ends that generator, and so the
-    epoch, as with torch's loader: the loop then starts the next epoch."""
+@contextlib.contextmanager
+def _ctrl_c_storm(inside: str = "") -> Iterator[threading.Event]:
+    """SIGINT to this thread every 0.3 ms; while the event it yields is set, the
+    next one raises KeyboardInterrupt (and clears it). ``inside``: only where the
+    interrupted code's file name starts so."""
     armed = threading.Event()
 
     def handler(signum: int, frame: Any) -> None:
-        if armed.is_set():
+        if armed.is_set() and frame is not None and frame.f_code.co_filename.startswith(inside):
             armed.clear()
             raise KeyboardInterrupt
 
@@ -243,31 +242,45 @@ def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
             signal.pthread_kill(main, signal.SIGINT)
             time.sleep(0.0003)
 
-    loader = fault_loader(Faulty(10**6, delay=0.002), batch_size=1)
     pesterer = threading.Thread(target=pester, daemon=True)
-    interrupts = batches = 0
+    pesterer.start()
     try:
-        iterator = iter(loader)
-        next(iterator)
-        pesterer.start()
-        deadline = time.monotonic() + 2.0
-        while time.monotonic() < deadline:
-            try:
-                armed.set()
-                next(iterator)
-                armed.clear()
-                batches += 1
-            except KeyboardInterrupt:
-                interrupts += 1
-            except StopIteration:
-                armed.clear()
-                iterator = iter(loader)
+        yield armed
     finally:
         armed.clear()
         stop.set()
         pesterer.join(5)
         time.sleep(0.05)  # signals still pending run the (disarmed) handler
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_storm_of_ctrl_c_inside_next_leaves_the_loader_closable() -> None:
+    """Thousands of KeyboardInterrupts, each landing wherever next() happens to be
+    (waiting, submitting, unpacking): every one reaches the caller, batches keep
+    coming between them, and close() still returns at once (no lock left held by
+    an interrupted wait; NOTE [ Waiting and Ctrl-C ] in _iterator.py).
+
+    An interrupt inside the sampler's generator ends that generator, and so the
+    epoch, as with torch's loader: the loop then starts the next epoch."""
+    loader = fault_loader(Faulty(10**6, delay=0.002), batch_size=1)
+    interrupts = batches = 0
+    try:
+        iterator = iter(loader)
+        next(iterator)
+        with _ctrl_c_storm() as armed:
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline:
+                try:
+                    armed.set()
+                    next(iterator)
+                    armed.clear()
+                    batches += 1
+                except KeyboardInterrupt:
+                    interrupts += 1
+                except StopIteration:
+                    armed.clear()
+                    iterator = iter(loader)
+    finally:
         started = time.monotonic()
         loader.close()
         closing = time.monotonic() - started
@@ -286,32 +299,14 @@ def test_ctrl_c_inside_next_loses_no_batch() -> None:
     submitting the next batches, between the two), costs no batch: calling next()
     again goes on from the batch that was interrupted, so each epoch's batches are
     consecutive from its first. (An interrupt inside the sampler's generator ends
-    that generator and so the epoch, as with torch's loader.)"""
-    armed = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        # Only inside the loader's code: one landing in this test's own lines,
-        # right after next() returned, would drop the batch here.
-        if armed.is_set() and frame is not None and frame.f_code.co_filename.startswith(PACKAGE):
-            armed.clear()
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    stop = threading.Event()
-    main = threading.get_ident()
-
-    def pester() -> None:
-        while not stop.is_set():
-            signal.pthread_kill(main, signal.SIGINT)
-            time.sleep(0.0003)
-
+    that generator and so the epoch, as with torch's loader.) Interrupts land only
+    inside the loader's code: one in this test's own lines, right after next()
+    returned, would drop the batch here."""
     epochs: list[list[int]] = [[]]
     interrupts = 0
-    pesterer = threading.Thread(target=pester, daemon=True)
     with fault_loader(Faulty(10**6, delay=0.002), batch_size=1) as loader:
-        try:
-            iterator = iter(loader)
-            pesterer.start()
+        iterator = iter(loader)
+        with _ctrl_c_storm(inside=PACKAGE) as armed:
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline:
                 try:
@@ -325,12 +320,6 @@ def test_ctrl_c_inside_next_loses_no_batch() -> None:
                     armed.clear()
                     epochs.append([])
                     iterator = iter(loader)
-        finally:
-            armed.clear()
-            stop.set()
-            pesterer.join(5)
-            time.sleep(0.05)  # signals still pending run the (disarmed) handler
-            signal.signal(signal.SIGINT, previous)
     assert interrupts > 100 and sum(map(len, epochs)) > 100, (interrupts, len(epochs))
     for got in epochs:
         skipped = sorted(set(range(len(got))) - set(got))
