@@ -5,16 +5,17 @@ NOTE [ Views ]: a tensor that is a view (strided, offset, or part of a bigger
 storage) travels as the part of its storage that the batch's tensors on it read,
 once per batch, plus its size, strides and offset, so that it arrives as torch's
 loader delivers it: the same strides, and views of one storage in a batch that
-overlap still share it (a write through one shows in the others). Only that part:
-a window of a big token tensor, or of a file's bytes, sends the window (its
-``storage_offset()`` then counts from the window's start), where torch's loader
-moves the whole storage into shared memory once per worker. Views that do not
-overlap travel as parts of their own. A part that would save less than itself
-(or than ``INLINE_BYTES``) is the whole storage, with torch's offsets. Other tensors travel as their
-own contiguous bytes. A tensor collated into the staging slab
-(``poolloader.batch_buffer``, the default collate's stack) is where it will be
-read already; its "storage" is the allocation it lies in: ``out[:, :10]`` and ``out.t()`` of one
-``batch_buffer()`` arrive as views of one storage, as torch delivers them.
+overlap still share it (a write through one shows in the others). Only that
+part: a window of a big token tensor, or of a file's bytes, sends the window
+(its ``storage_offset()`` then counts from the window's start), where torch's
+loader moves the whole storage into shared memory once per worker. Views that
+do not overlap travel as parts of their own. A part that would save less than
+itself (or than ``INLINE_BYTES``) is the whole storage, with torch's offsets.
+Other tensors travel as their own contiguous bytes. A tensor collated into the
+staging slab (``poolloader.batch_buffer``, the default collate's stack) is where
+it will be read already; its "storage" is the allocation it lies in:
+``out[:, :10]`` and ``out.t()`` of one ``batch_buffer()`` arrive as views of one
+storage, as torch delivers them.
 """
 
 from __future__ import annotations
@@ -327,7 +328,6 @@ class _StorageCounter(pickle.Pickler):
     def __init__(self) -> None:
         super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
         self.seen: dict[int, int] = {}
-        self.starts: list[tuple[int, int]] = []  # (storage, where a tensor begins)
         self.ranges: dict[int, list[tuple[int, int]]] = {}  # storage → what its tensors read
         self.objects: dict[int, int] = {}  # times each array or tensor object is met
         self.arrays: dict[int, tuple[int, int]] = {}  # each array's memory, by id
@@ -338,7 +338,6 @@ class _StorageCounter(pickle.Pickler):
             if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
                 ptr = obj.untyped_storage().data_ptr()
                 self.seen[ptr] = self.seen.get(ptr, 0) + 1
-                self.starts.append((ptr, obj.data_ptr()))
                 self.ranges.setdefault(ptr, []).append(extent(obj))
             return 0
         if isinstance(obj, np.ndarray):
@@ -391,7 +390,7 @@ def sharing(batch: Any) -> Sharing:
     shared = frozenset(ptr for ptr, count in counter.seen.items() if count > 1 and ptr)
     return Sharing(
         shared,
-        tuple(start for ptr, start in counter.starts if ptr in shared),
+        tuple(start for ptr in shared for start, _ in counter.ranges[ptr]),
         frozenset(key for key, count in counter.objects.items() if count > 1),
         {ptr: _merged(ranges) for ptr, ranges in counter.ranges.items() if ptr in shared},
         counter.overlapping_arrays(),
