@@ -80,7 +80,7 @@ class StreamBatch:
         def field(name: str, dim: int) -> torch.Tensor:
             return join([getattr(part, name) for part in parts], dim)
 
-        data = join(_agreeing_data(parts, slot_ids, wide), wide)
+        data = join(_agreeing_data(parts, slot_ids), wide)
         return cls(
             data, field("mask", wide), field("first", 0), field("streams", 0),
             field("starts", 0), field("repeat", 0), parts[0].batch_first,
@@ -107,28 +107,29 @@ class StreamBatch:
 
 
 def _agreeing_data(
-    parts: Sequence[StreamBatch], slot_ids: Sequence[Sequence[int]], wide: int
+    parts: Sequence[StreamBatch], slot_ids: Sequence[Sequence[int]]
 ) -> list[torch.Tensor]:
     """The parts' ``data``, in the step's feature shape and dtype: those of the chunk
     of the lowest slot, as one process assembling the whole step makes them (it casts
     the other chunks to that dtype). A part of padding alone was made by a worker that
     read nothing of this step, from what it knew before (the dataset may have changed
     since): it is made again, of the same value, in that shape and dtype."""
-    real = [
-        (min(ids[row] for row in range(len(ids)) if part.streams[row] >= 0), i)
-        for i, (part, ids) in enumerate(zip(parts, slot_ids, strict=True))
-        if bool((part.streams >= 0).any())
-    ]
-    if not real:
+    lowest: dict[int, int] = {}  # part → its lowest slot that reads a stream
+    for i, (part, ids) in enumerate(zip(parts, slot_ids, strict=True)):
+        streams = part.streams.tolist()
+        reading = [slot for slot, stream in zip(ids, streams, strict=True) if stream >= 0]
+        if reading:
+            lowest[i] = min(reading)
+    if not lowest:
         return [part.data for part in parts]
-    template = parts[min(real)[1]].data
+    template = parts[min(lowest, key=lowest.__getitem__)].data
     feature, dtype = template.shape[2:], template.dtype
     found = []
     for i, part in enumerate(parts):
         data = part.data
         if data.shape[2:] == feature and data.dtype == dtype:
             found.append(data)
-        elif not any(k == i for _, k in real):
+        elif i not in lowest:
             value = data.flatten()[0].item() if data.numel() else 0
             shape = (*data.shape[:2], *feature)
             found.append(torch.full(shape, value, dtype=dtype))
