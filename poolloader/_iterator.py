@@ -26,7 +26,7 @@ from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import short
-from ._resume import EpochStart
+from ._resume import EpochStart, sampler_length
 from ._tasks import Ended, Loaded, Lost, Outcome, Raised, TaskRecord, raisable
 from .errors import LoaderClosedError, LoaderTimeoutError
 
@@ -177,7 +177,7 @@ class PoolIterator(_BaseDataLoaderIter):
         generator one draw further on than torch's, depending on how late a batch
         ran, and every later epoch's order with it."""
         if self._batches == -1:  # asked only here: some samplers count by iterating
-            self._batches = None if self._iterable else _length(self._index_sampler)
+            self._batches = None if self._iterable else sampler_length(self._index_sampler)
         return self._batches is not None and self._ledger.next_position >= self._batches
 
     def _window_limit(self) -> int:
@@ -514,14 +514,6 @@ def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) ->
 def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
     """A batch finished: wake the consumer if it waits (holds the queue, not the iterator)."""
     news.put(None)
-
-
-def _length(sampler: Any) -> int | None:
-    """``len(sampler)``, or ``None`` for a sampler without one (or whose length fails)."""
-    try:
-        return len(sampler)
-    except Exception:
-        return None
 
 
 def _tasks(records: Any) -> list[TaskRecord]:

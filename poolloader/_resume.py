@@ -449,11 +449,17 @@ def order_of(sampler: Any) -> dict[str, Any]:
         level = getattr(level, "sampler", None) or getattr(level, "batch_sampler", None)
     length: int | None = None
     if not callable(getattr(sampler, "load_state_dict", None)):  # else it checks its own state
-        try:
-            length = len(sampler)
-        except Exception:  # no __len__, or one that refuses (an IterableDataset's)
-            length = None
+        length = sampler_length(sampler)
     return {"sampler": "(".join(kinds) + ")" * (len(kinds) - 1), "length": length}
+
+
+def sampler_length(sampler: Any) -> int | None:
+    """``len(sampler)``, or ``None`` for a sampler without one, or one that refuses
+    (an IterableDataset's)."""
+    try:
+        return len(sampler)
+    except Exception:
+        return None
 
 
 def check_order(state: Mapping[str, Any], here: Mapping[str, Any]) -> None:
