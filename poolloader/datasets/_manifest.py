@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -147,6 +147,8 @@ def _open_manifest(path: str, what: str) -> Any:
         raise FileNotFoundError(f"{path}: no such manifest file (given for {what})") from exc
 
 
+_Row = TypeVar("_Row")
+
 #: Characters one CSV/TSV value may hold: the csv module's default (131,072)
 #: refuses long transcripts that it writes itself.
 FIELD_LIMIT = 2**31 - 1
@@ -173,6 +175,14 @@ def _not_utf8(path: str, exc: UnicodeDecodeError) -> ValueError:
     )
 
 
+def _decoded(path: str, rows: Iterator[_Row]) -> Iterator[_Row]:
+    """``rows``, read from ``path``, with a file that is not UTF-8 reported as such."""
+    try:
+        yield from rows
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, exc) from exc
+
+
 def iter_idx2data(path: str, what: str) -> Iterator[tuple[str, str, int]]:
     """Yield ``(id, value, line)`` from a Kaldi-style ``id value`` file.
 
@@ -185,10 +195,7 @@ def iter_idx2data(path: str, what: str) -> Iterator[tuple[str, str, int]]:
         ValueError: a line has an id but no value.
     """
     with _open_manifest(path, what) as file:
-        try:
-            yield from _idx2data_lines(path, file)
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(path, exc) from exc
+        yield from _decoded(path, _idx2data_lines(path, file))
 
 
 def _idx2data_lines(path: str, file: Any) -> Iterator[tuple[str, str, int]]:
@@ -338,9 +345,7 @@ def _iter_delimited(path: str, format: str, id_column: str) -> Iterator[tuple[di
     previous = csv.field_size_limit(FIELD_LIMIT)
     try:
         with _open_manifest(path, "tables") as file:
-            yield from _delimited_rows(path, csv.reader(file, **options), id_column)
-    except UnicodeDecodeError as exc:
-        raise _not_utf8(path, exc) from exc
+            yield from _decoded(path, _delimited_rows(path, csv.reader(file, **options), id_column))
     finally:
         csv.field_size_limit(previous)
 
@@ -401,10 +406,7 @@ def _read_header(path: str, reader: Iterator[list[str]]) -> list[str]:
 def _iter_jsonl(path: str) -> Iterator[tuple[dict[str, Any], int]]:
     """Yield the objects of a JSON-lines file, one per non-blank line."""
     with _open_manifest(path, "tables") as file:
-        try:
-            yield from _jsonl_rows(path, file)
-        except UnicodeDecodeError as exc:
-            raise _not_utf8(path, exc) from exc
+        yield from _decoded(path, _jsonl_rows(path, file))
 
 
 def _jsonl_rows(path: str, file: Any) -> Iterator[tuple[dict[str, Any], int]]:
