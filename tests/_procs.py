@@ -174,6 +174,17 @@ def slab_maps(pid: int | None = None) -> int:
         return sum("poolloader-slab" in line for line in maps)
 
 
+def slab_mappings(pid: int | None = None) -> set[tuple[str, str]]:
+    """The slab mappings of ``/proc/<pid>/maps`` (this process's by default), each
+    as its address range and memfd name: the same pair means the same slab, still
+    mapped where it was."""
+    with open(f"/proc/{pid or 'self'}/maps") as maps:
+        return {
+            (fields[0], fields[5]) for fields in map(str.split, maps)
+            if len(fields) > 5 and "poolloader-slab" in fields[5]
+        }  # fmt: skip
+
+
 def child_slab_maps() -> int:
     """Slab mappings in every process below this one (workers and templates)."""
     total = 0

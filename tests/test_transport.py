@@ -432,4 +432,7 @@ def test_keeping_the_small_part_of_each_batch_keeps_no_slab():
         stats = ours.statistics()
     assert [int(t[k, 0]) for t in labels for k in range(16)] == list(range(16 * 40))
     assert all(t.untyped_storage().nbytes() == t.numel() * t.element_size() for t in labels)
-    assert stats.slab_batches == 40 and stats.slab_reuse_rate > 0.75, stats
+    # Labels that kept their batches' slabs would leave no slab free to reuse:
+    # every batch would make a new one. How many a worker makes while another
+    # runs late follows timing (NOTE [ Slab ageing ]), so half is the bound.
+    assert stats.slab_batches == 40 and stats.slab_reuse_rate >= 0.5, stats

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from _datasets import Mixed, stack_into_batch_buffer
-from _procs import child_slab_maps, slab_maps, wait_until
+from _procs import child_slab_maps, slab_mappings, slab_maps, wait_until
 
 import poolloader
 from poolloader import DataLoader
@@ -48,15 +48,19 @@ def test_an_idle_loader_gives_its_slabs_back_and_keeps_what_a_batch_holds():
 
 
 def test_back_to_back_epochs_keep_their_slabs():
+    """The slabs of an epoch serve the next one when it follows at once: every
+    slab mapped after the first epoch is still mapped, at the same place, after
+    the second (an idle trim in between would have closed them). How many
+    slabs an epoch needs follows timing, so that is not what is checked."""
     with DataLoader(Mixed(n=48, side=256), batch_size=4, num_workers=2, persistent_workers=True,
                     multiprocessing_context="forkserver") as loader:  # fmt: skip
         _images(loader)
         first = loader.statistics()
+        kept = slab_mappings()
         _images(loader)
         second = loader.statistics()
-    created = round(second.slab_batches * (1 - second.slab_reuse_rate))
-    created_first = round(first.slab_batches * (1 - first.slab_reuse_rate))
-    assert created - created_first <= 2, (first, second)
+        assert kept and kept <= slab_mappings(), (kept, slab_mappings())
+    assert second.slab_batches == 2 * first.slab_batches == 24
 
 
 def test_slabs_a_burst_added_close_once_the_worker_stops_needing_them():
