@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ import psutil
 
 from . import _proctree
 from ._messages import StartFailed
+from ._threads import helper_thread
 from .errors import PoolBrokenError, WorkerCrashedError, WorkerStartError
 
 if TYPE_CHECKING:
@@ -89,11 +89,8 @@ def reap_group_later(pid: int, created: float) -> None:
     """End, on a thread of their own, the processes dead worker ``pid`` left in its
     process group: those created from the worker's start (``created``, psutil's
     clock) until now, when it was found dead (see :func:`_proctree.group_members`)."""
-    threading.Thread(
-        target=_reap_group,
-        args=(pid, created, _proctree.process_clock()),
-        name=f"poolloader-reap-{pid}",
-        daemon=True,
+    helper_thread(
+        _reap_group, f"poolloader-reap-{pid}", (pid, created, _proctree.process_clock())
     ).start()
 
 

@@ -56,6 +56,7 @@ from ._tasks import (
     fail,
     raisable,
 )
+from ._threads import helper_thread
 from .errors import LoaderClosedError, PoolBrokenError
 
 logger = logging.getLogger("poolloader")
@@ -165,7 +166,7 @@ class Pool(IOThread):
         if hasattr(transport, "on_release"):
             transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
         self._watch = Watchlist()
-        self._thread = threading.Thread(target=self._io_loop, name="poolloader-io", daemon=True)
+        self._thread = helper_thread(self._io_loop, "poolloader-io")
 
     # ---------------------------------------------------------------- life
 

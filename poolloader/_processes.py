@@ -41,6 +41,7 @@ from ._messages import (
 from ._packing import descriptor_socket
 from ._pickling import OnPart
 from ._template import ForkedProcess, Template
+from ._threads import inherited_signal_mask
 from .errors import PoolBrokenError
 
 if TYPE_CHECKING:
@@ -212,7 +213,8 @@ class Workforce:
             name=f"poolloader-worker-{worker_id}",
             daemon=False,
         )
-        process.start()
+        with inherited_signal_mask():  # NOTE [ Signals go to the main thread ]
+            process.start()
         child.close()
         w = Worker(worker_id, parent, generation, replacement=replacement)
         w.attach(process)

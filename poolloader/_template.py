@@ -91,6 +91,7 @@ from ._messages import (
 from ._packing import descriptor_socket
 from ._pickling import OnPart
 from ._template_process import template_main
+from ._threads import helper_thread, inherited_signal_mask
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
@@ -122,9 +123,7 @@ class Template:
             # (the thread would get to it only after some of the pickler's turns).
             if context.get_start_method() == "forkserver":
                 _start_forkserver()
-            self._starting = threading.Thread(
-                target=self._start, args=(child,), name="poolloader-template-start", daemon=True
-            )
+            self._starting = helper_thread(self._start, "poolloader-template-start", (child,))
             self._starting.start()
         else:
             self._start(child)
@@ -174,7 +173,8 @@ class Template:
 
     def _start(self, child: Connection) -> None:
         try:
-            self.process.start()
+            with inherited_signal_mask():  # NOTE [ Signals go to the main thread ]
+                self.process.start()
             self._pidfd = os.pidfd_open(self.process.pid)  # templates need pidfds (Linux 5.3+)
         except BaseException as exc:
             self._start_error = exc
@@ -206,9 +206,7 @@ class Template:
         is killed (it has forked nothing and holds nothing anyone needs)."""
         stream = _DatasetStream(self.conn, self._starting)
         self._stream = stream
-        self._sending = threading.Thread(
-            target=stream.send_all, name="poolloader-dataset-send", daemon=True
-        )
+        self._sending = helper_thread(stream.send_all, "poolloader-dataset-send")
         self._sending.start()
         return stream.parts.put
 
@@ -323,7 +321,8 @@ def _start_forkserver() -> None:
     for what it preloads. If that fails, the template's start fails the same way
     and reports it."""
     try:
-        multiprocessing.forkserver.ensure_running()
+        with inherited_signal_mask():  # NOTE [ Signals go to the main thread ]
+            multiprocessing.forkserver.ensure_running()
     except Exception:
         pass
 

@@ -32,7 +32,6 @@ import select
 import signal
 import struct
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -69,6 +68,7 @@ from ._messages import (
     Update,
 )
 from ._packing import descriptor_socket
+from ._threads import helper_thread
 
 #: Why a batch must pickle, for the error when it does not.
 RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
@@ -475,7 +475,9 @@ class _Inbox:
         self._main = (setup.main_pid, setup.main_started)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self.packer: Any = None  # takes Release and Drop once the worker has started
-        thread = threading.Thread(target=self._read, name="poolloader-inbox", daemon=True)
+        # NOTE [ Signals go to the main thread ]: a signal sent to the worker (an
+        # alarm its dataset set, SIGTERM) interrupts the dataset's code.
+        thread = helper_thread(self._read, "poolloader-inbox")
         thread.start()
 
     def get(self) -> object:

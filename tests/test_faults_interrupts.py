@@ -437,3 +437,49 @@ def test_the_main_process_ending_leaves_nothing_behind(
     assert "leaked" not in text, text
     assert "Exception ignored" not in text, text
     assert "poolloader I/O thread failed" not in text, text
+
+
+# ------------------------------------------------------------------ signals and threads
+
+
+def _blocked(pid: int | str = "self", tid: int | None = None) -> set[int]:
+    """The signals thread ``tid`` of process ``pid`` (its main thread by default) blocks."""
+    where = f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status"
+    with open(where) as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigBlk:"))
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_signals_sent_to_the_process_reach_its_main_thread(start_method: str) -> None:
+    """NOTE [ Signals go to the main thread ]: the kernel may hand Ctrl-C to any
+    thread that does not block SIGINT, and only the main thread's own signal
+    interrupts a training loop asleep in ``time.sleep`` (Ctrl-C then waited out
+    the sleep, one run in ten on a loaded machine). Every thread poolloader starts
+    blocks the signals sent to a whole process, and no process it starts inherits
+    that: neither workers, the template, nor workers the I/O thread starts
+    itself once the template is gone."""
+    wanted = {signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGUSR1}
+    assert not wanted & _blocked()  # (as the test runs: the main thread takes them)
+    with poolloader.DataLoader(list(range(64)), batch_size=2, num_workers=2,
+                               persistent_workers=True,
+                               multiprocessing_context=start_method) as loader:  # fmt: skip
+        iterator = iter(loader)
+        next(iterator)
+        helpers = [t for t in threading.enumerate() if t.name.startswith("poolloader")]
+        assert any(t.name == "poolloader-io" for t in helpers)
+        for thread in helpers:
+            assert thread.native_id is not None
+            assert wanted <= _blocked(tid=thread.native_id), thread.name
+        (template,) = template_pids()
+        started = set(worker_pids())
+        for pid in [template, *started]:
+            assert not wanted & _blocked(pid), pid
+        # Without its template, the I/O thread starts a dead worker's replacement.
+        os.kill(template, signal.SIGKILL)
+        os.kill(min(started), signal.SIGKILL)
+        assert len(list(iterator)) == 31
+        fresh = set(worker_pids()) - started
+        assert fresh
+        for pid in fresh:
+            assert not wanted & _blocked(pid), pid
