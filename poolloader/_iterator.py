@@ -37,8 +37,12 @@ if TYPE_CHECKING:
 
 #: Seconds between health checks while the consumer waits for a batch with
 #: ``timeout=0``. The pool fails waiting futures itself when it breaks; this
-#: only guards against a wait that nothing would ever end.
-WAIT_SLICE = 5.0
+#: guards against a wait that nothing would ever end, and bounds how late a
+#: Ctrl-C that another thread took is raised: the kernel may hand it to one of
+#: NumPy's or torch's native threads, and then only the main thread's next
+#: Python step runs its handler (NOTE [ Signals go to the main thread ] in
+#: ``_threads.py``).
+WAIT_SLICE = 0.5
 #: Shortest wait for a batch to turn late (seconds): batches of microseconds
 #: would otherwise have the consumer spin.
 LATE_RECHECK_FLOOR = 0.001

@@ -48,6 +48,7 @@ from _procs import (
 )
 
 import poolloader
+from poolloader._iterator import WAIT_SLICE
 from poolloader._pool import IO_JOIN_TIMEOUT
 from poolloader.errors import (
     LoaderTimeoutError,
@@ -221,6 +222,30 @@ def test_keyboard_interrupt_while_waiting_for_a_batch(where: Path) -> None:
         signal.signal(signal.SIGINT, previous)
 
 
+def test_ctrl_c_taken_by_another_thread_ends_the_wait_for_a_batch(where: Path) -> None:
+    """NOTE [ Signals go to the main thread ]: the kernel may hand Ctrl-C to a
+    thread the program did not make (NumPy's BLAS pool), and Python then runs
+    the handler only at the main thread's next step. A consumer waiting in
+    next() for a batch that takes minutes still gets KeyboardInterrupt within
+    one wait slice, not when the batch arrives."""
+    assert WAIT_SLICE <= 1.0
+    with fault_loader(Faulty(4, "hang", always(1), where=where), batch_size=1) as loader:
+        iterator = iter(loader)
+        next(iterator)
+        # A thread that blocks no signal takes one sent to it alone.
+        timer = threading.Timer(
+            0.5, lambda: signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        )
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            next(iterator)  # batch 1 hangs for ever
+        # The signal at 0.5 s, a slice, and slack for a loaded machine: not the 5 s
+        # slices of before.
+        assert time.monotonic() - started < 4.0
+        timer.join()
+
+
 @contextlib.contextmanager
 def _ctrl_c_storm(inside: str = "") -> Iterator[threading.Event]:
     """SIGINT to this thread every 0.3 ms; while the event it yields is set, the
@@ -370,8 +395,11 @@ SCRIPT = textwrap.dedent(
 )
 
 ENDINGS = {
-    # Ctrl-C: the terminal sends SIGINT to the whole process group.
-    "ctrl-c": "time.sleep(60)",
+    # Ctrl-C: the terminal sends SIGINT to the whole process group. The loop
+    # sleeps in steps, as a training loop runs Python steps: the kernel may hand
+    # the signal to NumPy's BLAS thread, and then one long C-level sleep in the
+    # main thread would sit it out (NOTE [ Signals go to the main thread ]).
+    "ctrl-c": "for _ in range(600): time.sleep(0.1)",
     # break, then a new epoch whose loop body raises: the interpreter exits with
     # the loader neither closed nor collected (the atexit path).
     "break-exception": "break",
