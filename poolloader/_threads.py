@@ -7,10 +7,10 @@ thread, but not always (when the main thread already has a signal pending, for
 one). Python runs signal handlers in the main thread whichever thread took the
 signal, but only a signal that the main thread itself took interrupts what it
 is blocked in: a training loop in ``time.sleep``, a ``queue.get`` or a socket
-read goes on waiting, and Ctrl-C seems lost (one in ten times, on a loaded
-machine). So every thread poolloader starts blocks those signals, and the main
-thread gets them all. Threads that NumPy and torch start themselves (BLAS and
-OpenMP pools) block nothing and may still take one: the consumer's waits in
+read goes on waiting, and Ctrl-C seems lost (a few runs in a hundred, on a
+loaded machine). So every thread poolloader starts blocks those signals, and
+none of them is taken there. Threads that NumPy and torch start themselves
+(BLAS and OpenMP pools) block nothing and may still take one: the consumer's waits in
 poolloader are therefore slices of at most ``_iterator.WAIT_SLICE`` seconds,
 after each of which the main thread runs the handlers of signals that another
 thread took.
