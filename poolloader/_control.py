@@ -92,10 +92,13 @@ Not carried, and said so where it can be seen cheaply:
   ``type(self)(...)``, ``type(self).level = 3``) raises ``TypeError``: call it
   through ``loader.broadcast``. (``dataclasses`` functions work on a view of a
   dataclass instance: its type carries the fields);
-* C code that writes into a list's memory directly rather than through its
-  methods (``heapq.heappush(self.queue, x)``): it writes into the view (a real
-  list holding the items) and neither the dataset nor the workers see it; keep
-  such a queue out of the dataset, or change it through ``loader.broadcast``;
+* C code that writes into a large list's memory directly rather than through
+  its methods: a list of more than ``MIRROR_LIMIT`` items comes back as a
+  proxy, which such code refuses (``heapq`` raises ``TypeError``): pass
+  ``poolloader.unwrap(...)`` and carry the change with ``loader.broadcast``.
+  (Smaller lists and dicts come back as real ones, whose own items such code
+  writes into; those writes are carried, NOTE [ Writes into a view's own
+  items ] in ``_tracking_containers.py``);
 * changes made through a reference obtained outside the view (the dataset
   object you kept, ``poolloader.unwrap(...)``) or through objects the view
   hands out raw: C objects other than containers, arrays and tensors (files,
@@ -150,6 +153,8 @@ import contextlib
 import logging
 import pickle
 import threading
+import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -246,6 +251,10 @@ class Channel:
         self._started = False
         self._snapshotting = False
         self.messages_recorded = 0
+        # Real-list and real-dict views whose own items C code may write into
+        # (NOTE [ Writes into a view's own items ] in _tracking_containers.py).
+        # (By id: lists and dicts do not hash, so no WeakSet.)
+        self._mirrors: dict[int, weakref.ref[Any]] = {}
 
     # -------------------------------------------------------------- state
 
@@ -456,8 +465,38 @@ class Channel:
         last = self._open[-1]
         return isinstance(last, SetAttr) and (last.path, last.name) == (update.path, update.name)
 
-    def stamp(self) -> int:
-        """Close the group of changes recorded so far; the generation a new task sees."""
+    def watch(self, view: Any) -> None:
+        """Settle ``view`` (a real-list or real-dict view) at each :meth:`stamp`."""
+        key, mirrors = id(view), self._mirrors
+        mirrors[key] = weakref.ref(view, lambda _: mirrors.pop(key, None))
+
+    def settle(self) -> None:
+        """Record what C code wrote into the watched views' own items since they were
+        last brought up to date (NOTE [ Writes into a view's own items ] in
+        ``_tracking_containers.py``)."""
+        for key, ref in list(self._mirrors.items()):
+            view = ref()
+            if view is None:
+                continue
+            try:
+                view._pl_settle()
+            except RuntimeError as exc:  # the view's object left the dataset meanwhile
+                self._mirrors.pop(key, None)
+                warnings.warn(
+                    f"C code (heapq, say) wrote into a list or dict taken from "
+                    f"loader.dataset, and the write cannot reach the workers: {exc}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+
+    def stamp(self, settle: bool = True) -> int:
+        """Close the group of changes recorded so far; the generation a new task sees.
+
+        ``settle``: first record what C code wrote into views' own items
+        (:meth:`settle`); off for the I/O thread, which must not run the dataset's
+        code (the next task's stamp records it)."""
+        if settle and self._mirrors:
+            self.settle()
         with self._lock:
             self._seal()
             return self._generation

@@ -213,7 +213,7 @@ class Pool(IOThread):
         if self._channel.has_base:
             generation, data = self._channel.base
             return generation, PickledObject(data)
-        return self._channel.stamp(), self._dataset
+        return self._channel.stamp(settle=False), self._dataset
 
     @property
     def forks_workers(self) -> bool:

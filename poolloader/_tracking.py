@@ -73,7 +73,10 @@ _get = object.__getattribute__  # a view's own state, past its __getattribute__
 
 def _state(view: Any) -> tuple[Any, Path, Any]:
     """``(object, path, channel)`` of a view about to record a change: its path
-    checked against the dataset as it is now (NOTE [ Stale references ])."""
+    checked against the dataset as it is now (NOTE [ Stale references ]), and
+    what C code wrote into its own items recorded first (NOTE [ Writes into a
+    view's own items ] in ``_tracking_containers.py``)."""
+    _get(view, "_pl_settle")()
     target, path = _get(view, "_pl_target"), _get(view, "_pl_path")
     channel = _get(view, "_pl_channel")
     if path and channel.active:
@@ -348,6 +351,13 @@ class View(metaclass=_ViewClass):
     def _pl_refresh(self) -> None:
         """Bring the items a real-container view holds up to date (see NOTE [ View forms ])."""
 
+    def _pl_reread(self) -> None:
+        """Handed out again (from its parent's cache): bring its items up to date."""
+        self._pl_refresh()
+
+    def _pl_settle(self) -> None:
+        """Record what C code wrote into a real-container view's own items."""
+
     def _pl_refresh_item(self, key: Any, value: Any) -> None:
         """After ``object[key] = value``: bring that item of a real-container view up to date."""
 
@@ -388,7 +398,7 @@ class View(metaclass=_ViewClass):
         cache = _get(self, "_pl_cache")
         child = cache.get(step[1]) if cache is not None else None
         if child is not None and _get(child, "_pl_target") is value:
-            child._pl_refresh()
+            child._pl_reread()
             return child
         child = view_of(value, (*_get(self, "_pl_path"), step), _get(self, "_pl_channel"))
         if cache is None:

@@ -148,6 +148,10 @@ _READERS: dict[str, Any] = {
 # ------------------------------------------------------------------ the forms
 
 
+#: The whole of a list, as a slice.
+_ALL = slice(None)
+
+
 class _Mirrored(View):
     """A view that is also a real container holding the object's items."""
 
@@ -164,10 +168,66 @@ class _Mirrored(View):
         raise NotImplementedError
 
 
-class ListView(_Mirrored, list):  # type: ignore[misc]
+class _Settling(_Mirrored):
+    """A real-container view whose own items C code can write into: a list or a dict.
+
+    NOTE [ Writes into a view's own items ]
+
+    C code that takes a real list or dict may write into the view's own items
+    without calling its methods: ``heapq.heappush(self.queue, x)`` appends and
+    swaps through the C API, as does ``list.__setitem__(view, ...)`` called
+    directly. Such a write reaches neither the object nor the workers by
+    itself, and the next refresh of the items would undo it. So each view keeps
+    a copy of the items it last took from the object (``_pl_seen``); where its
+    own items no longer equal that copy, C code wrote into them, and the view
+    *settles*: the object takes the view's items (a list by slice assignment, a
+    dict by ``clear`` and ``update``), recorded as that change made through the
+    view would be. A view settles before every change made through it, before
+    it refreshes its items, and, through the channel that watches every such
+    view, before each batch is submitted (``Channel.stamp``), so the write is
+    ordered against the batches as if it had gone through a method.
+
+    Reading a view again (``self.lengths[i]`` in a loop) compares instead of
+    copying: when its own items equal the copy and the object's items do too
+    (items compare by identity first, so this is as fast as a copy), nothing
+    is copied. An item that code outside the view replaced in the object by an
+    equal one (``1`` by ``1.0``) then reaches C code reading the view as the
+    old one until the next change through the view.
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def make(cls, target: Any, path: Path, channel: Any) -> Any:
+        view = super().make(target, path, channel)
+        object.__setattr__(view, "_pl_seen", view._pl_own())
+        channel.watch(view)
+        return view
+
+    def _pl_own(self) -> Any:
+        """A copy of the view's own items (not the object's)."""
+        raise NotImplementedError
+
+    def _pl_adopt(self, items: Any) -> None:
+        """Give the object ``items`` through the view (recorded)."""
+        raise NotImplementedError
+
+    def _pl_settle(self) -> None:
+        """Record what C code wrote into the view's own items, if it wrote."""
+        raise NotImplementedError
+
+    def _pl_settle_now(self) -> None:
+        """C code wrote into the view's own items: the object takes them."""
+        # Settled from here on (a copy of its own: a refresh while the object takes
+        # the items writes into the view's copy).
+        object.__setattr__(self, "_pl_seen", self._pl_own())
+        self._pl_adopt(self._pl_own())
+
+
+class ListView(_Settling, list):  # type: ignore[misc]
     """A view of a list that is a real list (NOTE [ View forms ])."""
 
-    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_target")
+    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_seen", "_pl_target")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return list(*args, **kwargs)  # `type(view)(...)` builds a plain list
@@ -178,17 +238,38 @@ class ListView(_Mirrored, list):  # type: ignore[misc]
         list.extend(view, target)
         return view
 
+    def _pl_own(self) -> Any:
+        return list.__getitem__(self, _ALL)
+
+    def _pl_adopt(self, items: Any) -> None:
+        self[:] = items
+
+    # (The two below run on every read of the view: written out, not shared.)
+    def _pl_settle(self) -> None:
+        if not list.__eq__(self, _get(self, "_pl_seen")):
+            self._pl_settle_now()
+
     def _pl_refresh(self) -> None:
-        list.__setitem__(self, slice(None), _get(self, "_pl_target"))
+        if not list.__eq__(self, _get(self, "_pl_seen")):
+            self._pl_settle_now()
+        target = _get(self, "_pl_target")
+        list.__setitem__(self, _ALL, target)
+        list.__setitem__(_get(self, "_pl_seen"), _ALL, target)
+
+    def _pl_reread(self) -> None:
+        seen = _get(self, "_pl_seen")
+        if not (list.__eq__(self, seen) and list.__eq__(_get(self, "_pl_target"), seen)):
+            self._pl_refresh()
 
     def _pl_refresh_item(self, key: Any, value: Any) -> None:
         list.__setitem__(self, key, value)
+        list.__setitem__(_get(self, "_pl_seen"), key, value)
 
 
-class DictView(_Mirrored, dict):  # type: ignore[misc]
+class DictView(_Settling, dict):  # type: ignore[misc]
     """A view of a dict that is a real dict (NOTE [ View forms ])."""
 
-    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_target")
+    __slots__ = ("__weakref__", "_pl_cache", "_pl_channel", "_pl_path", "_pl_seen", "_pl_target")
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         return dict(*args, **kwargs)
@@ -199,12 +280,34 @@ class DictView(_Mirrored, dict):  # type: ignore[misc]
         dict.update(view, target)
         return view
 
+    def _pl_own(self) -> Any:
+        return dict(dict.items(self))
+
+    def _pl_adopt(self, items: Any) -> None:
+        self.clear()
+        self.update(items)
+
+    def _pl_settle(self) -> None:
+        if not dict.__eq__(self, _get(self, "_pl_seen")):
+            self._pl_settle_now()
+
     def _pl_refresh(self) -> None:
+        if not dict.__eq__(self, _get(self, "_pl_seen")):
+            self._pl_settle_now()
+        target, seen = _get(self, "_pl_target"), _get(self, "_pl_seen")
         dict.clear(self)
-        dict.update(self, _get(self, "_pl_target"))
+        dict.update(self, target)
+        dict.clear(seen)
+        dict.update(seen, target)
+
+    def _pl_reread(self) -> None:
+        seen = _get(self, "_pl_seen")
+        if not (dict.__eq__(self, seen) and dict.__eq__(_get(self, "_pl_target"), seen)):
+            self._pl_refresh()
 
     def _pl_refresh_item(self, key: Any, value: Any) -> None:
         dict.__setitem__(self, key, value)
+        dict.__setitem__(_get(self, "_pl_seen"), key, value)
 
 
 class TupleView(_Mirrored, tuple):

@@ -296,6 +296,12 @@ class TensorView(torch.Tensor):
     def _pl_refresh(self) -> None:
         """Nothing to refresh: the view shares the tensor's memory."""
 
+    def _pl_settle(self) -> None:
+        """Nothing to settle: a write into the view is a write into the tensor."""
+
+    def _pl_reread(self) -> None:
+        """Nothing to reread: the view shares the tensor's memory."""
+
     @classmethod
     def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

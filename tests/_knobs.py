@@ -5,6 +5,7 @@ Importable by spawn and forkserver workers (module level, picklable)."""
 from __future__ import annotations
 
 import array
+import heapq
 import os
 import time
 
@@ -39,6 +40,10 @@ class Knobs(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def push(self, item: int) -> None:
+        """A priority queue kept with heapq, whose C code writes into the list itself."""
+        heapq.heappush(self.items, item)
 
     def durations(self) -> list[float]:
         """A reading method, as a sampler would call it."""

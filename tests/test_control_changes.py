@@ -3,6 +3,7 @@ workers, and reads change nothing (issue 14)."""
 
 from __future__ import annotations
 
+import heapq
 import random
 import warnings
 
@@ -33,6 +34,9 @@ CHANGES = {
     "tensor.fill_": lambda ds: ds.t.fill_(3),
     "random.shuffle a list": lambda ds: random.Random(1).shuffle(ds.items),
     "sort with a lambda key": lambda ds: ds.items.sort(key=lambda x: -x),
+    "heapq.heappush into a list": lambda ds: heapq.heappush(ds.items, 0),
+    "a method that uses heapq": lambda ds: ds.push(0),
+    "dict.__setitem__ called directly": lambda ds: dict.__setitem__(ds.cfg, "crop", 2.5),
 }
 
 
@@ -101,6 +105,37 @@ def test_a_method_call_mid_epoch_splits_batches_by_submission():
         position, epoch, items = row[0], row[2][0], row[2][2]
         expected = (0, (1, 2, 3)) if position < cut else (3, (1, 2, 3, 9))
         assert (epoch, items) == expected, f"batch {position} (change at {cut})"
+
+
+def test_heapq_mid_epoch_is_ordered_against_the_batches():
+    """NOTE [ Writes into a view's own items ]: heapq writes into the list through
+    the C API, past the view's methods; the write still reaches the batches
+    submitted after it, and only those, as a method's change would."""
+    with _loader(Knobs(n=40, delay=0.002)) as loader:
+        iterator = iter(loader)
+        seen = [next(iterator) for _ in range(5)]
+        cut = iterator.submitted
+        loader.dataset.push(0)  # a method of the dataset: heapq.heappush(self.items, 0)
+        seen += list(iterator)
+        after = list(loader)
+    assert unwrap(loader.dataset).items == [0, 1, 3, 2]
+    for row in seen:
+        position, items = row[0], row[2][2]
+        expected = (1, 2, 3) if position < cut else (0, 1, 3, 2)
+        assert items == expected, f"batch {position} (change at {cut})"
+    assert {row[2][2] for row in after} == {(0, 1, 3, 2)}
+
+
+def test_heapq_between_epochs_reaches_fresh_workers():
+    """``persistent_workers=False``: each epoch's fresh workers see the heap as the
+    main process holds it, written by heapq directly or inside a method."""
+    with _loader(Knobs(n=6), persistent_workers=False) as loader:
+        assert {row[2][2] for row in loader} == {(1, 2, 3)}
+        heapq.heappush(loader.dataset.items, 0)
+        assert {row[2][2] for row in loader} == {(0, 1, 3, 2)}
+        loader.dataset.push(-1)
+        assert {row[2][2] for row in loader} == {(-1, 0, 3, 2, 1)}
+    assert unwrap(loader.dataset).items == [-1, 0, 3, 2, 1]
 
 
 def test_reads_send_nothing_and_run_nowhere_else():

@@ -6,6 +6,7 @@ equal to the main process's dataset (the worker side runs the same code as
 from __future__ import annotations
 
 import collections
+import heapq
 import pickle
 import random
 import threading
@@ -245,6 +246,61 @@ def test_a_change_through_a_reference_to_a_replaced_object_is_refused(replica):
     replica.sync()
     assert replica.agrees()
     assert replica.dataset.sub.value == 0.0 and sub.value == 0.0
+
+
+C_WRITES = {
+    "heappush": (lambda ds: heapq.heappush(ds.items, 0), "items", [0, 3, 2, 1]),
+    "heapify": (lambda ds: heapq.heapify(ds.items), "items", [1, 3, 2]),
+    "heapreplace": (lambda ds: heapq.heapreplace(ds.items, 7), "items", [1, 7, 2]),
+    "list.__setitem__": (lambda ds: list.__setitem__(ds.items, 1, 5), "items", [3, 5, 2]),
+    "dict.__setitem__": (lambda ds: dict.__setitem__(ds.cfg, "crop", 2.0), "cfg", {"crop": 2.0}),
+    "dict.update": (lambda ds: dict.update(ds.cfg, p=0.5), "cfg", {"crop": 1.0, "p": 0.5}),
+}
+
+
+@pytest.mark.parametrize("write", list(C_WRITES))
+def test_a_c_write_into_a_views_own_items_reaches_the_object_and_the_workers(replica, write):
+    """NOTE [ Writes into a view's own items ]: the main process's object and the
+    workers' copies both end up with what the C code wrote, in one message."""
+    change, name, expected = C_WRITES[write]
+    change(replica.view)
+    assert len(replica.sync()) == 1
+    assert getattr(replica.dataset, name) == expected
+    assert getattr(replica.copy, name) == expected
+    assert replica.agrees()
+
+
+def test_a_write_into_a_views_own_items_then_a_method_keeps_both(replica):
+    """The C write settles before the method's change, in the order they were made."""
+    queue = replica.view.items
+    heapq.heappush(queue, 0)
+    queue.append(9)
+    replica.sync()
+    assert replica.dataset.items == [0, 3, 2, 1, 9]
+    assert replica.agrees()
+
+
+def test_a_write_into_a_views_own_items_survives_the_next_read(replica):
+    """Taking the view again refreshes its items from the object: the write
+    settles first, and is neither undone nor lost."""
+    heapq.heappush(replica.view.items, 0)
+    assert list(replica.view.items) == [0, 3, 2, 1]
+    assert replica.dataset.items == [0, 3, 2, 1]
+    replica.sync()
+    assert replica.agrees()
+
+
+def test_a_write_into_the_items_of_a_replaced_list_warns(replica):
+    """The list left the dataset: its write cannot go anywhere in the workers, and
+    the submission that finds it says so instead of failing."""
+    queue = replica.view.items
+    replica.view.items = [5, 6]
+    replica.sync()
+    heapq.heappush(queue, 0)
+    with pytest.warns(RuntimeWarning, match=r"heapq.*dataset\.items no longer holds"):
+        replica.sync()
+    assert replica.dataset.items == [5, 6]
+    assert replica.agrees()
 
 
 def test_a_kept_reference_whose_place_is_unchanged_records_as_before(replica):
