@@ -153,8 +153,6 @@ import contextlib
 import logging
 import pickle
 import threading
-import warnings
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -175,6 +173,7 @@ from ._messages import (
     Update,
 )
 from ._replay import assign_contents
+from ._settling import SettlingViews
 
 logger = logging.getLogger("poolloader")
 
@@ -253,8 +252,7 @@ class Channel:
         self.messages_recorded = 0
         # Real-list and real-dict views whose own items C code may write into
         # (NOTE [ Writes into a view's own items ] in _tracking_containers.py).
-        # (By id: lists and dicts do not hash, so no WeakSet.)
-        self._mirrors: dict[int, weakref.ref[Any]] = {}
+        self.settling = SettlingViews()
 
     # -------------------------------------------------------------- state
 
@@ -465,38 +463,14 @@ class Channel:
         last = self._open[-1]
         return isinstance(last, SetAttr) and (last.path, last.name) == (update.path, update.name)
 
-    def watch(self, view: Any) -> None:
-        """Settle ``view`` (a real-list or real-dict view) at each :meth:`stamp`."""
-        key, mirrors = id(view), self._mirrors
-        mirrors[key] = weakref.ref(view, lambda _: mirrors.pop(key, None))
-
-    def settle(self) -> None:
-        """Record what C code wrote into the watched views' own items since they were
-        last brought up to date (NOTE [ Writes into a view's own items ] in
-        ``_tracking_containers.py``)."""
-        for key, ref in list(self._mirrors.items()):
-            view = ref()
-            if view is None:
-                continue
-            try:
-                view._pl_settle()
-            except RuntimeError as exc:  # the view's object left the dataset meanwhile
-                self._mirrors.pop(key, None)
-                warnings.warn(
-                    f"C code (heapq, say) wrote into a list or dict taken from "
-                    f"loader.dataset, and the write cannot reach the workers: {exc}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-
     def stamp(self, settle: bool = True) -> int:
         """Close the group of changes recorded so far; the generation a new task sees.
 
         ``settle``: first record what C code wrote into views' own items
-        (:meth:`settle`); off for the I/O thread, which must not run the dataset's
-        code (the next task's stamp records it)."""
-        if settle and self._mirrors:
-            self.settle()
+        (:attr:`settling`); off for the I/O thread, which must not run the
+        dataset's code (the next task's stamp records it)."""
+        if settle and self.settling:
+            self.settling.settle()
         with self._lock:
             self._seal()
             return self._generation

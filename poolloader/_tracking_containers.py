@@ -201,7 +201,7 @@ class _Settling(_Mirrored):
     def make(cls, target: Any, path: Path, channel: Any) -> Any:
         view = super().make(target, path, channel)
         object.__setattr__(view, "_pl_seen", view._pl_own())
-        channel.watch(view)
+        channel.settling.watch(view)
         return view
 
     def _pl_own(self) -> Any:
