@@ -25,6 +25,7 @@ import dataclasses
 import io
 import math
 import pickle
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
@@ -52,18 +53,49 @@ SPAN_ALIGN = 16
 
 
 def nbytes(batch: Any) -> int:
-    """Bytes of tensor and array data in a (nested) batch."""
-    if isinstance(batch, torch.Tensor):
-        if batch.is_nested:
-            return sum(nbytes(t) for t in batch.unbind())
-        return batch.element_size() * batch.numel()
-    if isinstance(batch, np.ndarray):
-        return int(batch.nbytes)
-    if isinstance(batch, Mapping):
-        return sum(nbytes(v) for v in batch.values())
-    if isinstance(batch, (list, tuple)):
-        return sum(nbytes(v) for v in batch)
-    return 0
+    """Bytes of tensor and array data in a batch, wherever pickling it would find
+    them: in containers, in object arrays, in the attributes of objects (a
+    dataclass of tensors). Each object counts once, as it is pickled once."""
+    return _data_bytes(batch, set())
+
+
+#: Types that hold no tensor or array data (and the most common).
+_NO_DATA = (str, bytes, int, float, bool, complex, type(None), type, range, slice)
+
+
+def _data_bytes(obj: Any, seen: set[int]) -> int:
+    if isinstance(obj, _NO_DATA) or id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        if obj.is_nested:
+            return sum(_data_bytes(t, seen) for t in obj.unbind())
+        return obj.element_size() * obj.numel()
+    if isinstance(obj, np.ndarray):
+        if obj.dtype.hasobject:  # pointers: the objects they point to are the data
+            return sum(_data_bytes(item, seen) for item in obj.flat)
+        return int(obj.nbytes)
+    if isinstance(obj, Mapping):
+        return sum(_data_bytes(k, seen) + _data_bytes(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return sum(_data_bytes(item, seen) for item in obj)
+    if isinstance(obj, (types.ModuleType, types.FunctionType, types.MethodType)):
+        return 0
+    state = getattr(obj, "__dict__", None)
+    found = sum(_data_bytes(v, seen) for v in state.values()) if isinstance(state, dict) else 0
+    for name in _slot_names(type(obj)):
+        found += _data_bytes(getattr(obj, name, None), seen)
+    return found
+
+
+def _slot_names(cls: type) -> tuple[str, ...]:
+    """The ``__slots__`` attributes of ``cls`` and its bases (but ``__dict__``,
+    ``__weakref__``)."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names += [slots] if isinstance(slots, str) else list(slots)
+    return tuple(n for n in names if n not in ("__dict__", "__weakref__"))
 
 
 def _slab_candidate(obj: Any) -> tuple[str, Any] | None:

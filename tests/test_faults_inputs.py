@@ -5,12 +5,14 @@ too big.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import multiprocessing.context
 import re
 import threading
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from _datasets import Plain
@@ -253,6 +255,37 @@ def test_max_batch_bytes_holds_for_every_batch(options: dict[str, Any]) -> None:
     layout: stacked and pickled, or four separate 16 KiB tensors (collate_fn=list)."""
     with fault_loader(Faulty(8), batch_size=4, max_batch_bytes=32 * 1024, **options) as loader:
         with pytest.raises(ResultTooLargeError):
+            next(iter(loader))
+
+
+@dataclasses.dataclass
+class Held:
+    """A batch class: its tensors are attributes, one inside a NumPy object array."""
+
+    x: torch.Tensor
+    parts: np.ndarray
+
+
+def held_batch(items: list[dict[str, Any]]) -> Held:
+    x = torch.stack([item["x"] for item in items])
+    parts = np.empty(1, dtype=object)
+    parts[0] = x.clone()
+    return Held(x, parts)
+
+
+@pytest.mark.parametrize("transport", ["pickle", "shm", None])
+def test_max_batch_bytes_counts_tensors_inside_objects(transport: str | None) -> None:
+    """A batch of 2 x 64 KiB held as a dataclass's attribute and inside an object
+    array, with max_batch_bytes=96 KiB: refused by every transport, and in the main
+    process (``None``), counting both tensors (pickling would send both)."""
+    options: dict[str, Any] = {"batch_size": 4, "max_batch_bytes": 96 * 1024,
+                               "collate_fn": held_batch}  # fmt: skip
+    if transport is None:
+        loader = DataLoader(Faulty(8), **options)
+    else:
+        loader = fault_loader(Faulty(8), transport=transport, **options)
+    with loader:
+        with pytest.raises(ResultTooLargeError, match="131072 bytes"):
             next(iter(loader))
 
 
