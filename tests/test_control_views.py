@@ -303,6 +303,25 @@ def test_a_write_into_the_items_of_a_replaced_list_warns(replica):
     assert replica.agrees()
 
 
+def test_views_of_arrays_and_tensors_compare_them_by_identity(replica):
+    """A list of arrays and a dict of tensors: their ``==`` cannot say whether the
+    items changed (it raises), so a reread after the object changed behind the
+    view, and a settle after a C write, go by identity."""
+    replica.view.arrays = [np.zeros(3), np.ones(3)]
+    replica.view.named = {"a": torch.zeros(3)}
+    replica.sync()
+    arrays, named = replica.view.arrays, replica.view.named
+    replica.dataset.arrays[0] = np.full(3, 5.0)  # behind the view: not carried
+    replica.dataset.named["a"] = torch.ones(3)
+    assert list.__getitem__(replica.view.arrays, 0)[0] == 5.0
+    assert dict.__getitem__(replica.view.named, "a")[0] == 1.0
+    list.__setitem__(arrays, 1, np.full(3, 7.0))  # C code writing into the view
+    dict.__setitem__(named, "b", torch.full((3,), 2.0))
+    replica.sync()
+    assert replica.dataset.arrays[1][0] == 7.0 and replica.copy.arrays[1][0] == 7.0
+    assert replica.dataset.named["b"][0] == 2.0 and replica.copy.named["b"][0] == 2.0
+
+
 def test_a_kept_reference_whose_place_is_unchanged_records_as_before(replica):
     cfg, w = replica.view.cfg, replica.view.w
     replica.view.items.append(5)
