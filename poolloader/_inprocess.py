@@ -62,6 +62,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         self._seed_batches = loader.seeding == "batch"
         self._max_batch_bytes = loader.max_batch_bytes
         self._loader_stats = loader._stats
+        self._settling = loader._channel.settling
         self._dataset_fetcher = _DatasetKind.create_fetcher(
             self._dataset_kind,
             self._dataset,
@@ -83,6 +84,8 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
 
     def _next_data(self) -> Any:
         started = time.perf_counter()  # loading in place is the consumer's wait
+        if self._settling:  # what C code wrote into loader.dataset's lists reaches the
+            self._settling.settle()  # dataset before the batch (as a worker's stamp)
         data = self._load_next()
         self._loader_stats.record_wait(time.perf_counter() - started)
         self._loader_stats.batches += 1

@@ -138,6 +138,20 @@ def test_heapq_between_epochs_reaches_fresh_workers():
     assert unwrap(loader.dataset).items == [-1, 0, 3, 2, 1]
 
 
+def test_heapq_reaches_the_dataset_of_a_loader_without_workers():
+    """``num_workers=0`` loads from the dataset object itself: a heapq write through
+    ``loader.dataset`` reaches it before the next batch, also mid-epoch."""
+    loader = DataLoader(Knobs(n=4), batch_size=None, collate_fn=keep)
+    heapq.heappush(loader.dataset.items, 0)
+    assert {row[2][2] for row in loader} == {(0, 1, 3, 2)}
+    iterator = iter(loader)
+    first = next(iterator)
+    loader.dataset.push(-1)  # a method; its heapq write lands in the view's items
+    rest = list(iterator)
+    assert first[2][2] == (0, 1, 3, 2)
+    assert {row[2][2] for row in rest} == {(-1, 0, 3, 2, 1)}
+
+
 def test_reads_send_nothing_and_run_nowhere_else():
     dataset = Knobs(n=8)
     with _loader(dataset) as loader:
