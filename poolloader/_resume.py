@@ -39,7 +39,10 @@ may have been drawn with others. So the state lists, as ``[position, limits]``
 pairs, where the limits changed among the drawn batches not yet yielded, and the
 limits in effect now from the next position to draw on; the resumed epoch puts
 each in effect right before it draws that position, and cuts every batch as the
-uninterrupted epoch did.
+uninterrupted epoch did. The state also counts the batches drawn (``drawn``):
+limits the caller sets after ``load_state_dict``, before iterating, take effect
+from there, as the same change made in the loop when the state was taken would
+have (the batches drawn by then keep the limits they were drawn with).
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ _KEYS = {"version", "epoch", "in_epoch", "generators"}
 #: iterator keeps for the next epoch (torch's persistent iterator draws none).
 _OPTIONAL_KEYS = frozenset({"base_seed", "order"})
 _EPOCH_KEYS = {"base_seed", "yielded", "yielded_after", "sampler", "rng"}
-_EPOCH_OPTIONAL_KEYS = frozenset({"limits"})
+_EPOCH_OPTIONAL_KEYS = frozenset({"limits", "drawn"})
 
 
 #: How many ``.sampler`` / ``.batch_sampler`` links :func:`find_generators`
@@ -186,7 +189,11 @@ class EpochLedger:
         self._drop: set[int] = set()  # positions a resumed stream loads again and drops
 
     def resume(
-        self, in_epoch: Mapping[str, Any], replay: Replay | None, iterable: bool = False
+        self,
+        in_epoch: Mapping[str, Any],
+        replay: Replay | None,
+        iterable: bool = False,
+        limits_set: Mapping[str, Any] | None = None,
     ) -> None:
         """Continue the saved epoch: positions, already-yielded batches, sampler state.
 
@@ -211,9 +218,26 @@ class EpochLedger:
         self._skip = set(self.yielded_after)
         self.resume_state = in_epoch["sampler"]
         self._limit_changes = {int(p): limits for p, limits in in_epoch.get("limits", ())}
+        if limits_set is not None:
+            self._limits_set_since(in_epoch, limits_set)
         self._replay = replay
         if replay is not None:
             self.next_position = 0  # the skipped specs are drawn again
+
+    def _limits_set_since(self, in_epoch: Mapping[str, Any], mine: Mapping[str, Any]) -> None:
+        """Limits the caller set between ``load_state_dict`` and this epoch's start
+        take effect where the saved epoch had drawn up to: the batches it had drawn
+        are cut as they were, the others with the caller's limits, as when the same
+        change is made in the loop at the moment the state was taken (NOTE [ Limits
+        changed mid-epoch ]). A state without that count (an earlier version's)
+        puts them in effect at once."""
+        drawn = in_epoch.get("drawn")
+        if drawn is None:
+            self._limit_changes = {self.next_position: dict(mine)}
+            return
+        changes = {p: limits for p, limits in self._limit_changes.items() if p < drawn}
+        changes[int(drawn)] = dict(mine)
+        self._limit_changes = changes
 
     def draw(self, sampler_iter: Any) -> tuple[int, Any]:
         """The next spec to load and its position; raises StopIteration at the epoch's end."""
@@ -302,6 +326,7 @@ class EpochLedger:
         }
         if isinstance(sampler, Mapping) and self._limits is not None:
             state["limits"] = self._changes_since(sampler)
+            state["drawn"] = self.next_position
         return state
 
     def _changes_since(self, sampler: Mapping[str, Any]) -> list[list[Any]]:
@@ -350,6 +375,8 @@ class EpochStart:
     replay: Replay | None
     after: RngState | None  # when resuming: the random state to leave behind
     base_seed: int | None = None  # a persistent iterator's, kept between epochs
+    # When resuming: the sampler's limits that the caller set after load_state_dict.
+    limits_set: Mapping[str, Any] | None = None
 
     @classmethod
     def begin(
@@ -359,6 +386,7 @@ class EpochStart:
         in_epoch: Mapping[str, Any] | None,
         saved_generators: list[torch.Tensor] | None,
         base_seed: int | None = None,
+        limits_set: Mapping[str, Any] | None = None,
     ) -> EpochStart:
         """Capture the random state; when resuming, put the sampler (or the random
         state it draws from) back where the saved epoch had it.
@@ -369,16 +397,17 @@ class EpochStart:
         that loads its own state finds the generators as they were saved
         (:meth:`settle`). ``base_seed``: a state saved between epochs of a
         persistent loader, whose iterator keeps its base seed and draws none;
-        the new iterator's draw is undone too."""
+        the new iterator's draw is undone too. ``limits_set``: the sampler's limits
+        as the caller set them after ``load_state_dict`` (loading the sampler's
+        state puts the saved ones back; the ledger sets these where they belong)."""
         before = RngState.capture(generators)
         if in_epoch is None:
             after = before if base_seed is not None else None
             return cls(generators, before, None, None, after, base_seed)
         if in_epoch["sampler"] is not None:
             _load_sampler(sampler, in_epoch["sampler"])
-            return cls(
-                generators, before, in_epoch, None, RngState(saved_generators, before.global_rng)
-            )
+            after = RngState(saved_generators, before.global_rng)
+            return cls(generators, before, in_epoch, None, after, limits_set=limits_set)
         rng = in_epoch["rng"]
         saved = RngState.from_dict(rng["before_iter"])
         after = RngState(None, before.global_rng)
@@ -402,8 +431,14 @@ class EpochStart:
         ledger = EpochLedger(self.generators, self.before_iter, snapshot, limits, apply)
         if self.in_epoch is not None:
             iterable = iterator._dataset_kind == _DatasetKind.Iterable
-            ledger.resume(self.in_epoch, self.replay, iterable)
+            ledger.resume(self.in_epoch, self.replay, iterable, self.limits_set)
         return ledger
+
+
+def limits_of(sampler: Any) -> dict[str, Any] | None:
+    """A poolloader sampler's limits as they are now (``None`` for other samplers)."""
+    limit_state = getattr(sampler, "_limit_state", None)
+    return dict(limit_state()) if callable(limit_state) else None
 
 
 def _apply_limits(sampler: Any, limits: Mapping[str, Any]) -> None:
@@ -534,6 +569,12 @@ def _check_epoch(in_epoch: Mapping[str, Any]) -> None:
         raise ValueError(
             "state['in_epoch']['limits'] should list the sampler's limit changes as "
             f"[position, limits] pairs from position {yielded} on, but it is {changes!r}"
+        )
+    drawn = in_epoch.get("drawn", yielded)
+    if isinstance(drawn, bool) or not isinstance(drawn, int) or drawn < yielded:
+        raise ValueError(
+            f"state['in_epoch']['drawn'] should count the batches the epoch had drawn, "
+            f"at least yielded={yielded}, but it is {drawn!r}"
         )
     rng = in_epoch["rng"]
     if in_epoch["sampler"] is None and (

@@ -40,6 +40,7 @@ from ._resume import (
     check_state,
     find_generators,
     generator_states,
+    limits_of,
     order_of,
     set_generator_states,
 )
@@ -162,6 +163,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._start_afresh()
         self._epoch_index = 0  # the number the next epoch gets; part of each batch's seed
         self._resume: dict[str, Any] | None = None
+        self._resume_limits: dict[str, Any] | None = None
         self._resume_generators: list[torch.Tensor] | None = None
         self._resume_base_seed: int | None = None  # see _kept_base_seed
         self._position: EpochPosition | None = None
@@ -353,7 +355,12 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         in_epoch, self._resume = self._resume, None
         saved, self._resume_generators = self._resume_generators, None
         kept, self._resume_base_seed = self._resume_base_seed, None
-        return EpochStart.begin(self._index_sampler, self._generators(), in_epoch, saved, kept)
+        loaded, self._resume_limits = self._resume_limits, None
+        now = limits_of(self._index_sampler)
+        limits_set = now if in_epoch is not None and now != loaded else None
+        return EpochStart.begin(
+            self._index_sampler, self._generators(), in_epoch, saved, kept, limits_set
+        )
 
     def _generators(self) -> tuple[torch.Generator, ...]:
         """The generators an epoch's order is drawn from (``loader.generator`` first)."""
@@ -470,6 +477,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._position = None
         self._epoch_index = int(state["epoch"])
         self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
+        # The sampler's limits now: different ones at the next iter() were set since
+        # (NOTE [ Limits changed mid-epoch ] in _resume.py).
+        self._resume_limits = limits_of(self._index_sampler)
         self._resume_base_seed = state.get("base_seed") if self._resume is None else None
         self._persistent_seed = None
         if self._resume is None:

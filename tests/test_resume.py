@@ -340,6 +340,41 @@ def test_a_limit_changed_mid_epoch_resumes_as_the_epoch_went_on(num_workers, cut
     assert any(sum(LENGTHS[i % len(LENGTHS)] for i in b) > 10.0 for b in reference[2:])
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("cut", [1, 3, 6])
+def test_a_limit_set_after_load_state_dict_takes_effect_where_the_state_was_taken(num_workers, cut):
+    """A limit set between load_state_dict and iterating acts as the same limit set in
+    the loop of the uninterrupted epoch right when the state was taken: the batches
+    drawn by then (a prefetch window) keep their limits, the later ones take the new
+    one, and it stays (the saved limits do not put the old one back)."""
+
+    def run(iterator, loader, done=0, stop=None):
+        found = []
+        for k, batch in enumerate(iterator, start=done):
+            found.append(batch[:, 0].long().tolist())
+            if k + 1 == 2:
+                loader.batch_sampler.max_duration = 10.0  # the curriculum's own step
+            if k + 1 == cut and stop is None and done == 0:
+                loader.batch_sampler.max_duration = 5.0  # the change, in the loop
+            if k + 1 == stop:
+                break
+        return found
+
+    with _loader(_two_ranks, num_workers) as loader:
+        reference = run(iter(loader), loader)
+        assert loader.batch_sampler.max_duration == (10.0 if cut < 2 else 5.0)
+    with _loader(_two_ranks, num_workers) as loader:
+        got = run(iter(loader), loader, stop=cut)
+        state = loader.state_dict()
+    with _loader(_two_ranks, num_workers) as resumed:
+        resumed.load_state_dict(state)
+        resumed.batch_sampler.max_duration = 5.0  # the change, after loading
+        got += run(iter(resumed), resumed, done=cut)
+        assert resumed.batch_sampler.max_duration == (10.0 if cut < 2 else 5.0)
+    assert got == reference
+    assert any(sum(LENGTHS[i % len(LENGTHS)] for i in b) > 5.0 for b in reference[cut:])
+
+
 def test_resume_with_a_different_worker_count():
     torch.manual_seed(0)
     with _loader(_dynamic, 2) as loader:
@@ -515,7 +550,9 @@ def test_a_state_from_a_loader_with_another_order_is_refused():
      ({"base_seed": None}, r"\['base_seed'\] should be an integer"),
      ({"rng": None}, r"\['rng'\] should hold the random states"),
      ({"rng": {}}, r"\['rng'\] should hold the random states"),
-     ({"limits": [[0, {}], ["x", {}]]}, r"\['limits'\] should list the sampler's limit changes")],
+     ({"limits": [[0, {}], ["x", {}]]}, r"\['limits'\] should list the sampler's limit changes"),
+     ({"drawn": 0}, r"\['drawn'\] should count the batches the epoch had drawn"),
+     ({"drawn": "5"}, r"\['drawn'\] should count the batches the epoch had drawn")],
 )  # fmt: skip
 def test_a_damaged_state_is_refused_when_loaded(change, says):
     saving = DataLoader(Tagged(), batch_size=4)
