@@ -153,27 +153,19 @@ _READERS: dict[str, Any] = {
 _ALL = slice(None)
 
 
-def _same_list(a: list[Any], b: list[Any]) -> bool:
-    """Whether lists ``a`` and ``b`` hold the same items (their own, for views): ``==``
-    at C speed, which compares identical items by identity; where an item's ``==``
-    cannot answer (NumPy arrays, tensors), item by item by identity."""
-    try:
-        return bool(list.__eq__(a, b))
-    except Exception:
-        return list.__len__(a) == list.__len__(b) and all(
-            map(operator.is_, list.__iter__(a), list.__iter__(b))
-        )
+def _identical_lists(a: list[Any], b: list[Any]) -> bool:
+    """Whether lists ``a`` and ``b`` hold the very same items (their own, for views)."""
+    return list.__len__(a) == list.__len__(b) and all(
+        map(operator.is_, list.__iter__(a), list.__iter__(b))
+    )
 
 
-def _same_dict(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
-    """:func:`_same_list` for dicts."""
-    try:
-        return bool(dict.__eq__(a, b))
-    except Exception:
-        missing = object()
-        return dict.__len__(a) == dict.__len__(b) and all(
-            dict.get(b, key, missing) is value for key, value in dict.items(a)
-        )
+def _identical_dicts(a: dict[Any, Any], b: dict[Any, Any]) -> bool:
+    """:func:`_identical_lists` for dicts."""
+    missing = object()
+    return dict.__len__(a) == dict.__len__(b) and all(
+        dict.get(b, key, missing) is value for key, value in dict.items(a)
+    )
 
 
 class _Mirrored(View):
@@ -221,6 +213,12 @@ class _Settling(_Mirrored):
 
     __slots__ = ()
 
+    #: The container type's ``==`` (at C speed, identical items compared by
+    #: identity), and the item-by-identity comparison for when that cannot answer
+    #: (an item that is a NumPy array or a tensor): set by each form.
+    _pl_eq: Any
+    _pl_identical: Any
+
     @classmethod
     def make(cls, target: Any, path: Path, channel: Any) -> Any:
         view = super().make(target, path, channel)
@@ -236,16 +234,40 @@ class _Settling(_Mirrored):
         """Give the object ``items`` through the view (recorded)."""
         raise NotImplementedError
 
-    def _pl_settle(self) -> None:
-        """Record what C code wrote into the view's own items, if it wrote."""
+    def _pl_mirror(self) -> None:
+        """Take the object's items as the view's own, and as its copy of them."""
         raise NotImplementedError
 
-    def _pl_settle_now(self) -> None:
-        """C code wrote into the view's own items: the object takes them."""
-        # Settled from here on (a copy of its own: a refresh while the object takes
-        # the items writes into the view's copy).
-        object.__setattr__(self, "_pl_seen", self._pl_own())
-        self._pl_adopt(self._pl_own())
+    def _pl_same(self, a: Any, b: Any) -> bool:
+        """Whether containers ``a`` and ``b`` hold the same items."""
+        try:
+            return bool(_get(self, "_pl_eq")(a, b))
+        except Exception:
+            return bool(_get(self, "_pl_identical")(a, b))
+
+    def _pl_settle(self) -> None:
+        """Record what C code wrote into the view's own items, if it wrote."""
+        if not self._pl_same(self, _get(self, "_pl_seen")):
+            # Settled from here on (a copy of its own: a refresh while the object
+            # takes the items writes into the view's copy).
+            object.__setattr__(self, "_pl_seen", self._pl_own())
+            self._pl_adopt(self._pl_own())
+
+    def _pl_refresh(self) -> None:
+        self._pl_settle()
+        self._pl_mirror()
+
+    def _pl_reread(self) -> None:
+        # On every read of the view: the common case inline (a call to _pl_same
+        # costs a third of a reread).
+        seen, eq = _get(self, "_pl_seen"), _get(self, "_pl_eq")
+        try:
+            if eq(self, seen) and eq(_get(self, "_pl_target"), seen):
+                return
+        except Exception:
+            if self._pl_same(self, seen) and self._pl_same(_get(self, "_pl_target"), seen):
+                return
+        self._pl_refresh()
 
 
 class ListView(_Settling, list):  # type: ignore[misc]
@@ -262,33 +284,19 @@ class ListView(_Settling, list):  # type: ignore[misc]
         list.extend(view, target)
         return view
 
+    _pl_eq = staticmethod(list.__eq__)
+    _pl_identical = staticmethod(_identical_lists)
+
     def _pl_own(self) -> Any:
         return list.__getitem__(self, _ALL)
 
     def _pl_adopt(self, items: Any) -> None:
         self[:] = items
 
-    # (The two below run on every read of the view: written out, not shared.)
-    def _pl_settle(self) -> None:
-        if not _same_list(self, _get(self, "_pl_seen")):
-            self._pl_settle_now()
-
-    def _pl_refresh(self) -> None:
-        if not _same_list(self, _get(self, "_pl_seen")):
-            self._pl_settle_now()
+    def _pl_mirror(self) -> None:
         target = _get(self, "_pl_target")
         list.__setitem__(self, _ALL, target)
         list.__setitem__(_get(self, "_pl_seen"), _ALL, target)
-
-    def _pl_reread(self) -> None:
-        seen = _get(self, "_pl_seen")
-        try:  # (the common case, inline: _same_list's call costs a third of a reread)
-            if list.__eq__(self, seen) and list.__eq__(_get(self, "_pl_target"), seen):
-                return
-        except Exception:
-            if _same_list(self, seen) and _same_list(_get(self, "_pl_target"), seen):
-                return
-        self._pl_refresh()
 
     def _pl_refresh_item(self, key: Any, value: Any) -> None:
         list.__setitem__(self, key, value)
@@ -309,6 +317,9 @@ class DictView(_Settling, dict):  # type: ignore[misc]
         dict.update(view, target)
         return view
 
+    _pl_eq = staticmethod(dict.__eq__)
+    _pl_identical = staticmethod(_identical_dicts)
+
     def _pl_own(self) -> Any:
         return dict(dict.items(self))
 
@@ -316,28 +327,12 @@ class DictView(_Settling, dict):  # type: ignore[misc]
         self.clear()
         self.update(items)
 
-    def _pl_settle(self) -> None:
-        if not _same_dict(self, _get(self, "_pl_seen")):
-            self._pl_settle_now()
-
-    def _pl_refresh(self) -> None:
-        if not _same_dict(self, _get(self, "_pl_seen")):
-            self._pl_settle_now()
+    def _pl_mirror(self) -> None:
         target, seen = _get(self, "_pl_target"), _get(self, "_pl_seen")
         dict.clear(self)
         dict.update(self, target)
         dict.clear(seen)
         dict.update(seen, target)
-
-    def _pl_reread(self) -> None:
-        seen = _get(self, "_pl_seen")
-        try:  # (as ListView._pl_reread)
-            if dict.__eq__(self, seen) and dict.__eq__(_get(self, "_pl_target"), seen):
-                return
-        except Exception:
-            if _same_dict(self, seen) and _same_dict(_get(self, "_pl_target"), seen):
-                return
-        self._pl_refresh()
 
     def _pl_refresh_item(self, key: Any, value: Any) -> None:
         dict.__setitem__(self, key, value)
