@@ -356,8 +356,8 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         saved, self._resume_generators = self._resume_generators, None
         kept, self._resume_base_seed = self._resume_base_seed, None
         loaded, self._resume_limits = self._resume_limits, None
-        now = limits_of(self._index_sampler)
-        limits_set = now if in_epoch is not None and now != loaded else None
+        now = limits_of(self._index_sampler) if in_epoch is not None else loaded
+        limits_set = now if now != loaded else None
         return EpochStart.begin(
             self._index_sampler, self._generators(), in_epoch, saved, kept, limits_set
         )
