@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import signal
 import threading
 import time
@@ -44,6 +43,7 @@ from ._tasks import (
     unreadable,
 )
 from ._transport import IDLE_TRIM_SECONDS, descriptor_error
+from ._wire import decode, encode
 from .errors import PoolBrokenError, TransportError
 
 logger = logging.getLogger("poolloader")
@@ -144,7 +144,7 @@ class IOThread:
         self._trimmed = True
         for w in self._workers:
             if w.ready and not w.dead:
-                self._send(w, pickle.dumps(Trim()))
+                self._send(w, encode(Trim()))
 
     def _watch_signature(self, template: Any) -> tuple[Any, ...]:
         """What the I/O thread watches, as identities (lock held; NOTE [ Watch
@@ -218,7 +218,7 @@ class IOThread:
                 if not known_ready and not readable(w.conn.fileno()):
                     return
                 known_ready = False
-                message = pickle.loads(w.conn.recv_bytes())
+                message = decode(w.conn.recv_bytes())
             except (EOFError, OSError, ValueError):
                 return  # the worker died (its sentinel tells), or its connection closed
             if isinstance(message, Done):

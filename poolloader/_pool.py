@@ -28,7 +28,6 @@ import itertools
 import logging
 import multiprocessing.util
 import os
-import pickle
 import threading
 import time
 import weakref
@@ -57,6 +56,7 @@ from ._tasks import (
     raisable,
 )
 from ._threads import helper_thread
+from ._wire import encode
 from .errors import LoaderClosedError, PoolBrokenError
 
 logger = logging.getLogger("poolloader")
@@ -365,7 +365,7 @@ class Pool(IOThread):
                     for message in messages:
                         self._send(w, message)
                     if messages:  # its answer lets what the changes named go
-                        self._send(w, pickle.dumps(Sync(upto)))
+                        self._send(w, encode(Sync(upto)))
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
         self._release_pins()
 
@@ -510,7 +510,7 @@ class Pool(IOThread):
 
     def _send_task(self, w: Worker, record: TaskRecord) -> None:
         try:
-            task = pickle.dumps(Task(record.seq, record.epoch, record.position, record.index))
+            task = encode(Task(record.seq, record.epoch, record.position, record.index))
         except Exception as exc:
             fail(
                 [record], not_picklable(record.index, f"the index of batch {record.position}", exc)
@@ -518,7 +518,7 @@ class Pool(IOThread):
             return
         messages = []
         if w.epoch != record.epoch:
-            messages.append(pickle.dumps(self._epochs[record.epoch]))
+            messages.append(encode(self._epochs[record.epoch]))
             w.epoch = record.epoch
         messages += self._update_messages(w, record.generation)
         record.worker = w.id
@@ -532,7 +532,7 @@ class Pool(IOThread):
         """The control messages that bring ``w`` to generation ``upto`` (it is now there)."""
         if upto <= w.generation:
             return []
-        messages = [pickle.dumps(u) for u in self._channel.updates(w.generation, upto)]
+        messages = [encode(u) for u in self._channel.updates(w.generation, upto)]
         self._counters.control_messages += len(messages)
         self._counters.control_bytes += sum(len(m) for m in messages)
         w.generation = upto
@@ -547,11 +547,11 @@ class Pool(IOThread):
         for identity, message in released:
             w = by_identity.get(identity)
             if w is not None:  # a dead worker's slabs went with it
-                self._send(w, pickle.dumps(message))
+                self._send(w, encode(message))
                 told[id(w)] = w
         if self._trimmed:  # idle: the slabs kept batches held go back too
             for w in told.values():
-                self._send(w, pickle.dumps(Trim()))
+                self._send(w, encode(Trim()))
 
     def _send(self, w: Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)

@@ -13,7 +13,6 @@ import functools
 import logging
 import mmap
 import os
-import pickle
 import struct
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from ._packing import descriptor_socket
 from ._pickling import OnPart
 from ._template import ForkedProcess, Template
 from ._threads import inherited_signal_mask
+from ._wire import encode
 from .errors import PoolBrokenError
 
 if TYPE_CHECKING:
@@ -397,7 +397,7 @@ class TemplateNews:
 
 def _send(w: Worker, message: object) -> None:
     try:
-        w.conn.send_bytes(pickle.dumps(message))
+        w.conn.send_bytes(encode(message))
     except OSError:
         pass  # the worker is gone
 
@@ -419,7 +419,7 @@ def _send_started_slot(conn: Connection) -> mmap.mmap | None:
         os.ftruncate(fd, 8)
         slot = mmap.mmap(fd, 8)
         struct.pack_into("q", slot, 0, NO_TASK)
-        conn.send_bytes(pickle.dumps(StartedSlot()))
+        conn.send_bytes(encode(StartedSlot()))
         with descriptor_socket(conn) as sock:
             sendfds(sock, [fd])
         return slot

@@ -69,6 +69,7 @@ from ._messages import (
 )
 from ._packing import descriptor_socket
 from ._threads import helper_thread
+from ._wire import decode, encode
 
 #: Why a batch must pickle, for the error when it does not.
 RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
@@ -207,7 +208,7 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
 
 def _send(conn: Connection, message: object) -> None:
     try:
-        conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        conn.send_bytes(encode(message))
     except (BrokenPipeError, ConnectionResetError, EOFError):
         _orphaned()
 
@@ -505,7 +506,7 @@ class _Inbox:
                     if not _still_running(*self._main):
                         _orphaned()
                     continue
-                message = pickle.loads(self._conn.recv_bytes())
+                message = decode(self._conn.recv_bytes())
             except (EOFError, OSError):
                 _orphaned()
             if isinstance(message, (Release, Drop)):

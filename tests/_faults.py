@@ -215,17 +215,10 @@ def deafen(index: int, where: str) -> None:
     one (a stand-in for any failure there); the item itself loads normally."""
     from poolloader import _worker
 
-    real = _worker.pickle
+    def failing_decode(data: bytes) -> Any:
+        raise RuntimeError("the worker's message thread failed (injected)")
 
-    class FailingLoads:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-        @staticmethod
-        def loads(data: bytes) -> Any:
-            raise RuntimeError("the worker's message thread failed (injected)")
-
-    _worker.pickle = FailingLoads()  # type: ignore[assignment]
+    _worker.decode = failing_decode  # type: ignore[assignment]
     record_pid(where, "victim", os.getpid())
 
 

@@ -1,0 +1,86 @@
+"""What travels on a worker's connection: the hot messages' short form, and tiny
+batches that travel inside their message."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from _compare import assert_same_epochs
+from torch.utils.data import Dataset
+
+from poolloader import DataLoader
+from poolloader._messages import Done, Release, Sync, Task
+from poolloader._packing import Inline, InSlab, Pickled
+from poolloader._wire import decode, encode
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Task(7, 2, 31, [4, 5, 6, 7]),
+        Task(8, 0, 0, (1, "a", None)),  # a tuple index, as a custom sampler may yield
+        Task(9, 1, 3, {"ids": np.arange(3)}),
+        Done(3, Inline(b"skeleton"), 32, 0.25),
+        Done(4, Pickled(b"data"), 1 << 20, 0.5),
+        Done(5, InSlab(1, 4096, 512, b"skeleton", (2, 3)), 512, 0.125),
+        Release(3),
+        Sync(12),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_messages_arrive_as_they_were_sent(message):
+    got = decode(encode(message))
+    assert type(got) is type(message)
+    if isinstance(message, Task) and isinstance(message.index, dict):
+        assert (got.seq, got.epoch, got.position) == (message.seq, message.epoch, message.position)
+        np.testing.assert_array_equal(got.index["ids"], message.index["ids"])
+    else:
+        assert got == message
+
+
+def test_hot_messages_travel_short_and_others_as_themselves():
+    """A Task and a Done with an inline batch name no class on the wire."""
+    for hot in (Task(1, 0, 0, [1, 2]), Done(1, Inline(b"x"), 8, 0.0)):
+        assert b"poolloader" not in encode(hot)
+    assert b"poolloader" in encode(Sync(1))
+
+
+def test_a_tuple_that_is_no_message_is_refused():
+    with pytest.raises(ValueError, match="not a poolloader message"):
+        decode(pickle.dumps((99, 1, 2)))
+
+
+class TinyZoo(Dataset):
+    """Tiny tensors (they travel inside the batch's message) of every shape."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int):
+        base = torch.arange(6, dtype=torch.float32) + i
+        return {
+            "scalar": torch.tensor(i),
+            "flat": base,
+            "matrix": base.view(2, 3),
+            "strided": base.view(2, 3).t(),
+            "empty": torch.empty(0, 2),
+            "bool": base.to(torch.int64) % 2 == 0,
+            "bf16": base.to(torch.bfloat16),
+            "c64": torch.complex(base, -base),
+            "u8": base.to(torch.uint8),
+        }
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_tiny_tensors_of_every_shape_arrive_as_torch_delivers_them(transport):
+    ours = DataLoader(TinyZoo(), batch_size=3, num_workers=2, transport=transport,
+                      multiprocessing_context="forkserver")  # fmt: skip
+    theirs = torch.utils.data.DataLoader(TinyZoo(), batch_size=3)
+    with ours:
+        assert_same_epochs(ours, theirs, epochs=1)
+        batch = next(iter(ours))
+    assert batch["scalar"].shape == (3,) and batch["empty"].shape == (3, 0, 2)
+    assert batch["matrix"].shape == (3, 2, 3) and batch["bf16"].dtype == torch.bfloat16
