@@ -96,10 +96,17 @@ from .errors import TransportError
 
 
 def _torch_dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, name.removeprefix("torch."))
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"not a torch dtype: {name}")
+    dtype = _TORCH_DTYPES.get(name)
+    if dtype is None:
+        dtype = getattr(torch, name.removeprefix("torch."))
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"not a torch dtype: {name}")
+        _TORCH_DTYPES[name] = dtype
     return dtype
+
+
+#: The dtypes met so far by name (asked for every tensor of every batch).
+_TORCH_DTYPES: dict[str, torch.dtype] = {}
 
 
 class _SkeletonUnpickler(pickle.Unpickler):
