@@ -111,7 +111,9 @@ def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
             or obj.requires_grad
         ):
             return None
-        return "tensor", obj.resolve_conj().resolve_neg().contiguous()
+        if obj.is_conj() or obj.is_neg() or not obj.is_contiguous():  # (asking is cheaper)
+            obj = obj.resolve_conj().resolve_neg().contiguous()
+        return "tensor", obj
     if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
         obj = _native_order(obj)
         if obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous:
@@ -138,7 +140,8 @@ def _native_order(array: np.ndarray) -> np.ndarray:
 def _raw_bytes(kind: str, data: Any) -> bytes:
     if kind != "tensor":
         return data.tobytes()  # any dtype (a memoryview refuses datetimes)
-    return data.reshape(-1).view(torch.uint8).numpy().tobytes()
+    flat = data if data.dim() == 1 else data.reshape(-1)  # (data is contiguous)
+    return flat.view(torch.uint8).numpy().tobytes()
 
 
 class TorchPickler(ForkingPickler):

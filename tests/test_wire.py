@@ -84,3 +84,34 @@ def test_tiny_tensors_of_every_shape_arrive_as_torch_delivers_them(transport):
         batch = next(iter(ours))
     assert batch["scalar"].shape == (3,) and batch["empty"].shape == (3, 0, 2)
     assert batch["matrix"].shape == (3, 2, 3) and batch["bf16"].dtype == torch.bfloat16
+
+
+class TinyViews(Dataset):
+    """Tiny tensors that are views with lazy bits (conjugate, negative) or strides,
+    returned as they are (``batch_size=None``)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        z = torch.complex(torch.arange(6.0) + i, torch.ones(6))
+        return {
+            "conj": z.conj(),
+            "neg": torch._neg_view(z),
+            "strided": (torch.arange(6.0) + i).view(2, 3).t(),
+            "scalar": torch.tensor(float(i)),
+        }
+
+
+def test_tiny_views_arrive_with_their_values():
+    """(Not with ``transport="pickle"``: torch's own workers send a conjugate or
+    negative view's storage without the bit, and that transport is torch's.)"""
+    ours = DataLoader(TinyViews(), batch_size=None, num_workers=2,
+                      multiprocessing_context="forkserver")  # fmt: skip
+    theirs = torch.utils.data.DataLoader(TinyViews(), batch_size=None)
+    with ours:
+        for got, want in zip(ours, theirs, strict=True):
+            for key in want:
+                assert torch.equal(got[key].resolve_conj().resolve_neg(),
+                                   want[key].resolve_conj().resolve_neg()), key  # fmt: skip
+                assert got[key].shape == want[key].shape, key
