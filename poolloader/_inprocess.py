@@ -3,13 +3,9 @@ per-batch seeding and resume ledger the pool iterator has."""
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterDataPipe, MapDataPipe
 from torch.utils.data._utils.pin_memory import pin_memory
@@ -125,18 +121,6 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
     def _fetch(self, position: int, index: Any) -> Any:
         if not self._seed_batches:
             return self._dataset_fetcher.fetch(index)
-        with _own_random_state():
+        with _seeding.own_random_state():
             _seeding.seed_batch(int(self._base_seed), self._epoch, position)
             return self._dataset_fetcher.fetch(index)
-
-
-@contextmanager
-def _own_random_state() -> Iterator[None]:
-    """Run a block with its own random state and put the caller's back afterwards."""
-    saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(saved[0])
-        np.random.set_state(saved[1])
-        torch.default_generator.set_state(saved[2])

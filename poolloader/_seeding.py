@@ -26,8 +26,12 @@ seeded per batch from the first batch on.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import random
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -114,3 +118,77 @@ def seed_worker(base_seed: int, worker_id: int) -> int:
     torch.manual_seed(seed)
     np.random.seed(_generate_state(base_seed, worker_id))
     return seed
+
+
+@contextmanager
+def own_random_state() -> Iterator[None]:
+    """Run a block with its own random state and put the caller's back afterwards
+    (``random``, NumPy's global generator and torch's CPU generator)."""
+    saved = random.getstate(), _NUMPY.save(), torch.default_generator.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        _NUMPY.restore(saved[1])
+        torch.default_generator.set_state(saved[2])
+
+
+# NOTE [ Saving NumPy's global state ]: ``np.random.get_state`` and ``set_state``
+# copy MT19937's 624 words one by one in Python-level code, 130-160 µs each, paid
+# for every batch a ``num_workers=0`` loader seeds (seven times torch's whole
+# cost for a tiny batch). The words and the position are plain memory behind the
+# generator's ``ctypes.state_address``: a copy of those 2,500 bytes says whether
+# the caller drew since the state was last put back. If not, the full state kept
+# then is still right (the cached normal deviate, the one part not in those bytes,
+# only changes with a draw, which moves the position, or with ``set_state``).
+# Putting a state back copies the bytes in after ``np.random.seed(0)``, which
+# clears the cached deviate, as the state had none; a state with one goes back
+# through ``set_state``. The layout is checked against ``get_state`` once per
+# generator; where it differs, or the global generator is not MT19937
+# (``np.random.set_bit_generator``), both directions take the slow path.
+
+_MT19937_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
+
+
+class _NumpyState:
+    """Saves and restores NumPy's global generator, quickly where it can."""
+
+    def __init__(self) -> None:
+        self._checked: Any = None  # the bit generator whose layout was checked
+        self._layout_ok = False
+        self._last: tuple[bytes, Any] | None = None  # (bytes, full state) last put back
+
+    def _address(self) -> int | None:
+        generator = np.random.mtrand._rand._bit_generator
+        if type(generator) is not np.random.MT19937:
+            return None
+        address = int(generator.ctypes.state_address)
+        if generator is not self._checked:
+            self._checked, self._last = generator, None
+            state: Any = np.random.get_state()
+            expected = np.asarray(state[1], dtype=np.uint32).tobytes() + struct.pack("=i", state[2])
+            self._layout_ok = ctypes.string_at(address, _MT19937_BYTES) == expected
+        return address if self._layout_ok else None
+
+    def save(self) -> tuple[bytes | None, Any]:
+        address = self._address()
+        if address is None:
+            return None, np.random.get_state()
+        raw = ctypes.string_at(address, _MT19937_BYTES)
+        if self._last is not None and self._last[0] == raw:
+            return raw, self._last[1]
+        return raw, np.random.get_state()
+
+    def restore(self, saved: tuple[bytes | None, Any]) -> None:
+        raw, full = saved
+        address = self._address()
+        if raw is None or address is None or full[3]:  # (full[3]: a cached normal deviate)
+            np.random.set_state(full)
+            self._last = None
+            return
+        np.random.seed(0)
+        ctypes.memmove(address, raw, _MT19937_BYTES)
+        self._last = raw, full
+
+
+_NUMPY = _NumpyState()
