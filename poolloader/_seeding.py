@@ -159,7 +159,8 @@ class _NumpyState:
         self._last: tuple[bytes, Any] | None = None  # (bytes, full state) last put back
 
     def _address(self) -> int | None:
-        generator = np.random.mtrand._rand._bit_generator
+        get = getattr(np.random, "get_bit_generator", None)  # NumPy 1.25 and newer
+        generator = get() if get is not None else None
         if type(generator) is not np.random.MT19937:
             return None
         address = int(generator.ctypes.state_address)
