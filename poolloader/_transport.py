@@ -164,17 +164,16 @@ def _from_bytes(kind: str, dtype: str, shape: tuple[int, ...], raw: bytes) -> An
         return _from_bytes("array", dtype, shape, raw).T
     if kind == "array":
         return np.frombuffer(bytearray(raw), dtype=np.dtype(dtype)).reshape(shape)
-    torch_dtype = _torch_dtype(dtype)
-    if not raw:
-        return torch.empty(shape, dtype=torch_dtype)
-    # Straight from the bytes, and no view where the shape is already flat: each
-    # step costs microseconds, a sizeable share of a tiny batch's unpacking.
-    flat = torch.frombuffer(bytearray(raw), dtype=torch_dtype)
-    return flat if len(shape) == 1 else flat.view(shape)
+    return _view(bytearray(raw), kind, dtype, shape, 0, len(raw))  # (torch reads any buffer)
 
 
 def _view(
-    owner: np.ndarray, kind: str, dtype: str, shape: tuple[int, ...], offset: int, size: int
+    owner: np.ndarray | bytearray,
+    kind: str,
+    dtype: str,
+    shape: tuple[int, ...],
+    offset: int,
+    size: int,
 ) -> Any:
     if kind == "array_t":  # a Fortran-order array, sent as its transpose
         return _view(owner, "array", dtype, shape, offset, size).T
@@ -191,7 +190,9 @@ def _view(
     flat = torch.frombuffer(
         owner, dtype=torch_dtype, count=size // torch_dtype.itemsize, offset=offset
     )
-    return flat.view(shape)
+    # No view where the shape is already flat: each torch call costs microseconds,
+    # a sizeable share of a tiny batch's unpacking.
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 def _unpack_plain(payload: Any) -> Any:
