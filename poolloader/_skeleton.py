@@ -21,6 +21,7 @@ storage, as torch delivers them.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import dataclasses
 import io
 import math
@@ -29,7 +30,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -103,17 +104,7 @@ def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
     ``("array_t", C-contiguous transpose of a Fortran-order array)`` if ``obj``
     can travel as raw bytes; ``None`` to pickle it as torch would."""
     if type(obj) is torch.Tensor:
-        if (
-            obj.is_nested
-            or obj.layout != torch.strided
-            or obj.is_quantized
-            or obj.device.type != "cpu"
-            or obj.requires_grad
-        ):
-            return None
-        if obj.is_conj() or obj.is_neg() or not obj.is_contiguous():  # (asking is cheaper)
-            obj = obj.resolve_conj().resolve_neg().contiguous()
-        return "tensor", obj
+        return ("tensor", _resolved(obj)) if _travels_as_bytes(obj) else None
     if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
         obj = _native_order(obj)
         if obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous:
@@ -123,6 +114,25 @@ def _slab_candidate(obj: Any) -> tuple[str, Any] | None:
         # (Not np.ascontiguousarray: it makes a 0-d array 1-d.)
         return "array", obj if obj.flags.c_contiguous else obj.copy(order="C")
     return None
+
+
+def _travels_as_bytes(tensor: torch.Tensor) -> bool:
+    """Whether a tensor (of type exactly ``torch.Tensor``) can travel as raw bytes."""
+    return not (
+        tensor.is_nested
+        or tensor.layout != torch.strided
+        or tensor.is_quantized
+        or not tensor.is_cpu
+        or tensor.requires_grad
+    )
+
+
+def _resolved(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with its conjugate and negative bits applied, contiguous (itself
+    when it is already all three: asking is cheaper than resolving)."""
+    if tensor.is_conj() or tensor.is_neg() or not tensor.is_contiguous():
+        return tensor.resolve_conj().resolve_neg().contiguous()
+    return tensor
 
 
 def _plain_dtype(dtype: np.dtype) -> bool:
@@ -140,8 +150,8 @@ def _native_order(array: np.ndarray) -> np.ndarray:
 def _raw_bytes(kind: str, data: Any) -> bytes:
     if kind != "tensor":
         return data.tobytes()  # any dtype (a memoryview refuses datetimes)
-    flat = data if data.dim() == 1 else data.reshape(-1)  # (data is contiguous)
-    return flat.view(torch.uint8).numpy().tobytes()
+    # data is a contiguous CPU tensor: its bytes are the ones from data_ptr() on.
+    return ctypes.string_at(data.data_ptr(), data.element_size() * data.numel())
 
 
 class TorchPickler(ForkingPickler):
@@ -206,18 +216,23 @@ class SkeletonPickler(TorchPickler):
         return ("first", number, described)
 
     def _describe(self, obj: Any) -> Any:
-        if type(obj) is torch.Tensor and self._keeps_layout(obj):
-            return self._storage_view(obj)
-        if type(obj) is torch.Tensor and self._in_staging(obj):
-            view = self._staged_view(obj)
-            if view is not None:
-                return view
-        found = _slab_candidate(obj)
+        found: tuple[str, Any] | None
+        if type(obj) is torch.Tensor:
+            as_bytes = _travels_as_bytes(obj)  # (asked once: each question costs)
+            if as_bytes and self._keeps_layout(obj):
+                return self._storage_view(obj)
+            if self._in_staging(obj):
+                view = self._staged_view(obj)
+                if view is not None:
+                    return view
+            found = ("tensor", _resolved(obj)) if as_bytes else None
+        else:
+            found = _slab_candidate(obj)
         if found is None:
             if isinstance(obj, torch.Tensor):
                 self.data_bytes += nbytes(obj)
             return None
-        kind, data = found
+        kind, data = found[0], cast(Any, found[1])
         size = data.element_size() * data.numel() if kind == "tensor" else data.nbytes
         self.data_bytes += size
         dtype = str(data.dtype) if kind == "tensor" else data.dtype.str  # array, array_t
@@ -239,8 +254,8 @@ class SkeletonPickler(TorchPickler):
         """Whether ``tensor`` is a view (strides, an offset, or a storage bigger than
         itself) that should arrive as one, as torch's loader delivers it: views of
         one storage keep sharing it. A plain tensor, or one that cannot travel as
-        bytes, or one in the staging slab, goes the usual way."""
-        if _slab_candidate(tensor) is None or tensor.is_conj() or tensor.is_neg():
+        bytes (the caller asked), or one in the staging slab, goes the usual way."""
+        if tensor.is_conj() or tensor.is_neg():
             return False
         storage = tensor.untyped_storage()
         staging = self.staging
@@ -362,8 +377,8 @@ class _StorageCounter(pickle.Pickler):
 
     def __init__(self) -> None:
         super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
-        self.seen: dict[int, int] = {}
-        self.ranges: dict[int, list[tuple[int, int]]] = {}  # storage → what its tensors read
+        # Storage (by address) → the strided tensors met on it, once per meeting.
+        self.tensors: dict[int, list[torch.Tensor]] = {}
         self.objects: dict[int, int] = {}  # times each array or tensor object is met
         self.arrays: dict[int, tuple[int, int]] = {}  # each array's memory, by id
 
@@ -372,8 +387,7 @@ class _StorageCounter(pickle.Pickler):
             self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
             if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
                 ptr = obj.untyped_storage().data_ptr()
-                self.seen[ptr] = self.seen.get(ptr, 0) + 1
-                self.ranges.setdefault(ptr, []).append(extent(obj))
+                self.tensors.setdefault(ptr, []).append(obj)
             return 0
         if isinstance(obj, np.ndarray):
             self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
@@ -413,21 +427,28 @@ class Sharing:
     overlapping: frozenset[int] = frozenset()  # ids of arrays whose memory overlaps
 
 
+_NOTHING_SHARED = Sharing()
+
+
 def sharing(batch: Any) -> Sharing:
     """What the tensors and arrays of ``batch`` share (NOTE [ Views ])."""
     if isinstance(batch, torch.Tensor):  # the most common batch: nothing to share
-        return Sharing()
+        return _NOTHING_SHARED
     counter = _StorageCounter()
     try:
         counter.dump(batch)
     except Exception:
         return Sharing()  # the real pickling will say what is wrong
-    shared = frozenset(ptr for ptr, count in counter.seen.items() if count > 1 and ptr)
+    shared = frozenset(ptr for ptr, met in counter.tensors.items() if len(met) > 1 and ptr)
+    repeated = frozenset(key for key, count in counter.objects.items() if count > 1)
+    if not shared and not repeated and len(counter.arrays) < 2:
+        return _NOTHING_SHARED  # the usual batch: no need to know what its tensors read
+    ranges = {ptr: [extent(t) for t in counter.tensors[ptr]] for ptr in shared}
     return Sharing(
         shared,
-        tuple(start for ptr in shared for start, _ in counter.ranges[ptr]),
-        frozenset(key for key, count in counter.objects.items() if count > 1),
-        {ptr: _merged(ranges) for ptr, ranges in counter.ranges.items() if ptr in shared},
+        tuple(start for ptr in shared for start, _ in ranges[ptr]),
+        repeated,
+        {ptr: _merged(found) for ptr, found in ranges.items()},
         counter.overlapping_arrays(),
     )
 
