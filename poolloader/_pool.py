@@ -384,28 +384,21 @@ class Pool(IOThread):
         """Seconds until ``record`` runs late (0.0: it does now): the task a started
         worker is running, it is late once it has run for longer than
         :data:`LATE_FACTOR` times the mean batch so far. ``None`` while it is not
-        running, or before any batch has finished.
-
-        Asked for every batch the consumer takes, so the usual answer (not late
-        yet) comes without the lock, which the I/O thread holds while it handles
-        messages: the counters read then may be one batch behind, and a positive
-        answer for a worker that has died meanwhile only wakes a wait early."""
+        running, or before any batch has finished. Asked for every batch, so "not
+        yet" comes without the lock (the counters may be a batch behind)."""
         started, done = record.started, self._counters.tasks_done
         if record.worker is None or not started or not done:
             return None
         left = LATE_FACTOR * self._counters.busy / done - (time.monotonic() - started)
         if left > 0:
-            return left
+            return left  # (for a worker dead meanwhile: a wait wakes early, that is all)
         with self._lock:
             if record.worker is None or not record.started or record.future.done():
                 return None
             w = self._workers[record.worker]
             if not w.ready or w.dead or next(iter(w.tasks), None) != record.seq:
                 return None
-            done = self._counters.tasks_done
-            if not done:
-                return None
-            typical = self._counters.busy / done
+            typical = self._counters.busy / self._counters.tasks_done
             return max(0.0, LATE_FACTOR * typical - (time.monotonic() - record.started))
 
     def whereabouts(self, record: TaskRecord) -> tuple[str, str]:
