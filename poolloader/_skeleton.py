@@ -438,7 +438,7 @@ def sharing(batch: Any) -> Sharing:
     try:
         counter.dump(batch)
     except Exception:
-        return Sharing()  # the real pickling will say what is wrong
+        return _NOTHING_SHARED  # the real pickling will say what is wrong
     shared = frozenset(ptr for ptr, met in counter.tensors.items() if len(met) > 1 and ptr)
     repeated = frozenset(key for key, count in counter.objects.items() if count > 1)
     if not shared and not repeated and len(counter.arrays) < 2:
