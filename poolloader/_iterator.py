@@ -27,7 +27,17 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import short
 from ._resume import EpochStart, sampler_length
-from ._tasks import Ended, Loaded, Lost, Outcome, Raised, TaskRecord, raisable
+from ._tasks import (
+    Ended,
+    GroupRecord,
+    Loaded,
+    Lost,
+    Outcome,
+    Raised,
+    TaskRecord,
+    part_tasks,
+    raisable,
+)
 from .errors import LoaderClosedError, LoaderTimeoutError
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
@@ -46,6 +56,9 @@ WAIT_SLICE = 0.5
 #: Shortest wait for a batch to turn late (seconds): batches of microseconds
 #: would otherwise have the consumer spin.
 LATE_RECHECK_FLOOR = 0.001
+#: Seconds a batch may stay unresolved after the pool broke before the consumer
+#: raises the pool's error for it anyway (the break resolves every batch in flight).
+BREAK_SETTLE = 2.0
 
 
 class PoolIterator(_BaseDataLoaderIter):
@@ -117,7 +130,7 @@ class PoolIterator(_BaseDataLoaderIter):
     def _abandon(self) -> None:
         self._taken = None
         if self._window:
-            self._pool.cancel(_tasks(self._window))
+            self._pool.cancel(part_tasks(self._window))
             self._window.clear()
             self._outcomes.clear()
         self._pool.end_epoch(self._epoch)
@@ -302,9 +315,9 @@ class PoolIterator(_BaseDataLoaderIter):
         has moved past the items of a batch it started. Only the batches no
         worker has started yet are brought up to date."""
         if self._iterable:
-            return self._pool.restamp(_tasks(self._window))
+            return self._pool.restamp(part_tasks(self._window))
         stale = list(self._window)
-        self._pool.cancel(_tasks(stale))
+        self._pool.cancel(part_tasks(stale))
         self._window.clear()
         self._outcomes.clear()
         for old in stale:
@@ -318,21 +331,51 @@ class PoolIterator(_BaseDataLoaderIter):
             record = self._taken
             if record is None:
                 if not self._window:
-                    self._end()
+                    self._refill_or_end()
                 record = self._take()
             try:
                 outcome = self._outcomes.get(record.seq, record.future).result()
-                self._fill()
             except Exception:
-                self._taken = None  # the batch failed, or the sampler: the next is next
+                self._taken = None  # the batch failed: the next is next
                 self._outcomes.pop(record.seq, None)
                 raise
+            try:
+                self._fill()
+            except Exception:
+                if self._pool.broken is None:
+                    # The sampler failed: its error now, the batch dropped, as torch does.
+                    self._taken = None
+                    self._outcomes.pop(record.seq, None)
+                    raise
+                # The pool broke: this batch loaded, so it is delivered, and the
+                # error comes with the next (NOTE [ A broken pool ]).
             # An interrupt (KeyboardInterrupt) above leaves the batch taken.
             self._taken = None
             self._outcomes.pop(record.seq, None)
             data = self._deliver(record, outcome)
             if data is not _SKIP:
                 return data
+
+    def _refill_or_end(self) -> None:
+        """The window is empty: the epoch ended, unless the pool broke first.
+
+        NOTE [ A broken pool ]: once the pool breaks (a batch killed two workers,
+        or workers died more often than ``max_worker_restarts`` allows), the
+        batches in the window that had not loaded fail with its error, and each
+        batch the sampler still has fails with it too, one per ``next()``: a
+        consumer that catches the error and goes on sees one outcome for every
+        batch of the epoch, then the epoch's end, never an end that looks like a
+        whole epoch, nor a loop without end. Batches that loaded before it broke
+        are delivered. A resume from ``state_dict()`` loads the failed ones again."""
+        if not self._sampler_done and not self._cut_short:
+            try:
+                self._fill()
+            except Exception:
+                if self._pool.broken is not None:
+                    self._drawn = None  # the batch drawn: this error is its outcome
+                raise
+        if not self._window:
+            self._end()
 
     def _end(self) -> NoReturn:
         """No batch is left: the epoch ended, or was cut short by :meth:`close`."""
@@ -392,6 +435,7 @@ class PoolIterator(_BaseDataLoaderIter):
         batches after it; refilling the window as they do keeps them busy (the
         stock loader only refills when a batch is consumed)."""
         future = self._outcome_of(record)
+        broke_seen = 0.0
         while not future.done():
             left = WAIT_SLICE if deadline is None else deadline - time.monotonic()
             if left <= 0:
@@ -402,12 +446,21 @@ class PoolIterator(_BaseDataLoaderIter):
             if late is not None and late > 0:
                 left = min(left, max(late, LATE_RECHECK_FLOOR))
             self._await_news(left)
-            self._fill()
+            try:
+                self._fill()
+            except Exception:
+                if self._pool.broken is None:
+                    raise
+                # The batch drawn keeps this error for its own next() (NOTE [ A broken pool ]).
             if self._cut_short:  # close() from a signal handler or another thread
                 self._end()
             broken = self._pool.broken
             if broken is not None and not future.done():
-                raise raisable(broken)
+                # The break fails every batch in flight right after it is set; one
+                # it missed would otherwise be waited for in vain.
+                broke_seen = broke_seen or time.monotonic()
+                if time.monotonic() - broke_seen > BREAK_SETTLE:
+                    raise raisable(broken)
 
     def _await_news(self, seconds: float) -> None:
         """Sleep until a batch of the window finishes (or ``seconds``, at most
@@ -459,73 +512,9 @@ class PoolIterator(_BaseDataLoaderIter):
 _SKIP = object()
 
 
-class GroupRecord(TaskRecord):
-    """One batch loaded in parts by several workers and merged in the main process.
-
-    A batch index may split itself: if it has ``poolloader_split(num_workers)``
-    returning ``[(worker or None, part), ...]`` and ``poolloader_merge(parts)``
-    returning the batch, each part becomes a task (pinned to its worker when
-    one is named) and the batch is ``index.poolloader_merge([part batches])``,
-    in the order the parts were given. Worker affinity for stateful readers
-    (iterator-style streams) is built on this.
-    """
-
-    #: The part tasks; emptied once merged (see :func:`_merge_into`).
-    parts: list[TaskRecord]
-
-    @classmethod
-    def of(cls, parts: list[TaskRecord], index: Any, position: int) -> GroupRecord:
-        group = cls(parts[0].seq, parts[0].epoch, position, index, parts[0].generation, None)
-        group.parts = parts
-        future, merge, remaining = group.future, index.poolloader_merge, [len(parts)]
-
-        def done(_: Future[Outcome]) -> None:  # holds the group's future, not the group
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                _merge_into(future, parts, merge)
-
-        for part in parts:
-            part.future.add_done_callback(done)
-        return group
-
-
-def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) -> None:
-    """Resolve ``future`` with the merged batch, then forget the parts.
-
-    Each part's future holds the callback that holds ``parts``: a reference
-    cycle. Emptying ``parts`` breaks it, so the part batches (views of the
-    workers' shared-memory slabs) die as soon as they are merged, not at the
-    next garbage collection nor when the merged batch is consumed; otherwise
-    the workers run out of slabs and send every part through fresh shared
-    memory."""
-    try:
-        outcomes = [p.future.result() for p in parts]
-        failed = [o for o in outcomes if not isinstance(o, Loaded)]
-        if failed:
-            future.set_result(failed[0])
-            return
-        loaded = [o for o in outcomes if isinstance(o, Loaded)]
-        future.set_result(
-            Loaded(merge([o.data for o in loaded]), loaded[0].worker_id, loaded[0].pid)
-        )
-    except BaseException as exc:  # a part failed, was cancelled, or merge raised
-        if not future.done():
-            future.set_exception(exc)
-    finally:
-        parts.clear()
-
-
 def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
     """A batch finished: wake the consumer if it waits (holds the queue, not the iterator)."""
     news.put(None)
-
-
-def _tasks(records: Any) -> list[TaskRecord]:
-    """The pool's tasks behind window entries (a group's parts)."""
-    found: list[TaskRecord] = []
-    for record in records:
-        found.extend(record.parts if isinstance(record, GroupRecord) else [record])
-    return found
 
 
 def _start_pinner() -> ThreadPoolExecutor:

@@ -1,6 +1,6 @@
 """What the pool tracks per task: the task record, and the outcomes its future
 resolves to (the batch, the dataset's exception, a batch lost on the way, the end
-of an IterableDataset's shard)."""
+of an IterableDataset's shard); and a batch loaded in parts (:class:`GroupRecord`)."""
 
 from __future__ import annotations
 
@@ -111,4 +111,68 @@ def raisable(error: BaseException) -> BaseException:
     loader and its processes alive until the interpreter exits."""
     found = copy.copy(error)
     found.__cause__, found.__suppress_context__ = error.__cause__, error.__suppress_context__
+    return found
+
+
+class GroupRecord(TaskRecord):
+    """One batch loaded in parts by several workers and merged in the main process.
+
+    A batch index may split itself: if it has ``poolloader_split(num_workers)``
+    returning ``[(worker or None, part), ...]`` and ``poolloader_merge(parts)``
+    returning the batch, each part becomes a task (pinned to its worker when
+    one is named) and the batch is ``index.poolloader_merge([part batches])``,
+    in the order the parts were given. Worker affinity for stateful readers
+    (iterator-style streams) is built on this.
+    """
+
+    #: The part tasks; emptied once merged (see :func:`_merge_into`).
+    parts: list[TaskRecord]
+
+    @classmethod
+    def of(cls, parts: list[TaskRecord], index: Any, position: int) -> GroupRecord:
+        group = cls(parts[0].seq, parts[0].epoch, position, index, parts[0].generation, None)
+        group.parts = parts
+        future, merge, remaining = group.future, index.poolloader_merge, [len(parts)]
+
+        def done(_: Future[Outcome]) -> None:  # holds the group's future, not the group
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                _merge_into(future, parts, merge)
+
+        for part in parts:
+            part.future.add_done_callback(done)
+        return group
+
+
+def _merge_into(future: Future[Outcome], parts: list[TaskRecord], merge: Any) -> None:
+    """Resolve ``future`` with the merged batch, then forget the parts.
+
+    Each part's future holds the callback that holds ``parts``: a reference
+    cycle. Emptying ``parts`` breaks it, so the part batches (views of the
+    workers' shared-memory slabs) die as soon as they are merged, not at the
+    next garbage collection nor when the merged batch is consumed; otherwise
+    the workers run out of slabs and send every part through fresh shared
+    memory."""
+    try:
+        outcomes = [p.future.result() for p in parts]
+        failed = [o for o in outcomes if not isinstance(o, Loaded)]
+        if failed:
+            future.set_result(failed[0])
+            return
+        loaded = [o for o in outcomes if isinstance(o, Loaded)]
+        future.set_result(
+            Loaded(merge([o.data for o in loaded]), loaded[0].worker_id, loaded[0].pid)
+        )
+    except BaseException as exc:  # a part failed, was cancelled, or merge raised
+        if not future.done():
+            future.set_exception(exc)
+    finally:
+        parts.clear()
+
+
+def part_tasks(records: Any) -> list[TaskRecord]:
+    """The pool's tasks behind window entries (a group's parts)."""
+    found: list[TaskRecord] = []
+    for record in records:
+        found.extend(record.parts if isinstance(record, GroupRecord) else [record])
     return found

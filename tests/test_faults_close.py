@@ -36,12 +36,15 @@ def test_close_while_the_consumer_waits_ends_the_loop_with_loader_closed(in_orde
     loader = DataLoader(SlowAfter(), batch_size=4, num_workers=2, in_order=in_order,
                         multiprocessing_context="forkserver")  # fmt: skip
     seen = []
-    closer = threading.Timer(3.0, loader.close)
-    closer.start()
+    # Closed once the consumer waits for batch 2 (which sleeps): timed from the
+    # second batch, not from the start, which a busy machine can make slower.
+    closer = threading.Timer(0.5, loader.close)
     try:
         with pytest.raises(LoaderClosedError, match="closed during epoch 0"):
             for batch in loader:
                 seen.append(batch.tolist())
+                if len(seen) == 2:
+                    closer.start()
     finally:
         closer.cancel()
         loader.close()

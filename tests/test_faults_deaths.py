@@ -209,6 +209,35 @@ def test_a_poison_batch_names_only_its_own_deaths(where: Path) -> None:
     assert_batches(got, torch_batches(dataset, batch_size=3)[: len(got)])
 
 
+@pytest.mark.parametrize("persistent", [True, False], ids=["persistent", "fresh"])
+def test_a_consumer_that_goes_on_after_the_pool_broke_gets_one_outcome_per_batch(
+    persistent: bool, where: Path
+) -> None:
+    """The consumer catches WorkerCrashedError and calls next() again: each batch
+    of the epoch gives its data (those loaded before the break, as torch's) or
+    the error, in order, and then the epoch ends. Loaded batches were dropped when
+    the break came while the window refilled, and the epoch ended after the
+    window's failed batches, as if whole."""
+    dataset = Faulty(40, "sigkill", always(5), where=where)
+    want = torch_batches(dataset, batch_size=4)
+    with fault_loader(dataset, batch_size=4, persistent_workers=persistent) as loader:
+        for _ in range(2):  # the next epoch starts a new pool and breaks it again
+            outcomes: list[Any] = []
+            iterator = iter(loader)
+            while True:
+                try:
+                    outcomes.append(next(iterator))
+                except StopIteration:
+                    break
+                except WorkerCrashedError as exc:
+                    outcomes.append(exc)
+            assert len(outcomes) == len(want) == 10, outcomes
+            assert isinstance(outcomes[1], WorkerCrashedError)  # the poison batch
+            for k, (got, expected) in enumerate(zip(outcomes, want)):
+                if not isinstance(got, WorkerCrashedError):
+                    assert_batches([got], [expected])
+
+
 @pytest.mark.parametrize("limit", [None, 0], ids=["default", "zero"])
 def test_deaths_beyond_max_worker_restarts_raise(limit: int | None, where: Path) -> None:
     """By default 3 deaths (at different batches) are survived and the 4th raises;
