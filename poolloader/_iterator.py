@@ -193,9 +193,15 @@ class PoolIterator(_BaseDataLoaderIter):
         poolloader does not either: an epoch left early (``break``) would leave the
         generator one draw further on than torch's, depending on how late a batch
         ran, and every later epoch's order with it."""
-        if self._batches == -1:  # asked only here: some samplers count by iterating
+        batches = self._length()
+        return batches is not None and self._ledger.next_position >= batches
+
+    def _length(self) -> int | None:
+        """The sampler's number of batches, ``None`` where it has none. Asked only
+        when needed (some samplers count by iterating), once."""
+        if self._batches == -1:
             self._batches = None if self._iterable else sampler_length(self._index_sampler)
-        return self._batches is not None and self._ledger.next_position >= self._batches
+        return self._batches
 
     def _window_limit(self) -> int:
         """``prefetch_factor * num_workers``, plus the reorder allowance while the
@@ -366,8 +372,11 @@ class PoolIterator(_BaseDataLoaderIter):
         consumer that catches the error and goes on sees one outcome for every
         batch of the epoch, then the epoch's end, never an end that looks like a
         whole epoch, nor a loop without end. Batches that loaded before it broke
-        are delivered. A resume from ``state_dict()`` loads the failed ones again."""
-        if not self._sampler_done and not self._cut_short:
+        are delivered. A resume from ``state_dict()`` loads the failed ones again.
+        Where the batches left are not counted (an IterableDataset, a sampler with
+        no length), the epoch ends after the window's."""
+        counted = self._pool.broken is None or self._length() is not None
+        if not self._sampler_done and not self._cut_short and counted:
             try:
                 self._fill()
             except Exception:

@@ -291,6 +291,26 @@ def test_a_death_inside_an_iterable_datasets_stream_ends_the_epoch(fault: str, w
     assert set(seen) <= set(range(40))
 
 
+def test_a_consumer_that_goes_on_after_a_stream_broke_reaches_the_end(where: Path) -> None:
+    """An IterableDataset has no count of the batches left: after the pool broke,
+    a consumer that catches the error and goes on gets the window's errors, then
+    the end of the epoch, not the error again for ever."""
+    dataset = FaultyStream(40, "sigkill", always(13), where=where)
+    with fault_loader(dataset, batch_size=2) as loader:
+        iterator, outcomes = iter(loader), []
+        while len(outcomes) < 100:
+            try:
+                outcomes.append(next(iterator))
+            except StopIteration:
+                break
+            except WorkerCrashedError as exc:
+                outcomes.append(exc)
+    errors = [o for o in outcomes if isinstance(o, WorkerCrashedError)]
+    assert errors and len(outcomes) <= 20, outcomes  # 20 batches in the stream
+    seen = [i for o in outcomes if not isinstance(o, Exception) for i in o["i"].tolist()]
+    assert len(seen) == len(set(seen)) and 13 not in seen, seen
+
+
 @pytest.mark.parametrize("how", ["poison", "max_worker_restarts"])
 def test_a_broken_pool_goes_quiet(how: str, where: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After WorkerCrashedError the pool counts and logs each death once, starts
