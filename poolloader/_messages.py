@@ -265,25 +265,45 @@ class RemoteError:
     message: str
     traceback: str
     pickled: bytes | None
+    #: The exception's class, pickled by name, for an exception that does not
+    #: pickle itself (one holding a lock, say).
+    pickled_type: bytes | None = None
 
     @classmethod
     def capture(cls, exc: BaseException) -> RemoteError:
         text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         pickled: bytes | None
+        pickled_type: bytes | None = None
         try:
             pickled = pickle.dumps(exc)
             pickle.loads(pickled)
         except Exception:
             pickled = None
+            try:
+                pickled_type = pickle.dumps(type(exc))
+            except Exception:
+                pass
         name = f"{type(exc).__module__}.{type(exc).__qualname__}"
-        return cls(type_name=name, message=str(exc), traceback=text, pickled=pickled)
+        return cls(name, str(exc), text, pickled, pickled_type)
 
     def rebuild(self) -> BaseException:
-        """The original exception if it survived pickling, else a RuntimeError naming it."""
+        """The original exception if it survived pickling; else one of its class
+        made from its message, as torch re-raises every worker exception; else a
+        RuntimeError naming it."""
         exc: BaseException | None = None
         if self.pickled is not None:
             try:
                 exc = pickle.loads(self.pickled)
+            except Exception:
+                exc = None
+        if exc is None and self.pickled_type is not None:
+            try:
+                kind = pickle.loads(self.pickled_type)
+                exc = (
+                    kind(self.message)
+                    if isinstance(kind, type) and issubclass(kind, BaseException)
+                    else None
+                )
             except Exception:
                 exc = None
         if exc is None:

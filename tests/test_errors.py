@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -56,6 +57,30 @@ def test_key_error_message_reads_as_text():
             list(loader)
     text = str(info.value)
     assert text.startswith("utt3\n(raised in DataLoader worker"), text
+
+
+class HoldsALockError(Exception):
+    """An exception that does not pickle (it holds a lock), of a class that does."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def _raise_holding_a_lock(batch):
+    raise HoldsALockError("item 3 is corrupt")
+
+
+def test_an_exception_that_does_not_pickle_keeps_its_class_as_with_torch():
+    """torch rebuilds every worker exception from its class and message, so
+    ``except HoldsALockError`` catches it there; it must here too."""
+    with pytest.raises(HoldsALockError, match="item 3 is corrupt"):
+        next(iter(torch.utils.data.DataLoader(Plain(4), batch_size=2, num_workers=1,
+                                              collate_fn=_raise_holding_a_lock)))  # fmt: skip
+    with _loader(Plain(4), batch_size=2, collate_fn=_raise_holding_a_lock) as loader:
+        with pytest.raises(HoldsALockError, match="item 3 is corrupt") as info:
+            next(iter(loader))
+    assert "HoldsALockError: item 3 is corrupt" in str(info.value.__cause__)  # its traceback
 
 
 def test_exception_that_cannot_be_rebuilt_becomes_runtime_error():
