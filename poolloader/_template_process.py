@@ -69,13 +69,13 @@ def template_main(
     except _MainGone:
         os._exit(0)  # the main process gave up (its pickling failed) or is gone
     except BaseException as exc:  # every failure is reported home
-        _send(conn, StartFailed(-1, os.getpid(), RemoteError.capture(exc)))
+        _report(conn, StartFailed(-1, os.getpid(), RemoteError.capture(exc)))
         os._exit(1)
     reason = _unsafe_to_fork()
     if reason:
-        _send(conn, TemplateUnsafe(reason))
+        _report(conn, TemplateUnsafe(reason))
         os._exit(0)
-    _send(conn, TemplateReady(os.getpid()))
+    _report(conn, TemplateReady(os.getpid()))
     _Template(setup, conn, own_name).serve()
     os._exit(0)  # not multiprocessing's exit: it would wait for the workers
 
@@ -180,6 +180,15 @@ def _unsafe_to_fork() -> str:
 
 def _send(conn: Connection, message: object) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _report(conn: Connection, message: object) -> None:
+    """Send how the start went; a main process gone meanwhile (killed while this
+    template started) ends the template quietly, not with a traceback."""
+    try:
+        _send(conn, message)
+    except OSError:
+        os._exit(0)
 
 
 class _Template:

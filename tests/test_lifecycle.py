@@ -237,6 +237,36 @@ def test_workers_exit_when_the_main_process_is_killed(context):
     )
 
 
+KILLED_WHILE_STARTING = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from _datasets import SlowToUnpickle
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        loader = DataLoader(SlowToUnpickle(8, seconds=3.0), batch_size=4, num_workers=2,
+                            multiprocessing_context="spawn")
+        iter(loader)  # the template starts; the dataset's pickle is on its way to it
+        time.sleep(1.0)
+        os.kill(os.getpid(), 9)  # before the template has the dataset unpickled
+    """
+)
+
+
+def test_a_main_process_killed_while_the_template_starts_leaves_it_quiet():
+    """The template finds the main process gone when it reports its start: it
+    exits without a traceback on the terminal it shares with the main process."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WHILE_STARTING.format(tests=TESTS)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    # The streams end once every process holding them has: the template too.
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert "Traceback" not in err, err
+
+
 def test_processes_a_dataset_pool_forks_after_the_main_process_dies_end_too():
     """A worker's own fork-context Pool forks replacements for the processes the
     worker ends on its way out, after it looked for them: all must go. Every
