@@ -346,21 +346,28 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._outcomes.pop(record.seq, None)
                 raise
             try:
-                self._fill()
+                self._fill_past_a_break()
             except Exception:
-                if self._pool.broken is None:
-                    # The sampler failed: its error now, the batch dropped, as torch does.
-                    self._taken = None
-                    self._outcomes.pop(record.seq, None)
-                    raise
-                # The pool broke: this batch loaded, so it is delivered, and the
-                # error comes with the next (NOTE [ A broken pool ]).
+                # The sampler failed: its error now, the batch dropped, as torch does.
+                self._taken = None
+                self._outcomes.pop(record.seq, None)
+                raise
             # An interrupt (KeyboardInterrupt) above leaves the batch taken.
             self._taken = None
             self._outcomes.pop(record.seq, None)
             data = self._deliver(record, outcome)
             if data is not _SKIP:
                 return data
+
+    def _fill_past_a_break(self) -> None:
+        """:meth:`_fill`, where a broken pool's error is not this call's to raise:
+        the batch being taken or waited for has its own outcome, and the batch
+        drawn keeps the error for its own ``next()`` (NOTE [ A broken pool ])."""
+        try:
+            self._fill()
+        except Exception:
+            if self._pool.broken is None:
+                raise
 
     def _refill_or_end(self) -> None:
         """The window is empty: the epoch ended, unless the pool broke first.
@@ -455,12 +462,7 @@ class PoolIterator(_BaseDataLoaderIter):
             if late is not None and late > 0:
                 left = min(left, max(late, LATE_RECHECK_FLOOR))
             self._await_news(left)
-            try:
-                self._fill()
-            except Exception:
-                if self._pool.broken is None:
-                    raise
-                # The batch drawn keeps this error for its own next() (NOTE [ A broken pool ]).
+            self._fill_past_a_break()
             if self._cut_short:  # close() from a signal handler or another thread
                 self._end()
             broken = self._pool.broken

@@ -30,6 +30,7 @@ from _faults import (
 
 from poolloader import DataLoader
 from poolloader._template_process import TEMPLATE_NAME
+from poolloader.errors import WorkerCrashedError
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 #: Seconds processes get to disappear after the event that should end them.
@@ -227,6 +228,21 @@ def collect_batches(iterator: Iterator[Any]) -> tuple[list[Any], BaseException |
     except Exception as exc:
         return got, exc
     return got, None
+
+
+def outcomes_going_on(iterator: Iterator[Any], most: int = 100) -> list[Any]:
+    """What a consumer that catches WorkerCrashedError and calls next() again gets:
+    each batch or error, until the epoch ends; ``most`` at most, so that an
+    iterator raising for ever fails the test instead of hanging it."""
+    outcomes: list[Any] = []
+    while len(outcomes) < most:
+        try:
+            outcomes.append(next(iterator))
+        except StopIteration:
+            break
+        except WorkerCrashedError as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 def describe(proc: psutil.Process) -> str:

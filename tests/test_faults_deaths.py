@@ -43,6 +43,7 @@ from _procs import (
     live_grandchildren,
     logged_warnings,
     names_batch,
+    outcomes_going_on,
     torch_batches,
     wait_gone,
     wait_until,
@@ -222,15 +223,7 @@ def test_a_consumer_that_goes_on_after_the_pool_broke_gets_one_outcome_per_batch
     want = torch_batches(dataset, batch_size=4)
     with fault_loader(dataset, batch_size=4, persistent_workers=persistent) as loader:
         for _ in range(2):  # the next epoch starts a new pool and breaks it again
-            outcomes: list[Any] = []
-            iterator = iter(loader)
-            while True:
-                try:
-                    outcomes.append(next(iterator))
-                except StopIteration:
-                    break
-                except WorkerCrashedError as exc:
-                    outcomes.append(exc)
+            outcomes = outcomes_going_on(iter(loader))
             assert len(outcomes) == len(want) == 10, outcomes
             assert isinstance(outcomes[1], WorkerCrashedError)  # the poison batch
             for k, (got, expected) in enumerate(zip(outcomes, want)):
@@ -297,14 +290,7 @@ def test_a_consumer_that_goes_on_after_a_stream_broke_reaches_the_end(where: Pat
     the end of the epoch, not the error again for ever."""
     dataset = FaultyStream(40, "sigkill", always(13), where=where)
     with fault_loader(dataset, batch_size=2) as loader:
-        iterator, outcomes = iter(loader), []
-        while len(outcomes) < 100:
-            try:
-                outcomes.append(next(iterator))
-            except StopIteration:
-                break
-            except WorkerCrashedError as exc:
-                outcomes.append(exc)
+        outcomes = outcomes_going_on(iter(loader))
     errors = [o for o in outcomes if isinstance(o, WorkerCrashedError)]
     assert errors and len(outcomes) <= 20, outcomes  # 20 batches in the stream
     seen = [i for o in outcomes if not isinstance(o, Exception) for i in o["i"].tolist()]
