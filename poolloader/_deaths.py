@@ -10,17 +10,14 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import psutil
 
 from . import _proctree
 from ._messages import StartFailed
+from ._tasks import TaskRecord, raisable
 from ._threads import helper_thread
 from .errors import PoolBrokenError, WorkerCrashedError, WorkerStartError
-
-if TYPE_CHECKING:
-    from ._tasks import TaskRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +67,18 @@ def crash_error(
     return WorkerCrashedError(
         f"{torch_words(death.pid, death.code)} {why}", exitcodes=exitcodes, indices=indices
     )
+
+
+def unloaded_error(error: PoolBrokenError, position: int, index: object) -> PoolBrokenError:
+    """A copy of a broken pool's ``error`` for batch ``position``, which was not
+    loaded when the pool broke, saying so: the message is about the batch that
+    broke it, and the consumer gets a copy for every batch (NOTE [ A broken pool ]
+    in ``_iterator.py``)."""
+    found = raisable(error)
+    note = f"Batch {position} (indices {short(index)}) was not loaded: the pool broke first."
+    message = str(found.args[0]) if found.args else ""
+    found.args = (f"{message}\n{note}" if message else note, *found.args[1:])
+    return found
 
 
 def torch_words(pid: int, code: int) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
-from ._deaths import short
+from ._deaths import short, unloaded_error
 from ._resume import EpochStart, sampler_length
 from ._tasks import (
     Ended,
@@ -36,7 +36,6 @@ from ._tasks import (
     Raised,
     TaskRecord,
     part_tasks,
-    raisable,
 )
 from .errors import LoaderClosedError, LoaderTimeoutError
 
@@ -471,7 +470,7 @@ class PoolIterator(_BaseDataLoaderIter):
                 # it missed would otherwise be waited for in vain.
                 broke_seen = broke_seen or time.monotonic()
                 if time.monotonic() - broke_seen > BREAK_SETTLE:
-                    raise raisable(broken)
+                    raise unloaded_error(broken, record.position, record.index)
 
     def _await_news(self, seconds: float) -> None:
         """Sleep until a batch of the window finishes (or ``seconds``, at most

@@ -37,6 +37,7 @@ from typing import Any
 
 from . import _worker
 from ._control import Channel
+from ._deaths import unloaded_error
 from ._iothread import IOThread
 from ._messages import (
     EpochStart,
@@ -330,7 +331,7 @@ class Pool(IOThread):
     def submit(self, epoch: int, position: int, index: Any, pin: int | None = None) -> TaskRecord:
         """Queue batch ``position`` of ``epoch``; its outcome arrives on ``record.future``."""
         with self._lock:
-            self._check_usable()
+            self._check_usable(position, index)
             record = TaskRecord(next(self._seq), epoch, position, index, self._stamp(), pin)
             self._pending.append(record)
             self._dispatch()
@@ -450,11 +451,13 @@ class Pool(IOThread):
             self._dispatch()
         return len(waiting)
 
-    def _check_usable(self) -> None:
+    def _check_usable(self, position: int, index: Any) -> None:
+        """Raise unless the pool can take batch ``position`` (a broken pool's
+        error says that batch was not loaded)."""
         if self._closing:
             raise LoaderClosedError("the DataLoader was closed; create a new one to load more")
         if self._broken is not None:
-            raise raisable(self._broken)
+            raise unloaded_error(self._broken, position, index)
 
     # ------------------------------------------------------------- dispatch
 
@@ -564,13 +567,20 @@ class Pool(IOThread):
         except OSError:
             pass  # the worker died; its sentinel tells the I/O thread
 
-    def _break(self, error: PoolBrokenError) -> None:
+    def _break(self, error: PoolBrokenError, culprit: TaskRecord | None = None) -> None:
+        """Fail every batch in flight with ``error``; each but the ``culprit`` (the
+        batch it names) says that it was not loaded (NOTE [ A broken pool ] in
+        ``_iterator.py``). The kept ``error`` itself never takes a traceback."""
         with self._lock:
             if self._broken is not None:
                 return
             self._broken = error
             records = self._take_all_records()
-        fail(records, raisable(error))  # (the kept one never takes a traceback)
+        for record in records:
+            if record is culprit:
+                fail([record], raisable(error))
+            else:
+                fail([record], unloaded_error(error, record.position, record.index))
 
     def _all_records(self) -> list[TaskRecord]:
         return [*self._pending, *(r for w in self._workers for r in w.tasks.values())]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ._messages import RemoteError
 
@@ -41,6 +41,8 @@ class Ended:
 
 
 Outcome = Loaded | Raised | Lost | Ended
+
+_E = TypeVar("_E", bound=BaseException)
 
 #: What ``Future.done()`` checks for (``concurrent.futures._base``'s states).
 _DONE_STATES = frozenset({"CANCELLED", "CANCELLED_AND_NOTIFIED", "FINISHED"})
@@ -104,7 +106,7 @@ def fail(records: list[TaskRecord], error: BaseException) -> None:
             pass
 
 
-def raisable(error: BaseException) -> BaseException:
+def raisable(error: _E) -> _E:
     """A copy of ``error`` to raise (its cause and notes kept), so that ``error``
     itself, kept by a pool, never takes a traceback: the traceback's frames hold
     the caller's loader, and the pool, held by its I/O thread, would keep that

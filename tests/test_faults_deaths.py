@@ -218,7 +218,9 @@ def test_a_consumer_that_goes_on_after_the_pool_broke_gets_one_outcome_per_batch
     of the epoch gives its data (those loaded before the break, as torch's) or
     the error, in order, and then the epoch ends. Loaded batches were dropped when
     the break came while the window refilled, and the epoch ended after the
-    window's failed batches, as if whole."""
+    window's failed batches, as if whole. Each error is the batch's own: the
+    poison batch's says it killed two workers, every other says which batch was
+    not loaded (all of them read as the poison batch's before)."""
     dataset = Faulty(40, "sigkill", always(5), where=where)
     want = torch_batches(dataset, batch_size=4)
     with fault_loader(dataset, batch_size=4, persistent_workers=persistent) as loader:
@@ -226,9 +228,20 @@ def test_a_consumer_that_goes_on_after_the_pool_broke_gets_one_outcome_per_batch
             outcomes = outcomes_going_on(iter(loader))
             assert len(outcomes) == len(want) == 10, outcomes
             assert isinstance(outcomes[1], WorkerCrashedError)  # the poison batch
+            errors = [o for o in outcomes if isinstance(o, WorkerCrashedError)]
+            assert len({id(e) for e in errors}) == len(errors), "one error object, raised again"
             for k, (got, expected) in enumerate(zip(outcomes, want)):
                 if not isinstance(got, WorkerCrashedError):
                     assert_batches([got], [expected])
+                    continue
+                message = str(got)
+                assert "Batch 1 (indices [4, 5, 6, 7]) killed two workers" in message, message
+                assert got.indices == [4, 5, 6, 7], (k, got.indices)
+                indices = list(range(4 * k, 4 * k + 4))
+                if k == 1:
+                    assert "was not loaded" not in message, message
+                else:
+                    assert f"Batch {k} (indices {indices}) was not loaded" in message, message
 
 
 @pytest.mark.parametrize("limit", [None, 0], ids=["default", "zero"])
