@@ -35,7 +35,15 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import numpy.random  # NOTE [ Imported before the fork ]
 import torch
+
+# NOTE [ Imported before the fork ]: NumPy 2 imports ``numpy.random`` on first
+# use of ``np.random``, 15-60 ms. A template process that had not used it by the
+# time it forked its workers left every worker to import it again while starting
+# (each one, each epoch with ``persistent_workers=False``). Imported with this
+# module, it is in the template (and the fork server, and the main process for
+# ``fork``) before any worker is forked.
 
 SEEDING_POLICIES = ("batch", "worker")
 SEED_MASK = 2**63 - 1

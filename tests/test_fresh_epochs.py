@@ -5,6 +5,8 @@ again (NOTE [ Fingerprints ] in ``poolloader/_pickling.py``)."""
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,6 +125,15 @@ def test_a_dataset_shared_many_times_over_is_compared_by_its_pickle(pickles):
     with _loader(dataset) as loader:
         assert list(loader) == list(loader) == [0, 1, 2, 3, 4, 5]
         assert len(pickles) == 1
+
+
+def test_the_template_has_numpy_random_before_it_forks_a_worker():
+    """NumPy 2 imports ``numpy.random`` on first use, 15-60 ms; every worker seeds
+    NumPy as it starts. A template that had not imported it left each worker it
+    forked to import it again (each epoch with ``persistent_workers=False``)."""
+    code = "import sys, poolloader._template_process; print('numpy.random' in sys.modules)"
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert found.stdout.strip() == "True", found.stderr
 
 
 def test_the_template_starts_while_the_dataset_is_pickled(start_method):
