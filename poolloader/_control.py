@@ -148,31 +148,23 @@ are released no sooner than what names them.
 from __future__ import annotations
 
 import bisect
-import collections
 import contextlib
 import logging
 import pickle
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-import numpy as np
-import torch
-
 from . import _pickling, _segment
+from ._folding import Run
 from ._messages import (
-    THIS,
-    Call,
     Changes,
     Path,
     Refresh,
     Replace,
     SetAttr,
-    SetItems,
     Update,
 )
-from ._replay import assign_contents
 from ._settling import SettlingViews
 
 logger = logging.getLogger("poolloader")
@@ -187,14 +179,6 @@ SNAPSHOT_FLOOR = 1 << 20
 #: unfinished task is older; the newest follows the changes. More would only
 #: cost memory (each is a whole dataset).
 PENDING_SNAPSHOTS = 2
-#: Writes into one container between two batches travel one by one until they
-#: number more than 1/FOLD_FRACTION of its items (and more than RUN_MINIMUM);
-#: then its whole contents travel instead, and again after as many more. A
-#: write of a number into a list costs about 15 bytes, an item of the list 3 to
-#: 9: folding at a quarter keeps a shuffle's message within about twice the
-#: contents, and pickles the contents at most eight times per shuffle.
-FOLD_FRACTION = 4
-RUN_MINIMUM = 64
 
 
 # ------------------------------------------------------------------ the channel
@@ -206,22 +190,6 @@ class _Snapshot(NamedTuple):
     generation: int
     data: bytes
     pins: list[_segment.Segment]
-
-
-@dataclass
-class _Run:
-    """The trailing changes of the open group that all write into one container."""
-
-    path: Path
-    container: Any
-    start: int  # where in the open group the run begins
-    limit: int  # writes after which its contents travel instead
-    writes: int = 0  # writes recorded since the run began or was last folded
-    atoms: list[tuple[Any, Any]] = field(default_factory=list)  # not yet in the group
-
-
-def _fold_after(container: Any) -> int:
-    return max(RUN_MINIMUM, _length(container) // FOLD_FRACTION)
 
 
 class Channel:
@@ -245,7 +213,7 @@ class Channel:
         self._retired: list[tuple[int, list[_segment.Segment]]] = []
         self._since_snapshot = 0
         self._open: list[Update] = []  # recorded since the last stamp
-        self._run: _Run | None = None
+        self._run: Run | None = None
         self._source: Any = None
         self._started = False
         self._snapshotting = False
@@ -407,7 +375,7 @@ class Channel:
 
     def record_atom(self, path: Path, container: Any, key: Any, value: Any) -> None:
         """Record ``container[key] = value`` where key and value are numbers, strings
-        or None: immutable, so they are pickled later, together (:class:`SetItems`)."""
+        or None: immutable, so they are pickled later, together (:class:`~._messages.SetItems`)."""
         with self._lock:
             if not self._started:  # (not the base: fork workers start with none)
                 return
@@ -420,7 +388,7 @@ class Channel:
             if run.writes > run.limit:
                 self._fold(run)
 
-    def _continue_run(self, path: Path, container: Any, atom: bool) -> _Run | None:
+    def _continue_run(self, path: Path, container: Any, atom: bool) -> Run | None:
         """The run a write into ``container`` at ``path`` belongs to: the current
         one if the last write went there too, else a new one (or none)."""
         run = self._run
@@ -429,28 +397,16 @@ class Channel:
         if not (same and atom):
             self._flush_atoms()  # what comes next follows the pending atoms
         if not same:
-            fold = _fold_after(container) if container is not None else 0
-            self._run = _Run(path, container, len(self._open), fold) if fold else None
+            self._run = Run.begin(path, container, len(self._open))
         return self._run
 
     def _flush_atoms(self) -> None:
-        run = self._run
-        if run is not None and run.atoms:
-            items = pickle.dumps(run.atoms, protocol=_pickling.PROTOCOL)
-            self._open.append(SetItems(run.path, items))
-            run.atoms = []
+        if self._run is not None:
+            self._run.flush(self._open)
 
-    def _fold(self, run: _Run) -> None:
+    def _fold(self, run: Run) -> None:
         """Replace the run's writes (and an earlier fold of them) by the container's contents."""
-        with _segment.pinning() as pinned:
-            contents = _contents_call(run.container)
-        self._open_pins += pinned
-        if contents is None:
-            run.limit *= 2  # the contents do not pickle: the writes themselves travel
-            return
-        del self._open[run.start :]  # the writes, and an earlier fold of them
-        self._open.append(Call(run.path, contents))
-        run.writes, run.atoms = 0, []
+        self._open_pins += run.fold(self._open)
 
     def _supersedes(self, update: Update) -> bool:
         """Whether ``update`` assigns the attribute the group's last change assigned
@@ -602,29 +558,3 @@ def _size(update: Update) -> int:
         return sum(_size(u) for u in update.updates)
     payloads = [getattr(update, n, b"") for n in ("value", "key", "items", "call", "dataset")]
     return 64 + sum(len(p) for p in payloads if isinstance(p, bytes))
-
-
-def _length(container: Any) -> int:
-    if isinstance(container, np.ndarray):
-        return int(container.size)
-    if isinstance(container, torch.Tensor):
-        return int(container.numel())
-    return len(container)
-
-
-def _contents_call(container: Any) -> bytes | None:
-    """A pickled :class:`Call` payload that sets ``container``'s whole contents."""
-    if isinstance(container, np.ndarray):
-        value: Any = container.copy()
-    elif isinstance(container, torch.Tensor):
-        value = container.detach().clone()
-    elif isinstance(container, dict):
-        value = list(container.items())
-    elif isinstance(container, (list, set, collections.deque, bytearray)):
-        value = list(container)
-    else:
-        return None
-    try:
-        return pickle.dumps((assign_contents, (THIS, value), {}), protocol=_pickling.PROTOCOL)
-    except Exception:  # the writes themselves pickled: keep them
-        return None

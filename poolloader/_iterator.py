@@ -18,14 +18,14 @@ import itertools
 import queue
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
-from torch.utils.data._utils.pin_memory import pin_memory
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import short, unloaded_error
+from ._pin_memory import pin_when_done, start_pinner
 from ._resume import EpochStart, sampler_length
 from ._tasks import (
     Ended,
@@ -74,7 +74,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._in_order = loader.in_order
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
         self._outcomes: dict[int, Future[Outcome]] = {}
-        self._pinner = _start_pinner() if self._pin_memory else None
+        self._pinner = start_pinner() if self._pin_memory else None
         self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
         self._cut_short = False  # close() ended the epoch before its last batch
         self._loader_closed = False  # ... because the loader was closed
@@ -264,7 +264,7 @@ class PoolIterator(_BaseDataLoaderIter):
         announce = functools.partial(_announce, self._news)
         record.future.add_done_callback(announce)
         if self._pinner is not None:
-            pinned = _pin_when_done(record.future, self._pinner, self._pin_memory_device)
+            pinned = pin_when_done(record.future, self._pinner, self._pin_memory_device)
             pinned.add_done_callback(announce)
             self._outcomes[record.seq] = pinned
 
@@ -525,49 +525,6 @@ _SKIP = object()
 def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
     """A batch finished: wake the consumer if it waits (holds the queue, not the iterator)."""
     news.put(None)
-
-
-def _start_pinner() -> ThreadPoolExecutor:
-    """The thread that copies finished batches into pinned memory, as torch's does."""
-    device = torch.accelerator.current_device_index()
-    return ThreadPoolExecutor(
-        1, thread_name_prefix="poolloader-pin", initializer=_pin_thread_init, initargs=(device,)
-    )
-
-
-def _pin_thread_init(device: int) -> None:
-    torch.accelerator.set_device_index(device)
-
-
-def _pin_when_done(
-    loaded: Future[Outcome], pinner: ThreadPoolExecutor, device: str | None
-) -> Future[Outcome]:
-    """A future of the batch in pinned memory, pinned on ``pinner`` once ``loaded`` is done."""
-    pinned: Future[Outcome] = Future()
-
-    def pin(outcome: Loaded) -> None:
-        try:
-            data = pin_memory(outcome.data, device)
-        except BaseException as exc:  # delivered to the consumer
-            pinned.set_exception(exc)
-            return
-        pinned.set_result(Loaded(data, outcome.worker_id, outcome.pid))
-
-    def done(future: Future[Outcome]) -> None:
-        if future.cancelled():
-            pinned.cancel()
-        elif future.exception() is not None:
-            pinned.set_exception(future.exception())
-        elif isinstance(outcome := future.result(), Loaded):
-            try:
-                pinner.submit(pin, outcome)
-            except RuntimeError:  # the iterator was closed meanwhile
-                pinned.cancel()
-        else:
-            pinned.set_result(outcome)
-
-    loaded.add_done_callback(done)
-    return pinned
 
 
 def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:

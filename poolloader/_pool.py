@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import multiprocessing.util
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import _worker
+from . import _exit_hook, _worker
 from ._control import Channel
 from ._deaths import unloaded_error
 from ._iothread import IOThread
@@ -74,39 +72,6 @@ LATE_FACTOR = 1.5
 #: a thread blocked for good (a lock left held by an interrupted consumer) takes
 #: this long; it is a daemon thread, and the workers are stopped without it.
 IO_JOIN_TIMEOUT = 5.0
-#: Priority of the exit hook among multiprocessing's finalizers. Those with a
-#: priority run before multiprocessing joins the process's non-daemonic
-#: children (our workers), which would otherwise wait for them forever; higher
-#: runs earlier, and ours must run before any that waits for data (a
-#: ``multiprocessing.Manager`` ends at priority 0).
-EXIT_PRIORITY = 100
-
-
-_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
-_exit_hook_pid = 0  # the process that registered the exit hook
-
-
-def _close_all() -> None:
-    for pool in list(_live_pools):
-        pool.close()
-
-
-def _ensure_exit_hook() -> None:
-    """Close this process's pools when it exits, before its children are joined.
-
-    NOTE [ Exit with live loaders ]: at exit, ``multiprocessing`` joins every
-    non-daemonic child, and our workers are not daemonic, so a process that
-    ends with a loader alive would wait for them forever. The finalizers that
-    ``multiprocessing.util.Finalize`` registers with an ``exitpriority`` run just
-    before those joins, in the main process (from ``atexit``) and in every
-    multiprocessing child (whose bootstrap runs them, not ``atexit``: a
-    ``torch.multiprocessing.spawn`` rank is such a child). A forked child starts
-    with an empty registry, so each process registers once, when it starts its
-    first pool."""
-    global _exit_hook_pid
-    if _exit_hook_pid != os.getpid():
-        _exit_hook_pid = os.getpid()
-        multiprocessing.util.Finalize(None, _close_all, exitpriority=EXIT_PRIORITY)
 
 
 def can_fork_workers() -> bool:
@@ -181,7 +146,7 @@ class Pool(IOThread):
         to the template, before any worker is asked for. What they raise is raised
         here, and then nothing is left running."""
         logger.debug("starting %d workers", self._num_workers)
-        _ensure_exit_hook()
+        _exit_hook.ensure_exit_hook()
         with self._lock:
             # A fork-started template is forked here, before the I/O thread runs.
             try:
@@ -192,7 +157,7 @@ class Pool(IOThread):
                 self.close()
                 raise
             self._workers = [self._launch(i) for i in range(self._num_workers)]
-        _live_pools.add(self)
+        _exit_hook.live_pools.add(self)
         self._thread.start()
 
     def _launch(self, worker_id: int, *, replacement: bool = False) -> Worker:
@@ -303,7 +268,7 @@ class Pool(IOThread):
             os.close(self._wakeup_r)
             self._transport.close()
             self._channel.stop()
-            _live_pools.discard(self)
+            _exit_hook.live_pools.discard(self)
             self._closed = True
         logger.debug("pool closed")
 

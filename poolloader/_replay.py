@@ -108,7 +108,7 @@ def _apply_all(dataset: Any, updates: tuple[Update, ...]) -> None:
 
 
 def assign_contents(obj: Any, value: Any) -> None:
-    """Give ``obj`` the contents ``value`` (as :func:`_contents_call` took them)."""
+    """Give ``obj`` the contents ``value`` (as :func:`~._folding.contents_call` took them)."""
     if isinstance(obj, np.ndarray):
         obj[...] = value
     elif isinstance(obj, torch.Tensor):

@@ -8,7 +8,7 @@ torch 2.6 is the first release with everything poolloader calls; 2.5 lacks two:
   torch's constructor and the pool iterator reads ``loader.in_order``. Added in
   2.6 (pytorch#141833); torch 2.5's constructor refuses the keyword.
 * ``torch.accelerator.current_device_index`` / ``set_device_index``: the pinning
-  thread (``_iterator.py``) follows the consumer's device with them. The module
+  thread (``_pin_memory.py``) follows the consumer's device with them. The module
   and these names are new in 2.6 (pytorch#132204, pytorch#143186); 2.5 has no
   ``torch.accelerator``.
 

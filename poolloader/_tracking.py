@@ -3,8 +3,9 @@
 A view stands for one object of the main process's dataset, at a *path* from
 the dataset (``dataset.transform``, ``dataset.cfg['crop']``). Reading through
 it reads the object; changing something through it changes the object and
-records the change in the control channel (``_control.py``), which replays it
-in every worker. What is carried: NOTE [ What is carried ] in ``_control.py``.
+records the change (``_tracking_record.py``) in the control channel
+(``_control.py``), which replays it in every worker. What is carried:
+NOTE [ What is carried ] in ``_control.py``.
 
 NOTE [ View forms ]
 
@@ -46,20 +47,18 @@ import enum
 import fractions
 import functools
 import pathlib
-import pickle
 import random
 import re
 import types
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import _control, _pickling
-from ._messages import Call, DelAttr, DelItem, Path, SetAttr, SetItem
+from ._messages import DelAttr, DelItem, Path, SetAttr, SetItem
 from ._shared import SharedDict, SharedList
-from ._tracking_paths import current_path, render
+from ._tracking_paths import render
+from ._tracking_record import _get, _payload, _state, _untracked_call
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
 #: NOTE [ View forms ]). Their items are copied each time the view is handed
@@ -67,25 +66,6 @@ from ._tracking_paths import current_path, render
 #: copy would then outweigh the read (a method reading ``self.lengths[i]`` in a
 #: loop hands the view out once per item).
 MIRROR_LIMIT = 1024
-
-_get = object.__getattribute__  # a view's own state, past its __getattribute__
-
-
-def _state(view: Any) -> tuple[Any, Path, Any]:
-    """``(object, path, channel)`` of a view about to record a change: its path
-    checked against the dataset as it is now (NOTE [ Stale references ]), and
-    what C code wrote into its own items recorded first (NOTE [ Writes into a
-    view's own items ] in ``_tracking_containers.py``)."""
-    _get(view, "_pl_settle")()
-    target, path = _get(view, "_pl_target"), _get(view, "_pl_path")
-    channel = _get(view, "_pl_channel")
-    if path and channel.active:
-        current = current_path(channel.source, path, target)
-        if current is not path:
-            object.__setattr__(view, "_pl_path", current)
-            path = current
-    return target, path, channel
-
 
 # ------------------------------------------------------------- classification
 
@@ -242,56 +222,9 @@ def _holds_views(items: Any, containers: bool = True) -> bool:
 # ----------------------------------------------------------------- recording
 
 
-def _payload(channel: Any, value: Any, where: Any) -> bytes | None:
-    """Pickle a value for the workers (``None`` when no workers need it), or raise
-    :class:`~poolloader.errors.NotPicklableError` naming it: ``where()`` (or
-    ``where``, a string) is how the user knows it."""
-    if not channel.active:
-        return None
-    try:
-        with channel.pinning():
-            return pickle.dumps(value, _pickling.PROTOCOL)
-    except Exception as exc:
-        what = where if isinstance(where, str) else where()
-        raise _pickling.not_picklable(value, what, exc, _pickling.CHANGE_PICKLING) from exc
-
-
 def _foldable(target: Any) -> Any:
     """``target`` when many writes into it may fold into its contents, else None."""
     return target if _kinds.get(type(target)) in _FOLDABLE else None
-
-
-def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
-    """Record a call that changed the view's object (its contents if ``call`` is None)."""
-    target, path, channel = _state(view)
-    if call is None:
-        with channel.pinning():
-            call = _control._contents_call(target)
-        if call is None:  # its items do not pickle: say which
-            _pickling.dumps(target, render(path), _pickling.CHANGE_PICKLING)
-            return
-    channel.record(Call(path, call), container)
-
-
-_warned: set[tuple[type, str]] = set()
-
-
-def _untracked_call(view: View, name: str, bound: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a C method poolloader cannot see into, warning the first time."""
-    tp = type(_get(view, "_pl_target"))
-    if (tp, name) not in _warned:
-        _warned.add((tp, name))
-        where = render(_get(view, "_pl_path"))
-        owner = next((k.__qualname__ for k in tp.__mro__ if name in vars(k)), tp.__qualname__)
-        warnings.warn(
-            f"{where}.{name}() is implemented in C (by {owner}), so poolloader cannot see "
-            f"what it changes: if it changes {where}, the workers' copies do not change "
-            "with it. Make such a change with loader.broadcast(fn, ...), which runs "
-            "fn(dataset, ...) here and in every worker.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return bound(*args, **kwargs)
 
 
 def _rebinds(value: Any, path: Path, current: Any) -> bool:

@@ -19,13 +19,11 @@ from ._tracking import (
     _CONTAINER,
     View,
     _base,
-    _get,
     _kind,
-    _state,
-    record_call,
     unwrap,
     unwrap_deep,
 )
+from ._tracking_record import _get, _state, record_call
 
 #: The C methods of each container that change it (the others only read), each
 #: with whether it changes the container only by changing its length: such a

@@ -22,8 +22,9 @@ import torch
 
 from . import _pickling, _replay, _tracking, _tracking_paths
 from ._messages import THIS, Path, SetAttr, SetItem
-from ._tracking import Tracked, View, record_call
+from ._tracking import Tracked, View
 from ._tracking_containers import _mutator, call_mutator
+from ._tracking_record import _payload, _state, record_call
 
 #: Tensors up to this many bytes carry their new values after an in-place
 #: operation instead of the operation: no larger than the call itself, and
@@ -92,7 +93,7 @@ def _change(views: list[Any], fn: Any, args: Any, kwargs: Any, run: Any) -> Any:
     active = first._pl_channel.active
     if active:
         for view in targets.values():
-            _tracking._state(view)  # a reference kept across a change: checked first
+            _state(view)  # a reference kept across a change: checked first
     one = active and len(targets) == 1
     call = None
     if one:
@@ -323,9 +324,9 @@ class TensorView(torch.Tensor):
         if name.startswith("_pl_") or hasattr(torch.Tensor, name):
             super().__setattr__(name, value)  # a tensor property: __torch_function__ records
             return
-        target, path, channel = _tracking._state(self)
+        target, path, channel = _state(self)
         value = _tracking.unwrap_deep(value)
-        payload = _tracking._payload(channel, value, f"{_tracking_paths.render(path)}.{name}")
+        payload = _payload(channel, value, f"{_tracking_paths.render(path)}.{name}")
         setattr(target, name, value)
         if payload is not None:
             channel.record(SetAttr(path, name, payload))
@@ -347,10 +348,10 @@ def _changed_tensor(name: str, args: Any, kwargs: Any) -> Any:
 
 def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw: Any) -> Any:
     raw_args, raw_kwargs = raw
-    target, path, channel = _tracking._state(view)
+    target, path, channel = _state(view)
     if name == "__set__":  # t.data = x, t.requires_grad = False
         prop, value = func.__self__.__name__, raw_args[1]
-        payload = _tracking._payload(channel, value, f"{_tracking_paths.render(path)}.{prop}")
+        payload = _payload(channel, value, f"{_tracking_paths.render(path)}.{prop}")
         func(*raw_args)
         if payload is not None:
             channel.record(SetAttr(path, prop, payload))
@@ -369,10 +370,10 @@ def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw:
 
 
 def _set_tensor_item(view: Any, key: Any, value: Any) -> None:
-    target, path, channel = _tracking._state(view)
+    target, path, channel = _state(view)
     where = f"{_tracking_paths.render(path)}[{key!r}]"
-    key_payload = _tracking._payload(channel, key, f"the key of {where}")
-    payload = _tracking._payload(channel, value, where)
+    key_payload = _payload(channel, key, f"the key of {where}")
+    payload = _payload(channel, value, where)
     target[key] = value
     if payload is not None and key_payload is not None:
         channel.record(SetItem(path, key_payload, payload), target)

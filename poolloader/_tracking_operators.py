@@ -9,7 +9,8 @@ import types
 from typing import Any
 
 from . import _tracking_containers
-from ._tracking import View, _get, unwrap
+from ._tracking import View, unwrap
+from ._tracking_record import _get
 
 
 def _forward(op: Any) -> Any:

@@ -571,10 +571,10 @@ def _orphaned() -> None:
 def _finish(code: int) -> None:
     # Loaders the dataset code runs here (nested loaders) are closed first: their
     # I/O threads would take the processes ended below for crashes.
-    pools = sys.modules.get("poolloader._pool")
+    pools = sys.modules.get("poolloader._exit_hook")
     if pools is not None:
         try:
-            pools._close_all()
+            pools.close_all()
         except Exception:
             pass
     _proctree.kill_descendants(psutil.Process())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import sys
 import threading
 import weakref
@@ -14,40 +13,35 @@ from typing import Any, TypeVar
 import torch
 import torch.utils.data
 from torch.utils.data import Dataset, Sampler
-from torch.utils.data.dataloader import _DatasetKind
 
-from . import _pickling, _proctree, _segment
+from . import _pickling
 from ._control import Channel
 from ._fresh_epochs import start_afresh_each_epoch
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
-from ._messages import Broadcast, DatasetFollows, PickledObject
+from ._messages import Broadcast
 from ._options import (
     DEFAULT_MAX_WORKER_RESTARTS,
-    REORDER_MAX_PER_WORKER,
     check_count,
     check_options,
     reorder_allowance,
-    resolve_context,
     start_method,
 )
 from ._pool import Pool
+from ._pool_start import start_pool
 from ._resume import (
     STATE_VERSION,
     EpochPosition,
     EpochStart,
-    check_order,
-    check_state,
     find_generators,
     generator_states,
     limits_of,
     order_of,
     set_generator_states,
 )
+from ._resume_checks import check_order, check_state
 from ._stats import LoaderStatistics, LoaderStats, combined
 from ._tracking import root_view, unwrap
-from ._transport import PickleTransport, SlabTransport
-from ._worker import WorkerSetup
 from .errors import LoaderClosedError
 
 T_co = TypeVar("T_co", covariant=True)
@@ -500,90 +494,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             self._stats.pool_ended(pool.statistics())
             pool = None
         if pool is None:
-            pool = self._start_pool(base_seed)
+            pool = start_pool(self, base_seed)
             self._pool, self._pool_key = pool, key
         return pool
-
-    def _start_pool(self, base_seed: int) -> Pool:
-        context = resolve_context(self.multiprocessing_context)
-        inherited = context.get_start_method() == "fork"
-        functions = (self.collate_fn, self._worker_init())
-        self._snapshot = None
-        self._channel.start(None)
-        transport = self._make_transport()
-        setup = WorkerSetup(
-            worker_id=-1,
-            num_workers=self.num_workers,
-            dataset=self._dataset_target if inherited else DatasetFollows(),
-            functions=_pickling.ship(functions, "collate_fn", inherited=inherited),
-            dataset_kind=self._dataset_kind,
-            auto_collation=self._auto_collation,
-            drop_last=self.drop_last,
-            seeding=self.seeding,
-            base_seed=base_seed,
-            packer_factory=transport.packer_factory(),
-            collate_privately=isinstance(transport, SlabTransport),
-            main_pid=os.getpid(),
-            main_started=_proctree.created(os.getpid()),
-        )
-        pool = Pool(
-            context=context,
-            num_workers=self.num_workers,
-            setup=setup,
-            channel=self._channel,
-            transport=transport,
-            max_restarts=self.max_worker_restarts,
-            resumable=self._dataset_kind == _DatasetKind.Map,
-            dataset=self._dataset_target,
-        )
-        if inherited:
-            pool.start()
-        else:
-            # Pickled while the template starts; fingerprinted while it unpickles.
-            pool.start(self._ship_dataset, meanwhile=self._take_fingerprint)
-        return pool
-
-    def _take_fingerprint(self) -> None:
-        self._fingerprint = self._fingerprint_now()
-
-    def _ship_dataset(self, on_part: _pickling.OnPart | None) -> Any:
-        """The dataset as it travels to a new pool (``_pickling.ship``, ``on_part``
-        taking its pickle as it is made); the pickle becomes the control channel's
-        base and the snapshot epochs compare with."""
-        with _segment.pinning() as pinned:  # NOTE [ Pinned segments ] in _control.py
-            dataset = _pickling.ship(self._dataset_target, "dataset", inherited=False,
-                                     on_part=on_part)  # fmt: skip
-        if isinstance(dataset, PickledObject):
-            self._snapshot = dataset.data
-            self._channel.provide_base(dataset.data, pinned)
-        return dataset
-
-    def _worker_init(self) -> Callable[[int], None] | None:
-        """``worker_init_fn``, wrapped as torch wraps it for a DataPipe dataset: each
-        worker (of each rank) first takes its shard of the pipe."""
-        from torch.utils.data import IterDataPipe, MapDataPipe
-        from torch.utils.data.dataloader import (
-            _get_distributed_settings,
-            _sharding_worker_init_fn,
-        )
-
-        if not isinstance(self._dataset_target, (IterDataPipe, MapDataPipe)):
-            return self.worker_init_fn
-        world_size, rank = _get_distributed_settings()
-        return functools.partial(_sharding_worker_init_fn, self.worker_init_fn, world_size, rank)
-
-    def _make_transport(self) -> PickleTransport | SlabTransport:
-        if self.transport == "pickle":
-            return PickleTransport(self.max_batch_bytes)
-        # A worker's batches alive at once: the whole window (while other workers
-        # are slow, starting or dead, one worker may fill it alone), one being
-        # consumed and one being packed. Slabs are made only when needed, so the
-        # memory in use follows the window, which the reorder allowance bounds.
-        most = self.reorder_buffer
-        if most is None:
-            most = REORDER_MAX_PER_WORKER * self.num_workers
-        window = (self.prefetch_factor or 2) * self.num_workers + most
-        return SlabTransport(window + 2, self.max_batch_bytes)
 
     @property
     def _reorder_allowance(self) -> Callable[[float], int]:

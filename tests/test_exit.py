@@ -4,7 +4,7 @@ and a ``torch.multiprocessing.spawn`` DDP job whose rank raises or is killed.
 
 At exit, multiprocessing joins every non-daemonic child; poolloader's workers
 are not daemonic, so without poolloader's exit hook these processes would wait
-for their workers forever (NOTE [ Exit with live loaders ] in ``_pool.py``).
+for their workers forever (NOTE [ Exit with live loaders ] in ``_exit_hook.py``).
 Each case runs under both transports."""
 
 from __future__ import annotations

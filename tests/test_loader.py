@@ -275,13 +275,13 @@ def _fake_pin(data, device):
 
 def test_pin_memory_pins_in_a_background_thread(monkeypatch):
     # CUDA cannot run here: pretend an accelerator exists and record the pinning.
-    import poolloader._iterator as iterator_module
+    import poolloader._pin_memory as pin_memory_module
 
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
     monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
     monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 0)
     monkeypatch.setattr(torch.accelerator, "set_device_index", lambda index: None)
-    monkeypatch.setattr(iterator_module, "pin_memory", _fake_pin)
+    monkeypatch.setattr(pin_memory_module, "pin_memory", _fake_pin)
     with DataLoader(Plain(6), batch_size=2, num_workers=2, pin_memory=True,
                     multiprocessing_context="forkserver") as loader:  # fmt: skip
         batches = list(loader)

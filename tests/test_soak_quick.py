@@ -20,7 +20,7 @@ import soak  # noqa: E402 - benchmarks/ is not a package; its path goes in first
 #: Slab mappings the main process may hold: each worker keeps at most
 #: window + 2 slabs, the window being prefetch_factor (2) * num_workers + the
 #: largest reorder buffer (16 * num_workers): 38 per worker with the soak's 2
-#: workers (see DataLoader._make_transport). Slabs are made only when a batch
+#: workers (see _pool_start._make_transport). Slabs are made only when a batch
 #: finds none free, so mappings stay far below this (about 20 per worker); more
 #: than the cap would be a leak.
 SLAB_CAP = 2 * 38
