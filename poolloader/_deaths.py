@@ -1,7 +1,7 @@
 """What a dead worker means: words for exit codes, the errors that end a pool,
 and ending the processes a dead worker left behind.
 
-NOTE [ Process trees ] in ``_pool.py`` says how those processes are found.
+NOTE [ Process trees ] in ``_proctree.py`` says how those processes are found.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ def run(setup: WorkerSetup, conn: Connection, catch_up: tuple[Update, ...] = ())
 def _prepare_process() -> None:
     # Its own process group: the processes dataset code starts join it, so they
     # can be found and ended even after this worker dies and they are orphaned
-    # (see NOTE [ Process trees ] in _pool.py). Ctrl-C at a terminal reaches the
+    # (see NOTE [ Process trees ] in _proctree.py). Ctrl-C at a terminal reaches the
     # main process's group only; the main process decides what it means.
     try:
         os.setpgid(0, 0)
