@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -116,14 +117,27 @@ class InitsSeen(Dataset):
 class Unpicklable(Dataset):
     """Holds a lambda and a thread lock: only a fork-started worker can have it."""
 
-    def __init__(self, n: int = 12) -> None:
+    def __init__(self, n: int = 12, gate: Path | None = None) -> None:
         self.n = n
         self.transform = lambda x: x * 10
         self.lock = threading.Lock()
+        self.gate = gate  # items after the first wait until this file exists
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> int:
+        if self.gate is not None and i > 0:
+            wait_for(self.gate)
         with self.lock:
             return self.transform(i)
+
+
+def wait_for(path: Path, seconds: float = 60.0) -> None:
+    """Wait until ``path`` exists; raise after ``seconds`` (a test that forgot to
+    create it fails instead of hanging)."""
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {seconds} s")
+        time.sleep(0.01)

@@ -136,12 +136,16 @@ def test_fork_sees_a_direct_change_after_an_epoch_left_with_break(loader_cls):
     assert firsts == [[0, 10], [1, 11], [2, 12]]
 
 
-def test_fork_warns_when_another_iterator_keeps_the_old_template():
+def test_fork_warns_when_another_iterator_keeps_the_old_template(tmp_path):
     """A new epoch while another iterator still wants batches: the fresh workers
     cannot come from a new copy of the dataset (a replacement for the other
     iterator's batches must start from the old one), so a direct change does not
-    reach them, and the loader says so, once. Both iterators yield every batch."""
-    dataset = Unpicklable(8)
+    reach them, and the loader says so, once. Both iterators yield every batch.
+    (The first iterator's later batches wait for a file until the second has
+    started: finished early, they would need no replacement, and the new epoch
+    could take a new copy.)"""
+    gate = tmp_path / "gate"
+    dataset = Unpicklable(8, gate)
     with DataLoader(dataset, batch_size=None, num_workers=2,
                     multiprocessing_context="fork") as loader:  # fmt: skip
         first = iter(loader)
@@ -149,6 +153,7 @@ def test_fork_warns_when_another_iterator_keeps_the_old_template():
         dataset.transform = lambda x: -x
         with pytest.warns(RuntimeWarning, match="does not reach them"):
             second = iter(loader)
+        gate.touch()
         assert len(list(second)) == 8
         assert list(first) == [10, 20, 30, 40, 50, 60, 70]
 
