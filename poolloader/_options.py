@@ -40,7 +40,10 @@ def resolve_context(context: Any) -> Any:
     if context is None:
         return multiprocessing.get_context("spawn")
     if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload(["__main__", "poolloader._template_process"])
+        # NOTE [ The fork server's __main__ ] in _forkserver.py
+        context.set_forkserver_preload(
+            ["__main__", "poolloader._template_process", "poolloader._forkserver_main"]
+        )
     return context
 
 

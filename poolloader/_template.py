@@ -66,7 +66,6 @@ pool starts each worker directly instead (each unpickles the dataset itself).
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.forkserver
 import os
 import pickle
 import queue
@@ -79,6 +78,7 @@ from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
 from . import _worker
+from ._forkserver import start_forkserver
 from ._messages import (
     Advance,
     DatasetFollows,
@@ -116,13 +116,14 @@ class Template:
         self._sending: threading.Thread | None = None
         self._stream: _DatasetStream | None = None
         self._start_error: BaseException | None = None
-        if isinstance(setup.dataset, DatasetFollows):
+        if context.get_start_method() == "forkserver":
             # The forkserver answers a start only once it runs (a new interpreter
             # importing torch): meanwhile this thread's caller pickles the dataset.
             # The server itself is started here, before the pickling holds the GIL
-            # (the thread would get to it only after some of the pickler's turns).
-            if context.get_start_method() == "forkserver":
-                _start_forkserver()
+            # (the thread would get to it only after some of the pickler's turns),
+            # with the main module to preload (NOTE [ The fork server's __main__ ]).
+            start_forkserver()
+        if isinstance(setup.dataset, DatasetFollows):
             self._starting = helper_thread(self._start, "poolloader-template-start", (child,))
             self._starting.start()
         else:
@@ -314,17 +315,6 @@ class Template:
         if self._pidfd is not None:
             os.close(self._pidfd)
             self._pidfd = None
-
-
-def _start_forkserver() -> None:
-    """Start multiprocessing's fork server if it is not running, without waiting
-    for what it preloads. If that fails, the template's start fails the same way
-    and reports it."""
-    try:
-        with inherited_signal_mask():  # NOTE [ Signals go to the main thread ]
-            multiprocessing.forkserver.ensure_running()
-    except Exception:
-        pass
 
 
 class _DatasetStream:

@@ -5,6 +5,7 @@ arrive (NOTE [ Templates ] in ``poolloader/_template.py``)."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import pickle
 import subprocess
 import sys
@@ -328,3 +329,46 @@ def test_an_interrupt_while_the_dataset_travels_leaves_nothing_behind():
         assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     finally:
         loader.close()
+
+
+# ------------------------------------------------------------ the fork server's main module
+
+COUNTS_ITS_RUNS = """
+import os
+import sys
+
+with open(os.environ["MAIN_RUNS"], "a") as runs:
+    runs.write(f"{{os.getpid()}} {{sys.argv[1:]}} {{os.getcwd()}}\\n")
+sys.path.insert(0, {tests!r})
+from _datasets import Plain
+from poolloader import DataLoader
+
+if __name__ == "__main__":
+    os.chdir(os.path.dirname(os.path.abspath(__file__)))
+    for _ in range(3):
+        with DataLoader(Plain(8), batch_size=2, num_workers=2,
+                        multiprocessing_context="forkserver") as loader:
+            assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    print("ok")
+"""
+
+
+def test_forkserver_loaders_run_the_main_script_once_not_once_per_loader(tmp_path):
+    """NOTE [ The fork server's __main__ ]: the fork server imports the script once,
+    with its arguments and working directory; each loader's template, forked from
+    it, finds it there. Python 3.11's server never did, so every new loader's
+    template ran the script again and paid for all it imports."""
+    script = tmp_path / "counts_its_runs.py"
+    runs = tmp_path / "runs"
+    script.write_text(COUNTS_ITS_RUNS.format(tests=str(Path(__file__).resolve().parent)))
+    done = subprocess.run(
+        [sys.executable, str(script), "--flag"],
+        env={**os.environ, "MAIN_RUNS": str(runs)},
+        capture_output=True, text=True, timeout=180, cwd="/",
+    )  # fmt: skip
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr
+    lines = runs.read_text().splitlines()
+    assert len(lines) == 2, lines  # the script itself, then the fork server
+    main, server = (line.split(" ", 1)[1] for line in lines)
+    assert main == "['--flag'] /", lines
+    assert server == f"['--flag'] {tmp_path}", lines  # its directory once the server starts

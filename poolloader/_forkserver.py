@@ -1,0 +1,121 @@
+"""Starting multiprocessing's fork server with the main module preloaded.
+
+NOTE [ The fork server's __main__ ]: with ``forkserver``, each loader's
+template process is forked from multiprocessing's fork server, which poolloader
+asks to preload ``__main__`` (and its own template module), so that a template
+starts with everything the user's script imports. Before Python 3.13.8
+(CPython gh-126631) that request never reached the server: it looked for a
+``main_path`` that ``spawn.get_preparation_data`` no longer gives. Each process
+forked from the server then ran the main script again, as spawn does: every new
+loader's template imported all the script imports (seconds, for a script that
+imports Lightning), however warm the server was.
+
+So the server also preloads :mod:`poolloader._forkserver_main`, which does what
+the fixed versions do: it imports the main module as ``__mp_main__`` with the
+script's ``sys.argv``, ``sys.path`` and working directory, which the main process
+puts in the environment variable :data:`MAIN_ENV` while it starts the server
+(the server pops it: the processes it forks do not see it). The processes
+forked from the server then find the main module there and skip it. Where that
+import fails (a script without a main guard), nothing is preloaded and each
+forked process imports the script itself and reports what fails, as before.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing.forkserver
+import multiprocessing.process
+import multiprocessing.spawn
+import os
+import sys
+import threading
+from typing import Any
+
+from ._threads import inherited_signal_mask
+
+#: The environment variable that carries the main module to the fork server.
+MAIN_ENV = "POOLLOADER_FORKSERVER_MAIN"
+
+_starting = threading.Lock()  # one start at a time sets and clears MAIN_ENV
+
+
+def start_forkserver() -> None:
+    """Start multiprocessing's fork server unless it runs, with the main module
+    to preload (NOTE [ The fork server's __main__ ]), without waiting for what it
+    preloads. If that fails, starting a process through it fails the same way
+    and reports it. Not while this process imports its main module as a child
+    of another (a script without a main guard): the start that follows fails
+    with multiprocessing's error for that, and a server started meanwhile would
+    be left to the process that forked this one."""
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        return
+    main = _main_module()
+    with _starting:
+        if main is not None:
+            os.environ[MAIN_ENV] = json.dumps(main)
+        try:
+            with inherited_signal_mask():  # NOTE [ Signals go to the main thread ]
+                multiprocessing.forkserver.ensure_running()
+        except Exception:
+            pass
+        finally:
+            os.environ.pop(MAIN_ENV, None)
+
+
+def _main_module() -> dict[str, Any] | None:
+    """What a spawned process is told about the main module (by name or by path),
+    with ``sys.argv``, ``sys.path`` and the working directory; ``None`` where there
+    is no main module to import (an interactive session)."""
+    data = multiprocessing.spawn.get_preparation_data("poolloader-forkserver")
+    name, path = data.get("init_main_from_name"), data.get("init_main_from_path")
+    if name is None and path is None:
+        return None
+    found = {
+        "name": name,
+        "path": path,
+        "argv": data.get("sys_argv"),
+        "sys_path": data.get("sys_path"),
+        "dir": data.get("dir"),
+    }
+    try:
+        json.dumps(found)
+    except (TypeError, ValueError):  # a path that is not text: leave it to each process
+        return None
+    return found
+
+
+def preload_main() -> None:
+    """In the fork server: import the main module as ``__mp_main__`` (NOTE [ The
+    fork server's __main__ ]); nothing where :data:`MAIN_ENV` is not set."""
+    raw = os.environ.pop(MAIN_ENV, None)
+    if not raw:
+        return
+    main = json.loads(raw)
+    name, path = main["name"], main["path"]
+    current = sys.modules.get("__main__")
+    if name is not None and getattr(getattr(current, "__spec__", None), "name", None) == name:
+        return  # preloaded already (Python versions whose server does it)
+    if path is not None and getattr(current, "__file__", None) == path:
+        return
+    if main["sys_path"] is not None:
+        sys.path[:] = main["sys_path"]
+    if main["argv"] is not None:
+        sys.argv[:] = main["argv"]
+    if main["dir"] is not None:
+        os.chdir(main["dir"])
+    me = multiprocessing.process.current_process()
+    me._inheriting = True  # type: ignore[attr-defined]  # as spawn's children import it
+    try:
+        if name is not None:
+            multiprocessing.spawn._fixup_main_from_name(name)  # type: ignore[attr-defined]
+        else:
+            multiprocessing.spawn.import_main_path(path)
+    except BaseException:
+        pass
+    finally:
+        del me._inheriting  # type: ignore[attr-defined]
+        for stream in (sys.stdout, sys.stderr):  # what the script printed, not every child
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
