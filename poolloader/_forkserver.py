@@ -18,6 +18,13 @@ puts in the environment variable :data:`MAIN_ENV` while it starts the server
 forked from the server then find the main module there and skip it. Where that
 import fails (a script without a main guard), nothing is preloaded and each
 forked process imports the script itself and reports what fails, as before.
+
+What the script's top level does then happens in the server, once, and every
+process forked from it inherits it, as with Python's own preloading: threads it
+starts do not exist in them, and CUDA it initialises cannot be used there. The
+server warns on standard error when the import leaves either behind; such code
+belongs under the script's ``if __name__ == "__main__":``, where spawn's workers
+do not run it either.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import multiprocessing.spawn
 import os
 import sys
 import threading
+import warnings
 from typing import Any
 
 from ._threads import inherited_signal_mask
@@ -114,8 +122,32 @@ def preload_main() -> None:
         pass
     finally:
         del me._inheriting  # type: ignore[attr-defined]
-        for stream in (sys.stdout, sys.stderr):  # what the script printed, not every child
-            try:
-                stream.flush()
-            except (AttributeError, OSError, ValueError):
-                pass
+    left = _left_behind()
+    if left:
+        warnings.warn(
+            f"poolloader: importing the main module ({name or path}) in the fork server "
+            f"{left}, and every process forked from it inherits that: DataLoader workers "
+            "cannot use them. Move that code under `if __name__ == '__main__':`.",
+            RuntimeWarning,
+            stacklevel=1,
+        )
+    for stream in (sys.stdout, sys.stderr):  # what the script printed, not every child
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):
+            pass
+
+
+def _left_behind() -> str:
+    """What importing the main module left in this process that forked processes
+    cannot use ("" if nothing)."""
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if threads:
+        return f"started threads ({', '.join(threads)})"
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_initialized():
+            return "initialised CUDA"
+    except Exception:
+        pass
+    return ""

@@ -372,3 +372,33 @@ def test_forkserver_loaders_run_the_main_script_once_not_once_per_loader(tmp_pat
     main, server = (line.split(" ", 1)[1] for line in lines)
     assert main == "['--flag'] /", lines
     assert server == f"['--flag'] {tmp_path}", lines  # its directory once the server starts
+
+
+STARTS_A_THREAD = """
+import sys
+import threading
+
+threading.Thread(target=threading.Event().wait, name="top-level-waiter", daemon=True).start()
+sys.path.insert(0, {tests!r})
+from _datasets import Plain
+from poolloader import DataLoader
+
+if __name__ == "__main__":
+    with DataLoader(Plain(4), batch_size=2, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+    print("ok")
+"""
+
+
+def test_a_script_whose_top_level_starts_a_thread_is_told_to_guard_it(tmp_path):
+    """The fork server runs the script's top level once; a thread it starts does
+    not exist in the processes forked from it (the template's own check cannot
+    see it there), so the server says so and names the fix."""
+    script = tmp_path / "starts_a_thread.py"
+    script.write_text(STARTS_A_THREAD.format(tests=str(Path(__file__).resolve().parent)))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.stdout.strip() == "ok", done.stdout + done.stderr
+    assert "in the fork server started threads (top-level-waiter)" in done.stderr, done.stderr
+    assert "under `if __name__ == '__main__':`" in done.stderr
