@@ -94,48 +94,60 @@ def _main_module() -> dict[str, Any] | None:
 
 def preload_main() -> None:
     """In the fork server: import the main module as ``__mp_main__`` (NOTE [ The
-    fork server's __main__ ]); nothing where :data:`MAIN_ENV` is not set."""
+    fork server's __main__ ]); nothing where :data:`MAIN_ENV` is not set. Never
+    raises: an exception other than ImportError would end the server (Python
+    3.11's preloading catches only that), and every start through it with it."""
     raw = os.environ.pop(MAIN_ENV, None)
     if not raw:
         return
-    main = json.loads(raw)
-    name, path = main["name"], main["path"]
+    try:
+        main = json.loads(raw)
+        if _preload(main["name"], main["path"], main["argv"], main["sys_path"], main["dir"]):
+            left = _left_behind()
+            if left:
+                warnings.warn(
+                    f"poolloader: importing the main module ({main['name'] or main['path']}) "
+                    f"in the fork server {left}, and every process forked from it inherits "
+                    "that: DataLoader workers cannot use them. Move that code under "
+                    "`if __name__ == '__main__':`.",
+                    RuntimeWarning,
+                    stacklevel=1,
+                )
+    except BaseException:
+        pass  # each forked process imports the main module itself and reports why, as before
+    finally:
+        for stream in (sys.stdout, sys.stderr):  # what the script printed, not every child
+            try:
+                stream.flush()
+            except (AttributeError, OSError, ValueError):
+                pass
+
+
+def _preload(
+    name: str | None, path: str | None, argv: Any, sys_path: Any, directory: str | None
+) -> bool:
+    """Import the main module here as a spawned process would; whether it ran."""
     current = sys.modules.get("__main__")
     if name is not None and getattr(getattr(current, "__spec__", None), "name", None) == name:
-        return  # preloaded already (Python versions whose server does it)
+        return False  # preloaded already (Python versions whose server does it)
     if path is not None and getattr(current, "__file__", None) == path:
-        return
-    if main["sys_path"] is not None:
-        sys.path[:] = main["sys_path"]
-    if main["argv"] is not None:
-        sys.argv[:] = main["argv"]
-    if main["dir"] is not None:
-        os.chdir(main["dir"])
+        return False
+    if sys_path is not None:
+        sys.path[:] = sys_path
+    if argv is not None:
+        sys.argv[:] = argv
+    if directory is not None:
+        os.chdir(directory)
     me = multiprocessing.process.current_process()
     me._inheriting = True  # type: ignore[attr-defined]  # as spawn's children import it
     try:
         if name is not None:
             multiprocessing.spawn._fixup_main_from_name(name)  # type: ignore[attr-defined]
-        else:
+        elif path is not None:
             multiprocessing.spawn.import_main_path(path)
-    except BaseException:
-        pass
     finally:
         del me._inheriting  # type: ignore[attr-defined]
-    left = _left_behind()
-    if left:
-        warnings.warn(
-            f"poolloader: importing the main module ({name or path}) in the fork server "
-            f"{left}, and every process forked from it inherits that: DataLoader workers "
-            "cannot use them. Move that code under `if __name__ == '__main__':`.",
-            RuntimeWarning,
-            stacklevel=1,
-        )
-    for stream in (sys.stdout, sys.stderr):  # what the script printed, not every child
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):
-            pass
+    return True
 
 
 def _left_behind() -> str:
