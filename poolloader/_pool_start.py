@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _proctree, _segment
+from ._forkserver import start_forkserver
 from ._messages import DatasetFollows, PickledObject
 from ._options import REORDER_MAX_PER_WORKER, resolve_context
 from ._pool import Pool
@@ -28,6 +29,11 @@ def start_pool(loader: DataLoader[Any], base_seed: int) -> Pool:
     """A started pool for ``loader``'s options and dataset, its workers seeded
     from ``base_seed``."""
     context = resolve_context(loader.multiprocessing_context)
+    if context.get_start_method() == "forkserver":
+        # The server answers a start only once it runs (a new interpreter importing
+        # torch): started first, it does that while the dataset is pickled, and
+        # with the main module to preload (NOTE [ The fork server's __main__ ]).
+        start_forkserver()
     inherited = context.get_start_method() == "fork"
     functions = (loader.collate_fn, _worker_init(loader))
     loader._snapshot = None

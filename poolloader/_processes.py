@@ -25,7 +25,6 @@ import psutil
 
 from . import _proctree, _worker
 from ._deaths import descendants, describe_exit, silent_start_error, start_error
-from ._forkserver import start_forkserver
 from ._messages import (
     Advanced,
     DatasetFollows,
@@ -214,8 +213,6 @@ class Workforce:
             name=f"poolloader-worker-{worker_id}",
             daemon=False,
         )
-        if self._context.get_start_method() == "forkserver":
-            start_forkserver()  # NOTE [ The fork server's __main__ ]
         with inherited_signal_mask():  # NOTE [ Signals go to the main thread ]
             process.start()
         child.close()

@@ -78,7 +78,6 @@ from multiprocessing.reduction import recvfds, sendfds
 from typing import Any
 
 from . import _worker
-from ._forkserver import start_forkserver
 from ._messages import (
     Advance,
     DatasetFollows,
@@ -116,14 +115,10 @@ class Template:
         self._sending: threading.Thread | None = None
         self._stream: _DatasetStream | None = None
         self._start_error: BaseException | None = None
-        if context.get_start_method() == "forkserver":
+        if isinstance(setup.dataset, DatasetFollows):
             # The forkserver answers a start only once it runs (a new interpreter
             # importing torch): meanwhile this thread's caller pickles the dataset.
-            # The server itself is started here, before the pickling holds the GIL
-            # (the thread would get to it only after some of the pickler's turns),
-            # with the main module to preload (NOTE [ The fork server's __main__ ]).
-            start_forkserver()
-        if isinstance(setup.dataset, DatasetFollows):
+            # The server itself was started with the pool (_pool_start.start_pool).
             self._starting = helper_thread(self._start, "poolloader-template-start", (child,))
             self._starting.start()
         else:

@@ -571,10 +571,10 @@ def _orphaned() -> None:
 def _finish(code: int) -> None:
     # Loaders the dataset code runs here (nested loaders) are closed first: their
     # I/O threads would take the processes ended below for crashes.
-    pools = sys.modules.get("poolloader._exit_hook")
-    if pools is not None:
+    exit_hook = sys.modules.get("poolloader._exit_hook")
+    if exit_hook is not None:
         try:
-            pools.close_all()
+            exit_hook.close_all()
         except Exception:
             pass
     _proctree.kill_descendants(psutil.Process())
