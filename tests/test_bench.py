@@ -22,7 +22,7 @@ from _fresh_env import ROOT, Views
 from poolloader.bench import _cli, _manifest, _peers, _report, _runner
 from poolloader.bench._progress import ProgressDisplay, Section
 from poolloader.bench._report import Row
-from poolloader.bench._workloads import Skewed, manifest_records, workloads
+from poolloader.bench._workloads import Skewed, Tiny, Workload, manifest_records, workloads
 
 SECTIONS = [plan.section.name for plan in _cli.plans(quick=True, repeats=1, num_workers=1)]
 #: Seconds the manifest section may take with --quick (it takes one or two minutes).
@@ -236,6 +236,71 @@ def test_a_peer_not_installed_is_skipped_with_one_line(views, tmp_path):
     ]
     header = done.stdout.splitlines()[len(skipped)]
     assert header.split() == ["torch", "poolloader", "poolloader(fork)"]
+
+
+class _Breaks:
+    """A peer that delivers torch's batches for ``good`` epochs, then fails as SPDL
+    0.8's subprocess mode does on Python 3.13.0."""
+
+    def __init__(self, workload: Workload, good: int) -> None:
+        self._reference = torch.utils.data.DataLoader(workload.dataset, **workload.loader_kwargs)
+        self._good = good
+
+    def __iter__(self):
+        if not self._good:
+            raise RuntimeError(
+                "The worker subprocess quit. Failed to fetch the next item: "
+                "'_pickle.Pickler' object attribute 'persistent_id' is read-only"
+            )
+        self._good -= 1
+        yield from self._reference
+
+
+def _cannot_build(workload: Workload, num_workers: int) -> None:
+    raise ImportError("cannot import name 'Loader' from 'torchdata.nodes'")
+
+
+def test_a_peer_that_fails_is_left_out_with_its_error_and_the_others_are_measured(
+    monkeypatch, tmp_path, capsys
+):
+    """At its start, at its checked epoch or at a timed one: the workload goes on
+    without it, the table says which and why; torch's or poolloader's failure ends it."""
+    breaking = {"StatefulDataLoader": _cannot_build,
+                "nodes(thread)": lambda w, n: _Breaks(w, good=2),  # warm-up and run 1
+                "SPDL(thread)": lambda w, n: _Breaks(w, good=0)}  # fmt: skip
+    for column, build in breaking.items():
+        monkeypatch.setitem(_peers._BY_COLUMN, column, _peers.Loader(column, "any", build))
+    workload = Workload("tiny_batches", "", Tiny(48), {"batch_size": 4})
+    columns = ["torch", *breaking, "poolloader"]
+    steps: list[str] = []
+    result = _runner.measure_peers(workload, columns, 1, 2, steps.append)
+    assert len(steps) == _runner.peers_steps(workload, columns, 2)
+    assert list(result.measurements) == list(result.rounds) == ["torch", "poolloader"]
+    assert list(result.checksums) == ["torch", "poolloader"]
+    assert all(len(rounds) == 2 for rounds in result.rounds.values())
+    assert result.measurements["poolloader"].batches == 12
+    read_only = ("RuntimeError: The worker subprocess quit. Failed to fetch the next item: "
+                 "'_pickle.Pickler' object attribute 'persistent_id' is read-only")  # fmt: skip
+    assert result.failed == {
+        "StatefulDataLoader": "ImportError: cannot import name 'Loader' from 'torchdata.nodes'",
+        "nodes(thread)": read_only,
+        "SPDL(thread)": read_only,
+    }
+    outputs = _cli._Outputs(tmp_path, tmp_path / "bench.json", None)
+    context = {"columns": columns, "versions": {"torch": "2"}, "skipped": []}
+    outputs.write({"tiny_batches": _cli.Found(peers=result)}, {"num_workers": 1}, context)
+    text = capsys.readouterr().out
+    assert f"left out of tiny batches: SPDL(thread), which failed: {read_only}\n" in text
+    figures = next(line for line in text.splitlines() if line.startswith("tiny batches, b"))
+    assert figures.split()[3:][1:4] == ["-", "-", "-"]  # the three peers' cells
+    peers = json.loads((tmp_path / "bench.json").read_text())["peers"]
+    assert peers["failed"] == {"tiny_batches": result.failed}
+    assert [(v["column"], v["other"]) for v in peers["verdicts"]] == [("poolloader", "torch")]
+    # The reference and the product are not left out: their failure is the run's.
+    monkeypatch.setitem(_peers._BY_COLUMN, "poolloader",
+                        _peers.Loader("poolloader", None, lambda w, n: _Breaks(w, good=0)))  # fmt: skip
+    with pytest.raises(RuntimeError, match="persistent_id"):
+        _runner.measure_peers(workload, ["torch", "poolloader"], 1, 1, steps.append)
 
 
 def test_a_loader_that_delivers_other_batches_is_an_error_not_a_row():

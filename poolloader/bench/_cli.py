@@ -225,8 +225,9 @@ class _Outputs:
         results = [f.peers for f in found.values() if f.peers is not None]
         errors = {name: f.error for name, f in found.items() if f.error}
         rows = _report.peer_rows(results, num_workers)
+        failed = {result.workload: result.failed for result in results if result.failed}
         text = _report.peers_table(rows, context["columns"], context["versions"], num_workers,
-                                   errors)  # fmt: skip
+                                   errors, failed)  # fmt: skip
         return text, _report.peers_document(rows, results, errors, context)
 
     def _summary(self, any_rows: bool) -> str:

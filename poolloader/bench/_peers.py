@@ -351,6 +351,26 @@ def build(column: str, workload: Workload, num_workers: int) -> Any:
     return _BY_COLUMN[column].build(workload, num_workers)
 
 
+def is_peer(column: str) -> bool:
+    """Whether ``column`` is another project's loader: one that fails is left out of
+    the workload, where torch's (the reference) or poolloader's failing ends the run."""
+    return _BY_COLUMN[column].package is not None
+
+
+def failure(exc: BaseException) -> str:
+    """A peer's error in one line, for the table: its type and its message's last line
+    (where an error from a worker that carries the worker's traceback states itself)."""
+    lines = str(exc).strip().splitlines()
+    message = lines[-1] if lines else ""
+    if len(message) > FAILURE_CHARS:
+        message = message[: FAILURE_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+#: How much of a failed peer's error message the table shows.
+FAILURE_CHARS = 200
+
+
 def build_order(chosen: list[str]) -> list[str]:
     """``chosen`` with the forked subprocess first: it forks before the other
     loaders start their threads."""

@@ -268,9 +268,12 @@ def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
 
 
 def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str],
-                num_workers: int, errors: dict[str, str]) -> str:  # fmt: skip
+                num_workers: int, errors: dict[str, str],
+                failed: dict[str, dict[str, str]] | None = None) -> str:  # fmt: skip
     """The loaders side by side, then the same figures against torch's, then the
-    workloads refused because a loader delivered other batches than torch's."""
+    peers that failed on a workload (``failed``: workload, column, error; their
+    cells are "-"), then the workloads refused because a loader delivered other
+    batches than torch's."""
     first = max([len("relative to torch"), *(len(row.label) for row in rows)])
     widths = [max(len(c), 8) for c in columns]
 
@@ -297,6 +300,12 @@ def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str
     verdicts = verdicts_table(peer_verdicts(rows, columns))
     if verdicts:
         lines += ["", verdicts]
+    if failed:
+        lines.append("")
+    for workload, columns_failed in (failed or {}).items():
+        label = PEER_LABELS.get(workload, workload)
+        lines += [f"left out of {label}: {column}, which failed: {error}"
+                  for column, error in columns_failed.items()]  # fmt: skip
     if errors:
         lines += ["", "ERROR: no figures for these workloads, whose batches differ:"]
         lines += [f"  {name}: {error}" for name, error in errors.items()]
@@ -402,13 +411,15 @@ def verdicts_table(verdicts: list[Verdict]) -> str:
 def peers_document(rows: list[PeerRow], results: list[PeerResult], errors: dict[str, str],
                    context: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The peers' part of the JSON: the columns, versions and skipped peers
-    (``context``), the table's rows, the workloads refused and why (``errors``), and
-    what each loader's checked epoch delivered (its batches and their digest)."""
+    (``context``), the table's rows, the workloads refused and why (``errors``), the
+    peers that failed on a workload and their errors (``failed``), and what each
+    loader's checked epoch delivered (its batches and their digest)."""
     return {
         **context,
         "rows": [{**row.__dict__, "relative_to_torch": row.relative} for row in rows],
         "verdicts": [v.__dict__ for v in peer_verdicts(rows, context["columns"])],
         "errors": errors,
+        "failed": {result.workload: result.failed for result in results if result.failed},
         "checksums": {
             result.workload: {column: found.__dict__ for column, found in result.checksums.items()}
             for result in results

@@ -354,6 +354,9 @@ class PeerResult:
     #: batches/s of each loader's timed epochs, one per round of the alternating
     #: runs (round ``i`` of every loader ran one after the other)
     rounds: dict[str, list[float]] = field(default_factory=dict)
+    #: the peers that failed on this workload, left out of it: their errors, one
+    #: line each (:func:`_peers.failure`)
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 def peers_steps(workload: Workload, columns: list[str], repeats: int) -> int:
@@ -368,41 +371,87 @@ def measure_peers(
     then ``repeats`` timed epochs each, alternating; then, for workloads that
     measure memory, each loader alone: peak PSS of an epoch after a warm-up.
 
+    A peer that raises at any of these steps is left out of the workload, its
+    error kept for the table (``failed``): a peer's defect on this Python or
+    platform (SPDL 0.8's subprocess mode fails on Python 3.13.0, CPython
+    gh-125631) leaves the comparison with the loaders that work.
+
     Loaders that use threads in this process may change torch's intra-op thread
     count (torchdata's thread workers set it to 1); it is put back after each of
     their epochs so that the next loader runs as it would alone."""
     threads = torch.get_num_threads()
-    loaders = {column: _peers.build(column, workload, num_workers)
-               for column in _peers.build_order(columns)}  # fmt: skip
+    failed: dict[str, str] = {}
+    loaders: dict[str, Any] = {}
+    for column in _peers.build_order(columns):
+        try:
+            loaders[column] = _peers.build(column, workload, num_workers)
+        except Exception as exc:
+            _left_out(column, exc, failed, loaders)
     runs: dict[str, list[Measurement]] = {column: [] for column in columns}
     checksums: dict[str, Checksum] = {}
+
+    def running() -> list[str]:
+        return [column for column in columns if column not in failed]
+
     try:
         for column in columns:
             progress(f"{workload.name}: warming up {column}, checking its batches")
-            checksums[column] = checksum_epoch(loaders[column])
+            if column in failed:
+                continue
+            try:
+                checksums[column] = checksum_epoch(loaders[column])
+            except Exception as exc:
+                _left_out(column, exc, failed, loaders)
             torch.set_num_threads(threads)
         check_same_batches(workload.name, checksums)
         for repeat in range(repeats):
             for column in columns:
                 progress(f"{workload.name}: {column} run {repeat + 1}/{repeats}")
-                runs[column].append(_timed_epoch(loaders[column]))
+                if column in failed:
+                    continue
+                try:
+                    runs[column].append(_timed_epoch(loaders[column]))
+                except Exception as exc:
+                    _left_out(column, exc, failed, loaders)
                 torch.set_num_threads(threads)
     finally:
         for loader in loaders.values():
             _peers.close(loader)
         del loaders
         gc.collect()
-    found = {column: _median(runs[column]) for column in columns}
-    rounds = {column: [m.throughput for m in runs[column]] for column in columns}
+    found = {column: _median(runs[column]) for column in running()}
+    rounds = {column: [m.throughput for m in runs[column]] for column in running()}
     if workload.measure_memory:
         for column in columns:
             progress(f"{workload.name}: {column} memory, alone")
-            found[column].peak_memory, found[column].peak_held = _peak_memory_alone(
-                column, workload, num_workers
-            )
+            if column in failed:
+                continue
+            try:
+                found[column].peak_memory, found[column].peak_held = _peak_memory_alone(
+                    column, workload, num_workers
+                )
+            except Exception as exc:
+                _left_out(column, exc, failed, {})
+                del found[column], rounds[column]
             torch.set_num_threads(threads)
+    checksums = {column: checksums[column] for column in running()}
     return PeerResult(workload.name, num_workers, workload.measure_memory, found, checksums,
-                      rounds)  # fmt: skip
+                      rounds, failed)  # fmt: skip
+
+
+def _left_out(column: str, exc: Exception, failed: dict[str, str], loaders: dict[str, Any]) -> None:
+    """Leave a peer that failed out of the workload (its loader closed), with its
+    error for the table; torch's or poolloader's failure is raised: the comparison
+    has no reference, or found a defect of poolloader's."""
+    if not _peers.is_peer(column):
+        raise exc
+    failed[column] = _peers.failure(exc)
+    loader = loaders.pop(column, None)
+    if loader is not None:
+        try:
+            _peers.close(loader)
+        except Exception:
+            pass  # it failed already; its error is the one to report
 
 
 def _peak_memory_alone(column: str, workload: Workload, num_workers: int) -> tuple[int, int]:
