@@ -37,7 +37,7 @@ from ._tasks import (
     TaskRecord,
     part_tasks,
 )
-from .errors import LoaderClosedError, LoaderTimeoutError
+from .errors import LoaderClosedError, LoaderTimeoutError, _append_to_message
 
 _profiler_enabled = torch._C._autograd._profiler_enabled
 
@@ -534,24 +534,6 @@ def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
         f"raised in DataLoader worker {outcome.worker_id} (pid {outcome.pid}) while loading "
         f"batch {record.position} with indices {short(record.index)}"
     )
-    if _message_is_plain(exc):
-        original = str(exc.args[0]) if exc.args else ""
-        message = f"{original}\n({context})" if original else f"({context})"
-        exc.args = (_Message(message),) if isinstance(exc, KeyError) else (message,)
-    elif hasattr(exc, "add_note"):  # Python 3.11+
-        exc.add_note(context.capitalize())
+    if not _append_to_message(exc, f"({context})") and hasattr(exc, "add_note"):
+        exc.add_note(context.capitalize())  # (Python 3.11+)
     return exc
-
-
-def _message_is_plain(exc: BaseException) -> bool:
-    """Whether rewriting ``args`` changes the message and nothing else."""
-    if len(exc.args) > 1 or (exc.args and not isinstance(exc.args[0], str)):
-        return False
-    return type(exc).__str__ in (BaseException.__str__, KeyError.__str__)
-
-
-class _Message(str):
-    """A KeyError message that prints as text, not as the repr of a key."""
-
-    def __repr__(self) -> str:
-        return str(self)

@@ -114,3 +114,24 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def _append_to_message(exc: BaseException, text: str) -> bool:
+    """Put ``text`` after ``exc``'s message, on a line of its own, where rewriting
+    its ``args`` changes the message and nothing else; whether it did (otherwise
+    the caller adds a note, on Python 3.11+)."""
+    if len(exc.args) > 1 or (exc.args and not isinstance(exc.args[0], str)):
+        return False
+    if type(exc).__str__ not in (BaseException.__str__, KeyError.__str__):
+        return False
+    original = str(exc.args[0]) if exc.args else ""
+    message = f"{original}\n{text}" if original else text
+    exc.args = (_Message(message),) if isinstance(exc, KeyError) else (message,)
+    return True
+
+
+class _Message(str):
+    """A KeyError message that prints as text, not as the repr of a key."""
+
+    def __repr__(self) -> str:
+        return str(self)

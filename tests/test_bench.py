@@ -190,7 +190,8 @@ def _peers_run(python: list[str], out, *args: str, env=None) -> subprocess.Compl
 
 def test_peers_quick_runs_every_loader_and_each_delivers_torchs_batches(tmp_path):
     pytest.importorskip("torchdata")
-    pytest.importorskip("spdl.pipeline")
+    # (SPDL 0.8 installs on Python 3.10 and fails to import there: typing.Self)
+    pytest.importorskip("spdl.pipeline", exc_type=ImportError)
     out = tmp_path / "results"
     done = _peers_run([sys.executable], out)
     assert done.returncode == 0, done.stderr

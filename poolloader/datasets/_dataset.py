@@ -24,6 +24,7 @@ import torch
 
 from .._shared import SharedList
 from .._tracking import unwrap
+from ..errors import _append_to_message
 from ._collate import pad_collate
 from ._items import ItemTable, Row
 from ._loaders import (
@@ -448,7 +449,8 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
 
         If ``path`` (the file being read, if any) is missing, the error becomes a
         ``FileNotFoundError`` naming the path, id, field and manifest line; any other
-        error keeps its type and gains a note (Python 3.11+) saying the same.
+        error keeps its type and gains a note saying the same (on Python 3.10, which
+        has no notes, a line of its message where only the message changes).
         """
         try:
             return function(*args)
@@ -463,6 +465,8 @@ class ManifestDataset(torch.utils.data.Dataset[dict[str, Any]]):
                 raise FileNotFoundError(f"{path}: no such file {where}") from exc
             if hasattr(exc, "add_note"):
                 exc.add_note(f"while loading {where}")
+            else:  # Python 3.10: no notes; the message says it where it can
+                _append_to_message(exc, f"(while loading {where})")
             raise
 
 
