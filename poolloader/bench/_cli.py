@@ -228,7 +228,7 @@ class _Outputs:
         failed = {result.workload: result.failed for result in results if result.failed}
         text = _report.peers_table(rows, context["columns"], context["versions"], num_workers,
                                    errors, failed)  # fmt: skip
-        return text, _report.peers_document(rows, results, errors, context)
+        return text, _report.peers_document(rows, results, errors, failed, context)
 
     def _summary(self, any_rows: bool) -> str:
         written = [str(self.folder / "bench.txt"), str(self.json)]

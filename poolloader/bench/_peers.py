@@ -357,6 +357,10 @@ def is_peer(column: str) -> bool:
     return _BY_COLUMN[column].package is not None
 
 
+#: How much of a failed peer's error message the table shows.
+FAILURE_CHARS = 200
+
+
 def failure(exc: BaseException) -> str:
     """A peer's error in one line, for the table: its type and its message's last line
     (where an error from a worker that carries the worker's traceback states itself)."""
@@ -365,10 +369,6 @@ def failure(exc: BaseException) -> str:
     if len(message) > FAILURE_CHARS:
         message = message[: FAILURE_CHARS - 3] + "..."
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-
-
-#: How much of a failed peer's error message the table shows.
-FAILURE_CHARS = 200
 
 
 def build_order(chosen: list[str]) -> list[str]:

@@ -269,7 +269,7 @@ def peer_rows(results: list[PeerResult], num_workers: int) -> list[PeerRow]:
 
 def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str],
                 num_workers: int, errors: dict[str, str],
-                failed: dict[str, dict[str, str]] | None = None) -> str:  # fmt: skip
+                failed: dict[str, dict[str, str]]) -> str:  # fmt: skip
     """The loaders side by side, then the same figures against torch's, then the
     peers that failed on a workload (``failed``: workload, column, error; their
     cells are "-"), then the workloads refused because a loader delivered other
@@ -302,7 +302,7 @@ def peers_table(rows: list[PeerRow], columns: list[str], versions: dict[str, str
         lines += ["", verdicts]
     if failed:
         lines.append("")
-    for workload, columns_failed in (failed or {}).items():
+    for workload, columns_failed in failed.items():
         label = PEER_LABELS.get(workload, workload)
         lines += [f"left out of {label}: {column}, which failed: {error}"
                   for column, error in columns_failed.items()]  # fmt: skip
@@ -409,6 +409,7 @@ def verdicts_table(verdicts: list[Verdict]) -> str:
 
 
 def peers_document(rows: list[PeerRow], results: list[PeerResult], errors: dict[str, str],
+                   failed: dict[str, dict[str, str]],
                    context: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The peers' part of the JSON: the columns, versions and skipped peers
     (``context``), the table's rows, the workloads refused and why (``errors``), the
@@ -419,7 +420,7 @@ def peers_document(rows: list[PeerRow], results: list[PeerResult], errors: dict[
         "rows": [{**row.__dict__, "relative_to_torch": row.relative} for row in rows],
         "verdicts": [v.__dict__ for v in peer_verdicts(rows, context["columns"])],
         "errors": errors,
-        "failed": {result.workload: result.failed for result in results if result.failed},
+        "failed": failed,
         "checksums": {
             result.workload: {column: found.__dict__ for column, found in result.checksums.items()}
             for result in results
