@@ -63,6 +63,10 @@ def nbytes(batch: Any) -> int:
 #: Types that hold no tensor or array data (and the most common).
 _NO_DATA = (str, bytes, int, float, bool, complex, type(None), type, range, slice)
 
+#: Exact types :class:`SkeletonPickler` never describes (containers are pickled as
+#: containers; their items are asked about one by one).
+_NEVER_DESCRIBED = frozenset((*_NO_DATA, tuple, list, dict))
+
 
 def _data_bytes(obj: Any, seen: set[int]) -> int:
     if isinstance(obj, _NO_DATA) or id(obj) in seen:
@@ -201,6 +205,11 @@ class SkeletonPickler(TorchPickler):
         self.storages: dict[tuple[int, int], int] = {}  # views' storages sent so far
 
     def persistent_id(self, obj: Any) -> Any:
+        if type(obj) in _NEVER_DESCRIBED:
+            # Pickle asks about every object it meets, the descriptors' own strings,
+            # numbers and tuples among them: 6 of the 7 questions a one-tensor batch
+            # asks, each answered without the checks below.
+            return None
         # persistent_id comes before pickle's memo: an array or tensor the batch
         # holds twice (labels = input_ids) is described once, then named again,
         # so that it arrives as one object, as through torch's pickling.
