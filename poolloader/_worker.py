@@ -44,6 +44,11 @@ import numpy as np
 import psutil
 import torch
 
+# (torch.utils.data comes with ``import torch``: these cost nothing more, and spare
+# each batch's collation two import statements.)
+from torch.utils.data._utils import worker as torch_worker
+from torch.utils.data._utils.collate import collate, collate_tensor_fn
+
 from . import _pickling, _proctree, _replay, _seeding
 from ._deaths import EXIT_INBOX_FAILED
 from ._messages import (
@@ -271,8 +276,6 @@ class _State:
 
     def _set_info(self, seed: int) -> None:
         global _worker_info
-        from torch.utils.data._utils import worker as torch_worker
-
         setup = self.setup
         _worker_info = WorkerInfo(setup.worker_id, setup.num_workers, seed, self.dataset)
         torch_worker._worker_info = torch_worker.WorkerInfo(
@@ -388,9 +391,6 @@ def _collate_privately(batch: Any) -> Any:
     already mapped, where the main process reads them in place: the batch is
     written once. What does not fit is stacked into private memory and copied.
     """
-    from torch.utils.data._utils import worker as torch_worker
-    from torch.utils.data._utils.collate import collate
-
     saved, torch_worker._worker_info = torch_worker._worker_info, None
     try:
         return collate(batch, collate_fn_map=_slab_collate_map())
@@ -406,8 +406,6 @@ def _slab_collate_map() -> dict[Any, Any]:
 
 
 def _stack_into_slab(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -> torch.Tensor:
-    from torch.utils.data._utils.collate import collate_tensor_fn
-
     elem = batch[0]
     plain = elem.layout == torch.strided and not elem.is_nested and elem.device.type == "cpu"
     if _state is None or not plain:  # (a slab holds CPU memory)
