@@ -208,6 +208,53 @@ def test_an_unpicklable_value_fails_before_the_change(replica):
     assert "x" not in replica.dataset.cfg
 
 
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda v: v.items.append(threading.Lock()),
+        lambda v: v.items.extend([4, threading.Lock()]),
+        lambda v: v.items.insert(0, threading.Lock()),
+        lambda v: v.cfg.update(f=threading.Lock()),
+        lambda v: v.ordered.update(c=threading.Lock()),
+        lambda v: v.queue.appendleft(threading.Lock()),
+        lambda v: v.seen.add(threading.Lock()),
+        lambda v: v.seen.update([2, threading.Lock()]),
+    ],
+    ids=[
+        "list.append",
+        "list.extend",
+        "list.insert",
+        "dict.update",
+        "OrderedDict.update",
+        "deque.appendleft",
+        "set.add",
+        "set.update",
+    ],
+)
+def test_a_refused_call_leaves_the_container_as_it_was(replica, mutate):
+    """A container method whose argument does not pickle is refused as assigning it
+    is: the container is as it was, here as in the workers (appended here, it left
+    the main process and the workers with lists of different lengths)."""
+    names = ("items", "cfg", "ordered", "queue", "seen")
+    before = {name: pickle.dumps(getattr(replica.dataset, name)) for name in names}
+    with pytest.raises(NotPicklableError):
+        mutate(replica.view)
+    for name in names:
+        assert pickle.dumps(getattr(replica.dataset, name)) == before[name], name
+    replica.view.items.append(7)  # and changes go on as before
+    replica.sync()
+    assert replica.agrees()
+
+
+def test_a_call_that_does_not_pickle_still_sends_what_it_made(replica):
+    """Where only the call fails to pickle (a lambda sort key), the container's
+    contents travel instead: nothing is put back."""
+    replica.view.items.sort(key=lambda x: -x)
+    assert replica.dataset.items == [3, 2, 1]
+    replica.sync()
+    assert replica.agrees()
+
+
 def test_a_method_that_sets_several_attributes_is_one_message(replica):
     replica.view.sub.set(1.5)
     replica.view.sub.set(2.5)
