@@ -9,6 +9,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import random
 import signal
 import threading
 from dataclasses import replace
@@ -60,18 +61,20 @@ def template_main(
             pass
     own_name = _process_name()
     _set_process_name(TEMPLATE_NAME)
+    watch = _OwnStateWatch()
     try:
-        setup = replace(
-            setup,
-            dataset=_receive_dataset(conn, setup.dataset),
-            functions=_worker.materialize(setup.functions),
-        )
+        with watch:
+            setup = replace(
+                setup,
+                dataset=_receive_dataset(conn, setup.dataset),
+                functions=_worker.materialize(setup.functions),
+            )
     except _MainGone:
         os._exit(0)  # the main process gave up (its pickling failed) or is gone
     except BaseException as exc:  # every failure is reported home
         _report(conn, StartFailed(-1, os.getpid(), RemoteError.capture(exc)))
         os._exit(1)
-    reason = _unsafe_to_fork()
+    reason = _unsafe_to_fork(watch)
     if reason:
         _report(conn, TemplateUnsafe(reason))
         os._exit(0)
@@ -161,8 +164,9 @@ class _Incoming:
         return bytes(line)
 
 
-def _unsafe_to_fork() -> str:
-    """Why forking this process would not be safe now ("" if it would be)."""
+def _unsafe_to_fork(watch: _OwnStateWatch) -> str:
+    """Why forking this process would not be safe now ("" if it would be); ``watch``
+    watched the dataset's latest unpickling (or the changes it took)."""
     if threading.active_count() > 1:
         names = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
         return f"unpickling the dataset started threads ({', '.join(names)})"
@@ -175,7 +179,86 @@ def _unsafe_to_fork() -> str:
             return "unpickling the dataset initialised CUDA, which forked processes cannot use"
     except Exception:
         pass
-    return ""
+    return watch.reason()
+
+
+# NOTE [ State of a process's own ]: torch's spawn workers each unpickle the dataset,
+# so what its ``__setstate__`` (or a reduce function) makes is each worker's own: a
+# file it opens, with its own offset; a generator seeded from the operating system's
+# randomness. Workers forked from the template would share one: two workers seeking
+# and reading one file read each other's records, and every worker (and every epoch
+# with ``persistent_workers=False``) draws the same random numbers. The template
+# watches its unpickling for both: descriptors left open (other than shared memory,
+# whose mapping forked workers may share) and randomness drawn through ``os.urandom``
+# (NumPy's ``default_rng()``, ``SeedSequence()``, ``secrets``, ``uuid4``). Either
+# makes it unsafe to fork: each worker unpickles the dataset itself, as in torch.
+# Not seen: ``random.Random()`` and torch generators seeded from the system in C.
+
+#: Descriptors forked workers may share: shared memory (SharedList's sealed memfds,
+#: torch's shared storages) and devices without an offset.
+_SHAREABLE = ("/memfd:", "/dev/shm/", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+
+
+class _OwnStateWatch:
+    """Watches unpickling for state that must be each process's own (NOTE [ State of
+    a process's own ]): the descriptors it leaves open, and whether it drew the
+    system's randomness."""
+
+    def __init__(self) -> None:
+        self.opened: list[str] = []
+        self.drew_randomness = False
+
+    def __enter__(self) -> _OwnStateWatch:
+        self._before = _descriptors()
+        self._saved = os.urandom, random._urandom  # type: ignore[attr-defined]
+
+        def urandom(size: int) -> bytes:
+            self.drew_randomness = True
+            return self._saved[0](size)
+
+        # random._urandom: what SystemRandom (secrets, NumPy's SeedSequence) calls.
+        os.urandom = random._urandom = urandom  # type: ignore[attr-defined]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.urandom, random._urandom = self._saved  # type: ignore[attr-defined]
+        before = self._before
+        for fd, target in sorted(_descriptors().items()):
+            if before.get(fd) != target and not target.startswith(_SHAREABLE):
+                self.opened.append(f"{target} (descriptor {fd})")
+
+    def reason(self) -> str:
+        if self.opened:
+            return (
+                f"unpickling the dataset opened {', '.join(self.opened)}, which workers "
+                "forked from one process would share, with one file offset; opened on "
+                "first use in each worker (in __getitem__) instead, it keeps the faster start"
+            )
+        if self.drew_randomness:
+            return (
+                "unpickling the dataset drew the system's randomness (np.random."
+                "default_rng(), os.urandom), so every worker forked from one process "
+                "would draw the same numbers; a generator made on first use in each "
+                "worker, or seeded from torch.initial_seed(), keeps the faster start"
+            )
+        return ""
+
+
+def _descriptors() -> dict[int, str]:
+    """This process's open descriptors and what each is open on (none where /proc is
+    missing: not watched). Not the listing's own: it is closed by the time it is
+    asked about."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return {}
+    found = {}
+    for name in names:
+        try:
+            found[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            pass
+    return found
 
 
 def _send(conn: Connection, message: object) -> None:
@@ -218,7 +301,13 @@ class _Template:
             if isinstance(message, ForkWorker):
                 self._fork(message)
             elif isinstance(message, Advance):
-                self._advance(message.updates)
+                watch = _OwnStateWatch()
+                with watch:
+                    self._advance(message.updates)
+                reason = _unsafe_to_fork(watch)
+                if reason:  # (a new dataset, or a change, made state of a process's own)
+                    _report(self.conn, TemplateUnsafe(reason))
+                    return
                 _send(self.conn, Advanced(message.generation))
             elif isinstance(message, Stop):
                 return

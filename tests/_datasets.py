@@ -722,3 +722,68 @@ class ImagesWithLabels(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"image": torch.ones(3, 256, 256), "label": torch.full((512,), i)}
+
+
+RECORD_BYTES = 4096
+
+
+def write_records(path: str, n: int) -> None:
+    """A file of ``n`` records of :data:`RECORD_BYTES`; every byte of record i is i."""
+    with open(path, "wb") as f:
+        for i in range(n):
+            f.write(bytes([i]) * RECORD_BYTES)
+
+
+class OpensOnUnpickle(Dataset):
+    """Reads record i of a file it opens again when unpickled (``__setstate__``),
+    the usual way to keep an open file out of a pickle: seek, a pause, read. With
+    ``on_unpickle=False`` it opens the file on first use, or when told to."""
+
+    def __init__(self, path: str, n: int, on_unpickle: bool = True) -> None:
+        self.path, self.n, self.on_unpickle = path, n, on_unpickle
+        self.file: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "n": self.n, "on_unpickle": self.on_unpickle, "file": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.on_unpickle:
+            self.open()
+
+    def open(self) -> None:
+        """Open the file (kept open for the dataset's life)."""
+        self.file = open(self.path, "rb", buffering=0)  # noqa: SIM115
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if self.file is None:  # (on_unpickle=False: on first use, in each worker)
+            self.open()
+        self.file.seek(i * RECORD_BYTES)
+        time.sleep(0.005)
+        return self.file.read(RECORD_BYTES)[0]
+
+
+class DrawsOnUnpickle(Dataset):
+    """Item i is a number from a generator seeded from the system's randomness when
+    the dataset is unpickled (``__setstate__``), and the worker's pid."""
+
+    def __init__(self, n: int = 16) -> None:
+        self.n = n
+        self.rng: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.rng = np.random.default_rng()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        time.sleep(0.01)
+        return torch.tensor([int(self.rng.integers(1 << 40)), os.getpid()])
