@@ -13,6 +13,7 @@ import functools
 import logging
 import mmap
 import os
+import pickle
 import struct
 import time
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from . import _proctree, _worker
+from . import _pickling, _proctree, _worker
 from ._deaths import descendants, describe_exit, silent_start_error, start_error
 from ._messages import (
     Advanced,
@@ -231,10 +232,18 @@ class Workforce:
     def restart_template(self, dataset: Any, generation: int) -> None:
         """Start a new template holding ``dataset`` (the main process's object, at
         ``generation``); the old one stays until the workers it forked are gone."""
+        setup = replace(self._setup, dataset=dataset, base_seed=self.base_seed)
+        try:
+            template = Template(self._context, setup, generation)
+        except (TypeError, AttributeError, pickle.PicklingError) as exc:
+            if self._context.get_start_method() == "fork":
+                raise
+            # spawn, forkserver: the dataset travels in the new template's arguments,
+            # and pickling them failed; say which part, as a new loader would.
+            raise _pickling.not_picklable(dataset, "dataset", exc) from exc
         if self.template is not None:
             self.retired_templates.append(self.template)
-        setup = replace(self._setup, dataset=dataset, base_seed=self.base_seed)
-        self.template = Template(self._context, setup, generation)
+        self.template = template
 
     def stop_idle_templates(self, workers: list[Worker]) -> None:
         """Stop the replaced templates none of ``workers`` came from."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch
 from _datasets import Rows, WaitsForTemplate
 
 from poolloader import DataLoader, _pickling
+from poolloader.errors import NotPicklableError
 
 KINDS = {
     "records": {},
@@ -57,6 +59,22 @@ def test_with_spawn_too():
     dataset = Rows()
     with _loader(dataset, "spawn") as loader:
         assert list(loader) == [0, 1, 2, 3, 4, 5]
+        dataset.rows[0]["v"] = -1
+        assert list(loader) == [-1, 1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_a_dataset_made_unpicklable_between_epochs_is_named_and_can_be_mended(start_method):
+    """It raised pickle's bare TypeError from inside the new template's start; a new
+    loader names the part (NotPicklableError), and so does the next epoch. Mended,
+    the epoch after runs."""
+    dataset = Rows()
+    with _loader(dataset, start_method) as loader:
+        assert list(loader) == [0, 1, 2, 3, 4, 5]
+        dataset.reader = threading.Lock()
+        with pytest.raises(NotPicklableError, match=r"dataset\.reader"):
+            list(loader)
+        dataset.reader = None
         dataset.rows[0]["v"] = -1
         assert list(loader) == [-1, 1, 2, 3, 4, 5]
 
