@@ -509,8 +509,9 @@ class PoolIterator(_BaseDataLoaderIter):
         if isinstance(outcome, Lost):
             error = outcome.error
             if hasattr(error, "add_note"):  # Python 3.11+
+                indices = _indices(record.index)
                 error.add_note(
-                    f"(batch {record.position}, indices {short(record.index)}, loaded by "
+                    f"(batch {record.position}{', ' + indices if indices else ''}, loaded by "
                     f"DataLoader worker {outcome.worker_id}, pid {outcome.pid})"
                 )
             raise error
@@ -530,10 +531,19 @@ def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
 def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
     """The worker's exception, as its own type, with where it happened in the message."""
     exc = outcome.error.rebuild()
+    indices = _indices(record.index)
     context = (
         f"raised in DataLoader worker {outcome.worker_id} (pid {outcome.pid}) while loading "
-        f"batch {record.position} with indices {short(record.index)}"
+        f"batch {record.position}{' with ' + indices if indices else ''}"
     )
     if not _append_to_message(exc, f"({context})") and hasattr(exc, "add_note"):
         exc.add_note(context.capitalize())  # (Python 3.11+)
     return exc
+
+
+def _indices(index: Any) -> str:
+    """``"indices [4, 5]"`` for a message; nothing for an IterableDataset's batch,
+    whose sampler yields ``None`` for each item (it has no indices)."""
+    if index is None or (isinstance(index, list) and all(i is None for i in index)):
+        return ""
+    return f"indices {short(index)}"

@@ -787,3 +787,20 @@ class DrawsOnUnpickle(Dataset):
     def __getitem__(self, i: int):
         time.sleep(0.01)
         return torch.tensor([int(self.rng.integers(1 << 40)), os.getpid()])
+
+
+class FailsAt(IterableDataset):
+    """Yields 0, 1, 2, ... and raises ValueError at ``bad`` (in worker 0 only, when
+    there are workers)."""
+
+    def __init__(self, n: int = 12, bad: int = 5) -> None:
+        self.n, self.bad = n, bad
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is not None and info.id != 0:
+            return
+        for i in range(self.n):
+            if i == self.bad:
+                raise ValueError(f"record {i} is corrupt")
+            yield i

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from _datasets import Failing, HoldsLock, Plain, Sleepy, SlowToUnpickle, sleep_in_init
+from _datasets import Failing, FailsAt, HoldsLock, Plain, Sleepy, SlowToUnpickle, sleep_in_init
 
 from poolloader import DataLoader
 from poolloader.errors import LoaderTimeoutError, NotPicklableError, RemoteTraceback
@@ -38,6 +38,18 @@ def test_dataset_exception_keeps_its_type_and_says_where():
         assert next(iterator).tolist() == [6, 7]
         # And the loader works for another epoch.
         assert len(list(_skip_errors(loader))) == 5
+
+
+@pytest.mark.parametrize("batch_size", [2, None])
+def test_an_iterable_datasets_error_says_which_batch_without_indices(batch_size):
+    """An IterableDataset's batches have no indices (torch's sampler yields None for
+    each item): the message said "with indices [None, None]"."""
+    with _loader(FailsAt(bad=5), batch_size=batch_size) as loader:
+        with pytest.raises(ValueError) as info:
+            list(loader)
+    message = str(info.value)
+    assert "record 5 is corrupt" in message
+    assert "while loading batch" in message and "indices" not in message, message
 
 
 def _skip_errors(loader):
