@@ -5,12 +5,14 @@ process's side)."""
 
 from __future__ import annotations
 
+import builtins
 import gc
 import multiprocessing
 import os
 import pickle
 import random
 import signal
+import sys
 import threading
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
@@ -192,7 +194,11 @@ def _unsafe_to_fork(watch: _OwnStateWatch) -> str:
 # whose mapping forked workers may share) and randomness drawn through ``os.urandom``
 # (NumPy's ``default_rng()``, ``SeedSequence()``, ``secrets``, ``uuid4``). Either
 # makes it unsafe to fork: each worker unpickles the dataset itself, as in torch.
-# Not seen: ``random.Random()`` and torch generators seeded from the system in C.
+# What importing a module does meanwhile (the modules the pickle names, imported
+# to unpickle it) does not count: a library's import-time state is shared by
+# torch's fork workers too, and counted it would cost most datasets the template
+# (importing Lightning draws randomness). Not seen: ``random.Random()`` and torch
+# generators seeded from the system in C.
 
 #: Descriptors forked workers may share: shared memory (SharedList's sealed memfds,
 #: torch's shared storages) and devices without an offset.
@@ -207,24 +213,43 @@ class _OwnStateWatch:
     def __init__(self) -> None:
         self.opened: list[str] = []
         self.drew_randomness = False
+        self._importing = 0  # depth of imports under way
+        self._by_imports: set[tuple[int, str]] = set()  # descriptors imports opened
 
     def __enter__(self) -> _OwnStateWatch:
         self._before = _descriptors()
-        self._saved = os.urandom, random._urandom  # type: ignore[attr-defined]
+        self._saved = os.urandom, random._urandom, builtins.__import__  # type: ignore[attr-defined]
+        real_urandom, real_import = self._saved[0], self._saved[2]
 
         def urandom(size: int) -> bytes:
-            self.drew_randomness = True
-            return self._saved[0](size)
+            if not self._importing:
+                self.drew_randomness = True
+            return real_urandom(size)
+
+        def import_(name: str, *args: Any, **kwargs: Any) -> Any:
+            level = args[3] if len(args) > 3 else kwargs.get("level", 0)
+            if self._importing or (not level and name in sys.modules):
+                return real_import(name, *args, **kwargs)  # (inside one; or nothing runs)
+            before = _descriptors()
+            self._importing += 1
+            try:
+                return real_import(name, *args, **kwargs)
+            finally:
+                self._importing -= 1
+                self._by_imports |= set(_descriptors().items()) - set(before.items())
 
         # random._urandom: what SystemRandom (secrets, NumPy's SeedSequence) calls.
         os.urandom = random._urandom = urandom  # type: ignore[attr-defined]
+        builtins.__import__ = import_
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.urandom, random._urandom = self._saved  # type: ignore[attr-defined]
+        os.urandom, random._urandom, builtins.__import__ = self._saved  # type: ignore[attr-defined]
         before = self._before
         for fd, target in sorted(_descriptors().items()):
-            if before.get(fd) != target and not target.startswith(_SHAREABLE):
+            if before.get(fd) == target or (fd, target) in self._by_imports:
+                continue
+            if not target.startswith(_SHAREABLE):
                 self.opened.append(f"{target} (descriptor {fd})")
 
     def reason(self) -> str:

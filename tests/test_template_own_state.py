@@ -119,3 +119,21 @@ def test_shared_memory_and_tensors_keep_the_template(caplog):
             assert NOT_SAFE not in _warnings(caplog)
         finally:
             loader.close()
+
+
+def test_what_importing_a_module_does_keeps_the_template(caplog):
+    """The modules the pickle names are imported to unpickle it; what a library does
+    when imported (draws randomness, opens a file) is shared by torch's fork workers
+    too, and counted it would cost most datasets the template (importing Lightning
+    draws randomness)."""
+    from _draws_on_import import FromThisModule
+
+    loader = DataLoader(FromThisModule(), batch_size=4, num_workers=2,
+                        multiprocessing_context="spawn")  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+        assert loader._pool.template_pid is not None
+        assert NOT_SAFE not in _warnings(caplog)
+    finally:
+        loader.close()
