@@ -83,17 +83,24 @@ def _length(container: Any) -> int:
     return len(container)
 
 
+def contents(container: Any) -> Any:
+    """A copy of what ``container`` holds, as :func:`~._replay.assign_contents`
+    takes it (``None`` for an object that is not such a container)."""
+    if isinstance(container, np.ndarray):
+        return container.copy()
+    if isinstance(container, torch.Tensor):
+        return container.detach().clone()
+    if isinstance(container, dict):
+        return list(container.items())
+    if isinstance(container, (list, set, collections.deque, bytearray)):
+        return list(container)
+    return None
+
+
 def contents_call(container: Any) -> bytes | None:
     """A pickled :class:`Call` payload that sets ``container``'s whole contents."""
-    if isinstance(container, np.ndarray):
-        value: Any = container.copy()
-    elif isinstance(container, torch.Tensor):
-        value = container.detach().clone()
-    elif isinstance(container, dict):
-        value = list(container.items())
-    elif isinstance(container, (list, set, collections.deque, bytearray)):
-        value = list(container)
-    else:
+    value = contents(container)
+    if value is None:
         return None
     try:
         return pickle.dumps((assign_contents, (THIS, value), {}), protocol=_pickling.PROTOCOL)

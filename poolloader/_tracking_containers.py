@@ -13,7 +13,9 @@ import pickle
 from typing import Any, cast
 
 from . import _pickling
+from ._folding import contents
 from ._messages import THIS, Path
+from ._replay import assign_contents
 from ._tracking import (
     _ATOMS,
     _CONTAINER,
@@ -83,39 +85,17 @@ def call_mutator(view: View, name: str, fn: Any, args: tuple[Any, ...], kwargs: 
     # Where the call does not pickle, its result travels, if that pickles: known only
     # after the call, so what the container held is kept to put back if it does not
     # (a lambda appended is refused, as assigning it is: here and in no worker).
-    saved = _contents(target) if container and channel.active and call is None else None
+    saved = contents(target) if container and channel.active and call is None else None
     result = fn(target, *args, **kwargs)
     if channel.active and (length < 0 or len(target) != length):
         try:
             record_call(view, call, target if container else None)
         except BaseException:
             if saved is not None:
-                _put_back(target, saved)
+                assign_contents(target, saved)
             raise
     view._pl_refresh()
     return view if result is target else result
-
-
-def _contents(container: Any) -> Any:
-    """A copy of what ``container`` (a list, dict, set, deque or bytearray) holds."""
-    base = _base(type(container))
-    if base is dict:
-        return dict.copy(container)
-    return bytes(container) if base is bytearray else list(container)
-
-
-def _put_back(container: Any, contents: Any) -> None:
-    """Make ``container`` hold ``contents`` (from :func:`_contents`) again, through
-    the base type's own methods (a subclass's overrides may record, or refuse);
-    an OrderedDict's, which keep its order's links."""
-    base: Any = _base(type(container))
-    if isinstance(container, collections.OrderedDict):
-        base = collections.OrderedDict
-    if base is list or base is bytearray:
-        base.__setitem__(container, slice(None), contents)
-    else:  # dict, set, deque
-        base.clear(container)
-        (base.extend if base is collections.deque else base.update)(container, contents)
 
 
 def _mutator(view: View, name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
