@@ -52,7 +52,7 @@ def crash_error(
         # Its own deaths only: ``exitcodes`` has every death of the pool so far.
         exitcodes = (*running.killed, death.code)
         why = (
-            f"Batch {running.position} (indices {short(running.index)}) killed two "
+            f"{batch_words(running.position, running.index, 'Batch')} killed two "
             f"workers ({', '.join(describe_exit(c) for c in exitcodes)}); it is not retried "
             "again."
         )
@@ -75,7 +75,7 @@ def unloaded_error(error: PoolBrokenError, position: int, index: object) -> Pool
     broke it, and the consumer gets a copy for every batch (NOTE [ A broken pool ]
     in ``_iterator.py``)."""
     found = raisable(error)
-    note = f"Batch {position} (indices {short(index)}) was not loaded: the pool broke first."
+    note = f"{batch_words(position, index, 'Batch')} was not loaded: the pool broke first."
     message = str(found.args[0]) if found.args else ""
     found.args = (f"{message}\n{note}" if message else note, *found.args[1:])
     return found
@@ -145,6 +145,21 @@ def short(obj: object, limit: int = 200) -> str:
     """``repr(obj)``, cut to ``limit`` characters for a message."""
     text = repr(obj)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def indices_words(index: object) -> str:
+    """``"indices [4, 5]"`` for a message; nothing for an IterableDataset's batch,
+    whose sampler yields ``None`` for each item (it has no indices)."""
+    if index is None or (isinstance(index, list) and all(i is None for i in index)):
+        return ""
+    return f"indices {short(index)}"
+
+
+def batch_words(position: int, index: object, noun: str = "batch") -> str:
+    """``"batch 3 (indices [4, 5])"``, or ``"batch 3"`` for an IterableDataset's
+    (``noun``: ``"Batch"`` to open a sentence)."""
+    words = indices_words(index)
+    return f"{noun} {position} ({words})" if words else f"{noun} {position}"
 
 
 def start_error(message: StartFailed) -> WorkerStartError:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import torch
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
-from ._deaths import short, unloaded_error
+from ._deaths import batch_words, indices_words, unloaded_error
 from ._pin_memory import pin_when_done, start_pinner
 from ._resume import EpochStart, sampler_length
 from ._tasks import (
@@ -490,9 +490,8 @@ class PoolIterator(_BaseDataLoaderIter):
     def _timeout_error(self, record: TaskRecord) -> LoaderTimeoutError:
         where, look = self._pool.whereabouts(record)
         return LoaderTimeoutError(
-            f"DataLoader timed out after {self._timeout} seconds waiting for batch "
-            f"{record.position} (indices {short(record.index)}) {where}. Raise `timeout`, "
-            f"{look}."
+            f"DataLoader timed out after {self._timeout} seconds waiting for "
+            f"{batch_words(record.position, record.index)} {where}. Raise `timeout`, {look}."
         )
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> Any:
@@ -509,7 +508,7 @@ class PoolIterator(_BaseDataLoaderIter):
         if isinstance(outcome, Lost):
             error = outcome.error
             if hasattr(error, "add_note"):  # Python 3.11+
-                indices = _indices(record.index)
+                indices = indices_words(record.index)
                 error.add_note(
                     f"(batch {record.position}{', ' + indices if indices else ''}, loaded by "
                     f"DataLoader worker {outcome.worker_id}, pid {outcome.pid})"
@@ -531,7 +530,7 @@ def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
 def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
     """The worker's exception, as its own type, with where it happened in the message."""
     exc = outcome.error.rebuild()
-    indices = _indices(record.index)
+    indices = indices_words(record.index)
     context = (
         f"raised in DataLoader worker {outcome.worker_id} (pid {outcome.pid}) while loading "
         f"batch {record.position}{' with ' + indices if indices else ''}"
@@ -539,11 +538,3 @@ def _reraise(outcome: Raised, record: TaskRecord) -> BaseException:
     if not _append_to_message(exc, f"({context})") and hasattr(exc, "add_note"):
         exc.add_note(context.capitalize())  # (Python 3.11+)
     return exc
-
-
-def _indices(index: Any) -> str:
-    """``"indices [4, 5]"`` for a message; nothing for an IterableDataset's batch,
-    whose sampler yields ``None`` for each item (it has no indices)."""
-    if index is None or (isinstance(index, list) and all(i is None for i in index)):
-        return ""
-    return f"indices {short(index)}"
