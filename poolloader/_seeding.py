@@ -26,10 +26,13 @@ seeded per batch from the first batch on.
 
 from __future__ import annotations
 
+import _random
+import array
 import ctypes
 import hashlib
 import random
 import struct
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -53,8 +56,12 @@ def batch_seed_state(base_seed: int, epoch: int, position: int) -> np.ndarray:
     """Four well-mixed 32-bit words for one batch: a BLAKE2b digest of the three
     numbers (0.5 µs; NumPy's ``SeedSequence`` mixes as well in 8 µs, paid on every
     batch)."""
+    return np.frombuffer(_batch_digest(base_seed, epoch, position), dtype=np.uint32)
+
+
+def _batch_digest(base_seed: int, epoch: int, position: int) -> bytes:
     key = b"".join(n.to_bytes(16, "little", signed=True) for n in (base_seed, epoch, position))
-    return np.frombuffer(hashlib.blake2b(key, digest_size=16).digest(), dtype=np.uint32)
+    return hashlib.blake2b(key, digest_size=16).digest()
 
 
 #: The generators per-batch seeding sets, by the names :func:`changed_since` uses.
@@ -66,10 +73,10 @@ def seed_batch(
 ) -> None:
     """Seed ``random``, NumPy and torch for batch ``position`` of ``epoch``, except
     the generators named in ``leave`` (those ``worker_init_fn`` took over)."""
-    state = batch_seed_state(base_seed, epoch, position)
+    digest = _batch_digest(base_seed, epoch, position)
     # 63 bits, as torch's worker seeds have: code that puts torch.initial_seed()
     # into a tensor (int64) keeps working.
-    seed64 = (int(state[0]) | (int(state[1]) << 32)) & SEED_MASK
+    seed64 = int.from_bytes(digest[:8], "little") & SEED_MASK
     if "random" not in leave:
         random.seed(seed64)
     if "torch" not in leave:
@@ -77,7 +84,7 @@ def seed_batch(
         # generators, which costs ~0.2 ms, too much to pay for every batch.
         torch.default_generator.manual_seed(seed64)
     if "numpy" not in leave:
-        np.random.seed(state)
+        _NUMPY.seed(digest)
 
 
 def generator_states() -> tuple[Any, Any, torch.Tensor]:
@@ -156,6 +163,23 @@ def own_random_state() -> Iterator[None]:
 # (``np.random.set_bit_generator``), both directions take the slow path.
 
 _MT19937_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
+_MT19937_KEY = 624 * 4
+_FRESH_POSITION = struct.pack("=i", 624)  # MT19937's position just after seeding
+
+# NOTE [ Seeding NumPy through CPython's twister ]: ``np.random.seed`` with four
+# words costs 21-25 µs, nearly all of it NumPy's checks and conversions of the
+# array (a TypeError caught, ``asarray``, two ``astype``, range checks); the
+# seeding itself, MT19937's ``init_by_array``, is a few microseconds of C. It was
+# the largest single cost of a worker's tiny batch. CPython's ``random`` runs the
+# same reference ``init_by_array`` (Python's ``seed(n)`` keys it with the 32-bit
+# words of ``n``, lowest first), so a private ``_random.Random`` seeded with the
+# digest as one integer holds exactly the words NumPy would compute; they are
+# copied into NumPy's state after ``np.random.seed(0)``, which resets what seeding
+# resets (the cached normal deviate). 9-12 µs in all. Used only where it is
+# exact: the integer must need all four words (its top word not zero, else
+# Python keys with fewer), the words' place in the ``_random.Random`` object is
+# found and checked once against ``getstate``, and the whole path is checked once
+# against ``np.random.seed`` itself; anything else takes ``np.random.seed``.
 
 
 class _NumpyState:
@@ -165,6 +189,8 @@ class _NumpyState:
         self._checked: Any = None  # the bit generator whose layout was checked
         self._layout_ok = False
         self._last: tuple[bytes, Any] | None = None  # (bytes, full state) last put back
+        self._twister: Any = None  # NOTE [ Seeding NumPy through CPython's twister ]
+        self._twister_words = -1  # where its words sit in it; -1 unchecked, 0 unusable
 
     def _address(self) -> int | None:
         get = getattr(np.random, "get_bit_generator", None)  # NumPy 1.25 and newer
@@ -178,6 +204,58 @@ class _NumpyState:
             expected = np.asarray(state[1], dtype=np.uint32).tobytes() + struct.pack("=i", state[2])
             self._layout_ok = ctypes.string_at(address, _MT19937_BYTES) == expected
         return address if self._layout_ok else None
+
+    def seed(self, digest: bytes) -> None:
+        """``np.random.seed`` with the four little-endian 32-bit words of ``digest``
+        (NOTE [ Seeding NumPy through CPython's twister ])."""
+        if digest[12:] != b"\0\0\0\0":
+            address = self._address()
+            if address is not None and self._twister_usable():
+                np.random.seed(0)
+                self._twister.seed(int.from_bytes(digest, "little"))
+                ctypes.memmove(address, id(self._twister) + self._twister_words, _MT19937_KEY)
+                ctypes.memmove(address + _MT19937_KEY, _FRESH_POSITION, 4)
+                return
+        np.random.seed(np.frombuffer(digest, dtype=np.uint32))
+
+    def _twister_usable(self) -> bool:
+        if self._twister_words < 0:
+            self._twister_words = 0
+            if sys.implementation.name == "cpython":  # id() is the object's address
+                self._twister = _random.Random()
+                found = self._find_twister_words()
+                if found and self._twister_agrees(found):
+                    self._twister_words = found
+        return self._twister_words > 0
+
+    def _find_twister_words(self) -> int:
+        """Where the words sit in a ``_random.Random``: the offset at which its
+        memory holds what ``getstate`` says; 0 if nowhere."""
+        self._twister.seed(int.from_bytes(bytes(range(1, 17)), "little"))
+        words = array.array("I", self._twister.getstate()[:624]).tobytes()
+        last = type(self._twister).__basicsize__ - _MT19937_KEY
+        at = id(self._twister)
+        return next(
+            (o for o in range(4, last + 1, 4) if ctypes.string_at(at + o, _MT19937_KEY) == words),
+            0,
+        )
+
+    def _twister_agrees(self, words_at: int) -> bool:
+        """Whether seeding through the twister, its words at ``words_at``, leaves
+        NumPy's global generator as ``np.random.seed`` does (the caller's state is
+        put back)."""
+        saved = self.save()
+        try:
+            digest = bytes(range(101, 117))
+            np.random.seed(np.frombuffer(digest, dtype=np.uint32))
+            expected = np.random.get_state()
+            np.random.standard_normal()  # a cached deviate, which seeding must clear
+            self._twister_words = words_at
+            self.seed(digest)
+            return _same_numpy_state(np.random.get_state(), expected)
+        finally:
+            self._twister_words = 0
+            self.restore(saved)
 
     def save(self) -> tuple[bytes | None, Any]:
         address = self._address()
