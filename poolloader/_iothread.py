@@ -243,6 +243,7 @@ class IOThread:
         if isinstance(message, StartFailed):
             self._break(start_error(message))
             return
+        now = time.monotonic()
         with self._lock:
             record = w.tasks.pop(message.seq, None)
             wanted = record is not None and not record.cancelled
@@ -251,11 +252,14 @@ class IOThread:
                 self._release_pins()
             following = next(iter(w.tasks.values()), None)
             if following is not None and not following.started:
-                following.started = time.monotonic()  # it runs now
+                following.started = now  # it runs now
             self._dispatch()
         if isinstance(message, (Done, Failed)):
             self._counters.busy += message.elapsed
             self._counters.tasks_done += 1
+            if record is not None and record.started:  # NOTE [ Late by the main process's clock ]
+                self._counters.turnaround += now - record.started
+                self._counters.turnarounds += 1
         if not wanted:
             if isinstance(message, Done):
                 self._transport.discard(w.identity, message.payload)

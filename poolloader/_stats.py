@@ -15,6 +15,9 @@ class PoolCounters:
     restarts: int = 0
     bytes_moved: int = 0
     busy: float = 0.0
+    # NOTE [ Late by the main process's clock ] in _pool.py
+    turnaround: float = 0.0
+    turnarounds: int = 0
     control_messages: int = 0
     control_bytes: int = 0
     bytes_sent: int = 0

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pickle
+import time
 import typing
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -367,6 +370,29 @@ def test_workers_load_ahead_of_a_stalled_batch(tmp_path, stall, before):
         got = list(loader)
     assert got[stall] >= dataset.ahead, got
     assert got[:stall] + got[stall + 1 :] == [0] * (dataset.n - 1)
+
+
+def test_a_tiny_batch_is_not_late_before_batches_arrive():
+    """A batch runs late only once it has taken longer than batches take from start
+    to arrival in the main process (NOTE [ Late by the main process's clock ] in
+    _pool.py). Against the workers' own time per tiny batch alone, a fraction of
+    the trip back, the oldest batch looked late at a third of the checks, and the
+    reorder allowance opened with no slow batch at all."""
+    with DataLoader(Plain(8000), batch_size=4, num_workers=2, persistent_workers=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert sum(len(batch) for batch in loader) == 8000  # (the workers start)
+        started = time.perf_counter()
+        assert sum(len(batch) for batch in loader) == 8000
+        between = (time.perf_counter() - started) / 2000
+        pool = loader._pool
+        arrival = pool._counters.turnaround / pool._counters.turnarounds
+        # Each worker runs one batch at a time: a batch takes about num_workers
+        # times the time between batches to arrive.
+        assert arrival > between
+        running = SimpleNamespace(worker=0, seq=-1, future=Future(),
+                                  started=time.monotonic() - 0.9 * arrival)  # fmt: skip
+        left = pool.late_in(running)
+        assert left is not None and left > 0, (left, arrival, pool._counters)
 
 
 def _first_then_next_epoch(loader: typing.Any) -> tuple[list[int], list[int]]:
