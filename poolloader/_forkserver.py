@@ -25,6 +25,15 @@ starts do not exist in them, and CUDA it initialises cannot be used there. The
 server warns on standard error when the import leaves either behind; such code
 belongs under the script's ``if __name__ == "__main__":``, where spawn's workers
 do not run it either.
+
+NOTE [ The fork server starts with the loader ]: a loader whose start method is
+forkserver starts the server when it is made, not when first iterated. The
+server's start, a new interpreter importing torch and the main module (2.5-2.8 s
+here before it can fork anything), then runs while the script does what comes
+between (building the model, moving it to a device), instead of before the first
+batch. Workers still start when the loader is first iterated, as torch's do. The
+server is multiprocessing's one per program: every later forkserver loader, and
+torch's own, use it, and it exits with the main process.
 """
 
 from __future__ import annotations

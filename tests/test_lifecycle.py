@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import signal
 import subprocess
@@ -74,6 +75,48 @@ def test_nested_loaders_end_without_crash_reports(persistent):
     epoch = "[[[0, 66], [1, 66]], [[2, 66], [3, 66]]]"
     assert done.stdout.split("\n")[:2] == [epoch, epoch], done.stdout + done.stderr
     assert "died" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+MADE_NOT_ITERATED = textwrap.dedent(
+    """
+    import json, sys, time
+    import psutil
+    sys.path.insert(0, {tests!r})
+    from _datasets import Plain
+    from poolloader import DataLoader
+
+    def children():
+        return {{p.pid: " ".join(p.cmdline()) for p in psutil.Process().children()}}
+
+    before = children()
+    loader = DataLoader(Plain(8), num_workers=2, multiprocessing_context="forkserver")
+    deadline = time.monotonic() + 30
+    while not any("forkserver" in c for c in children().values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server = [pid for pid, c in children().items() if "forkserver" in c]
+    time.sleep(0.5)
+    print(json.dumps({{"before": list(before.values()), "server": server,
+                      "others": [c for c in children().values() if "forkserver" not in c
+                                 and "resource_tracker" not in c],
+                      "batches": [b.tolist() for b in loader]}}), flush=True)
+    """
+)
+
+
+def test_a_forkserver_loader_starts_the_server_when_made():
+    """NOTE [ The fork server starts with the loader ] in _forkserver.py: the server
+    (seconds: an interpreter importing torch) starts while the script goes on after
+    making the loader; no worker starts before the loader is iterated, and the
+    server exits with the script."""
+    code = MADE_NOT_ITERATED.format(tests=TESTS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    found = json.loads(done.stdout.splitlines()[-1])
+    assert found["before"] == [] and len(found["server"]) == 1, found
+    assert found["others"] == [], found  # no template, no worker
+    assert found["batches"] == [[0], [1], [2], [3], [4], [5], [6], [7]]
+    assert _gone(found["server"], timeout=GONE_WITHIN)
 
 
 def test_torch_refuses_what_poolloader_allows():
