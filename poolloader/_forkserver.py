@@ -34,6 +34,15 @@ between (building the model, moving it to a device), instead of before the first
 batch. Workers still start when the loader is first iterated, as torch's do. The
 server is multiprocessing's one per program: every later forkserver loader, and
 torch's own, use it, and it exits with the main process.
+
+NOTE [ A forked child's fork server ]: a process made by ``os.fork()`` (a
+launcher that forks, Lightning's ``ddp_fork``) inherits multiprocessing's record
+of its parent's fork server, which is not its child: multiprocessing's check that
+the server still runs (``waitpid``) then fails, and so did every forkserver loader
+iterated there, with ``ChildProcessError``. Since a forkserver loader starts the
+server when made, that happened as soon as the parent had made one. The child
+now forgets the parent's server (closing its copy of the descriptor that keeps it
+alive, so the server still exits with the parent) and starts its own when needed.
 """
 
 from __future__ import annotations
@@ -172,3 +181,26 @@ def _left_behind() -> str:
     except Exception:
         pass
     return ""
+
+
+#: multiprocessing's record of a running fork server, on its ``ForkServer`` object.
+_SERVER_RECORD = ("_forkserver_pid", "_forkserver_address", "_forkserver_authkey")
+
+
+def _forget_parents_server() -> None:
+    """After ``os.fork()``, in the child: NOTE [ A forked child's fork server ]."""
+    server = getattr(multiprocessing.forkserver, "_forkserver", None)
+    if server is None or getattr(server, "_forkserver_pid", None) is None:
+        return
+    alive = getattr(server, "_forkserver_alive_fd", None)
+    for name in (*_SERVER_RECORD, "_forkserver_alive_fd"):
+        if hasattr(server, name):
+            setattr(server, name, None)
+    if alive is not None:
+        try:
+            os.close(alive)
+        except OSError:
+            pass
+
+
+os.register_at_fork(after_in_child=_forget_parents_server)
