@@ -204,8 +204,8 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _window_limit(self) -> int:
         """``prefetch_factor * num_workers``, plus the reorder allowance while the
-        oldest batch is running late (longer than ``_pool.LATE_FACTOR`` times the
-        mean batch): extra batches only go ahead of a slow one,
+        oldest batch is running late (NOTE [ Late by the main process's clock ] in
+        _pool.py): extra batches only go ahead of a slow one,
         never merely ahead of a slow consumer, nor of a worker that has not
         started yet (a change made meanwhile would reach none of them)."""
         if self._window and not self._paced and self._running_late(self._window[0]):

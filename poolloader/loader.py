@@ -99,8 +99,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     Args:
         seeding: ``"batch"`` (default) or ``"worker"``; see above.
         reorder_buffer: How many finished batches may wait behind one slow
-            batch (one running longer than 1.5 times the mean batch so far, from
-            its worker starting it to its arrival in the main process),
+            batch (one running longer than 1.5 times the workers' mean time per
+            batch so far, and longer than batches take on average from start to
+            arrival in the main process),
             beyond the ``prefetch_factor * num_workers`` in flight. By
             default it adapts: as many as fit 128 MiB at the batch size seen so
             far, between ``2 * num_workers`` and ``16 * num_workers``.
