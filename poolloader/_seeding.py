@@ -139,11 +139,11 @@ def seed_worker(base_seed: int, worker_id: int) -> int:
 def own_random_state() -> Iterator[None]:
     """Run a block with its own random state and put the caller's back afterwards
     (``random``, NumPy's global generator and torch's CPU generator)."""
-    saved = random.getstate(), _NUMPY.save(), torch.default_generator.get_state()
+    saved = _PYTHON.save(), _NUMPY.save(), torch.default_generator.get_state()
     try:
         yield
     finally:
-        random.setstate(saved[0])
+        _PYTHON.restore(saved[0])
         _NUMPY.restore(saved[1])
         torch.default_generator.set_state(saved[2])
 
@@ -180,6 +180,25 @@ _FRESH_POSITION = struct.pack("=i", 624)  # MT19937's position just after seedin
 # Python keys with fewer), the words' place in the ``_random.Random`` object is
 # found and checked once against ``getstate``, and the whole path is checked once
 # against ``np.random.seed`` itself; anything else takes ``np.random.seed``.
+
+
+def _twister_words_in(twister: Any) -> int:
+    """Where a ``_random.Random`` (or an instance of a subclass, as ``random``'s
+    own) keeps its 624 words: the offset at which its memory holds what
+    ``getstate`` says, its position in the 4 bytes before; 0 if nowhere."""
+    internal = _random.Random.getstate(twister)
+    words = array.array("I", internal[:624]).tobytes()
+    position = struct.pack("=i", internal[624])
+    last = type(twister).__basicsize__ - _MT19937_KEY
+    at = id(twister)
+    return next(
+        (
+            offset
+            for offset in range(4, last + 1, 4)
+            if ctypes.string_at(at + offset - 4, 4 + _MT19937_KEY) == position + words
+        ),
+        0,
+    )
 
 
 class _NumpyState:
@@ -229,16 +248,8 @@ class _NumpyState:
         return self._twister_words > 0
 
     def _find_twister_words(self) -> int:
-        """Where the words sit in a ``_random.Random``: the offset at which its
-        memory holds what ``getstate`` says; 0 if nowhere."""
         self._twister.seed(int.from_bytes(bytes(range(1, 17)), "little"))
-        words = array.array("I", self._twister.getstate()[:624]).tobytes()
-        last = type(self._twister).__basicsize__ - _MT19937_KEY
-        at = id(self._twister)
-        return next(
-            (o for o in range(4, last + 1, 4) if ctypes.string_at(at + o, _MT19937_KEY) == words),
-            0,
-        )
+        return _twister_words_in(self._twister)
 
     def _twister_agrees(self, words_at: int) -> bool:
         """Whether seeding through the twister, its words at ``words_at``, leaves
@@ -279,3 +290,49 @@ class _NumpyState:
 
 
 _NUMPY = _NumpyState()
+
+
+# NOTE [ Saving random's state ]: ``random.getstate`` builds a tuple of 625 ints
+# and ``setstate`` reads one back, 12-17 and 7 µs, paid around every batch a
+# ``num_workers=0`` loader seeds. The words and the position are plain memory in
+# ``random``'s generator object (NOTE [ Seeding NumPy through CPython's twister ]
+# finds where), so saving copies those 2,500 bytes and the cached normal deviate
+# (``gauss_next``, an attribute), and putting back copies them in again. Where the
+# memory is not found to hold what ``getstate`` says (not CPython, another
+# layout), both directions take ``getstate``/``setstate``.
+
+
+class _PythonState:
+    """Saves and restores ``random``'s global generator, quickly where it can."""
+
+    def __init__(self) -> None:
+        self._words = -1  # where random's generator keeps its words; -1 unchecked, 0 unusable
+
+    def _start(self, generator: Any) -> int | None:
+        """The address of ``generator``'s position, its words after it; ``None``
+        where they cannot be copied."""
+        if self._words < 0:
+            self._words = 0
+            if sys.implementation.name == "cpython":  # id() is the object's address
+                self._words = _twister_words_in(generator)
+        return id(generator) + self._words - 4 if self._words else None
+
+    def save(self) -> tuple[bytes | None, Any]:
+        generator: Any = random._inst  # what random's functions use
+        start = self._start(generator)
+        if start is None:
+            return None, random.getstate()
+        return ctypes.string_at(start, 4 + _MT19937_KEY), generator.gauss_next
+
+    def restore(self, saved: tuple[bytes | None, Any]) -> None:
+        raw, rest = saved
+        generator: Any = random._inst
+        start = self._start(generator)
+        if raw is None or start is None:
+            random.setstate(rest)
+            return
+        ctypes.memmove(start, raw, len(raw))
+        generator.gauss_next = rest
+
+
+_PYTHON = _PythonState()

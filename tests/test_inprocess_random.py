@@ -1,6 +1,7 @@
 """``num_workers=0`` with per-batch seeding: each batch loads under its own seeds,
 and the caller's random state is put back exactly, whatever the caller draws
-between batches (NOTE [ Saving NumPy's global state ] in ``_seeding.py``)."""
+between batches (NOTE [ Saving NumPy's global state ] and NOTE [ Saving random's
+state ] in ``_seeding.py``)."""
 
 from __future__ import annotations
 
@@ -17,15 +18,16 @@ from poolloader import DataLoader
 
 class Draws(Dataset):
     """Each item draws from all three global generators, normals included (NumPy
-    caches every second normal deviate: state outside the generator's words)."""
+    and ``random.gauss`` cache every second normal deviate: state outside the
+    generators' words)."""
 
     def __len__(self) -> int:
         return 12
 
     def __getitem__(self, i: int):
         return torch.tensor(
-            [random.random(), float(np.random.standard_normal()), float(np.random.rand()),
-             float(torch.rand(()))]
+            [random.random(), random.gauss(0.0, 1.0), float(np.random.standard_normal()),
+             float(np.random.rand()), float(torch.rand(()))]
         )  # fmt: skip
 
 
@@ -39,6 +41,10 @@ def _one_normal() -> list[float]:
 
 def _uniforms() -> list[float]:
     return [float(x) for x in np.random.rand(3)] + [random.random(), float(torch.rand(()))]
+
+
+def _python_normal() -> list[float]:
+    return [random.gauss(0.0, 1.0)]  # leaves random's own deviate cached, or takes it
 
 
 def _reseed_same() -> list[float]:
@@ -57,6 +63,7 @@ CALLERS: dict[str, Callable[[], list[float]]] = {
     "nothing": _nothing,
     "one_normal": _one_normal,
     "uniforms": _uniforms,
+    "python_normal": _python_normal,
     "reseed_same": _reseed_same,
     "set_state_with_deviate": _set_state_with_deviate,
 }
