@@ -26,23 +26,16 @@ server warns on standard error when the import leaves either behind; such code
 belongs under the script's ``if __name__ == "__main__":``, where spawn's workers
 do not run it either.
 
-NOTE [ The fork server starts with the loader ]: a loader whose start method is
-forkserver starts the server when it is made, not when first iterated. The
-server's start, a new interpreter importing torch and the main module (2.5-2.8 s
-here before it can fork anything), then runs while the script does what comes
-between (building the model, moving it to a device), instead of before the first
-batch. Workers still start when the loader is first iterated, as torch's do. The
-server is multiprocessing's one per program: every later forkserver loader, and
-torch's own, use it, and it exits with the main process.
-
 NOTE [ A forked child's fork server ]: a process made by ``os.fork()`` (a
 launcher that forks, Lightning's ``ddp_fork``) inherits multiprocessing's record
 of its parent's fork server, which is not its child: multiprocessing's check that
 the server still runs (``waitpid``) then fails, and so did every forkserver loader
-iterated there, with ``ChildProcessError``. Since a forkserver loader starts the
-server when made, that happened as soon as the parent had made one. The child
-now forgets the parent's server (closing its copy of the descriptor that keeps it
-alive, so the server still exits with the parent) and starts its own when needed.
+iterated there, with ``ChildProcessError``, once the parent had iterated one. The
+child now forgets the parent's server (closing its copy of the descriptor that
+keeps it alive, so the server still exits with the parent) and starts its own
+when needed. It forgets the parent's temporary directory too, where its server's
+socket would go: the parent removes that directory when it exits, and a child
+that outlived it failed to start a server with ``FileNotFoundError``.
 """
 
 from __future__ import annotations
@@ -201,6 +194,7 @@ def _forget_parents_server() -> None:
             os.close(alive)
         except OSError:
             pass
+    multiprocessing.process.current_process()._config.pop("tempdir", None)  # type: ignore[attr-defined]
 
 
 os.register_at_fork(after_in_child=_forget_parents_server)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.forkserver
 from typing import Any
 
 from . import _seeding
@@ -16,6 +17,9 @@ REORDER_MIN_PER_WORKER = 2
 REORDER_MAX_PER_WORKER = 16
 DEFAULT_MAX_WORKER_RESTARTS = 3
 TRANSPORTS = ("shm", "pickle")
+#: What poolloader asks the fork server to preload (NOTE [ The fork server's
+#: __main__ ] in _forkserver.py).
+FORKSERVER_PRELOAD = ("__main__", "poolloader._template_process", "poolloader._forkserver_main")
 
 
 def reorder_allowance(reorder_buffer: int | None, num_workers: int, mean_batch_bytes: float) -> int:
@@ -40,10 +44,11 @@ def resolve_context(context: Any) -> Any:
     if context is None:
         return multiprocessing.get_context("spawn")
     if context.get_start_method() == "forkserver":
-        # NOTE [ The fork server's __main__ ] in _forkserver.py
-        context.set_forkserver_preload(
-            ["__main__", "poolloader._template_process", "poolloader._forkserver_main"]
-        )
+        # NOTE [ The fork server's __main__ ] in _forkserver.py; added to what the
+        # script asked the server to preload (set_forkserver_preload), not instead.
+        server = getattr(multiprocessing.forkserver, "_forkserver", None)
+        asked = list(getattr(server, "_preload_modules", None) or [])
+        context.set_forkserver_preload(asked + [m for m in FORKSERVER_PRELOAD if m not in asked])
     return context
 
 

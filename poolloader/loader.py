@@ -16,7 +16,6 @@ from torch.utils.data import Dataset, Sampler
 
 from . import _pickling
 from ._control import Channel
-from ._forkserver import start_forkserver
 from ._fresh_epochs import start_afresh_each_epoch
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
@@ -26,7 +25,6 @@ from ._options import (
     check_count,
     check_options,
     reorder_allowance,
-    resolve_context,
     start_method,
 )
 from ._pool import Pool
@@ -189,9 +187,6 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             inherited = start_method(self.multiprocessing_context) == "fork"
             _pickling.ship(self.collate_fn, "collate_fn", inherited=inherited)
             _pickling.ship(self.worker_init_fn, "worker_init_fn", inherited=inherited)
-            if start_method(self.multiprocessing_context) == "forkserver":
-                resolve_context(self.multiprocessing_context)  # (its preload)
-                start_forkserver()  # NOTE [ The fork server starts with the loader ]
 
     def _start_afresh(self) -> None:
         """The parts of a loader that belong to this object alone: its control

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import signal
 import subprocess
@@ -75,48 +74,6 @@ def test_nested_loaders_end_without_crash_reports(persistent):
     epoch = "[[[0, 66], [1, 66]], [[2, 66], [3, 66]]]"
     assert done.stdout.split("\n")[:2] == [epoch, epoch], done.stdout + done.stderr
     assert "died" not in done.stderr and "Traceback" not in done.stderr, done.stderr
-
-
-MADE_NOT_ITERATED = textwrap.dedent(
-    """
-    import json, sys, time
-    import psutil
-    sys.path.insert(0, {tests!r})
-    from _datasets import Plain
-    from poolloader import DataLoader
-
-    def children():
-        return {{p.pid: " ".join(p.cmdline()) for p in psutil.Process().children()}}
-
-    before = children()
-    loader = DataLoader(Plain(8), num_workers=2, multiprocessing_context="forkserver")
-    deadline = time.monotonic() + 30
-    while not any("forkserver" in c for c in children().values()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    server = [pid for pid, c in children().items() if "forkserver" in c]
-    time.sleep(0.5)
-    print(json.dumps({{"before": list(before.values()), "server": server,
-                      "others": [c for c in children().values() if "forkserver" not in c
-                                 and "resource_tracker" not in c],
-                      "batches": [b.tolist() for b in loader]}}), flush=True)
-    """
-)
-
-
-def test_a_forkserver_loader_starts_the_server_when_made():
-    """NOTE [ The fork server starts with the loader ] in _forkserver.py: the server
-    (seconds: an interpreter importing torch) starts while the script goes on after
-    making the loader; no worker starts before the loader is iterated, and the
-    server exits with the script."""
-    code = MADE_NOT_ITERATED.format(tests=TESTS)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=180)  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    found = json.loads(done.stdout.splitlines()[-1])
-    assert found["before"] == [] and len(found["server"]) == 1, found
-    assert found["others"] == [], found  # no template, no worker
-    assert found["batches"] == [[0], [1], [2], [3], [4], [5], [6], [7]]
-    assert _gone(found["server"], timeout=GONE_WITHIN)
 
 
 def test_torch_refuses_what_poolloader_allows():
@@ -444,6 +401,78 @@ def test_a_loader_iterated_in_a_forked_child_starts_its_own_pool(persistent, met
         done.stdout + done.stderr
     )
     assert "died" not in done.stderr
+
+
+OUTLIVES_ITS_PARENT = textwrap.dedent(
+    """
+    import os, sys, time
+    sys.path.insert(0, {tests!r})
+    from _datasets import Scaled
+    from poolloader import DataLoader
+
+    if __name__ == "__main__":
+        with DataLoader(Scaled(), batch_size=4, num_workers=2,
+                        multiprocessing_context="forkserver") as loader:
+            print("PARENT", sum(int(b.sum()) for b in loader), flush=True)
+        parent = os.getpid()
+        if os.fork() == 0:
+            deadline = time.monotonic() + 30
+            while os.getppid() == parent and time.monotonic() < deadline:
+                time.sleep(0.05)  # until the parent has exited (and cleaned up)
+            try:
+                with DataLoader(Scaled(), batch_size=4, num_workers=2,
+                                multiprocessing_context="forkserver") as loader:
+                    print("CHILD", sum(int(b.sum()) for b in loader), flush=True)
+            except BaseException as exc:
+                print("CHILD FAILED", repr(exc), flush=True)
+            os._exit(0)
+    """
+)
+
+
+def test_a_forked_child_that_outlives_its_parent_starts_a_fork_server():
+    """NOTE [ A forked child's fork server ] in _forkserver.py: the child's server
+    socket went in the parent's temporary directory, which the parent removes when
+    it exits: the child's loader failed with FileNotFoundError."""
+    code = OUTLIVES_ITS_PARENT.format(tests=TESTS)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.stdout.split("\n")[:2] == ["PARENT 780", "CHILD 780"], done.stdout + done.stderr
+
+
+ASKS_FOR_A_PRELOAD = textwrap.dedent(
+    """
+    import multiprocessing, sys
+    sys.path.insert(0, {tests!r})
+    from _datasets import Scaled
+    from poolloader import DataLoader
+
+    def preloaded(_):
+        return "colorsys" in sys.modules
+
+    if __name__ == "__main__":
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["colorsys"])
+        with DataLoader(Scaled(), batch_size=4, num_workers=1,
+                        multiprocessing_context=context) as loader:
+            print("LOADER", sum(int(b.sum()) for b in loader), flush=True)
+        with context.Pool(1) as pool:
+            print("PRELOADED", pool.map(preloaded, [0]), flush=True)
+    """
+)
+
+
+def test_a_scripts_own_fork_server_preload_is_kept(tmp_path):
+    """poolloader adds what its fork server must preload to the script's own list
+    (``set_forkserver_preload``); it replaced it, and the server started without
+    what the script asked for."""
+    script = tmp_path / "asks_for_a_preload.py"  # (the pool's function is found there)
+    script.write_text(ASKS_FOR_A_PRELOAD.format(tests=TESTS))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.stdout.split("\n")[:2] == ["LOADER 780", "PRELOADED [True]"], (
+        done.stdout + done.stderr
+    )
 
 
 def test_close_from_another_thread_while_the_pool_starts_ends_the_epoch():
