@@ -138,7 +138,8 @@ def seed_worker(base_seed: int, worker_id: int) -> int:
 @contextmanager
 def own_random_state() -> Iterator[None]:
     """Run a block with its own random state and put the caller's back afterwards
-    (``random``, NumPy's global generator and torch's CPU generator)."""
+    (``random``, NumPy's global generator and torch's CPU generator). The block
+    seeds the generators it uses: NumPy's may have been drawn from on entry."""
     saved = _PYTHON.save(), _NUMPY.save(), torch.default_generator.get_state()
     try:
         yield
@@ -155,7 +156,9 @@ def own_random_state() -> Iterator[None]:
 # generator's ``ctypes.state_address``: a copy of those 2,500 bytes says whether
 # the caller drew since the state was last put back. If not, the full state kept
 # then is still right (the cached normal deviate, the one part not in those bytes,
-# only changes with a draw, which moves the position, or with ``set_state``).
+# only changes with a draw, which moves the position, or with ``set_state``;
+# whether ``set_state`` put one back is told by drawing a normal deviate, which
+# takes a cached one without touching the words).
 # Putting a state back copies the bytes in after ``np.random.seed(0)``, which
 # clears the cached deviate, as the state had none; a state with one goes back
 # through ``set_state``. The layout is checked against ``get_state`` once per
@@ -274,6 +277,13 @@ class _NumpyState:
             return None, np.random.get_state()
         raw = ctypes.string_at(address, _MT19937_BYTES)
         if self._last is not None and self._last[0] == raw:
+            # The words are as last put back, with no cached deviate, unless
+            # set_state put one back since: a normal draw tells (a cached deviate
+            # comes without touching the words). It leaves the generator drawn
+            # from, which the block, seeding it, does not see.
+            deviate = float(np.random.standard_normal())
+            if ctypes.string_at(address, _MT19937_BYTES) == raw:
+                return raw, (*self._last[1][:3], 1, deviate)
             return raw, self._last[1]
         return raw, np.random.get_state()
 

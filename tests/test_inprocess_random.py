@@ -120,3 +120,30 @@ def test_batches_are_the_workers_batches():
                     **kwargs) as loader:  # fmt: skip
         for a, b in zip(in_process, loader, strict=True):
             assert torch.equal(a, b)
+
+
+def _rewinding_trace(use_loader: bool) -> list[float]:
+    """The caller rewinds NumPy with ``set_state`` to a state holding a cached normal
+    deviate, at the very words the loader last put back (without one)."""
+    np.random.seed(7)
+    np.random.standard_normal()  # the words, and one deviate cached
+    saved = np.random.get_state()
+    loader = DataLoader(Draws(), batch_size=2, num_workers=0,
+                        generator=torch.Generator().manual_seed(0))  # fmt: skip
+    out = []
+    for j, _ in enumerate(loader if use_loader else range(6)):
+        if j == 0:
+            out.append(float(np.random.standard_normal()))  # takes it: the words stay
+        elif j == 1:
+            np.random.set_state(saved)  # the same words, the deviate back
+        elif j == 2:
+            out.append(float(np.random.standard_normal()))  # that deviate again
+    return out
+
+
+def test_a_deviate_set_state_put_back_at_the_same_words_is_kept():
+    """NOTE [ Saving NumPy's global state ]: the words alone said the state was the
+    one last put back, and the batch's end put that back, losing the deviate."""
+    want = _rewinding_trace(use_loader=False)
+    assert want[0] == want[1]
+    assert _rewinding_trace(use_loader=True) == want
