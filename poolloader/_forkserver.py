@@ -176,8 +176,14 @@ def _left_behind() -> str:
     return ""
 
 
-#: multiprocessing's record of a running fork server, on its ``ForkServer`` object.
-_SERVER_RECORD = ("_forkserver_pid", "_forkserver_address", "_forkserver_authkey")
+#: multiprocessing's record of a running fork server, on its ``ForkServer`` object
+#: (the authentication key is Python 3.13's).
+_SERVER_RECORD = (
+    "_forkserver_pid",
+    "_forkserver_address",
+    "_forkserver_alive_fd",
+    "_forkserver_authkey",
+)
 
 
 def _forget_parents_server() -> None:
@@ -186,7 +192,7 @@ def _forget_parents_server() -> None:
     if server is None or getattr(server, "_forkserver_pid", None) is None:
         return
     alive = getattr(server, "_forkserver_alive_fd", None)
-    for name in (*_SERVER_RECORD, "_forkserver_alive_fd"):
+    for name in _SERVER_RECORD:
         if hasattr(server, name):
             setattr(server, name, None)
     if alive is not None:

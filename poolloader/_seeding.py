@@ -52,14 +52,11 @@ SEEDING_POLICIES = ("batch", "worker")
 SEED_MASK = 2**63 - 1
 
 
-def batch_seed_state(base_seed: int, epoch: int, position: int) -> np.ndarray:
-    """Four well-mixed 32-bit words for one batch: a BLAKE2b digest of the three
-    numbers (0.5 µs; NumPy's ``SeedSequence`` mixes as well in 8 µs, paid on every
-    batch)."""
-    return np.frombuffer(_batch_digest(base_seed, epoch, position), dtype=np.uint32)
-
-
-def _batch_digest(base_seed: int, epoch: int, position: int) -> bytes:
+def batch_digest(base_seed: int, epoch: int, position: int) -> bytes:
+    """The seed of one batch: a 16-byte BLAKE2b digest of the three numbers, read
+    as four little-endian 32-bit words for NumPy and its first 63 bits for
+    ``random`` and torch (0.5 µs; NumPy's ``SeedSequence`` mixes as well in 8 µs,
+    paid on every batch)."""
     key = b"".join(n.to_bytes(16, "little", signed=True) for n in (base_seed, epoch, position))
     return hashlib.blake2b(key, digest_size=16).digest()
 
@@ -73,7 +70,7 @@ def seed_batch(
 ) -> None:
     """Seed ``random``, NumPy and torch for batch ``position`` of ``epoch``, except
     the generators named in ``leave`` (those ``worker_init_fn`` took over)."""
-    digest = _batch_digest(base_seed, epoch, position)
+    digest = batch_digest(base_seed, epoch, position)
     # 63 bits, as torch's worker seeds have: code that puts torch.initial_seed()
     # into a tensor (int64) keeps working.
     seed64 = int.from_bytes(digest[:8], "little") & SEED_MASK
@@ -188,7 +185,10 @@ _FRESH_POSITION = struct.pack("=i", 624)  # MT19937's position just after seedin
 def _twister_words_in(twister: Any) -> int:
     """Where a ``_random.Random`` (or an instance of a subclass, as ``random``'s
     own) keeps its 624 words: the offset at which its memory holds what
-    ``getstate`` says, its position in the 4 bytes before; 0 if nowhere."""
+    ``getstate`` says, its position in the 4 bytes before; 0 if nowhere, or where
+    ``id()`` is not the object's address (not CPython)."""
+    if sys.implementation.name != "cpython":
+        return 0
     internal = _random.Random.getstate(twister)
     words = array.array("I", internal[:624]).tobytes()
     position = struct.pack("=i", internal[624])
@@ -243,16 +243,11 @@ class _NumpyState:
     def _twister_usable(self) -> bool:
         if self._twister_words < 0:
             self._twister_words = 0
-            if sys.implementation.name == "cpython":  # id() is the object's address
-                self._twister = _random.Random()
-                found = self._find_twister_words()
-                if found and self._twister_agrees(found):
-                    self._twister_words = found
+            self._twister = _random.Random()
+            found = _twister_words_in(self._twister)
+            if found and self._twister_agrees(found):
+                self._twister_words = found
         return self._twister_words > 0
-
-    def _find_twister_words(self) -> int:
-        self._twister.seed(int.from_bytes(bytes(range(1, 17)), "little"))
-        return _twister_words_in(self._twister)
 
     def _twister_agrees(self, words_at: int) -> bool:
         """Whether seeding through the twister, its words at ``words_at``, leaves
@@ -322,9 +317,7 @@ class _PythonState:
         """The address of ``generator``'s position, its words after it; ``None``
         where they cannot be copied."""
         if self._words < 0:
-            self._words = 0
-            if sys.implementation.name == "cpython":  # id() is the object's address
-                self._words = _twister_words_in(generator)
+            self._words = _twister_words_in(generator)
         return id(generator) + self._words - 4 if self._words else None
 
     def save(self) -> tuple[bytes | None, Any]:

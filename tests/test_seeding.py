@@ -16,7 +16,7 @@ from poolloader._seeding import (
     _PYTHON,
     SEED_MASK,
     _same_numpy_state,
-    batch_seed_state,
+    batch_digest,
     generator_states,
     own_random_state,
     seed_batch,
@@ -24,7 +24,7 @@ from poolloader._seeding import (
 
 
 def _seed_by_definition(base_seed: int, epoch: int, position: int) -> None:
-    words = batch_seed_state(base_seed, epoch, position)
+    words = np.frombuffer(batch_digest(base_seed, epoch, position), dtype=np.uint32)
     seed64 = (int(words[0]) | (int(words[1]) << 32)) & SEED_MASK
     random.seed(seed64)
     torch.default_generator.manual_seed(seed64)
