@@ -18,7 +18,6 @@ import itertools
 import queue
 import time
 from collections import deque
-from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
@@ -28,6 +27,7 @@ from ._deaths import batch_words, indices_words, unloaded_error
 from ._pin_memory import pin_when_done, start_pinner
 from ._resume import EpochStart, sampler_length
 from ._tasks import (
+    AnyFuture,
     Ended,
     GroupRecord,
     Loaded,
@@ -73,9 +73,11 @@ class PoolIterator(_BaseDataLoaderIter):
         self._paced = False  # read the sampler a fixed window ahead (SamplerBase.paced)
         self._in_order = loader.in_order
         self._iterable = self._dataset_kind == _DatasetKind.Iterable
-        self._outcomes: dict[int, Future[Outcome]] = {}
+        self._outcomes: dict[int, AnyFuture] = {}
         self._pinner = start_pinner() if self._pin_memory else None
         self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
+        # Each batch's done-callback (it holds the queue, not the iterator).
+        self._announce = functools.partial(_announce, self._news)
         self._cut_short = False  # close() ended the epoch before its last batch
         self._loader_closed = False  # ... because the loader was closed
         self._start_epoch(loader, epoch_start)
@@ -261,14 +263,14 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def _track(self, record: TaskRecord) -> None:
         self._window.append(record)
-        announce = functools.partial(_announce, self._news)
+        announce = self._announce
         record.future.add_done_callback(announce)
         if self._pinner is not None:
             pinned = pin_when_done(record.future, self._pinner, self._pin_memory_device)
             pinned.add_done_callback(announce)
             self._outcomes[record.seq] = pinned
 
-    def _outcome_of(self, record: TaskRecord) -> Future[Outcome]:
+    def _outcome_of(self, record: TaskRecord) -> AnyFuture:
         """What the consumer waits for: the pinned batch when pinning, else the loaded one."""
         return self._outcomes.get(record.seq, record.future)
 
@@ -522,7 +524,7 @@ class PoolIterator(_BaseDataLoaderIter):
 _SKIP = object()
 
 
-def _announce(news: queue.SimpleQueue[None], _: Future[Outcome]) -> None:
+def _announce(news: queue.SimpleQueue[None], _: AnyFuture) -> None:
     """A batch finished: wake the consumer if it waits (holds the queue, not the iterator)."""
     news.put(None)
 

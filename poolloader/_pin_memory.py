@@ -10,7 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from ._tasks import Loaded, Outcome
+from ._tasks import AnyFuture, Loaded, Outcome
 
 
 def start_pinner() -> ThreadPoolExecutor:
@@ -26,7 +26,7 @@ def _pin_thread_init(device: int) -> None:
 
 
 def pin_when_done(
-    loaded: Future[Outcome], pinner: ThreadPoolExecutor, device: str | None
+    loaded: AnyFuture, pinner: ThreadPoolExecutor, device: str | None
 ) -> Future[Outcome]:
     """A future of the batch in pinned memory, pinned on ``pinner`` once ``loaded`` is done."""
     pinned: Future[Outcome] = Future()
@@ -39,7 +39,7 @@ def pin_when_done(
             return
         pinned.set_result(Loaded(data, outcome.worker_id, outcome.pid))
 
-    def done(future: Future[Outcome]) -> None:
+    def done(future: AnyFuture) -> None:
         if future.cancelled():
             pinned.cancel()
         elif future.exception() is not None:

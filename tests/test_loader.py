@@ -422,26 +422,60 @@ def test_an_epoch_left_while_a_batch_ran_late_leaves_the_order_as_torchs():
     assert got == want
 
 
-def test_task_futures_say_done_as_futures_do():
-    """The window's lock-free ``done()`` agrees with ``Future.done()`` in every
-    state a future passes through (a Python that renamed its states fails here)."""
+def _future_story(make):
+    """What a future says and does through each way it can go, as plain values."""
+    import threading
+    from concurrent.futures import CancelledError, InvalidStateError
+
+    story = []
+
+    def outcome(call):
+        try:
+            return ("returns", call())
+        except (CancelledError, InvalidStateError, TimeoutError, ValueError) as exc:
+            return ("raises", type(exc).__name__)
+
+    pending = make()
+    story.append(
+        ("pending", pending.done(), pending.cancelled(), outcome(lambda: pending.result(0)))
+    )
+    for how in ("result", "exception", "cancel"):
+        f, calls = make(), []
+        f.add_done_callback(lambda g: calls.append(("before", g is f)))
+        if how == "result":
+            f.set_result(7)
+        elif how == "exception":
+            f.set_exception(ValueError("no"))
+        else:
+            story.append(("cancel", f.cancel(), f.cancel()))
+        f.add_done_callback(lambda g: calls.append(("after", g is f)))
+        story.append((
+            how, f.done(), f.cancelled(), outcome(f.result),
+            outcome(lambda: repr(f.exception())), outcome(lambda: f.set_result(1)),
+            outcome(lambda: f.set_exception(ValueError())), f.cancel(), calls,
+        ))  # fmt: skip
+    waited, got = make(), []
+    waiter = threading.Thread(target=lambda: got.append(waited.result(timeout=30)))
+    waiter.start()
+    waited.set_result("woken")
+    waiter.join(30)
+    story.append(("waited", got))
+    failing = make()
+    failing.add_done_callback(lambda g: 1 / 0)  # logged, not raised
+    failing.set_result(None)
+    story.append(("failing callback", failing.result()))
+    return story
+
+
+def test_task_futures_behave_as_futures_do():
+    """The pool's lightweight futures (NOTE [ Task futures ]) say and do what
+    ``concurrent.futures.Future`` does: done, cancelled, result, exception,
+    cancel, callbacks before and after the outcome, a second outcome refused,
+    a waiting thread woken, a failing callback logged."""
     from concurrent.futures import Future
 
     from poolloader._tasks import TaskFuture
 
-    def states(make):
-        pending = make()
-        running = make()
-        running.set_running_or_notify_cancel()
-        cancelled = make()
-        cancelled.cancel()
-        notified = make()
-        notified.cancel()
-        notified.set_running_or_notify_cancel()
-        finished = make()
-        finished.set_result(1)
-        failed = make()
-        failed.set_exception(ValueError())
-        return [f.done() for f in (pending, running, cancelled, notified, finished, failed)]
-
-    assert states(TaskFuture) == states(Future) == [False, False, True, True, True, True]
+    want = _future_story(Future)
+    assert _future_story(TaskFuture) == want
+    assert want[0] == ("pending", False, False, ("raises", "TimeoutError"))
