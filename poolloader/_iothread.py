@@ -28,7 +28,7 @@ from ._deaths import (
 )
 from ._messages import Done, Exhausted, Failed, Ready, StartFailed, Synced, Trim, Trimmed
 from ._packing import out_of_descriptors
-from ._polling import Entry, Waker, Watchlist, readable
+from ._polling import Entry, Waker, Watchlist
 from ._processes import EXIT_CODE_WAIT, Worker, Workforce
 from ._stats import PoolCounters
 from ._tasks import (
@@ -43,7 +43,7 @@ from ._tasks import (
     unreadable,
 )
 from ._transport import IDLE_TRIM_SECONDS, descriptor_error
-from ._wire import decode, encode
+from ._wire import decode, encode, recv
 from .errors import PoolBrokenError, TransportError
 
 logger = logging.getLogger("poolloader")
@@ -215,10 +215,10 @@ class IOThread:
         looking when the watchlist said it is ready)."""
         while True:
             try:
-                if not known_ready and not readable(w.conn.fileno()):
+                if not known_ready and not self._watch.readable(w.conn.fileno()):
                     return
                 known_ready = False
-                message = decode(w.conn.recv_bytes())
+                message = decode(recv(w.conn))
             except (EOFError, OSError, ValueError):
                 return  # the worker died (its sentinel tells), or its connection closed
             if isinstance(message, Done):

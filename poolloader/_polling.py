@@ -39,6 +39,7 @@ class Watchlist:
         self._poll = select.poll()
         self._signature: Hashable | None = None
         self._roles: dict[int, tuple[str, Any]] = {}
+        self._probes: dict[int, Any] = {}  # see readable
 
     def wait(
         self, signature: Hashable, entries: Callable[[], list[Entry]], timeout: float
@@ -60,20 +61,22 @@ class Watchlist:
                 ready.append(role)
         return ready
 
+    def readable(self, fd: int) -> bool:
+        """Whether ``fd`` has data (or its end closed) right now; works for any
+        descriptor number, unlike ``select.select``. Each number keeps its own
+        poll object (a poll object watches a number, whatever file it names)."""
+        probe = self._probes.get(fd)
+        if probe is None:
+            probe = self._probes[fd] = select.poll()
+            probe.register(fd, _READ)
+        return bool(probe.poll(0))
+
     def _rebuild(self, entries: list[Entry]) -> None:
         self._poll = select.poll()
         self._roles = {}
         for fd, role, obj in entries:
             self._poll.register(fd, _READ)
             self._roles[fd] = (role, obj)
-
-
-def readable(fd: int) -> bool:
-    """Whether ``fd`` has data (or its end closed) right now; works for any
-    descriptor number, unlike ``select.select``."""
-    probe = select.poll()
-    probe.register(fd, _READ)
-    return bool(probe.poll(0))
 
 
 class Waker:

@@ -55,7 +55,7 @@ from ._tasks import (
     raisable,
 )
 from ._threads import helper_thread
-from ._wire import encode
+from ._wire import encode, send
 from .errors import LoaderClosedError, PoolBrokenError
 
 logger = logging.getLogger("poolloader")
@@ -552,7 +552,7 @@ class Pool(IOThread):
     def _send(self, w: Worker, message: bytes) -> None:
         self._counters.bytes_sent += len(message)
         try:
-            w.conn.send_bytes(message)
+            send(w.conn, message)
         except OSError:
             pass  # the worker died; its sentinel tells the I/O thread
 

@@ -12,11 +12,21 @@ with a ``Done``'s inline payload flattened into it: about 1 µs to pickle, 3 µs
 unpickle and rebuild. Every other message, rarer, travels pickled as itself.
 Both ends of a connection use this module, so the form never reaches anything
 else; a message still arrives as its named dataclass.
+
+NOTE [ Framing ]: :func:`send` and :func:`recv` frame a message as
+``Connection.send_bytes`` and ``recv_bytes`` do (a 4-byte big-endian length, or
+-1 and an 8-byte one), so either end may use either; they only take fewer
+Python steps (``recv_bytes`` reads through two ``BytesIO`` objects and six
+calls): a few µs per message, two messages per batch in the main process and two
+in the worker. Closed connections raise what the ``Connection`` methods raise.
 """
 
 from __future__ import annotations
 
+import os
 import pickle
+import struct
+from multiprocessing.connection import Connection
 from typing import Any
 
 from ._messages import Done, Task
@@ -59,3 +69,49 @@ def decode(data: bytes) -> Any:
     if kind == _DONE:
         return Done(found[1], found[2], found[3], found[4])
     raise ValueError(f"not a poolloader message: a tuple led by {kind!r}")
+
+
+_LENGTH = struct.Struct("!i")
+_LONG_LENGTH = struct.Struct("!Q")
+#: Up to this size a message goes out in one write with its length (as
+#: ``Connection.send_bytes`` sends it); longer ones go through ``send_bytes``.
+_ONE_WRITE = 16384
+
+
+def send(conn: Connection, data: bytes) -> None:
+    """``conn.send_bytes(data)`` (NOTE [ Framing ])."""
+    if len(data) > _ONE_WRITE:
+        conn.send_bytes(data)
+        return
+    framed = _LENGTH.pack(len(data)) + data
+    fd = conn.fileno()  # (OSError once the connection is closed)
+    written = os.write(fd, framed)
+    if written < len(framed):  # (a full socket buffer)
+        rest = memoryview(framed)[written:]
+        while rest:
+            rest = rest[os.write(fd, rest) :]
+
+
+def recv(conn: Connection) -> bytes:
+    """``conn.recv_bytes()`` (NOTE [ Framing ])."""
+    fd = conn.fileno()
+    (size,) = _LENGTH.unpack(_read(fd, 4))
+    if size == -1:
+        (size,) = _LONG_LENGTH.unpack(_read(fd, 8))
+    return _read(fd, size) if size else b""
+
+
+def _read(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if len(data) == size:
+        return data
+    if not data:
+        raise EOFError
+    chunks, left = [data], size - len(data)
+    while left:
+        chunk = os.read(fd, left)
+        if not chunk:
+            raise OSError("got end of file during message")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)

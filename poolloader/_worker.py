@@ -74,7 +74,7 @@ from ._messages import (
 )
 from ._packing import descriptor_socket
 from ._threads import helper_thread
-from ._wire import decode, encode
+from ._wire import decode, encode, recv, send
 
 #: Why a batch must pickle, for the error when it does not.
 RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
@@ -213,7 +213,7 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
 
 def _send(conn: Connection, message: object) -> None:
     try:
-        conn.send_bytes(encode(message))
+        send(conn, encode(message))
     except (BrokenPipeError, ConnectionResetError, EOFError):
         _orphaned()
 
@@ -504,7 +504,7 @@ class _Inbox:
                     if not _still_running(*self._main):
                         _orphaned()
                     continue
-                message = decode(self._conn.recv_bytes())
+                message = decode(recv(self._conn))
             except (EOFError, OSError):
                 _orphaned()
             if isinstance(message, (Release, Drop)):

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from poolloader import DataLoader
 from poolloader._messages import Done, Release, Sync, Task
 from poolloader._packing import Inline, InSlab, Pickled
-from poolloader._wire import decode, encode
+from poolloader._wire import decode, encode, recv, send
 
 
 @pytest.mark.parametrize(
@@ -46,6 +46,40 @@ def test_hot_messages_travel_short_and_others_as_themselves():
     for hot in (Task(1, 0, 0, [1, 2]), Done(1, Inline(b"x"), 8, 0.0)):
         assert b"poolloader" not in encode(hot)
     assert b"poolloader" in encode(Sync(1))
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 16384, 16385, 3 << 20])
+def test_messages_are_framed_as_connections_frame_them(size):
+    """send/recv and Connection.send_bytes/recv_bytes read each other's messages
+    (NOTE [ Framing ]), including one bigger than the socket's buffer."""
+    import multiprocessing
+    import os
+    import threading
+
+    ours, theirs = multiprocessing.Pipe()
+    data = os.urandom(size)
+    try:
+        for sender, receiver in [
+            (send, theirs.recv_bytes),
+            (ours.send_bytes, lambda: recv(theirs)),
+        ]:
+            writer = threading.Thread(
+                target=sender, args=(ours, data) if sender is send else (data,)
+            )
+            writer.start()
+            assert receiver() == data
+            writer.join()
+        # Messages back to back arrive one by one, none read into the next.
+        for n in (3, 0, 5):
+            send(ours, bytes([n]) * n)
+        assert [recv(theirs) for _ in range(3)] == [b"\3" * 3, b"", b"\5" * 5]
+    finally:
+        ours.close()
+    with pytest.raises(EOFError):
+        recv(theirs)
+    with pytest.raises(OSError):
+        send(ours, b"x")
+    theirs.close()
 
 
 def test_a_tuple_that_is_no_message_is_refused():
