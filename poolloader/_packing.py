@@ -32,6 +32,7 @@ in ``_transport.py``.
 
 from __future__ import annotations
 
+import copyreg
 import errno
 import io
 import math
@@ -39,7 +40,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from multiprocessing.reduction import sendfds
+from multiprocessing.reduction import ForkingPickler, sendfds
 from typing import Any
 
 import torch
@@ -203,6 +204,8 @@ class SlabPacker:
         self._staging: Slab | None = None
         self._staging_new = False
         self._acquired = 0  # slabs handed to batches so far (NOTE [ Slab ageing ])
+        self._skeleton_pickler: SkeletonPickler | None = None  # see _pickler
+        self._registry: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
 
     # -- staging: collation writes straight into a slab
 
@@ -241,13 +244,23 @@ class SlabPacker:
     # -- packing
 
     def pack(self, batch: Any) -> tuple[Any, int]:
-        buffer = io.BytesIO()
-        pickler = SkeletonPickler(buffer, self._staging, sharing(batch))
-        pickler.dump(batch)
+        pickler = self._pickler()
+        buffer = pickler.buffer
+        buffer.seek(0)
+        buffer.truncate()
+        pickler.begin(self._staging, sharing(batch))
+        try:
+            pickler.dump(batch)
+            return self._packed(pickler, batch)
+        finally:
+            pickler.end()
+
+    def _packed(self, pickler: SkeletonPickler, batch: Any) -> tuple[Any, int]:
+        buffer = pickler.buffer
         check_size(pickler.data_bytes, self._config.max_batch_bytes)
         if not pickler.blocks and not pickler.staged:
             self.end()
-            return Inline(buffer.getvalue()), len(buffer.getbuffer())
+            return Inline(buffer.getvalue()), buffer.tell()
         slab, new = self._place(pickler)
         if slab is None:
             fallback = Pickled(self._pickle_out_of_slabs(batch))
@@ -259,6 +272,15 @@ class SlabPacker:
             retired, self._retired = tuple(self._retired), []
         payload = InSlab(slab.id, slab.size if new else 0, pickler.size, buffer.getvalue(), retired)
         return payload, pickler.size
+
+    def _pickler(self) -> SkeletonPickler:
+        """This worker's pickler, made again once the reducers it copied changed
+        (NOTE [ One pickler per worker ] in ``_skeleton.py``)."""
+        registry = (copyreg.dispatch_table, ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
+        if self._skeleton_pickler is None or self._registry != registry:
+            self._registry = (dict(registry[0]), dict(registry[1]))
+            self._skeleton_pickler = SkeletonPickler(io.BytesIO())
+        return self._skeleton_pickler
 
     def _place(self, pickler: SkeletonPickler) -> tuple[Slab | None, bool]:
         """The slab the batch goes into: the staging slab if it fits, else another

@@ -804,3 +804,32 @@ class FailsAt(IterableDataset):
             if i == self.bad:
                 raise ValueError(f"record {i} is corrupt")
             yield i
+
+
+class Tagged:
+    """A value that says how it was pickled: ``reduced`` once a reducer is registered."""
+
+    def __init__(self, value: int, how: str = "plain") -> None:
+        self.value, self.how = value, how
+
+
+def reduce_tagged(tagged: Tagged) -> tuple[Any, tuple[int, str]]:
+    return Tagged, (tagged.value, "reduced")
+
+
+class RegistersReducer(Dataset):
+    """Items are :class:`Tagged`; item ``at`` registers a reducer for them with
+    multiprocessing's pickler first, as code that adds a reduction late does."""
+
+    def __init__(self, n: int, at: int) -> None:
+        self.n, self.at = n, at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Tagged:
+        if i == self.at:
+            from multiprocessing.reduction import ForkingPickler
+
+            ForkingPickler.register(Tagged, reduce_tagged)
+        return Tagged(i)

@@ -13,6 +13,7 @@ from _datasets import (
     Growing,
     Mixed,
     NumpyZoo,
+    RegistersReducer,
     SizedParts,
     SlowFirst,
     as_is,
@@ -438,3 +439,23 @@ def test_keeping_the_small_part_of_each_batch_keeps_no_slab():
     # every batch would make a new one. How many a worker makes while another
     # runs late follows timing (NOTE [ Slab ageing ]), so half is the bound.
     assert stats.slab_batches == 40 and stats.slab_reuse_rate >= 0.5, stats
+
+
+def test_a_reducer_registered_while_loading_is_used_as_with_torch():
+    """A worker keeps one pickler for its batches (NOTE [ One pickler per worker ]),
+    yet a reducer registered with multiprocessing's pickler after it packed some
+    batches takes effect from the next batch, as with torch's loader, whose
+    queue makes a pickler for every batch."""
+
+    def hows(loader):
+        return [item.how for batch in loader for item in batch]
+
+    from _datasets import keep_items
+
+    dataset = RegistersReducer(12, at=5)
+    want = hows(
+        torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1, collate_fn=keep_items)
+    )
+    assert want == ["plain"] * 4 + ["reduced"] * 8
+    with _loader(dataset, batch_size=2, num_workers=1, collate_fn=keep_items) as ours:
+        assert hows(ours) == want
