@@ -57,7 +57,11 @@ def batch_digest(base_seed: int, epoch: int, position: int) -> bytes:
     as four little-endian 32-bit words for NumPy and its first 63 bits for
     ``random`` and torch (0.5 µs; NumPy's ``SeedSequence`` mixes as well in 8 µs,
     paid on every batch)."""
-    key = b"".join(n.to_bytes(16, "little", signed=True) for n in (base_seed, epoch, position))
+    key = (
+        base_seed.to_bytes(16, "little", signed=True)
+        + epoch.to_bytes(16, "little", signed=True)
+        + position.to_bytes(16, "little", signed=True)
+    )
     return hashlib.blake2b(key, digest_size=16).digest()
 
 
@@ -164,7 +168,6 @@ def own_random_state() -> Iterator[None]:
 
 _MT19937_BYTES = 624 * 4 + 4  # uint32 key[624]; int pos
 _MT19937_KEY = 624 * 4
-_FRESH_POSITION = struct.pack("=i", 624)  # MT19937's position just after seeding
 
 # NOTE [ Seeding NumPy through CPython's twister ]: ``np.random.seed`` with four
 # words costs 21-25 µs, nearly all of it NumPy's checks and conversions of the
@@ -175,7 +178,8 @@ _FRESH_POSITION = struct.pack("=i", 624)  # MT19937's position just after seedin
 # words of ``n``, lowest first), so a private ``_random.Random`` seeded with the
 # digest as one integer holds exactly the words NumPy would compute; they are
 # copied into NumPy's state after ``np.random.seed(0)``, which resets what seeding
-# resets (the cached normal deviate). 9-12 µs in all. Used only where it is
+# resets (the cached normal deviate) and leaves the position where seeding
+# leaves it (624: the next draw generates). 9-12 µs in all. Used only where it is
 # exact: the integer must need all four words (its top word not zero, else
 # Python keys with fewer), the words' place in the ``_random.Random`` object is
 # found and checked once against ``getstate``, and the whole path is checked once
@@ -236,7 +240,6 @@ class _NumpyState:
                 np.random.seed(0)
                 self._twister.seed(int.from_bytes(digest, "little"))
                 ctypes.memmove(address, id(self._twister) + self._twister_words, _MT19937_KEY)
-                ctypes.memmove(address + _MT19937_KEY, _FRESH_POSITION, 4)
                 return
         np.random.seed(np.frombuffer(digest, dtype=np.uint32))
 
