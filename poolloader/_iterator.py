@@ -76,6 +76,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._outcomes: dict[int, AnyFuture] = {}
         self._pinner = start_pinner() if self._pin_memory else None
         self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
+        self._on_time: tuple[TaskRecord | None, float] = (None, 0.0)  # see _late_in
         # Each batch's done-callback (it holds the queue, not the iterator).
         self._announce = functools.partial(_announce, self._news)
         self._cut_short = False  # close() ended the epoch before its last batch
@@ -223,7 +224,18 @@ class PoolIterator(_BaseDataLoaderIter):
         if not isinstance(record, GroupRecord):
             if not record.started or record.future.done():
                 return None  # (asked first without the pool's lock: the common case)
-            return self._pool.late_in(record)
+            # Asked two or three times per batch of the same oldest batch: an answer
+            # of "not yet" holds until then (the mean it was measured against moves
+            # by a batch at most meanwhile).
+            on_time, until = self._on_time
+            if record is on_time:
+                left = until - time.monotonic()
+                if left > 0:
+                    return left
+            found = self._pool.late_in(record)
+            if found:
+                self._on_time = (record, time.monotonic() + found)
+            return found
         unfinished = [r for r in record.parts if not r.future.done()]
         waits = [self._pool.late_in(r) for r in unfinished]
         if not waits or None in waits:
