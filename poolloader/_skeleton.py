@@ -290,7 +290,7 @@ class SkeletonPickler(TorchPickler):
         if staging is not None and storage.data_ptr() == staging.base:
             return False
         whole = storage.nbytes() == tensor.element_size() * tensor.numel()
-        plain = tensor.is_contiguous() and tensor.storage_offset() == 0 and whole
+        plain = _fresh_layout(tensor) and tensor.storage_offset() == 0 and whole
         return not plain or storage.data_ptr() in self.shared
 
     def _as_view(
@@ -367,7 +367,7 @@ class SkeletonPickler(TorchPickler):
         offset, length = found
         if (where - offset) % size or length % size:
             return None
-        whole = tensor.is_contiguous() and where == offset and tensor.numel() * size == length
+        whole = _fresh_layout(tensor) and where == offset and tensor.numel() * size == length
         start, end = staging.base + offset, staging.base + offset + length
         if whole and sum(start <= s < end for s in self.starts) <= 1:
             return None  # the usual case: the plain "slab" descriptor
@@ -390,6 +390,24 @@ class SkeletonPickler(TorchPickler):
         if offset >= 0 and offset + size <= staging.top:
             return offset
         return None
+
+
+def _fresh_layout(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` has the strides of a new tensor of its shape, those it
+    arrives with when it travels as its bytes. ``is_contiguous()`` is not enough:
+    it overlooks the strides of dimensions of size 1 (``x.t()`` of a column, shape
+    ``(1, n)``, strides ``(1, 1)``) and all of an empty tensor's, which torch's
+    pickling keeps; such a tensor travels as a view, which keeps them too."""
+    if not tensor.is_contiguous():
+        return False
+    shape = tensor.shape
+    if 1 not in shape and 0 not in shape:
+        return True  # contiguous: its strides are the only ones it can have
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tensor.stride() == tuple(reversed(strides))
 
 
 def _allocation(allocations: list[tuple[int, int]], where: int) -> tuple[int, int] | None:

@@ -122,7 +122,9 @@ class _SkeletonUnpickler(pickle.Unpickler):
         self, dtype: str, shape: Any, stride: Any, offset: int, index: int, where: Any
     ) -> torch.Tensor:
         if where is not None:
-            if where[0] == "inline":
+            if where[0] == "inline" and not where[1]:  # an empty storage (frombuffer refuses)
+                flat = torch.empty(0, dtype=torch.uint8)
+            elif where[0] == "inline":
                 flat = torch.frombuffer(bytearray(where[1]), dtype=torch.uint8)
             elif self._owner is None:
                 raise TypeError("a batch laid out in a slab arrived without its slab")

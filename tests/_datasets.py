@@ -519,6 +519,24 @@ class Views(Dataset):
         return {"base": base, "t": base.T, "row": base[3], "cols": base[:, 1:3], "other": base + 1}
 
 
+class SizeOneStrides(Dataset):
+    """Item i: contiguous tensors whose strides are not a new tensor's, through
+    dimensions of size 1 or 0 (``is_contiguous()`` overlooks them), small and big."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        n = 4 if i % 2 else 10_000
+        return {
+            "row_of_column": torch.full((n, 1), float(i)).t(),  # (1, n), strides (1, 1)
+            "empty_t": torch.zeros(0, 3).t(),  # (3, 0), strides (1, 3)
+            "one_t": torch.full((1, 1), float(i)).t(),
+            "permuted": torch.arange(2 * n, dtype=torch.int64).reshape(2, 1, n).permute(1, 0, 2),
+            "empty_column": torch.zeros(5, 0)[:, None],
+        }
+
+
 def in_slab(address: int) -> bool:
     """Whether ``address`` of this process lies in a poolloader slab mapping."""
     with open("/proc/self/maps") as maps:

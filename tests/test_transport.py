@@ -355,6 +355,26 @@ def test_views_keep_their_strides_and_their_shared_storage_as_with_torch(transpo
                 assert a["row"][0] == -1.0 and a["t"][0, 3] == -1.0  # one storage
 
 
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_size_one_and_empty_dimensions_keep_their_strides_as_with_torch(transport):
+    """A contiguous tensor whose strides are not a new tensor's (a dimension of size
+    1 or 0) arrives with its strides, as torch's loader delivers it."""
+    from _datasets import SizeOneStrides, keep_items
+
+    def layout(item):
+        return {k: (tuple(v.shape), v.stride(), v.storage_offset()) for k, v in item.items()}
+
+    theirs = torch.utils.data.DataLoader(SizeOneStrides(), batch_size=2, collate_fn=keep_items,
+                                         num_workers=1)  # fmt: skip
+    with _loader(
+        SizeOneStrides(), batch_size=2, collate_fn=keep_items, transport=transport
+    ) as ours:
+        for got, want in zip(ours, theirs, strict=True):
+            for a, b in zip(got, want, strict=True):
+                assert layout(a) == layout(b)
+                assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_window_of_a_big_storage_moves_only_the_window():
     """A view into a big tensor (a token window) travels as the part it reads, not as
     its 16 MB storage once per batch: the same values as torch's loader, a few KB
