@@ -120,12 +120,20 @@ def descendants(pids: list[int]) -> list[psutil.Process]:
 
 #: The exit code of a worker whose thread reading the main process's messages
 #: failed (its traceback is on stderr): deaf to tasks, it ends rather than wait.
+#: Dataset code may exit with the same code: the worker first writes
+#: :data:`INBOX_FAILED` into its started slot, which tells the two apart.
 EXIT_INBOX_FAILED = 4
+#: What a worker's started slot holds once its message thread failed (no task's seq).
+INBOX_FAILED = -2
+
+
+class InboxFailed(int):
+    """:data:`EXIT_INBOX_FAILED`, from a worker that said its message thread failed."""
 
 
 def describe_exit(code: int) -> str:
     """Words for a worker's exit code: ``-9`` → "killed by SIGKILL (...)"."""
-    if code == EXIT_INBOX_FAILED:
+    if isinstance(code, InboxFailed):
         return f"exit code {code} (its thread reading messages failed; traceback on stderr)"
     if code >= 0:
         return f"exit code {code}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 from collections import deque
@@ -325,7 +324,7 @@ class IOThread:
         """A worker's sentinel fired: reap its process tree, then replace it or break."""
         self._drain(w)
         w.process.join(EXIT_CODE_WAIT)
-        code = w.process.exitcode if w.process.exitcode is not None else -signal.SIGKILL
+        code = w.exit_code()
         with self._lock:
             # The consumer's dispatch may have retired it for a fresh start meanwhile
             # (an idle worker whose death was not handled yet): it held no task and

@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import pickle
+import signal
 import struct
 import time
 from collections.abc import Callable
@@ -25,7 +26,15 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from . import _pickling, _proctree, _worker
-from ._deaths import descendants, describe_exit, silent_start_error, start_error
+from ._deaths import (
+    EXIT_INBOX_FAILED,
+    INBOX_FAILED,
+    InboxFailed,
+    descendants,
+    describe_exit,
+    silent_start_error,
+    start_error,
+)
 from ._messages import (
     Advanced,
     DatasetFollows,
@@ -104,6 +113,19 @@ class Worker:
 
     def acknowledge(self, generation: int) -> None:
         self.acknowledged = max(self.acknowledged, generation)
+
+    def exit_code(self) -> int:
+        """Its process's exit code (``-SIGKILL`` if none can be had), as an
+        :class:`~poolloader._deaths.InboxFailed` where it exited because its
+        message thread failed."""
+        code = self.process.exitcode
+        if code is None:
+            return -signal.SIGKILL
+        slot = self.started_slot
+        ours = code == EXIT_INBOX_FAILED and slot is not None and not slot.closed
+        if ours and struct.unpack_from("q", slot)[0] == INBOX_FAILED:  # type: ignore[arg-type]
+            return InboxFailed(code)
+        return code
 
     def has_started(self, record: TaskRecord) -> bool:
         """Whether it began ``record`` (its first task): ``False`` when it died

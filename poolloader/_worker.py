@@ -50,7 +50,7 @@ from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.collate import collate, collate_tensor_fn
 
 from . import _pickling, _proctree, _replay, _seeding
-from ._deaths import EXIT_INBOX_FAILED
+from ._deaths import EXIT_INBOX_FAILED, INBOX_FAILED
 from ._messages import (
     Done,
     Drop,
@@ -490,6 +490,8 @@ class _Inbox:
             # for ever: it exits, and the pool runs its batches elsewhere.
             print("poolloader: a DataLoader worker's message thread failed:", file=sys.stderr)
             traceback.print_exc()
+            if _started_slot is not None:  # so the main process knows the exit is ours
+                struct.pack_into("q", _started_slot, 0, INBOX_FAILED)
             _finish(EXIT_INBOX_FAILED)
 
     def _read_messages(self) -> None:

@@ -175,6 +175,12 @@ def exit_now(index: int, where: str) -> None:
     os._exit(EXIT_CODE)
 
 
+def exit_as_deafened(index: int, where: str) -> None:
+    """The worker leaves with the exit code poolloader's own worker uses when its
+    message thread fails (4), for reasons of the dataset's own."""
+    os._exit(4)
+
+
 def kill_self(index: int, where: str) -> None:
     """SIGKILL to itself: what the kernel's out-of-memory killer sends."""
     os.kill(os.getpid(), signal.SIGKILL)
@@ -237,6 +243,7 @@ FAULTS: dict[str, Callable[[int, str], None]] = {
     "orphan": orphan_then_die,
     "huge": huge,
     "deaf": deafen,
+    "exit4": exit_as_deafened,
 }
 
 #: Faults that end the worker process, and how each reads in an exit description.

@@ -104,6 +104,21 @@ def test_a_worker_whose_message_thread_fails_is_replaced(
     assert f"pid {victim}" in message and "thread reading messages failed" in message, message
 
 
+def test_dataset_code_exiting_with_the_message_threads_code_is_not_taken_for_it(
+    where: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exit code 4 is what a worker whose message thread failed exits with; dataset
+    code that calls os._exit(4) is a plain exit code 4, not that failure (the worker
+    marks its started slot before it exits so)."""
+    caplog.set_level(logging.WARNING, logger="poolloader")
+    dataset = Faulty(30, "exit4", once(where, 10), where=where, delay=0.005)
+    with fault_loader(dataset, batch_size=3, timeout=HANG) as loader:
+        got = list(loader)
+    assert_batches(got, torch_batches(dataset, batch_size=3))
+    (message,) = logged_warnings(caplog)
+    assert "exit code 4" in message and "thread reading messages" not in message, message
+
+
 def test_a_batch_lost_with_its_worker_after_loading_runs_again(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
