@@ -76,7 +76,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._outcomes: dict[int, AnyFuture] = {}
         self._pinner = start_pinner() if self._pin_memory else None
         self._news: queue.SimpleQueue[None] = queue.SimpleQueue()  # see _await_news
-        self._on_time: tuple[TaskRecord | None, float] = (None, 0.0)  # see _late_in
+        self._on_time = (-1, 0.0)  # a batch's seq, and until when it is not late (_late_in)
         # Each batch's done-callback (it holds the queue, not the iterator).
         self._announce = functools.partial(_announce, self._news)
         self._cut_short = False  # close() ended the epoch before its last batch
@@ -228,13 +228,13 @@ class PoolIterator(_BaseDataLoaderIter):
             # of "not yet" holds until then (the mean it was measured against moves
             # by a batch at most meanwhile).
             on_time, until = self._on_time
-            if record is on_time:
+            if record.seq == on_time:
                 left = until - time.monotonic()
                 if left > 0:
                     return left
             found = self._pool.late_in(record)
             if found:
-                self._on_time = (record, time.monotonic() + found)
+                self._on_time = (record.seq, time.monotonic() + found)
             return found
         unfinished = [r for r in record.parts if not r.future.done()]
         waits = [self._pool.late_in(r) for r in unfinished]
@@ -357,6 +357,10 @@ class PoolIterator(_BaseDataLoaderIter):
             except Exception:
                 self._taken = None  # the batch failed: the next is next
                 self._outcomes.pop(record.seq, None)
+                # The future holds the exception, whose traceback holds this frame:
+                # without this the cycle keeps the iterator, the loader and its
+                # processes until the garbage collector runs.
+                record = None
                 raise
             try:
                 self._fill_past_a_break()

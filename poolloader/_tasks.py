@@ -155,7 +155,14 @@ class TaskFuture:
         if self._state == _CANCELLED:
             raise CancelledError()
         if self._exception is not None:
-            raise self._exception
+            try:
+                raise self._exception
+            finally:
+                # The exception keeps this frame (its traceback), which would keep
+                # the future and so the exception: a cycle, and with it whatever the
+                # caller's frames hold (a loader, its processes), until the garbage
+                # collector runs. Future.result breaks it the same way.
+                self = None  # type: ignore[assignment]
         return self._result
 
     def exception(self, timeout: float | None = None) -> BaseException | None:

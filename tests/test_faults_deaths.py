@@ -10,6 +10,7 @@ a representative subset also runs under spawn.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import signal
@@ -175,6 +176,37 @@ def test_a_worker_killed_between_epochs_is_replaced() -> None:
         assert not wait_gone(workers)
         assert_batches(list(loader), torch_batches(dataset, batch_size=2))
         assert loader.statistics().restarts == 1
+
+
+def test_a_loader_let_go_after_worker_crashed_error_ends_without_the_cycle_collector(
+    where: Path,
+) -> None:
+    """Code that catches WorkerCrashedError and lets the loader go sees its processes
+    end with the last reference, as after a dataset's own exception: the error's
+    traceback (the consumer's frames) must not keep the loader through the future
+    that held the error, nor through the iterator."""
+    dataset = Faulty(24, "sigkill", always(10), where=where, delay=0.005)
+
+    def run() -> tuple[list[psutil.Process], BaseException | None]:
+        loader = fault_loader(dataset, batch_size=3)
+        try:
+            for _ in loader:
+                pass
+        except WorkerCrashedError as error:
+            pool = loader._pool
+            return handles([*pool.worker_pids, pool.template_pid]), error
+        return [], None
+
+    gc.disable()
+    procs: list[psutil.Process] = []
+    try:
+        procs, error = run()
+        assert isinstance(error, WorkerCrashedError) and procs
+        del error
+        assert not wait_gone(procs, timeout=10.0), "the processes waited for gc.collect()"
+    finally:
+        gc.enable()
+        kill_all(procs)
 
 
 @pytest.mark.parametrize(
