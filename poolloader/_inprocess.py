@@ -19,7 +19,7 @@ from . import _seeding
 from ._deaths import short
 from ._packing import check_size
 from ._skeleton import nbytes
-from .errors import ResultTooLargeError
+from .errors import ResultTooLargeError, _map_style_stop_iteration
 
 if TYPE_CHECKING:
     from .loader import DataLoader
@@ -96,8 +96,10 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
                 raise
             try:
                 data = self._fetch(position, index)
-            except StopIteration:
+            except StopIteration as exc:
                 self._ledger.consumed(position)
+                if self._dataset_kind != _DatasetKind.Iterable:
+                    raise _map_style_stop_iteration() from exc  # as the workers say it
                 self._position.finished = True
                 raise
             except Exception:

@@ -75,6 +75,7 @@ from ._messages import (
 from ._packing import descriptor_socket
 from ._threads import helper_thread
 from ._wire import decode, encode, recv, send
+from .errors import _map_style_stop_iteration
 
 #: Why a batch must pickle, for the error when it does not.
 RESULT_PICKLING = "a batch travels from the worker to the main process by pickling"
@@ -461,9 +462,7 @@ class _ControlFailure(RuntimeError):
 
 
 def _stop_iteration_error() -> RemoteError:
-    return RemoteError.capture(
-        RuntimeError("a map-style dataset or collate_fn raised StopIteration")
-    )
+    return RemoteError.capture(_map_style_stop_iteration())
 
 
 class _Inbox:

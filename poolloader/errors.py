@@ -105,6 +105,18 @@ class ResultTooLargeError(ValueError):
     """A batch is larger than the shared-memory transport was allowed to allocate."""
 
 
+def _map_style_stop_iteration() -> RuntimeError:
+    """The error for a map-style dataset's ``__getitem__`` (or a ``collate_fn``)
+    that raised StopIteration. torch's loader ends the epoch there without a word,
+    dropping the batches left; poolloader says so, with or without workers, and the
+    epoch goes on as after any other error."""
+    return RuntimeError(
+        "a map-style dataset's __getitem__ (or the collate_fn) raised StopIteration, "
+        "which would end the epoch early without a word (torch's DataLoader does); raise "
+        "IndexError or another exception for an item that cannot be loaded"
+    )
+
+
 class RemoteTraceback(Exception):
     """Carries a worker's formatted traceback as the ``__cause__`` of a re-raised error."""
 

@@ -119,6 +119,21 @@ class Failing(Dataset):
         return i
 
 
+class StopsAt(Dataset):
+    """Item ``stop`` raises StopIteration (a ``next()`` on an empty iterator, say)."""
+
+    def __init__(self, n: int = 12, stop: int = 5) -> None:
+        self.n, self.stop = n, stop
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if i == self.stop:
+            return next(iter(()))
+        return i
+
+
 class Sleepy(Dataset):
     """Item ``slow`` sleeps ``seconds``."""
 

@@ -8,7 +8,16 @@ import threading
 
 import pytest
 import torch
-from _datasets import Failing, FailsAt, HoldsLock, Plain, Sleepy, SlowToUnpickle, sleep_in_init
+from _datasets import (
+    Failing,
+    FailsAt,
+    HoldsLock,
+    Plain,
+    Sleepy,
+    SlowToUnpickle,
+    StopsAt,
+    sleep_in_init,
+)
 
 from poolloader import DataLoader
 from poolloader.errors import LoaderTimeoutError, NotPicklableError, RemoteTraceback
@@ -61,6 +70,25 @@ def _skip_errors(loader):
             return
         except ValueError:
             continue
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_stop_iteration_from_a_map_style_dataset_is_an_error_not_the_end(num_workers):
+    """torch's loader ends the epoch without a word when __getitem__ raises
+    StopIteration, dropping the batches left; poolloader raises, with or without
+    workers, and the epoch goes on after it as after any other error."""
+    theirs = [b.tolist() for b in torch.utils.data.DataLoader(StopsAt(), batch_size=2)]
+    assert theirs == [[0, 1], [2, 3]]  # the epoch's other four batches dropped silently
+    context = "forkserver" if num_workers else None
+    with DataLoader(StopsAt(), batch_size=2, num_workers=num_workers,
+                    multiprocessing_context=context) as loader:  # fmt: skip
+        iterator, got = iter(loader), []
+        with pytest.raises(RuntimeError, match="raised StopIteration") as info:
+            while True:
+                got.append(next(iterator).tolist())
+        assert "batch 2" in str(info.value) or num_workers == 0
+        got += [b.tolist() for b in iterator]
+    assert got == [[0, 1], [2, 3], [6, 7], [8, 9], [10, 11]]
 
 
 def test_key_error_message_reads_as_text():
