@@ -147,6 +147,10 @@ class Pool(IOThread):
         if hasattr(transport, "on_release"):
             transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
         self._watch = Watchlist()
+        # NOTE [ Sending outside the lock ]
+        self._outbox: deque[tuple[Worker, bytes]] = deque()
+        self._send_lock = threading.Lock()
+        self._deferring = False  # set by submit, under the lock
         self._thread = helper_thread(self._io_loop, "poolloader-io")
 
     # ---------------------------------------------------------------- life
@@ -314,7 +318,12 @@ class Pool(IOThread):
             self._check_usable(position, index)
             record = TaskRecord(next(self._seq), epoch, position, index, self._stamp(), pin)
             self._pending.append(record)
-            self._dispatch()
+            self._deferring = True  # written once the lock is let go
+            try:
+                self._dispatch()
+            finally:
+                self._deferring = False
+        self._flush()
         return record
 
     def _stamp(self) -> int:
@@ -549,12 +558,41 @@ class Pool(IOThread):
             for w in told.values():
                 self._send(w, encode(Trim()))
 
+    # NOTE [ Sending outside the lock ]: what the pool sends is decided under its
+    # lock, and must reach each worker in that order (a change before the task that
+    # needs it). Writing it there too kept the lock over a system call, which lets
+    # the other thread have the GIL, and for a submitted batch that thread was
+    # the I/O thread, waking for a result, which then blocked on the lock: two
+    # more thread switches, for a third of the tiny batches. Messages now queue in
+    # ``_outbox`` under the lock, in the order decided, and whoever finds the
+    # send lock free writes everything queued; the consumer's submit writes after
+    # it lets the lock go, everyone else at once. A thread that finds the send lock
+    # taken leaves its messages to the holder, which looks again after letting go.
+
     def _send(self, w: Worker, message: bytes) -> None:
+        """Send ``message`` to ``w`` (lock held): at once, or once the consumer's
+        submit lets the lock go (NOTE [ Sending outside the lock ])."""
         self._counters.bytes_sent += len(message)
-        try:
-            send(w.conn, message)
-        except OSError:
-            pass  # the worker died; its sentinel tells the I/O thread
+        self._outbox.append((w, message))
+        if not self._deferring:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Write every queued message, unless another thread is writing (it writes
+        these too)."""
+        outbox = self._outbox
+        while outbox:
+            if not self._send_lock.acquire(blocking=False):
+                return
+            try:
+                while outbox:
+                    w, message = outbox.popleft()
+                    try:
+                        send(w.conn, message)
+                    except OSError:
+                        pass  # the worker died; its sentinel tells the I/O thread
+            finally:
+                self._send_lock.release()
 
     def _break(self, error: PoolBrokenError, culprit: TaskRecord | None = None) -> None:
         """Fail every batch in flight with ``error``; each but the ``culprit`` (the
