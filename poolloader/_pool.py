@@ -314,16 +314,18 @@ class Pool(IOThread):
 
     def submit(self, epoch: int, position: int, index: Any, pin: int | None = None) -> TaskRecord:
         """Queue batch ``position`` of ``epoch``; its outcome arrives on ``record.future``."""
-        with self._lock:
-            self._check_usable(position, index)
-            record = TaskRecord(next(self._seq), epoch, position, index, self._stamp(), pin)
-            self._pending.append(record)
-            self._deferring = True  # written once the lock is let go
-            try:
-                self._dispatch()
-            finally:
-                self._deferring = False
-        self._flush()
+        try:
+            with self._lock:
+                self._check_usable(position, index)
+                record = TaskRecord(next(self._seq), epoch, position, index, self._stamp(), pin)
+                self._pending.append(record)
+                self._deferring = True  # written once the lock is let go
+                try:
+                    self._dispatch()
+                finally:
+                    self._deferring = False
+        finally:
+            self._flush()
         return record
 
     def _stamp(self) -> int:
