@@ -246,10 +246,10 @@ class SkeletonPickler(TorchPickler):
     def _describe(self, obj: Any) -> Any:
         found: tuple[str, Any] | None
         if type(obj) is torch.Tensor:
-            small = self._small_plain(obj)
+            as_bytes = _travels_as_bytes(obj)  # (asked once: each question costs)
+            small = self._small_plain(obj) if as_bytes else None
             if small is not None:
                 return small
-            as_bytes = _travels_as_bytes(obj)  # (asked once: each question costs)
             if as_bytes and self._keeps_layout(obj):
                 return self._storage_view(obj)
             if self._in_staging(obj):
@@ -283,21 +283,14 @@ class SkeletonPickler(TorchPickler):
 
     def _small_plain(self, tensor: torch.Tensor) -> tuple[Any, ...] | None:
         """The inline descriptor of a small tensor that is plainly its own storage
-        (the most common part of a small batch), or ``None`` for the full path.
+        (the most common part of a small batch), or ``None`` for the full path;
+        ``tensor`` travels as bytes (:func:`_travels_as_bytes`).
 
         What the full path gives such a tensor, asking each question of torch once
         (each costs a call through its bindings: the full path asks some of them
         three times, a third of a tiny batch's packing)."""
         if self.staging is not None:
             return None  # a staged tensor is described where it lies
-        if (
-            tensor.layout != torch.strided
-            or tensor.is_nested
-            or tensor.is_quantized
-            or not tensor.is_cpu
-            or tensor.requires_grad
-        ):
-            return None
         size = tensor.nbytes
         if size >= INLINE_BYTES or tensor.is_conj() or tensor.is_neg():
             return None

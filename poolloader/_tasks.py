@@ -99,17 +99,18 @@ class TaskFuture:
         return True
 
     def set_result(self, result: Any) -> None:
-        with self._lock:
-            if self._state != _PENDING:
-                raise InvalidStateError(f"a {_STATE_NAMES[self._state]} future")
-            self._result, self._state = result, _FINISHED
-        self._settled()
+        self._finish(result, None)
 
     def set_exception(self, exception: BaseException) -> None:
+        self._finish(None, exception)
+
+    def _finish(self, result: Any, exception: BaseException | None) -> None:
         with self._lock:
             if self._state != _PENDING:
                 raise InvalidStateError(f"a {_STATE_NAMES[self._state]} future")
-            self._exception, self._state = exception, _FINISHED
+            # The outcome first: done() reads the state without the lock.
+            self._result, self._exception = result, exception
+            self._state = _FINISHED
         self._settled()
 
     def _settled(self) -> None:
@@ -117,10 +118,13 @@ class TaskFuture:
         for waiter in self._waiters or ():
             waiter.release()
         for callback in self._callbacks or ():
-            try:
-                callback(self)
-            except Exception:
-                logger.exception("exception calling callback for %r", self)
+            self._call(callback)
+
+    def _call(self, callback: Callable[[Any], object]) -> None:
+        try:
+            callback(self)
+        except Exception:
+            logger.exception("exception calling callback for %r", self)
 
     def add_done_callback(self, fn: Callable[[Any], object]) -> None:
         """Call ``fn(future)`` once it is done (at once, here, if it is)."""
@@ -130,10 +134,7 @@ class TaskFuture:
                     self._callbacks = []
                 self._callbacks.append(fn)
                 return
-        try:
-            fn(self)
-        except Exception:
-            logger.exception("exception calling callback for %r", self)
+        self._call(fn)
 
     def _wait(self, timeout: float | None) -> None:
         if self._state != _PENDING:
