@@ -312,6 +312,16 @@ class _Template:
         self.fork = multiprocessing.get_context("fork")
 
     def serve(self) -> None:
+        """Fork workers and follow the dataset's changes as the main process asks,
+        until it says stop or is gone."""
+        try:
+            self._serve()
+        finally:
+            # The process exits next (os._exit): closed here, not by the collector,
+            # which under ``python -X dev`` reported it as an unclosed socket.
+            self.sock.close()
+
+    def _serve(self) -> None:
         while True:
             ready = wait([self.conn, *self.children])
             for sentinel in ready:
