@@ -26,6 +26,7 @@ from ._deaths import (
     start_error,
 )
 from ._messages import Done, Exhausted, Failed, Ready, StartFailed, Synced, Trim, Trimmed
+from ._outbox import Outbox
 from ._packing import out_of_descriptors
 from ._polling import Entry, Waker, Watchlist
 from ._processes import EXIT_CODE_WAIT, Worker, Workforce
@@ -74,6 +75,7 @@ class IOThread:
         _watch: Watchlist
         _waker: Waker
         _wakeup_r: int
+        _outbox: Outbox
 
         def _dispatch(self) -> None: ...
         def _send(self, w: Worker, message: bytes) -> None: ...
@@ -82,6 +84,7 @@ class IOThread:
         def _release_pins(self) -> None: ...
 
     def _io_loop(self) -> None:
+        self._outbox.serve_from_this_thread()
         try:
             while not self._closing:
                 self._io_step()
@@ -130,6 +133,7 @@ class IOThread:
             if not self._closing and self._broken is None:
                 self._dispatch()
                 self._trim_when_idle()
+        self._outbox.flush()  # what the consumer leaves to this thread, or could not write
 
     def _trim_when_idle(self) -> None:
         """Have the workers close their free slabs once no epoch has run for

@@ -45,6 +45,7 @@ from ._messages import (
     Task,
     Trim,
 )
+from ._outbox import Outbox
 from ._pickling import not_picklable
 from ._polling import Waker, Watchlist
 from ._processes import Ship, Worker, Workforce
@@ -55,7 +56,7 @@ from ._tasks import (
     raisable,
 )
 from ._threads import helper_thread
-from ._wire import encode, send
+from ._wire import encode
 from .errors import LoaderClosedError, PoolBrokenError
 
 logger = logging.getLogger("poolloader")
@@ -147,9 +148,9 @@ class Pool(IOThread):
         if hasattr(transport, "on_release"):
             transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
         self._watch = Watchlist()
-        # NOTE [ Sending outside the lock ]
-        self._outbox: deque[tuple[Worker, bytes]] = deque()
-        self._send_lock = threading.Lock()
+        # NOTE [ Sending outside the lock ] in _outbox.py
+        self._outbox = Outbox(self._waker.wake)
+        self._workforce.close_connection = self._outbox.close_connection
         self._deferring = False  # set by submit, under the lock
         self._thread = helper_thread(self._io_loop, "poolloader-io")
 
@@ -325,7 +326,7 @@ class Pool(IOThread):
                 finally:
                     self._deferring = False
         finally:
-            self._flush()
+            self._outbox.flush()
         return record
 
     def _stamp(self) -> int:
@@ -532,8 +533,9 @@ class Pool(IOThread):
         if not w.tasks:
             record.started = time.monotonic()
         w.tasks[record.seq] = record
-        for message in (*messages, task):
+        for message in messages:
             self._send(w, message)
+        self._send(w, task, task=True)
 
     def _update_messages(self, w: Worker, upto: int) -> list[bytes]:
         """The control messages that bring ``w`` to generation ``upto`` (it is now there)."""
@@ -560,41 +562,13 @@ class Pool(IOThread):
             for w in told.values():
                 self._send(w, encode(Trim()))
 
-    # NOTE [ Sending outside the lock ]: what the pool sends is decided under its
-    # lock, and must reach each worker in that order (a change before the task that
-    # needs it). Writing it there too kept the lock over a system call, which lets
-    # the other thread have the GIL, and for a submitted batch that thread was
-    # the I/O thread, waking for a result, which then blocked on the lock: two
-    # more thread switches, for a third of the tiny batches. Messages now queue in
-    # ``_outbox`` under the lock, in the order decided, and whoever finds the
-    # send lock free writes everything queued; the consumer's submit writes after
-    # it lets the lock go, everyone else at once. A thread that finds the send lock
-    # taken leaves its messages to the holder, which looks again after letting go.
-
-    def _send(self, w: Worker, message: bytes) -> None:
+    def _send(self, w: Worker, message: bytes, task: bool = False) -> None:
         """Send ``message`` to ``w`` (lock held): at once, or once the consumer's
-        submit lets the lock go (NOTE [ Sending outside the lock ])."""
+        submit lets the lock go (NOTE [ Sending outside the lock ] in ``_outbox.py``)."""
         self._counters.bytes_sent += len(message)
-        self._outbox.append((w, message))
+        self._outbox.put(w, message, task)
         if not self._deferring:
-            self._flush()
-
-    def _flush(self) -> None:
-        """Write every queued message, unless another thread is writing (it writes
-        these too)."""
-        outbox = self._outbox
-        while outbox:
-            if not self._send_lock.acquire(blocking=False):
-                return
-            try:
-                while outbox:
-                    w, message = outbox.popleft()
-                    try:
-                        send(w.conn, message)
-                    except OSError:
-                        pass  # the worker died; its sentinel tells the I/O thread
-            finally:
-                self._send_lock.release()
+            self._outbox.flush()
 
     def _break(self, error: PoolBrokenError, culprit: TaskRecord | None = None) -> None:
         """Fail every batch in flight with ``error``; each but the ``culprit`` (the

@@ -169,6 +169,9 @@ class Workforce:
         self.retired_templates: list[Template] = []  # replaced; their workers still run
         self._use_template = template
         self.base_seed = setup.base_seed  # the current epoch's: new workers are seeded with it
+        # How a worker's connection is closed: the pool's outbox closes it once no
+        # write is under way (NOTE [ Writes and Ctrl-C ] in _outbox.py).
+        self.close_connection: Callable[[Connection], None] = Connection.close
 
     def start(self, generation: int, ship: Ship | None = None) -> None:
         """Start the template (workers are asked for with :meth:`launch` at once).
@@ -350,7 +353,7 @@ class Workforce:
     def release(self, w: Worker) -> None:
         """Forget a worker whose exit was handled."""
         self._transport.detach(w.identity)
-        w.conn.close()
+        self.close_connection(w.conn)
         if w.started_slot is not None:
             w.started_slot.close()
         if w.process is not None:

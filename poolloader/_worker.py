@@ -499,6 +499,7 @@ class _Inbox:
         watch = select.poll()
         watch.register(self._conn.fileno(), select.POLLIN | select.POLLPRI | select.POLLHUP)
         timeout = int(PARENT_CHECK_INTERVAL * 1000)
+        last_task = -1
         while True:
             try:
                 if not watch.poll(timeout):
@@ -508,6 +509,12 @@ class _Inbox:
                 message = decode(recv(self._conn))
             except (EOFError, OSError):
                 _orphaned()
+            if type(message) is Task:
+                # A task sent again because a Ctrl-C landed between its write and
+                # its removal from the queue (NOTE [ Writes and Ctrl-C ] in _outbox.py).
+                if message.seq == last_task:
+                    continue
+                last_task = message.seq
             if isinstance(message, (Release, Drop)):
                 self._to_packer(message)
                 continue

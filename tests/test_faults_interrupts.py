@@ -22,6 +22,7 @@ from typing import Any
 
 import psutil
 import pytest
+from _datasets import Plain
 from _faults import (
     CorruptItemError,
     Faulty,
@@ -356,6 +357,56 @@ def test_ctrl_c_inside_next_loses_no_batch() -> None:
     for got in epochs:
         skipped = sorted(set(range(len(got))) - set(got))
         assert got == list(range(len(got))), f"batches lost: {skipped[:10]}"
+
+
+#: The functions of poolloader that write to the workers, and the calls in them after
+#: which a Ctrl-C is made to land (NOTE [ Writes and Ctrl-C ] in _outbox.py).
+WRITERS = ("flush", "_flush", "_write", "send")
+LANDS_AFTER = ("acquire", "write")
+
+
+def test_ctrl_c_as_a_message_is_written_loses_and_blocks_nothing() -> None:
+    """A KeyboardInterrupt that lands right after the consumer takes the lock it
+    writes under, or right after it wrote a task (before the task left the queue),
+    reaches the caller, and the loader goes on: every batch once, in order, and a
+    new epoch after. One that landed between taking the lock and the ``try`` that
+    lets it go left it held, and no task was written again: the epoch waited for
+    its next batch for ever. The interrupts are raised where a signal's would be,
+    as one of those calls returns (a profile hook, which Python unsets when it
+    raises: set again before each next())."""
+    landed = 0
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        nonlocal landed
+        if (
+            landed < 40
+            and event == "c_return"
+            and getattr(arg, "__name__", "") in LANDS_AFTER
+            and frame.f_code.co_name in WRITERS
+            and frame.f_code.co_filename.startswith(PACKAGE)
+        ):
+            landed += 1
+            raise KeyboardInterrupt
+
+    got: list[int] = []
+    with poolloader.DataLoader(Plain(300), batch_size=1, num_workers=2,
+                               timeout=HANG_SLACK) as loader:  # fmt: skip
+        iterator = iter(loader)
+        while True:
+            try:
+                sys.setprofile(interrupt)
+                batch = next(iterator)
+                sys.setprofile(None)
+                got.append(int(batch))
+            except KeyboardInterrupt:
+                pass
+            except StopIteration:
+                break
+            finally:
+                sys.setprofile(None)
+        assert landed == 40, landed
+        assert got == list(range(300))
+        assert [int(b) for b in loader] == list(range(300))
 
 
 def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
