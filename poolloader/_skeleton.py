@@ -355,7 +355,7 @@ class SkeletonPickler(TorchPickler):
             self.size = aligned(offset + size)
             return ("slab", offset, size)
 
-        offset = (tensor.data_ptr() - base - first) // tensor.element_size()
+        offset = (address(tensor) - base - first) // tensor.element_size()
         return self._as_view(tensor, (base, first), offset, place)
 
     def _span(self, tensor: torch.Tensor, base: int) -> tuple[int, int]:
@@ -385,7 +385,7 @@ class SkeletonPickler(TorchPickler):
         view of that allocation (NOTE [ Views ]); ``None``: it travels as itself."""
         staging = self.staging
         assert staging is not None
-        size, where = tensor.element_size(), tensor.data_ptr() - staging.base
+        size, where = tensor.element_size(), address(tensor) - staging.base
         found = _allocation(staging.allocations, where)
         if found is None or tensor.is_conj() or tensor.is_neg() or tensor.requires_grad:
             return None
@@ -410,8 +410,8 @@ class SkeletonPickler(TorchPickler):
             return None
         # A tensor stacked into the slab, or an array collated into
         # poolloader.batch_buffer(): it is there already, nothing to copy.
-        address = data.data_ptr() if isinstance(data, torch.Tensor) else data.ctypes.data
-        offset = address - staging.base
+        start = address(data) if isinstance(data, torch.Tensor) else data.ctypes.data
+        offset = start - staging.base
         if offset >= 0 and offset + size <= staging.top:
             return offset
         return None
@@ -524,9 +524,18 @@ def sharing(batch: Any) -> Sharing:
     )
 
 
+def address(tensor: torch.Tensor) -> int:
+    """Where ``tensor``'s first element is: ``data_ptr()``, which says 0 for a tensor
+    with no elements (``x[5:5]``) wherever it lies in its storage."""
+    found = tensor.data_ptr()
+    if found or tensor.numel():
+        return found
+    return tensor.untyped_storage().data_ptr() + int(tensor.storage_offset()) * tensor.element_size()
+
+
 def extent(tensor: torch.Tensor) -> tuple[int, int]:
     """The addresses ``[start, end)`` of the bytes a strided tensor reads."""
-    start = tensor.data_ptr()
+    start = address(tensor)
     if tensor.numel() == 0:
         return start, start
     last = sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True))

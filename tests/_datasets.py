@@ -536,7 +536,8 @@ class Views(Dataset):
 
 class SizeOneStrides(Dataset):
     """Item i: contiguous tensors whose strides are not a new tensor's, through
-    dimensions of size 1 or 0 (``is_contiguous()`` overlooks them), small and big."""
+    dimensions of size 1 or 0 (``is_contiguous()`` overlooks them), and empty slices
+    of storages that are not, small and big."""
 
     def __len__(self) -> int:
         return 4
@@ -549,6 +550,10 @@ class SizeOneStrides(Dataset):
             "one_t": torch.full((1, 1), float(i)).t(),
             "permuted": torch.arange(2 * n, dtype=torch.int64).reshape(2, 1, n).permute(1, 0, 2),
             "empty_column": torch.zeros(5, 0)[:, None],
+            # Empty slices of storages that are not empty (data_ptr() says 0 for them).
+            "empty_slice": torch.arange(n, dtype=torch.float32)[3:3],
+            "empty_columns": torch.arange(4.0 * n).view(4, n)[:, 2:2],
+            "empty_at_start": torch.arange(n)[0:0],
         }
 
 
