@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deaths import (
@@ -25,7 +26,18 @@ from ._deaths import (
     silent_start_error,
     start_error,
 )
-from ._messages import Done, Exhausted, Failed, Ready, StartFailed, Synced, Trim, Trimmed
+from ._messages import (
+    Audit,
+    Audited,
+    Done,
+    Exhausted,
+    Failed,
+    Ready,
+    StartFailed,
+    Synced,
+    Trim,
+    Trimmed,
+)
 from ._outbox import Outbox
 from ._packing import out_of_descriptors
 from ._polling import Entry, Waker, Watchlist
@@ -76,6 +88,8 @@ class IOThread:
         _waker: Waker
         _wakeup_r: int
         _outbox: Outbox
+        _audit_due: bool
+        _audits: Iterator[int]
 
         def _dispatch(self) -> None: ...
         def _send(self, w: Worker, message: bytes) -> None: ...
@@ -133,7 +147,47 @@ class IOThread:
             if not self._closing and self._broken is None:
                 self._dispatch()
                 self._trim_when_idle()
+                self._audit_when_due()
         self._outbox.flush()  # what the consumer leaves to this thread, or could not write
+
+    # NOTE [ Tasks never sent ]: the consumer's submit gives a worker a task (its
+    # record among the worker's tasks) and then queues the message. A Ctrl-C landing
+    # in between (a signal's exception comes between any two calls) leaves a task
+    # the pool counts as sent that never goes: the worker holds a place for it for
+    # ever, so that after a few such interrupts no batch could be handed out, and a
+    # worker never idle can never start afresh for a new epoch. An exception out of
+    # submit therefore has the I/O thread audit the workers: each holding tasks is
+    # sent Audit, which it answers in turn with the rest of its messages. A worker
+    # answers its tasks in the order it got them, so a task held since before the
+    # Audit and not answered before Audited never reached it: it goes back to be
+    # handed out again (and is sent, this time).
+
+    def _audit_when_due(self) -> None:
+        """Send each worker holding tasks an Audit, if one is due (lock held)."""
+        if not self._audit_due:
+            return
+        self._audit_due = False
+        for w in self._workers:
+            if w.tasks and not w.dead:
+                token = next(self._audits)
+                w.audit = (token, tuple(w.tasks))
+                self._send(w, encode(Audit(token)))
+
+    def _on_audited(self, w: Worker, token: int) -> None:
+        """Hand out again the tasks ``w`` held at Audit ``token`` and has not answered."""
+        with self._lock:
+            if w.audit is None or w.audit[0] != token:
+                return
+            held, w.audit = w.audit[1], None
+            never = [w.tasks.pop(seq) for seq in held if seq in w.tasks]
+            for record in reversed(never):
+                record.worker = None
+                if not record.cancelled:
+                    self._pending.appendleft(record)
+            if never:
+                logger.debug("worker %d never got tasks %s; handing them out again",
+                             w.id, [r.seq for r in never])  # fmt: skip
+            self._dispatch()
 
     def _trim_when_idle(self) -> None:
         """Have the workers close their free slabs once no epoch has run for
@@ -242,6 +296,9 @@ class IOThread:
             return
         if isinstance(message, Trimmed):
             self._transport.forget(w.identity, message.slabs)
+            return
+        if isinstance(message, Audited):
+            self._on_audited(w, message.token)
             return
         if isinstance(message, StartFailed):
             self._break(start_error(message))

@@ -239,6 +239,16 @@ class StartedSlot:
 
 @message
 @dataclass(frozen=True, slots=True)
+class Audit:
+    """Answer :class:`Audited` once every message before this one is handled: a task
+    the pool counts as sent that the worker has not answered by then never reached
+    it (NOTE [ Tasks never sent ] in ``_iothread.py``)."""
+
+    token: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
 class Trim:
     """The loader is idle: close the slabs no batch holds (the worker answers
     :class:`Trimmed`), so their memory goes back to the system."""
@@ -362,6 +372,14 @@ class Synced:
     """The worker applied every change up to ``generation`` (the answer to :class:`Sync`)."""
 
     generation: int
+
+
+@message
+@dataclass(frozen=True, slots=True)
+class Audited:
+    """The answer to :class:`Audit` ``token``: every task sent before it was answered."""
+
+    token: int
 
 
 @message

@@ -152,6 +152,8 @@ class Pool(IOThread):
         self._outbox = Outbox(self._waker.wake)
         self._workforce.close_connection = self._outbox.close_connection
         self._deferring = False  # set by submit, under the lock
+        self._audit_due = False  # NOTE [ Tasks never sent ] in _iothread.py
+        self._audits = itertools.count(1)
         self._thread = helper_thread(self._io_loop, "poolloader-io")
 
     # ---------------------------------------------------------------- life
@@ -325,6 +327,11 @@ class Pool(IOThread):
                     self._dispatch()
                 finally:
                     self._deferring = False
+        except BaseException:
+            # Perhaps a Ctrl-C between giving a worker a task and queuing it.
+            self._audit_due = True  # NOTE [ Tasks never sent ] in _iothread.py
+            self._waker.wake()
+            raise
         finally:
             self._outbox.flush()
         return record

@@ -106,6 +106,9 @@ class Worker:
     # The newest generation it has said it applied (NOTE [ Pinned segments ] in
     # _control.py): where it started once Ready, then its finished tasks' and Synced.
     acknowledged: int = -1
+    # An Audit sent to it and not answered yet: its token and the tasks it held
+    # then (NOTE [ Tasks never sent ] in _iothread.py).
+    audit: tuple[int, tuple[int, ...]] | None = None
     start_generation: int = field(init=False)
 
     def __post_init__(self) -> None:

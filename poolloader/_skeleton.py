@@ -530,7 +530,8 @@ def address(tensor: torch.Tensor) -> int:
     found = tensor.data_ptr()
     if found or tensor.numel():
         return found
-    return tensor.untyped_storage().data_ptr() + int(tensor.storage_offset()) * tensor.element_size()
+    offset = int(tensor.storage_offset()) * tensor.element_size()
+    return tensor.untyped_storage().data_ptr() + offset
 
 
 def extent(tensor: torch.Tensor) -> tuple[int, int]:

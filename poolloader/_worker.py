@@ -52,6 +52,8 @@ from torch.utils.data._utils.collate import collate, collate_tensor_fn
 from . import _pickling, _proctree, _replay, _seeding
 from ._deaths import EXIT_INBOX_FAILED, INBOX_FAILED
 from ._messages import (
+    Audit,
+    Audited,
     Done,
     Drop,
     EpochStart,
@@ -206,6 +208,8 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
             _send(conn, Trimmed(state.packer.trim()))
         elif isinstance(message, Sync):
             _send(conn, Synced(message.generation))
+        elif isinstance(message, Audit):
+            _send(conn, Audited(message.token))
         elif isinstance(message, Stop):
             return
         else:

@@ -359,34 +359,37 @@ def test_ctrl_c_inside_next_loses_no_batch() -> None:
         assert got == list(range(len(got))), f"batches lost: {skipped[:10]}"
 
 
-#: The functions of poolloader that write to the workers, and the calls in them after
-#: which a Ctrl-C is made to land (NOTE [ Writes and Ctrl-C ] in _outbox.py).
+#: The functions of poolloader that write to the workers (NOTE [ Writes and Ctrl-C ]
+#: in _outbox.py), and those that run between giving a worker a task and queuing it
+#: (NOTE [ Tasks never sent ] in _iothread.py).
 WRITERS = ("flush", "_flush", "_write", "send")
-LANDS_AFTER = ("acquire", "write")
+GIVERS = ("_send_task", "_send", "put")
 
 
-def test_ctrl_c_as_a_message_is_written_loses_and_blocks_nothing() -> None:
-    """A KeyboardInterrupt that lands right after the consumer takes the lock it
-    writes under, or right after it wrote a task (before the task left the queue),
-    reaches the caller, and the loader goes on: every batch once, in order, and a
-    new epoch after. One that landed between taking the lock and the ``try`` that
-    lets it go left it held, and no task was written again: the epoch waited for
-    its next batch for ever. The interrupts are raised where a signal's would be,
-    as one of those calls returns (a profile hook, which Python unsets when it
-    raises: set again before each next())."""
-    landed = 0
+def _interrupted_epochs(
+    functions: tuple[str, ...], calls: tuple[str, ...] = (), every: int = 1, interrupts: int = 40
+) -> tuple[int, list[int], list[int]]:
+    """A 300-batch epoch whose next() calls are interrupted by KeyboardInterrupts
+    that land as a C call (of ``calls``, or any) returns inside poolloader's
+    ``functions`` (every ``every``-th such return, ``interrupts`` in all), then a
+    whole epoch: how many landed and each epoch's batches. They are raised where a
+    signal's would be, as the call returns, by a profile hook (which Python unsets
+    when it raises: set again before each next())."""
+    landed = seen = 0
 
     def interrupt(frame: Any, event: str, arg: Any) -> None:
-        nonlocal landed
+        nonlocal landed, seen
         if (
-            landed < 40
-            and event == "c_return"
-            and getattr(arg, "__name__", "") in LANDS_AFTER
-            and frame.f_code.co_name in WRITERS
+            event == "c_return"
+            and landed < interrupts
+            and frame.f_code.co_name in functions
+            and (not calls or getattr(arg, "__name__", "") in calls)
             and frame.f_code.co_filename.startswith(PACKAGE)
         ):
-            landed += 1
-            raise KeyboardInterrupt
+            seen += 1
+            if seen % every == 0:
+                landed += 1
+                raise KeyboardInterrupt
 
     got: list[int] = []
     with poolloader.DataLoader(Plain(300), batch_size=1, num_workers=2,
@@ -404,9 +407,30 @@ def test_ctrl_c_as_a_message_is_written_loses_and_blocks_nothing() -> None:
                 break
             finally:
                 sys.setprofile(None)
-        assert landed == 40, landed
-        assert got == list(range(300))
-        assert [int(b) for b in loader] == list(range(300))
+        return landed, got, [int(b) for b in loader]
+
+
+def test_ctrl_c_as_a_message_is_written_loses_and_blocks_nothing() -> None:
+    """A KeyboardInterrupt that lands right after the consumer takes the lock it
+    writes under, or right after it wrote a task (before the task left the queue),
+    reaches the caller, and the loader goes on: every batch once, in order, and a
+    new epoch after. One that landed between taking the lock and the ``try`` that
+    lets it go left it held, and no task was written again: the epoch waited for
+    its next batch for ever."""
+    landed, first, second = _interrupted_epochs(WRITERS, calls=("acquire", "write"))
+    assert landed == 40, landed
+    assert first == list(range(300)) and second == list(range(300))
+
+
+def test_ctrl_c_between_giving_a_task_and_sending_it_leaves_no_worker_waiting() -> None:
+    """A KeyboardInterrupt that lands after submit gave a worker a task and before
+    the task was queued left the worker holding a place for a task it never got:
+    after four, no batch could be handed out (the epoch waited for ever), and a
+    worker that is never idle cannot start afresh for the next epoch. The pool now
+    audits its workers after an interrupted submit and hands such tasks out again."""
+    landed, first, second = _interrupted_epochs(GIVERS, every=3, interrupts=60)
+    assert landed == 60, landed
+    assert first == list(range(300)) and second == list(range(300))
 
 
 def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
