@@ -150,17 +150,23 @@ class IOThread:
                 self._audit_when_due()
         self._outbox.flush()  # what the consumer leaves to this thread, or could not write
 
-    # NOTE [ Tasks never sent ]: the consumer's submit gives a worker a task (its
-    # record among the worker's tasks) and then queues the message. A Ctrl-C landing
-    # in between (a signal's exception comes between any two calls) leaves a task
-    # the pool counts as sent that never goes: the worker holds a place for it for
-    # ever, so that after a few such interrupts no batch could be handed out, and a
-    # worker never idle can never start afresh for a new epoch. An exception out of
-    # submit therefore has the I/O thread audit the workers: each holding tasks is
-    # sent Audit, which it answers in turn with the rest of its messages. A worker
-    # answers its tasks in the order it got them, so a task held since before the
-    # Audit and not answered before Audited never reached it: it goes back to be
-    # handed out again (and is sent, this time).
+    # NOTE [ Tasks never sent ]: the consumer's submit gives a worker a task: the
+    # record joins the worker's tasks and leaves the pending queue, the worker's
+    # epoch and generation move on, and the messages (the epoch's start, changes,
+    # the task) are queued. A Ctrl-C (a signal's exception comes after any call
+    # returns, and as any Python function begins) landing in the middle left a
+    # task the pool counted as sent that never went, so the worker held a place
+    # for it for ever: after a few such interrupts no batch could be handed out,
+    # and a worker never idle could never start afresh for a new epoch. Or a
+    # change counted as sent that never went, and later batches missed it. So
+    # ``_send_task`` makes every call first and then does all of it with none in
+    # between, ending with the outbox's C ``append``: an interrupt lands before
+    # any of it or after all of it. And as a net for whatever else an interrupt
+    # leaves half done, an exception out of submit has this thread audit the
+    # workers: each holding tasks is sent Audit, which it answers in turn with its
+    # other messages. A worker answers its tasks in the order it got them, so a
+    # task held since before the Audit and not answered before Audited never
+    # reached it: it goes back to be handed out again.
 
     def _audit_when_due(self) -> None:
         """Send each worker holding tasks an Audit, if one is due (lock held)."""

@@ -50,7 +50,12 @@ class Outbox:
     """Messages for the workers, written in the order they were queued."""
 
     def __init__(self, wake_io: Callable[[], None]) -> None:
-        self._queue: deque[tuple[Any, bytes, bool]] = deque()  # (worker, message, is a task)
+        # (worker, messages, whether they are one Task alone), in the order queued.
+        self._queue: deque[tuple[Any, tuple[bytes, ...], bool]] = deque()
+        #: Queue ``(worker, messages, task)``: a C method, so that a caller may queue
+        #: with no Python call in between, where a Ctrl-C could land (NOTE [ Tasks
+        #: never sent ] in _iothread.py).
+        self.put = self._queue.append
         self._lock = threading.Lock()
         self._writer = 0  # the thread writing, while it holds the lock
         self._io_thread = -1  # the I/O thread's ident, once it runs
@@ -60,10 +65,6 @@ class Outbox:
     def serve_from_this_thread(self) -> None:
         """Called by the I/O thread: it writes every message, not only tasks."""
         self._io_thread = threading.get_ident()
-
-    def put(self, worker: Any, message: bytes, task: bool = False) -> None:
-        """Queue ``message`` for ``worker`` (``task``: it is a ``Task``)."""
-        self._queue.append((worker, message, task))
 
     def flush(self) -> None:
         """Write what this thread may of the queue (NOTE [ Writes and Ctrl-C ])."""
@@ -94,11 +95,12 @@ class Outbox:
     def _write(self, everything: bool) -> None:
         queue = self._queue
         while queue:
-            worker, message, task = queue[0]
+            worker, messages, task = queue[0]
             if not (task or everything):
                 break
             try:
-                send(worker.conn, message)
+                for message in messages:
+                    send(worker.conn, message)
             except OSError:
                 pass  # the worker died; its sentinel tells the I/O thread
             queue.popleft()

@@ -362,10 +362,15 @@ class Pool(IOThread):
                     self._workers[i] = self._recycle(w, upto)
                 else:
                     messages = self._update_messages(w, upto)
-                    for message in messages:
-                        self._send(w, message)
                     if messages:  # its answer lets what the changes named go
-                        self._send(w, encode(Sync(upto)))
+                        messages.append(encode(Sync(upto)))
+                    frames = tuple(messages)
+                    self._counters.bytes_sent += sum(map(len, frames))
+                    w.generation = upto  # as they are queued: no call between
+                    if frames:
+                        self._outbox.put((w, frames, False))
+                    if frames and not self._deferring:
+                        self._outbox.flush()
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
         self._release_pins()
 
@@ -478,15 +483,18 @@ class Pool(IOThread):
             for w in sorted(self._workers, key=lambda w: len(w.tasks)):
                 # A dead worker waits for the I/O thread to replace it (_on_exit).
                 if not w.dead and len(w.tasks) < TASKS_PER_WORKER:
-                    record = self._take_for(w)
-                    if record is not None:
+                    found = self._take_for(w)
+                    if found is not None:
+                        at, record = found
                         if self._fresh_start(w, record.generation) is not None:
                             slot = self._workers.index(w)
                             w = self._workers[slot] = self._recycle(w, record.generation)
-                        self._send_task(w, record)
+                        self._send_task(w, record, at)
                         progress = True
 
-    def _take_for(self, w: Worker) -> TaskRecord | None:
+    def _take_for(self, w: Worker) -> tuple[int, TaskRecord] | None:
+        """The first pending task ``w`` may run, and its place in the queue (it stays
+        there until it is given: NOTE [ Tasks never sent ] in _iothread.py)."""
         # See NOTE [ Control ordering ] in _control.py: a worker never runs a
         # task older than the newest change it has applied. A task for which the
         # worker must start afresh waits for it to be idle (NOTE [ Templates ]).
@@ -494,8 +502,7 @@ class Pool(IOThread):
             if (record.pin is None or record.pin == w.id) and record.generation >= w.generation:
                 if w.tasks and self._fresh_start(w, record.generation) is not None:
                     continue
-                del self._pending[i]
-                return record
+                return i, record
         return None
 
     def _fresh_start(self, w: Worker, upto: int) -> int | None:
@@ -523,10 +530,12 @@ class Pool(IOThread):
                                       catch_up=catch_up,
                                       replacement=w.replacement or w.ready)  # fmt: skip
 
-    def _send_task(self, w: Worker, record: TaskRecord) -> None:
+    def _send_task(self, w: Worker, record: TaskRecord, at: int) -> None:
+        """Give ``w`` the task of ``record``, ``at`` its place among the pending."""
         try:
             task = encode(Task(record.seq, record.epoch, record.position, record.index))
         except Exception as exc:
+            del self._pending[at]
             fail(
                 [record], not_picklable(record.index, f"the index of batch {record.position}", exc)
             )
@@ -534,24 +543,32 @@ class Pool(IOThread):
         messages = []
         if w.epoch != record.epoch:
             messages.append(encode(self._epochs[record.epoch]))
-            w.epoch = record.epoch
         messages += self._update_messages(w, record.generation)
+        frames, alone = (*messages, task), not messages
+        started = 0.0 if w.tasks else time.monotonic()
+        self._counters.bytes_sent += sum(map(len, frames))
+        # From here to the outbox, no call: a Ctrl-C lands before or after all of
+        # it (NOTE [ Tasks never sent ] in _iothread.py).
+        w.epoch = record.epoch
+        if record.generation > w.generation:
+            w.generation = record.generation
         record.worker = w.id
-        if not w.tasks:
-            record.started = time.monotonic()
+        if started:
+            record.started = started
         w.tasks[record.seq] = record
-        for message in messages:
-            self._send(w, message)
-        self._send(w, task, task=True)
+        del self._pending[at]
+        self._outbox.put((w, frames, alone))
+        if not self._deferring:
+            self._outbox.flush()
 
     def _update_messages(self, w: Worker, upto: int) -> list[bytes]:
-        """The control messages that bring ``w`` to generation ``upto`` (it is now there)."""
+        """The control messages that bring ``w`` to generation ``upto``; the caller
+        sets ``w.generation`` as it queues them."""
         if upto <= w.generation:
             return []
         messages = [encode(u) for u in self._channel.updates(w.generation, upto)]
         self._counters.control_messages += len(messages)
         self._counters.control_bytes += sum(len(m) for m in messages)
-        w.generation = upto
         return messages
 
     def _send_releases(self) -> None:
@@ -569,11 +586,11 @@ class Pool(IOThread):
             for w in told.values():
                 self._send(w, encode(Trim()))
 
-    def _send(self, w: Worker, message: bytes, task: bool = False) -> None:
+    def _send(self, w: Worker, message: bytes) -> None:
         """Send ``message`` to ``w`` (lock held): at once, or once the consumer's
         submit lets the lock go (NOTE [ Sending outside the lock ] in ``_outbox.py``)."""
         self._counters.bytes_sent += len(message)
-        self._outbox.put(w, message, task)
+        self._outbox.put((w, (message,), False))
         if not self._deferring:
             self._outbox.flush()
 
