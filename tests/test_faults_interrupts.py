@@ -433,6 +433,46 @@ def test_ctrl_c_between_giving_a_task_and_sending_it_leaves_no_worker_waiting() 
     assert first == list(range(300)) and second == list(range(300))
 
 
+def test_a_task_never_sent_is_handed_out_again_after_an_interrupted_submit() -> None:
+    """Whatever an interrupt leaves half done in a submit, a task counted as given
+    to a worker that never reached it is found and handed out again: here the
+    outbox loses up to four of the consumer's tasks, each as a KeyboardInterrupt
+    leaves submit. Each worker answers the pool's Audit with them unanswered.
+    Without the audit each such task keeps a worker's place for ever: the workers
+    never idle cannot start afresh, and the next epoch waits for ever."""
+    with poolloader.DataLoader(Plain(60), batch_size=1, num_workers=2,
+                               timeout=HANG_SLACK) as loader:  # fmt: skip
+        iterator = iter(loader)
+        got = [int(next(iterator))]
+        outbox = loader._pool._outbox
+        queue = outbox.put
+        given = lost = 0
+
+        def lose_four(entry: Any) -> None:
+            nonlocal given, lost
+            if entry[2] and threading.current_thread() is threading.main_thread():
+                given += 1  # a task alone, given by the consumer
+                if given % 2 == 0 and lost < 4:
+                    lost += 1
+                    raise KeyboardInterrupt  # and never queued
+            queue(entry)
+
+        outbox.put = lose_four
+        try:
+            while True:
+                try:
+                    got.append(int(next(iterator)))
+                except KeyboardInterrupt:
+                    pass
+                except StopIteration:
+                    break
+        finally:
+            outbox.put = queue
+        assert lost >= 2
+        assert got == list(range(60))
+        assert [int(b) for b in loader] == list(range(60))  # (workers start afresh)
+
+
 def test_del_loader_ends_workers_and_their_children(where: Path) -> None:
     """Dropping the loader (and its iterator) mid-epoch, without close(), ends the
     workers and every process they started."""
