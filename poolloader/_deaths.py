@@ -123,8 +123,13 @@ def descendants(pids: list[int]) -> list[psutil.Process]:
 #: Dataset code may exit with the same code: the worker first writes
 #: :data:`INBOX_FAILED` into its started slot, which tells the two apart.
 EXIT_INBOX_FAILED = 4
-#: What a worker's started slot holds once its message thread failed (no task's seq).
+#: What a worker's started slot holds at :data:`INBOX_FAILED_AT` once its message
+#: thread failed. A field of its own: the seq of a task the worker's main thread
+#: starts meanwhile, written at 0, must not overwrite it.
 INBOX_FAILED = -2
+INBOX_FAILED_AT = 8
+#: The bytes of a started slot: the seq of the task started, then the failure mark.
+STARTED_SLOT_BYTES = 16
 
 
 class InboxFailed(int):

@@ -29,6 +29,8 @@ from . import _pickling, _proctree, _worker
 from ._deaths import (
     EXIT_INBOX_FAILED,
     INBOX_FAILED,
+    INBOX_FAILED_AT,
+    STARTED_SLOT_BYTES,
     InboxFailed,
     descendants,
     describe_exit,
@@ -126,7 +128,7 @@ class Worker:
             return -signal.SIGKILL
         slot = self.started_slot
         ours = code == EXIT_INBOX_FAILED and slot is not None and not slot.closed
-        if ours and struct.unpack_from("q", slot)[0] == INBOX_FAILED:  # type: ignore[arg-type]
+        if ours and struct.unpack_from("q", slot, INBOX_FAILED_AT)[0] == INBOX_FAILED:  # type: ignore[arg-type]
             return InboxFailed(code)
         return code
 
@@ -453,8 +455,8 @@ def _send_started_slot(conn: Connection) -> mmap.mmap | None:
         return None
     slot = None
     try:
-        os.ftruncate(fd, 8)
-        slot = mmap.mmap(fd, 8)
+        os.ftruncate(fd, STARTED_SLOT_BYTES)
+        slot = mmap.mmap(fd, STARTED_SLOT_BYTES)
         struct.pack_into("q", slot, 0, NO_TASK)
         conn.send_bytes(encode(StartedSlot()))
         with descriptor_socket(conn) as sock:

@@ -50,7 +50,7 @@ from torch.utils.data._utils import worker as torch_worker
 from torch.utils.data._utils.collate import collate, collate_tensor_fn
 
 from . import _pickling, _proctree, _replay, _seeding
-from ._deaths import EXIT_INBOX_FAILED, INBOX_FAILED
+from ._deaths import EXIT_INBOX_FAILED, INBOX_FAILED, INBOX_FAILED_AT, STARTED_SLOT_BYTES
 from ._messages import (
     Audit,
     Audited,
@@ -494,7 +494,7 @@ class _Inbox:
             print("poolloader: a DataLoader worker's message thread failed:", file=sys.stderr)
             traceback.print_exc()
             if _started_slot is not None:  # so the main process knows the exit is ours
-                struct.pack_into("q", _started_slot, 0, INBOX_FAILED)
+                struct.pack_into("q", _started_slot, INBOX_FAILED_AT, INBOX_FAILED)
             _finish(EXIT_INBOX_FAILED)
 
     def _read_messages(self) -> None:
@@ -536,7 +536,7 @@ class _Inbox:
         with descriptor_socket(self._conn) as sock:
             (fd,) = recvfds(sock, 1)
         try:
-            _started_slot = mmap.mmap(fd, 8)
+            _started_slot = mmap.mmap(fd, STARTED_SLOT_BYTES)
         finally:
             os.close(fd)
 
