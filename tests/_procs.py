@@ -77,9 +77,17 @@ def helper_pids() -> set[int]:
 
 
 def descendant_pids() -> set[int]:
-    """Every process below this one except the helpers: workers (forkserver's
-    children included) and the processes they started."""
-    return {p.pid for p in psutil.Process().children(recursive=True)} - helper_pids()
+    """Every process below this one except the helpers and the processes that have
+    exited (a forkserver's child is reaped by the server, a moment later): workers
+    (forkserver's children included) and the processes they started."""
+    found = set()
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                found.add(process.pid)
+        except psutil.Error:
+            pass
+    return found - helper_pids()
 
 
 def worker_pids() -> set[int]:
