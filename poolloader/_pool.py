@@ -369,8 +369,8 @@ class Pool(IOThread):
                     w.generation = upto  # as they are queued: no call between
                     if frames:
                         self._outbox.put((w, frames, False))
-                    if frames and not self._deferring:
-                        self._outbox.flush()
+                        if not self._deferring:
+                            self._outbox.flush()
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
         self._release_pins()
 
@@ -544,7 +544,7 @@ class Pool(IOThread):
         if w.epoch != record.epoch:
             messages.append(encode(self._epochs[record.epoch]))
         messages += self._update_messages(w, record.generation)
-        frames, alone = (*messages, task), not messages
+        frames, task_alone = (*messages, task), not messages
         started = 0.0 if w.tasks else time.monotonic()
         self._counters.bytes_sent += sum(map(len, frames))
         # From here to the outbox, no call: a Ctrl-C lands before or after all of
@@ -557,7 +557,7 @@ class Pool(IOThread):
             record.started = started
         w.tasks[record.seq] = record
         del self._pending[at]
-        self._outbox.put((w, frames, alone))
+        self._outbox.put((w, frames, task_alone))
         if not self._deferring:
             self._outbox.flush()
 
