@@ -63,6 +63,8 @@ BREAK_SETTLE = 2.0
 class PoolIterator(_BaseDataLoaderIter):
     """Iterates one epoch of a poolloader :class:`~poolloader.DataLoader`."""
 
+    _handed: tuple[Any] | None  # NOTE [ Handing a batch over ]
+
     def __init__(self, loader: DataLoader[Any]) -> None:
         epoch_start = loader._before_iter()
         super().__init__(loader)
@@ -87,10 +89,13 @@ class PoolIterator(_BaseDataLoaderIter):
         # torch wraps each step in a profiler range (about 8 µs even when nothing
         # records it); the range is kept whenever a profiler is on.
         if self._iterable or _profiler_enabled():
-            return super().__next__()  # (with torch's IterableDataset length warning)
+            data = super().__next__()  # (with torch's IterableDataset length warning)
+            self._handed = None  # NOTE [ Handing a batch over ]
+            return data
         if self._sampler_iter is None:
             self._reset()  # type: ignore[call-arg]
         data = self._next_data()
+        self._handed = None  # no call from here to the caller
         self._num_yielded += 1
         return data
 
@@ -116,6 +121,7 @@ class PoolIterator(_BaseDataLoaderIter):
         # The batch next() took from the window and has not handed over yet: a
         # next() interrupted meanwhile (Ctrl-C) leaves it for the next call.
         self._taken: TaskRecord | None = None
+        self._handed = None  # NOTE [ Handing a batch over ]
         self._drawn: tuple[int, Any, int | None] | None = None  # see _submit_next
         self._sampler_done = self._cut_short = False
         self._active_workers = list(range(self._num_workers))
@@ -130,7 +136,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._start_epoch(loader, epoch_start)
 
     def _abandon(self) -> None:
-        self._taken = None
+        self._taken = self._handed = None
         if self._window:
             self._pool.cancel(part_tasks(self._window))
             self._window.clear()
@@ -145,7 +151,7 @@ class PoolIterator(_BaseDataLoaderIter):
         ``next()`` raises :class:`~poolloader.errors.LoaderClosedError` rather than
         end the loop as if the epoch were done."""
         self._sampler_done = self._cut_short = True
-        self._taken = None
+        self._taken = self._handed = None
         self._loader_closed = self._loader_closed or loader_closed
         self._loader = None
         if not self._pool.closed and not self._pool.foreign:
@@ -345,7 +351,20 @@ class PoolIterator(_BaseDataLoaderIter):
 
     # ------------------------------------------------------------- delivery
 
+    # NOTE [ Handing a batch over ]: a KeyboardInterrupt comes as a call returns
+    # (or as a Python function begins), so one can land after next() took a batch
+    # and before the caller has it: in delivering it, or in __next__ as
+    # _next_data returns. That batch was lost, and the next next() gave the one
+    # after. The batch stays taken until it is delivered, and once delivered it is
+    # kept as handed, both set together with no call between; __next__ lets it go
+    # with no call between that and its return. A next() after an interrupt gives
+    # the same batch again. (One landing in the caller's own code, as next()
+    # returns there, takes the batch with it, as with any Python iterator.)
+
     def _next_data(self) -> Any:
+        handed = self._handed
+        if handed is not None:
+            return handed[0]  # an interrupt took it on its way to the caller
         while True:
             record = self._taken
             if record is None:
@@ -370,9 +389,14 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._outcomes.pop(record.seq, None)
                 raise
             # An interrupt (KeyboardInterrupt) above leaves the batch taken.
-            self._taken = None
+            try:
+                data = self._deliver(record, outcome)
+            except Exception:  # the batch's own error: the next batch is next
+                self._taken = None
+                self._outcomes.pop(record.seq, None)
+                raise
+            self._handed, self._taken = (None if data is _SKIP else (data,)), None
             self._outcomes.pop(record.seq, None)
-            data = self._deliver(record, outcome)
             if data is not _SKIP:
                 return data
 

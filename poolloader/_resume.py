@@ -287,7 +287,10 @@ class EpochLedger:
         return False
 
     def consumed(self, position: int) -> None:
-        """Batch ``position`` reached the consumer (as data or as its exception)."""
+        """Batch ``position`` reached the consumer (as data or as its exception);
+        said again, as when an interrupt makes it delivered twice, nothing."""
+        if position < self.yielded or position in self.yielded_after:
+            return
         self.yielded_after.add(position)
         while self.yielded in self.yielded_after:
             self.yielded_after.discard(self.yielded)
