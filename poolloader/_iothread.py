@@ -186,10 +186,7 @@ class IOThread:
                 return
             held, w.audit = w.audit[1], None
             never = [w.tasks.pop(seq) for seq in held if seq in w.tasks]
-            for record in reversed(never):
-                record.worker = None
-                if not record.cancelled:
-                    self._pending.appendleft(record)
+            self._queue_first(never)
             if never:
                 logger.debug("worker %d never got tasks %s; handing them out again",
                              w.id, [r.seq for r in never])  # fmt: skip
@@ -366,10 +363,16 @@ class IOThread:
         poison batch; the worker's death itself counts against
         ``max_worker_restarts`` when its sentinel fires."""
         with self._lock:
+            self._queue_first([record])
+            self._dispatch()
+
+    def _queue_first(self, records: list[TaskRecord]) -> None:
+        """Queue tasks taken back from a worker first again, in their order (lock
+        held); those whose batches nobody waits for (an epoch left) are dropped."""
+        for record in sorted(records, key=lambda r: r.seq, reverse=True):
             record.worker = None
             if not record.cancelled:
                 self._pending.appendleft(record)
-            self._dispatch()
 
     # ---------------------------------------------------------------- deaths
 
@@ -461,6 +464,4 @@ class IOThread:
         self._counters.restarts += 1
         if running is not None:
             running.killed.append(code)
-        for record in sorted(lost, key=lambda r: r.seq, reverse=True):
-            record.worker = None
-            self._pending.appendleft(record)
+        self._queue_first(lost)  # (none cancelled: _on_exit left those out)

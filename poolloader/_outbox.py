@@ -104,6 +104,10 @@ class Outbox:
             except OSError:
                 pass  # the worker died; its sentinel tells the I/O thread
             queue.popleft()
+        self._close_doomed()
+
+    def _close_doomed(self) -> None:
+        """Close the connections left to the thread writing (its lock held)."""
         while self._doomed:
             self._doomed.popleft().close()
 
@@ -116,7 +120,6 @@ class Outbox:
         self._doomed.append(conn)
         if self._lock.acquire(blocking=False):  # (I/O thread or closing: see the note)
             try:
-                while self._doomed:
-                    self._doomed.popleft().close()
+                self._close_doomed()
             finally:
                 self._lock.release()
