@@ -122,7 +122,8 @@ class PoolIterator(_BaseDataLoaderIter):
         # next() interrupted meanwhile (Ctrl-C) leaves it for the next call.
         self._taken: TaskRecord | None = None
         self._handed = None  # NOTE [ Handing a batch over ]
-        self._drawn: tuple[int, Any, int | None] | None = None  # see _submit_next
+        self._pin: int | None = None  # the worker of the spec drawn (IterableDataset)
+        self._tracked_to = -1  # the last position in the window, or that went through it
         self._sampler_done = self._cut_short = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
@@ -249,25 +250,25 @@ class PoolIterator(_BaseDataLoaderIter):
         return max(w for w in waits if w is not None)
 
     def _submit_next(self) -> None:
-        # A batch drawn is kept until it is in the window: a next() interrupted in
-        # between (Ctrl-C) leaves it to the next call, which submits it again
-        # unless it made it into the window (the first submission, if any, only
-        # loads a batch nobody reads).
-        if self._drawn is None:
-            pin = self._next_pin() if self._iterable else None
-            if self._iterable and pin is None:
+        # The spec drawn stays the ledger's until it is in the window: a next()
+        # interrupted in between (Ctrl-C) leaves it to the next call, which submits
+        # it again unless it made it into the window (the first submission, if any,
+        # only loads a batch nobody reads). NOTE [ Drawing once ] in _resume.py.
+        pin = self._pin
+        if pin is None and self._iterable:
+            pin = self._pin = self._next_pin()
+            if pin is None:
                 self._sampler_done = True
                 return
-            try:
-                position, index = self._ledger.draw(self._sampler_iter)
-            except StopIteration:
-                self._sampler_done = True
-                return
-            self._drawn = (position, index, pin)
-        position, index, pin = self._drawn
-        if not (self._window and self._window[-1].position == position):
+        try:
+            position, index = self._ledger.draw(self._sampler_iter)
+        except StopIteration:
+            self._sampler_done = True
+            return
+        if position > self._tracked_to:  # not submitted yet (the window may have passed it)
             self._track(self._submit(position, index, pin))
-        self._drawn = None
+        self._pin = None
+        self._ledger.claimed()
 
     def _submit(self, position: int, index: Any, pin: int | None) -> TaskRecord:
         split = getattr(index, "poolloader_split", None)
@@ -280,6 +281,8 @@ class PoolIterator(_BaseDataLoaderIter):
         return GroupRecord.of(parts, index, position)
 
     def _track(self, record: TaskRecord) -> None:
+        if record.position > self._tracked_to:  # set before the append: no call between
+            self._tracked_to = record.position
         self._window.append(record)
         announce = self._announce
         record.future.add_done_callback(announce)
@@ -429,7 +432,8 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._fill()
             except Exception:
                 if self._pool.broken is not None:
-                    self._drawn = None  # the batch drawn: this error is its outcome
+                    self._pin = None  # the batch drawn: this error is its outcome
+                    self._ledger.claimed()
                 raise
         if not self._window:
             self._end()

@@ -30,6 +30,29 @@ resumed epoch loads the batches the saved one had yielded once more and drops
 them (with a warning), which reproduces the epoch when the streams are
 deterministic.
 
+NOTE [ Drawing once ]
+
+A KeyboardInterrupt (or any signal handler's exception) can land in the main
+process wherever a call returns, also between the sampler giving a spec and the
+spec reaching the window, which used to lose that batch: the next ``next()``
+drew the one after. So the ledger draws in steps that leave nothing between:
+
+* the sampler's spec goes straight into ``_ahead`` by C code (``list.extend``
+  of one ``next(sampler_iter)``, or of ``_END`` after its last): once the
+  sampler's ``next()`` returned, the spec is held;
+* taking it from ``_ahead`` makes it the ledger's *unclaimed* spec, with no call
+  between the two;
+* it stays unclaimed until the iterator has it in its window (``claimed()``)
+  or, loading in place, its outcome reached the consumer (``consumed()``); a
+  draw before that returns it again, and the iterator does not submit again a
+  position it has taken into its window already.
+
+An exception raised inside the sampler's own code is another matter: a
+generator that raised is finished, and its next ``next()`` ends the epoch
+(torch's loader ends it there too). The ledger cannot draw on from such an
+iterator, so it says so with a warning at that early end instead of ending
+the epoch silently short.
+
 NOTE [ Limits changed mid-epoch ]
 
 A poolloader sampler's limits (``max_duration``, ``batch_size``) may change while
@@ -49,10 +72,11 @@ have (the batches drawn by then keep the limits they were drawn with).
 from __future__ import annotations
 
 import functools
+import itertools
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils.data.dataloader import _DatasetKind
@@ -150,6 +174,7 @@ class Replay:
 
 #: Drawn ahead in place of a spec: the sampler had none left.
 _END = object()
+_ENDING = (_END,)
 
 
 class EpochLedger:
@@ -181,6 +206,8 @@ class EpochLedger:
         self._replay: Replay | None = None
         self._skip: set[int] = set()  # positions a resumed epoch had yielded already
         self._ahead: list[Any] = []  # a spec drawn already (by _first_draw), or _END
+        self._unclaimed: tuple[int, Any] | None = None  # drawn, not in the window yet
+        self._sampler_raised: tuple[str, int] | None = None  # out of its next(): what, where
         self._drop: set[int] = set()  # positions a resumed stream loads again and drops
 
     def resume(
@@ -235,27 +262,68 @@ class EpochLedger:
         self._limit_changes = changes
 
     def draw(self, sampler_iter: Any) -> tuple[int, Any]:
-        """The next spec to load and its position; raises StopIteration at the epoch's end."""
+        """The next spec to load and its position; raises StopIteration at the epoch's end.
+        The spec is the ledger's until :meth:`claimed` (or :meth:`consumed`): a draw
+        before that returns it again (NOTE [ Drawing once ])."""
+        if self._unclaimed is not None:
+            return self._unclaimed
         if self.before_draw is None:
             self._first_draw(sampler_iter)
         while True:
-            if self._ahead:
-                index = self._ahead.pop()
-                if index is _END:
-                    raise StopIteration
-            else:
-                changes = self._limit_changes.pop(self.next_position, None)
-                if changes is not None and self._apply_limits is not None:
-                    self._apply_limits(changes)
-                index = next(sampler_iter)
+            if not self._ahead:
+                self._pull(sampler_iter)
+            index = self._ahead[-1]
+            if index is _END:
+                self._ended()
             position = self.next_position
-            self.next_position += 1
             if self.snapshot is not None:
                 self._snapshots[position] = self.snapshot()
-            if position in self._skip:
-                self._skip.discard(position)
-                continue
-            return position, index
+            # No call from here until the spec is the ledger's: an interrupt lands
+            # before all of it or after it.
+            skip = position in self._skip
+            drawn = (position, index)
+            self._unclaimed = None if skip else drawn
+            self.next_position = position + 1
+            self._ahead.pop()
+            if not skip:
+                return drawn
+            self._skip.discard(position)
+
+    def claimed(self) -> None:
+        """The spec :meth:`draw` gave is in the window: the next draw takes a new one."""
+        self._unclaimed = None
+
+    def _pull(self, sampler_iter: Any) -> None:
+        """Draws the sampler's next spec into ``_ahead`` (NOTE [ Drawing once ])."""
+        position = self.next_position
+        changes = self._limit_changes.get(position)
+        if changes is not None and self._apply_limits is not None:
+            self._apply_limits(changes)
+        self._limit_changes.pop(position, None)
+        # The spec, or _END when the sampler has none left. Through next(): iter() of
+        # some samplers' iterators starts them again (lhotse's are their own).
+        drawing = itertools.chain(map(next, itertools.repeat(sampler_iter)), _ENDING)
+        try:
+            self._ahead.extend(itertools.islice(drawing, 1))
+        except BaseException as exc:
+            if not self._ahead:  # (not an interrupt landing as extend returned)
+                self._sampler_raised = (type(exc).__name__, position)
+            raise
+
+    def _ended(self) -> NoReturn:
+        raised = self._sampler_raised
+        if raised is not None:
+            self._sampler_raised = None
+            name, position = raised
+            warnings.warn(
+                f"the sampler's iterator raised {name} while drawing batch {position} of this "
+                "epoch, and then had no batch left: a generator cannot go on after an "
+                "exception, so this epoch may have ended early, after "
+                f"{self.next_position} batches. Start the next epoch with iter(loader)",
+                RuntimeWarning,
+                stacklevel=5,
+            )
+        raise StopIteration
 
     def _first_draw(self, sampler_iter: Any) -> None:
         replay = self._replay
@@ -289,6 +357,8 @@ class EpochLedger:
     def consumed(self, position: int) -> None:
         """Batch ``position`` reached the consumer (as data or as its exception);
         said again, as when an interrupt makes it delivered twice, nothing."""
+        if self._unclaimed is not None and self._unclaimed[0] == position:
+            self._unclaimed = None  # loaded in place (num_workers=0): the outcome is out
         if position < self.yielded or position in self.yielded_after:
             return
         self.yielded_after.add(position)

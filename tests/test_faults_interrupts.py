@@ -16,12 +16,14 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+import torch
 from _datasets import Plain
 from _faults import (
     CorruptItemError,
@@ -367,7 +369,11 @@ GIVERS = ("_send_task", "_send", "put")
 
 
 def _interrupted_epochs(
-    functions: tuple[str, ...], calls: tuple[str, ...] = (), every: int = 1, interrupts: int = 40
+    functions: tuple[str, ...],
+    calls: tuple[str, ...] = (),
+    every: int = 1,
+    interrupts: int = 40,
+    num_workers: int = 2,
 ) -> tuple[int, list[int], list[int]]:
     """A 300-batch epoch whose next() calls are interrupted by KeyboardInterrupts
     that land as a C call (of ``calls``, or any) returns inside poolloader's
@@ -394,8 +400,9 @@ def _interrupted_epochs(
                 raise KeyboardInterrupt
 
     got: list[int] = []
-    with poolloader.DataLoader(Plain(300), batch_size=1, num_workers=2,
-                               timeout=HANG_SLACK) as loader:  # fmt: skip
+    timeout = HANG_SLACK if num_workers else 0
+    with poolloader.DataLoader(Plain(300), batch_size=1, num_workers=num_workers,
+                               timeout=timeout) as loader:  # fmt: skip
         iterator = iter(loader)
         while True:
             seen = 0
@@ -448,6 +455,67 @@ def test_ctrl_c_as_a_batch_is_handed_over_loses_no_batch() -> None:
     landed, first, second = _interrupted_epochs(DELIVERERS, every=8, interrupts=80)
     assert landed == 80, landed
     assert first == list(range(300)) and second == list(range(300))
+
+
+#: The functions of poolloader that draw a batch's spec from the sampler and take
+#: it into the window, or load it in place (NOTE [ Drawing once ] in _resume.py).
+DRAWERS = ("draw", "_pull", "_submit_next", "_track", "_load_next", "seed_batch")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ctrl_c_as_the_sampler_gives_a_batch_loses_no_batch(num_workers: int) -> None:
+    """A KeyboardInterrupt that lands after the sampler gave the next spec and
+    before the spec reached the window (or, loading in place, before its batch
+    reached the consumer) lost that batch: the next next() drew the one after.
+    The spec now stays drawn until it is in the window or delivered, and a next()
+    after an interrupt takes it again, without loading a batch twice."""
+    landed, first, second = _interrupted_epochs(
+        DRAWERS, every=4, interrupts=60, num_workers=num_workers
+    )
+    assert landed == 60, landed
+    assert first == list(range(300)) and second == list(range(300))
+
+
+def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
+    """A generator that raised is finished: an exception out of the sampler's
+    iterator (a Ctrl-C inside its code) ends the epoch there, as with torch's
+    loader. The loader says so with a warning at that end, naming the batch,
+    instead of ending the epoch silently short; the next epoch is whole."""
+
+    class Interrupted(torch.utils.data.Sampler[int]):
+        def __init__(self) -> None:
+            self.epoch = 0
+
+        def __len__(self) -> int:
+            return 20
+
+        def __iter__(self) -> Iterator[int]:
+            self.epoch += 1
+            for i in range(20):
+                if self.epoch == 1 and i == 7:
+                    raise KeyboardInterrupt
+                yield i
+
+    for num_workers in (0, 2):
+        loader = poolloader.DataLoader(
+            Plain(20), sampler=Interrupted(), batch_size=None, num_workers=num_workers
+        )
+        with loader:
+            got: list[int] = []
+            iterator = iter(loader)
+            with pytest.warns(RuntimeWarning, match="raised KeyboardInterrupt while drawing "
+                              "batch 7 .* ended early, after 7 batches"):  # fmt: skip
+                while True:
+                    try:
+                        got.append(int(next(iterator)))
+                    except KeyboardInterrupt:
+                        pass
+                    except StopIteration:
+                        break
+            assert got == list(range(7)), (num_workers, got)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert [int(b) for b in loader] == list(range(20))
 
 
 def test_a_task_never_sent_is_handed_out_again_after_an_interrupted_submit() -> None:
