@@ -31,15 +31,21 @@ pickles to a small handle, and every worker maps the same memory instead of
 holding a copy (NOTE [ Shared segments ] in ``_segment.py``).
 """
 
-# First: on a torch older than poolloader supports, importing _requirements raises
-# an ImportError that says so, before any module below meets a missing torch API.
-from . import _requirements  # noqa: F401
-from ._shared import SharedDict, SharedList
-from ._stats import LoaderStatistics
-from ._tracking import unwrap
-from ._version import __version__
-from ._worker import WorkerInfo, batch_buffer, get_worker_info
-from .loader import DataLoader
+from ._startup import collector_held
+
+with collector_held():  # NOTE [ Imports without the collector ] in _startup.py
+    # First: on a torch older than poolloader supports, importing _requirements
+    # raises an ImportError that says so, before any module below meets a missing
+    # torch API.
+    from . import _requirements  # noqa: F401
+    from ._shared import SharedDict, SharedList
+    from ._stats import LoaderStatistics
+    from ._tracking import unwrap
+    from ._version import __version__
+    from ._worker import WorkerInfo, batch_buffer, get_worker_info
+    from .loader import DataLoader
+
+del collector_held
 
 __all__ = [
     "DataLoader",

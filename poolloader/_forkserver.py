@@ -50,6 +50,7 @@ import threading
 import warnings
 from typing import Any
 
+from ._startup import collector_held
 from ._threads import inherited_signal_mask
 
 #: The environment variable that carries the main module to the fork server.
@@ -113,7 +114,9 @@ def preload_main() -> None:
         return
     try:
         main = json.loads(raw)
-        if _preload(main["name"], main["path"], main["argv"], main["sys_path"], main["dir"]):
+        with collector_held():  # NOTE [ Imports without the collector ] in _startup.py
+            ran = _preload(main["name"], main["path"], main["argv"], main["sys_path"], main["dir"])
+        if ran:
             left = _left_behind()
             if left:
                 warnings.warn(

@@ -475,6 +475,60 @@ def test_a_scripts_own_fork_server_preload_is_kept(tmp_path):
     )
 
 
+COLLECTOR_STATE = textwrap.dedent(
+    """
+    import gc, multiprocessing, sys
+    sys.path.insert(0, {tests!r})
+    import torch
+    import poolloader
+    from torch.utils.data import Dataset
+
+    class State(Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.tensor([int(gc.isenabled()), gc.get_freeze_count()])
+
+    def report(queue):
+        queue.put([int(gc.isenabled()), gc.get_freeze_count()])
+
+    if __name__ == "__main__":
+        print("main", int(gc.isenabled()), gc.get_freeze_count(), flush=True)
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        child = context.Process(target=report, args=(queue,))
+        child.start()
+        print("child", *queue.get(timeout=60), flush=True)
+        child.join()
+        for method in ("spawn", "forkserver", "fork"):
+            with poolloader.DataLoader(State(), batch_size=None, num_workers=1,
+                                       multiprocessing_context=method) as loader:
+                print(method, *next(iter(loader)).tolist(), flush=True)
+    """
+)
+
+
+def test_the_collector_is_held_only_while_a_started_process_imports(tmp_path):
+    """A fork server and a spawned process import poolloader (and torch) with the
+    garbage collector held, and the fork server freezes what it imported (NOTE
+    [ Imports without the collector ] in _startup.py); every process ends up with
+    the collector running, the user's own process and the processes it starts
+    for itself with nothing frozen."""
+    script = tmp_path / "collector_state.py"  # (spawn's children import it)
+    script.write_text(COLLECTOR_STATE.format(tests=TESTS))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=180)  # fmt: skip
+    found = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in done.stdout.split("\n")
+             if line}  # fmt: skip
+    assert set(found) == {"main", "child", "spawn", "forkserver", "fork"}, done.stdout + done.stderr
+    assert all(enabled == 1 for enabled, _ in found.values()), found
+    assert found["main"][1] == 0 and found["child"][1] == 0, found
+    # A worker's template freezes its objects before it forks the worker; a
+    # forkserver worker's also has what the server froze: its garbage included.
+    assert found["forkserver"][1] > found["spawn"][1] > 0, found
+
+
 def test_close_from_another_thread_while_the_pool_starts_ends_the_epoch():
     """close() (a signal handler's, another thread's) that lands while the first
     epoch starts its pool found no pool yet: the epoch ran on, workers and all."""
