@@ -73,6 +73,8 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
+import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -175,6 +177,22 @@ class Replay:
 #: Drawn ahead in place of a spec: the sampler had none left.
 _END = object()
 _ENDING = (_END,)
+
+
+#: Where the frames between the caller's next() and the ledger are.
+_INTERNAL = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(torch.utils.data.__file__)) + os.sep,
+)
+
+
+def _callers_level() -> int:
+    """The ``stacklevel`` that names the first frame outside poolloader and torch's
+    data loading (the caller's ``next()``), for a warning raised where this is called."""
+    level, frame = 1, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        level, frame = level + 1, frame.f_back  # type: ignore[assignment]
+    return level
 
 
 class EpochLedger:
@@ -321,7 +339,7 @@ class EpochLedger:
                 "exception, so this epoch may have ended early, after "
                 f"{self.next_position} batches. Start the next epoch with iter(loader)",
                 RuntimeWarning,
-                stacklevel=5,
+                stacklevel=_callers_level(),
             )
         raise StopIteration
 

@@ -504,7 +504,7 @@ def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
             got: list[int] = []
             iterator = iter(loader)
             with pytest.warns(RuntimeWarning, match="raised KeyboardInterrupt while drawing "
-                              "batch 7 .* ended early, after 7 batches"):  # fmt: skip
+                              "batch 7 .* ended early, after 7 batches") as found:  # fmt: skip
                 while True:
                     try:
                         got.append(int(next(iterator)))
@@ -513,6 +513,7 @@ def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
                     except StopIteration:
                         break
             assert got == list(range(7)), (num_workers, got)
+            assert {w.filename for w in found} == {__file__}  # names the caller's next()
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 assert [int(b) for b in loader] == list(range(20))
