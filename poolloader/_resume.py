@@ -76,7 +76,7 @@ import itertools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
@@ -226,6 +226,8 @@ class EpochLedger:
         self._ahead: list[Any] = []  # a spec drawn already (by _first_draw), or _END
         self._unclaimed: tuple[int, Any] | None = None  # drawn, not in the window yet
         self._sampler_raised: tuple[str, int] | None = None  # out of its next(): what, where
+        self._drawing: Iterator[Any] = iter(())  # what _pull draws from, and from what
+        self._drawing_from: Any = None
         self._drop: set[int] = set()  # positions a resumed stream loads again and drops
 
     def resume(
@@ -318,11 +320,13 @@ class EpochLedger:
         if changes is not None and self._apply_limits is not None:
             self._apply_limits(changes)
         self._limit_changes.pop(position, None)
-        # The spec, or _END when the sampler has none left. Through next(): iter() of
-        # some samplers' iterators starts them again (lhotse's are their own).
-        drawing = itertools.chain(map(next, itertools.repeat(sampler_iter)), _ENDING)
+        # The specs, then _END when the sampler has none left. Through next(): iter()
+        # of some samplers' iterators starts them again (lhotse's are their own).
+        if self._drawing_from is not sampler_iter:
+            self._drawing = itertools.chain(map(next, itertools.repeat(sampler_iter)), _ENDING)
+            self._drawing_from = sampler_iter
         try:
-            self._ahead.extend(itertools.islice(drawing, 1))
+            self._ahead.extend(itertools.islice(self._drawing, 1))
         except BaseException as exc:
             if not self._ahead:  # (not an interrupt landing as extend returned)
                 self._sampler_raised = (type(exc).__name__, position)
