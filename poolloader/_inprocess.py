@@ -59,6 +59,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         self._max_batch_bytes = loader.max_batch_bytes
         self._loader_stats = loader._stats
         self._settling = loader._channel.settling
+        self._handed: tuple[Any, int] | None = None  # delivered, not returned yet
         self._dataset_fetcher = _DatasetKind.create_fetcher(
             self._dataset_kind,
             self._dataset,
@@ -78,7 +79,16 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
     def state_dict(self) -> dict[str, Any]:
         return self._ledger.state(int(self._base_seed))
 
+    def __next__(self) -> Any:
+        data = super().__next__()
+        self._handed = None  # no call from here to the caller (NOTE [ Handing a batch over ])
+        return data
+
     def _next_data(self) -> Any:
+        handed = self._handed
+        if handed is not None:  # an interrupt took it on its way to the caller
+            self._ledger.consumed(handed[1])
+            return handed[0]
         started = time.perf_counter()  # loading in place is the consumer's wait
         if self._settling:  # what C code wrote into loader.dataset's lists reaches the
             self._settling.settle()  # dataset before the batch (as a worker's stamp)
@@ -93,6 +103,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
                 position, index = self._ledger.draw(self._sampler_iter)
             except StopIteration:
                 self._position.finished = True
+                self._ledger.warn_if_cut_short()
                 raise
             try:
                 data = self._fetch(position, index)
@@ -107,17 +118,23 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
                 if self._ledger.dropped(position):
                     continue  # raised to the consumer before the state was saved
                 raise
-            self._ledger.consumed(position)
             if not self._ledger.dropped(position):
                 break
-        if self._max_batch_bytes is not None:  # as the workers' transports refuse it
-            try:
-                check_size(nbytes(data), self._max_batch_bytes)
-            except ResultTooLargeError as exc:
-                exc.args = (f"{exc.args[0]}\n(batch {position} with indices {short(index)})",)
-                raise
-        if self._pin_memory:
-            data = pin_memory(data, self._pin_memory_device)
+            self._ledger.consumed(position)
+        try:
+            if self._max_batch_bytes is not None:  # as the workers' transports refuse it
+                try:
+                    check_size(nbytes(data), self._max_batch_bytes)
+                except ResultTooLargeError as exc:
+                    exc.args = (f"{exc.args[0]}\n(batch {position} with indices {short(index)})",)
+                    raise
+            if self._pin_memory:
+                data = pin_memory(data, self._pin_memory_device)
+        except Exception:
+            self._ledger.consumed(position)  # its error is its outcome
+            raise
+        self._handed = (data, position)  # then counted: NOTE [ Handing a batch over ]
+        self._ledger.consumed(position)
         return data
 
     def _fetch(self, position: int, index: Any) -> Any:

@@ -253,21 +253,24 @@ class PoolIterator(_BaseDataLoaderIter):
         # The spec drawn stays the ledger's until it is in the window: a next()
         # interrupted in between (Ctrl-C) leaves it to the next call, which submits
         # it again unless it made it into the window (the first submission, if any,
-        # only loads a batch nobody reads). NOTE [ Drawing once ] in _resume.py.
-        pin = self._pin
-        if pin is None and self._iterable:
-            pin = self._pin = self._next_pin()
-            if pin is None:
-                self._sampler_done = True
-                return
+        # only loads a batch nobody reads). NOTE [ Drawing once ] in _resume.py. An
+        # IterableDataset's worker is chosen for a spec not in the window yet, and
+        # kept with it until it is (_track lets it go).
         try:
             position, index = self._ledger.draw(self._sampler_iter)
         except StopIteration:
             self._sampler_done = True
             return
         if position > self._tracked_to:  # not submitted yet (the window may have passed it)
+            pin = None
+            if self._iterable:
+                pin = self._pin
+                if pin is None:
+                    pin = self._pin = self._next_pin()
+                    if pin is None:
+                        self._sampler_done = True
+                        return
             self._track(self._submit(position, index, pin))
-        self._pin = None
         self._ledger.claimed()
 
     def _submit(self, position: int, index: Any, pin: int | None) -> TaskRecord:
@@ -283,6 +286,7 @@ class PoolIterator(_BaseDataLoaderIter):
     def _track(self, record: TaskRecord) -> None:
         if record.position > self._tracked_to:  # set before the append: no call between
             self._tracked_to = record.position
+            self._pin = None
         self._window.append(record)
         announce = self._announce
         record.future.add_done_callback(announce)
@@ -444,6 +448,7 @@ class PoolIterator(_BaseDataLoaderIter):
             if not self._cut_short:
                 self._sampler_done = self._position.finished = True
                 self._pool.end_epoch(self._epoch)
+                self._ledger.warn_if_cut_short()
             elif self._loader_closed and not self._position.finished:
                 raise LoaderClosedError(
                     f"the DataLoader was closed during epoch {self._epoch}, after "

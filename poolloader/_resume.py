@@ -226,7 +226,8 @@ class EpochLedger:
         self._ahead: list[Any] = []  # a spec drawn already (by _first_draw), or _END
         self._unclaimed: tuple[int, Any] | None = None  # drawn, not in the window yet
         self._sampler_raised: tuple[str, int] | None = None  # out of its next(): what, where
-        self._drawing: Iterator[Any] = iter(())  # what _pull draws from, and from what
+        self._cut_short_by: tuple[str, int, int] | None = None  # what, where, after how many
+        self._drawing: Iterator[Any] | None = None  # what _pull draws from, and from what
         self._drawing_from: Any = None
         self._drop: set[int] = set()  # positions a resumed stream loads again and drops
 
@@ -309,6 +310,13 @@ class EpochLedger:
                 return drawn
             self._skip.discard(position)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the loader copies its epoch's ledger: not the sampler's iterator
+        # (a generator does not copy), which _pull wraps again when it is given one.
+        state = self.__dict__.copy()
+        state["_drawing"] = state["_drawing_from"] = None
+        return state
+
     def claimed(self) -> None:
         """The spec :meth:`draw` gave is in the window: the next draw takes a new one."""
         self._unclaimed = None
@@ -322,30 +330,42 @@ class EpochLedger:
         self._limit_changes.pop(position, None)
         # The specs, then _END when the sampler has none left. Through next(): iter()
         # of some samplers' iterators starts them again (lhotse's are their own).
-        if self._drawing_from is not sampler_iter:
-            self._drawing = itertools.chain(map(next, itertools.repeat(sampler_iter)), _ENDING)
-            self._drawing_from = sampler_iter
+        drawing = self._drawing
+        if drawing is None or self._drawing_from is not sampler_iter:
+            drawing = itertools.chain(map(next, itertools.repeat(sampler_iter)), _ENDING)
+            self._drawing, self._drawing_from = drawing, sampler_iter
         try:
-            self._ahead.extend(itertools.islice(self._drawing, 1))
+            self._ahead.extend(itertools.islice(drawing, 1))
         except BaseException as exc:
             if not self._ahead:  # (not an interrupt landing as extend returned)
                 self._sampler_raised = (type(exc).__name__, position)
             raise
+        if self._ahead[-1] is not _END:
+            self._sampler_raised = None  # it went on after all (an iterator, not a generator)
 
     def _ended(self) -> NoReturn:
         raised = self._sampler_raised
-        if raised is not None:
-            self._sampler_raised = None
-            name, position = raised
-            warnings.warn(
-                f"the sampler's iterator raised {name} while drawing batch {position} of this "
-                "epoch, and then had no batch left: a generator cannot go on after an "
-                "exception, so this epoch may have ended early, after "
-                f"{self.next_position} batches. Start the next epoch with iter(loader)",
-                RuntimeWarning,
-                stacklevel=_callers_level(),
-            )
+        if raised is not None:  # said at the epoch's end (warn_if_cut_short), not here:
+            self._sampler_raised = None  # a warning turned error would fail a batch
+            self._cut_short_by = (*raised, self.next_position)
         raise StopIteration
+
+    def warn_if_cut_short(self) -> None:
+        """At the epoch's end: warn if the sampler's iterator raised and then had no
+        spec left (NOTE [ Drawing once ]), naming the caller's ``next()``."""
+        cut = self._cut_short_by
+        if cut is None:
+            return
+        self._cut_short_by = None
+        name, position, drawn = cut
+        warnings.warn(
+            f"the sampler's iterator raised {name} while drawing batch {position} of this "
+            "epoch, and then had no batch left: a generator cannot go on after an "
+            f"exception, so this epoch may have ended early, after {drawn} batches. "
+            "Start the next epoch with iter(loader)",
+            RuntimeWarning,
+            stacklevel=_callers_level(),
+        )
 
     def _first_draw(self, sampler_iter: Any) -> None:
         replay = self._replay
@@ -381,18 +401,26 @@ class EpochLedger:
         said again, as when an interrupt makes it delivered twice, nothing."""
         if self._unclaimed is not None and self._unclaimed[0] == position:
             self._unclaimed = None  # loaded in place (num_workers=0): the outcome is out
-        if position < self.yielded or position in self.yielded_after:
-            return
-        self.yielded_after.add(position)
+        if position >= self.yielded:
+            self.yielded_after.add(position)
+            self._fold()
+
+    def _fold(self) -> None:
+        """Move ``yielded`` past the positions consumed right after it. Each step
+        leaves the record whole wherever an interrupt lands (a position is counted
+        before it leaves ``yielded_after``), and a later fold finishes the rest."""
         while self.yielded in self.yielded_after:
-            self.yielded_after.discard(self.yielded)
-            if self.yielded in self._snapshots:
-                self.resume_state = self._snapshots.pop(self.yielded)
-            self.yielded += 1
+            done = self.yielded
+            snapshot = self._snapshots.get(done, _END)
+            if snapshot is not _END:
+                self.resume_state = snapshot
+            self.yielded = done + 1
+            self.yielded_after.discard(done)
         for stale in [p for p in self._snapshots if p < self.yielded]:
             del self._snapshots[stale]
 
     def state(self, base_seed: int) -> dict[str, Any]:
+        self._fold()  # one an interrupt left unfinished
         rng: dict[str, Any] | None = None
         if self.snapshot is None:
             before_draw, undrawn = self.before_draw, False
@@ -410,7 +438,7 @@ class EpochLedger:
         state = {
             "base_seed": base_seed,
             "yielded": self.yielded,
-            "yielded_after": sorted(self.yielded_after),
+            "yielded_after": sorted(p for p in self.yielded_after if p >= self.yielded),
             "sampler": sampler,
             "rng": rng,
         }

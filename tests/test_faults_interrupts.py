@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from _datasets import Plain
+from _datasets import Counted, Plain
 from _faults import (
     CorruptItemError,
     Faulty,
@@ -53,6 +53,7 @@ from _procs import (
 import poolloader
 from poolloader._iterator import WAIT_SLICE
 from poolloader._pool import IO_JOIN_TIMEOUT
+from poolloader._resume import EpochLedger, RngState
 from poolloader.errors import (
     LoaderTimeoutError,
 )
@@ -374,10 +375,14 @@ def _interrupted_epochs(
     every: int = 1,
     interrupts: int = 40,
     num_workers: int = 2,
+    dataset: Any = None,
+    events: tuple[str, ...] = ("c_return",),
 ) -> tuple[int, list[int], list[int]]:
     """A 300-batch epoch whose next() calls are interrupted by KeyboardInterrupts
     that land as a C call (of ``calls``, or any) returns inside poolloader's
-    ``functions``, then a whole epoch: how many landed and each epoch's batches.
+    ``functions`` (or, with ``"call"`` among ``events``, as one of them begins),
+    then a whole epoch: how many landed and each epoch's batches. ``dataset``:
+    ``Plain(300)`` unless given.
     ``every``: the n-th such return of a next() call is interrupted, n going round
     1 to ``every``, so that each place gets its turn; ``interrupts`` in all. They
     are raised where a signal's would be, as the call returns, by a profile hook
@@ -388,10 +393,10 @@ def _interrupted_epochs(
     def interrupt(frame: Any, event: str, arg: Any) -> None:
         nonlocal landed, seen
         if (
-            event == "c_return"
+            event in events
             and landed < interrupts
             and frame.f_code.co_name in functions
-            and (not calls or getattr(arg, "__name__", "") in calls)
+            and (event != "c_return" or not calls or getattr(arg, "__name__", "") in calls)
             and frame.f_code.co_filename.startswith(PACKAGE)
         ):
             seen += 1
@@ -401,7 +406,8 @@ def _interrupted_epochs(
 
     got: list[int] = []
     timeout = HANG_SLACK if num_workers else 0
-    with poolloader.DataLoader(Plain(300), batch_size=1, num_workers=num_workers,
+    dataset = Plain(300) if dataset is None else dataset
+    with poolloader.DataLoader(dataset, batch_size=1, num_workers=num_workers,
                                timeout=timeout) as loader:  # fmt: skip
         iterator = iter(loader)
         while True:
@@ -447,12 +453,17 @@ def test_ctrl_c_between_giving_a_task_and_sending_it_leaves_no_worker_waiting() 
 DELIVERERS = ("_next_data", "_deliver", "_take", "consumed", "__next__")
 
 
-def test_ctrl_c_as_a_batch_is_handed_over_loses_no_batch() -> None:
+@pytest.mark.parametrize("num_workers, every", [(2, 8), (0, 3)])
+def test_ctrl_c_as_a_batch_is_handed_over_loses_no_batch(num_workers: int, every: int) -> None:
     """A KeyboardInterrupt that lands after next() took its batch from the window
     (as it is delivered, or as _next_data returns to __next__) lost that batch: the
-    next next() gave the one after. The batch now stays for the next call
-    (NOTE [ Handing a batch over ] in _iterator.py), and is counted once."""
-    landed, first, second = _interrupted_epochs(DELIVERERS, every=8, interrupts=80)
+    next next() gave the one after. Loading in place (``num_workers=0``), one that
+    landed after the batch was loaded and counted lost it too. The batch now stays
+    for the next call (NOTE [ Handing a batch over ] in _iterator.py), and is
+    counted once."""
+    landed, first, second = _interrupted_epochs(
+        DELIVERERS, every=every, interrupts=80, num_workers=num_workers
+    )
     assert landed == 80, landed
     assert first == list(range(300)) and second == list(range(300))
 
@@ -476,6 +487,68 @@ def test_ctrl_c_as_the_sampler_gives_a_batch_loses_no_batch(num_workers: int) ->
     assert first == list(range(300)) and second == list(range(300))
 
 
+def test_ctrl_c_as_a_stream_batch_is_drawn_keeps_torchs_worker_order() -> None:
+    """An IterableDataset's batches go to the workers in turn, as in torch: an
+    interrupt between choosing a batch's worker and the batch reaching the window
+    must not move the turn on (a later state_dict() would then resume with other
+    items dropped than were yielded). Counted's workers yield alternate numbers."""
+    landed, first, second = _interrupted_epochs(
+        (*DRAWERS, "claimed", "_next_pin"), every=5, interrupts=60,
+        dataset=Counted(300), events=("call", "c_return"),
+    )  # fmt: skip
+    assert landed == 60, landed
+    assert first == list(range(300)) and second == list(range(300))
+
+
+def test_ctrl_c_in_a_samplers_iterator_that_goes_on_is_not_an_early_end() -> None:
+    """A sampler whose iterator is an object that goes on after an exception out of
+    its ``__next__`` (not a generator, which is finished by one) gives every batch,
+    and the epoch's end is not reported as early."""
+
+    class Survives(torch.utils.data.Sampler[int]):
+        def __len__(self) -> int:
+            return 10
+
+        def __iter__(self) -> Iterator[int]:
+            return _Survivor()
+
+    for num_workers in (0, 2):
+        loader = poolloader.DataLoader(
+            Plain(10), sampler=Survives(), batch_size=None, num_workers=num_workers
+        )
+        got: list[int] = []
+        with loader, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            iterator = iter(loader)
+            while True:
+                try:
+                    got.append(int(next(iterator)))
+                except KeyboardInterrupt:
+                    pass
+                except StopIteration:
+                    break
+        assert got == list(range(10)), (num_workers, got)
+
+
+class _Survivor:
+    """Counts to 10, raising KeyboardInterrupt once on the way, as a Ctrl-C in it would."""
+
+    def __init__(self) -> None:
+        self.i, self.raised = 0, False
+
+    def __iter__(self) -> _Survivor:
+        return self
+
+    def __next__(self) -> int:
+        if self.i == 4 and not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt
+        if self.i == 10:
+            raise StopIteration
+        self.i += 1
+        return self.i - 1
+
+
 def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
     """A generator that raised is finished: an exception out of the sampler's
     iterator (a Ctrl-C inside its code) ends the epoch there, as with torch's
@@ -492,7 +565,7 @@ def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
         def __iter__(self) -> Iterator[int]:
             self.epoch += 1
             for i in range(20):
-                if self.epoch == 1 and i == 7:
+                if self.epoch < 3 and i == 7:
                     raise KeyboardInterrupt
                 yield i
 
@@ -514,9 +587,42 @@ def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
                         break
             assert got == list(range(7)), (num_workers, got)
             assert {w.filename for w in found} == {__file__}  # names the caller's next()
+            # Said at the end, after the last batch: as an error it costs no batch.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                got, ends = [], []
+                iterator = iter(loader)
+                while True:
+                    try:
+                        got.append(int(next(iterator)))
+                    except (KeyboardInterrupt, RuntimeWarning) as exc:
+                        ends.append(type(exc).__name__)
+                    except StopIteration:
+                        break
+            assert got == list(range(7)), (num_workers, got)
+            assert ends == ["KeyboardInterrupt", "RuntimeWarning"], ends
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 assert [int(b) for b in loader] == list(range(20))
+
+
+def test_a_state_taken_after_an_interrupted_count_is_whole() -> None:
+    """An interrupt as the ledger counts a batch (after it joined yielded_after,
+    before yielded moved past it) left a state that load_state_dict() refused
+    (yielded=2, yielded_after=[2]), and a batch said again was not counted again.
+    The count is finished by the next count or by state()."""
+    ledger = EpochLedger((), RngState.capture(()), None)
+    specs = iter(range(5))
+    for _ in range(3):
+        ledger.draw(specs)
+        ledger.claimed()
+    ledger.consumed(0)
+    ledger.consumed(1)
+    ledger.yielded_after.add(2)  # what an interrupt inside consumed(2) leaves
+    state = ledger.state(0)
+    assert (state["yielded"], state["yielded_after"]) == (3, [])
+    ledger.consumed(2)  # said again: counted once
+    assert (ledger.yielded, ledger.yielded_after) == (3, set())
 
 
 def test_a_task_never_sent_is_handed_out_again_after_an_interrupted_submit() -> None:
