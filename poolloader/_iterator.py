@@ -365,8 +365,9 @@ class PoolIterator(_BaseDataLoaderIter):
     # after. The batch stays taken until it is delivered, and once delivered it is
     # kept as handed, both set together with no call between; __next__ lets it go
     # with no call between that and its return. A next() after an interrupt gives
-    # the same batch again. (One landing in the caller's own code, as next()
-    # returns there, takes the batch with it, as with any Python iterator.)
+    # the same batch again; InProcessIterator, loading in place, does the same. (One
+    # landing in the caller's own code, as next() returns there, takes the batch
+    # with it, as with any Python iterator.)
 
     def _next_data(self) -> Any:
         handed = self._handed

@@ -47,11 +47,18 @@ drew the one after. So the ledger draws in steps that leave nothing between:
   draw before that returns it again, and the iterator does not submit again a
   position it has taken into its window already.
 
+An IterableDataset's batch is given its worker (the round robin) only once
+its spec is drawn and not yet in the window, and keeps it until it joins the
+window, so that an interrupt in between does not move the turn on.
+
 An exception raised inside the sampler's own code is another matter: a
 generator that raised is finished, and its next ``next()`` ends the epoch
 (torch's loader ends it there too). The ledger cannot draw on from such an
-iterator, so it says so with a warning at that early end instead of ending
-the epoch silently short.
+iterator, so when the sampler ends right after it raised, the epoch's end
+(after its last batch, so that the warning turned into an error costs no batch)
+says so with a warning instead of ending the epoch silently short. An iterator
+that goes on after raising (an object, not a generator) gives its next spec,
+and nothing is said.
 
 NOTE [ Limits changed mid-epoch ]
 
