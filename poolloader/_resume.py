@@ -234,6 +234,7 @@ class EpochLedger:
         self._unclaimed: tuple[int, Any] | None = None  # drawn, not in the window yet
         self._sampler_raised: tuple[str, int] | None = None  # out of its next(): what, where
         self._cut_short_by: tuple[str, int, int] | None = None  # what, where, after how many
+        self._replaying: Replay | None = None  # until the first spec to load is drawn
         self._drawing: Iterator[Any] | None = None  # what _pull draws from, and from what
         self._drawing_from: Any = None
         self._drop: set[int] = set()  # positions a resumed stream loads again and drops
@@ -294,6 +295,7 @@ class EpochLedger:
         The spec is the ledger's until :meth:`claimed` (or :meth:`consumed`): a draw
         before that returns it again (NOTE [ Drawing once ])."""
         if self._unclaimed is not None:
+            self._end_replay()  # (one an interrupt cut short)
             return self._unclaimed
         if self.before_draw is None:
             self._first_draw(sampler_iter)
@@ -302,6 +304,7 @@ class EpochLedger:
                 self._pull(sampler_iter)
             index = self._ahead[-1]
             if index is _END:
+                self._end_replay()
                 self._ended()
             position = self.next_position
             if self.snapshot is not None:
@@ -314,6 +317,7 @@ class EpochLedger:
             self.next_position = position + 1
             self._ahead.pop()
             if not skip:
+                self._end_replay()
                 return drawn
             self._skip.discard(position)
 
@@ -346,6 +350,7 @@ class EpochLedger:
         except BaseException as exc:
             if not self._ahead:  # (not an interrupt landing as extend returned)
                 self._sampler_raised = (type(exc).__name__, position)
+                self._end_replay()
             raise
         if self._ahead[-1] is not _END:
             self._sampler_raised = None  # it went on after all (an iterator, not a generator)
@@ -379,21 +384,28 @@ class EpochLedger:
         if replay is None:
             self.before_draw = RngState.capture(self._generators)
             return
-        self.before_draw = replay.before_draw
+        # The specs the saved epoch had yielded are drawn again, under its random
+        # state, and skipped by draw()'s own loop, which an interrupt leaves whole
+        # (NOTE [ Drawing once ]). The first spec to load is drawn under that state
+        # too: a sampler may draw its randomness on its first next() (torch's
+        # RandomSampler without a generator takes its seed from the global generator
+        # there), which is this one when nothing is skipped (saved before batch 0
+        # reached the consumer). Then _end_replay puts the caller's state back.
+        self._skip.update(range(replay.skip))
         replay.before_draw.apply(self._generators)
-        try:
-            for _ in range(replay.skip):
-                next(sampler_iter)
-                self.next_position += 1
-            # The first spec to load is drawn under the saved state too: a sampler may
-            # draw its randomness on its first next() (torch's RandomSampler without a
-            # generator takes its seed from the global generator there), which is this
-            # one when nothing is skipped (saved before batch 0 reached the consumer).
-            self._ahead.append(next(sampler_iter, _END))
-        finally:
-            restored = torch.equal(replay.after.global_rng, replay.before_draw.global_rng)
-            if not (replay.undrawn and restored):
-                replay.after.apply(self._generators)
+        self._replaying = replay
+        self.before_draw = replay.before_draw  # last: the next draw starts here again
+
+    def _end_replay(self) -> None:
+        """The first spec to load is drawn (or the sampler ended or failed): put back
+        the caller's random state, as it was after the saved epoch's draws."""
+        replay = self._replaying
+        if replay is None:
+            return
+        restored = torch.equal(replay.after.global_rng, replay.before_draw.global_rng)
+        if not (replay.undrawn and restored):
+            replay.after.apply(self._generators)
+        self._replaying = None
 
     def dropped(self, position: int) -> bool:
         """Whether batch ``position``, just consumed, is one a resumed IterableDataset

@@ -606,6 +606,63 @@ def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
                 assert [int(b) for b in loader] == list(range(20))
 
 
+def test_ctrl_c_as_a_resumed_epoch_draws_its_yielded_batches_again_loses_nothing() -> None:
+    """Resuming torch's RandomSampler replays it: the batches the saved epoch had
+    yielded are drawn again and skipped. An interrupt among those draws shifted the
+    positions, and the resumed epoch gave batches twice. The skipped draws now go
+    through draw()'s own loop (NOTE [ Drawing once ]), and the caller's random
+    state is put back once the first batch to load is drawn. Loading in place, so
+    that the replay runs inside next() (a pool's runs inside iter())."""
+    num_workers = 0
+
+    def make() -> Any:
+        generator = torch.Generator()
+        generator.manual_seed(1)
+        return poolloader.DataLoader(Plain(60), batch_size=1, shuffle=True,
+                                     generator=generator, num_workers=num_workers)  # fmt: skip
+
+    with make() as loader:
+        whole = [int(b) for b in loader]
+    with make() as loader:
+        iterator = iter(loader)
+        got = [int(next(iterator)) for _ in range(25)]
+        state = loader.state_dict()
+    functions = ("draw", "_pull", "_first_draw", "_end_replay", "apply", "claimed")
+    landed = seen = 0
+    turn = 1
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        nonlocal landed, seen
+        if (
+            event == "c_return"
+            and frame.f_code.co_name in functions
+            and frame.f_code.co_filename.startswith(PACKAGE)
+        ):
+            seen += 1
+            if seen == turn:
+                landed += 1
+                raise KeyboardInterrupt
+
+    with make() as loader:
+        loader.load_state_dict(state)
+        iterator = iter(loader)
+        while True:
+            seen = 0
+            try:
+                sys.setprofile(interrupt if landed < 30 else None)
+                batch = next(iterator)
+                sys.setprofile(None)
+                got.append(int(batch))
+            except KeyboardInterrupt:
+                turn = turn % 4 + 1
+            except StopIteration:
+                break
+            finally:
+                sys.setprofile(None)
+    assert landed >= 10, landed
+    assert got == whole
+
+
 def test_a_state_taken_after_an_interrupted_count_is_whole() -> None:
     """An interrupt as the ledger counts a batch (after it joined yielded_after,
     before yielded moved past it) left a state that load_state_dict() refused
