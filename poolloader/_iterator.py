@@ -276,6 +276,13 @@ class PoolIterator(_BaseDataLoaderIter):
     def _submit(self, position: int, index: Any, pin: int | None) -> TaskRecord:
         split = getattr(index, "poolloader_split", None)
         if split is None or self._iterable:
+            last = self._pool.last_submitted
+            if (
+                last is not None  # queued before an interrupt kept it from the window
+                and (last.index is index and last.position == position)
+                and (last.epoch == self._epoch and not last.cancelled)
+            ):  # NOTE [ Drawing once ] in _resume.py
+                return last
             return self._pool.submit(self._epoch, position, index, pin)
         parts = [
             self._pool.submit(self._epoch, position, part, worker)

@@ -136,6 +136,9 @@ class Pool(IOThread):
         self._trimmed = False  # the workers closed their free slabs since
         self.epochs_begun = 0
         self._seq = itertools.count()
+        # The last task queued, for a submitter an interrupt kept from taking it
+        # (NOTE [ Drawing once ] in _resume.py).
+        self.last_submitted: TaskRecord | None = None
         self._broken: PoolBrokenError | None = None
         self._closing = False
         self._closed = False
@@ -321,6 +324,7 @@ class Pool(IOThread):
             with self._lock:
                 self._check_usable(position, index)
                 record = TaskRecord(next(self._seq), epoch, position, index, self._stamp(), pin)
+                self.last_submitted = record  # before it is queued: no call between
                 self._pending.append(record)
                 self._deferring = True  # written once the lock is let go
                 try:

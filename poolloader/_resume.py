@@ -49,7 +49,11 @@ drew the one after. So the ledger draws in steps that leave nothing between:
 
 An IterableDataset's batch is given its worker (the round robin) only once
 its spec is drawn and not yet in the window, and keeps it until it joins the
-window, so that an interrupt in between does not move the turn on.
+window, so that an interrupt in between does not move the turn on. A task that
+was queued before an interrupt kept it from the window is taken into the window
+when the spec comes again (the pool's ``last_submitted``), not queued a second
+time: a stream's worker would run the first for nobody, and its items would be
+lost.
 
 An exception raised inside the sampler's own code is another matter: a
 generator that raised is finished, and its next ``next()`` ends the epoch
