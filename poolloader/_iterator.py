@@ -295,6 +295,9 @@ class PoolIterator(_BaseDataLoaderIter):
             self._tracked_to = record.position
             self._pin = None
         self._window.append(record)
+        last = self._pool.last_submitted  # ours now (NOTE [ Drawing once ] in _resume.py)
+        if last is record or any(part is last for part in getattr(record, "parts", ())):
+            self._pool.last_submitted = None
         announce = self._announce
         record.future.add_done_callback(announce)
         if self._pinner is not None:

@@ -137,7 +137,8 @@ class Pool(IOThread):
         self.epochs_begun = 0
         self._seq = itertools.count()
         # The last task queued, for a submitter an interrupt kept from taking it
-        # (NOTE [ Drawing once ] in _resume.py).
+        # (NOTE [ Drawing once ] in _resume.py); let go once it is taken, or its
+        # epoch ends: its outcome holds a batch, and the batch its slab.
         self.last_submitted: TaskRecord | None = None
         self._broken: PoolBrokenError | None = None
         self._closing = False
@@ -315,6 +316,9 @@ class Pool(IOThread):
             if not self._epochs:
                 self._idle_since = time.monotonic()
             leftovers = [r for r in self._pending if r.epoch == epoch]
+            last = self.last_submitted
+            if last is not None and last.epoch == epoch:
+                self.last_submitted = None  # (its batch would keep its slab)
         if leftovers:
             self.cancel(leftovers)
 
@@ -454,6 +458,8 @@ class Pool(IOThread):
         with self._lock:
             for record in records:
                 record.cancelled = True
+                if record is self.last_submitted:
+                    self.last_submitted = None
                 if record.worker is None and record in self._pending:
                     self._pending.remove(record)
                 record.future.cancel()
