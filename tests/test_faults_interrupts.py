@@ -378,15 +378,33 @@ def _interrupted_epochs(
     dataset: Any = None,
     events: tuple[str, ...] = ("c_return",),
 ) -> tuple[int, list[int], list[int]]:
-    """A 300-batch epoch whose next() calls are interrupted by KeyboardInterrupts
-    that land as a C call (of ``calls``, or any) returns inside poolloader's
-    ``functions`` (or, with ``"call"`` among ``events``, as one of them begins),
-    then a whole epoch: how many landed and each epoch's batches. ``dataset``:
-    ``Plain(300)`` unless given.
-    ``every``: the n-th such return of a next() call is interrupted, n going round
-    1 to ``every``, so that each place gets its turn; ``interrupts`` in all. They
-    are raised where a signal's would be, as the call returns, by a profile hook
-    (which Python unsets when it raises: set again before each next())."""
+    """A 300-batch epoch (``dataset``: ``Plain(300)`` unless given) interrupted as
+    :func:`_interrupted_epoch` says, then a whole epoch: how many interrupts
+    landed and each epoch's batches."""
+    timeout = HANG_SLACK if num_workers else 0
+    dataset = Plain(300) if dataset is None else dataset
+    with poolloader.DataLoader(dataset, batch_size=1, num_workers=num_workers,
+                               timeout=timeout) as loader:  # fmt: skip
+        landed, got = _interrupted_epoch(iter(loader), functions, calls, every, interrupts, events)
+        return landed, got, [int(b) for b in loader]
+
+
+def _interrupted_epoch(
+    iterator: Iterator[Any],
+    functions: tuple[str, ...],
+    calls: tuple[str, ...] = (),
+    every: int = 1,
+    interrupts: int = 40,
+    events: tuple[str, ...] = ("c_return",),
+) -> tuple[int, list[int]]:
+    """The rest of ``iterator``'s epoch, its next() calls interrupted by
+    KeyboardInterrupts that land as a C call (of ``calls``, or any) returns inside
+    poolloader's ``functions`` (or, with ``"call"`` among ``events``, as one of them
+    begins): how many landed, and the batches. ``every``: the n-th such return of
+    a next() call is interrupted, n going round 1 to ``every``, so that each place
+    gets its turn; ``interrupts`` in all. They are raised where a signal's would
+    be, as the call returns, by a profile hook (which Python unsets when it
+    raises: set again before each next())."""
     landed = seen = 0
     turn = 1
 
@@ -405,25 +423,35 @@ def _interrupted_epochs(
                 raise KeyboardInterrupt
 
     got: list[int] = []
-    timeout = HANG_SLACK if num_workers else 0
-    dataset = Plain(300) if dataset is None else dataset
-    with poolloader.DataLoader(dataset, batch_size=1, num_workers=num_workers,
-                               timeout=timeout) as loader:  # fmt: skip
-        iterator = iter(loader)
-        while True:
-            seen = 0
-            try:
-                sys.setprofile(interrupt)
-                batch = next(iterator)
-                sys.setprofile(None)
-                got.append(int(batch))
-            except KeyboardInterrupt:
-                turn = turn % every + 1
-            except StopIteration:
-                break
-            finally:
-                sys.setprofile(None)
-        return landed, got, [int(b) for b in loader]
+    while True:
+        seen = 0
+        try:
+            sys.setprofile(interrupt)
+            batch = next(iterator)
+            sys.setprofile(None)
+            got.append(int(batch))
+        except KeyboardInterrupt:
+            turn = turn % every + 1
+        except StopIteration:
+            return landed, got
+        finally:
+            sys.setprofile(None)
+
+
+def _drain_interrupted(
+    iterator: Iterator[Any], caught: tuple[type[BaseException], ...] = (KeyboardInterrupt,)
+) -> tuple[list[int], list[str]]:
+    """The rest of ``iterator``'s epoch, going on past the ``caught`` exceptions
+    (a Ctrl-C caught around next()): the batches, and the names of those raised."""
+    got: list[int] = []
+    raised: list[str] = []
+    while True:
+        try:
+            got.append(int(next(iterator)))
+        except caught as exc:
+            raised.append(type(exc).__name__)
+        except StopIteration:
+            return got, raised
 
 
 def test_ctrl_c_as_a_message_is_written_loses_and_blocks_nothing() -> None:
@@ -529,18 +557,11 @@ def test_ctrl_c_in_a_samplers_iterator_that_goes_on_is_not_an_early_end() -> Non
         loader = poolloader.DataLoader(
             Plain(10), sampler=Survives(), batch_size=None, num_workers=num_workers
         )
-        got: list[int] = []
         with loader, warnings.catch_warnings():
             warnings.simplefilter("error")
-            iterator = iter(loader)
-            while True:
-                try:
-                    got.append(int(next(iterator)))
-                except KeyboardInterrupt:
-                    pass
-                except StopIteration:
-                    break
+            got, raised = _drain_interrupted(iter(loader))
         assert got == list(range(10)), (num_workers, got)
+        assert raised == ["KeyboardInterrupt"], raised
 
 
 class _Survivor:
@@ -587,31 +608,15 @@ def test_an_epoch_cut_short_by_an_exception_in_the_sampler_says_so() -> None:
             Plain(20), sampler=Interrupted(), batch_size=None, num_workers=num_workers
         )
         with loader:
-            got: list[int] = []
-            iterator = iter(loader)
             with pytest.warns(RuntimeWarning, match="raised KeyboardInterrupt while drawing "
                               "batch 7 .* ended early, after 7 batches") as found:  # fmt: skip
-                while True:
-                    try:
-                        got.append(int(next(iterator)))
-                    except KeyboardInterrupt:
-                        pass
-                    except StopIteration:
-                        break
+                got, _ = _drain_interrupted(iter(loader))
             assert got == list(range(7)), (num_workers, got)
             assert {w.filename for w in found} == {__file__}  # names the caller's next()
             # Said at the end, after the last batch: as an error it costs no batch.
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
-                got, ends = [], []
-                iterator = iter(loader)
-                while True:
-                    try:
-                        got.append(int(next(iterator)))
-                    except (KeyboardInterrupt, RuntimeWarning) as exc:
-                        ends.append(type(exc).__name__)
-                    except StopIteration:
-                        break
+                got, ends = _drain_interrupted(iter(loader), (KeyboardInterrupt, RuntimeWarning))
             assert got == list(range(7)), (num_workers, got)
             assert ends == ["KeyboardInterrupt", "RuntimeWarning"], ends
             with warnings.catch_warnings():
@@ -641,37 +646,10 @@ def test_ctrl_c_as_a_resumed_epoch_draws_its_yielded_batches_again_loses_nothing
         got = [int(next(iterator)) for _ in range(25)]
         state = loader.state_dict()
     functions = ("draw", "_pull", "_first_draw", "_end_replay", "apply", "claimed")
-    landed = seen = 0
-    turn = 1
-
-    def interrupt(frame: Any, event: str, arg: Any) -> None:
-        nonlocal landed, seen
-        if (
-            event == "c_return"
-            and frame.f_code.co_name in functions
-            and frame.f_code.co_filename.startswith(PACKAGE)
-        ):
-            seen += 1
-            if seen == turn:
-                landed += 1
-                raise KeyboardInterrupt
-
     with make() as loader:
         loader.load_state_dict(state)
-        iterator = iter(loader)
-        while True:
-            seen = 0
-            try:
-                sys.setprofile(interrupt if landed < 30 else None)
-                batch = next(iterator)
-                sys.setprofile(None)
-                got.append(int(batch))
-            except KeyboardInterrupt:
-                turn = turn % 4 + 1
-            except StopIteration:
-                break
-            finally:
-                sys.setprofile(None)
+        landed, rest = _interrupted_epoch(iter(loader), functions, every=4, interrupts=30)
+    got += rest
     assert landed >= 10, landed
     assert got == whole
 
