@@ -434,9 +434,8 @@ class EpochLedger:
         before it leaves ``yielded_after``), and a later fold finishes the rest."""
         while self.yielded in self.yielded_after:
             done = self.yielded
-            snapshot = self._snapshots.get(done, _END)
-            if snapshot is not _END:
-                self.resume_state = snapshot
+            if done in self._snapshots:
+                self.resume_state = self._snapshots[done]
             self.yielded = done + 1
             self.yielded_after.discard(done)
         for stale in [p for p in self._snapshots if p < self.yielded]:
