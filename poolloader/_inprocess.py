@@ -81,7 +81,9 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
 
     def __next__(self) -> Any:
         data = super().__next__()
-        self._handed = None  # no call from here to the caller (NOTE [ Handing a batch over ])
+        # No call from here to the caller (NOTE [ Handing a batch over ] in _iterator.py,
+        # NOTE [ The batch in hand ] in _resume.py).
+        self._handed = self._ledger.in_hand = None
         return data
 
     def _next_data(self) -> Any:
@@ -133,7 +135,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         except Exception:
             self._ledger.consumed(position)  # its error is its outcome
             raise
-        self._handed = (data, position)  # then counted: NOTE [ Handing a batch over ]
+        self._handed, self._ledger.in_hand = (data, position), position  # then counted
         self._ledger.consumed(position)
         return data
 

@@ -90,12 +90,12 @@ class PoolIterator(_BaseDataLoaderIter):
         # records it); the range is kept whenever a profiler is on.
         if self._iterable or _profiler_enabled():
             data = super().__next__()  # (with torch's IterableDataset length warning)
-            self._handed = None  # NOTE [ Handing a batch over ]
+            self._handed = self._ledger.in_hand = None  # NOTE [ Handing a batch over ]
             return data
         if self._sampler_iter is None:
             self._reset()  # type: ignore[call-arg]
         data = self._next_data()
-        self._handed = None  # no call from here to the caller
+        self._handed = self._ledger.in_hand = None  # no call from here to the caller
         self._num_yielded += 1
         return data
 
@@ -410,10 +410,12 @@ class PoolIterator(_BaseDataLoaderIter):
             try:
                 data = self._deliver(record, outcome)
             except Exception:  # the batch's own error: the next batch is next
-                self._taken = None
+                self._taken = self._ledger.in_hand = None
                 self._outcomes.pop(record.seq, None)
                 raise
             self._handed, self._taken = (None if data is _SKIP else (data,)), None
+            if data is _SKIP:
+                self._ledger.in_hand = None  # (not the caller's: NOTE [ The batch in hand ])
             self._outcomes.pop(record.seq, None)
             if data is not _SKIP:
                 return data
@@ -557,6 +559,7 @@ class PoolIterator(_BaseDataLoaderIter):
         )
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> Any:
+        self._ledger.in_hand = record.position  # NOTE [ The batch in hand ] in _resume.py
         self._ledger.consumed(record.position)
         if isinstance(outcome, Ended):
             if outcome.worker_id in self._active_workers:

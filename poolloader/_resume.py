@@ -94,95 +94,9 @@ from typing import Any, NoReturn
 import torch
 from torch.utils.data.dataloader import _DatasetKind
 
+from ._epoch_rng import GENERATOR_SEARCH_DEPTH, Replay, RngState
+
 STATE_VERSION = 1
-
-
-#: How many ``.sampler`` / ``.batch_sampler`` links :func:`find_generators`
-#: follows from the loader's sampler (BatchSampler → RandomSampler is one).
-GENERATOR_SEARCH_DEPTH = 4
-
-
-def find_generators(
-    loader_generator: torch.Generator | None, sampler: Any
-) -> tuple[torch.Generator, ...]:
-    """Every ``torch.Generator`` an epoch's order may be drawn from: ``loader.generator``
-    (the base seed is drawn from it), then those the sampler holds
-    (``RandomSampler(generator=g)``, also inside a ``BatchSampler``), each once."""
-    found = [loader_generator] if loader_generator is not None else []
-    level = [sampler]
-    for _ in range(GENERATOR_SEARCH_DEPTH):
-        below = []
-        for obj in level:
-            generator = getattr(obj, "generator", None)
-            if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
-                found.append(generator)
-            below += [getattr(obj, name, None) for name in ("sampler", "batch_sampler")]
-        level = [obj for obj in below if obj is not None]
-    return tuple(found)
-
-
-def generator_states(generators: tuple[torch.Generator, ...]) -> list[torch.Tensor]:
-    return [g.get_state() for g in generators]
-
-
-def set_generator_states(
-    generators: tuple[torch.Generator, ...], states: list[torch.Tensor]
-) -> None:
-    """Put ``generators`` back to ``states``, refusing a state saved with other generators."""
-    if len(states) != len(generators):
-        raise ValueError(
-            f"the saved state holds {len(states)} random generator state(s), but this "
-            f"loader draws from {len(generators)} (loader.generator and the generators of its "
-            "sampler): build the loader with the same generator and sampler as the one that "
-            "saved it"
-        )
-    for generator, state in zip(generators, states, strict=True):
-        generator.set_state(state)
-
-
-@dataclass(frozen=True)
-class RngState:
-    """The random state a sampler may draw from: its generators' and torch's global.
-
-    ``generators`` holds the states of :func:`find_generators`' generators, in
-    that order; ``None`` leaves the generators alone when applied."""
-
-    generators: list[torch.Tensor] | None
-    global_rng: torch.Tensor
-
-    @classmethod
-    def capture(cls, generators: tuple[torch.Generator, ...]) -> RngState:
-        return cls(generator_states(generators), torch.get_rng_state())
-
-    def apply(self, generators: tuple[torch.Generator, ...]) -> None:
-        if self.generators is not None:
-            set_generator_states(generators, self.generators)
-        torch.set_rng_state(self.global_rng)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain tensors, so ``torch.load(weights_only=True)`` reads a saved state."""
-        return {"generators": self.generators, "global": self.global_rng}
-
-    @classmethod
-    def from_dict(cls, found: Mapping[str, Any]) -> RngState:
-        return cls(found["generators"], found["global"])
-
-
-@dataclass
-class Replay:
-    """How a resumed epoch reproduces a sampler that cannot load a state."""
-
-    before_draw: RngState  # the random state the saved epoch's first draw saw
-    skip: int  # specs the saved epoch had yielded: drawn again and dropped
-    # The caller's global random state, put back once the skipped specs are drawn.
-    # The generators are left where the replay took them: that is where the saved
-    # epoch's had been after those draws (their state when state_dict() ran also
-    # holds draws for batches loaded ahead, which the resumed epoch makes again).
-    after: RngState
-    # The saved epoch had drawn nothing yet (num_workers=0, saved right after
-    # iter()): its first draw came after the state was saved, so a caller who
-    # restored the random state saved with it keeps what that draw did to it.
-    undrawn: bool = False
 
 
 #: Drawn ahead in place of a spec: the sampler had none left.
@@ -230,6 +144,10 @@ class EpochLedger:
         self.next_position = 0
         self.yielded = 0  # every position below this reached the consumer
         self.yielded_after: set[int] = set()
+        #: The position of the batch next() counted and has not returned yet, set by
+        #: the iterator (NOTE [ The batch in hand ]).
+        self.in_hand: int | None = None
+        self._before_hand: tuple[int, Any] | None = None  # that position, and resume_state then
         self.resume_state: Any = snapshot() if snapshot is not None else None
         self._snapshots: dict[int, Any] = {}
         self._replay: Replay | None = None
@@ -425,6 +343,8 @@ class EpochLedger:
         if self._unclaimed is not None and self._unclaimed[0] == position:
             self._unclaimed = None  # loaded in place (num_workers=0): the outcome is out
         if position >= self.yielded:
+            if position == self.yielded:  # the fold moves past it: keep where it was
+                self._before_hand = (position, self.resume_state)
             self.yielded_after.add(position)
             self._fold()
 
@@ -438,11 +358,34 @@ class EpochLedger:
                 self.resume_state = self._snapshots[done]
             self.yielded = done + 1
             self.yielded_after.discard(done)
-        for stale in [p for p in self._snapshots if p < self.yielded]:
+        floor, hand = self.yielded, self.in_hand
+        if hand is not None and hand < floor:
+            floor = hand  # (the limits drawn since it are the state's while it is in hand)
+        for stale in [p for p in self._snapshots if p < floor]:
             del self._snapshots[stale]
+
+    # NOTE [ The batch in hand ]: next() counts its batch as yielded before it
+    # returns it, so that an interrupt between the two cannot lose it (NOTE
+    # [ Handing a batch over ] in ``_iterator.py``). A state taken in between (by a
+    # signal handler that saves a checkpoint, as a cluster's pre-emption handler
+    # does, or in an ``except KeyboardInterrupt`` after an interrupt landed there)
+    # must not count it: the caller has not had it, and a resume would skip it.
+    # The iterator names that position in ``in_hand`` before it counts it and
+    # clears it as next() returns, with no call between either; ``consumed`` keeps
+    # what the record was before the fold moved past it; and ``state`` leaves the
+    # position out: out of ``yielded_after``, or, when the fold moved ``yielded``
+    # past it, back to it, with the sampler's snapshot as it was then.
 
     def state(self, base_seed: int) -> dict[str, Any]:
         self._fold()  # one an interrupt left unfinished
+        yielded, resume_state = self.yielded, self.resume_state
+        after = {p for p in self.yielded_after if p >= yielded}
+        hand, before = self.in_hand, self._before_hand
+        if hand is not None and hand in after:
+            after.discard(hand)
+        elif hand is not None and before is not None and before[0] == hand < yielded:
+            after.update(range(hand + 1, yielded))
+            yielded, resume_state = before
         rng: dict[str, Any] | None = None
         if self.snapshot is None:
             before_draw, undrawn = self.before_draw, False
@@ -456,27 +399,27 @@ class EpochLedger:
             }
             if undrawn:
                 rng["undrawn"] = True
-        sampler = self.resume_state if self.snapshot is not None else None
+        sampler = resume_state if self.snapshot is not None else None
         state = {
             "base_seed": base_seed,
-            "yielded": self.yielded,
-            "yielded_after": sorted(p for p in self.yielded_after if p >= self.yielded),
+            "yielded": yielded,
+            "yielded_after": sorted(after),
             "sampler": sampler,
             "rng": rng,
         }
         if isinstance(sampler, Mapping) and self._limits is not None:
-            state["limits"] = self._changes_since(sampler)
+            state["limits"] = self._changes_since(sampler, yielded)
             state["drawn"] = self.next_position
         return state
 
-    def _changes_since(self, sampler: Mapping[str, Any]) -> list[list[Any]]:
-        """The limit changes a resumed epoch makes, as ``[position, limits]`` pairs
-        (NOTE [ Limits changed mid-epoch ])."""
+    def _changes_since(self, sampler: Mapping[str, Any], yielded: int) -> list[list[Any]]:
+        """The limit changes a resumed epoch makes from ``yielded`` on, as
+        ``[position, limits]`` pairs (NOTE [ Limits changed mid-epoch ])."""
         assert self._limits is not None
         now = dict(self._limits())
         last = {key: sampler.get(key) for key in now}
         changes: list[list[Any]] = []
-        for position in range(self.yielded, self.next_position):
+        for position in range(yielded, self.next_position):
             drawn = self._snapshots.get(position)
             if isinstance(drawn, Mapping):
                 limits = {key: drawn.get(key) for key in now}

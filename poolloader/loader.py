@@ -16,6 +16,7 @@ from torch.utils.data import Dataset, Sampler
 
 from . import _pickling
 from ._control import Channel
+from ._epoch_rng import find_generators, generator_states, set_generator_states
 from ._fresh_epochs import start_afresh_each_epoch
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
@@ -29,16 +30,7 @@ from ._options import (
 )
 from ._pool import Pool
 from ._pool_start import start_pool
-from ._resume import (
-    STATE_VERSION,
-    EpochPosition,
-    EpochStart,
-    find_generators,
-    generator_states,
-    limits_of,
-    order_of,
-    set_generator_states,
-)
+from ._resume import STATE_VERSION, EpochPosition, EpochStart, limits_of, order_of
 from ._resume_checks import check_order, check_state
 from ._stats import LoaderStatistics, LoaderStats, combined
 from ._tracking import root_view, unwrap

@@ -51,9 +51,10 @@ from _procs import (
 )
 
 import poolloader
+from poolloader._epoch_rng import RngState
 from poolloader._iterator import WAIT_SLICE
 from poolloader._pool import IO_JOIN_TIMEOUT
-from poolloader._resume import EpochLedger, RngState
+from poolloader._resume import EpochLedger
 from poolloader.errors import (
     LoaderTimeoutError,
 )

@@ -1,0 +1,178 @@
+"""``state_dict()`` taken while ``next()`` runs: from a signal handler (a cluster's
+pre-emption signal that saves a checkpoint, as Lightning's SLURM handler does), or
+after a Ctrl-C caught around ``next()``. The state must describe the batches the
+caller has had, no more: a batch counted inside ``next()`` and not yet returned
+is not the caller's, and a resume that skips it never trains on it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from _datasets import Plain, Sleepy
+
+import poolloader
+from poolloader.samplers import DynamicBatchSampler
+
+PACKAGE = str(Path(poolloader.__file__).parent) + os.sep
+LENGTHS = [float(1 + (i * 7) % 13) for i in range(60)]
+#: The parts of a state that say where the epoch is (``drawn`` and ``limits`` say
+#: how far the sampler was read ahead, which moves inside next()).
+WHERE = ("yielded", "yielded_after", "sampler", "rng")
+
+
+def _samplers(kind: str) -> dict[str, Any]:
+    if kind == "replayed":  # torch's samplers: resumed by drawing again under the saved RNG
+        return {"batch_size": 3, "shuffle": True, "generator": torch.Generator().manual_seed(7)}
+    # a poolloader sampler: resumed from its own state_dict
+    return {"batch_sampler": DynamicBatchSampler(LENGTHS, max_duration=20.0, seed=3)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return bool(a == b)
+
+
+def _where(state: dict[str, Any]) -> dict[str, Any]:
+    where = {key: state["in_epoch"].get(key) for key in WHERE}
+    if where["rng"] is not None:  # ("undrawn": the same random state, before the first draw)
+        where["rng"] = {k: v for k, v in where["rng"].items() if k != "undrawn"}
+    return where
+
+
+def _states_inside_each_next(
+    loader: poolloader.DataLoader, iterator: Iterator[Any]
+) -> Iterator[tuple[list[int], dict[str, Any], list[dict[str, Any]], list[int]]]:
+    """For each next() of ``iterator``'s epoch: the items the caller had before it
+    (its batches' items in order), the state taken right before it, the states
+    taken inside it, one as each C call made by poolloader's code returns (where a
+    signal handler runs), and the batch it returned."""
+    had: list[int] = []
+    inside: list[dict[str, Any]] = []
+
+    def take_state(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_return" and frame.f_code.co_filename.startswith(PACKAGE):
+            inside.append(loader.state_dict())  # (the profile hook is off in its own calls)
+
+    while True:
+        before = loader.state_dict()
+        inside = []
+        sys.setprofile(take_state)
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            sys.setprofile(None)
+        yield list(had), before, inside, batch.tolist()
+        had.extend(batch.tolist())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["replayed", "own_state"])
+def test_a_state_taken_inside_next_leaves_out_the_batch_next_has_not_returned(
+    num_workers: int, kind: str
+) -> None:
+    """Every state taken inside next() is the state taken before it: the batch next()
+    is handing over counts once next() returns it. And resuming from the last state
+    taken inside a next() gives that next()'s batch first. Before, a state taken
+    after the batch was counted and before next() returned it said the caller had
+    it: a resume from that checkpoint skipped it."""
+    with poolloader.DataLoader(Plain(60), num_workers=num_workers, **_samplers(kind)) as loader:
+        for _ in loader:  # (the second epoch is observed: a state's epoch is not the first)
+            pass
+        taken = 0
+        resume_from: tuple[list[int], dict[str, Any]] | None = None
+        observed: list[int] = []
+        for had, before, inside, batch in _states_inside_each_next(loader, iter(loader)):
+            assert inside, "no state was taken inside next()"
+            for state in inside:
+                assert _same(_where(state), _where(before)), (len(had), _where(state))
+            taken += len(inside)
+            if len(had) > 12 and resume_from is None:
+                resume_from = had, inside[-1]
+            observed = had + batch
+        assert taken > 100
+        rest = [i for b in loader for i in b.tolist()]  # after the observed epoch
+    assert resume_from is not None
+    had, state = resume_from
+    with poolloader.DataLoader(Plain(60), num_workers=0, **_samplers(kind)) as fresh:
+        fresh.load_state_dict(state)
+        resumed = [i for b in fresh for i in b.tolist()]
+        following = [i for b in fresh for i in b.tolist()]
+    assert had + resumed == observed
+    assert following == rest
+
+
+def test_a_state_taken_inside_next_out_of_order_leaves_out_the_batch_in_hand() -> None:
+    """``in_order=False``: the batches after a slow one reach the caller first, and
+    the slow one, when it comes, moves the count past all of them at once. States
+    taken inside each next() are still the state before it, and a resume from any
+    of them gives each batch the caller had not had, once."""
+    dataset = Sleepy(24, slow=5, seconds=0.5)
+    with poolloader.DataLoader(dataset, batch_size=1, num_workers=2, in_order=False) as loader:
+        states: list[tuple[list[int], dict[str, Any]]] = []
+        observed: list[int] = []
+        for had, before, inside, batch in _states_inside_each_next(loader, iter(loader)):
+            for state in inside:
+                assert _same(_where(state), _where(before)), (had, _where(state))
+            states += [(had, inside[0]), (had, inside[-1])]
+            observed = had + batch
+    assert observed != sorted(observed), "no batch came out of order"
+    assert sorted(observed) == list(range(24))
+    late = observed.index(5)
+    for had, state in states[2 * late : 2 * late + 4]:  # around the slow batch's next()
+        with poolloader.DataLoader(Plain(24), batch_size=1, num_workers=0) as fresh:
+            fresh.load_state_dict(state)
+            resumed = [int(b) for b in fresh]
+        assert sorted(had + resumed) == list(range(24)), (had, resumed)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_state_taken_after_a_ctrl_c_inside_next_resumes_with_the_batch_not_returned(
+    num_workers: int,
+) -> None:
+    """A Ctrl-C caught around next() and a checkpoint saved in the ``except``: where
+    the interrupt landed after next() counted its batch, that batch never reached
+    the caller, and the state must give it again."""
+    with poolloader.DataLoader(Plain(40), batch_size=2, num_workers=num_workers) as loader:
+        iterator = iter(loader)
+        for _ in range(5):
+            next(iterator)
+        landed = 0
+
+        def interrupt(frame: Any, event: str, arg: Any) -> None:
+            nonlocal landed
+            code = frame.f_code
+            if (
+                event == "return"
+                and code.co_name == "_next_data"
+                and not landed
+                and (code.co_filename.startswith(PACKAGE))
+            ):
+                landed += 1
+                raise KeyboardInterrupt
+
+        sys.setprofile(interrupt)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                next(iterator)
+        finally:
+            sys.setprofile(None)
+        assert landed == 1
+        state = loader.state_dict()
+        assert state["in_epoch"]["yielded"] == 5, state["in_epoch"]
+        assert next(iterator).tolist() == [10, 11]  # the batch the interrupt held up
+    with poolloader.DataLoader(Plain(40), batch_size=2, num_workers=0) as fresh:
+        fresh.load_state_dict(state)
+        assert [b.tolist() for b in fresh] == [[i, i + 1] for i in range(10, 40, 2)]
