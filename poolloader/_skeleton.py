@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
+from torch.multiprocessing.reductions import reduce_tensor
 
 if TYPE_CHECKING:
     from ._packing import Slab
@@ -160,10 +161,15 @@ def _raw_bytes(kind: str, data: Any) -> bytes:
 
 class TorchPickler(ForkingPickler):
     """multiprocessing's pickler with torch's reducers (tensors through fresh shared
-    memory), except for quantized tensors: torch's reducer drops their quantizer
-    (they arrive unusable, "UnknownQuantizer"), so they take the ordinary
-    pickling path, which keeps it. NumPy arrays arrive in native byte order, as
-    through torch's queue."""
+    memory), except where those lose what a tensor is:
+
+    - a quantized tensor: torch's reducer drops its quantizer (it arrives unusable,
+      "UnknownQuantizer"), so it takes the ordinary pickling path, which keeps it;
+    - a view whose conjugation or negation is a lazy bit (``z.conj()``, its
+      ``.imag``): torch's reducer sends the memory without the bit, so the tensor
+      would arrive unconjugated or un-negated; its resolved values are sent.
+
+    NumPy arrays arrive in native byte order, as through torch's queue."""
 
     def __init__(self, file: io.BytesIO) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
@@ -171,6 +177,8 @@ class TorchPickler(ForkingPickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.is_quantized:
             return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+        if isinstance(obj, torch.Tensor) and (obj.is_conj() or obj.is_neg()):
+            return reduce_tensor(obj.resolve_conj().resolve_neg())
         if type(obj) is np.ndarray and not obj.dtype.isnative and _plain_dtype(obj.dtype):
             # Protocol 5 would keep ">f4" (_native_order).
             return _native_order(obj).__reduce_ex__(pickle.HIGHEST_PROTOCOL)

@@ -334,6 +334,23 @@ class Growing(Dataset):
         return torch.full((1000 * (i + 1), 16), float(i))
 
 
+class LazyBits(Dataset):
+    """Items holding tensors whose conjugation or negation is a lazy bit on a view
+    (``.conj()`` of a complex tensor, the ``.imag`` of that), small and large."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        found = {}
+        for size in (3, 50_000):
+            z = (torch.arange(size, dtype=torch.float32) + i).to(torch.complex64) * (1 + 2j)
+            found[f"conj{size}"] = z.conj()
+            found[f"neg{size}"] = z.conj().imag
+            found[f"neg_window{size}"] = z.conj().imag[1:]
+        return found
+
+
 class DtypeZoo(Dataset):
     """Tensors of many dtypes and layouts, some big enough for slabs."""
 

@@ -11,6 +11,7 @@ from _compare import assert_same, assert_same_epochs
 from _datasets import (
     DtypeZoo,
     Growing,
+    LazyBits,
     Mixed,
     NumpyZoo,
     RegistersReducer,
@@ -40,6 +41,21 @@ def test_nested_batches_match_torch(transport):
     theirs = torch.utils.data.DataLoader(Mixed(), batch_size=4)
     with ours:
         assert_same_epochs(ours, theirs)
+
+
+@pytest.mark.parametrize("transport", ["shm", "pickle"])
+def test_conjugated_and_negated_views_arrive_with_their_values(transport):
+    """A complex tensor's ``.conj()`` (as an STFT's conjugate is) and the ``.imag``
+    of that are views whose conjugation or negation is a bit on the tensor, not in
+    its memory. Shared memory carries the memory: torch's workers hand such a
+    tensor over unconjugated, un-negated. Both transports give its values."""
+    expected = list(torch.utils.data.DataLoader(LazyBits(), batch_size=None))
+    got = list(_loader(LazyBits(), batch_size=None, transport=transport))
+    assert len(got) == len(expected)
+    for ours, theirs in zip(got, expected, strict=True):
+        assert ours.keys() == theirs.keys()
+        for key, tensor in theirs.items():
+            assert torch.equal(ours[key], tensor), key
 
 
 def test_numpy_arrays_stay_numpy_and_big_ones_use_slabs():
