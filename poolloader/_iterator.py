@@ -414,8 +414,6 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._outcomes.pop(record.seq, None)
                 raise
             self._handed, self._taken = (None if data is _SKIP else (data,)), None
-            if data is _SKIP:
-                self._ledger.in_hand = None  # (not the caller's: NOTE [ The batch in hand ])
             self._outcomes.pop(record.seq, None)
             if data is not _SKIP:
                 return data
@@ -559,8 +557,10 @@ class PoolIterator(_BaseDataLoaderIter):
         )
 
     def _deliver(self, record: TaskRecord, outcome: Outcome) -> Any:
-        self._ledger.in_hand = record.position  # NOTE [ The batch in hand ] in _resume.py
-        self._ledger.consumed(record.position)
+        ledger = self._ledger
+        if not (isinstance(outcome, Ended) or ledger.will_drop(record.position)):
+            ledger.in_hand = record.position  # the caller's: NOTE [ The batch in hand ]
+        ledger.consumed(record.position)
         if isinstance(outcome, Ended):
             if outcome.worker_id in self._active_workers:
                 self._active_workers.remove(outcome.worker_id)

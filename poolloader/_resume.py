@@ -185,6 +185,11 @@ class EpochLedger:
                     stacklevel=6,
                 )
             self._replay = replace(replay, skip=0) if replay is not None else None
+            # Counted from the start: a state taken before the streams are back there
+            # (right after iter(), or inside the first next(), which loads them) says
+            # what the saved one said, not that this epoch has yielded nothing.
+            self.yielded = done
+            self.yielded_after = set(in_epoch["yielded_after"])
             return
         self.next_position = self.yielded = int(in_epoch["yielded"])
         self.yielded_after = set(in_epoch["yielded_after"])
@@ -328,6 +333,10 @@ class EpochLedger:
         if not (replay.undrawn and restored):
             replay.after.apply(self._generators)
         self._replaying = None
+
+    def will_drop(self, position: int) -> bool:
+        """Whether batch ``position`` is one :meth:`dropped` will drop."""
+        return position in self._drop
 
     def dropped(self, position: int) -> bool:
         """Whether batch ``position``, just consumed, is one a resumed IterableDataset

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from _datasets import Plain, Sleepy
+from _datasets import Counted, Plain, Sleepy
 
 import poolloader
 from poolloader.samplers import DynamicBatchSampler
@@ -136,6 +136,39 @@ def test_a_state_taken_inside_next_out_of_order_leaves_out_the_batch_in_hand() -
             fresh.load_state_dict(state)
             resumed = [int(b) for b in fresh]
         assert sorted(had + resumed) == list(range(24)), (had, resumed)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_state_taken_while_a_resumed_stream_loads_its_yielded_batches_again_is_the_saved_one(
+    num_workers: int,
+) -> None:
+    """Resuming an IterableDataset's epoch loads the batches the saved epoch had
+    yielded once more and drops them, inside the first next(). A state taken before
+    that next() returns (right after iter(), or in a signal handler) said this epoch
+    had yielded nothing: a resume from it gave those batches a second time."""
+
+    def make() -> poolloader.DataLoader:
+        return poolloader.DataLoader(Counted(26), batch_size=2, num_workers=num_workers)
+
+    with make() as loader:
+        reference = [b.tolist() for b in loader]
+        iterator = iter(loader)
+        seen = [next(iterator).tolist() for _ in range(4)]
+        saved = loader.state_dict()
+        del iterator
+    with make() as again, pytest.warns(UserWarning, match="loads again the 4 batch"):
+        again.load_state_dict(saved)
+        iterator = iter(again)
+        right_after_iter = again.state_dict()
+        _, before, inside, first = next(_states_inside_each_next(again, iterator))
+        for state in [right_after_iter, before, *inside]:
+            assert _same(_where(state), _where(saved)), _where(state)
+        assert first == reference[4]
+        del iterator
+    with make() as third, pytest.warns(UserWarning, match="loads again the 4 batch"):
+        third.load_state_dict(right_after_iter)
+        rest = [b.tolist() for b in third]
+    assert seen + rest == reference
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
