@@ -8,6 +8,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -155,6 +156,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._resume_generators: list[torch.Tensor] | None = None
         self._resume_base_seed: int | None = None  # see _kept_base_seed
         self._position: EpochPosition | None = None
+        self._state_at_iter: _StateInputs | None = None  # NOTE [ A state taken in iter() ]
         self.seeding = seeding
         self.max_worker_restarts = max_worker_restarts
         self.reorder_buffer = reorder_buffer
@@ -299,9 +301,25 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     # ----------------------------------------------------------- iteration
 
+    # NOTE [ A state taken in iter() ]: iter() takes what the next epoch starts from
+    # (a loaded state, the kept base seed) off the loader well before the new
+    # epoch's position is in place, and starting workers takes seconds: a
+    # state_dict() in between (a signal handler saving a checkpoint) said the
+    # epoch was starting afresh, so a resumed epoch began again at its first batch
+    # and gave the batches yielded before the state was saved a second time. Until
+    # iter() returns, state_dict() gives the state as it was when iter() began: the
+    # new epoch has yielded nothing yet.
+
     def __iter__(self) -> Any:
-        # torch's, holding the new persistent iterator while the loader holds it weakly.
         self._leave_inherited_pool()
+        self._state_at_iter = self._state_inputs()
+        try:
+            return self._new_epoch()
+        finally:
+            self._state_at_iter = None
+
+    def _new_epoch(self) -> Any:
+        # torch's, holding the new persistent iterator while the loader holds it weakly.
         if not (self.persistent_workers and self.num_workers > 0):
             return self._get_iterator()
         iterator = self._iterator
@@ -425,19 +443,27 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             for batch in loader:   # continues the saved epoch
                 ...
         """
+        found = self._state_at_iter  # NOTE [ A state taken in iter() ]
+        if found is None:
+            found = self._state_inputs()
+        order = order_of(self._index_sampler)
+        state = {"version": STATE_VERSION, "generators": found.generators, "order": order}
+        if found.resume is not None:
+            return {**state, "epoch": found.epoch_index, "in_epoch": found.resume}
+        position = found.position
+        if position is None or position.finished:
+            state = {**state, "epoch": found.epoch_index, "in_epoch": None}
+            kept = found.kept_base_seed
+            return state if kept is None else {**state, "base_seed": kept}
+        return {**state, "epoch": position.epoch, "in_epoch": position.state()}
+
+    def _state_inputs(self) -> _StateInputs:
         generators = self._resume_generators
         if generators is None:
             generators = generator_states(self._generators())
-        order = order_of(self._index_sampler)
-        state = {"version": STATE_VERSION, "generators": generators, "order": order}
-        if self._resume is not None:
-            return {**state, "epoch": self._epoch_index, "in_epoch": self._resume}
-        position = self._position
-        if position is None or position.finished:
-            state = {**state, "epoch": self._epoch_index, "in_epoch": None}
-            kept = self._kept_base_seed()
-            return state if kept is None else {**state, "base_seed": kept}
-        return {**state, "epoch": position.epoch, "in_epoch": position.state()}
+        return _StateInputs(
+            self._epoch_index, self._position, self._resume, generators, self._kept_base_seed()
+        )
 
     def _kept_base_seed(self) -> int | None:
         """The base seed the next epoch keeps: torch's persistent iterator draws one
@@ -543,3 +569,14 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             f"poolloader.DataLoader(dataset={type(self._dataset_target).__name__}, "
             f"batch_size={self.batch_size}, num_workers={self.num_workers}, {state})"
         )
+
+
+@dataclass(frozen=True)
+class _StateInputs:
+    """What :meth:`DataLoader.state_dict` is made of, taken at one moment."""
+
+    epoch_index: int  # the number the next epoch gets
+    position: EpochPosition | None  # the newest epoch's
+    resume: dict[str, Any] | None  # a loaded state's epoch, to continue at the next iter()
+    generators: list[torch.Tensor]  # the states of the generators orders are drawn from
+    kept_base_seed: int | None  # the base seed the next epoch keeps

@@ -58,24 +58,30 @@ def _states_inside_each_next(
     taken inside it, one as each C call made by poolloader's code returns (where a
     signal handler runs), and the batch it returned."""
     had: list[int] = []
+    while True:
+        before = loader.state_dict()
+        try:
+            batch, inside = _states_inside(loader, lambda: next(iterator))
+        except StopIteration:
+            return
+        yield list(had), before, inside, batch.tolist()
+        had.extend(batch.tolist())
+
+
+def _states_inside(loader: poolloader.DataLoader, call: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """What ``call()`` returns, and the states of ``loader`` taken inside it, one as
+    each C call made by poolloader's code returns (where a signal handler runs)."""
     inside: list[dict[str, Any]] = []
 
     def take_state(frame: Any, event: str, arg: Any) -> None:
         if event == "c_return" and frame.f_code.co_filename.startswith(PACKAGE):
             inside.append(loader.state_dict())  # (the profile hook is off in its own calls)
 
-    while True:
-        before = loader.state_dict()
-        inside = []
-        sys.setprofile(take_state)
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        finally:
-            sys.setprofile(None)
-        yield list(had), before, inside, batch.tolist()
-        had.extend(batch.tolist())
+    sys.setprofile(take_state)
+    try:
+        return call(), inside
+    finally:
+        sys.setprofile(None)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -169,6 +175,48 @@ def test_a_state_taken_while_a_resumed_stream_loads_its_yielded_batches_again_is
         third.load_state_dict(right_after_iter)
         rest = [b.tolist() for b in third]
     assert seen + rest == reference
+
+
+@pytest.mark.parametrize(("num_workers", "persistent"), [(0, False), (2, False), (2, True)])
+def test_a_state_taken_inside_iter_is_the_state_before_it(
+    num_workers: int, persistent: bool
+) -> None:
+    """iter() takes a loaded state (or a persistent loader's base seed) off the loader
+    well before the new epoch is in place, and starting workers takes seconds. A
+    state taken in between said a resumed epoch was starting afresh: a resume from
+    it gave again the batches yielded before the state was saved. Every state taken
+    inside iter() is now the one taken right before it: fresh, for a later epoch,
+    and resumed."""
+
+    def make() -> poolloader.DataLoader:
+        return poolloader.DataLoader(
+            Plain(20), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(5),
+            num_workers=num_workers, persistent_workers=persistent,
+        )  # fmt: skip
+
+    def checked_iter(loader: poolloader.DataLoader) -> tuple[Any, dict[str, Any]]:
+        before = loader.state_dict()
+        iterator, inside = _states_inside(loader, lambda: iter(loader))
+        assert len(inside) > 5
+        for state in inside:
+            assert _same(state, before), (state, before)
+        return iterator, inside[-1]
+
+    with make() as loader:
+        first, _ = checked_iter(loader)
+        epoch0 = [next(first).tolist() for _ in range(3)]
+        saved = loader.state_dict()
+        epoch0 += [b.tolist() for b in first]
+        second, _ = checked_iter(loader)
+        epoch1 = [b.tolist() for b in second]
+    with make() as resumed:
+        resumed.load_state_dict(saved)
+        iterator, inside_iter = checked_iter(resumed)
+        del iterator
+    with make() as again:
+        again.load_state_dict(inside_iter)
+        assert [b.tolist() for b in again] == epoch0[3:]
+        assert [b.tolist() for b in again] == epoch1
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
