@@ -370,8 +370,11 @@ class EpochLedger:
         floor, hand = self.yielded, self.in_hand
         if hand is not None and hand < floor:
             floor = hand  # (the limits drawn since it are the state's while it is in hand)
-        for stale in [p for p in self._snapshots if p < floor]:
-            del self._snapshots[stale]
+        # Over a copy made in one C call, each key let go by pop: a state_dict() in a
+        # signal handler runs this too, and may land inside this loop.
+        for stale in list(self._snapshots):
+            if stale < floor:
+                self._snapshots.pop(stale, None)
 
     # NOTE [ The batch in hand ]: next() counts its batch as yielded before it
     # returns it, so that an interrupt between the two cannot lose it (NOTE
@@ -388,7 +391,7 @@ class EpochLedger:
     def state(self, base_seed: int) -> dict[str, Any]:
         self._fold()  # one an interrupt left unfinished
         yielded, resume_state = self.yielded, self.resume_state
-        after = {p for p in self.yielded_after if p >= yielded}
+        after = {p for p in list(self.yielded_after) if p >= yielded}  # (as in _fold)
         hand, before = self.in_hand, self._before_hand
         if hand is not None and hand in after:
             after.discard(hand)

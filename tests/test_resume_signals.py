@@ -220,6 +220,55 @@ def test_a_state_taken_inside_iter_is_the_state_before_it(
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_state_taken_between_any_two_lines_of_the_ledger_leaves_the_epoch_whole(
+    num_workers: int,
+) -> None:
+    """A signal lands between any two bytecodes that loop too, not only as calls
+    return: a state_dict() in a handler that landed inside the ledger's loop over
+    the snapshots it lets go changed the dict under it, and next() raised
+    "dictionary changed size during iteration". Here one state is taken inside
+    each next(), at the n-th line the ledger runs (each turn of a loop is a line,
+    as a tracer sees it), n going round so that each line gets its turn: every
+    epoch is whole, and no state says more than the caller had."""
+    ledger_file = str(Path(poolloader.__file__).parent / "_resume.py")
+    turns = 60
+    with poolloader.DataLoader(
+        Plain(60), num_workers=num_workers, in_order=False, **_samplers("own_state")
+    ) as loader:
+        reference = sorted(i for b in loader for i in b.tolist())
+        had: list[int] = []
+        lines = taken = 0
+
+        def trace(frame: Any, event: str, arg: Any) -> Any:
+            nonlocal lines, taken
+            if frame.f_code.co_filename != ledger_file:
+                return None
+            if event == "line":
+                lines += 1
+                if lines == taken % turns + 1:
+                    taken += 1
+                    state = loader.state_dict()
+                    assert state["in_epoch"] is None or state["in_epoch"]["yielded"] <= len(had)
+            return trace
+
+        for _ in range(4):
+            had = []
+            iterator = iter(loader)
+            while True:
+                lines = 0
+                sys.settrace(trace)
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    break
+                finally:
+                    sys.settrace(None)
+                had += batch.tolist()
+            assert sorted(had) == reference
+        assert taken > 2 * turns
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_state_taken_after_a_ctrl_c_inside_next_resumes_with_the_batch_not_returned(
     num_workers: int,
 ) -> None:
