@@ -112,6 +112,48 @@ def test_lightning_trains_with_poolloader_loaders():
     assert model.val_losses[-1] < model.val_losses[0] / 4
 
 
+class Recorder(Regressor):
+    """A Regressor that records each training batch it is given (its x values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[list[float]] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch[0][:, 0].tolist())
+        return super().training_step(batch, batch_idx)
+
+
+def test_lightning_resumes_a_checkpoint_saved_mid_epoch_with_the_batches_that_follow(tmp_path):
+    """Lightning saves a loader's state_dict() with each checkpoint and loads it on
+    ``fit(ckpt_path=...)``: training stopped after a checkpoint at step 6 of an
+    8-step epoch and resumed from it trains on exactly the batches an uninterrupted
+    run trained on after step 6, through the next epoch (shuffled, persistent)."""
+
+    def fit(model, **kwargs):
+        ckpt_path = kwargs.pop("ckpt_path", None)
+        trainer = pl.Trainer(
+            default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, **kwargs,
+        )  # fmt: skip
+        generator = torch.Generator().manual_seed(1)
+        with _loader(shuffle=True, generator=generator, persistent_workers=True) as loader:
+            trainer.fit(model, loader, ckpt_path=ckpt_path)
+
+    whole = Recorder()
+    fit(whole, max_epochs=2, enable_checkpointing=False)
+    saver = pl.callbacks.ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=6, save_top_k=-1, save_on_train_epoch_end=False
+    )
+    stopped = Recorder()
+    fit(stopped, max_steps=6, callbacks=[saver])
+    resumed = Recorder()
+    fit(resumed, max_epochs=2, enable_checkpointing=False, ckpt_path=saver.best_model_path)
+    assert len(whole.seen) == 16
+    assert stopped.seen == whole.seen[:6]
+    assert resumed.seen == whole.seen[6:]
+
+
 def test_lightning_recreates_the_loader_with_a_distributed_sampler():
     # What Lightning does for DDP: rebuild the loader from its arguments with a new sampler.
     from lightning_fabric.utilities.data import _update_dataloader
