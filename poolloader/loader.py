@@ -17,7 +17,7 @@ from torch.utils.data import Dataset, Sampler
 
 from . import _pickling
 from ._control import Channel
-from ._epoch_rng import find_generators, generator_states, set_generator_states
+from ._epoch_rng import RngState, find_generators, set_generator_states
 from ._fresh_epochs import start_afresh_each_epoch
 from ._inprocess import InProcessIterator
 from ._iterator import PoolIterator
@@ -156,7 +156,7 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         self._resume_generators: list[torch.Tensor] | None = None
         self._resume_base_seed: int | None = None  # see _kept_base_seed
         self._position: EpochPosition | None = None
-        self._state_at_iter: _StateInputs | None = None  # NOTE [ A state taken in iter() ]
+        self._state_at_iter: _Place | None = None  # NOTE [ A state taken in iter() ]
         self.seeding = seeding
         self.max_worker_restarts = max_worker_restarts
         self.reorder_buffer = reorder_buffer
@@ -303,20 +303,49 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     # NOTE [ A state taken in iter() ]: iter() takes what the next epoch starts from
     # (a loaded state, the kept base seed) off the loader well before the new
-    # epoch's position is in place, and starting workers takes seconds: a
+    # epoch's position is in place, and starting workers takes seconds. A
     # state_dict() in between (a signal handler saving a checkpoint) said the
-    # epoch was starting afresh, so a resumed epoch began again at its first batch
-    # and gave the batches yielded before the state was saved a second time. Until
-    # iter() returns, state_dict() gives the state as it was when iter() began: the
-    # new epoch has yielded nothing yet.
+    # epoch was starting afresh, and so did every state after an iter() that
+    # failed or was interrupted (a Ctrl-C while the workers start): a resumed
+    # epoch began again at its first batch, and the batches yielded before the
+    # state was saved came a second time. So iter() keeps where the loader was
+    # (:class:`_Place`): until it returns, state_dict() describes that place (the
+    # new epoch has yielded nothing yet), and when it raises, the loader goes back
+    # there, random state included, and the next iter() starts the same epoch.
 
     def __iter__(self) -> Any:
         self._leave_inherited_pool()
-        self._state_at_iter = self._state_inputs()
+        place = self._state_at_iter = self._place()
         try:
             return self._new_epoch()
+        except BaseException:
+            self._go_back(place)
+            raise
         finally:
             self._state_at_iter = None
+
+    def _place(self) -> _Place:
+        return _Place(
+            self._epoch_index, self._position, self._resume, self._resume_generators,
+            self._resume_base_seed, self._resume_limits, self._persistent_seed,
+            RngState.capture(self._generators()),
+        )  # fmt: skip
+
+    def _go_back(self, place: _Place) -> None:
+        """Undo an iter() that raised (NOTE [ A state taken in iter() ]): the
+        iterator it made or reset ends, and the loader is where it was."""
+        iterator, self._iterator = self._iterator, None  # a persistent one, made or half reset
+        if iterator is not None:
+            try:
+                iterator.close()
+            except Exception:
+                pass  # (it failed before it had an epoch to end)
+        place.rng.apply(self._generators())
+        # No call from here on: what an interrupt may leave half done.
+        self._epoch_index, self._position = place.epoch_index, place.position
+        self._resume, self._resume_generators = place.resume, place.resume_generators
+        self._resume_base_seed, self._resume_limits = place.resume_base_seed, place.resume_limits
+        self._persistent_seed = place.persistent_seed
 
     def _new_epoch(self) -> Any:
         # torch's, holding the new persistent iterator while the loader holds it weakly.
@@ -443,29 +472,24 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
             for batch in loader:   # continues the saved epoch
                 ...
         """
-        found = self._state_at_iter  # NOTE [ A state taken in iter() ]
-        if found is None:
-            found = self._state_inputs()
+        place = self._state_at_iter  # NOTE [ A state taken in iter() ]
+        if place is None:
+            place = self._place()
+        generators = place.resume_generators
+        if generators is None:
+            generators = place.rng.generators
         order = order_of(self._index_sampler)
-        state = {"version": STATE_VERSION, "generators": found.generators, "order": order}
-        if found.resume is not None:
-            return {**state, "epoch": found.epoch_index, "in_epoch": found.resume}
-        position = found.position
+        state = {"version": STATE_VERSION, "generators": generators, "order": order}
+        if place.resume is not None:
+            return {**state, "epoch": place.epoch_index, "in_epoch": place.resume}
+        position = place.position
         if position is None or position.finished:
-            state = {**state, "epoch": found.epoch_index, "in_epoch": None}
-            kept = found.kept_base_seed
+            state = {**state, "epoch": place.epoch_index, "in_epoch": None}
+            kept = self._kept_base_seed(place)
             return state if kept is None else {**state, "base_seed": kept}
         return {**state, "epoch": position.epoch, "in_epoch": position.state()}
 
-    def _state_inputs(self) -> _StateInputs:
-        generators = self._resume_generators
-        if generators is None:
-            generators = generator_states(self._generators())
-        return _StateInputs(
-            self._epoch_index, self._position, self._resume, generators, self._kept_base_seed()
-        )
-
-    def _kept_base_seed(self) -> int | None:
+    def _kept_base_seed(self, place: _Place) -> int | None:
         """The base seed the next epoch keeps: torch's persistent iterator draws one
         when it is made and keeps it (its reset draws none), so every epoch of a
         persistent loader has the first one's. A state saved between epochs
@@ -473,9 +497,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
         one more number from ``loader.generator``, shifting every later order).
         For the same reason a persistent iterator dropped mid-epoch (a peek with
         ``next(iter(loader))``, a ``break``) leaves its base seed to the next one."""
-        if self._resume_base_seed is not None:
-            return self._resume_base_seed
-        return self._persistent_seed if self.persistent_workers and self.num_workers > 0 else None
+        if place.resume_base_seed is not None:
+            return place.resume_base_seed
+        return place.persistent_seed if self.persistent_workers and self.num_workers > 0 else None
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from a state returned by :meth:`state_dict` at the next ``iter()``.
@@ -572,11 +596,16 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
 
 @dataclass(frozen=True)
-class _StateInputs:
-    """What :meth:`DataLoader.state_dict` is made of, taken at one moment."""
+class _Place:
+    """Where a loader is, taken at one moment: what :meth:`DataLoader.state_dict`
+    is made of, and what an iter() that raised goes back to (NOTE [ A state taken
+    in iter() ])."""
 
     epoch_index: int  # the number the next epoch gets
     position: EpochPosition | None  # the newest epoch's
     resume: dict[str, Any] | None  # a loaded state's epoch, to continue at the next iter()
-    generators: list[torch.Tensor]  # the states of the generators orders are drawn from
-    kept_base_seed: int | None  # the base seed the next epoch keeps
+    resume_generators: list[torch.Tensor] | None  # ... and its generators' states
+    resume_base_seed: int | None  # a loaded state's kept base seed (_kept_base_seed)
+    resume_limits: dict[str, Any] | None  # the sampler's limits when the state was loaded
+    persistent_seed: int | None  # a persistent iterator's base seed
+    rng: RngState  # the generators orders are drawn from, and torch's global one

@@ -268,6 +268,73 @@ def test_a_state_taken_between_any_two_lines_of_the_ledger_leaves_the_epoch_whol
         assert taken > 2 * turns
 
 
+@pytest.mark.parametrize(
+    ("num_workers", "persistent", "places"),
+    [(0, False, range(1, 60, 3)), (2, False, (3, 40, 400)), (2, True, (3, 40, 400))],
+)
+def test_an_iter_interrupted_before_its_epoch_began_leaves_the_resume_to_the_next(
+    num_workers: int, persistent: bool, places: range | tuple[int, ...]
+) -> None:
+    """A Ctrl-C while iter() starts a resumed epoch (starting workers takes seconds)
+    landed after iter() had taken the loaded state off the loader: the next iter()
+    began the epoch afresh, and the batches yielded before the state was saved came
+    a second time. iter() now puts back what it took when no epoch began. The
+    interrupt lands as the n-th C call made inside iter() returns, for each n of
+    ``places``, each on its own iter(); then one iter() runs."""
+    state, expected = _state_and_the_rest(num_workers, persistent)
+    with poolloader.DataLoader(Plain(20), **_random_order(num_workers, persistent)) as loader:
+        loader.load_state_dict(state)
+        landed = 0
+        iterator = None
+        for place in places:
+            seen = 0
+
+            def interrupt(frame: Any, event: str, arg: Any) -> None:
+                nonlocal seen, landed
+                if event == "c_return" and frame.f_code.co_filename.startswith(PACKAGE):
+                    seen += 1
+                    if seen == place:
+                        landed += 1
+                        raise KeyboardInterrupt
+
+            sys.setprofile(interrupt)
+            try:
+                iterator = iter(loader)
+            except KeyboardInterrupt:
+                continue
+            finally:
+                sys.setprofile(None)
+            break  # (iter() made fewer C calls than this place: it began the epoch)
+        assert landed >= 2, landed
+        assert _same(_where(loader.state_dict()), _where(state))
+        if iterator is None:
+            iterator = iter(loader)
+        got = [b.tolist() for b in iterator]
+        assert got + [b.tolist() for b in loader] == expected
+
+
+def _random_order(num_workers: int, persistent: bool = False) -> dict[str, Any]:
+    return {"batch_size": 2, "shuffle": True, "num_workers": num_workers,
+            "persistent_workers": persistent,
+            "generator": torch.Generator().manual_seed(9)}  # fmt: skip
+
+
+def _state_and_the_rest(
+    num_workers: int, persistent: bool
+) -> tuple[dict[str, Any], list[list[int]]]:
+    """A state saved after 3 batches of a loader's second epoch, and the batches
+    that follow them in that epoch and the next."""
+    with poolloader.DataLoader(Plain(20), **_random_order(num_workers, persistent)) as loader:
+        for _ in loader:
+            pass
+        iterator = iter(loader)
+        for _ in range(3):
+            next(iterator)
+        state = loader.state_dict()
+        rest = [b.tolist() for b in iterator]
+        return state, rest + [b.tolist() for b in loader]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_a_state_taken_after_a_ctrl_c_inside_next_resumes_with_the_batch_not_returned(
     num_workers: int,
