@@ -147,18 +147,23 @@ class Pool(IOThread):
         self._counters = PoolCounters()
         self._started_at = time.monotonic()
         self._owner = os.getpid()  # a forked child holds a copy it must not act on
-        self._wakeup_r, wakeup_w = os.pipe()
-        self._waker = Waker(wakeup_w)
-        if hasattr(transport, "on_release"):
-            transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
-        self._watch = Watchlist()
-        # NOTE [ Sending outside the lock ] in _outbox.py
-        self._outbox = Outbox(self._waker.wake)
-        self._workforce.close_connection = self._outbox.close_connection
         self._deferring = False  # set by submit, under the lock
         self._audit_due = False  # NOTE [ Tasks never sent ] in _iothread.py
         self._audits = itertools.count(1)
+        self._watch = Watchlist()
         self._thread = helper_thread(self._io_loop, "poolloader-io")
+        self._wakeup_r, wakeup_w = os.pipe()
+        try:
+            self._waker = Waker(wakeup_w)
+            # NOTE [ Sending outside the lock ] in _outbox.py
+            self._outbox = Outbox(self._waker.wake)
+        except BaseException:  # (a Ctrl-C: a pool never made closes nothing)
+            os.close(self._wakeup_r)
+            os.close(wakeup_w)
+            raise
+        if hasattr(transport, "on_release"):
+            transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
+        self._workforce.close_connection = self._outbox.close_connection
 
     # ---------------------------------------------------------------- life
 
@@ -173,18 +178,20 @@ class Pool(IOThread):
         here, and then nothing is left running."""
         logger.debug("starting %d workers", self._num_workers)
         _exit_hook.ensure_exit_hook()
-        with self._lock:
-            # A fork-started template is forked here, before the I/O thread runs.
-            try:
+        # Whatever stops the start (a Ctrl-C too) leaves nothing running.
+        try:
+            with self._lock:
+                # A fork-started template is forked here, before the I/O thread runs.
                 self._workforce.start(self._channel.base_generation, ship)
                 if meanwhile is not None:
                     meanwhile()
-            except BaseException:
-                self.close()
-                raise
-            self._workers = [self._launch(i) for i in range(self._num_workers)]
-        _exit_hook.live_pools.add(self)
-        self._thread.start()
+                for i in range(self._num_workers):
+                    self._workers.append(self._launch(i))
+            _exit_hook.live_pools.add(self)
+            self._thread.start()
+        except BaseException:
+            self.close()
+            raise
 
     def _launch(self, worker_id: int, *, replacement: bool = False) -> Worker:
         """Start worker ``worker_id`` from the template's dataset, or directly from
@@ -305,6 +312,12 @@ class Pool(IOThread):
             self.epochs_begun += 1
             self._idle_since, self._trimmed = None, False
             self._epochs[epoch] = EpochStart(epoch, base_seed, shared_seed)
+            # An epoch begun again (an iter() that raised went back before it: NOTE
+            # [ A state taken in iter() ] in loader.py): the workers still in it start
+            # it afresh, their streams from the start, when it is sent to them again.
+            for w in self._workers:
+                if w.epoch == epoch:
+                    w.epoch = -1
             self._workforce.base_seed = base_seed
             self._trim_control_log(self._channel.stamp())
 

@@ -64,14 +64,18 @@ def start_pool(loader: DataLoader[Any], base_seed: int) -> Pool:
         resumable=loader._dataset_kind == _DatasetKind.Map,
         dataset=loader._dataset_target,
     )
-    if inherited:
-        pool.start()
-    else:
-        # Pickled while the template starts; fingerprinted while it unpickles.
-        pool.start(
-            functools.partial(_ship_dataset, loader),
-            meanwhile=functools.partial(_take_fingerprint, loader),
-        )
+    try:
+        if inherited:
+            pool.start()
+        else:
+            # Pickled while the template starts; fingerprinted while it unpickles.
+            pool.start(
+                functools.partial(_ship_dataset, loader),
+                meanwhile=functools.partial(_take_fingerprint, loader),
+            )
+    except BaseException:  # (a Ctrl-C as start() began, before it could close the pool)
+        pool.close()
+        raise
     return pool
 
 

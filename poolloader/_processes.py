@@ -197,15 +197,15 @@ class Workforce:
         early = Template(self._context, replace(self._setup, dataset=DatasetFollows()), generation)
         try:
             dataset = ship(early.stream_dataset())
-            if isinstance(dataset, PickledObject):
+            pickled = isinstance(dataset, PickledObject)
+            if pickled:
                 early.end_dataset()  # raises if the template failed to start
-        except BaseException:
+                self.template = early  # (the pool's close stops it from here on)
+        except BaseException:  # (a Ctrl-C too: no template is left running)
             early.stop()
             raise
         self._setup = replace(self._setup, dataset=dataset)
-        if isinstance(dataset, PickledObject):
-            self.template = early
-        else:
+        if not pickled:
             early.stop()
             self.template = Template(self._context, self._setup, generation)
 

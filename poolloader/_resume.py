@@ -522,7 +522,7 @@ class EpochStart:
         sampler = iterator._index_sampler
         snapshot = sampler_snapshot(sampler, iterator._sampler_iter)
         limits = getattr(sampler, "_limit_state", None) if snapshot is not None else None
-        apply = functools.partial(_apply_limits, sampler) if limits is not None else None
+        apply = functools.partial(apply_limits, sampler) if limits is not None else None
         ledger = EpochLedger(self.generators, self.before_iter, snapshot, limits, apply)
         if self.in_epoch is not None:
             iterable = iterator._dataset_kind == _DatasetKind.Iterable
@@ -536,7 +536,7 @@ def limits_of(sampler: Any) -> dict[str, Any] | None:
     return dict(limit_state()) if callable(limit_state) else None
 
 
-def _apply_limits(sampler: Any, limits: Mapping[str, Any]) -> None:
+def apply_limits(sampler: Any, limits: Mapping[str, Any]) -> None:
     """Put a poolloader sampler's ``limits`` (some of its ``_limit_state()``) in effect."""
     sampler._apply_limits(sampler._parse_limits({**sampler._limit_state(), **limits}))
 

@@ -167,7 +167,10 @@ class TorchPickler(ForkingPickler):
       "UnknownQuantizer"), so it takes the ordinary pickling path, which keeps it;
     - a view whose conjugation or negation is a lazy bit (``z.conj()``, its
       ``.imag``): torch's reducer sends the memory without the bit, so the tensor
-      would arrive unconjugated or un-negated; its resolved values are sent.
+      would arrive unconjugated or un-negated; its resolved values are sent, as a
+      tensor (or ``nn.Parameter``) that needs grad if it did. (Other subclasses
+      pickle the ordinary way, which keeps the bit; torch refuses to send a
+      tensor that needs grad and is not a leaf.)
 
     NumPy arrays arrive in native byte order, as through torch's queue."""
 
@@ -177,8 +180,8 @@ class TorchPickler(ForkingPickler):
     def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, torch.Tensor) and obj.is_quantized:
             return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
-        if isinstance(obj, torch.Tensor) and (obj.is_conj() or obj.is_neg()):
-            return reduce_tensor(obj.resolve_conj().resolve_neg())
+        if type(obj) in _REDUCED and (obj.is_conj() or obj.is_neg()) and obj.is_leaf:
+            return reduce_tensor(_bits_applied(obj))
         if type(obj) is np.ndarray and not obj.dtype.isnative and _plain_dtype(obj.dtype):
             # Protocol 5 would keep ">f4" (_native_order).
             return _native_order(obj).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
@@ -189,6 +192,19 @@ class TorchPickler(ForkingPickler):
         buffer = io.BytesIO()
         cls(buffer).dump(obj)
         return buffer.getvalue()
+
+
+#: The tensor types torch's shared-memory reducer sends (TorchPickler.reducer_override).
+_REDUCED = (torch.Tensor, torch.nn.Parameter)
+
+
+def _bits_applied(tensor: torch.Tensor) -> torch.Tensor:
+    """A leaf ``tensor`` with its lazy conjugation and negation applied to its
+    values, of its type, and needing grad if it did."""
+    values = tensor.detach().resolve_conj().resolve_neg()
+    if type(tensor) is torch.nn.Parameter:
+        return torch.nn.Parameter(values, requires_grad=tensor.requires_grad)
+    return values.requires_grad_(tensor.requires_grad)
 
 
 class SkeletonPickler(TorchPickler):

@@ -31,7 +31,14 @@ from ._options import (
 )
 from ._pool import Pool
 from ._pool_start import start_pool
-from ._resume import STATE_VERSION, EpochPosition, EpochStart, limits_of, order_of
+from ._resume import (
+    STATE_VERSION,
+    EpochPosition,
+    EpochStart,
+    apply_limits,
+    limits_of,
+    order_of,
+)
 from ._resume_checks import check_order, check_state
 from ._stats import LoaderStatistics, LoaderStats, combined
 from ._tracking import root_view, unwrap
@@ -315,37 +322,45 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
 
     def __iter__(self) -> Any:
         self._leave_inherited_pool()
-        place = self._state_at_iter = self._place()
+        place = self._place()
+        # Stored into __dict__, not through __setattr__ (a Python call, where an
+        # interrupt could land and leave the place in force for good).
+        self.__dict__["_state_at_iter"] = place
         try:
             return self._new_epoch()
         except BaseException:
             self._go_back(place)
             raise
         finally:
-            self._state_at_iter = None
+            self.__dict__["_state_at_iter"] = None
 
     def _place(self) -> _Place:
         return _Place(
             self._epoch_index, self._position, self._resume, self._resume_generators,
             self._resume_base_seed, self._resume_limits, self._persistent_seed,
-            RngState.capture(self._generators()),
+            RngState.capture(self._generators()), limits_of(self._index_sampler), self._iterator,
         )  # fmt: skip
 
     def _go_back(self, place: _Place) -> None:
         """Undo an iter() that raised (NOTE [ A state taken in iter() ]): the
-        iterator it made or reset ends, and the loader is where it was."""
-        iterator, self._iterator = self._iterator, None  # a persistent one, made or half reset
-        if iterator is not None:
-            try:
-                iterator.close()
-            except Exception:
-                pass  # (it failed before it had an epoch to end)
+        persistent iterator it made ends, one it reset gives up the epoch it
+        began, and the loader is where it was. Other iterators are left alone."""
+        iterator = self._iterator
+        if iterator is not None and iterator is not place.iterator:
+            self.__dict__["_held_iterator"] = None  # (not through the setter: it ends the pool)
+            _quietly(iterator.close)
+        elif iterator is not None:
+            _quietly(iterator._abandon)  # (its next reset starts the epoch again)
+        if place.resume is not None and place.limits is not None:
+            # Starting the resumed epoch loaded the sampler's saved state, and with it
+            # the saved limits: the caller's, set after load_state_dict, come back.
+            apply_limits(self._index_sampler, place.limits)
         place.rng.apply(self._generators())
-        # No call from here on: what an interrupt may leave half done.
-        self._epoch_index, self._position = place.epoch_index, place.position
-        self._resume, self._resume_generators = place.resume, place.resume_generators
-        self._resume_base_seed, self._resume_limits = place.resume_base_seed, place.resume_limits
-        self._persistent_seed = place.persistent_seed
+        self.__dict__.update(  # one C call: an interrupt lands before or after all of it
+            _epoch_index=place.epoch_index, _position=place.position, _resume=place.resume,
+            _resume_generators=place.resume_generators, _resume_base_seed=place.resume_base_seed,
+            _resume_limits=place.resume_limits, _persistent_seed=place.persistent_seed,
+        )  # fmt: skip
 
     def _new_epoch(self) -> Any:
         # torch's, holding the new persistent iterator while the loader holds it weakly.
@@ -609,3 +624,13 @@ class _Place:
     resume_limits: dict[str, Any] | None  # the sampler's limits when the state was loaded
     persistent_seed: int | None  # a persistent iterator's base seed
     rng: RngState  # the generators orders are drawn from, and torch's global one
+    limits: dict[str, Any] | None  # a poolloader sampler's limits
+    iterator: Any  # the persistent iterator
+
+
+def _quietly(close: Callable[[], None]) -> None:
+    """Call ``close``: an iterator an iter() left half made may fail to."""
+    try:
+        close()
+    except Exception:
+        pass

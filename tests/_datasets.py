@@ -334,9 +334,14 @@ class Growing(Dataset):
         return torch.full((1000 * (i + 1), 16), float(i))
 
 
+class ConjugatedSub(torch.Tensor):
+    """A tensor subclass (LazyBits holds a conjugated one)."""
+
+
 class LazyBits(Dataset):
     """Items holding tensors whose conjugation or negation is a lazy bit on a view
-    (``.conj()`` of a complex tensor, the ``.imag`` of that), small and large."""
+    (``.conj()`` of a complex tensor, the ``.imag`` of that), small and large; also
+    as a leaf that needs grad, an ``nn.Parameter`` and a subclass."""
 
     def __len__(self) -> int:
         return 4
@@ -348,6 +353,9 @@ class LazyBits(Dataset):
             found[f"conj{size}"] = z.conj()
             found[f"neg{size}"] = z.conj().imag
             found[f"neg_window{size}"] = z.conj().imag[1:]
+        found["needs_grad"] = z.conj().detach().requires_grad_()
+        found["parameter"] = torch.nn.Parameter(z.conj(), requires_grad=False)
+        found["subclass"] = z.as_subclass(ConjugatedSub).conj()
         return found
 
 

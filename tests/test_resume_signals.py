@@ -6,8 +6,10 @@ is not the caller's, and a resume that skips it never trains on it."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,47 +272,159 @@ def test_a_state_taken_between_any_two_lines_of_the_ledger_leaves_the_epoch_whol
 
 @pytest.mark.parametrize(
     ("num_workers", "persistent", "places"),
-    [(0, False, range(1, 60, 3)), (2, False, (3, 40, 400)), (2, True, (3, 40, 400))],
+    [
+        (0, False, range(1, 95, 2)),
+        (2, False, (3, 40, 150, 300, 450, 600)),
+        (2, True, (3, 40, 150, 300, 450, 600)),
+    ],
 )
-def test_an_iter_interrupted_before_its_epoch_began_leaves_the_resume_to_the_next(
+def test_an_interrupted_iter_leaves_the_resumed_epoch_to_the_next(
     num_workers: int, persistent: bool, places: range | tuple[int, ...]
 ) -> None:
     """A Ctrl-C while iter() starts a resumed epoch (starting workers takes seconds)
-    landed after iter() had taken the loaded state off the loader: the next iter()
-    began the epoch afresh, and the batches yielded before the state was saved came
-    a second time. iter() now puts back what it took when no epoch began. The
-    interrupt lands as the n-th C call made inside iter() returns, for each n of
-    ``places``, each on its own iter(); then one iter() runs."""
+    landed after iter() had taken the loaded state off the loader, or after the
+    epoch began: the next iter() began the epoch afresh, or the one after it, and
+    batches came a second time or not at all. An iter() that raises now puts the
+    loader back where it was. The interrupt lands as the n-th call made inside
+    iter() begins or returns, for each n of ``places`` (before and after the epoch
+    began), each on its own iter(); then one iter() runs."""
     state, expected = _state_and_the_rest(num_workers, persistent)
     with poolloader.DataLoader(Plain(20), **_random_order(num_workers, persistent)) as loader:
         loader.load_state_dict(state)
-        landed = 0
-        iterator = None
+        landed, iterator = 0, None
         for place in places:
-            seen = 0
-
-            def interrupt(frame: Any, event: str, arg: Any) -> None:
-                nonlocal seen, landed
-                if event == "c_return" and frame.f_code.co_filename.startswith(PACKAGE):
-                    seen += 1
-                    if seen == place:
-                        landed += 1
-                        raise KeyboardInterrupt
-
-            sys.setprofile(interrupt)
-            try:
-                iterator = iter(loader)
-            except KeyboardInterrupt:
-                continue
-            finally:
-                sys.setprofile(None)
-            break  # (iter() made fewer C calls than this place: it began the epoch)
+            iterator = _interrupted_iter(loader, place)
+            if iterator is not None:
+                break  # (iter() made fewer calls than this)
+            landed += 1
         assert landed >= 2, landed
         assert _same(_where(loader.state_dict()), _where(state))
         if iterator is None:
             iterator = iter(loader)
         got = [b.tolist() for b in iterator]
         assert got + [b.tolist() for b in loader] == expected
+
+
+def _interrupted_iter(loader: poolloader.DataLoader, place: int) -> Any:
+    """``iter(loader)``, with a KeyboardInterrupt raised as the ``place``-th call
+    poolloader's code makes begins or returns: None when it landed (and was
+    caught), else the iterator."""
+    seen = 0
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        nonlocal seen
+        code = frame.f_code
+        if event == "call" and code.co_flags & inspect.CO_GENERATOR:
+            return  # (also called as a generator is closed, where an exception is lost)
+        if event in ("call", "c_return") and code.co_filename.startswith(PACKAGE):
+            seen += 1
+            if seen == place:
+                raise KeyboardInterrupt
+
+    sys.setprofile(interrupt)
+    try:
+        return iter(loader)
+    except KeyboardInterrupt:
+        return None
+    finally:
+        sys.setprofile(None)
+
+
+def _iter_interrupted_as(loader: poolloader.DataLoader, function: str) -> Any:
+    """``iter(loader)``, with a KeyboardInterrupt raised as poolloader's ``function``
+    begins: None when it landed (and was caught), else the iterator."""
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_name == function and code.co_filename.startswith(PACKAGE):
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    sys.setprofile(interrupt)
+    try:
+        return iter(loader)
+    except KeyboardInterrupt:
+        return None
+    finally:
+        sys.setprofile(None)
+
+
+def test_a_stream_epoch_begun_again_after_an_interrupted_iter_starts_its_streams_afresh() -> None:
+    """An iter() interrupted after its epoch began (its first batches were sent to
+    the workers) goes back, and the next iter() begins that epoch again, under the
+    same number. Persistent workers still in it must start their streams afresh:
+    a worker that went on from where the first try left its stream lost the items
+    that try had read."""
+    with poolloader.DataLoader(Counted(26), batch_size=2, num_workers=2,
+                               persistent_workers=True) as loader:  # fmt: skip
+        reference = sorted(i for b in loader for i in b.tolist())
+        landed = 0
+        for place in (390, 300, 200, 120):
+            iterator = _interrupted_iter(loader, place)
+            if iterator is None:
+                landed += 1
+                time.sleep(0.2)  # (the workers run the batches the try had sent)
+            else:
+                del iterator
+        assert landed >= 2, landed
+        assert sorted(i for b in loader for i in b.tolist()) == reference
+
+
+def test_a_failed_iter_leaves_the_other_iterators_of_its_loader_running() -> None:
+    """Going back after an iter() that raised ends only what that iter() made: an
+    iterator of the same loader still in its epoch goes on to the end of it."""
+    sampler = _FailsOnSecondIter(Plain(20))
+    with poolloader.DataLoader(Plain(20), batch_sampler=sampler, num_workers=2) as loader:
+        first = iter(loader)
+        got = [next(first).tolist() for _ in range(2)]
+        with pytest.raises(RuntimeError, match="second iter"):
+            iter(loader)
+        got += [b.tolist() for b in first]
+        assert got == [[i, i + 1] for i in range(0, 20, 2)]
+
+
+class _FailsOnSecondIter(torch.utils.data.Sampler[list[int]]):
+    """Batches of two in order; its second ``iter()`` raises."""
+
+    def __init__(self, data: Any) -> None:
+        self.n, self.iters = len(data), 0
+
+    def __len__(self) -> int:
+        return self.n // 2
+
+    def __iter__(self) -> Iterator[list[int]]:
+        self.iters += 1
+        if self.iters == 2:
+            raise RuntimeError("the sampler fails on its second iter()")
+        return iter([[i, i + 1] for i in range(0, self.n, 2)])
+
+
+def test_limits_set_after_loading_a_state_survive_an_interrupted_iter() -> None:
+    """Starting a resumed epoch loads the sampler's saved state, and with it the
+    saved limits; an iter() interrupted after that left them in place of the ones
+    the caller set after load_state_dict(), and the epoch was cut with the wrong
+    ones. They are put back with the rest."""
+    lengths = [float(1 + (i * 7) % 13) for i in range(60)]
+
+    def make() -> poolloader.DataLoader:
+        sampler = DynamicBatchSampler(lengths, max_duration=20.0, seed=3)
+        return poolloader.DataLoader(Plain(60), batch_sampler=sampler)
+
+    with make() as loader:
+        iterator = iter(loader)
+        for _ in range(4):
+            next(iterator)
+        state = loader.state_dict()
+    with make() as plain:
+        plain.load_state_dict(state)
+        plain.batch_sampler.max_duration = 30.0
+        expected = [b.tolist() for b in plain]
+    with make() as interrupted:
+        interrupted.load_state_dict(state)
+        interrupted.batch_sampler.max_duration = 30.0
+        assert _iter_interrupted_as(interrupted, "_next_epoch") is None
+        assert interrupted.batch_sampler.max_duration == 30.0
+        assert [b.tolist() for b in interrupted] == expected
 
 
 def _random_order(num_workers: int, persistent: bool = False) -> dict[str, Any]:

@@ -48,14 +48,18 @@ def test_conjugated_and_negated_views_arrive_with_their_values(transport):
     """A complex tensor's ``.conj()`` (as an STFT's conjugate is) and the ``.imag``
     of that are views whose conjugation or negation is a bit on the tensor, not in
     its memory. Shared memory carries the memory: torch's workers hand such a
-    tensor over unconjugated, un-negated. Both transports give its values."""
+    tensor over unconjugated, un-negated. Both transports give its values, its
+    type and whether it needs grad."""
     expected = list(torch.utils.data.DataLoader(LazyBits(), batch_size=None))
-    got = list(_loader(LazyBits(), batch_size=None, transport=transport))
+    with _loader(LazyBits(), batch_size=None, transport=transport) as loader:
+        got = list(loader)
     assert len(got) == len(expected)
     for ours, theirs in zip(got, expected, strict=True):
         assert ours.keys() == theirs.keys()
         for key, tensor in theirs.items():
-            assert torch.equal(ours[key], tensor), key
+            assert type(ours[key]) is type(tensor), key
+            assert ours[key].requires_grad == tensor.requires_grad, key
+            assert torch.equal(ours[key].detach(), tensor.detach()), key
 
 
 def test_numpy_arrays_stay_numpy_and_big_ones_use_slabs():
