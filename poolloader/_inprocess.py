@@ -40,7 +40,15 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         # torch's _SingleProcessDataLoaderIter.__init__ but for its fetcher, which it
         # would build over loader.dataset (the view): an IterableDataset's
         # __iter__ would run twice an epoch, once with the view as ``self``.
-        _BaseDataLoaderIter.__init__(self, loader)
+        # torch's init draws a base seed; one kept replaces it, and it is drawn from a
+        # generator of its own (EpochStart.keeps_base_seed), set and put back with no call.
+        own = loader.__dict__.get("generator")
+        if epoch_start.keeps_base_seed:
+            loader.__dict__["generator"] = torch.Generator()
+        try:
+            _BaseDataLoaderIter.__init__(self, loader)
+        finally:
+            loader.__dict__["generator"] = own
         if self._timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         self._dataset = loader._dataset_target

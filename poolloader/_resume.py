@@ -490,15 +490,16 @@ class EpochStart:
         order) again; those draws happened before the state was saved, so
         afterwards the caller's global random state is put back, and a sampler
         that loads its own state finds the generators as they were saved
-        (:meth:`settle`). ``base_seed``: a state saved between epochs of a
-        persistent loader, whose iterator keeps its base seed and draws none;
-        the new iterator's draw is undone too. ``limits_set``: the sampler's limits
+        (:meth:`settle`). ``base_seed``: the base seed a persistent loader's
+        iterator keeps (a state saved between epochs, an iterator made again): the
+        new iterator draws its own from a generator of its own
+        (:meth:`keeps_base_seed`), so that the caller's are left as a reset leaves
+        them, the sampler's draws in ``iter()`` included. ``limits_set``: the sampler's limits
         as the caller set them after ``load_state_dict`` (loading the sampler's
         state puts the saved ones back; the ledger sets these where they belong)."""
         before = RngState.capture(generators)
         if in_epoch is None:
-            after = before if base_seed is not None else None
-            return cls(generators, before, None, None, after, base_seed)
+            return cls(generators, before, None, None, None, base_seed)
         if in_epoch["sampler"] is not None:
             _load_sampler(sampler, in_epoch["sampler"])
             after = RngState(saved_generators, before.global_rng)
@@ -510,6 +511,12 @@ class EpochStart:
         replay = Replay(first, int(in_epoch["yielded"]), after, bool(rng.get("undrawn", False)))
         saved.apply(generators)
         return cls(generators, saved, in_epoch, replay, after)
+
+    @property
+    def keeps_base_seed(self) -> bool:
+        """Whether the epoch keeps a base seed instead of the one torch's iterator
+        draws: that draw must then not touch the caller's generators."""
+        return self.in_epoch is None and self.base_seed is not None
 
     def settle(self) -> None:
         """After the iterator drew its base seed: undo that draw's effect when resuming."""

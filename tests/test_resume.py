@@ -440,6 +440,45 @@ def test_a_persistent_loaders_state_between_epochs_resumes_the_next_epochs(make)
         assert_same(got, want, f"batch {i}")
 
 
+class _GlobalPermutation(torch.utils.data.Sampler):
+    """Batches of two of a permutation drawn from torch's global generator in
+    ``__iter__``, as many hand-written batch samplers draw it."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n // 2
+
+    def __iter__(self):
+        order = torch.randperm(self.n).tolist()
+        return iter([order[i : i + 2] for i in range(0, self.n, 2)])
+
+
+def test_a_persistent_iterator_made_again_keeps_the_samplers_own_draws():
+    """A persistent loader's iterator dropped mid-epoch is made again by the next
+    iter(), which keeps the first one's base seed: the new iterator's own draw of
+    one was undone by putting back the random state from before iter(), and that
+    undid the sampler's draws in iter() too, so the next two epochs had the same
+    order. They are the epochs the iterator kept alive gives."""
+
+    def epochs(drop: bool) -> list[list[list[int]]]:
+        torch.manual_seed(1)
+        with DataLoader(Tagged(12), batch_sampler=_GlobalPermutation(12), num_workers=2,
+                        persistent_workers=True, multiprocessing_context="forkserver") as loader:  # fmt: skip
+            for _ in loader:
+                pass
+            iterator = iter(loader)
+            next(iterator)
+            if drop:
+                del iterator
+            return [[b[:, 0].long().tolist() for b in loader] for _ in range(2)]
+
+    kept, made_again = epochs(drop=False), epochs(drop=True)
+    assert made_again[0] != made_again[1]
+    assert made_again == kept
+
+
 @pytest.mark.parametrize("load_workers", [0, 2])
 def test_a_state_saved_before_any_draw_leaves_the_next_epochs_order_as_it_was(load_workers):
     """num_workers=0 draws nothing at iter(): the saved epoch's first draw (torch's
