@@ -318,7 +318,9 @@ class DataLoader(torch.utils.data.DataLoader[T_co]):
     # state was saved came a second time. So iter() keeps where the loader was
     # (:class:`_Place`): until it returns, state_dict() describes that place (the
     # new epoch has yielded nothing yet), and when it raises, the loader goes back
-    # there, random state included, and the next iter() starts the same epoch.
+    # there, random state included, and the next iter() starts the same epoch,
+    # under the same number (the pool has the workers still in it start it
+    # afresh: Pool.begin_epoch).
 
     def __iter__(self) -> Any:
         self._leave_inherited_pool()
