@@ -313,8 +313,8 @@ class Pool(IOThread):
             self._idle_since, self._trimmed = None, False
             self._epochs[epoch] = EpochStart(epoch, base_seed, shared_seed)
             # An epoch begun again (an iter() that raised went back before it: NOTE
-            # [ A state taken in iter() ] in loader.py): the workers still in it start
-            # it afresh, their streams from the start, when it is sent to them again.
+            # [ A state taken in iter() ] in _loader_resume.py): the workers still in
+            # it start it afresh, their streams from the start, when it is sent again.
             for w in self._workers:
                 if w.epoch == epoch:
                     w.epoch = -1
