@@ -88,7 +88,12 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         return self._ledger.state(int(self._base_seed))
 
     def __next__(self) -> Any:
-        data = super().__next__()
+        try:
+            data = super().__next__()
+        except Exception:
+            # A batch's own error (or the epoch's end) is the caller's from here on.
+            self._ledger.in_hand = None
+            raise
         # No call from here to the caller (NOTE [ Handing a batch over ] in _iterator.py,
         # NOTE [ The batch in hand ] in _resume.py).
         self._handed = self._ledger.in_hand = None
@@ -123,7 +128,9 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
                     raise _map_style_stop_iteration() from exc  # as the workers say it
                 self._position.finished = True
                 raise
-            except Exception:
+            except Exception:  # its outcome, the caller's once __next__ raises it
+                if not self._ledger.will_drop(position):
+                    self._ledger.in_hand = position
                 self._ledger.consumed(position)
                 if self._ledger.dropped(position):
                     continue  # raised to the consumer before the state was saved
@@ -141,7 +148,8 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
             if self._pin_memory:
                 data = pin_memory(data, self._pin_memory_device)
         except Exception:
-            self._ledger.consumed(position)  # its error is its outcome
+            self._ledger.in_hand = position  # its error is its outcome (as above)
+            self._ledger.consumed(position)
             raise
         self._handed, self._ledger.in_hand = (data, position), position  # then counted
         self._ledger.consumed(position)

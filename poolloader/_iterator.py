@@ -418,8 +418,9 @@ class PoolIterator(_BaseDataLoaderIter):
             try:
                 data = self._deliver(record, outcome)
             except Exception:  # the batch's own error: the next batch is next
-                self._taken = self._ledger.in_hand = None
                 self._outcomes.pop(record.seq, None)
+                # Last, with no call after: the error is the caller's from here on.
+                self._taken = self._ledger.in_hand = None
                 raise
             self._handed, self._taken = (None if data is _SKIP else (data,)), None
             self._outcomes.pop(record.seq, None)

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from _datasets import Counted, Plain, Sleepy
+from _datasets import Counted, Failing, Plain, Sleepy
 
 import poolloader
 from poolloader.samplers import DynamicBatchSampler
@@ -84,6 +84,15 @@ def _states_inside(loader: poolloader.DataLoader, call: Any) -> tuple[Any, list[
         return call(), inside
     finally:
         sys.setprofile(None)
+
+
+def _raised(call: Any) -> BaseException | None:
+    """What ``call()`` raised (an Exception), or None."""
+    try:
+        call()
+    except Exception as exc:
+        return exc
+    return None
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -447,6 +456,28 @@ def _state_and_the_rest(
         state = loader.state_dict()
         rest = [b.tolist() for b in iterator]
         return state, rest + [b.tolist() for b in loader]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_state_taken_inside_a_next_that_raises_the_batchs_error_leaves_that_batch_out(
+    num_workers: int,
+) -> None:
+    """A batch's own error is its outcome: next() counts it, then raises it. A state
+    taken in between (a signal handler) counted it before the caller had the error,
+    and a resume from it went past the batch without raising. Every state taken
+    inside that next() is the state before it; the one after counts the batch."""
+    with poolloader.DataLoader(Failing(12, bad=5), num_workers=num_workers) as loader:
+        iterator = iter(loader)
+        for _ in range(5):
+            next(iterator)
+        before = loader.state_dict()
+        error, inside = _states_inside(loader, lambda: _raised(lambda: next(iterator)))
+        assert isinstance(error, ValueError) and "item 5 is corrupt" in str(error)
+        assert len(inside) > 3
+        for state in inside:
+            assert _same(_where(state), _where(before)), _where(state)
+        assert loader.state_dict()["in_epoch"]["yielded"] == 6
+        assert [int(b) for b in iterator] == list(range(6, 12))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
