@@ -3,6 +3,7 @@ per-batch seeding and resume ledger the pool iterator has."""
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -40,15 +41,9 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         # torch's _SingleProcessDataLoaderIter.__init__ but for its fetcher, which it
         # would build over loader.dataset (the view): an IterableDataset's
         # __iter__ would run twice an epoch, once with the view as ``self``.
-        # torch's init draws a base seed; one kept replaces it, and it is drawn from a
-        # generator of its own (EpochStart.keeps_base_seed), set and put back with no call.
-        own = loader.__dict__.get("generator")
-        if epoch_start.keeps_base_seed:
-            loader.__dict__["generator"] = torch.Generator()
-        try:
-            _BaseDataLoaderIter.__init__(self, loader)
-        finally:
-            loader.__dict__["generator"] = own
+        epoch_start.init_iterator(
+            loader, functools.partial(_BaseDataLoaderIter.__init__, self, loader)
+        )
         if self._timeout != 0:
             raise AssertionError("_SingleProcessDataLoaderIter requires timeout == 0")
         self._dataset = loader._dataset_target

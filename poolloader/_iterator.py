@@ -67,15 +67,9 @@ class PoolIterator(_BaseDataLoaderIter):
 
     def __init__(self, loader: DataLoader[Any]) -> None:
         epoch_start = loader._before_iter()
-        # torch's init draws a base seed; one kept replaces it, and it is drawn from a
-        # generator of its own (EpochStart.keeps_base_seed), set and put back with no call.
-        own = loader.__dict__.get("generator")
-        if epoch_start.keeps_base_seed:
-            loader.__dict__["generator"] = torch.Generator()
-        try:
-            super().__init__(loader)
-        finally:
-            loader.__dict__["generator"] = own
+        epoch_start.init_iterator(
+            loader, functools.partial(_BaseDataLoaderIter.__init__, self, loader)
+        )
         self._loader_stats = loader._stats
         self._window: deque[TaskRecord] = deque()
         self._limit = (loader.prefetch_factor or 2) * loader.num_workers

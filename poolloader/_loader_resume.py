@@ -4,7 +4,8 @@ what it records are in ``_resume.py``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,9 +70,11 @@ class Resumable:
         iterator = self._iterator
         if iterator is not None and iterator is not place.iterator:
             self.__dict__["_held_iterator"] = None  # (not through the setter: it ends the pool)
-            _quietly(iterator.close)
+            with contextlib.suppress(Exception):  # (a half-made one may fail to)
+                iterator.close()
         elif iterator is not None:
-            _quietly(iterator._abandon)  # (its next reset starts the epoch again)
+            with contextlib.suppress(Exception):  # (its next reset starts the epoch again)
+                iterator._abandon()
         if place.resume is not None and place.limits is not None:
             # Starting the resumed epoch loaded the sampler's saved state, and with it
             # the saved limits: the caller's, set after load_state_dict, come back.
@@ -195,11 +198,3 @@ class Place:
     rng: RngState  # the generators orders are drawn from, and torch's global one
     limits: dict[str, Any] | None  # a poolloader sampler's limits
     iterator: Any  # the persistent iterator
-
-
-def _quietly(close: Callable[[], None]) -> None:
-    """Call ``close``: an iterator an iter() left half made may fail to."""
-    try:
-        close()
-    except Exception:
-        pass

@@ -493,7 +493,7 @@ class EpochStart:
         (:meth:`settle`). ``base_seed``: the base seed a persistent loader's
         iterator keeps (a state saved between epochs, an iterator made again): the
         new iterator draws its own from a generator of its own
-        (:meth:`keeps_base_seed`), so that the caller's are left as a reset leaves
+        (:meth:`init_iterator`), so that the caller's are left as a reset leaves
         them, the sampler's draws in ``iter()`` included. ``limits_set``: the sampler's limits
         as the caller set them after ``load_state_dict`` (loading the sampler's
         state puts the saved ones back; the ledger sets these where they belong)."""
@@ -512,11 +512,16 @@ class EpochStart:
         saved.apply(generators)
         return cls(generators, saved, in_epoch, replay, after)
 
-    @property
-    def keeps_base_seed(self) -> bool:
-        """Whether the epoch keeps a base seed instead of the one torch's iterator
-        draws: that draw must then not touch the caller's generators."""
-        return self.in_epoch is None and self.base_seed is not None
+    def init_iterator(self, loader: Any, init: Callable[[], None]) -> None:
+        """Run torch's iterator ``init``, which draws a base seed: when the epoch keeps
+        one, from a generator of its own (swapped in and back with no call between)."""
+        own = loader.__dict__.get("generator")
+        if self.in_epoch is None and self.base_seed is not None:
+            loader.__dict__["generator"] = torch.Generator()
+        try:
+            init()
+        finally:
+            loader.__dict__["generator"] = own
 
     def settle(self) -> None:
         """After the iterator drew its base seed: undo that draw's effect when resuming."""

@@ -30,9 +30,7 @@ from ._options import (
 )
 from ._pool import Pool
 from ._pool_start import start_pool
-from ._resume import (
-    EpochPosition,
-)
+from ._resume import EpochPosition
 from ._stats import LoaderStatistics, LoaderStats, combined
 from ._tracking import root_view, unwrap
 from .errors import LoaderClosedError
