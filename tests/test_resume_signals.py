@@ -320,32 +320,36 @@ def _interrupted_iter(loader: poolloader.DataLoader, place: int) -> Any:
     caught), else the iterator."""
     seen = 0
 
-    def interrupt(frame: Any, event: str, arg: Any) -> None:
+    def lands(frame: Any, event: str, arg: Any) -> bool:
         nonlocal seen
         code = frame.f_code
         if event == "call" and code.co_flags & inspect.CO_GENERATOR:
-            return  # (also called as a generator is closed, where an exception is lost)
+            return False  # (also called as a generator is closed, where an exception is lost)
         if event in ("call", "c_return") and code.co_filename.startswith(PACKAGE):
             seen += 1
-            if seen == place:
-                raise KeyboardInterrupt
+        return seen == place
 
-    sys.setprofile(interrupt)
-    try:
-        return iter(loader)
-    except KeyboardInterrupt:
-        return None
-    finally:
-        sys.setprofile(None)
+    return _iter_interrupted_where(loader, lands)
 
 
 def _iter_interrupted_as(loader: poolloader.DataLoader, function: str) -> Any:
     """``iter(loader)``, with a KeyboardInterrupt raised as poolloader's ``function``
     begins: None when it landed (and was caught), else the iterator."""
 
-    def interrupt(frame: Any, event: str, arg: Any) -> None:
+    def lands(frame: Any, event: str, arg: Any) -> bool:
         code = frame.f_code
-        if event == "call" and code.co_name == function and code.co_filename.startswith(PACKAGE):
+        return event == "call" and code.co_name == function and code.co_filename.startswith(PACKAGE)
+
+    return _iter_interrupted_where(loader, lands)
+
+
+def _iter_interrupted_where(loader: poolloader.DataLoader, lands: Any) -> Any:
+    """``iter(loader)`` under a profile hook that raises KeyboardInterrupt the first
+    time ``lands(frame, event, arg)`` is true (where a signal's exception would come):
+    None when it landed (and was caught), else the iterator."""
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        if lands(frame, event, arg):
             sys.setprofile(None)
             raise KeyboardInterrupt
 
