@@ -148,6 +148,7 @@ class Pool(IOThread):
         self._started_at = time.monotonic()
         self._owner = os.getpid()  # a forked child holds a copy it must not act on
         self._deferring = False  # set by submit, under the lock
+        self._io_ident = -1  # the I/O thread's ident, once it runs
         self._audit_due = False  # NOTE [ Tasks never sent ] in _iothread.py
         self._audits = itertools.count(1)
         self._watch = Watchlist()
@@ -380,7 +381,8 @@ class Pool(IOThread):
         for i, w in enumerate(self._workers):
             if not w.dead and not w.tasks and w.generation < upto:
                 if self._fresh_start(w, upto) is not None:
-                    self._workers[i] = self._recycle(w, upto)
+                    if self._may_recycle():
+                        self._workers[i] = self._recycle(w, upto)
                 else:
                     messages = self._update_messages(w, upto)
                     if messages:  # its answer lets what the changes named go
@@ -510,6 +512,8 @@ class Pool(IOThread):
                     if found is not None:
                         at, record = found
                         if self._fresh_start(w, record.generation) is not None:
+                            if not self._may_recycle():
+                                continue
                             slot = self._workers.index(w)
                             w = self._workers[slot] = self._recycle(w, record.generation)
                         self._send_task(w, record, at)
@@ -534,6 +538,25 @@ class Pool(IOThread):
         if self._workforce.template is None or upto <= w.generation:
             return None
         return self._channel.fresh_start(w.generation, upto)
+
+    # NOTE [ Starting afresh on the I/O thread ]: for an epoch of non-persistent
+    # workers forked from a template, the pool retires each idle worker and forks
+    # a fresh one into its slot: a Stop to the old one, which joins the retiring,
+    # a ForkWorker to the template, a new Worker in the slot. A KeyboardInterrupt
+    # landing in the middle, on the consumer's thread, left the slot holding the
+    # retired worker, marked dead, which no one replaces: no task went to that slot
+    # again (with one worker, the epoch waited for ever), or forked a worker the
+    # pool never knew. So only the I/O thread, which no signal interrupts, does it:
+    # the consumer's thread wakes it and leaves the task pending.
+
+    def _may_recycle(self) -> bool:
+        """Whether this thread may start a worker afresh (lock held): only the I/O
+        thread, which the others wake for it (NOTE [ Starting afresh on the I/O
+        thread ])."""
+        if threading.get_ident() == self._io_ident:
+            return True
+        self._waker.wake()
+        return False
 
     def _recycle(self, w: Worker, upto: int) -> Worker:
         """Retire idle worker ``w`` and fork a fresh one in its place, at the newest

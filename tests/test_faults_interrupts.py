@@ -875,3 +875,70 @@ def test_signals_sent_to_the_process_reach_its_main_thread(start_method: str) ->
         assert fresh
         for pid in fresh:
             assert not wanted & _blocked(pid), pid
+
+
+#: The functions that retire an idle worker and fork a fresh one in its place, for
+#: a new epoch of non-persistent workers (``Pool._recycle``).
+RECYCLERS = ("_recycle", "retire", "launch", "fork", "_send_started_slot", "attach")
+
+
+def _epoch_interrupted_in(loader: Any, functions: tuple[str, ...], turn: int) -> list[int]:
+    """One epoch of ``loader``, its ``iter()`` and ``next()`` calls interrupted by a
+    KeyboardInterrupt as the ``turn``-th C call inside poolloader's ``functions``
+    returns (once per call: then it goes on), and run again: the batches."""
+    seen = 0
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        nonlocal seen
+        if (
+            event == "c_return"
+            and frame.f_code.co_name in functions
+            and frame.f_code.co_filename.startswith(PACKAGE)
+        ):
+            seen += 1
+            if seen == turn:
+                raise KeyboardInterrupt
+
+    def call(fn: Any) -> Any:
+        nonlocal seen
+        while True:
+            seen = 0
+            sys.setprofile(interrupt)
+            try:
+                return fn()
+            except KeyboardInterrupt:
+                continue
+            finally:
+                sys.setprofile(None)
+
+    iterator = call(lambda: iter(loader))
+    got: list[int] = []
+    while True:
+        try:
+            got.append(int(call(lambda: next(iterator))))
+        except StopIteration:
+            return got
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_ctrl_c_while_a_worker_starts_afresh_for_an_epoch_loses_no_worker(num_workers) -> None:
+    """Non-persistent workers start afresh for each epoch: the pool retires the
+    idle worker and forks a new one in its slot. A KeyboardInterrupt landing in
+    between left the slot holding the retired worker, marked dead, which no
+    one replaced: no task went to that slot again, and with one worker the next
+    epoch waited for ever. Each epoch here is interrupted at another place."""
+    with poolloader.DataLoader(Plain(6), batch_size=1, num_workers=num_workers,
+                               timeout=HANG_SLACK) as loader:  # fmt: skip
+        assert [int(b) for b in loader] == list(range(6))
+        before = wait_until(
+            lambda: (found := worker_pids()) and len(found) == num_workers and found
+        )
+        for turn in range(1, 25):
+            assert _epoch_interrupted_in(loader, RECYCLERS, turn) == list(range(6)), turn
+            # Retired workers exit; one forked for a slot the pool forgot would not.
+            now = wait_until(
+                lambda: (found := worker_pids()) and len(found) == num_workers and found
+            )
+            assert not now & before, "the epoch ran on fresh workers"
+            before = now
+        assert [int(b) for b in loader] == list(range(6))
