@@ -920,14 +920,19 @@ def _epoch_interrupted_in(loader: Any, functions: tuple[str, ...], turn: int) ->
             return got
 
 
-@pytest.mark.parametrize("num_workers", [1, 2])
-def test_ctrl_c_while_a_worker_starts_afresh_for_an_epoch_loses_no_worker(num_workers) -> None:
+@pytest.mark.parametrize(
+    ("num_workers", "context"), [(1, "spawn"), (2, "spawn"), (1, "forkserver"), (1, "fork")]
+)
+def test_ctrl_c_while_a_worker_starts_afresh_for_an_epoch_loses_no_worker(
+    num_workers, context
+) -> None:
     """Non-persistent workers start afresh for each epoch: the pool retires the
     idle worker and forks a new one in its slot. A KeyboardInterrupt landing in
     between left the slot holding the retired worker, marked dead, which no
     one replaced: no task went to that slot again, and with one worker the next
     epoch waited for ever. Each epoch here is interrupted at another place."""
     with poolloader.DataLoader(Plain(6), batch_size=1, num_workers=num_workers,
+                               multiprocessing_context=context,
                                timeout=HANG_SLACK) as loader:  # fmt: skip
         assert [int(b) for b in loader] == list(range(6))
         before = wait_until(
