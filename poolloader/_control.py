@@ -184,6 +184,19 @@ PENDING_SNAPSHOTS = 2
 # ------------------------------------------------------------------ the channel
 
 
+class _Entry(NamedTuple):
+    """A change in the log: its generation, and what it costs to keep."""
+
+    generation: int
+    update: Update
+    size: int  # about how many bytes it takes when sent
+    pins: list[_segment.Segment]  # the segments it names
+
+
+def _generation_of(entry: _Entry) -> int:
+    return entry.generation
+
+
 class _Snapshot(NamedTuple):
     """A pickle of the dataset at ``generation``, and the segments it names."""
 
@@ -198,10 +211,10 @@ class Channel:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._generation = 0
-        self._gens: list[int] = []  # the log's generations, ascending
-        self._log: list[Update] = []
-        self._sizes: list[int] = []
-        self._pins: list[list[_segment.Segment]] = []  # what each change names
+        # The log, by ascending generation: one list, so that a change is logged by
+        # one append, which an interrupt lands before or after (NOTE [ The log
+        # and Ctrl-C ]).
+        self._entries: list[_Entry] = []
         self._trimmed = 0  # changes at or below this generation were dropped
         self._base_generation = 0
         self._base: bytes | None = None
@@ -254,13 +267,13 @@ class Channel:
     @property
     def log_entries(self) -> int:
         """How many generations the log holds (for tests and statistics)."""
-        return len(self._log)
+        return len(self._entries)
 
     @property
     def log_bytes(self) -> int:
         """About how many bytes the log and the snapshots besides the base hold."""
         with self._lock:
-            return sum(self._sizes) + sum(len(s.data) for s in self._snapshots)
+            return sum(e.size for e in self._entries) + sum(len(s.data) for s in self._snapshots)
 
     @property
     def holds_released(self) -> bool:
@@ -272,7 +285,8 @@ class Channel:
         """How many segments the channel holds for receivers (for tests)."""
         with self._lock:
             kept = [*self._open_pins, *self._base_pins]
-            kept += [p for pins in [*self._pins, *(s.pins for s in self._snapshots)] for p in pins]
+            lists = [*(e.pins for e in self._entries), *(s.pins for s in self._snapshots)]
+            kept += [p for pins in lists for p in pins]
             kept += [p for _, pins in self._retired for p in pins]
             return len({id(p) for p in kept})
 
@@ -312,8 +326,8 @@ class Channel:
 
     def _drop_log(self) -> None:
         """Forget the log, and every pin: no process of a pool is left to need them."""
-        self._gens, self._log, self._sizes, self._snapshots = [], [], [], []
-        self._pins, self._base_pins, self._open_pins, self._retired = [], [], [], []
+        self._entries, self._snapshots = [], []
+        self._base_pins, self._open_pins, self._retired = [], [], []
         self._trimmed, self._since_snapshot = self._generation, 0
 
     # --------------------------------------------------------------- pins
@@ -365,13 +379,16 @@ class Channel:
     def _start_afresh(self, update: Replace | Refresh) -> None:
         """A new epoch of non-persistent workers: a generation of its own, and not a
         user's change (not counted in ``messages_recorded``)."""
-        pins, self._open_pins = self._open_pins, []  # the Replace's (and the group's)
-        self._seal()
-        self._generation += 1
+        self._seal(keep_pins=True)  # the Replace holds them (and the group's)
         data = update.dataset if isinstance(update, Replace) else b""
-        self._append(update, len(data), pins)
+        entry, grown = self._entry(update, len(data), self._open_pins)
+        # From here to the append, no call (NOTE [ The log and Ctrl-C ]).
+        self._open_pins = []
+        self._generation += 1
+        self._since_snapshot += grown
+        self._entries.append(entry)
         if data and self._snapshotting:
-            self._add_snapshot(self._generation, data, pins)
+            self._add_snapshot(self._generation, data, entry.pins)
 
     def record_atom(self, path: Path, container: Any, key: Any, value: Any) -> None:
         """Record ``container[key] = value`` where key and value are numbers, strings
@@ -431,27 +448,44 @@ class Channel:
             self._seal()
             return self._generation
 
-    def _seal(self) -> None:
+    # NOTE [ The log and Ctrl-C ]: the main process seals the changes recorded
+    # for the next task, and logs a new epoch's fresh start, inside iter() and
+    # next(), where a KeyboardInterrupt lands between any two calls. The log was
+    # four parallel lists (generations, changes, sizes, pins) appended one by one:
+    # an interrupt between two appends left them of different lengths, and every
+    # later epoch start failed (IndexError), or a lookup paired a generation with
+    # another change. And a group cleared before it was logged was lost: the
+    # workers never got changes the main process's dataset had. So each change is
+    # logged as one entry, built (every call made) before anything is changed;
+    # then the group is cleared, the generation moved and the entry appended with
+    # no call in between, the append last: an interrupt lands before all of it
+    # or after all of it.
+
+    def _seal(self, keep_pins: bool = False) -> None:
+        """Log the changes recorded since the last seal as one generation.
+        ``keep_pins``: leave the open pins to the entry logged next."""
         self._flush_atoms()
         if not self._open:
             return
         update = self._open[0] if len(self._open) == 1 else Changes(tuple(self._open))  # type: ignore[arg-type]
+        entry, grown = self._entry(update, _size(update), [] if keep_pins else self._open_pins)
+        # From here to the append, no call (NOTE [ The log and Ctrl-C ]).
         self._open, self._run = [], None
+        if not keep_pins:
+            self._open_pins = []
         self._generation += 1
         self.messages_recorded += 1
-        pins, self._open_pins = self._open_pins, []
-        self._append(update, _size(update), pins)
+        self._since_snapshot += grown
+        self._entries.append(entry)
         self._maybe_snapshot()
 
-    def _append(self, update: Update, size: int, pins: list[_segment.Segment]) -> None:
-        self._gens.append(self._generation)
-        self._log.append(update)
-        self._sizes.append(size)
-        self._pins.append(pins)
-        # What a snapshot would let go of includes the memory the change holds:
-        # a list replaced every epoch costs a few hundred bytes of log, and all of
-        # its records in shared memory.
-        self._since_snapshot += size + sum(p.size for p in {id(p): p for p in pins}.values())
+    def _entry(self, update: Update, size: int, pins: list[_segment.Segment]) -> tuple[_Entry, int]:
+        """The entry logging ``update`` as the next generation, and how much it adds
+        to what a snapshot would let go of: the memory the change holds too (a list
+        replaced every epoch costs a few hundred bytes of log, and all of its
+        records in shared memory)."""
+        held = sum(p.size for p in {id(p): p for p in pins}.values())
+        return _Entry(self._generation + 1, update, size, pins), size + held
 
     def _maybe_snapshot(self) -> None:
         newest = self._snapshots[-1].data if self._snapshots else self._base or b""
@@ -487,8 +521,9 @@ class Channel:
                     f"the control log no longer holds generation {after + 1} "
                     f"(trimmed up to {self._trimmed}): a live worker was left behind"
                 )
-            first = bisect.bisect_right(self._gens, after)
-            found = self._log[first : bisect.bisect_right(self._gens, upto)]
+            first = bisect.bisect_right(self._entries, after, key=_generation_of)
+            last = bisect.bisect_right(self._entries, upto, key=_generation_of)
+            found = [e.update for e in self._entries[first:last]]
         replaces = [i for i, u in enumerate(found) if isinstance(u, Replace)]
         head: list[Update] = []
         if replaces:
@@ -504,11 +539,11 @@ class Channel:
         """The generation of the newest :class:`Replace` or :class:`Refresh` after
         ``after`` and at most ``upto``: a worker there must start afresh."""
         with self._lock:
-            first = bisect.bisect_right(self._gens, after)
-            last = bisect.bisect_right(self._gens, upto)
-            for i in range(last - 1, first - 1, -1):
-                if isinstance(self._log[i], (Replace, Refresh)):
-                    return self._gens[i]
+            first = bisect.bisect_right(self._entries, after, key=_generation_of)
+            last = bisect.bisect_right(self._entries, upto, key=_generation_of)
+            for entry in reversed(self._entries[first:last]):
+                if isinstance(entry.update, (Replace, Refresh)):
+                    return entry.generation
         return None
 
     def advance_base(self, upto: int) -> list[Update]:
@@ -545,11 +580,14 @@ class Channel:
                     s for s in self._snapshots if s.generation > self._base_generation
                 ]
             floor = min([self._base_generation, *live])
-            cut = bisect.bisect_right(self._gens, floor)
+            cut = bisect.bisect_right(self._entries, floor, key=_generation_of)
             if cut:
-                self._retire(self._gens[cut - 1], [p for pins in self._pins[:cut] for p in pins])
-                del self._gens[:cut], self._log[:cut], self._sizes[:cut], self._pins[:cut]
-                self._trimmed = max(self._trimmed, floor)
+                dropped = self._entries[:cut]
+                trimmed = max(self._trimmed, floor)
+                self._retire(dropped[-1].generation, [p for e in dropped for p in e.pins])
+                # (retired twice, if an interrupt lands here: held a little longer)
+                del self._entries[:cut]
+                self._trimmed = trimmed
 
 
 def _size(update: Update) -> int:

@@ -53,6 +53,7 @@ class Dispatcher:
         _deferring: bool
         _trimmed: bool
         _trimmed_at: int
+        _trim_due: bool
         _io_ident: int
 
         def _all_records(self) -> list[TaskRecord]: ...
@@ -61,17 +62,40 @@ class Dispatcher:
         """The generation a new task sees (lock held); see NOTE [ Control ordering ]."""
         generation = self._channel.stamp()
         if generation != self._trimmed_at:  # nothing new to drop otherwise
-            self._trim_control_log(generation)
-            self._trimmed_at = generation
+            self._trim_soon()
         return generation
 
+    # NOTE [ Trimming on the I/O thread ]: trimming the control log sends the
+    # template the changes it takes (the channel's base moves with them), brings
+    # idle workers up to date and drops what no one needs: several steps, each
+    # changing what the others rely on. A KeyboardInterrupt between moving the
+    # base and sending the template its changes left the template behind the
+    # base for good: every worker forked from it later missed those changes. So
+    # only the I/O thread, which no signal interrupts, trims; a new generation or
+    # epoch asks it to.
+
+    def _trim_soon(self) -> None:
+        """Have the I/O thread trim the control log (lock held)."""
+        self._trim_due = True
+        if threading.get_ident() != self._io_ident:
+            self._waker.wake()
+
+    def _trim_when_due(self) -> None:
+        """Trim the control log if asked to (I/O thread, lock held)."""
+        if self._trim_due:
+            self._trim_due = False
+            generation = self._channel.generation
+            self._trim_control_log(generation)
+            self._trimmed_at = generation
+
     def _trim_control_log(self, generation: int) -> None:
-        """Let the control log drop what no worker needs (NOTE [ Control log ]).
+        """Let the control log drop what no worker needs (NOTE [ Control log ];
+        I/O thread, NOTE [ Trimming on the I/O thread ]).
 
         A worker with no task is brought up to date first, as far as no pending
         task is older, so that it does not hold on to old changes (one that must
-        start afresh for them is replaced by a fresh one, by the I/O thread); the
-        template takes the changes no unfinished task predates."""
+        start afresh for them is replaced by a fresh one); the template takes the
+        changes no unfinished task predates."""
         oldest = min((r.generation for r in self._all_records()), default=generation)
         if self._workforce.template is not None:
             updates = tuple(self._channel.advance_base(oldest))
@@ -80,8 +104,7 @@ class Dispatcher:
         for i, w in enumerate(self._workers):
             if not w.dead and not w.tasks and w.generation < upto:
                 if self._fresh_start(w, upto) is not None:
-                    if self._may_recycle():
-                        self._workers[i] = self._recycle(w, upto)
+                    self._workers[i] = self._recycle(w, upto)
                 else:
                     messages = self._update_messages(w, upto)
                     if messages:  # its answer lets what the changes named go

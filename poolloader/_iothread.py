@@ -97,6 +97,7 @@ class IOThread:
         def _launch(self, worker_id: int, *, replacement: bool = False) -> Worker: ...
         def _break(self, error: PoolBrokenError, culprit: TaskRecord | None = None) -> None: ...
         def _release_pins(self) -> None: ...
+        def _trim_when_due(self) -> None: ...
 
     def _io_loop(self) -> None:
         self._io_ident = threading.get_ident()
@@ -147,6 +148,7 @@ class IOThread:
                 self._break(error)
         with self._lock:
             if not self._closing and self._broken is None:
+                self._trim_when_due()
                 self._dispatch()
                 self._trim_when_idle()
                 self._audit_when_due()

@@ -125,6 +125,7 @@ class Pool(Dispatcher, IOThread):
         self._retiring: list[Worker] = []  # workers stopped to start afresh
         self._epochs: dict[int, EpochStart] = {}
         self._trimmed_at = -1  # the generation the control log was last trimmed at
+        self._trim_due = False  # NOTE [ Trimming on the I/O thread ] in _dispatch.py
         self._idle_since: float | None = None  # no epoch running since (NOTE [ Idle slabs ])
         self._trimmed = False  # the workers closed their free slabs since
         self.epochs_begun = 0
@@ -313,7 +314,8 @@ class Pool(Dispatcher, IOThread):
                 if w.epoch == epoch:
                     w.epoch = -1
             self._workforce.base_seed = base_seed
-            self._trim_control_log(self._channel.stamp())
+            self._channel.stamp()
+            self._trim_soon()
 
     def end_epoch(self, epoch: int) -> None:
         """Forget ``epoch``: the iterator yields nothing more of it, so tasks of it

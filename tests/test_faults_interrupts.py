@@ -901,9 +901,12 @@ def _epoch_interrupted_in(loader: Any, functions: tuple[str, ...], turn: int) ->
 
     def call(fn: Any) -> Any:
         nonlocal seen
+        armed = True
         while True:
             seen = 0
-            sys.setprofile(interrupt)
+            if armed:  # the call run again after an interrupt runs undisturbed
+                sys.setprofile(interrupt)
+            armed = False
             try:
                 return fn()
             except KeyboardInterrupt:
@@ -946,4 +949,34 @@ def test_ctrl_c_while_a_worker_starts_afresh_for_an_epoch_loses_no_worker(
             )
             assert not now & before, "the epoch ran on fresh workers"
             before = now
+        assert [int(b) for b in loader] == list(range(6))
+
+
+#: The functions that log the changes made through ``loader.dataset`` and a new
+#: epoch's fresh start, and trim that log (``_control.Channel``, ``_dispatch``).
+LOGGERS = (
+    "stamp", "_seal", "_entry", "_append", "_start_afresh", "record", "compact",
+    "advance_base", "updates", "fresh_start", "_stamp", "_trim_control_log", "begin_epoch",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_ctrl_c_while_changes_are_logged_loses_no_change_and_breaks_no_epoch(persistent) -> None:
+    """The main process logs the changes made through ``loader.dataset`` (and each
+    epoch's fresh start, for non-persistent workers) inside iter() and next(). A
+    KeyboardInterrupt landing between the log's parallel lists' appends left them
+    of different lengths: every later epoch start raised IndexError. One landing
+    between moving the log's base and sending the template its changes left the
+    template behind for good. Here every epoch changes the dataset, and its
+    iter() and next() calls are interrupted at another place of the logging: each
+    epoch must be whole and see its change."""
+    with poolloader.DataLoader(Plain(6), batch_size=1, num_workers=1,
+                               persistent_workers=persistent,
+                               timeout=HANG_SLACK) as loader:  # fmt: skip
+        assert [int(b) for b in loader] == list(range(6))
+        for turn in range(1, 40):
+            loader.dataset.scale = turn + 1
+            expected = [i * (turn + 1) for i in range(6)]
+            assert _epoch_interrupted_in(loader, LOGGERS, turn) == expected, turn
+        loader.dataset.scale = 1
         assert [int(b) for b in loader] == list(range(6))
