@@ -882,17 +882,21 @@ def test_signals_sent_to_the_process_reach_its_main_thread(start_method: str) ->
 RECYCLERS = ("_recycle", "retire", "launch", "fork", "_send_started_slot", "attach")
 
 
-def _epoch_interrupted_in(loader: Any, functions: tuple[str, ...], turn: int) -> list[int]:
+def _epoch_interrupted_in(
+    loader: Any, functions: tuple[str, ...] | None, turn: int, event_name: str = "c_return"
+) -> list[int]:
     """One epoch of ``loader``, its ``iter()`` and ``next()`` calls interrupted by a
     KeyboardInterrupt as the ``turn``-th C call inside poolloader's ``functions``
-    returns (once per call: then it goes on), and run again: the batches."""
+    (any of its functions: ``None``) returns, or with ``event_name="call"`` as the
+    ``turn``-th of its functions begins (once per call: then it goes on, run
+    again): the batches."""
     seen = 0
 
     def interrupt(frame: Any, event: str, arg: Any) -> None:
         nonlocal seen
         if (
-            event == "c_return"
-            and frame.f_code.co_name in functions
+            event == event_name
+            and (functions is None or frame.f_code.co_name in functions)
             and frame.f_code.co_filename.startswith(PACKAGE)
         ):
             seen += 1
@@ -980,3 +984,26 @@ def test_ctrl_c_while_changes_are_logged_loses_no_change_and_breaks_no_epoch(per
             assert _epoch_interrupted_in(loader, LOGGERS, turn) == expected, turn
         loader.dataset.scale = 1
         assert [int(b) for b in loader] == list(range(6))
+
+
+@pytest.mark.parametrize(
+    ("persistent", "event_name", "turns"),
+    [(True, "c_return", range(1, 700, 3)), (True, "call", range(1, 700, 3)),
+     (False, "c_return", range(1, 400, 9)), (False, "call", range(2, 400, 9))],
+)  # fmt: skip
+def test_ctrl_c_anywhere_in_iter_or_next_leaves_every_epoch_whole(
+    persistent, event_name, turns
+) -> None:
+    """Each epoch's iter() and next() calls are interrupted at another place of
+    poolloader's code (the n-th C call to return in it, or the n-th of its
+    functions to begin, n going up epoch by epoch): every interrupt reaches the
+    caller, and the epoch, the call run again, is whole, in order, with nothing
+    twice, and the loader goes on. This found the control log's interrupt
+    windows (``test_ctrl_c_while_changes_are_logged_loses_no_change_and_breaks_no_epoch``)."""
+    with poolloader.DataLoader(Plain(4), batch_size=1, num_workers=1,
+                               persistent_workers=persistent,
+                               timeout=HANG_SLACK) as loader:  # fmt: skip
+        assert [int(b) for b in loader] == list(range(4))
+        for turn in turns:
+            assert _epoch_interrupted_in(loader, None, turn, event_name) == list(range(4)), turn
+        assert [int(b) for b in loader] == list(range(4))
