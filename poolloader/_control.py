@@ -376,6 +376,11 @@ class Channel:
                 if run.writes > run.limit:
                     self._fold(run)
 
+    def recorded_last(self, update: Update) -> bool:
+        """Whether ``update`` is the last change recorded (and not sealed yet)."""
+        with self._lock:
+            return bool(self._open) and self._open[-1] == update
+
     def _start_afresh(self, update: Replace | Refresh) -> None:
         """A new epoch of non-persistent workers: a generation of its own, and not a
         user's change (not counted in ``messages_recorded``)."""

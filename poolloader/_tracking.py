@@ -58,7 +58,14 @@ import torch
 from ._messages import DelAttr, DelItem, Path, SetAttr, SetItem
 from ._shared import SharedDict, SharedList
 from ._tracking_paths import render
-from ._tracking_record import _get, _payload, _state, _untracked_call
+from ._tracking_record import (
+    _get,
+    _payload,
+    _state,
+    _untracked_call,
+    change_and_record,
+    made,
+)
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
 #: NOTE [ View forms ]). Their items are copied each time the view is handed
@@ -222,6 +229,16 @@ def _holds_views(items: Any, containers: bool = True) -> bool:
 # ----------------------------------------------------------------- recording
 
 
+def _nothing() -> None:
+    pass
+
+
+def _holds_item(target: Any, key: Any, value: Any) -> bool:
+    """Whether ``target[key]`` is ``value`` now (for a slice: holds its items)."""
+    current = target[key]
+    return current is value or (isinstance(key, slice) and list(current) == list(value))
+
+
 def _foldable(target: Any) -> Any:
     """``target`` when many writes into it may fold into its contents, else None."""
     return target if _kinds.get(type(target)) in _FOLDABLE else None
@@ -352,15 +369,21 @@ class View(metaclass=_ViewClass):
             return
         value = unwrap_deep(value)
         payload = _payload(channel, value, lambda: f"{render(path)}.{name}")
-        setattr(target, name, value)
-        if payload is not None:
-            channel.record(SetAttr(path, name, payload))
+        change_and_record(
+            channel,
+            lambda: setattr(target, name, value),
+            None if payload is None else SetAttr(path, name, payload),
+            lambda: getattr(target, name, _MISSING) is value,
+        )
 
     def __delattr__(self, name: str) -> None:
         target, path, channel = _state(self)
-        delattr(target, name)
-        if channel.active:
-            channel.record(DelAttr(path, name))
+        change_and_record(
+            channel,
+            lambda: delattr(target, name),
+            DelAttr(path, name) if channel.active else None,
+            lambda: not hasattr(target, name),
+        )
 
     # -- items
     def __getitem__(self, key: Any) -> Any:
@@ -383,8 +406,16 @@ class View(metaclass=_ViewClass):
     def __setitem__(self, key: Any, value: Any) -> None:
         target, path, channel = _state(self)
         if type(key) in _ATOMS and type(value) in _ATOMS and channel.active:
-            target[key] = value  # immutable: pickled later, with the writes around it
-            channel.record_atom(path, target, key, value)
+            # Immutable: pickled later, with the writes around it. Recorded twice
+            # after an interrupt (NOTE [ A change and Ctrl-C ] in _tracking_record.py),
+            # the write is made twice, to the same value.
+            try:
+                target[key] = value
+                channel.record_atom(path, target, key, value)
+            except BaseException:
+                if made(lambda: _holds_item(target, key, value)):
+                    channel.record_atom(path, target, key, value)
+                raise
             if type(self) is not Tracked:
                 _get(self, "_pl_refresh_item")(key, value)
             return
@@ -406,19 +437,31 @@ class View(metaclass=_ViewClass):
 
         key_payload = _payload(channel, key, lambda: f"the key of {where()}")
         payload = _payload(channel, value, where)
-        if change is not None:
-            change()
-        if payload is not None and key_payload is not None:
-            channel.record(SetItem(path, key_payload, payload), _foldable(target))
+        recorded = payload is not None and key_payload is not None
+        change_and_record(
+            channel,
+            change or _nothing,
+            SetItem(path, key_payload, payload) if recorded else None,  # type: ignore[arg-type]
+            lambda: _holds_item(target, key, value),
+            _foldable(target),
+        )
         self._pl_refresh()
 
     def __delitem__(self, key: Any) -> None:
         target, path, channel = _state(self)
         key = unwrap(key)
         key_payload = _payload(channel, key, lambda: f"the key of {render(path)}[{key!r}]")
-        del target[key]
-        if key_payload is not None:
-            channel.record(DelItem(path, key_payload), _foldable(target))
+
+        def delete() -> None:
+            del target[key]
+
+        change_and_record(
+            channel,
+            delete,
+            None if key_payload is None else DelItem(path, key_payload),
+            lambda: isinstance(target, collections.abc.Mapping) and key not in target,
+            _foldable(target),
+        )
         self._pl_refresh()
 
     # -- protocols: reads go to the object; Python code runs against the view

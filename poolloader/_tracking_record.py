@@ -52,6 +52,42 @@ def _payload(channel: Any, value: Any, where: Any) -> bytes | None:
         raise _pickling.not_picklable(value, what, exc, _pickling.CHANGE_PICKLING) from exc
 
 
+# NOTE [ A change and Ctrl-C ]: a change made through ``loader.dataset`` is
+# made in the main process's dataset, then recorded for the workers. A
+# KeyboardInterrupt landing in between (it lands as any call returns) left the
+# main process's dataset changed and the workers' not, for good with persistent
+# workers: every later batch loaded with the old value, silently. A change
+# that may be replayed twice with the same result (setting an attribute or an
+# item; deleting one unless it was recorded already) is therefore recorded on
+# the way out of an interrupt too, if the main process's object shows it made.
+
+
+def change_and_record(
+    channel: Any, change: Any, update: Any, was_made: Any, container: Any = None
+) -> None:
+    """``change()`` in the main process, then record ``update`` (``None``: no worker
+    needs it); interrupted in between, ``update`` is recorded all the same when
+    ``was_made()`` says the change was made (NOTE [ A change and Ctrl-C ])."""
+    if update is None:
+        change()
+        return
+    try:
+        change()
+        channel.record(update, container)
+    except BaseException:
+        if not made(lambda: channel.recorded_last(update)) and made(was_made):
+            channel.record(update, container)
+        raise
+
+
+def made(check: Any) -> bool:
+    """``check()``, or ``False`` if it raises."""
+    try:
+        return bool(check())
+    except Exception:
+        return False
+
+
 def record_call(view: Any, call: bytes | None, container: Any = None) -> None:
     """Record a call that changed the view's object (its contents if ``call`` is None)."""
     target, path, channel = _state(view)

@@ -896,3 +896,18 @@ class RegistersReducer(Dataset):
 
             ForkingPickler.register(Tagged, reduce_tagged)
         return Tagged(i)
+
+
+class Table(Dataset):
+    """Item i is ``table[i]`` where the table has it, else ``i * scale + extra``
+    (``extra`` 0 where unset): changed by setting ``scale`` or ``extra``,
+    deleting ``extra``, and setting or deleting the table's items."""
+
+    def __init__(self, n: int = 6) -> None:
+        self.n, self.scale, self.table = n, 1, {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return self.table.get(i, i * self.scale + getattr(self, "extra", 0))

@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 import pytest
 import torch
-from _datasets import Counted, Plain
+from _datasets import Counted, Plain, Table
 from _faults import (
     CorruptItemError,
     Faulty,
@@ -1007,3 +1007,55 @@ def test_ctrl_c_anywhere_in_iter_or_next_leaves_every_epoch_whole(
         for turn in turns:
             assert _epoch_interrupted_in(loader, None, turn, event_name) == list(range(4)), turn
         assert [int(b) for b in loader] == list(range(4))
+
+
+def _change(dataset: Any, kind: str, turn: int) -> None:
+    if kind == "attribute":
+        dataset.scale = turn + 1
+    elif kind == "attribute deleted":
+        del dataset.extra
+    elif kind == "item":
+        dataset.table[2] = 100 + turn
+    else:
+        del dataset.table[3]
+
+
+@pytest.mark.parametrize("kind", ["attribute", "attribute deleted", "item", "item deleted"])
+@pytest.mark.parametrize("event_name", ["c_return", "call"])
+def test_a_change_interrupted_by_ctrl_c_reaches_the_workers_if_made_here(kind, event_name) -> None:
+    """``loader.dataset.scale = 3`` changes the main process's dataset, then
+    records the change for the workers. A KeyboardInterrupt landing in between
+    left the main process's dataset changed and the persistent workers' not:
+    every later batch loaded with the old value. Here the change is interrupted
+    at another place each time (the n-th C call returning in poolloader, or the
+    n-th of its functions beginning), and the next epoch must load what the main
+    process's dataset now holds, whether or not the change was made."""
+    with poolloader.DataLoader(Table(6), batch_size=None, num_workers=1,
+                               persistent_workers=True, timeout=HANG_SLACK) as loader:  # fmt: skip
+        ours = poolloader.unwrap(loader.dataset)
+        assert list(loader) == [ours[i] for i in range(6)]
+        landed = 0
+        for turn in range(1, 30):
+            if kind == "attribute deleted":
+                loader.dataset.extra = 50  # (made in full)
+            elif kind == "item deleted":
+                loader.dataset.table[3] = 50
+            seen = 0
+
+            def interrupt(frame: Any, event: str, arg: Any) -> None:
+                nonlocal seen, landed
+                if event == event_name and frame.f_code.co_filename.startswith(PACKAGE):
+                    seen += 1
+                    if seen == turn:
+                        landed += 1
+                        raise KeyboardInterrupt
+
+            sys.setprofile(interrupt)
+            try:
+                _change(loader.dataset, kind, turn)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                sys.setprofile(None)
+            assert list(loader) == [ours[i] for i in range(6)], (turn, ours.__dict__)
+        assert landed >= 5, landed
