@@ -54,7 +54,6 @@ class Dispatcher:
         _trimmed: bool
         _trimmed_at: int
         _trim_due: bool
-        _io_ident: int
 
         def _all_records(self) -> list[TaskRecord]: ...
 
@@ -77,7 +76,7 @@ class Dispatcher:
     def _trim_soon(self) -> None:
         """Have the I/O thread trim the control log (lock held)."""
         self._trim_due = True
-        if threading.get_ident() != self._io_ident:
+        if not self._outbox.on_io_thread():
             self._waker.wake()
 
     def _trim_when_due(self) -> None:
@@ -114,8 +113,7 @@ class Dispatcher:
                     w.generation = upto  # as they are queued: no call between
                     if frames:
                         self._outbox.put((w, frames, False))
-                        if not self._deferring:
-                            self._outbox.flush()
+                        self._outbox.flush()  # (the I/O thread: nothing defers it)
         self._channel.compact(oldest, [w.generation for w in self._workers if not w.dead])
         self._release_pins()
 
@@ -186,7 +184,7 @@ class Dispatcher:
         """Whether this thread may start a worker afresh (lock held): only the I/O
         thread, which the others wake for it (NOTE [ Starting afresh on the I/O
         thread ])."""
-        if threading.get_ident() == self._io_ident:
+        if self._outbox.on_io_thread():
             return True
         self._waker.wake()
         return False

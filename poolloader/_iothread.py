@@ -90,7 +90,6 @@ class IOThread:
         _outbox: Outbox
         _audit_due: bool
         _audits: Iterator[int]
-        _io_ident: int
 
         def _dispatch(self) -> None: ...
         def _send(self, w: Worker, message: bytes) -> None: ...
@@ -100,7 +99,6 @@ class IOThread:
         def _trim_when_due(self) -> None: ...
 
     def _io_loop(self) -> None:
-        self._io_ident = threading.get_ident()
         self._outbox.serve_from_this_thread()
         try:
             while not self._closing:

@@ -66,6 +66,10 @@ class Outbox:
         """Called by the I/O thread: it writes every message, not only tasks."""
         self._io_thread = threading.get_ident()
 
+    def on_io_thread(self) -> bool:
+        """Whether the caller is the I/O thread (once it runs)."""
+        return threading.get_ident() == self._io_thread
+
     def flush(self) -> None:
         """Write what this thread may of the queue (NOTE [ Writes and Ctrl-C ])."""
         if not (self._queue or self._doomed):

@@ -142,7 +142,6 @@ class Pool(Dispatcher, IOThread):
         self._started_at = time.monotonic()
         self._owner = os.getpid()  # a forked child holds a copy it must not act on
         self._deferring = False  # set by submit, under the lock
-        self._io_ident = -1  # the I/O thread's ident, once it runs
         self._audit_due = False  # NOTE [ Tasks never sent ] in _iothread.py
         self._audits = itertools.count(1)
         self._watch = Watchlist()
