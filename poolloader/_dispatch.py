@@ -17,7 +17,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ._control import Channel
-from ._messages import EpochStart, Sync, Task, Trim
+from ._messages import BeginEpoch, Sync, Task, Trim
 from ._outbox import Outbox
 from ._pickling import not_picklable
 from ._polling import Waker
@@ -49,7 +49,7 @@ class Dispatcher:
         _counters: PoolCounters
         _outbox: Outbox
         _waker: Waker
-        _epochs: dict[int, EpochStart]
+        _epochs: dict[int, BeginEpoch]
         _deferring: bool
         _trimmed: bool
         _trimmed_at: int

@@ -37,11 +37,11 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
     """
 
     def __init__(self, loader: DataLoader[Any]) -> None:
-        epoch_start = loader._before_iter()
+        beginning = loader._before_iter()
         # torch's _SingleProcessDataLoaderIter.__init__ but for its fetcher, which it
         # would build over loader.dataset (the view): an IterableDataset's
         # __iter__ would run twice an epoch, once with the view as ``self``.
-        epoch_start.init_iterator(
+        beginning.init_iterator(
             loader, functools.partial(_BaseDataLoaderIter.__init__, self, loader)
         )
         if self._timeout != 0:
@@ -51,11 +51,11 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
             torch.utils.data.graph_settings.apply_sharding(
                 self._dataset, self._world_size, self._rank
             )
-        self._ledger = epoch_start.ledger(self)
-        if epoch_start.in_epoch is not None:
-            self._base_seed = epoch_start.in_epoch["base_seed"]
-        elif epoch_start.base_seed is not None:
-            self._base_seed = epoch_start.base_seed
+        self._ledger = beginning.ledger(self)
+        if beginning.in_epoch is not None:
+            self._base_seed = beginning.in_epoch["base_seed"]
+        elif beginning.base_seed is not None:
+            self._base_seed = beginning.base_seed
         self._position = loader._next_epoch(self)
         self._epoch = self._position.epoch
         self._seed_batches = loader.seeding == "batch"

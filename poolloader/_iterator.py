@@ -25,7 +25,7 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import batch_words, indices_words, unloaded_error
 from ._pin_memory import pin_when_done, start_pinner
-from ._resume import EpochStart, sampler_length
+from ._resume import EpochBeginning, sampler_length
 from ._tasks import (
     AnyFuture,
     Ended,
@@ -66,8 +66,8 @@ class PoolIterator(_BaseDataLoaderIter):
     _handed: tuple[Any] | None  # NOTE [ Handing a batch over ]
 
     def __init__(self, loader: DataLoader[Any]) -> None:
-        epoch_start = loader._before_iter()
-        epoch_start.init_iterator(
+        beginning = loader._before_iter()
+        beginning.init_iterator(
             loader, functools.partial(_BaseDataLoaderIter.__init__, self, loader)
         )
         self._loader_stats = loader._stats
@@ -85,7 +85,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._announce = functools.partial(_announce, self._news)
         self._cut_short = False  # close() ended the epoch before its last batch
         self._loader_closed = False  # ... because the loader was closed
-        self._start_epoch(loader, epoch_start)
+        self._begin_epoch(loader, beginning)
 
     def __next__(self) -> Any:
         # torch wraps each step in a profiler range (about 8 µs even when nothing
@@ -103,18 +103,18 @@ class PoolIterator(_BaseDataLoaderIter):
 
     # ------------------------------------------------------------ epochs
 
-    def _start_epoch(self, loader: DataLoader[Any], epoch_start: EpochStart) -> None:
+    def _begin_epoch(self, loader: DataLoader[Any], beginning: EpochBeginning) -> None:
         # The loader (its pool) lives while an epoch runs, however the caller holds
         # this iterator (``it = iter(DataLoader(...))``). Only while it runs: a
         # persistent iterator is the loader's, and a reference back for good would
         # keep both, and the workers, alive past the loader's last use.
         self._loader: DataLoader[Any] | None = loader
         loader.hold_iterator(self, weakly=True)
-        self._ledger = epoch_start.ledger(self)
-        if epoch_start.in_epoch is not None:
-            self._base_seed = epoch_start.in_epoch["base_seed"]
-        elif epoch_start.base_seed is not None:
-            self._base_seed = epoch_start.base_seed
+        self._ledger = beginning.ledger(self)
+        if beginning.in_epoch is not None:
+            self._base_seed = beginning.in_epoch["base_seed"]
+        elif beginning.base_seed is not None:
+            self._base_seed = beginning.base_seed
         self._position, self._pool = loader._begin_epoch(self, int(self._base_seed))
         self._paced = bool(getattr(self._index_sampler, "paced", False))
         self._batches: int | None = -1  # the sampler's length, asked when first needed
@@ -134,9 +134,9 @@ class PoolIterator(_BaseDataLoaderIter):
     def _reset(self, loader: Any, first_iter: bool = False) -> None:
         # persistent_workers=True: torch keeps one iterator and resets it per epoch.
         self._abandon()
-        epoch_start = loader._before_iter()
+        beginning = loader._before_iter()
         super()._reset(loader, first_iter)
-        self._start_epoch(loader, epoch_start)
+        self._begin_epoch(loader, beginning)
 
     def _abandon(self) -> None:
         self._taken = self._handed = None

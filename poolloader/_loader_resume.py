@@ -14,8 +14,8 @@ import torch
 from ._epoch_rng import RngState, find_generators, set_generator_states
 from ._resume import (
     STATE_VERSION,
+    EpochBeginning,
     EpochPosition,
-    EpochStart,
     apply_limits,
     limits_of,
     order_of,
@@ -86,7 +86,7 @@ class Resumable:
             _resume_limits=place.resume_limits, _persistent_seed=place.persistent_seed,
         )  # fmt: skip
 
-    def _before_iter(self) -> EpochStart:
+    def _before_iter(self) -> EpochBeginning:
         """Called by an iterator right before it iterates the sampler for a new epoch."""
         in_epoch, self._resume = self._resume, None
         saved, self._resume_generators = self._resume_generators, None
@@ -94,7 +94,7 @@ class Resumable:
         loaded, self._resume_limits = self._resume_limits, None
         now = limits_of(self._index_sampler) if in_epoch is not None else loaded
         limits_set = now if now != loaded else None
-        return EpochStart.begin(
+        return EpochBeginning.begin(
             self._index_sampler, self._generators(), in_epoch, saved, kept, limits_set
         )
 

@@ -1,7 +1,7 @@
 """The messages that travel between the main process and its workers.
 
 Each message is a small frozen dataclass with one meaning. Main → worker:
-:class:`Task`, :class:`EpochStart`, the control updates (:class:`SetAttr`,
+:class:`Task`, :class:`BeginEpoch`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`SetItems`, :class:`DelItem`, :class:`Call`,
 :class:`Broadcast`, :class:`Replace`, and :class:`Changes` grouping several),
 :class:`Sync`, :class:`Release`, :class:`Drop`, :class:`Trim`, :class:`StartedSlot` and
@@ -71,7 +71,7 @@ class Task:
 
 @message
 @dataclass(frozen=True, slots=True)
-class EpochStart:
+class BeginEpoch:
     """Sent to a worker before its first task of an epoch.
 
     ``shared_seed``: for an ``IterDataPipe`` dataset, the seed its random

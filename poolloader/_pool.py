@@ -41,7 +41,7 @@ from ._deaths import unloaded_error
 from ._dispatch import Dispatcher
 from ._iothread import IOThread
 from ._messages import (
-    EpochStart,
+    BeginEpoch,
     PickledObject,
     Refresh,
 )
@@ -123,7 +123,7 @@ class Pool(Dispatcher, IOThread):
         self._pending: deque[TaskRecord] = deque()
         self._workers: list[Worker] = []
         self._retiring: list[Worker] = []  # workers stopped to start afresh
-        self._epochs: dict[int, EpochStart] = {}
+        self._epochs: dict[int, BeginEpoch] = {}
         self._trimmed_at = -1  # the generation the control log was last trimmed at
         self._trim_due = False  # NOTE [ Trimming on the I/O thread ] in _dispatch.py
         self._idle_since: float | None = None  # no epoch running since (NOTE [ Idle slabs ])
@@ -305,7 +305,7 @@ class Pool(Dispatcher, IOThread):
         with self._lock:
             self.epochs_begun += 1
             self._idle_since, self._trimmed = None, False
-            self._epochs[epoch] = EpochStart(epoch, base_seed, shared_seed)
+            self._epochs[epoch] = BeginEpoch(epoch, base_seed, shared_seed)
             # An epoch begun again (an iter() that raised went back before it: NOTE
             # [ A state taken in iter() ] in _loader_resume.py): the workers still in
             # it start it afresh, their streams from the start, when it is sent again.

@@ -461,7 +461,7 @@ class EpochPosition:
 
 
 @dataclass
-class EpochStart:
+class EpochBeginning:
     """Taken by the loader right before an iterator iterates its sampler for an epoch."""
 
     generators: tuple[torch.Generator, ...]
@@ -482,7 +482,7 @@ class EpochStart:
         saved_generators: list[torch.Tensor] | None,
         base_seed: int | None = None,
         limits_set: Mapping[str, Any] | None = None,
-    ) -> EpochStart:
+    ) -> EpochBeginning:
         """Capture the random state; when resuming, put the sampler (or the random
         state it draws from) back where the saved epoch had it.
 

@@ -54,9 +54,9 @@ from ._deaths import EXIT_INBOX_FAILED, INBOX_FAILED, INBOX_FAILED_AT, STARTED_S
 from ._messages import (
     Audit,
     Audited,
+    BeginEpoch,
     Done,
     Drop,
-    EpochStart,
     Exhausted,
     Failed,
     PickledObject,
@@ -202,8 +202,8 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
             _send(conn, reply)
             if isinstance(reply, Done):
                 state.packer.after_send(reply.payload)
-        elif isinstance(message, EpochStart):
-            state.start_epoch(message)
+        elif isinstance(message, BeginEpoch):
+            state.begin_epoch(message)
         elif isinstance(message, Trim):
             _send(conn, Trimmed(state.packer.trim()))
         elif isinstance(message, Sync):
@@ -223,7 +223,7 @@ def _send(conn: Connection, message: object) -> None:
         _orphaned()
 
 
-#: Epochs a worker keeps the state of while it serves another (NOTE on start_epoch).
+#: Epochs a worker keeps the state of while it serves another (NOTE on begin_epoch).
 PAUSED_EPOCHS = 8
 
 
@@ -287,7 +287,7 @@ class _State:
             id=setup.worker_id, num_workers=setup.num_workers, seed=seed, dataset=self.dataset
         )
 
-    def start_epoch(self, message: EpochStart) -> None:
+    def begin_epoch(self, message: BeginEpoch) -> None:
         """Begin ``message.epoch``, or go back to it: two live iterators of one
         loader alternate on a worker, and each epoch continues where it was, as in
         torch, where each iterator has workers of its own."""

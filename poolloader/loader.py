@@ -201,7 +201,7 @@ class DataLoader(Resumable, torch.utils.data.DataLoader[T_co]):
         ``iter(loader)``.
 
         Held weakly while it runs an epoch (:meth:`hold_iterator`): it holds
-        the loader then (NOTE on PoolIterator._start_epoch), and a loader and
+        the loader then (NOTE on PoolIterator._begin_epoch), and a loader and
         iterator dropped mid-epoch must go, with the workers, when the last
         reference does, not when the cycle collector runs. Dropped mid-epoch
         itself (a ``break`` in a ``for`` loop), it is gone; the next

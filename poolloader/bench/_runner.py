@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from .._messages import EpochStart, Task
+from .._messages import BeginEpoch, Task
 from ..loader import DataLoader
 from . import _control_cost, _peers
 from ._progress import Progress
@@ -313,7 +313,7 @@ def _task_bytes(batches: int, num_workers: int) -> int:
         len(pickle.dumps(Task(batches + k, 1, k, list(range(4 * k, 4 * k + 4)))))
         for k in range(batches)
     )
-    return tasks + num_workers * len(pickle.dumps(EpochStart(1, 2**62)))
+    return tasks + num_workers * len(pickle.dumps(BeginEpoch(1, 2**62)))
 
 
 @contextmanager

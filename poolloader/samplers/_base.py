@@ -129,7 +129,7 @@ class SeededRanked:
 class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
     """Base of the poolloader batch samplers: epoch, seed, ranks and the state plumbing.
 
-    Subclasses provide the per-epoch iterator (:meth:`_start_epoch`), the limit keys
+    Subclasses provide the per-epoch iterator (:meth:`_begin_epoch`), the limit keys
     (:meth:`_limit_state`, :meth:`_parse_limits`, :meth:`_apply_limits`) and the position
     keys (:meth:`_parse_position`). See NOTE [ Sampler protocol ] in this module.
 
@@ -222,7 +222,7 @@ class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
         self._check_identity(state)
         epoch = check_non_negative_int("state['epoch']", state["epoch"])
         limits = self._parse_limits(state)
-        pending = self._start_epoch(epoch, self._parse_position(state))
+        pending = self._begin_epoch(epoch, self._parse_position(state))
         self._apply_limits(limits)
         self._epoch = epoch
         self._active = None
@@ -247,7 +247,7 @@ class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
         return self._fresh()
 
     def _fresh(self) -> EpochIterator:
-        return self._start_epoch(self._epoch, None)
+        return self._begin_epoch(self._epoch, None)
 
     def _check_keys(self, state: Mapping[str, Any]) -> None:
         if not isinstance(state, Mapping):
@@ -294,7 +294,7 @@ class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
         return bool(self._LIMIT_KEYS) and self._world_size > 1
 
     @abc.abstractmethod
-    def _start_epoch(self, epoch: int, position: Mapping[str, Any] | None) -> EpochIterator:
+    def _begin_epoch(self, epoch: int, position: Mapping[str, Any] | None) -> EpochIterator:
         """A new iterator for ``epoch``, at its start or at a validated ``position``."""
 
     @abc.abstractmethod

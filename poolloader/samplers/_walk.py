@@ -359,7 +359,7 @@ class GroupedSampler(SamplerBase):
         """``(pass, batches to skip)`` where a fresh epoch starts: pass ``epoch`` by default."""
         return epoch, 0
 
-    def _start_epoch(self, epoch: int, position: Mapping[str, Any] | None) -> GroupEpochIterator:
+    def _begin_epoch(self, epoch: int, position: Mapping[str, Any] | None) -> GroupEpochIterator:
         if position is not None:
             walk = self._walk(position["pass"], position)
             return GroupEpochIterator(self, epoch, walk, position["yielded"])
