@@ -74,11 +74,15 @@ class Task:
 class BeginEpoch:
     """Sent to a worker before its first task of an epoch.
 
-    ``shared_seed``: for an ``IterDataPipe`` dataset, the seed its random
+    ``begun``: which beginning of the epoch this is, one count per
+    ``Pool.begin_epoch`` (an ``iter()`` that raised begins the same epoch number
+    again): a worker goes back to an epoch it paused only when the count is the
+    same. ``shared_seed``: for an ``IterDataPipe`` dataset, the seed its random
     operations (shuffle) take this epoch, the same in every worker, as torch
     seeds them."""
 
     epoch: int
+    begun: int
     base_seed: int
     shared_seed: int | None = None
 

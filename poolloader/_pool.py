@@ -305,10 +305,11 @@ class Pool(Dispatcher, IOThread):
         with self._lock:
             self.epochs_begun += 1
             self._idle_since, self._trimmed = None, False
-            self._epochs[epoch] = BeginEpoch(epoch, base_seed, shared_seed)
+            self._epochs[epoch] = BeginEpoch(epoch, self.epochs_begun, base_seed, shared_seed)
             # An epoch begun again (an iter() that raised went back before it: NOTE
             # [ A state taken in iter() ] in _loader_resume.py): the workers still in
-            # it start it afresh, their streams from the start, when it is sent again.
+            # it start it afresh, their streams from the start, when it is sent again;
+            # so do those that paused it for another epoch (``begun`` differs).
             for w in self._workers:
                 if w.epoch == epoch:
                     w.epoch = -1

@@ -231,6 +231,7 @@ PAUSED_EPOCHS = 8
 class _Paused:
     """An epoch a worker left for another: where its stream and random state were."""
 
+    begun: int  # BeginEpoch.begun: the beginning of the epoch it belongs to
     fetcher: Any
     exhausted: bool
     base_seed: int
@@ -246,7 +247,7 @@ class _State:
         self.setup = setup
         self.collate_fn, self.init_fn = materialize(setup.functions)
         self.packer = setup.packer_factory(conn)
-        self.epoch = -1
+        self.epoch = self.begun = -1
         self.base_seed = setup.base_seed
         self.exhausted = False
         self.fetcher: Any = None
@@ -293,13 +294,17 @@ class _State:
         torch, where each iterator has workers of its own."""
         if self.epoch >= 0 and message.epoch != self.epoch:
             self.paused[self.epoch] = _Paused(
-                self.fetcher, self.exhausted, self.base_seed, _seeding.generator_states()
+                self.begun,
+                self.fetcher,
+                self.exhausted,
+                self.base_seed,
+                _seeding.generator_states(),
             )
             while len(self.paused) > PAUSED_EPOCHS:
                 self.paused.popitem(last=False)
-        self.epoch = message.epoch
+        self.epoch, self.begun = message.epoch, message.begun
         paused = self.paused.pop(message.epoch, None)
-        if paused is not None:
+        if paused is not None and paused.begun == message.begun:
             self.fetcher, self.exhausted = paused.fetcher, paused.exhausted
             self.base_seed = paused.base_seed
             self._set_info(_seeding.worker_seed(self.base_seed, self.setup.worker_id))

@@ -383,6 +383,37 @@ def test_a_stream_epoch_begun_again_after_an_interrupted_iter_starts_its_streams
         assert sorted(i for b in loader for i in b.tolist()) == reference
 
 
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_a_stream_epoch_begun_again_while_another_iterator_runs_starts_afresh(
+    num_workers,
+) -> None:
+    """Two iterators of one loader take turns on its workers, and a worker keeps the
+    stream of the epoch it leaves for the other's. An iter() interrupted after its
+    epoch's first batches were sent goes back; the other iterator's next batch takes
+    the workers away from that epoch (they keep its stream, read two batches in),
+    and the next iter() begins the epoch again under the same number. The workers
+    must start its streams afresh: going back to the kept stream lost the items the
+    interrupted try had read."""
+    with poolloader.DataLoader(Counted(40), batch_size=2, num_workers=num_workers) as loader:
+        reference = sorted(i for b in loader for i in b.tolist())
+        other = iter(loader)
+        first = [i for _ in range(num_workers) for i in next(other).tolist()]
+
+        def lands(frame: Any, event: str, arg: Any) -> bool:  # the window sent, first
+            code = frame.f_code
+            return (
+                event == "return"
+                and code.co_name == "_fill"
+                and code.co_filename.startswith(PACKAGE)
+            )
+
+        assert _iter_interrupted_where(loader, lands) is None
+        time.sleep(0.5)  # (the workers read the batches the try had sent)
+        first += next(other).tolist()
+        assert sorted(i for b in loader for i in b.tolist()) == reference
+        assert sorted(first + [i for b in other for i in b.tolist()]) == reference
+
+
 def test_a_failed_iter_leaves_the_other_iterators_of_its_loader_running() -> None:
     """Going back after an iter() that raised ends only what that iter() made: an
     iterator of the same loader still in its epoch goes on to the end of it."""

@@ -313,7 +313,7 @@ def _task_bytes(batches: int, num_workers: int) -> int:
         len(pickle.dumps(Task(batches + k, 1, k, list(range(4 * k, 4 * k + 4)))))
         for k in range(batches)
     )
-    return tasks + num_workers * len(pickle.dumps(BeginEpoch(1, 2**62)))
+    return tasks + num_workers * len(pickle.dumps(BeginEpoch(1, 1, 2**62)))
 
 
 @contextmanager
