@@ -126,7 +126,7 @@ class PoolIterator(_BaseDataLoaderIter):
         self._handed = None  # NOTE [ Handing a batch over ]
         self._pin: int | None = None  # the worker of the spec drawn (IterableDataset)
         self._tracked_to = -1  # the last position in the window, or that went through it
-        self._sampler_done = self._cut_short = False
+        self._sampler_done = self._cut_short = self._withdrawn = False
         self._active_workers = list(range(self._num_workers))
         self._round_robin = itertools.cycle(range(self._num_workers))
         self._fill()
@@ -145,6 +145,16 @@ class PoolIterator(_BaseDataLoaderIter):
             self._window.clear()
             self._outcomes.clear()
         self._pool.end_epoch(self._epoch)
+
+    def _withdraw(self) -> None:
+        """An ``iter(loader)`` that began a new epoch on this persistent iterator
+        raised, and the loader went back to before it: the epoch it was in was given
+        up (as every ``iter()`` of a persistent loader gives it up) and the new one
+        did not begin. Its batches loaded ahead are cancelled, and ``next()`` says
+        so rather than hand out batches of an epoch nobody began."""
+        self._sampler_done = self._cut_short = self._withdrawn = True
+        self._taken = self._handed = None
+        self._abandon()
 
     def close(self, loader_closed: bool = False) -> None:
         """Cancel the batches loaded ahead; the iterator yields nothing more.
@@ -463,6 +473,14 @@ class PoolIterator(_BaseDataLoaderIter):
                 self._sampler_done = self._position.finished = True
                 self._pool.end_epoch(self._epoch)
                 self._ledger.warn_if_cut_short()
+            elif self._withdrawn:
+                raise RuntimeError(
+                    "iter(loader) raised while it began a new epoch on this iterator "
+                    "(with persistent_workers=True a loader keeps one iterator, and each "
+                    "iter() begins its next epoch on it): the epoch this iterator was in "
+                    "had been given up, and the new one did not begin. Call iter(loader) "
+                    "again to begin it."
+                )
             elif self._loader_closed and not self._position.finished:
                 raise LoaderClosedError(
                     f"the DataLoader was closed during epoch {self._epoch}, after "

@@ -74,7 +74,7 @@ class Resumable:
                 iterator.close()
         elif iterator is not None:
             with contextlib.suppress(Exception):  # (its next reset starts the epoch again)
-                iterator._abandon()
+                iterator._withdraw()
         if place.resume is not None and place.limits is not None:
             # Starting the resumed epoch loaded the sampler's saved state, and with it
             # the saved limits: the caller's, set after load_state_dict, come back.

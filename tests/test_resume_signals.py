@@ -414,6 +414,34 @@ def test_a_stream_epoch_begun_again_while_another_iterator_runs_starts_afresh(
         assert sorted(first + [i for b in other for i in b.tolist()]) == reference
 
 
+def test_a_persistent_iterator_whose_next_epoch_failed_to_begin_says_so() -> None:
+    """With persistent workers the loader keeps one iterator, and iter() begins the
+    next epoch on it. When that iter() is interrupted after the epoch's first batches
+    were sent, the iterator's old epoch is given up and the new one did not begin:
+    next() on it must say so, not hand out the batches the try had sent (which
+    skipped the start of an epoch nobody began). iter() again begins it whole."""
+    with poolloader.DataLoader(
+        Counted(40), batch_size=2, num_workers=1, persistent_workers=True
+    ) as loader:
+        reference = [b.tolist() for b in loader]
+        iterator = iter(loader)
+        next(iterator)
+
+        def lands(frame: Any, event: str, arg: Any) -> bool:  # the window sent, first
+            code = frame.f_code
+            return (
+                event == "return"
+                and code.co_name == "_fill"
+                and code.co_filename.startswith(PACKAGE)
+            )
+
+        assert _iter_interrupted_where(loader, lands) is None
+        time.sleep(0.5)  # (the worker reads the batches the try had sent)
+        with pytest.raises(RuntimeError, match=r"Call iter\(loader\) again"):
+            next(iterator)
+        assert [b.tolist() for b in loader] == reference
+
+
 def test_a_failed_iter_leaves_the_other_iterators_of_its_loader_running() -> None:
     """Going back after an iter() that raised ends only what that iter() made: an
     iterator of the same loader still in its epoch goes on to the end of it."""
