@@ -41,22 +41,23 @@ from __future__ import annotations
 
 import collections
 import collections.abc
-import datetime
-import decimal
-import enum
-import fractions
 import functools
-import pathlib
-import random
-import re
 import types
 from typing import Any
 
-import numpy as np
-import torch
-
+from . import _tracking_kinds
 from ._messages import DelAttr, DelItem, Path, SetAttr, SetItem
-from ._shared import SharedDict, SharedList
+from ._tracking_kinds import (
+    _ARRAY,
+    _ATOMS,
+    _CONTAINER,
+    _FOLDABLE,
+    _LEAF,
+    _OBJECT,
+    _TENSOR,
+    _kind,
+    _kinds,
+)
 from ._tracking_paths import render
 from ._tracking_record import (
     _get,
@@ -65,6 +66,7 @@ from ._tracking_record import (
     _untracked_call,
     change_and_record,
     made,
+    record_contents_if_interrupted,
 )
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
@@ -73,50 +75,6 @@ from ._tracking_record import (
 #: copy would then outweigh the read (a method reading ``self.lengths[i]`` in a
 #: loop hands the view out once per item).
 MIRROR_LIMIT = 1024
-
-# ------------------------------------------------------------- classification
-
-_LEAF, _OBJECT, _CONTAINER, _ARRAY, _TENSOR = range(5)
-
-#: Types whose values come back raw: immutable ones, and random generators
-#: (each process draws from its own copy: a draw in the main process is no
-#: change to carry).
-_LEAF_TYPES: tuple[type, ...] = (
-    str, bytes, int, float, complex, frozenset, range, slice, type, types.ModuleType,
-    types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial,
-    enum.Enum, pathlib.PurePath, decimal.Decimal, fractions.Fraction, datetime.date,
-    datetime.time, datetime.timedelta, re.Pattern, random.Random, np.generic, np.dtype,
-    torch.dtype, torch.device, torch.Size, torch.Generator, BaseException,
-    SharedList, SharedDict,  # read-only: their methods read, and need their own memory
-)  # fmt: skip
-_CONTAINER_TYPES = (dict, list, set, collections.deque, bytearray, tuple)
-_FOLDABLE = frozenset({_CONTAINER, _ARRAY, _TENSOR})
-_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined in Python
-_kinds: dict[type, int] = {}
-
-
-def _kind(tp: type) -> int:
-    kind = _kinds.get(tp)
-    if kind is None:
-        kind = _kinds[tp] = _classify(tp)
-    return kind
-
-
-def _classify(tp: type) -> int:
-    if issubclass(tp, torch.Tensor):
-        return _TENSOR
-    if issubclass(tp, np.ndarray):
-        return _ARRAY
-    if issubclass(tp, _LEAF_TYPES) or issubclass(tp, View):
-        return _LEAF
-    if issubclass(tp, _CONTAINER_TYPES):
-        return _CONTAINER
-    return _OBJECT if tp.__flags__ & _HEAP_TYPE else _LEAF
-
-
-def _base(tp: type) -> type:
-    """The built-in container type ``tp`` is (or derives from)."""
-    return next(b for b in _CONTAINER_TYPES if issubclass(tp, b))
 
 
 def view_of(value: Any, path: Path, channel: Any) -> Any:
@@ -199,15 +157,6 @@ def unwrap_deep(obj: Any) -> Any:
     return obj
 
 
-#: Types of keys and values whose item writes are recorded without pickling
-#: each (see ``Channel.record_atom``).
-_ATOMS = frozenset({int, float, str, bool, bytes, complex, type(None)}) | frozenset(
-    # NumPy's scalars are as immutable (``np.random.shuffle(loader.dataset.arr)``
-    # writes them back one by one); not np.void, a structured record's view.
-    t
-    for t in set(np.sctypeDict.values())
-    if issubclass(t, np.generic) and not issubclass(t, (np.void, np.object_))
-)
 #: Values assigned through a view that may hold views inside them.
 _UNWRAPPED = frozenset({list, tuple, dict, set})
 
@@ -438,13 +387,19 @@ class View(metaclass=_ViewClass):
         key_payload = _payload(channel, key, lambda: f"the key of {where()}")
         payload = _payload(channel, value, where)
         recorded = payload is not None and key_payload is not None
-        change_and_record(
-            channel,
-            change or _nothing,
-            SetItem(path, key_payload, payload) if recorded else None,  # type: ignore[arg-type]
-            lambda: _holds_item(target, key, value),
-            _foldable(target),
-        )
+        try:
+            change_and_record(
+                channel,
+                change or _nothing,
+                SetItem(path, key_payload, payload) if recorded else None,  # type: ignore[arg-type]
+                lambda: _holds_item(target, key, value),
+                _foldable(target),
+            )
+        except BaseException as exc:  # a slice's write may change the length: run twice,
+            # it is another write (NOTE [ A C call and Ctrl-C ] in _tracking_record.py)
+            if not isinstance(target, collections.abc.Mapping):
+                record_contents_if_interrupted(exc, (self,), container=True)
+            raise
         self._pl_refresh()
 
     def __delitem__(self, key: Any) -> None:
@@ -455,13 +410,19 @@ class View(metaclass=_ViewClass):
         def delete() -> None:
             del target[key]
 
-        change_and_record(
-            channel,
-            delete,
-            None if key_payload is None else DelItem(path, key_payload),
-            lambda: isinstance(target, collections.abc.Mapping) and key not in target,
-            _foldable(target),
-        )
+        try:
+            change_and_record(
+                channel,
+                delete,
+                None if key_payload is None else DelItem(path, key_payload),
+                lambda: isinstance(target, collections.abc.Mapping) and key not in target,
+                _foldable(target),
+            )
+        except BaseException as exc:  # a sequence's delete, run twice, deletes two
+            # items (NOTE [ A C call and Ctrl-C ] in _tracking_record.py)
+            if not isinstance(target, collections.abc.Mapping):
+                record_contents_if_interrupted(exc, (self,), container=True)
+            raise
         self._pl_refresh()
 
     # -- protocols: reads go to the object; Python code runs against the view
@@ -592,6 +553,7 @@ class Tracked(View):
 
 #: Every view type (the tensor view joins from ``_tracking_numeric``).
 _VIEWS: tuple[type, ...] = (View,)
+_tracking_kinds.VIEWS = _VIEWS
 
 from . import _tracking_containers, _tracking_operators  # noqa: E402, F401  (built on View)
 

@@ -16,16 +16,9 @@ from . import _pickling
 from ._folding import contents
 from ._messages import THIS, Path
 from ._replay import assign_contents
-from ._tracking import (
-    _ATOMS,
-    _CONTAINER,
-    View,
-    _base,
-    _kind,
-    unwrap,
-    unwrap_deep,
-)
-from ._tracking_record import _get, _state, record_call
+from ._tracking import View, unwrap, unwrap_deep
+from ._tracking_kinds import _ATOMS, _CONTAINER, _base, _kind
+from ._tracking_record import _get, _state, record_call, record_contents_if_interrupted
 
 #: The C methods of each container that change it (the others only read), each
 #: with whether it changes the container only by changing its length: such a
@@ -69,6 +62,15 @@ def call_mutator(view: View, name: str, fn: Any, args: tuple[Any, ...], kwargs: 
     """Run the C mutator ``fn`` (``list.append``, ``ndarray.fill``) on the view's
     object and record the call, or the object's contents when the arguments do
     not pickle (a ``sort`` with a lambda key)."""
+    try:
+        return _call_mutator(view, name, fn, args, kwargs)
+    except BaseException as exc:  # NOTE [ A C call and Ctrl-C ] in _tracking_record.py
+        target = _get(view, "_pl_target")
+        record_contents_if_interrupted(exc, (view,), _kind(type(target)) == _CONTAINER)
+        raise
+
+
+def _call_mutator(view: View, name: str, fn: Any, args: tuple[Any, ...], kwargs: Any) -> Any:
     target, _, channel = _state(view)  # a reference kept across a change: checked first
     args = tuple(_materialise(a) for a in args)
     kwargs = {k: _materialise(v) for k, v in kwargs.items()}

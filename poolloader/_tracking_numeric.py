@@ -24,7 +24,7 @@ from . import _pickling, _replay, _tracking, _tracking_paths
 from ._messages import THIS, Path, SetAttr, SetItem
 from ._tracking import Tracked, View
 from ._tracking_containers import _mutator, call_mutator
-from ._tracking_record import _payload, _state, record_call
+from ._tracking_record import _payload, _state, record_call, record_contents_if_interrupted
 
 #: Tensors up to this many bytes carry their new values after an in-place
 #: operation instead of the operation: no larger than the call itself, and
@@ -89,6 +89,16 @@ def _change(views: list[Any], fn: Any, args: Any, kwargs: Any, run: Any) -> Any:
     """Run an operation that changes the objects of ``views``, and record it: as
     the call when one object changes and the call pickles, else as contents."""
     targets = {id(v._pl_target): v for v in views}
+    try:
+        return _run_and_record(views, targets, fn, args, kwargs, run)
+    except BaseException as exc:  # NOTE [ A C call and Ctrl-C ] in _tracking_record.py
+        record_contents_if_interrupted(exc, targets.values())
+        raise
+
+
+def _run_and_record(
+    views: list[Any], targets: dict[int, Any], fn: Any, args: Any, kwargs: Any, run: Any
+) -> Any:
     first = views[0]
     active = first._pl_channel.active
     if active:
@@ -103,7 +113,10 @@ def _change(views: list[Any], fn: Any, args: Any, kwargs: Any, run: Any) -> Any:
     if active:
         for view in targets.values():
             record_call(view, call if view is first else None)
-    return next((v for v in views if v._pl_target is result), result)
+    for view in views:  # (loops, not next() over a generator: NOTE in _tracking._base)
+        if view._pl_target is result:
+            return view
+    return result
 
 
 # ------------------------------------------------------------------- arrays
@@ -343,10 +356,21 @@ def _changed_tensor(name: str, args: Any, kwargs: Any) -> Any:
         or kwargs.get("inplace") is True
     ):
         return first
-    return next((o for o in _outs(kwargs) if isinstance(o, TensorView)), None)
+    for out in _outs(kwargs):
+        if isinstance(out, TensorView):
+            return out
+    return None
 
 
 def _change_tensor(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw: Any) -> Any:
+    try:
+        return _run_tensor_change(view, func, name, args, kwargs, raw)
+    except BaseException as exc:  # NOTE [ A C call and Ctrl-C ] in _tracking_record.py
+        record_contents_if_interrupted(exc, (view,))
+        raise
+
+
+def _run_tensor_change(view: Any, func: Any, name: str, args: Any, kwargs: Any, raw: Any) -> Any:
     raw_args, raw_kwargs = raw
     target, path, channel = _state(view)
     if name == "__set__":  # t.data = x, t.requires_grad = False

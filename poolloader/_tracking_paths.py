@@ -69,7 +69,10 @@ _PLAIN_ITEMS = frozenset({list, dict, collections.deque, collections.OrderedDict
 def _find(container: Any, target: Any) -> Any:
     """The key (or index) at which ``container`` holds ``target`` itself, or _MISSING."""
     pairs = container.items() if isinstance(container, dict) else enumerate(container)
-    return next((key for key, value in pairs if value is target), _MISSING)
+    for key, value in pairs:  # (not next() over a generator: NOTE in _tracking._base)
+        if value is target:
+            return key
+    return _MISSING
 
 
 def render(path: Path) -> str:

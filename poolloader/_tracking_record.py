@@ -7,8 +7,10 @@ What is recorded, and what is not: NOTE [ What is carried ] in ``_control.py``.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from . import _pickling
@@ -78,6 +80,31 @@ def change_and_record(
         if not made(lambda: channel.recorded_last(update)) and made(was_made):
             channel.record(update, container)
         raise
+
+
+# NOTE [ A C call and Ctrl-C ]: a C call that changes an object in place
+# (``items.append(x)``, ``w += 1``, ``t.add_(1)``, ``t[0] = 7``) runs here and is
+# then recorded as the call, which the workers run again. Run twice it gives
+# another result, and once it returned nothing tells whether it ran. On the way
+# out of an interrupt (KeyboardInterrupt, or SystemExit from a signal handler)
+# the object's whole contents are recorded as well, as they now are here: the
+# workers' copy then matches the main process's whether the call ran or not,
+# and whether or not it was recorded before the interrupt. An ordinary error
+# records nothing more: a C call that raises has changed nothing
+# (``items.remove(x)`` of a missing ``x``).
+
+
+def record_contents_if_interrupted(
+    exc: BaseException, views: Iterable[Any], container: bool = False
+) -> None:
+    """After ``exc`` left a C call that changes the objects of ``views``: if it is
+    an interrupt, record each object's whole contents (NOTE [ A C call and Ctrl-C ])."""
+    if isinstance(exc, Exception):
+        return
+    for view in views:
+        if _get(view, "_pl_channel").active:
+            with contextlib.suppress(Exception):  # (contents that do not pickle: as before)
+                record_call(view, None, _get(view, "_pl_target") if container else None)
 
 
 def made(check: Any) -> bool:

@@ -900,14 +900,19 @@ class RegistersReducer(Dataset):
 
 class Table(Dataset):
     """Item i is ``table[i]`` where the table has it, else ``i * scale + extra``
-    (``extra`` 0 where unset): changed by setting ``scale`` or ``extra``,
-    deleting ``extra``, and setting or deleting the table's items."""
+    (``extra`` 0 where unset) plus how many entries ``log`` has, ``weights[i]`` and
+    ``offsets[i]``: changed by setting ``scale`` or ``extra``, deleting ``extra``,
+    setting or deleting the table's items, appending to the log and adding to the
+    weights (a NumPy array) or the offsets (a tensor too big to travel whole)."""
 
     def __init__(self, n: int = 6) -> None:
-        self.n, self.scale, self.table = n, 1, {}
+        self.n, self.scale, self.table, self.log = n, 1, {}, []
+        self.weights = np.zeros(n, dtype=np.int64)
+        self.offsets = torch.zeros(2048, dtype=torch.int64)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int):
-        return self.table.get(i, i * self.scale + getattr(self, "extra", 0))
+        made = i * self.scale + getattr(self, "extra", 0) + len(self.log)
+        return self.table.get(i, made + int(self.weights[i]) + int(self.offsets[i]))

@@ -1016,11 +1016,34 @@ def _change(dataset: Any, kind: str, turn: int) -> None:
         del dataset.extra
     elif kind == "item":
         dataset.table[2] = 100 + turn
-    else:
+    elif kind == "item deleted":
         del dataset.table[3]
+    elif kind == "list appended":
+        dataset.log.append(turn)
+    elif kind == "list item deleted":
+        del dataset.log[0]
+    elif kind == "list slice set":  # one item becomes two
+        dataset.log[0:1] = [turn, turn]
+    elif kind == "array added to":
+        dataset.weights += 1
+    else:
+        dataset.offsets.add_(turn)
 
 
-@pytest.mark.parametrize("kind", ["attribute", "attribute deleted", "item", "item deleted"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "attribute",
+        "attribute deleted",
+        "item",
+        "item deleted",
+        "list appended",
+        "list item deleted",
+        "list slice set",
+        "array added to",
+        "tensor added to",
+    ],
+)
 @pytest.mark.parametrize("event_name", ["c_return", "call"])
 def test_a_change_interrupted_by_ctrl_c_reaches_the_workers_if_made_here(kind, event_name) -> None:
     """``loader.dataset.scale = 3`` changes the main process's dataset, then
@@ -1029,17 +1052,22 @@ def test_a_change_interrupted_by_ctrl_c_reaches_the_workers_if_made_here(kind, e
     every later batch loaded with the old value. Here the change is interrupted
     at another place each time (the n-th C call returning in poolloader, or the
     n-th of its functions beginning), and the next epoch must load what the main
-    process's dataset now holds, whether or not the change was made."""
+    process's dataset now holds, whether or not the change was made. The C calls
+    (``append``, ``+=`` on an array, a tensor's ``add_``) and a list's item
+    deleted or slice set give another result when replayed twice: neither lost
+    nor doubled."""
     with poolloader.DataLoader(Table(6), batch_size=None, num_workers=1,
                                persistent_workers=True, timeout=HANG_SLACK) as loader:  # fmt: skip
         ours = poolloader.unwrap(loader.dataset)
         assert list(loader) == [ours[i] for i in range(6)]
         landed = 0
-        for turn in range(1, 30):
+        for turn in range(1, 66):  # (an append's, the longest, takes 62 C calls)
             if kind == "attribute deleted":
                 loader.dataset.extra = 50  # (made in full)
             elif kind == "item deleted":
                 loader.dataset.table[3] = 50
+            elif kind.startswith("list "):
+                loader.dataset.log.append(0)
             seen = 0
 
             def interrupt(frame: Any, event: str, arg: Any) -> None:
