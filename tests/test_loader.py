@@ -252,6 +252,24 @@ def test_loader_does_not_pickle_its_pool_into_the_dataset():
     assert type(restored) is Plain and restored.n == 3
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_profiler_sees_each_step_as_torchs_does(num_workers):
+    """torch records each ``next()`` as a profiler range; poolloader skips the range
+    when no profiler runs (it costs microseconds per batch), so under a profiler
+    it must still record one per batch, as torch's loader does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def steps(loader_class: type) -> list[str]:
+        loader = loader_class(Plain(12), batch_size=2, num_workers=num_workers)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            batches = [b.tolist() for b in loader]
+        assert batches == [[i, i + 1] for i in range(0, 12, 2)]
+        names = [e.name for e in prof.events() if e.name.startswith("enumerate(DataLoader)#")]
+        return [name.split("#")[0] for name in names]
+
+    assert steps(DataLoader) == steps(torch.utils.data.DataLoader) != []
+
+
 def test_pin_memory_without_accelerator_warns_like_torch():
     if torch.accelerator.is_available():
         pytest.skip("this machine has an accelerator")
