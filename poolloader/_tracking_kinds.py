@@ -21,8 +21,8 @@ import torch
 
 from ._shared import SharedDict, SharedList
 
-#: Every view type: a view held inside the dataset is a leaf (``_tracking.py``
-#: and ``_tracking_numeric.py`` add theirs as they define them).
+#: The view types that are not tensors: a view held inside the dataset is a leaf
+#: (``_tracking.py`` sets this once its ``View`` exists; a tensor view is a tensor).
 VIEWS: tuple[type, ...] = ()
 
 _LEAF, _OBJECT, _CONTAINER, _ARRAY, _TENSOR = range(5)
