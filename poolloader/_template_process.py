@@ -14,6 +14,7 @@ import random
 import signal
 import sys
 import threading
+import weakref
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recvfds, sendfds
@@ -192,13 +193,17 @@ def _unsafe_to_fork(watch: _OwnStateWatch) -> str:
 # with ``persistent_workers=False``) draws the same random numbers. The template
 # watches its unpickling for both: descriptors left open (other than shared memory,
 # whose mapping forked workers may share) and randomness drawn through ``os.urandom``
-# (NumPy's ``default_rng()``, ``SeedSequence()``, ``secrets``, ``uuid4``). Either
-# makes it unsafe to fork: each worker unpickles the dataset itself, as in torch.
+# (NumPy's ``default_rng()``, ``SeedSequence()``, ``secrets``, ``uuid4``), or a
+# ``random.Random`` seeded from it (``random.Random()``, whose C code reads the
+# system's randomness directly: watched as its ``seed(None)``, unless its state is
+# then set, as unpickling a pickled one does). Either makes it unsafe to fork:
+# each worker unpickles the dataset itself, as in torch.
 # What importing a module does meanwhile (the modules the pickle names, imported
 # to unpickle it) does not count: a library's import-time state is shared by
 # torch's fork workers too, and counted it would cost most datasets the template
-# (importing Lightning draws randomness). Not seen: ``random.Random()`` and torch
-# generators seeded from the system in C.
+# (importing Lightning draws randomness); so does seeding the ``random`` module's
+# own generator (``random.seed()``), which each worker seeds afresh. Not seen: a
+# torch generator seeded from the system (``torch.Generator().seed()``), in C.
 
 #: Descriptors forked workers may share: shared memory (SharedList's sealed memfds,
 #: torch's shared storages) and devices without an offset.
@@ -213,13 +218,29 @@ class _OwnStateWatch:
     def __init__(self) -> None:
         self.opened: list[str] = []
         self.drew_randomness = False
+        # random.Random objects seeded from the system and given no state since
+        self._system_seeded: weakref.WeakSet[random.Random] = weakref.WeakSet()
         self._importing = 0  # depth of imports under way
         self._by_imports: set[tuple[int, str]] = set()  # descriptors imports opened
 
     def __enter__(self) -> _OwnStateWatch:
         self._before = _descriptors()
         self._saved = os.urandom, random._urandom, builtins.__import__  # type: ignore[attr-defined]
+        self._saved_random = random.Random.seed, random.Random.setstate
         real_urandom, real_import = self._saved[0], self._saved[2]
+        real_seed, real_setstate = self._saved_random
+        own_global = getattr(random, "_inst", None)
+
+        def seed(rng: random.Random, a: Any = None, *args: Any, **kwargs: Any) -> None:
+            if a is None and not self._importing and rng is not own_global:
+                self._system_seeded.add(rng)
+            else:
+                self._system_seeded.discard(rng)
+            real_seed(rng, a, *args, **kwargs)
+
+        def setstate(rng: random.Random, state: Any) -> None:
+            self._system_seeded.discard(rng)  # (a pickled one: made, then given its state)
+            real_setstate(rng, state)
 
         def urandom(size: int) -> bytes:
             if not self._importing:
@@ -228,7 +249,10 @@ class _OwnStateWatch:
 
         def import_(name: str, *args: Any, **kwargs: Any) -> Any:
             level = args[3] if len(args) > 3 else kwargs.get("level", 0)
-            if self._importing or (not level and name in sys.modules):
+            fromlist = args[2] if len(args) > 2 else kwargs.get("fromlist")
+            if self._importing or (
+                not level and name in sys.modules and not _loads_submodules(name, fromlist)
+            ):
                 return real_import(name, *args, **kwargs)  # (inside one; or nothing runs)
             before = _descriptors()
             self._importing += 1
@@ -241,10 +265,14 @@ class _OwnStateWatch:
         # random._urandom: what SystemRandom (secrets, NumPy's SeedSequence) calls.
         os.urandom = random._urandom = urandom  # type: ignore[attr-defined]
         builtins.__import__ = import_
+        random.Random.seed, random.Random.setstate = seed, setstate  # type: ignore[method-assign,assignment]
         return self
 
     def __exit__(self, *exc: object) -> None:
         os.urandom, random._urandom, builtins.__import__ = self._saved  # type: ignore[attr-defined]
+        random.Random.seed, random.Random.setstate = self._saved_random  # type: ignore[method-assign]
+        if len(self._system_seeded):
+            self.drew_randomness = True
         before = self._before
         for fd, target in sorted(_descriptors().items()):
             if before.get(fd) == target or (fd, target) in self._by_imports:
@@ -262,11 +290,20 @@ class _OwnStateWatch:
         if self.drew_randomness:
             return (
                 "unpickling the dataset drew the system's randomness (np.random."
-                "default_rng(), os.urandom), so every worker forked from one process "
+                "default_rng(), random.Random(), os.urandom), so every worker forked "
+                "from one process "
                 "would draw the same numbers; a generator made on first use in each "
                 "worker, or seeded from torch.initial_seed(), keeps the faster start"
             )
         return ""
+
+
+def _loads_submodules(name: str, fromlist: Any) -> bool:
+    """Whether ``from name import ...`` (``name`` imported already) may import a
+    submodule of the package ``name``: an import, whose own doings do not count."""
+    if not fromlist or not hasattr(sys.modules[name], "__path__"):
+        return False
+    return any(item != "*" and f"{name}.{item}" not in sys.modules for item in fromlist)
 
 
 def _descriptors() -> dict[int, str]:

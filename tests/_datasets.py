@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -850,6 +851,41 @@ class DrawsOnUnpickle(Dataset):
     def __getitem__(self, i: int):
         time.sleep(0.01)
         return torch.tensor([int(self.rng.integers(1 << 40)), os.getpid()])
+
+
+class RandomOnUnpickle(Dataset):
+    """Item i is a number from a ``random.Random`` made when the dataset is unpickled
+    (``__setstate__``): seeded from the system's randomness (``"system"``), or from
+    the one the dataset was pickled with (``"pickled"``, the same state in every
+    worker, as with torch). ``"imports"``: it also imports, there, a submodule of an
+    imported package that draws the system's randomness when imported."""
+
+    def __init__(self, n: int = 16, how: str = "system") -> None:
+        self.n, self.how = n, how
+        self.rng = random.Random(7)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if self.how != "pickled":
+            del state["rng"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self.how == "imports":
+            import _lazy_imports
+            from _lazy_imports import draws  # noqa: F401 (its import draws)
+
+            self.rng = random.Random(_lazy_imports.__name__)
+        elif self.how == "system":
+            self.rng = random.Random()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        time.sleep(0.01)
+        return self.rng.getrandbits(40)
 
 
 class FailsAt(IterableDataset):

@@ -7,11 +7,12 @@ share them; the template sees it and each worker unpickles the dataset itself.""
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import pytest
 import torch
-from _datasets import DrawsOnUnpickle, OpensOnUnpickle, write_records
+from _datasets import DrawsOnUnpickle, OpensOnUnpickle, RandomOnUnpickle, write_records
 
 from poolloader import DataLoader, SharedList
 
@@ -69,6 +70,46 @@ def test_a_generator_seeded_from_the_system_when_unpickled_is_each_workers_own(c
         assert "drew the system's randomness" in _warnings(caplog)
     finally:
         loader.close()
+
+
+def test_a_random_generator_made_when_unpickled_is_each_workers_own(caplog):
+    """``random.Random()`` reads the system's randomness in C, unseen by the watch on
+    ``os.urandom``: workers forked from one template drew the same numbers (8 of 16
+    distinct). The draws must all differ, as with torch's spawn workers."""
+    assert len(set(_draws(torch.utils.data.DataLoader, "system"))) == 16
+    with caplog.at_level(logging.WARNING):
+        assert len(set(_draws(DataLoader, "system"))) == 16
+    assert NOT_SAFE in _warnings(caplog)
+    assert "random.Random()" in _warnings(caplog)
+
+
+@pytest.mark.parametrize(("how", "seed"), [("pickled", 7), ("imports", "_lazy_imports")])
+def test_a_pickled_generator_or_a_submodule_import_keeps_the_template(how, seed, caplog):
+    """Unpickling a pickled ``random.Random`` makes one seeded from the system, then
+    gives it its state: the same in every worker, as with torch. And ``from pkg
+    import sub`` in ``__setstate__`` imports ``sub``, whose import draws randomness,
+    as a library's may: shared by torch's fork workers too. Neither may cost the
+    template, and each worker draws from the generator the dataset says."""
+    reference = random.Random(seed)
+    sequence = {reference.getrandbits(40) for _ in range(16)}
+    assert set(_draws(torch.utils.data.DataLoader, how)) <= sequence
+    with caplog.at_level(logging.WARNING):
+        assert set(_draws(DataLoader, how, template=True)) <= sequence
+    assert NOT_SAFE not in _warnings(caplog)
+
+
+def _draws(loader_class: type, how: str, template: bool = False) -> list[int]:
+    loader = loader_class(RandomOnUnpickle(16, how), batch_size=None, num_workers=2,
+                          multiprocessing_context="spawn")  # fmt: skip
+    try:
+        draws = [int(b) for b in loader]
+        assert len(draws) == 16
+        if template:
+            assert loader._pool.template_pid is not None
+        return draws
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
 
 
 def test_a_file_a_change_opens_in_the_template_is_each_new_workers_own(records, caplog):
