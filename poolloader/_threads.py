@@ -11,7 +11,7 @@ read goes on waiting, and Ctrl-C seems lost (a few runs in a hundred, on a
 loaded machine). So every thread poolloader starts blocks those signals, and
 none of them is taken there. Threads that NumPy and torch start themselves
 (BLAS and OpenMP pools) block nothing and may still take one: the consumer's waits in
-poolloader are therefore slices of at most ``_iterator.WAIT_SLICE`` seconds,
+poolloader are therefore slices of at most ``_waiting.WAIT_SLICE`` seconds,
 after each of which the main thread runs the handlers of signals that another
 thread took.
 

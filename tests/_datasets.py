@@ -672,7 +672,7 @@ class WaitsForOthers(Dataset):
     loaded and returns how many it saw; every other item takes ``seconds`` (the
     items before the stall ``before`` each), then leaves a note in ``where``. Only
     a loader that loads ahead of a stalled batch within 4 s sees them all (the
-    consumer's health check comes every 5 s, ``_iterator.WAIT_SLICE``)."""
+    consumer's health check comes every 5 s, ``_waiting.WAIT_SLICE``)."""
 
     def __init__(self, where: str, n: int = 40, stall: int = 10, ahead: int = 5,
                  seconds: float = 0.005, before: float = 0.005) -> None:  # fmt: skip

@@ -52,9 +52,9 @@ from _procs import (
 
 import poolloader
 from poolloader._epoch_rng import RngState
-from poolloader._iterator import WAIT_SLICE
 from poolloader._pool import IO_JOIN_TIMEOUT
 from poolloader._resume import EpochLedger
+from poolloader._waiting import WAIT_SLICE
 from poolloader.errors import (
     LoaderTimeoutError,
 )
