@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._deaths import (
@@ -84,6 +84,7 @@ class IOThread:
         _resumable: bool
         _idle_since: float | None
         _trimmed: bool
+        _loader_ref: Callable[[], Any] | None
         _watch: Watchlist
         _waker: Waker
         _wakeup_r: int
@@ -97,6 +98,7 @@ class IOThread:
         def _break(self, error: PoolBrokenError, culprit: TaskRecord | None = None) -> None: ...
         def _release_pins(self) -> None: ...
         def _trim_when_due(self) -> None: ...
+        def close(self) -> None: ...
 
     def _io_loop(self) -> None:
         self._outbox.serve_from_this_thread()
@@ -151,6 +153,13 @@ class IOThread:
                 self._trim_when_idle()
                 self._audit_when_due()
         self._outbox.flush()  # what the consumer leaves to this thread, or could not write
+        loader = self._loader_ref
+        if loader is not None and loader() is None and not self._closing:
+            # Its loader was freed, and did not close it: a Ctrl-C landed as
+            # DataLoader.__del__ began (Python drops it there). The workers go now,
+            # not at the interpreter's exit.
+            logger.debug("the pool's loader is gone: closing the pool")
+            self.close()
 
     # NOTE [ Tasks never sent ]: the consumer's submit gives a worker a task: the
     # record joins the worker's tasks and leaves the pending queue, the worker's

@@ -13,6 +13,7 @@ The sampler is never read ahead of the window, so a change to it (say a new
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import queue
@@ -170,6 +171,10 @@ class PoolIterator(Waiting, _BaseDataLoaderIter):
             self.close()
         except Exception:
             pass
+        except BaseException:  # a Ctrl-C as the collector ends it (as DataLoader.__del__)
+            with contextlib.suppress(BaseException):
+                self.close()
+            raise
 
     # ----------------------------------------------------------- submitting
 

@@ -101,6 +101,6 @@ class Waker:
 
     def close(self) -> None:
         with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
+            fd, self._fd = self._fd, -1  # (first: interrupted, it is not closed twice)
+            if fd >= 0:
+                os.close(fd)

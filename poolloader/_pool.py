@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -136,7 +137,10 @@ class Pool(Dispatcher, IOThread):
         self.last_submitted: TaskRecord | None = None
         self._broken: PoolBrokenError | None = None
         self._closing = False
+        self._loader_ref: weakref.ref[Any] | None = None  # the loader (belongs_to)
+        self._stopped = False  # close() stopped (or killed) the processes
         self._closed = False
+        self._unreleased: list[Callable[[], None]] = []  # NOTE [ Closing and Ctrl-C ]
         self._exitcodes: list[int] = []
         self._counters = PoolCounters()
         self._started_at = time.monotonic()
@@ -272,12 +276,17 @@ class Pool(Dispatcher, IOThread):
         stop the owner's workers, so it does nothing."""
         if self.foreign:
             return
-        with self._lock:
-            if self._closing:
-                return
-            self._closing = True
-            orphans = self._take_all_records()
+        claimed = False  # NOTE [ Closing and Ctrl-C ]
         try:
+            with self._lock:
+                if self._closing:
+                    if self._stopped:
+                        self._release_resources()  # what an interrupt left
+                    return
+                self._closing = claimed = True
+                self._unreleased = [self._waker.close, self._close_wakeup,
+                                    self._transport.close, self._channel.stop]  # fmt: skip
+                orphans = self._take_all_records()
             fail(orphans, LoaderClosedError("the DataLoader was closed"))
             self._wake()
             if threading.current_thread() is not self._thread and self._thread.is_alive():
@@ -286,18 +295,45 @@ class Pool(Dispatcher, IOThread):
                     logger.debug("the I/O thread did not stop; closing without it")
             self._workforce.stop([*self._workers, *self._retiring])
         except BaseException:
-            # Interrupted while it waited (a second Ctrl-C as a `with` block closes
-            # the loader): later calls return at once, so end everything now.
-            self._workforce.kill([*self._workers, *self._retiring])
+            if claimed:  # later calls return at once: end everything now
+                self._workforce.kill([*self._workers, *self._retiring])
             raise
         finally:
-            self._waker.close()
-            os.close(self._wakeup_r)
-            self._transport.close()
-            self._channel.stop()
-            _exit_hook.live_pools.discard(self)
-            self._closed = True
+            if claimed:
+                self._stopped = True
+                self._release_resources()
         logger.debug("pool closed")
+
+    # NOTE [ Closing and Ctrl-C ]: close() claims the pool (``_closing``) and stops
+    # it, all inside one try: a KeyboardInterrupt landing anywhere after the claim
+    # (a second Ctrl-C as a ``with`` block closes the loader, one while the
+    # workers finish a long ``__getitem__``) kills the workers, their processes
+    # and the templates at once, then releases what the pool holds (pipes,
+    # mapped slabs), each step once; a step an interrupt cut short is left to the
+    # next close(). One landing before the claim leaves the pool as it was, for
+    # the next close() (the loader keeps it until a close() returns).
+
+    def _release_resources(self) -> None:
+        """What the pool holds besides its processes, each step once: one an
+        interrupt cut short is done again by the next close()."""
+        while self._unreleased:
+            try:
+                self._unreleased[0]()
+            except Exception:
+                logger.debug("closing the pool: %s failed", self._unreleased[0], exc_info=True)
+            del self._unreleased[0]
+        _exit_hook.live_pools.discard(self)
+        self._closed = True
+
+    def _close_wakeup(self) -> None:
+        fd, self._wakeup_r = self._wakeup_r, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def belongs_to(self, loader: Any) -> None:
+        """The pool closes itself if ``loader`` is freed without closing it (the
+        I/O thread looks once a step)."""
+        self._loader_ref = weakref.ref(loader)
 
     # ----------------------------------------------------------- submitting
 

@@ -64,6 +64,7 @@ def start_pool(loader: DataLoader[Any], base_seed: int) -> Pool:
         resumable=loader._dataset_kind == _DatasetKind.Map,
         dataset=loader._dataset_target,
     )
+    pool.belongs_to(loader)
     try:
         if inherited:
             pool.start()

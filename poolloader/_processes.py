@@ -393,24 +393,29 @@ class Workforce:
         alive = [w for w in workers if not w.dead and w.process is not None]
         family = _family({w.pid for w in alive})  # before the workers die (and orphan them)
         templates = [t for t in [*self.retired_templates, self.template] if t is not None]
-        for w in alive:
-            w.process.kill()
+        for process in [*(w.process for w in alive), *(t.process for t in templates)]:
+            try:
+                process.kill()
+            except (ValueError, OSError):
+                pass  # closed already: an earlier stop() got that far (NOTE in Pool.close)
         for proc in _proctree.unique(family):
             try:
                 proc.kill()
             except psutil.Error:
                 pass
-        for template in templates:
-            template.process.kill()
-        for w in alive:
-            w.process.join(TERMINATE_GRACE)
+        for process in [*(w.process for w in alive), *(t.process for t in templates)]:
+            try:
+                process.join(TERMINATE_GRACE)  # (reaped: no zombie left)
+            except (ValueError, OSError):
+                pass
         for w in workers:
             try:
                 self.release(w)
             except (ValueError, OSError):
                 pass  # not reaped yet: the process object is left to the collector
         for template in templates:
-            template.stop()
+            template.stop()  # (returns at once if an interrupted stop() began it)
+            template.release()
 
     def _join(self, workers: list[Worker]) -> None:
         deadline = time.monotonic() + STOP_GRACE

@@ -65,6 +65,7 @@ pool starts each worker directly instead (each unpickles the dataset itself).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import pickle
@@ -284,8 +285,10 @@ class Template:
             stream.parts.put(_DatasetStream.ABORT)  # nothing more follows the parts sent
         try:
             self._raise_start_error()
-        except BaseException:  # it never started: nothing to stop
-            self._wait_sent()
+        except BaseException as exc:
+            if exc is not self._start_error:
+                raise  # an interrupt while the start ended (Workforce.kill ends it)
+            self._wait_sent()  # it never started: nothing to stop
             self._close_pipe()
             return
         if stream is not None and not stream.delivered:
@@ -301,15 +304,23 @@ class Template:
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
+        self.release()
+
+    def release(self) -> None:
+        """Close what the main process holds of a template that has exited: its
+        connection, process object and pidfd, and the pidfds of workers it forked
+        for a pool that no longer waits. Again, it does nothing; a template whose
+        stop() was interrupted is killed, then released (``Workforce.kill``)."""
         self.receive()
-        for _, pidfd in self.take():  # workers forked for a pool that no longer waits
+        for _, pidfd in self.take():
             if pidfd is not None:
                 os.close(pidfd)
         self._close_pipe()
-        self.process.close()
-        if self._pidfd is not None:
-            os.close(self._pidfd)
-            self._pidfd = None
+        with contextlib.suppress(ValueError):  # (not reaped yet: left to the collector)
+            self.process.close()
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 class _DatasetStream:

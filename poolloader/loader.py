@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -432,10 +433,12 @@ class DataLoader(Resumable, torch.utils.data.DataLoader[T_co]):
         """End the iterators' epochs and the pool (its workers, their processes)."""
         for iterator in list(self._iterators):
             iterator.close(loader_closed=loader_closed)
-        pool, self._pool = self._pool, None
+        pool = self._pool
         if pool is not None:
-            pool.close()
-            self._stats.pool_ended(pool.statistics())
+            pool.close()  # interrupted before it claimed the pool, the next close() does
+            if self._pool is pool:  # (NOTE [ Closing and Ctrl-C ] in _pool.py)
+                self._pool = None
+                self._stats.pool_ended(pool.statistics())
 
     def __enter__(self) -> DataLoader[T_co]:
         return self
@@ -444,12 +447,18 @@ class DataLoader(Resumable, torch.utils.data.DataLoader[T_co]):
         self.close()
 
     def __del__(self) -> None:
-        if sys.is_finalizing():
-            return  # the pool's atexit hook has already stopped the workers
         try:
+            if sys.is_finalizing():
+                return  # the pool's atexit hook has already stopped the workers
             self.close()
         except Exception:
             pass
+        except BaseException:
+            # A Ctrl-C as the collector ends the loader: Python reports it ("Exception
+            # ignored in") and drops it; the workers are stopped all the same.
+            with contextlib.suppress(BaseException):
+                self.close()
+            raise
 
     def statistics(self) -> LoaderStatistics:
         """A snapshot of what the loader has done so far; see :class:`LoaderStatistics`."""

@@ -10,6 +10,8 @@ recorded.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import os
 import re
@@ -203,6 +205,22 @@ def child_slab_maps() -> int:
         except OSError:
             continue  # it exited meanwhile
     return total
+
+
+@contextlib.contextmanager
+def collector_held() -> Iterator[None]:
+    """The garbage collector held for the block: an interrupt that a test's profile
+    hook raises at the n-th place inside poolloader's code lands in the code under
+    test, not in the finalizer of a loader an earlier test left in a reference
+    cycle (Python reports an exception leaving ``__del__`` and drops it, and pytest
+    fails the test for it)."""
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_on:
+            gc.enable()
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 30.0) -> Any:

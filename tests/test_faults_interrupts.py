@@ -36,6 +36,7 @@ from _procs import (
     GONE_WITHIN,
     TESTS,
     assert_batches,
+    collector_held,
     describe,
     fault_loader,
     handles,
@@ -912,7 +913,8 @@ def _epoch_interrupted_in(
                 sys.setprofile(interrupt)
             armed = False
             try:
-                return fn()
+                with collector_held():
+                    return fn()
             except KeyboardInterrupt:
                 continue
             finally:
@@ -1080,10 +1082,144 @@ def test_a_change_interrupted_by_ctrl_c_reaches_the_workers_if_made_here(kind, e
 
             sys.setprofile(interrupt)
             try:
-                _change(loader.dataset, kind, turn)
+                with collector_held():
+                    _change(loader.dataset, kind, turn)
             except KeyboardInterrupt:
                 pass
             finally:
                 sys.setprofile(None)
             assert list(loader) == [ours[i] for i in range(6)], (turn, ours.__dict__)
         assert landed >= 5, landed
+
+
+def _processes_of(loader: Any) -> list[psutil.Process]:
+    pool = loader._pool
+    return handles([*pool.worker_pids, pool.template_pid])
+
+
+def _left(procs: list[psutil.Process]) -> list[str]:
+    """What is left of ``procs`` once they had time to go: running, or not reaped."""
+    deadline = time.monotonic() + GONE_WITHIN
+    while True:
+        left = []
+        for proc in procs:
+            try:
+                left.append(f"{proc.pid} {proc.status()}")
+            except psutil.Error:
+                pass  # gone, and reaped
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("event_name", "turns"), [("c_return", range(1, 230, 6)), ("call", range(1, 90, 3))]
+)
+def test_ctrl_c_anywhere_in_close_leaves_no_process(event_name, turns) -> None:
+    """A Ctrl-C landing inside ``loader.close()`` (a second one as a ``with`` block
+    closes the loader, say) left the workers running for good where it landed
+    before the pool claimed its closing: the loader had let go of the pool, so the
+    next close() did nothing. One landing as the template was told to stop left it
+    unreaped, and one as the workers were killed could raise ValueError in place of
+    the KeyboardInterrupt. Each place in turn here (the n-th C call returning in
+    poolloader, or the n-th of its functions beginning): the interrupt reaches the
+    caller, the next close() returns, and every process of the loader is gone."""
+    landed = 0
+    for turn in turns:
+        loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
+                                       persistent_workers=True,
+                                       multiprocessing_context="fork")  # fmt: skip
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+        procs = _processes_of(loader)
+        seen = 0
+
+        def interrupt(frame: Any, event: str, arg: Any) -> None:
+            nonlocal seen
+            if event == event_name and frame.f_code.co_filename.startswith(PACKAGE):
+                seen += 1
+                if seen == turn:
+                    sys.setprofile(None)
+                    raise KeyboardInterrupt
+
+        sys.setprofile(interrupt)
+        try:
+            with collector_held():
+                loader.close()
+        except KeyboardInterrupt:
+            landed += 1
+        finally:
+            sys.setprofile(None)
+        loader.close()
+        assert _left(procs) == [], turn
+    assert landed >= 15, landed
+
+
+def test_ctrl_c_as_the_collector_ends_a_loader_leaves_no_process() -> None:
+    """A loader in a reference cycle ends when the garbage collector runs, inside
+    ``DataLoader.__del__``. A Ctrl-C landing there is reported by Python and dropped
+    ("Exception ignored in"); the workers must be stopped all the same."""
+    ignored: list[type[BaseException]] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda report: ignored.append(report.exc_type)
+    try:
+        for turn in range(1, 200, 9):
+            loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
+                                           persistent_workers=True,
+                                           multiprocessing_context="fork")  # fmt: skip
+            assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+            procs = _processes_of(loader)
+            loader.cycle = loader  # (only the collector ends it)
+            del loader
+            seen = 0
+
+            def interrupt(frame: Any, event: str, arg: Any) -> None:
+                nonlocal seen
+                if event == "c_return" and frame.f_code.co_filename.startswith(PACKAGE):
+                    seen += 1
+                    if seen == turn:
+                        sys.setprofile(None)
+                        raise KeyboardInterrupt
+
+            sys.setprofile(interrupt)
+            try:
+                gc.collect()
+            finally:
+                sys.setprofile(None)
+            assert _left(procs) == [], turn
+    finally:
+        sys.unraisablehook = hook
+    assert len(ignored) >= 10 and set(ignored) == {KeyboardInterrupt}, ignored
+
+
+def test_a_loader_freed_without_closing_its_pool_ends_its_workers() -> None:
+    """A Ctrl-C landing as ``DataLoader.__del__`` begins (the collector ending a
+    loader in a reference cycle) is dropped by Python before ``close()`` can run:
+    the pool, its worker and its template ran on until the interpreter exited, and
+    replaced the worker when it was killed. The pool sees its loader gone and
+    closes itself."""
+    loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
+                                   persistent_workers=True,
+                                   multiprocessing_context="fork")  # fmt: skip
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
+    procs = _processes_of(loader)
+    loader.cycle = loader  # (only the collector ends it)
+    del loader
+    module = poolloader.loader.__file__
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_name == "__del__" and code.co_filename == module:
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+    ignored: list[type[BaseException]] = []
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda report: ignored.append(report.exc_type)
+    sys.setprofile(interrupt)
+    try:
+        gc.collect()
+    finally:
+        sys.setprofile(None)
+        sys.unraisablehook = hook
+    assert ignored == [KeyboardInterrupt]
+    assert _left(procs) == []

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from _datasets import Counted, Failing, Plain, Sleepy
+from _procs import collector_held
 
 import poolloader
 from poolloader.samplers import DynamicBatchSampler
@@ -353,13 +354,14 @@ def _iter_interrupted_where(loader: poolloader.DataLoader, lands: Any) -> Any:
             sys.setprofile(None)
             raise KeyboardInterrupt
 
-    sys.setprofile(interrupt)
-    try:
-        return iter(loader)
-    except KeyboardInterrupt:
-        return None
-    finally:
-        sys.setprofile(None)
+    with collector_held():
+        sys.setprofile(interrupt)
+        try:
+            return iter(loader)
+        except KeyboardInterrupt:
+            return None
+        finally:
+            sys.setprofile(None)
 
 
 def test_a_stream_epoch_begun_again_after_an_interrupted_iter_starts_its_streams_afresh() -> None:
