@@ -26,6 +26,7 @@ handing out tasks and what goes with them is ``_dispatch.py``'s.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -316,12 +317,17 @@ class Pool(Dispatcher, IOThread):
     def _release_resources(self) -> None:
         """What the pool holds besides its processes, each step once: one an
         interrupt cut short is done again by the next close()."""
-        while self._unreleased:
+        while True:
             try:
-                self._unreleased[0]()
+                step = self._unreleased[0]
+            except IndexError:  # (all done, here or by another close())
+                break
+            try:
+                step()
             except Exception:
-                logger.debug("closing the pool: %s failed", self._unreleased[0], exc_info=True)
-            del self._unreleased[0]
+                logger.debug("closing the pool: %s failed", step, exc_info=True)
+            with contextlib.suppress(ValueError):  # (gone: another close() did it)
+                self._unreleased.remove(step)
         _exit_hook.live_pools.discard(self)
         self._closed = True
 
