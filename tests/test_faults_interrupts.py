@@ -428,9 +428,10 @@ def _interrupted_epoch(
     while True:
         seen = 0
         try:
-            sys.setprofile(interrupt)
-            batch = next(iterator)
-            sys.setprofile(None)
+            with collector_held():
+                sys.setprofile(interrupt)
+                batch = next(iterator)
+                sys.setprofile(None)
             got.append(int(batch))
         except KeyboardInterrupt:
             turn = turn % every + 1
