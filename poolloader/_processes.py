@@ -393,7 +393,8 @@ class Workforce:
         alive = [w for w in workers if not w.dead and w.process is not None]
         family = _family({w.pid for w in alive})  # before the workers die (and orphan them)
         templates = [t for t in [*self.retired_templates, self.template] if t is not None]
-        for process in [*(w.process for w in alive), *(t.process for t in templates)]:
+        processes = [*(w.process for w in alive), *(t.process for t in templates)]
+        for process in processes:
             try:
                 process.kill()
             except (ValueError, OSError):
@@ -403,7 +404,7 @@ class Workforce:
                 proc.kill()
             except psutil.Error:
                 pass
-        for process in [*(w.process for w in alive), *(t.process for t in templates)]:
+        for process in processes:
             try:
                 process.join(TERMINATE_GRACE)  # (reaped: no zombie left)
             except (ValueError, OSError):

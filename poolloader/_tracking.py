@@ -66,7 +66,6 @@ from ._tracking_record import (
     _untracked_call,
     change_and_record,
     made,
-    record_contents_if_interrupted,
 )
 
 #: Lists, dicts and tuples up to this many items come back as real ones (see
@@ -387,19 +386,14 @@ class View(metaclass=_ViewClass):
         key_payload = _payload(channel, key, lambda: f"the key of {where()}")
         payload = _payload(channel, value, where)
         recorded = payload is not None and key_payload is not None
-        try:
-            change_and_record(
-                channel,
-                change or _nothing,
-                SetItem(path, key_payload, payload) if recorded else None,  # type: ignore[arg-type]
-                lambda: _holds_item(target, key, value),
-                _foldable(target),
-            )
-        except BaseException as exc:  # a slice's write may change the length: run twice,
-            # it is another write (NOTE [ A C call and Ctrl-C ] in _tracking_record.py)
-            if not isinstance(target, collections.abc.Mapping):
-                record_contents_if_interrupted(exc, (self,), container=True)
-            raise
+        change_and_record(
+            channel,
+            change or _nothing,
+            SetItem(path, key_payload, payload) if recorded else None,  # type: ignore[arg-type]
+            lambda: _holds_item(target, key, value),
+            _foldable(target),
+            whole=None if isinstance(target, collections.abc.Mapping) else self,
+        )
         self._pl_refresh()
 
     def __delitem__(self, key: Any) -> None:
@@ -410,19 +404,15 @@ class View(metaclass=_ViewClass):
         def delete() -> None:
             del target[key]
 
-        try:
-            change_and_record(
-                channel,
-                delete,
-                None if key_payload is None else DelItem(path, key_payload),
-                lambda: isinstance(target, collections.abc.Mapping) and key not in target,
-                _foldable(target),
-            )
-        except BaseException as exc:  # a sequence's delete, run twice, deletes two
-            # items (NOTE [ A C call and Ctrl-C ] in _tracking_record.py)
-            if not isinstance(target, collections.abc.Mapping):
-                record_contents_if_interrupted(exc, (self,), container=True)
-            raise
+        mapping = isinstance(target, collections.abc.Mapping)
+        change_and_record(
+            channel,
+            delete,
+            None if key_payload is None else DelItem(path, key_payload),
+            lambda: mapping and key not in target,
+            _foldable(target),
+            whole=None if mapping else self,  # (a sequence's delete, run twice, deletes two)
+        )
         self._pl_refresh()
 
     # -- protocols: reads go to the object; Python code runs against the view

@@ -65,20 +65,30 @@ def _payload(channel: Any, value: Any, where: Any) -> bytes | None:
 
 
 def change_and_record(
-    channel: Any, change: Any, update: Any, was_made: Any, container: Any = None
+    channel: Any,
+    change: Any,
+    update: Any,
+    was_made: Any,
+    container: Any = None,
+    whole: Any = None,
 ) -> None:
     """``change()`` in the main process, then record ``update`` (``None``: no worker
     needs it); interrupted in between, ``update`` is recorded all the same when
-    ``was_made()`` says the change was made (NOTE [ A change and Ctrl-C ])."""
+    ``was_made()`` says the change was made (NOTE [ A change and Ctrl-C ]).
+    ``whole``: the view of a sequence the change may shorten or lengthen (a slice
+    set, an item deleted), which replayed twice is another change: on the way out
+    of an interrupt its contents are recorded too (NOTE [ A C call and Ctrl-C ])."""
     if update is None:
         change()
         return
     try:
         change()
         channel.record(update, container)
-    except BaseException:
+    except BaseException as exc:
         if not made(lambda: channel.recorded_last(update)) and made(was_made):
             channel.record(update, container)
+        if whole is not None:
+            record_contents_if_interrupted(exc, (whole,), container=True)
         raise
 
 
