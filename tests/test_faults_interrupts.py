@@ -1093,9 +1093,30 @@ def test_a_change_interrupted_by_ctrl_c_reaches_the_workers_if_made_here(kind, e
         assert landed >= 5, landed
 
 
-def _processes_of(loader: Any) -> list[psutil.Process]:
+def _loaded_loader() -> tuple[Any, list[psutil.Process]]:
+    """A one-worker fork loader after an epoch, and its processes."""
+    loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
+                                   persistent_workers=True,
+                                   multiprocessing_context="fork")  # fmt: skip
+    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
     pool = loader._pool
-    return handles([*pool.worker_pids, pool.template_pid])
+    return loader, handles([*pool.worker_pids, pool.template_pid])
+
+
+def _interrupt_at(turn: int, event_name: str) -> Any:
+    """A profile hook that raises KeyboardInterrupt (once) at the ``turn``-th
+    ``event_name`` event inside poolloader's code."""
+    seen = 0
+
+    def interrupt(frame: Any, event: str, arg: Any) -> None:
+        nonlocal seen
+        if event == event_name and frame.f_code.co_filename.startswith(PACKAGE):
+            seen += 1
+            if seen == turn:
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+    return interrupt
 
 
 def _left(procs: list[psutil.Process]) -> list[str]:
@@ -1127,22 +1148,8 @@ def test_ctrl_c_anywhere_in_close_leaves_no_process(event_name, turns) -> None:
     caller, the next close() returns, and every process of the loader is gone."""
     landed = 0
     for turn in turns:
-        loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
-                                       persistent_workers=True,
-                                       multiprocessing_context="fork")  # fmt: skip
-        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
-        procs = _processes_of(loader)
-        seen = 0
-
-        def interrupt(frame: Any, event: str, arg: Any) -> None:
-            nonlocal seen
-            if event == event_name and frame.f_code.co_filename.startswith(PACKAGE):
-                seen += 1
-                if seen == turn:
-                    sys.setprofile(None)
-                    raise KeyboardInterrupt
-
-        sys.setprofile(interrupt)
+        loader, procs = _loaded_loader()
+        sys.setprofile(_interrupt_at(turn, event_name))
         try:
             with collector_held():
                 loader.close()
@@ -1164,24 +1171,10 @@ def test_ctrl_c_as_the_collector_ends_a_loader_leaves_no_process() -> None:
     sys.unraisablehook = lambda report: ignored.append(report.exc_type)
     try:
         for turn in range(1, 200, 9):
-            loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
-                                           persistent_workers=True,
-                                           multiprocessing_context="fork")  # fmt: skip
-            assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
-            procs = _processes_of(loader)
+            loader, procs = _loaded_loader()
             loader.cycle = loader  # (only the collector ends it)
             del loader
-            seen = 0
-
-            def interrupt(frame: Any, event: str, arg: Any) -> None:
-                nonlocal seen
-                if event == "c_return" and frame.f_code.co_filename.startswith(PACKAGE):
-                    seen += 1
-                    if seen == turn:
-                        sys.setprofile(None)
-                        raise KeyboardInterrupt
-
-            sys.setprofile(interrupt)
+            sys.setprofile(_interrupt_at(turn, "c_return"))
             try:
                 gc.collect()
             finally:
@@ -1198,11 +1191,7 @@ def test_a_loader_freed_without_closing_its_pool_ends_its_workers() -> None:
     the pool, its worker and its template ran on until the interpreter exited, and
     replaced the worker when it was killed. The pool sees its loader gone and
     closes itself."""
-    loader = poolloader.DataLoader(Plain(4), batch_size=2, num_workers=1,
-                                   persistent_workers=True,
-                                   multiprocessing_context="fork")  # fmt: skip
-    assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]
-    procs = _processes_of(loader)
+    loader, procs = _loaded_loader()
     loader.cycle = loader  # (only the collector ends it)
     del loader
     module = poolloader.loader.__file__

@@ -333,13 +333,20 @@ def _interrupted_iter(loader: poolloader.DataLoader, place: int) -> Any:
     return _iter_interrupted_where(loader, lands)
 
 
-def _iter_interrupted_as(loader: poolloader.DataLoader, function: str) -> Any:
+def _iter_interrupted_as(
+    loader: poolloader.DataLoader, function: str, event_name: str = "call"
+) -> Any:
     """``iter(loader)``, with a KeyboardInterrupt raised as poolloader's ``function``
-    begins: None when it landed (and was caught), else the iterator."""
+    begins (or with ``event_name="return"``, as it first returns): None when it
+    landed (and was caught), else the iterator."""
 
     def lands(frame: Any, event: str, arg: Any) -> bool:
         code = frame.f_code
-        return event == "call" and code.co_name == function and code.co_filename.startswith(PACKAGE)
+        return (
+            event == event_name
+            and code.co_name == function
+            and code.co_filename.startswith(PACKAGE)
+        )
 
     return _iter_interrupted_where(loader, lands)
 
@@ -401,15 +408,7 @@ def test_a_stream_epoch_begun_again_while_another_iterator_runs_starts_afresh(
         other = iter(loader)
         first = [i for _ in range(num_workers) for i in next(other).tolist()]
 
-        def lands(frame: Any, event: str, arg: Any) -> bool:  # the window sent, first
-            code = frame.f_code
-            return (
-                event == "return"
-                and code.co_name == "_fill"
-                and code.co_filename.startswith(PACKAGE)
-            )
-
-        assert _iter_interrupted_where(loader, lands) is None
+        assert _iter_interrupted_as(loader, "_fill", "return") is None  # the window sent
         time.sleep(0.5)  # (the workers read the batches the try had sent)
         first += next(other).tolist()
         assert sorted(i for b in loader for i in b.tolist()) == reference
@@ -429,15 +428,7 @@ def test_a_persistent_iterator_whose_next_epoch_failed_to_begin_says_so() -> Non
         iterator = iter(loader)
         next(iterator)
 
-        def lands(frame: Any, event: str, arg: Any) -> bool:  # the window sent, first
-            code = frame.f_code
-            return (
-                event == "return"
-                and code.co_name == "_fill"
-                and code.co_filename.startswith(PACKAGE)
-            )
-
-        assert _iter_interrupted_where(loader, lands) is None
+        assert _iter_interrupted_as(loader, "_fill", "return") is None  # the window sent
         time.sleep(0.5)  # (the worker reads the batches the try had sent)
         with pytest.raises(RuntimeError, match=r"Call iter\(loader\) again"):
             next(iterator)
