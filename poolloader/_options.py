@@ -10,10 +10,12 @@ from . import _seeding
 
 #: Finished batches that may wait behind one slow batch (beyond the prefetch
 #: window), unless ``reorder_buffer`` says otherwise: as many as fit this many
-#: bytes, at least MIN and at most MAX per worker. More keeps workers busy
-#: behind longer stalls; each waiting batch holds its memory.
-REORDER_MEMORY_BUDGET = 128 * 2**20
-REORDER_MIN_PER_WORKER = 2
+#: bytes at the mean batch size, at most MAX per worker (UNSIZED per worker
+#: before any batch has arrived). More keeps workers busy behind longer stalls;
+#: each waiting batch holds its memory, which the prefetch window alone (torch's
+#: bound) would not: batches as big as the budget get none, as in torch.
+REORDER_MEMORY_BUDGET = 16 * 2**20
+REORDER_UNSIZED_PER_WORKER = 2
 REORDER_MAX_PER_WORKER = 16
 DEFAULT_MAX_WORKER_RESTARTS = 3
 TRANSPORTS = ("shm", "pickle")
@@ -26,16 +28,16 @@ def reorder_allowance(reorder_buffer: int | None, num_workers: int, mean_batch_b
     """How many finished batches may wait behind the oldest unfinished one.
 
     ``reorder_buffer`` when given; otherwise as many as fit
-    :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, between
-    :data:`REORDER_MIN_PER_WORKER` and :data:`REORDER_MAX_PER_WORKER` per worker.
+    :data:`REORDER_MEMORY_BUDGET` at the batch size seen so far, at most
+    :data:`REORDER_MAX_PER_WORKER` per worker, and
+    :data:`REORDER_UNSIZED_PER_WORKER` per worker while no batch has arrived.
     """
     if reorder_buffer is not None:
         return reorder_buffer
-    low = REORDER_MIN_PER_WORKER * num_workers
-    high = REORDER_MAX_PER_WORKER * num_workers
     if mean_batch_bytes <= 0:
-        return low
-    return max(low, min(high, int(REORDER_MEMORY_BUDGET // mean_batch_bytes)))
+        return REORDER_UNSIZED_PER_WORKER * num_workers
+    fit = int(REORDER_MEMORY_BUDGET // mean_batch_bytes)
+    return min(REORDER_MAX_PER_WORKER * num_workers, fit)
 
 
 def resolve_context(context: Any) -> Any:

@@ -93,8 +93,10 @@ class DataLoader(Resumable, torch.utils.data.DataLoader[T_co]):
             batch so far, and longer than batches take on average from start to
             arrival in the main process),
             beyond the ``prefetch_factor * num_workers`` in flight. By
-            default it adapts: as many as fit 128 MiB at the batch size seen so
-            far, between ``2 * num_workers`` and ``16 * num_workers``.
+            default it adapts: as many as fit 16 MiB at the mean batch size
+            so far, at most ``16 * num_workers`` (``2 * num_workers`` before
+            the first batch arrives). Batches of 16 MiB or more get none: what
+            they hold stays torch's bound, the prefetch window.
         max_worker_restarts: How many worker deaths to survive before raising
             :class:`~poolloader.errors.WorkerCrashedError`. Default 3.
         transport: ``"shm"`` (default): workers collate into shared-memory

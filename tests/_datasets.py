@@ -668,16 +668,20 @@ class WaitsForTemplate(Dataset):
 
 
 class WaitsForOthers(Dataset):
-    """Item ``stall`` waits (up to 4 s) until ``ahead`` items after it have been
-    loaded and returns how many it saw; every other item takes ``seconds`` (the
-    items before the stall ``before`` each), then leaves a note in ``where``. Only
-    a loader that loads ahead of a stalled batch within 4 s sees them all (the
-    consumer's health check comes every 5 s, ``_waiting.WAIT_SLICE``)."""
+    """Item ``stall`` waits (up to ``patience`` s) until ``ahead`` items after it
+    have been loaded and returns how many it saw; every other item takes
+    ``seconds`` (the items before the stall ``before`` each), then leaves a note
+    in ``where`` and returns 0. Only a loader that loads ahead of a stalled batch
+    within 4 s sees them all (the consumer's health check comes every 5 s,
+    ``_waiting.WAIT_SLICE``). With ``megabytes``, each item is that many MiB of
+    float32 holding its number instead of the bare number."""
 
     def __init__(self, where: str, n: int = 40, stall: int = 10, ahead: int = 5,
-                 seconds: float = 0.005, before: float = 0.005) -> None:  # fmt: skip
+                 seconds: float = 0.005, before: float = 0.005, patience: float = 4.0,
+                 megabytes: int = 0) -> None:  # fmt: skip
         self.where, self.n, self.stall, self.ahead = where, n, stall, ahead
-        self.seconds, self.before = seconds, before
+        self.seconds, self.before, self.patience = seconds, before, patience
+        self.megabytes = megabytes
 
     def __len__(self) -> int:
         return self.n
@@ -686,15 +690,20 @@ class WaitsForOthers(Dataset):
         notes = os.listdir(self.where)
         return sum(1 for name in notes if int(name.split("-")[1]) > self.stall)
 
+    def _item(self, value: int):
+        if not self.megabytes:
+            return value
+        return torch.full((self.megabytes * 2**18,), float(value))
+
     def __getitem__(self, i: int):
         if i != self.stall:
             time.sleep(self.before if i < self.stall else self.seconds)
             open(os.path.join(self.where, f"loaded-{i}"), "w").close()
-            return 0
-        deadline = time.monotonic() + 4
+            return self._item(0)
+        deadline = time.monotonic() + self.patience
         while self._seen() < self.ahead and time.monotonic() < deadline:
             time.sleep(0.005)
-        return self._seen()
+        return self._item(self._seen())
 
 
 class Ballast(Dataset):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 import typing
@@ -388,6 +389,35 @@ def test_workers_load_ahead_of_a_stalled_batch(tmp_path, stall, before):
         got = list(loader)
     assert got[stall] >= dataset.ahead, got
     assert got[:stall] + got[stall + 1 :] == [0] * (dataset.n - 1)
+
+
+def test_big_batches_wait_behind_a_stalled_batch_only_within_the_window(tmp_path):
+    """Finished batches waiting behind a slow one each hold their memory. Batches
+    of 16 MiB or more get no reorder allowance by default: behind a stalled
+    batch, the workers load only what the prefetch window holds, as torch's
+    loader does (3 batches after it here: a window of 4 holds the stalled one
+    too), where 32 MiB batches would otherwise pile up behind it (``reorder_buffer``
+    still asks for that)."""
+
+    def ahead_of_stall(make, where, **options):
+        dataset = WaitsForOthers(str(where), n=14, stall=5, ahead=8, patience=1.0,
+                                 megabytes=32)  # fmt: skip
+        os.makedirs(where)
+        loader = make(dataset, batch_size=None, num_workers=2, prefetch_factor=2, **options)
+        try:
+            got = [int(item[0]) for item in loader]
+        finally:
+            if isinstance(loader, DataLoader):
+                loader.close()
+        assert got[:5] + got[6:] == [0] * 13
+        return got[5]
+
+    torchs = ahead_of_stall(torch.utils.data.DataLoader, tmp_path / "torch")
+    assert torchs <= 3
+    forkserver = {"multiprocessing_context": "forkserver"}
+    assert ahead_of_stall(DataLoader, tmp_path / "default", **forkserver) <= 3
+    # The allowance asked for: the other worker loads on behind the stall.
+    assert ahead_of_stall(DataLoader, tmp_path / "asked", reorder_buffer=6, **forkserver) >= 6
 
 
 def test_a_tiny_batch_is_not_late_before_batches_arrive():
