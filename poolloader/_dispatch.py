@@ -17,11 +17,12 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ._control import Channel
-from ._messages import BeginEpoch, Sync, Task, Trim
-from ._outbox import Outbox
+from ._messages import BeginEpoch, Sync, Task
+from ._outbox import Descriptor, Outbox
 from ._pickling import not_picklable
 from ._polling import Waker
 from ._processes import Worker, Workforce
+from ._slab_transport import Grant
 from ._stats import PoolCounters
 from ._tasks import TaskRecord, fail
 from ._wire import encode
@@ -132,7 +133,12 @@ class Dispatcher:
 
     def _dispatch(self) -> None:
         """Give each worker with a free slot the first pending task it may run (lock held)."""
-        self._send_releases()
+        self._send_forgets()
+        if self._transport.granting and not self._outbox.on_io_thread():
+            # Only the I/O thread hands out slabs (NOTE [ One pool of slabs ]).
+            if self._pending and any(len(w.tasks) < TASKS_PER_WORKER for w in self._workers):
+                self._waker.wake()
+            return
         progress = True
         while progress and self._pending:
             progress = False
@@ -209,21 +215,28 @@ class Dispatcher:
 
     def _send_task(self, w: Worker, record: TaskRecord, at: int) -> None:
         """Give ``w`` the task of ``record``, ``at`` its place among the pending."""
+        grant = self._transport.grant(w.identity, record.seq) if self._transport.granting else None
         try:
-            task = encode(Task(record.seq, record.epoch, record.position, record.index))
+            task = encode(self._task(record, grant))
         except Exception as exc:
+            if grant is not None:
+                self._transport.settle(w.identity, record.seq)
             del self._pending[at]
             fail(
                 [record], not_picklable(record.index, f"the index of batch {record.position}", exc)
             )
             return
-        messages = []
+        messages: list[bytes | Descriptor] = []
         if w.epoch != record.epoch:
             messages.append(encode(self._epochs[record.epoch]))
         messages += self._update_messages(w, record.generation)
-        frames, task_alone = (*messages, task), not messages
+        frames: tuple[bytes | Descriptor, ...] = (*messages, task)
+        task_alone = not messages
+        if grant is not None and grant.fd is not None:  # the slab's descriptor follows
+            fd = Descriptor(self._transport.socket(w.identity), grant.fd)
+            frames, task_alone = (*frames, fd), False
         started = 0.0 if w.tasks else time.monotonic()
-        self._counters.bytes_sent += sum(map(len, frames))
+        self._counters.bytes_sent += sum(len(f) for f in frames if type(f) is bytes)
         # From here to the outbox, no call: a Ctrl-C lands before or after all of
         # it (NOTE [ Tasks never sent ] in _iothread.py).
         w.epoch = record.epoch
@@ -238,6 +251,13 @@ class Dispatcher:
         if not self._deferring:
             self._outbox.flush()
 
+    @staticmethod
+    def _task(record: TaskRecord, grant: Grant | None) -> Task:
+        if grant is None:
+            return Task(record.seq, record.epoch, record.position, record.index)
+        return Task(record.seq, record.epoch, record.position, record.index,
+                    grant.slab, grant.slab_size, grant.may_make)  # fmt: skip
+
     def _update_messages(self, w: Worker, upto: int) -> list[bytes]:
         """The control messages that bring ``w`` to generation ``upto``; the caller
         sets ``w.generation`` as it queues them."""
@@ -248,20 +268,18 @@ class Dispatcher:
         self._counters.control_bytes += sum(len(m) for m in messages)
         return messages
 
-    def _send_releases(self) -> None:
-        released = self._transport.take_releases()
-        if not released:
+    def _send_forgets(self) -> None:
+        """Tell the workers which slabs the pool closed (lock held)."""
+        if self._trimmed and self._outbox.on_io_thread():
+            self._transport.trim()  # idle: slabs that held kept batches close too
+        forgets = self._transport.take_forgets()
+        if not forgets:
             return
         by_identity = {w.identity: w for w in self._workers}
-        told: dict[int, Worker] = {}
-        for identity, message in released:
+        for identity, message in forgets:
             w = by_identity.get(identity)
-            if w is not None:  # a dead worker's slabs went with it
+            if w is not None and not w.dead:  # a dead worker's mappings went with it
                 self._send(w, encode(message))
-                told[id(w)] = w
-        if self._trimmed:  # idle: the slabs kept batches held go back too
-            for w in told.values():
-                self._send(w, encode(Trim()))
 
     def _send(self, w: Worker, message: bytes) -> None:
         """Send ``message`` to ``w`` (lock held): at once, or once the consumer's

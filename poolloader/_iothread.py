@@ -35,8 +35,6 @@ from ._messages import (
     Ready,
     StartFailed,
     Synced,
-    Trim,
-    Trimmed,
 )
 from ._outbox import Outbox
 from ._packing import out_of_descriptors
@@ -93,6 +91,7 @@ class IOThread:
         _audits: Iterator[int]
 
         def _dispatch(self) -> None: ...
+        def _send_forgets(self) -> None: ...
         def _send(self, w: Worker, message: bytes) -> None: ...
         def _launch(self, worker_id: int, *, replacement: bool = False) -> Worker: ...
         def _break(self, error: PoolBrokenError, culprit: TaskRecord | None = None) -> None: ...
@@ -197,6 +196,8 @@ class IOThread:
                 return
             held, w.audit = w.audit[1], None
             never = [w.tasks.pop(seq) for seq in held if seq in w.tasks]
+            for record in never:  # what they were given is free again
+                self._transport.settle(w.identity, record.seq)
             self._queue_first(never)
             if never:
                 logger.debug("worker %d never got tasks %s; handing them out again",
@@ -204,8 +205,8 @@ class IOThread:
             self._dispatch()
 
     def _trim_when_idle(self) -> None:
-        """Have the workers close their free slabs once no epoch has run for
-        :data:`IDLE_TRIM_SECONDS` (lock held; NOTE [ Idle slabs ] in ``_transport.py``)."""
+        """Close the free slabs once no epoch has run for :data:`IDLE_TRIM_SECONDS`
+        (lock held; NOTE [ Idle slabs ] in ``_transport.py``)."""
         if self._trimmed or self._idle_since is None or self._pending:
             return
         if time.monotonic() - self._idle_since < IDLE_TRIM_SECONDS:
@@ -213,9 +214,8 @@ class IOThread:
         if any(w.tasks for w in self._workers):
             return
         self._trimmed = True
-        for w in self._workers:
-            if w.ready and not w.dead:
-                self._send(w, encode(Trim()))
+        self._transport.trim()
+        self._send_forgets()
 
     def _watch_signature(self, template: Any) -> tuple[Any, ...]:
         """What the I/O thread watches, as identities (lock held; NOTE [ Watch
@@ -247,6 +247,11 @@ class IOThread:
 
     def _wake(self) -> None:
         self._waker.wake()
+
+    def _wake_if_trimmed(self) -> None:
+        """A batch died: an idle pool closes its slab (NOTE [ Idle slabs ])."""
+        if self._trimmed:
+            self._waker.wake()
 
     def _on_template(self, template: Any) -> None:
         with self._lock:
@@ -293,7 +298,9 @@ class IOThread:
             except (EOFError, OSError, ValueError):
                 return  # the worker died (its sentinel tells), or its connection closed
             if isinstance(message, Done):
-                self._transport.receive(w.identity, message.payload)
+                self._transport.receive(w.identity, message.seq, message.payload)
+            elif isinstance(message, (Failed, Exhausted)):
+                self._transport.settle(w.identity, message.seq)
             self._handle(w, message)
 
     def _handle(self, w: Worker, message: Any) -> None:
@@ -307,9 +314,6 @@ class IOThread:
             with self._lock:
                 w.acknowledge(message.generation)
                 self._release_pins()
-            return
-        if isinstance(message, Trimmed):
-            self._transport.forget(w.identity, message.slabs)
             return
         if isinstance(message, Audited):
             self._on_audited(w, message.token)

@@ -4,10 +4,10 @@ Each message is a small frozen dataclass with one meaning. Main → worker:
 :class:`Task`, :class:`BeginEpoch`, the control updates (:class:`SetAttr`,
 :class:`DelAttr`, :class:`SetItem`, :class:`SetItems`, :class:`DelItem`, :class:`Call`,
 :class:`Broadcast`, :class:`Replace`, and :class:`Changes` grouping several),
-:class:`Sync`, :class:`Release`, :class:`Drop`, :class:`Trim`, :class:`StartedSlot` and
+:class:`Sync`, :class:`Forget`, :class:`StartedSlot` and
 :class:`Stop`. Worker → main:
-:class:`Ready`, :class:`StartFailed`, :class:`Done`, :class:`Failed`, :class:`Exhausted`,
-:class:`Synced` and :class:`Trimmed`. Main →
+:class:`Ready`, :class:`StartFailed`, :class:`Done`, :class:`Failed`, :class:`Exhausted`
+and :class:`Synced`. Main →
 template process (NOTE [ Templates ] in ``_template.py``): :class:`ForkWorker`,
 :class:`Advance` and :class:`Stop`; template → main: :class:`TemplateReady`,
 :class:`TemplateUnsafe`, :class:`StartFailed`, :class:`Forked`, :class:`Advanced` and
@@ -61,12 +61,21 @@ def message(cls: type[_M]) -> type[_M]:
 @message
 @dataclass(frozen=True, slots=True)
 class Task:
-    """Load one batch: ``index`` is what the sampler yielded for batch ``position``."""
+    """Load one batch: ``index`` is what the sampler yielded for batch ``position``.
+
+    With the slab transport, ``slab`` names the slab of the pool the batch is to
+    be collated into (0: none is free and big enough); ``slab_size`` > 0 says this
+    worker does not map it yet, and its descriptor follows the task on the
+    connection; ``may_make`` whether the worker may make a new slab when the
+    batch fits none it was given (NOTE [ One pool of slabs ] in ``_slab_transport.py``)."""
 
     seq: int
     epoch: int
     position: int
     index: Any
+    slab: int = 0
+    slab_size: int = 0
+    may_make: bool = True
 
 
 @message
@@ -207,23 +216,13 @@ Update = (
 
 @message
 @dataclass(frozen=True, slots=True)
-class Release:
-    """The main process dropped every batch in slab ``slab``: the worker may reuse it.
+class Forget:
+    """The main process closed these slabs (idle, aged, or one it could not map):
+    the worker unmaps them; no task names them again.
 
     Handled by the worker's inbox thread at once, not queued behind tasks."""
 
-    slab: int
-
-
-@message
-@dataclass(frozen=True, slots=True)
-class Drop:
-    """The main process could not map slab ``slab`` (out of file descriptors, say)
-    and will never read it: the worker closes it and sends a new slab next time.
-
-    Handled by the worker's inbox thread at once, like :class:`Release`."""
-
-    slab: int
+    slabs: tuple[int, ...]
 
 
 @message
@@ -249,13 +248,6 @@ class Audit:
     it (NOTE [ Tasks never sent ] in ``_iothread.py``)."""
 
     token: int
-
-
-@message
-@dataclass(frozen=True, slots=True)
-class Trim:
-    """The loader is idle: close the slabs no batch holds (the worker answers
-    :class:`Trimmed`), so their memory goes back to the system."""
 
 
 @message
@@ -384,14 +376,6 @@ class Audited:
     """The answer to :class:`Audit` ``token``: every task sent before it was answered."""
 
     token: int
-
-
-@message
-@dataclass(frozen=True, slots=True)
-class Trimmed:
-    """The slabs a worker closed after :class:`Trim`: unmap them."""
-
-    slabs: tuple[int, ...]
 
 
 # ------------------------------------------------------ main ↔ template process

@@ -38,12 +38,28 @@ exits and is replaced, and its batches run elsewhere.
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.reduction import sendfds
 from typing import Any
 
 from ._wire import send
+
+
+@dataclass(frozen=True, slots=True)
+class Descriptor:
+    """A file descriptor to send right after the message before it (a slab lent
+    with a task: NOTE [ One pool of slabs ] in ``_slab_transport.py``). Only the
+    I/O thread writes it: the entry holding it is never a task alone."""
+
+    sock: socket.socket
+    fd: int
+
+    def send(self) -> None:
+        sendfds(self.sock, [self.fd])
 
 
 class Outbox:
@@ -51,7 +67,7 @@ class Outbox:
 
     def __init__(self, wake_io: Callable[[], None]) -> None:
         # (worker, messages, whether they are one Task alone), in the order queued.
-        self._queue: deque[tuple[Any, tuple[bytes, ...], bool]] = deque()
+        self._queue: deque[tuple[Any, tuple[bytes | Descriptor, ...], bool]] = deque()
         #: Queue ``(worker, messages, task)``: a C method, so that a caller may queue
         #: with no Python call in between, where a Ctrl-C could land (NOTE [ Tasks
         #: never sent ] in _iothread.py).
@@ -104,7 +120,10 @@ class Outbox:
                 break
             try:
                 for message in messages:
-                    send(worker.conn, message)
+                    if type(message) is bytes:
+                        send(worker.conn, message)
+                    else:
+                        message.send()  # type: ignore[union-attr]
             except OSError:
                 pass  # the worker died; its sentinel tells the I/O thread
             queue.popleft()

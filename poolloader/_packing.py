@@ -9,25 +9,19 @@ sparse and quantized tensors, tensor subclasses, tensors that need grad, object
 arrays) is pickled the way torch's own loader pickles it, with
 multiprocessing's ``ForkingPickler`` and torch's reducers.
 
-NOTE [ Slab fallback ]: when a batch fits no slab and no slab is free (the
-consumer holds them all), the batch travels through fresh shared memory
-instead. Tensors that collation already wrote into a slab are *copied* out
+NOTE [ Slab fallback ]: when a batch fits no slab it was given and the pool may
+not grow (the consumer holds its slabs), the batch travels through fresh shared
+memory instead. Tensors that collation already wrote into a slab are *copied* out
 first: torch's reducer would otherwise move the slab's own storage into new
 shared memory (``share_memory_()`` swaps a storage's memory in place), so the
 slab would stop being the memory the main process maps, and every later batch
 placed in it would arrive stale.
 
-NOTE [ Slab ageing ]: a worker makes a slab only when none of its own is free,
-so its slabs number what it has in flight plus what the consumer holds of its
-batches, at their highest so far. A burst raises that for a while (the first
-batch of a pool takes seconds and the others run ahead of it; a consumer that
-held batches for a moment), and the slabs it added would stay mapped for the
-loader's life. So a batch takes the free slab used last, and a free slab that
-none of the worker's last :data:`SLAB_IDLE_BATCHES` batches took is closed:
-the worker names it in its next payload and the main process unmaps it
-(``InSlab.retired``). A pool that needs the slab again pays one new slab's page
-faults. Closing free slabs when the whole loader is idle is NOTE [ Idle slabs ]
-in ``_transport.py``.
+The slabs themselves are the main process's to hand out (NOTE [ One pool of
+slabs ] in ``_slab_transport.py``): a task names the slab its batch is collated
+into, and a worker makes a new one only when the batch fits none it was given.
+A slab made for a batch that then went another way (inline, too big for it) is
+closed at once: no one else knows it.
 """
 
 from __future__ import annotations
@@ -58,9 +52,6 @@ from .errors import ResultTooLargeError
 
 #: Slabs grow in steps of this many bytes, so similar batches fit the same slab.
 SLAB_GRANULE = 1 << 20
-#: A free slab that none of a worker's last this many batches used is closed
-#: (NOTE [ Slab ageing ]).
-SLAB_IDLE_BATCHES = 32
 
 
 def check_size(size: int, limit: int | None) -> None:
@@ -98,10 +89,9 @@ class InSlab:
     """A batch whose large tensors and arrays are in slab ``slab`` of the worker."""
 
     slab: int
-    new_size: int  # > 0: a new slab of this size; its fd follows on the connection
+    new_size: int  # > 0: a new slab of this size, made by the worker; its fd follows
     used: int
     skeleton: bytes
-    retired: tuple[int, ...]  # slabs the worker closed; the main process may unmap them
 
 
 # ------------------------------------------------------------------ shared memory
@@ -143,28 +133,34 @@ def out_of_descriptors(exc: BaseException) -> bool:
 # ------------------------------------------------------------------ slabs
 
 
-@dataclass(frozen=True, slots=True)
-class SlabConfig:
-    max_slabs: int
-    max_batch_bytes: int | None
+def new_slab_id() -> int:
+    """An id for a slab a worker makes: random, so that the slabs of every worker
+    (and of the workers that replace them) share one namespace in the pool."""
+    return int.from_bytes(os.urandom(8), "little") >> 1 or 1
 
 
 class Slab:
-    def __init__(self, slab_id: int, size: int) -> None:
+    """A shared-memory slab as a worker maps it: one it made (``fd`` is ``None``)
+    or one the main process lent it (``fd``: the descriptor that came with a task)."""
+
+    def __init__(self, slab_id: int, size: int, fd: int | None = None) -> None:
         self.id, self.size = slab_id, size
-        self.busy = False  # holds a batch the main process has not released
-        self.dropped = False  # the main process could not map it
-        self.fd: int | None = os.memfd_create(f"poolloader-slab-{slab_id}", os.MFD_CLOEXEC)
+        made = fd is None
+        if fd is None:
+            fd = os.memfd_create(f"poolloader-slab-{slab_id}", os.MFD_CLOEXEC)
+        self.fd: int | None = fd
         try:
-            os.ftruncate(self.fd, size)
-            self.bytes = map_shared(self.fd, size)
+            if made:
+                os.ftruncate(fd, size)
+            self.bytes = map_shared(fd, size)
         except (OSError, RuntimeError):
             self.close()
             raise
+        if not made:
+            self.sent()  # mapped: the lent descriptor is not needed any more
         self.base = self.bytes.data_ptr()
         self.top = 0  # bump pointer while the slab stages a batch
         self.allocations: list[tuple[int, int]] = []  # (offset, size) staged, ascending
-        self.last_used = 0  # the worker's batch count when a batch last took it
 
     def region(self, offset: int, size: int, dtype: torch.dtype, shape: Any) -> torch.Tensor:
         return self.bytes[offset : offset + size].view(dtype).view(shape)
@@ -193,28 +189,64 @@ class Slab:
 class SlabPacker:
     """Worker half of :class:`~poolloader._transport.SlabTransport`."""
 
-    def __init__(self, config: SlabConfig, conn: Any) -> None:
-        self._config = config
+    def __init__(self, max_batch_bytes: int | None, conn: Any) -> None:
+        self._limit = max_batch_bytes
         self._sock = descriptor_socket(conn)
-        self._lock = threading.Lock()  # release() and drop() run on the inbox thread
+        self._lock = threading.Lock()  # forget() runs on the inbox thread
         self._slabs: dict[int, Slab] = {}
-        self._next_id = 0
-        self._retired: list[int] = []
         self._largest = 0
         self._staging: Slab | None = None
-        self._staging_new = False
-        self._acquired = 0  # slabs handed to batches so far (NOTE [ Slab ageing ])
+        self._may_make = True
+        self._made: Slab | None = None  # made for the batch being packed; fd not sent yet
+        self._made_used = False  # the batch went into it
         self._skeleton_pickler: SkeletonPickler | None = None  # see _pickler
         self._registry: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
 
+    # -- the slabs the main process names
+
+    def lend(self, slab_id: int, size: int, fd: int) -> None:
+        """Map slab ``slab_id``, lent by the main process with ``fd`` (the
+        worker's thread, as the task that names it begins: a slab that cannot be
+        mapped here is one this task does without)."""
+        try:
+            slab = Slab(slab_id, size, fd)
+        except (OSError, RuntimeError):
+            return
+        with self._lock:
+            self._slabs[slab_id] = slab
+            self._largest = max(self._largest, size)
+
+    def forget(self, slabs: tuple[int, ...]) -> None:
+        """Unmap slabs the main process closed (inbox thread)."""
+        with self._lock:
+            for slab_id in slabs:
+                slab = self._slabs.pop(slab_id, None)
+                if slab is not None:
+                    slab.close()
+
     # -- staging: collation writes straight into a slab
 
-    def begin(self) -> None:
-        """Reserve a free slab for the next batch's collation to write into."""
-        if self._largest:
-            self._staging, self._staging_new = self._acquire(self._largest)
-            if self._staging is not None:
-                self._staging.top, self._staging.allocations = 0, []
+    def begin(self, task: Any = None) -> None:
+        """Take the slab ``task`` names for the batch's collation to write into: or,
+        when it names none and the worker may make one, a new slab of the size of
+        the biggest batch so far (it joins the pool if the batch goes into it)."""
+        self._forget_unsent()
+        self._may_make = task is None or task.may_make
+        slab = self._slabs.get(task.slab) if task is not None and task.slab else None
+        if slab is None and self._may_make and self._largest:
+            try:
+                slab = self._made = self._make(self._largest)
+            except ResultTooLargeError:
+                slab = None  # (collated in private memory; packing says what failed)
+        self._staging = slab
+        if slab is not None:
+            slab.top, slab.allocations = 0, []
+
+    def _forget_unsent(self) -> None:
+        """Close a slab made for a batch that did not go into it: no one knows it."""
+        if self._made is not None:
+            self.forget((self._made.id,))
+        self._made, self._made_used = None, False
 
     def allocate(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
         """An uninitialised tensor in the staging slab, or ``None`` if it does not fit."""
@@ -230,16 +262,11 @@ class SlabPacker:
         return tensor
 
     def end(self) -> None:
-        """Give back a staging slab that no payload took."""
-        slab, new = self._staging, self._staging_new
+        """The batch is packed (or failed): the slab it was given is the main
+        process's again, with the reply."""
         self._staging = None
-        if slab is None:
-            return
-        if new:
-            with self._lock:
-                self._discard(slab)
-        else:
-            self.release(slab.id)
+        if self._made is not None and not self._made_used:
+            self._forget_unsent()
 
     # -- packing
 
@@ -257,7 +284,7 @@ class SlabPacker:
 
     def _packed(self, pickler: SkeletonPickler, batch: Any) -> tuple[Any, int]:
         buffer = pickler.buffer
-        check_size(pickler.data_bytes, self._config.max_batch_bytes)
+        check_size(pickler.data_bytes, self._limit)
         if not pickler.blocks and not pickler.staged:
             self.end()
             return Inline(buffer.getvalue()), buffer.tell()
@@ -267,10 +294,8 @@ class SlabPacker:
             self.end()  # only now: the batch's staged tensors were copied out
             return fallback, pickler.data_bytes
         slab.write(pickler.blocks)
-        self.end()  # the staging slab, if the batch moved to a bigger one
-        with self._lock:
-            retired, self._retired = tuple(self._retired), []
-        payload = InSlab(slab.id, slab.size if new else 0, pickler.size, buffer.getvalue(), retired)
+        self.end()
+        payload = InSlab(slab.id, slab.size if new else 0, pickler.size, buffer.getvalue())
         return payload, pickler.size
 
     def _pickler(self) -> SkeletonPickler:
@@ -283,16 +308,20 @@ class SlabPacker:
         return self._skeleton_pickler
 
     def _place(self, pickler: SkeletonPickler) -> tuple[Slab | None, bool]:
-        """The slab the batch goes into: the staging slab if it fits, else another
-        (with the staged part copied over), else ``None`` (fresh memory)."""
+        """The slab the batch goes into: the one it was given if it fits, else a
+        new one (with the staged part copied over), else ``None`` (fresh memory)."""
         staging = self._staging
         if staging is not None and pickler.size <= staging.size:
-            self._staging = None
-            return staging, self._staging_new
-        slab, new = self._acquire(pickler.size)
-        if slab is not None and staging is not None:
+            self._made_used = staging is self._made
+            return staging, self._made_used
+        if not self._may_make:
+            return None, False
+        slab = self._make(pickler.size)
+        if staging is not None:
             slab.bytes[: staging.top].copy_(staging.bytes[: staging.top])
-        return slab, new
+        self._forget_unsent()  # the staging slab, if this worker made it
+        self._made, self._made_used = slab, True
+        return slab, True
 
     def _pickle_out_of_slabs(self, batch: Any) -> bytes:
         buffer = io.BytesIO()
@@ -303,85 +332,24 @@ class SlabPacker:
 
     def after_send(self, payload: Any) -> None:
         """Send a new slab's fd, right after the message that announced it."""
+        slab = self._made
         if isinstance(payload, InSlab) and payload.new_size:
-            slab = self._slabs[payload.slab]
-            assert slab.fd is not None
+            assert slab is not None and slab.id == payload.slab and slab.fd is not None
             sendfds(self._sock, [slab.fd])
             slab.sent()
+            self._made, self._made_used = None, False  # the pool's now
 
-    def release(self, slab_id: int) -> None:
-        """The main process is done with slab ``slab_id`` (inbox thread)."""
-        with self._lock:
-            slab = self._slabs.get(slab_id)
-            if slab is not None:
-                slab.busy = False
-
-    def drop(self, slab_id: int) -> None:
-        """The main process could not map slab ``slab_id`` (inbox thread)."""
-        with self._lock:
-            slab = self._slabs.get(slab_id)
-            if slab is not None:
-                slab.busy, slab.dropped = False, True
-
-    def trim(self) -> tuple[int, ...]:
-        """Close every slab no batch holds; their ids, and those of slabs closed
-        earlier that no payload has named yet, for the main process to unmap (the
-        loader is idle, NOTE [ Idle slabs ] in ``_transport.py``)."""
-        with self._lock:
-            for slab in [s for s in self._slabs.values() if not s.busy]:
-                self._discard(slab)
-            closed, self._retired = tuple(sorted(self._retired)), []
-        return closed
-
-    def _acquire(self, size: int) -> tuple[Slab | None, bool]:
-        with self._lock:
-            for slab in [s for s in self._slabs.values() if s.dropped]:
-                self._discard(slab)
-            self._acquired += 1
-            self._close_idle()
-            free = [s for s in self._slabs.values() if not s.busy and s.size >= size]
-            if free:
-                # The smallest that fits; among equals the one used last, so that
-                # slabs a burst added fall idle and age out.
-                slab = min(free, key=lambda s: (s.size, -s.last_used))
-                slab.busy, slab.last_used = True, self._acquired
-                return slab, False
-            if len(self._slabs) >= self._config.max_slabs and not self._retire_one():
-                return None, False
-            return self._create(size), True
-
-    def _close_idle(self) -> None:
-        """Close the free slabs no batch took for :data:`SLAB_IDLE_BATCHES` (lock held)."""
-        for slab in [s for s in self._slabs.values() if not s.busy]:
-            if self._acquired - slab.last_used > SLAB_IDLE_BATCHES:
-                self._discard(slab)
-
-    def _retire_one(self) -> bool:
-        """Close the smallest free slab (too small for this batch) to make room."""
-        free = [s for s in self._slabs.values() if not s.busy]
-        if not free:
-            return False
-        self._discard(min(free, key=lambda s: s.size))
-        return True
-
-    def _discard(self, slab: Slab) -> None:
-        del self._slabs[slab.id]
-        slab.close()
-        self._retired.append(slab.id)
-
-    def _create(self, size: int) -> Slab:
-        largest = max((s.size for s in self._slabs.values()), default=0)
-        size = -(-max(size, largest) // SLAB_GRANULE) * SLAB_GRANULE
+    def _make(self, size: int) -> Slab:
+        size = -(-max(size, self._largest) // SLAB_GRANULE) * SLAB_GRANULE
         try:
-            slab = Slab(self._next_id, size)
+            slab = Slab(new_slab_id(), size)
         except (OSError, RuntimeError) as exc:
             raise ResultTooLargeError(
                 f"could not allocate {size} bytes of shared memory for a batch: {exc}"
             ) from exc
-        self._next_id += 1
-        slab.busy, slab.last_used = True, self._acquired
-        self._slabs[slab.id] = slab
-        self._largest = max(self._largest, size)
+        with self._lock:
+            self._slabs[slab.id] = slab
+            self._largest = max(self._largest, size)
         return slab
 
 
@@ -392,7 +360,7 @@ class PicklePacker:
         del conn
         self._limit = max_batch_bytes
 
-    def begin(self) -> None:
+    def begin(self, task: Any = None) -> None:
         pass
 
     def allocate(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor | None:
@@ -410,11 +378,8 @@ class PicklePacker:
     def after_send(self, payload: Any) -> None:
         pass
 
-    def release(self, slab_id: int) -> None:
-        pass
+    def lend(self, slab_id: int, size: int, fd: int) -> None:
+        os.close(fd)
 
-    def drop(self, slab_id: int) -> None:
+    def forget(self, slabs: tuple[int, ...]) -> None:
         pass
-
-    def trim(self) -> tuple[int, ...]:
-        return ()

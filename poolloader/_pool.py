@@ -129,7 +129,7 @@ class Pool(Dispatcher, IOThread):
         self._trimmed_at = -1  # the generation the control log was last trimmed at
         self._trim_due = False  # NOTE [ Trimming on the I/O thread ] in _dispatch.py
         self._idle_since: float | None = None  # no epoch running since (NOTE [ Idle slabs ])
-        self._trimmed = False  # the workers closed their free slabs since
+        self._trimmed = False  # the free slabs were closed since
         self.epochs_begun = 0
         self._seq = itertools.count()
         # The last task queued, for a submitter an interrupt kept from taking it
@@ -161,7 +161,7 @@ class Pool(Dispatcher, IOThread):
             os.close(wakeup_w)
             raise
         if hasattr(transport, "on_release"):
-            transport.on_release = self._waker.wake  # a dying batch's slab goes back at once
+            transport.on_release = self._wake_if_trimmed  # an idle pool closes the slab
         self._workforce.close_connection = self._outbox.close_connection
 
     # ---------------------------------------------------------------- life

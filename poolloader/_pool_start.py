@@ -18,7 +18,8 @@ from ._forkserver import start_forkserver
 from ._messages import DatasetFollows, PickledObject
 from ._options import REORDER_MAX_PER_WORKER, resolve_context
 from ._pool import Pool
-from ._transport import PickleTransport, SlabTransport
+from ._slab_transport import SlabTransport
+from ._transport import PickleTransport
 from ._worker import WorkerSetup
 
 if TYPE_CHECKING:
@@ -115,10 +116,11 @@ def _worker_init(loader: DataLoader[Any]) -> Callable[[int], None] | None:
 def _make_transport(loader: DataLoader[Any]) -> PickleTransport | SlabTransport:
     if loader.transport == "pickle":
         return PickleTransport(loader.max_batch_bytes)
-    # A worker's batches alive at once: the whole window (while other workers
-    # are slow, starting or dead, one worker may fill it alone), one being
-    # consumed and one being packed. Slabs are made only when needed, so the
-    # memory in use follows the window, which the reorder allowance bounds.
+    # Batches alive at once: the whole window at its widest, one being consumed
+    # and one the consumer let go of as it asked for the next. Slabs are made only
+    # when none is free, so the memory in use follows the window, which the
+    # reorder allowance bounds; beyond this (a consumer that keeps batches) the
+    # batches go through fresh memory.
     most = loader.reorder_buffer
     if most is None:
         most = REORDER_MAX_PER_WORKER * loader.num_workers

@@ -4,53 +4,57 @@ A transport has two halves: a packer built inside each worker from a picklable
 factory (``_packing.py``), which turns a batch into a small payload, and the
 main process's transport, which turns the payload back into the batch.
 
-:class:`SlabTransport` (the default, ``transport="shm"``) moves tensors and
-NumPy arrays through shared-memory *slabs* that are mapped once and reused::
+:class:`~poolloader._slab_transport.SlabTransport` (the default,
+``transport="shm"``) moves tensors and NumPy arrays through shared-memory
+*slabs* that are mapped once and reused, one pool of them for all workers (NOTE
+[ One pool of slabs ] in ``_slab_transport.py``)::
 
     worker                                         main process
     ──────                                         ────────────
-    collate → batch (into a free slab where
+                                       ◄── Task ── names a free slab of the pool
+                                       ◄── fd ───  (the first time this worker
+                                                    is given it)
+    collate → batch (into that slab where
     it can, else private memory)
     pickle the batch's skeleton; each large
     tensor/array becomes (offset, dtype, shape)
-    copy what is not in the slab yet   ── Done ──► map the slab (first time only,
-    (a memfd segment; its fd travels   ── fd ───►  the fd arrives once)
-     once, right after the first Done)             unpickle: tensors and arrays are
-                                                   views of the slab, no copy
-    mark the slab free again ◄──── Release ──────  when the last view dies
+    copy what is not in the slab yet   ── Done ──► unpickle: tensors and arrays are
+    (a batch too big for it: a new                 views of the slab, no copy
+     memfd slab   ── fd ───────────────────────►  (joins the pool)
+                                                   the slab is free again when the
+                                                   batch's last view dies
 
 Fresh shared memory costs page faults on every batch (the stock loader
 allocates new segments per batch); a reused slab costs one memcpy. Slabs are
 anonymous ``memfd`` segments: nothing is ever created in ``/dev/shm``, its size
 limit does not apply, and the memory goes back to the system when the last
-process holding a slab exits, however it exits. When every slab of a worker is
-still held (a consumer that keeps batches), the worker falls back to
-:class:`PickleTransport`'s fresh memory for that batch instead of waiting (NOTE
-[ Slab fallback ] in ``_packing.py``).
+process holding a slab exits, however it exits. When the pool may grow no more
+(a consumer that keeps batches) and no slab is free, a batch goes through
+:class:`PickleTransport`'s fresh memory instead of waiting (NOTE [ Slab
+fallback ] in ``_packing.py``).
 
 NOTE [ Idle slabs ]: slabs stay mapped while the loader runs, sized by what is in
-flight and what the consumer holds (a worker makes one only when none of its
-own is free). Once the loader has been idle for :data:`IDLE_TRIM_SECONDS`
-(between epochs that do not follow each other at once, during validation with
-another loader, at the end of training) the pool sends each worker ``Trim``:
-the worker closes its free slabs and names them in ``Trimmed``, and the main
-process unmaps them, so their memory goes back to the system. Slabs held by
-batches the consumer keeps stay until those die. Back-to-back epochs keep
+flight and what the consumer holds. Once the loader has been idle for
+:data:`IDLE_TRIM_SECONDS` (between epochs that do not follow each other at once,
+during validation with another loader, at the end of training) the pool closes
+its free slabs: the main process unmaps them and tells the workers that map
+them to (``Forget``), so their memory goes back to the system. Slabs held by
+batches the consumer keeps close once those die. Back-to-back epochs keep
 their slabs.
 
 NOTE [ Small parts ]: a batch's tensors and arrays arrive as views of its slab,
-which goes back to the worker when the last of them dies. A consumer that keeps
+which goes back to the pool when the last of them dies. A consumer that keeps
 a small part of each batch (its labels, its lengths) would keep every slab, and
-the worker would make new ones: 900 MB held for 9 MB of labels kept. So a small
+the workers would make new ones: 900 MB held for 9 MB of labels kept. So a small
 part of a bigger batch (at most :data:`COPY_OUT_BYTES`, and at most a
 :data:`COPY_OUT_SHARE`-th of the batch's bytes in the slab) is copied out when the
 batch is rebuilt, which costs a memcpy of at most that much; the big parts stay
 views. Parts that are views of one storage (NOTE [ Views ] in ``_skeleton.py``)
 stay views, so that they still share it.
 
-NOTE [ File descriptors ]: a mapped slab holds no descriptor in the main
-process (``_packing.map_shared``); a descriptor is open only while a new slab
-is being mapped. The main process holds three per worker (its connection, a
+NOTE [ File descriptors ]: the main process holds one descriptor per slab of the
+pool (to lend it to the workers; ``_packing.map_shared`` maps without one), and
+three per worker (its connection, a
 second handle on it for receiving descriptors, the process sentinel), plus the
 I/O thread's wake-up pipe, however many batches the consumer keeps. Batches
 that travel through fresh shared memory (``transport="pickle"``, or the
@@ -68,28 +72,15 @@ import io
 import os
 import pickle
 import resource
-import socket
-import weakref
-from collections import deque
 from collections.abc import Callable, Hashable
-from multiprocessing.reduction import ForkingPickler, recvfds
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._messages import Drop, Release
-from ._packing import (
-    Inline,
-    InSlab,
-    Pickled,
-    PicklePacker,
-    SlabConfig,
-    SlabPacker,
-    descriptor_socket,
-    map_shared,
-    out_of_descriptors,
-)
+from ._messages import Forget
+from ._packing import Inline, Pickled, PicklePacker
 from .errors import TransportError
 
 # ------------------------------------------------------------------ unpickling
@@ -239,7 +230,7 @@ def descriptor_error(exc: BaseException, what: str) -> TransportError:
 COPY_OUT_BYTES = 1 << 20
 COPY_OUT_SHARE = 4
 
-#: Seconds without an epoch running after which workers close their free slabs
+#: Seconds without an epoch running after which the pool closes its free slabs
 #: (NOTE [ Idle slabs ]).
 IDLE_TRIM_SECONDS = 2.0
 
@@ -266,7 +257,12 @@ class PickleTransport:
     def detach(self, key: Hashable) -> None:
         pass
 
-    def receive(self, key: Hashable, payload: Any) -> None:
+    granting = False
+
+    def receive(self, key: Hashable, seq: int, payload: Any) -> None:
+        pass
+
+    def settle(self, key: Hashable, seq: int) -> None:
         pass
 
     def unpack(self, key: Hashable, payload: Any) -> Any:
@@ -275,10 +271,10 @@ class PickleTransport:
     def discard(self, key: Hashable, payload: Any) -> None:
         _discard_plain(payload)
 
-    def take_releases(self) -> list[tuple[Hashable, Release | Drop]]:
+    def take_forgets(self) -> list[tuple[Hashable, Forget]]:
         return []
 
-    def forget(self, key: Hashable, slabs: tuple[int, ...]) -> None:
+    def trim(self) -> None:
         pass
 
     @property
@@ -287,119 +283,3 @@ class PickleTransport:
 
     def close(self) -> None:
         pass
-
-
-class SlabTransport:
-    """Main-process half of the slab transport; see the module docstring.
-
-    Workers are known by a hashable key (their identity: id and start time, not
-    a bare pid, which a replacement may reuse)."""
-
-    def __init__(self, max_slabs_per_worker: int, max_batch_bytes: int | None) -> None:
-        self._config = SlabConfig(max_slabs_per_worker, max_batch_bytes)
-        self._socks: dict[Hashable, socket.socket] = {}
-        self._maps: dict[tuple[Hashable, int], np.ndarray] = {}
-        # Slabs announced but not mapped, with why: their batches fail.
-        self._unmapped: dict[tuple[Hashable, int], BaseException] = {}
-        self._released: deque[tuple[Hashable, Release | Drop]] = deque()
-        self.slab_batches = 0
-        self.slab_reused = 0
-        # Called when a batch dies, so that its slab goes back to its worker now
-        # rather than with the next task (the pool wakes its I/O thread).
-        self.on_release: Callable[[], None] = _nothing
-
-    def packer_factory(self) -> Callable[[Any], Any]:
-        return functools.partial(SlabPacker, self._config)
-
-    def attach(self, key: Hashable, conn: Any) -> None:
-        self._socks[key] = descriptor_socket(conn)
-
-    def detach(self, key: Hashable) -> None:
-        sock = self._socks.pop(key, None)
-        if sock is not None:
-            sock.close()
-        for found in [k for k in self._maps if k[0] == key]:
-            del self._maps[found]  # batches still alive keep their mapping
-        for found in [k for k in self._unmapped if k[0] == key]:
-            del self._unmapped[found]
-
-    def receive(self, key: Hashable, payload: Any) -> None:
-        """Read what follows a Done message on the connection (a new slab's fd).
-
-        Never raises: a slab that cannot be mapped is remembered, its batch fails
-        in :meth:`unpack`, and the worker is told to drop it."""
-        if not isinstance(payload, InSlab):
-            return
-        for slab in payload.retired:
-            self._maps.pop((key, slab), None)
-        if payload.new_size:
-            try:
-                self._maps[(key, payload.slab)] = self._map(key, payload.new_size)
-            except Exception as exc:
-                self._unmapped[(key, payload.slab)] = exc
-                self._released.append((key, Drop(payload.slab)))
-
-    def _map(self, key: Hashable, size: int) -> np.ndarray:
-        (fd,) = recvfds(self._socks[key], 1)
-        try:
-            return map_shared(fd, size).numpy()
-        finally:
-            os.close(fd)
-
-    def unpack(self, key: Hashable, payload: Any) -> Any:
-        if not isinstance(payload, InSlab):
-            return _unpack_plain(payload)
-        failure = self._unmapped.pop((key, payload.slab), None)
-        if failure is not None:
-            if isinstance(failure, (ConnectionError, EOFError)):
-                # The worker died between its Done and the slab's descriptor: the
-                # batch is lost with it, as a batch in fresh shared memory would be
-                # (the pool runs it again).
-                raise failure
-            if out_of_descriptors(failure):
-                raise descriptor_error(failure, "a batch's shared memory") from failure
-            raise TransportError(
-                f"the main process could not map a batch's shared memory: {failure!r}"
-            ) from failure
-        self.slab_batches += 1
-        self.slab_reused += payload.new_size == 0
-        owner = self._maps[(key, payload.slab)][: payload.used]
-        weakref.finalize(owner, self._release, key, payload.slab)
-        return _SkeletonUnpickler(payload.skeleton, owner).load()
-
-    def _release(self, key: Hashable, slab: int) -> None:
-        """The last view of a batch's slab died (any thread, perhaps inside the
-        garbage collector: only a queue append and a wake-up)."""
-        self._released.append((key, Release(slab)))
-        self.on_release()
-
-    def discard(self, key: Hashable, payload: Any) -> None:
-        if not isinstance(payload, InSlab):
-            _discard_plain(payload)
-        elif self._unmapped.pop((key, payload.slab), None) is None:
-            self._released.append((key, Release(payload.slab)))
-
-    def take_releases(self) -> list[tuple[Hashable, Release | Drop]]:
-        """Messages for workers since the last call: slabs whose batches died
-        (:class:`Release`) or that could not be mapped (:class:`Drop`)."""
-        found = []
-        while self._released:
-            found.append(self._released.popleft())
-        return found
-
-    def forget(self, key: Hashable, slabs: tuple[int, ...]) -> None:
-        """Unmap slabs worker ``key`` closed (NOTE [ Idle slabs ]); a batch still
-        alive keeps its own mapping until it dies."""
-        for slab in slabs:
-            self._maps.pop((key, slab), None)
-
-    @property
-    def mapped_bytes(self) -> int:
-        """Bytes of slabs this process maps now (not counting those that only
-        live batches still hold)."""
-        return sum(m.nbytes for m in list(self._maps.values()))
-
-    def close(self) -> None:
-        for key in list(self._socks):
-            self.detach(key)
-        self._maps.clear()

@@ -38,6 +38,7 @@ _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _TASK = 0
 _DONE_INLINE = 1  # a Done whose payload is Inline, flattened
 _DONE = 2  # a Done with any other payload (slab or pickled), pickled as itself
+_TASK_IN_SLAB = 3  # a Task that names a slab or may not make one
 
 
 def encode(message: object) -> bytes:
@@ -45,6 +46,11 @@ def encode(message: object) -> bytes:
     kind = type(message)
     if kind is Task:
         task: Task = message  # type: ignore[assignment]
+        if task.slab or not task.may_make:
+            grant = (task.slab, task.slab_size, task.may_make)
+            return pickle.dumps(
+                (_TASK_IN_SLAB, task.seq, task.epoch, task.position, task.index, *grant), _PROTOCOL
+            )
         return pickle.dumps((_TASK, task.seq, task.epoch, task.position, task.index), _PROTOCOL)
     if kind is Done:
         done: Done = message  # type: ignore[assignment]
@@ -68,6 +74,8 @@ def decode(data: bytes) -> Any:
         return Done(found[1], Inline(found[2]), found[3], found[4])
     if kind == _DONE:
         return Done(found[1], found[2], found[3], found[4])
+    if kind == _TASK_IN_SLAB:
+        return Task(*found[1:])
     raise ValueError(f"not a poolloader message: a tuple led by {kind!r}")
 
 

@@ -30,8 +30,10 @@ import pickle
 import queue
 import select
 import signal
+import socket
 import struct
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -56,12 +58,11 @@ from ._messages import (
     Audited,
     BeginEpoch,
     Done,
-    Drop,
     Exhausted,
     Failed,
+    Forget,
     PickledObject,
     Ready,
-    Release,
     RemoteError,
     Replace,
     StartedSlot,
@@ -70,8 +71,6 @@ from ._messages import (
     Sync,
     Synced,
     Task,
-    Trim,
-    Trimmed,
     Update,
 )
 from ._packing import descriptor_socket
@@ -198,14 +197,14 @@ def _serve(state: _State, inbox: _Inbox, conn: Connection) -> None:
     while True:
         message = inbox.get()
         if isinstance(message, Task):
+            if message.slab_size:
+                state.packer.lend(message.slab, message.slab_size, inbox.lent_fd(message.slab))
             reply = state.run(message)
             _send(conn, reply)
             if isinstance(reply, Done):
                 state.packer.after_send(reply.payload)
         elif isinstance(message, BeginEpoch):
             state.begin_epoch(message)
-        elif isinstance(message, Trim):
-            _send(conn, Trimmed(state.packer.trim()))
         elif isinstance(message, Sync):
             _send(conn, Synced(message.generation))
         elif isinstance(message, Audit):
@@ -344,7 +343,7 @@ class _State:
         if self.exhausted:
             return Exhausted(task.seq)
         started = time.perf_counter()
-        self.packer.begin()
+        self.packer.begin(task)
         try:
             batch = self._fetch(task)
             payload, size = self._pack(batch)
@@ -481,7 +480,11 @@ class _Inbox:
         self._conn = conn
         self._main = (setup.main_pid, setup.main_started)
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
-        self.packer: Any = None  # takes Release and Drop once the worker has started
+        self.packer: Any = None  # takes Forget once the worker has started
+        # Descriptors of slabs lent with tasks, by slab id, until their task runs.
+        self._lent: dict[int, int] = {}
+        self._lent_lock = threading.Lock()
+        self._fd_socket: socket.socket | None = None
         # NOTE [ Signals go to the main thread ]: a signal sent to the worker (an
         # alarm its dataset set, SIGTERM) interrupts the dataset's code.
         thread = helper_thread(self._read, "poolloader-inbox")
@@ -519,13 +522,16 @@ class _Inbox:
             except (EOFError, OSError):
                 _orphaned()
             if type(message) is Task:
+                if message.slab_size:  # its slab's descriptor follows, even if it repeats
+                    self._receive_lent(message.slab)
                 # A task sent again because a Ctrl-C landed between its write and
                 # its removal from the queue (NOTE [ Writes and Ctrl-C ] in _outbox.py).
                 if message.seq == last_task:
                     continue
                 last_task = message.seq
-            if isinstance(message, (Release, Drop)):
-                self._to_packer(message)
+            if isinstance(message, Forget):
+                if self.packer is not None:  # (it has no slabs before it is ready)
+                    self.packer.forget(message.slabs)
                 continue
             if isinstance(message, StartedSlot):
                 self._take_started_slot()
@@ -545,13 +551,21 @@ class _Inbox:
         finally:
             os.close(fd)
 
-    def _to_packer(self, message: Release | Drop) -> None:
-        if self.packer is None:
-            return  # none can come before the worker is ready: it has no slabs yet
-        if isinstance(message, Release):
-            self.packer.release(message.slab)
-        else:
-            self.packer.drop(message.slab)
+    def _receive_lent(self, slab: int) -> None:
+        """Take the descriptor of a slab lent with a task (it follows the task)."""
+        if self._fd_socket is None:
+            self._fd_socket = descriptor_socket(self._conn)
+        (fd,) = recvfds(self._fd_socket, 1)
+        with self._lent_lock:
+            old = self._lent.pop(slab, None)
+            self._lent[slab] = fd
+        if old is not None:
+            os.close(old)
+
+    def lent_fd(self, slab: int) -> int:
+        """The descriptor lent with the task naming ``slab`` (the worker's thread)."""
+        with self._lent_lock:
+            return self._lent.pop(slab)
 
 
 def _still_running(pid: int, started: float) -> bool:

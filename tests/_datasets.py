@@ -961,3 +961,20 @@ class Table(Dataset):
     def __getitem__(self, i: int):
         made = i * self.scale + getattr(self, "extra", 0) + len(self.log)
         return self.table.get(i, made + int(self.weights[i]) + int(self.offsets[i]))
+
+
+class SlowEvery(Dataset):
+    """Item ``i`` is ``kib`` KiB of float32 holding ``i``, after ``slow`` seconds
+    for every ``every``-th item and ``fast`` for the others: the slow items land
+    on one worker after another, and the others run ahead of them."""
+
+    def __init__(self, n: int, kib: int = 1024, every: int = 8, slow: float = 0.06,
+                 fast: float = 0.002) -> None:  # fmt: skip
+        self.n, self.kib, self.every, self.slow, self.fast = n, kib, every, slow, fast
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        time.sleep(self.slow if i % self.every == 0 else self.fast)
+        return torch.full((self.kib * 256,), float(i))

@@ -294,17 +294,25 @@ def _open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_held_slab_batches_cost_the_main_process_no_descriptors():
-    """NOTE [ File descriptors ] in _transport.py: a mapped slab holds no
-    descriptor, so a consumer that keeps every batch does not run towards
-    `ulimit -n` however many it keeps."""
+def test_held_slab_batches_cost_the_main_process_one_descriptor_per_slab():
+    """NOTE [ File descriptors ] in _transport.py: the pool keeps one descriptor per
+    slab, to lend it to the workers, and none per batch: a consumer that keeps
+    every batch holds one for each slab its batches fill (at most the pool's
+    size), and the descriptors that came with new slabs are not left open."""
+
+    def slabs(loader) -> int:
+        return loader.statistics().slab_bytes // 2**20  # 100 kB batches: 1 MiB slabs
+
     with _loader(SizedParts([100_000] * 30, parts=1), batch_size=1, num_workers=2) as loader:
         iterator = iter(loader)
         kept = [next(iterator)]
-        before = _open_descriptors()
+        before = _open_descriptors() - slabs(loader)
         kept += list(iterator)
         assert loader.statistics().slab_batches == 30
-        assert _open_descriptors() <= before, "held batches hold descriptors"
+        assert slabs(loader) == 30  # the consumer holds every one
+        assert _open_descriptors() - before == 30
+        del kept
+    assert _open_descriptors() <= before
 
 
 @pytest.mark.parametrize("transport", ["shm", "pickle"])

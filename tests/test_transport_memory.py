@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from _datasets import Mixed, stack_into_batch_buffer
+from _datasets import Mixed, SlowEvery, stack_into_batch_buffer
 from _procs import child_slab_maps, slab_mappings, slab_maps, wait_until
 
 import poolloader
 from poolloader import DataLoader
-from poolloader._packing import SLAB_IDLE_BATCHES
+from poolloader._slab_transport import SLAB_IDLE_BATCHES
 
 #: Bytes of one Mixed(side=256) batch of 4: its images (4 x 256 x 256 float32), at least.
 BATCH_BYTES = 4 * 256 * 256 * 4
@@ -178,3 +178,51 @@ def test_numpy_batches_held_by_the_consumer_keep_their_slabs():
         for mine, stock in zip(held, theirs):
             np.testing.assert_array_equal(mine, stock[1:])
     assert len(held) == 12
+
+
+def _most_slabs_over_epochs(loader, epochs: int) -> tuple[int, list[int]]:
+    """The most slab bytes mapped after any batch of ``epochs`` epochs, and the
+    first item of every batch (a consumer that keeps none of them)."""
+    most, firsts = 0, []
+    for _ in range(epochs):
+        for batch in loader:
+            firsts.append(int(batch[0]))
+            most = max(most, loader.statistics().slab_bytes)
+    return most, firsts
+
+
+def test_the_workers_share_one_pool_of_slabs():
+    """NOTE [ One pool of slabs ] in _slab_transport.py: with slow batches landing
+    on one worker after another, each worker in turn runs ahead of the slow one
+    and holds finished batches waiting behind it. Slabs of each worker's own
+    numbered what each needed at its busiest, summed; one pool holds what is
+    alive at once: the window (prefetch_factor * num_workers, no reorder
+    allowance here), the batch the consumer takes and the one it let go of."""
+    dataset = SlowEvery(96, kib=1024)
+    with DataLoader(dataset, batch_size=None, num_workers=4, prefetch_factor=2,
+                    reorder_buffer=0, persistent_workers=True,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        most, firsts = _most_slabs_over_epochs(loader, 3)
+        assert firsts == list(range(96)) * 3
+        assert most <= (4 * 2 + 2) * 2**20, most / 2**20
+
+
+def test_fresh_workers_of_each_epoch_are_lent_the_slabs_of_the_last():
+    """With torch's default ``persistent_workers=False`` every epoch has new worker
+    processes. The pool's slabs outlive them: the next epoch's workers are lent
+    them (mapped, no new memory), where workers' own slabs went with them and
+    every epoch made its slabs anew."""
+    dataset = SlowEvery(24, kib=1024, every=1000, fast=0.001)
+    with DataLoader(dataset, batch_size=None, num_workers=2,
+                    multiprocessing_context="forkserver") as loader:  # fmt: skip
+        assert sum(1 for _ in loader) == 24
+        first = loader.statistics()
+        got = [int(batch[0]) for batch in loader]
+        second = loader.statistics()
+    assert got == list(range(24))
+    made = (second.slab_batches - first.slab_batches) - round(
+        second.slab_reuse_rate * second.slab_batches - first.slab_reuse_rate * first.slab_batches
+    )
+    assert second.slab_batches - first.slab_batches == 24
+    assert made == 0, made
+    assert second.slab_bytes <= first.slab_bytes

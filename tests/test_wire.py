@@ -12,7 +12,7 @@ from _compare import assert_same_epochs
 from torch.utils.data import Dataset
 
 from poolloader import DataLoader
-from poolloader._messages import Done, Release, Sync, Task
+from poolloader._messages import Done, Forget, Sync, Task
 from poolloader._packing import Inline, InSlab, Pickled
 from poolloader._wire import decode, encode, recv, send
 
@@ -23,10 +23,12 @@ from poolloader._wire import decode, encode, recv, send
         Task(7, 2, 31, [4, 5, 6, 7]),
         Task(8, 0, 0, (1, "a", None)),  # a tuple index, as a custom sampler may yield
         Task(9, 1, 3, {"ids": np.arange(3)}),
+        Task(10, 1, 4, [8, 9], 123456789, 1 << 20, True),  # names a slab new to the worker
+        Task(11, 1, 5, [10, 11], 0, 0, False),  # may not make a slab
         Done(3, Inline(b"skeleton"), 32, 0.25),
         Done(4, Pickled(b"data"), 1 << 20, 0.5),
-        Done(5, InSlab(1, 4096, 512, b"skeleton", (2, 3)), 512, 0.125),
-        Release(3),
+        Done(5, InSlab(1, 4096, 512, b"skeleton"), 512, 0.125),
+        Forget((3, 4)),
         Sync(12),
     ],
     ids=lambda m: type(m).__name__,
