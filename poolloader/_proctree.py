@@ -12,12 +12,16 @@ bounded by when the group was known to be the worker's (:func:`group_members`).
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 import psutil
 
 #: Seconds the processes a worker started get to exit on SIGTERM before SIGKILL.
 DESCENDANT_GRACE = 1.0
+#: Exit code of a worker that found its main process gone.
+EXIT_ORPHANED = 3
 
 
 def kill_descendants(process: psutil.Process, grace: float = DESCENDANT_GRACE) -> None:
@@ -89,3 +93,48 @@ def terminate_all(processes: list[psutil.Process], grace: float = DESCENDANT_GRA
         except psutil.Error:
             pass
     psutil.wait_procs(alive, timeout=grace)
+
+
+def still_running(pid: int, started: float) -> bool:
+    """Whether process ``pid``, started at ``started`` (psutil's clock), still runs.
+
+    The main process, not the parent: a worker forked from the template process
+    is the template's child."""
+    try:
+        process = psutil.Process(pid)
+        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def exit_orphaned() -> None:
+    """The main process is gone: end this worker's process tree, then exit.
+
+    The descendants get :data:`DESCENDANT_GRACE` to exit on
+    SIGTERM; meanwhile dataset code may fork more (a ``multiprocessing.Pool``
+    replaces the workers it lost from a thread of its own), after the snapshot
+    those were found in. All of them are in this worker's process group, so one
+    SIGKILL to the group, this worker included, ends the rest: the kernel lets
+    no fork in progress escape a signal to its group."""
+    kill_descendants(psutil.Process())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os._exit(EXIT_ORPHANED)
+
+
+def exit_with_tree(code: int) -> None:
+    """End this worker's process tree, then exit with ``code``."""
+    # Loaders the dataset code runs here (nested loaders) are closed first: their
+    # I/O threads would take the processes ended below for crashes.
+    exit_hook = sys.modules.get("poolloader._exit_hook")
+    if exit_hook is not None:
+        try:
+            exit_hook.close_all()
+        except Exception:
+            pass
+    kill_descendants(psutil.Process())
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -43,7 +43,6 @@ from multiprocessing.reduction import recvfds
 from typing import Any, cast
 
 import numpy as np
-import psutil
 import torch
 
 # (torch.utils.data comes with ``import torch``: these cost nothing more, and spare
@@ -91,8 +90,6 @@ RESULT_HINT = (
 #: a process it forked. Short costs a few syscalls per interval; long delays
 #: the exit of orphans.
 PARENT_CHECK_INTERVAL = 2.0
-#: Exit code of a worker that found its main process gone.
-EXIT_ORPHANED = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +167,11 @@ def run(setup: WorkerSetup, conn: Connection, catch_up: tuple[Update, ...] = ())
         state = _state = _State(setup, conn, catch_up)
     except BaseException as exc:  # every failure is reported home
         _send(conn, StartFailed(setup.worker_id, os.getpid(), RemoteError.capture(exc)))
-        _finish(1)
+        _proctree.exit_with_tree(1)
     inbox.packer = state.packer
     _send(conn, Ready(setup.worker_id, os.getpid()))
     _serve(state, inbox, conn)
-    _finish(0)
+    _proctree.exit_with_tree(0)
 
 
 def _prepare_process() -> None:
@@ -219,7 +216,7 @@ def _send(conn: Connection, message: object) -> None:
     try:
         send(conn, encode(message))
     except (BrokenPipeError, ConnectionResetError, EOFError):
-        _orphaned()
+        _proctree.exit_orphaned()
 
 
 #: Epochs a worker keeps the state of while it serves another (NOTE on begin_epoch).
@@ -503,7 +500,7 @@ class _Inbox:
             traceback.print_exc()
             if _started_slot is not None:  # so the main process knows the exit is ours
                 struct.pack_into("q", _started_slot, INBOX_FAILED_AT, INBOX_FAILED)
-            _finish(EXIT_INBOX_FAILED)
+            _proctree.exit_with_tree(EXIT_INBOX_FAILED)
 
     def _read_messages(self) -> None:
         # One poll object for the worker's life: Connection.poll builds and drops
@@ -515,12 +512,12 @@ class _Inbox:
         while True:
             try:
                 if not watch.poll(timeout):
-                    if not _still_running(*self._main):
-                        _orphaned()
+                    if not _proctree.still_running(*self._main):
+                        _proctree.exit_orphaned()
                     continue
                 message = decode(recv(self._conn))
             except (EOFError, OSError):
-                _orphaned()
+                _proctree.exit_orphaned()
             if type(message) is Task:
                 if message.slab_size:  # its slab's descriptor follows, even if it repeats
                     self._receive_lent(message.slab)
@@ -566,47 +563,3 @@ class _Inbox:
         """The descriptor lent with the task naming ``slab`` (the worker's thread)."""
         with self._lent_lock:
             return self._lent.pop(slab)
-
-
-def _still_running(pid: int, started: float) -> bool:
-    """Whether process ``pid``, started at ``started`` (psutil's clock), still runs.
-
-    The main process, not the parent: a worker forked from the template process
-    is the template's child."""
-    try:
-        process = psutil.Process(pid)
-        return process.create_time() == started and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _orphaned() -> None:
-    """The main process is gone: end this worker's process tree, then exit.
-
-    The descendants get :data:`~poolloader._proctree.DESCENDANT_GRACE` to exit on
-    SIGTERM; meanwhile dataset code may fork more (a ``multiprocessing.Pool``
-    replaces the workers it lost from a thread of its own), after the snapshot
-    those were found in. All of them are in this worker's process group, so one
-    SIGKILL to the group, this worker included, ends the rest: the kernel lets
-    no fork in progress escape a signal to its group."""
-    _proctree.kill_descendants(psutil.Process())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if os.getpgrp() == os.getpid():
-        os.killpg(os.getpid(), signal.SIGKILL)
-    os._exit(EXIT_ORPHANED)
-
-
-def _finish(code: int) -> None:
-    # Loaders the dataset code runs here (nested loaders) are closed first: their
-    # I/O threads would take the processes ended below for crashes.
-    exit_hook = sys.modules.get("poolloader._exit_hook")
-    if exit_hook is not None:
-        try:
-            exit_hook.close_all()
-        except Exception:
-            pass
-    _proctree.kill_descendants(psutil.Process())
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
