@@ -91,6 +91,7 @@ class SlabTransport:
     a bare pid, which a replacement may reuse)."""
 
     def __init__(self, max_slabs: int, max_batch_bytes: int | None) -> None:
+        _TRANSPORTS.add(self)
         self._max_slabs = max_slabs
         self._max_batch_bytes = max_batch_bytes
         self._lock = threading.Lock()
@@ -290,3 +291,32 @@ class SlabTransport:
             slabs, self._slabs = list(self._slabs.values()), {}
         for slab in slabs:
             os.close(slab.fd)  # batches still alive keep their mapping
+
+    def _forget_inherited(self) -> None:
+        """In a process forked from this one: the pool is the parent's (no lock:
+        the thread that held it is not here)."""
+        slabs, self._slabs = list(self._slabs.values()), {}
+        socks, self._socks = list(self._socks.values()), {}
+        for fd in [slab.fd for slab in slabs]:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        for sock in socks:
+            sock.close()
+
+
+# NOTE [ Slabs across a fork ]: a process forked from the main process (a fork
+# template, which poolloader forks anew for each epoch of non-persistent workers,
+# and the workers it forks in turn) would inherit the pool's descriptors and
+# mappings, and keep every slab alive for as long as it lives: an idle loader's
+# trim then gave nothing back. The child drops them as it starts.
+_TRANSPORTS: weakref.WeakSet[SlabTransport] = weakref.WeakSet()
+
+
+def _drop_inherited_slabs() -> None:
+    for transport in list(_TRANSPORTS):
+        transport._forget_inherited()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_slabs)

@@ -226,3 +226,19 @@ def test_fresh_workers_of_each_epoch_are_lent_the_slabs_of_the_last():
     assert second.slab_batches - first.slab_batches == 24
     assert made == 0, made
     assert second.slab_bytes <= first.slab_bytes
+
+
+def test_fork_templates_do_not_keep_the_slabs_of_an_idle_loader():
+    """NOTE [ Slabs across a fork ] in _slab_transport.py: with fork and torch's
+    default ``persistent_workers=False``, each epoch's workers come from a template
+    forked from the main process then, which inherited the pool's mappings and
+    kept every slab alive after the idle loader closed them."""
+    dataset = SlowEvery(12, kib=1024, every=1000, fast=0.001)
+    with DataLoader(dataset, batch_size=None, num_workers=2,
+                    multiprocessing_context="fork") as loader:  # fmt: skip
+        for _ in range(3):
+            assert sum(1 for _ in loader) == 12
+        assert slab_maps() > 0
+        wait_until(lambda: slab_maps() == 0)  # idle: the pool closed its slabs
+        wait_until(lambda: child_slab_maps() == 0)
+        assert loader.statistics().slab_bytes == 0
