@@ -136,8 +136,12 @@ class Dispatcher:
         self._send_forgets()
         if self._transport.granting and not self._outbox.on_io_thread():
             # Only the I/O thread hands out slabs (NOTE [ One pool of slabs ]).
-            if self._pending and any(len(w.tasks) < TASKS_PER_WORKER for w in self._workers):
-                self._waker.wake()
+            # (A loop, not any() over a generator: a Ctrl-C landing as a
+            # generator is closed is lost.)
+            for w in self._workers if self._pending else ():
+                if len(w.tasks) < TASKS_PER_WORKER:
+                    self._waker.wake()
+                    break
             return
         progress = True
         while progress and self._pending:
@@ -226,17 +230,17 @@ class Dispatcher:
                 [record], not_picklable(record.index, f"the index of batch {record.position}", exc)
             )
             return
-        messages: list[bytes | Descriptor] = []
+        messages: list[bytes] = []
         if w.epoch != record.epoch:
             messages.append(encode(self._epochs[record.epoch]))
         messages += self._update_messages(w, record.generation)
         frames: tuple[bytes | Descriptor, ...] = (*messages, task)
+        self._counters.bytes_sent += sum(map(len, messages)) + len(task)
         task_alone = not messages
         if grant is not None and grant.fd is not None:  # the slab's descriptor follows
             fd = Descriptor(self._transport.socket(w.identity), grant.fd)
             frames, task_alone = (*frames, fd), False
         started = 0.0 if w.tasks else time.monotonic()
-        self._counters.bytes_sent += sum(len(f) for f in frames if type(f) is bytes)
         # From here to the outbox, no call: a Ctrl-C lands before or after all of
         # it (NOTE [ Tasks never sent ] in _iothread.py).
         w.epoch = record.epoch
