@@ -285,19 +285,23 @@ class SlabTransport:
         return sum(s.size for s in list(self._slabs.values()))
 
     def close(self) -> None:
+        """Close the pool's descriptors (batches still alive keep their mapping).
+        One cut short by a Ctrl-C is redone by the next call (NOTE [ Closing and
+        Ctrl-C ] in ``_pool.py``)."""
         for key in list(self._socks):
             self.detach(key)
-        with self._lock:
-            slabs, self._slabs = list(self._slabs.values()), {}
-        for slab in slabs:
-            os.close(slab.fd)  # batches still alive keep their mapping
+        for slab in list(self._slabs.values()):
+            fd, slab.fd = slab.fd, -1
+            if fd >= 0:
+                os.close(fd)
+            self._slabs.pop(slab.id, None)
 
     def _forget_inherited(self) -> None:
         """In a process forked from this one: the pool is the parent's (no lock:
         the thread that held it is not here)."""
         slabs, self._slabs = list(self._slabs.values()), {}
         socks, self._socks = list(self._socks.values()), {}
-        for fd in [slab.fd for slab in slabs]:
+        for fd in [slab.fd for slab in slabs if slab.fd >= 0]:
             try:
                 os.close(fd)
             except OSError:
