@@ -207,6 +207,18 @@ def child_slab_maps() -> int:
     return total
 
 
+def child_slabs() -> set[str]:
+    """The slabs mapped in any process below this one, by memfd name: a slab lent
+    to several workers counts once."""
+    found: set[str] = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            found |= {name for _, name in slab_mappings(child.pid)}
+        except OSError:
+            continue  # it exited meanwhile
+    return found
+
+
 @contextlib.contextmanager
 def collector_held() -> Iterator[None]:
     """The garbage collector held for the block: an interrupt that a test's profile

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from _datasets import Mixed, SlowEvery, stack_into_batch_buffer
-from _procs import child_slab_maps, slab_mappings, slab_maps, wait_until
+from _procs import child_slab_maps, child_slabs, slab_mappings, slab_maps, wait_until
 
 import poolloader
 from poolloader import DataLoader
@@ -34,7 +34,7 @@ def test_an_idle_loader_gives_its_slabs_back_and_keeps_what_a_batch_holds():
         assert busy >= BATCH_BYTES
         assert child_slab_maps() >= 2 and slab_maps() >= 2
         # Idle: every slab but the kept batch's goes, here and in the workers.
-        wait_until(lambda: child_slab_maps() == 1)
+        wait_until(lambda: len(child_slabs()) == 1)  # (a slab lent to both maps twice)
         wait_until(lambda: slab_maps() == 1)
         assert 0 < loader.statistics().slab_bytes < busy
         assert float(kept["image"].sum()) == kept_sum  # the kept batch is untouched
@@ -81,12 +81,11 @@ def test_slabs_a_burst_added_close_once_the_worker_stops_needing_them():
         del held
         sums += [float(b["image"].sum()) for b in iterator]
         assert sums == expected
-        # In flight (2) and the batch being consumed, with a slab to spare, and one
-        # more when a release reached the worker late (a loaded machine) and no
-        # batch since was enough for it to age: the burst's 8 or more are gone.
+        # In flight (2), the batch being consumed and the one let go of (its slab
+        # is free at the next task), with one to spare: the burst's 8 or more are gone.
         assert loader.statistics().slab_bytes <= 5 * one_slab < burst
         assert slab_maps() <= 5
-        wait_until(lambda: child_slab_maps() <= 5)
+        wait_until(lambda: len(child_slabs()) <= 5)
 
 
 class Rows(torch.utils.data.Dataset):
