@@ -187,7 +187,7 @@ class Slab:
 
 
 class SlabPacker:
-    """Worker half of :class:`~poolloader._transport.SlabTransport`."""
+    """Worker half of :class:`~poolloader._slab_transport.SlabTransport`."""
 
     def __init__(self, max_batch_bytes: int | None, conn: Any) -> None:
         self._limit = max_batch_bytes
