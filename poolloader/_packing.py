@@ -41,7 +41,6 @@ import torch
 
 from ._messages import message
 from ._skeleton import (
-    CopyOutOfSlabs,
     SkeletonPickler,
     TorchPickler,
     aligned,
@@ -351,6 +350,30 @@ class SlabPacker:
             self._slabs[slab.id] = slab
             self._largest = max(self._largest, size)
         return slab
+
+
+class CopyOutOfSlabs(TorchPickler):
+    """torch's pickling, except that tensors living in a slab are copied out first
+    (NOTE [ Slab fallback ])."""
+
+    def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
+        super().__init__(file)
+        self._slab_storages = slab_storages
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, torch.Tensor)
+            and not obj.is_nested
+            and obj.layout == torch.strided
+            and not obj.is_quantized
+            and obj.untyped_storage().data_ptr() in self._slab_storages
+        ):
+            return _copy_of, (obj.clone(),)
+        return super().reducer_override(obj)
+
+
+def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class PicklePacker:

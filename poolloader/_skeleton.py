@@ -580,27 +580,3 @@ def _merged(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 def aligned(n: int, to: int = ALIGN) -> int:
     return (n + to - 1) // to * to
-
-
-class CopyOutOfSlabs(TorchPickler):
-    """torch's pickling, except that tensors living in a slab are copied out first
-    (see NOTE [ Slab fallback ] in ``_packing.py``)."""
-
-    def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
-        super().__init__(file)
-        self._slab_storages = slab_storages
-
-    def reducer_override(self, obj: Any) -> Any:
-        if (
-            isinstance(obj, torch.Tensor)
-            and not obj.is_nested
-            and obj.layout == torch.strided
-            and not obj.is_quantized
-            and obj.untyped_storage().data_ptr() in self._slab_storages
-        ):
-            return _copy_of, (obj.clone(),)
-        return super().reducer_override(obj)
-
-
-def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
