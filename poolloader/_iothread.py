@@ -214,8 +214,7 @@ class IOThread:
         if any(w.tasks for w in self._workers):
             return
         self._trimmed = True
-        self._transport.trim()
-        self._send_forgets()
+        self._send_forgets()  # (which closes the free slabs while trimmed)
 
     def _watch_signature(self, template: Any) -> tuple[Any, ...]:
         """What the I/O thread watches, as identities (lock held; NOTE [ Watch

@@ -264,7 +264,7 @@ class SlabPacker:
         """The batch is packed (or failed): the slab it was given is the main
         process's again, with the reply."""
         self._staging = None
-        if self._made is not None and not self._made_used:
+        if not self._made_used:
             self._forget_unsent()
 
     # -- packing

@@ -144,7 +144,7 @@ class SlabTransport:
             self._take_released()
             self._grants_made += 1
             self._close_idle()
-            free = [s for s in self._slabs.values() if not s.taken and s.size >= self._largest]
+            free = [s for s in self._free_slabs() if s.size >= self._largest]
             if not free:
                 may_make = len(self._slabs) < self._max_slabs or self._close_smallest_free()
                 return Grant(may_make=may_make)
@@ -163,13 +163,13 @@ class SlabTransport:
     def _close_idle(self) -> None:
         """Close the free slabs no batch took for a while (lock held)."""
         idle = SLAB_IDLE_BATCHES * max(1, len(self._socks))
-        for slab in [s for s in self._slabs.values() if not s.taken]:
+        for slab in self._free_slabs():
             if self._grants_made - slab.last_used > idle:
                 self._close(slab)
 
     def _close_smallest_free(self) -> bool:
         """Close the smallest free slab (too small for the batches now) to make room."""
-        free = [s for s in self._slabs.values() if not s.taken]
+        free = self._free_slabs()
         if not free:
             return False
         self._close(min(free, key=lambda s: s.size))
@@ -179,8 +179,13 @@ class SlabTransport:
         """Close every free slab: the loader is idle (I/O thread)."""
         with self._lock:
             self._take_released()
-            for slab in [s for s in self._slabs.values() if not s.taken]:
+            for slab in self._free_slabs():
                 self._close(slab)
+
+    def _free_slabs(self) -> list[_Slab]:
+        """The slabs neither a task nor a batch holds (lock held), as a list: the
+        callers close some of them."""
+        return [s for s in self._slabs.values() if not s.taken]
 
     def _close(self, slab: _Slab) -> None:
         del self._slabs[slab.id]

@@ -541,8 +541,7 @@ class _Inbox:
         """Map the shared memory that follows :class:`StartedSlot` (first of all
         messages, so before any task is queued)."""
         global _started_slot
-        with descriptor_socket(self._conn) as sock:
-            (fd,) = recvfds(sock, 1)
+        (fd,) = recvfds(self._descriptors(), 1)
         try:
             _started_slot = mmap.mmap(fd, STARTED_SLOT_BYTES)
         finally:
@@ -550,14 +549,19 @@ class _Inbox:
 
     def _receive_lent(self, slab: int) -> None:
         """Take the descriptor of a slab lent with a task (it follows the task)."""
-        if self._fd_socket is None:
-            self._fd_socket = descriptor_socket(self._conn)
-        (fd,) = recvfds(self._fd_socket, 1)
+        (fd,) = recvfds(self._descriptors(), 1)
         with self._lent_lock:
             old = self._lent.pop(slab, None)
             self._lent[slab] = fd
         if old is not None:
             os.close(old)
+
+    def _descriptors(self) -> socket.socket:
+        """The socket the inbox receives descriptors on (a second handle on the
+        connection, made once)."""
+        if self._fd_socket is None:
+            self._fd_socket = descriptor_socket(self._conn)
+        return self._fd_socket
 
     def lent_fd(self, slab: int) -> int:
         """The descriptor lent with the task naming ``slab`` (the worker's thread)."""
