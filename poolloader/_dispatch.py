@@ -224,7 +224,7 @@ class Dispatcher:
             task = encode(self._task(record, grant))
         except Exception as exc:
             if grant is not None:
-                self._transport.settle(w.identity, record.seq)
+                self._transport.settle(w.identity, record.seq, sent=False)
             del self._pending[at]
             fail(
                 [record], not_picklable(record.index, f"the index of batch {record.position}", exc)

@@ -197,7 +197,7 @@ class IOThread:
             held, w.audit = w.audit[1], None
             never = [w.tasks.pop(seq) for seq in held if seq in w.tasks]
             for record in never:  # what they were given is free again
-                self._transport.settle(w.identity, record.seq)
+                self._transport.settle(w.identity, record.seq, sent=False)
             self._queue_first(never)
             if never:
                 logger.debug("worker %d never got tasks %s; handing them out again",
@@ -297,7 +297,8 @@ class IOThread:
             except (EOFError, OSError, ValueError):
                 return  # the worker died (its sentinel tells), or its connection closed
             if isinstance(message, Done):
-                self._transport.receive(w.identity, message.seq, message.payload)
+                sentinel = int(w.process.sentinel) if w.process is not None else None
+                self._transport.receive(w.identity, message.seq, message.payload, sentinel)
             elif isinstance(message, (Failed, Exhausted)):
                 self._transport.settle(w.identity, message.seq)
             self._handle(w, message)

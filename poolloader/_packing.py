@@ -11,11 +11,18 @@ multiprocessing's ``ForkingPickler`` and torch's reducers.
 
 NOTE [ Slab fallback ]: when a batch fits no slab it was given and the pool may
 not grow (the consumer holds its slabs), the batch travels through fresh shared
-memory instead. Tensors that collation already wrote into a slab are *copied* out
-first: torch's reducer would otherwise move the slab's own storage into new
-shared memory (``share_memory_()`` swaps a storage's memory in place), so the
-slab would stop being the memory the main process maps, and every later batch
-placed in it would arrive stale.
+memory instead. No slab's memory may reach torch's reducers, there or in a
+batch that does go into a slab but holds a tensor its skeleton cannot describe
+(one that needs grad, or of a subclass, written into ``batch_buffer()``):
+torch's reducer would send the slab's storage by a descriptor the mapping does
+not have (``EBADF``), or, with the ``file_system`` strategy, move it into new
+shared memory in place (``share_memory_()`` swaps a storage's memory), so the
+slab would stop being the memory the main process maps and every later batch
+placed in it would arrive stale. A storage in a slab is therefore pickled as a
+copy (``TorchPickler(slab_bases=...)``, one copy per slab and batch, so tensors
+sharing the slab share the copy); the tensor keeps its type, attributes and
+``requires_grad``. The default collate does not put subclasses into slabs at
+all (``_worker._stack_into_slab``).
 
 The slabs themselves are the main process's to hand out (NOTE [ One pool of
 slabs ] in ``_slab_transport.py``): a task names the slab its batch is collated
@@ -31,22 +38,19 @@ import errno
 import io
 import math
 import os
+import select
 import socket
 import threading
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler, sendfds
+from multiprocessing.reduction import ForkingPickler, recvfds, sendfds
 from typing import Any
 
 import torch
 
+from . import _proctree
+from ._batch_sharing import sharing
 from ._messages import message
-from ._skeleton import (
-    SkeletonPickler,
-    TorchPickler,
-    aligned,
-    nbytes,
-    sharing,
-)
+from ._skeleton import SkeletonPickler, TorchPickler, aligned, nbytes
 from .errors import ResultTooLargeError
 
 #: Slabs grow in steps of this many bytes, so similar batches fit the same slab.
@@ -101,6 +105,22 @@ def descriptor_socket(conn: Any) -> socket.socket:
     descriptors on the connection (``sendfds``, ``recvfds``); closing it leaves
     ``conn`` open."""
     return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=os.dup(conn.fileno()))
+
+
+def receive_fd(sock: socket.socket, main: tuple[int, float], interval: float) -> int | None:
+    """The descriptor that follows the message just read from the main process
+    (``main``: its pid and start time), or ``None`` once that is gone (looked in
+    on every ``interval`` seconds).
+
+    It comes in a write of its own. A main process killed between the two leaves
+    a connection that need not ever reach end of file (a process it forked may
+    hold it open), so the wait looks in on the main process, as the wait for
+    messages does."""
+    while not select.select([sock], [], [], interval)[0]:
+        if not _proctree.still_running(*main):
+            return None
+    (fd,) = recvfds(sock, 1)
+    return fd
 
 
 def map_shared(fd: int, size: int) -> torch.Tensor:
@@ -303,7 +323,7 @@ class SlabPacker:
         registry = (copyreg.dispatch_table, ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
         if self._skeleton_pickler is None or self._registry != registry:
             self._registry = (dict(registry[0]), dict(registry[1]))
-            self._skeleton_pickler = SkeletonPickler(io.BytesIO())
+            self._skeleton_pickler = SkeletonPickler(io.BytesIO(), self._slab_bases)
         return self._skeleton_pickler
 
     def _place(self, pickler: SkeletonPickler) -> tuple[Slab | None, bool]:
@@ -324,10 +344,13 @@ class SlabPacker:
 
     def _pickle_out_of_slabs(self, batch: Any) -> bytes:
         buffer = io.BytesIO()
-        with self._lock:
-            storages = {s.base for s in self._slabs.values()}
-        CopyOutOfSlabs(buffer, storages).dump(batch)
+        TorchPickler(buffer, self._slab_bases).dump(batch)
         return buffer.getvalue()
+
+    def _slab_bases(self) -> set[int]:
+        """Where the slabs this worker maps begin (NOTE [ Slab fallback ])."""
+        with self._lock:
+            return {slab.base for slab in self._slabs.values()}
 
     def after_send(self, payload: Any) -> None:
         """Send a new slab's fd, right after the message that announced it."""
@@ -350,30 +373,6 @@ class SlabPacker:
             self._slabs[slab.id] = slab
             self._largest = max(self._largest, size)
         return slab
-
-
-class CopyOutOfSlabs(TorchPickler):
-    """torch's pickling, except that tensors living in a slab are copied out first
-    (NOTE [ Slab fallback ])."""
-
-    def __init__(self, file: io.BytesIO, slab_storages: set[int]) -> None:
-        super().__init__(file)
-        self._slab_storages = slab_storages
-
-    def reducer_override(self, obj: Any) -> Any:
-        if (
-            isinstance(obj, torch.Tensor)
-            and not obj.is_nested
-            and obj.layout == torch.strided
-            and not obj.is_quantized
-            and obj.untyped_storage().data_ptr() in self._slab_storages
-        ):
-            return _copy_of, (obj.clone(),)
-        return super().reducer_override(obj)
-
-
-def _copy_of(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 class PicklePacker:

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from typing import NoReturn
 
 import psutil
 
@@ -79,8 +80,27 @@ def unique(processes: list[psutil.Process]) -> list[psutil.Process]:
     return list({p.pid: p for p in processes}.values())
 
 
+#: Processes of torch's own that a worker may start but that serve the main
+#: process too, and exit by themselves once no process uses them: torch's
+#: shared-memory manager (the ``file_system`` sharing strategy), started by the
+#: first process to share memory that way, often a worker. It runs in a session
+#: of its own, but is the worker's child: ended with the worker's tree, it would
+#: take the main process down the next time that frees a batch it shared (libshm
+#: aborts on the broken connection).
+SPARED = frozenset({"torch_shm_manager"})
+
+
+def _spared(proc: psutil.Process) -> bool:
+    try:
+        return proc.name() in SPARED
+    except psutil.Error:
+        return False
+
+
 def terminate_all(processes: list[psutil.Process], grace: float = DESCENDANT_GRACE) -> None:
-    """SIGTERM ``processes``, wait up to ``grace`` seconds, SIGKILL the rest and reap."""
+    """SIGTERM ``processes``, wait up to ``grace`` seconds, SIGKILL the rest and
+    reap (all but those :data:`SPARED`)."""
+    processes = [proc for proc in processes if not _spared(proc)]
     for proc in processes:
         try:
             proc.terminate()
@@ -107,7 +127,7 @@ def still_running(pid: int, started: float) -> bool:
         return False
 
 
-def exit_orphaned() -> None:
+def exit_orphaned() -> NoReturn:
     """The main process is gone: end this worker's process tree, then exit.
 
     The descendants get :data:`DESCENDANT_GRACE` to exit on
@@ -124,7 +144,7 @@ def exit_orphaned() -> None:
     os._exit(EXIT_ORPHANED)
 
 
-def exit_with_tree(code: int) -> None:
+def exit_with_tree(code: int) -> NoReturn:
     """End this worker's process tree, then exit with ``code``."""
     # Loaders the dataset code runs here (nested loaders) are closed first: their
     # I/O threads would take the processes ended below for crashes.

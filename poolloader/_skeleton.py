@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import dataclasses
 import io
 import math
 import pickle
 import types
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, cast
 
@@ -36,13 +34,10 @@ import numpy as np
 import torch
 from torch.multiprocessing.reductions import reduce_tensor
 
+from ._batch_sharing import NOTHING_SHARED, Sharing, address, extent
+
 if TYPE_CHECKING:
     from ._packing import Slab
-
-try:  # NumPy 2
-    from numpy.lib.array_utils import byte_bounds as _byte_bounds
-except ImportError:  # NumPy 1
-    _byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
 
 #: Tensors and arrays smaller than this travel inside the pickled skeleton:
 #: for small data one pipe write beats a slab's bookkeeping and release message.
@@ -172,12 +167,24 @@ class TorchPickler(ForkingPickler):
       pickle the ordinary way, which keeps the bit; torch refuses to send a
       tensor that needs grad and is not a leaf.)
 
-    NumPy arrays arrive in native byte order, as through torch's queue."""
+    NumPy arrays arrive in native byte order, as through torch's queue.
 
-    def __init__(self, file: io.BytesIO) -> None:
+    With ``slab_bases`` (a function giving the addresses where the worker's slabs
+    begin), a storage in a slab is sent as a copy (NOTE [ Slab fallback ] in
+    ``_packing.py``)."""
+
+    def __init__(
+        self, file: io.BytesIO, slab_bases: Callable[[], Collection[int]] | None = None
+    ) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.slab_bases = slab_bases
+        self.slab_copies: dict[int, torch.UntypedStorage] = {}  # slab base → its copy
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is torch.UntypedStorage and self.slab_bases is not None:
+            copy = self._out_of_slab(obj)
+            if copy is not None:
+                return _same, (copy,)
         if isinstance(obj, torch.Tensor) and obj.is_quantized:
             return obj.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         if type(obj) in _REDUCED and (obj.is_conj() or obj.is_neg()) and obj.is_leaf:
@@ -187,11 +194,29 @@ class TorchPickler(ForkingPickler):
             return _native_order(obj).__reduce_ex__(pickle.HIGHEST_PROTOCOL)
         return NotImplemented
 
+    def _out_of_slab(self, storage: torch.UntypedStorage) -> torch.UntypedStorage | None:
+        """A copy of ``storage`` if it is a slab's (one per slab and batch, so that
+        tensors sharing the slab still share a storage on arrival), else ``None``."""
+        assert self.slab_bases is not None
+        base = storage.data_ptr()
+        if storage.device.type != "cpu" or base not in self.slab_bases():
+            return None
+        copy = self.slab_copies.get(base)
+        if copy is None:
+            copy = self.slab_copies[base] = torch.UntypedStorage(storage.nbytes())
+            copy.copy_(storage)
+        return copy
+
     @classmethod
     def to_bytes(cls, obj: Any) -> bytes:
         buffer = io.BytesIO()
         cls(buffer).dump(obj)
         return buffer.getvalue()
+
+
+def _same(obj: Any) -> Any:
+    """What a copy made while pickling is rebuilt with: itself."""
+    return obj
 
 
 #: The tensor types torch's shared-memory reducer sends (TorchPickler.reducer_override).
@@ -222,10 +247,12 @@ class SkeletonPickler(TorchPickler):
     :class:`~poolloader._packing.SlabPacker` makes a new one once the table has
     changed (a reducer registered since)."""
 
-    def __init__(self, file: io.BytesIO) -> None:
-        super().__init__(file)
+    def __init__(
+        self, file: io.BytesIO, slab_bases: Callable[[], Collection[int]] | None = None
+    ) -> None:
+        super().__init__(file, slab_bases)
         self.buffer = file
-        self.begin(None, _NOTHING_SHARED)
+        self.begin(None, NOTHING_SHARED)
 
     def begin(self, staging: Slab | None, sharing: Sharing) -> None:
         """Get ready to pickle one batch (NOTE [ One pickler per worker ])."""
@@ -246,6 +273,8 @@ class SkeletonPickler(TorchPickler):
         """Let go of the batch: the memo and the blocks hold its objects."""
         self.clear_memo()
         self.staging, self.blocks = None, []
+        if self.slab_copies:
+            self.slab_copies = {}
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) in _NEVER_DESCRIBED:
@@ -465,117 +494,6 @@ def _allocation(allocations: list[tuple[int, int]], where: int) -> tuple[int, in
     if i >= 0 and allocations[i][0] <= where < sum(allocations[i]):
         return allocations[i]
     return None
-
-
-class _StorageCounter(pickle.Pickler):
-    """Walks a batch as pickling would, counting the tensors on each storage."""
-
-    def __init__(self) -> None:
-        super().__init__(_NullSink(), pickle.HIGHEST_PROTOCOL)
-        # Storage (by address) → the strided tensors met on it, once per meeting.
-        self.tensors: dict[int, list[torch.Tensor]] = {}
-        self.objects: dict[int, int] = {}  # times each array or tensor object is met
-        self.arrays: dict[int, tuple[int, int]] = {}  # each array's memory, by id
-
-    def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
-            if type(obj) is torch.Tensor and obj.layout == torch.strided and not obj.is_nested:
-                ptr = obj.untyped_storage().data_ptr()
-                self.tensors.setdefault(ptr, []).append(obj)
-            return 0
-        if isinstance(obj, np.ndarray):
-            self.objects[id(obj)] = self.objects.get(id(obj), 0) + 1
-            if obj.nbytes:
-                low, high = _byte_bounds(obj)
-                self.arrays[id(obj)] = (low, high)
-            return 0
-        return None
-
-    def overlapping_arrays(self) -> frozenset[int]:
-        """Ids of the arrays whose memory overlaps another array's."""
-        found: set[int] = set()
-        reach, last = -1, None
-        for key, (low, high) in sorted(self.arrays.items(), key=lambda item: item[1]):
-            if low < reach and last is not None:
-                found.update((key, last))
-            if high > reach:
-                reach, last = high, key
-        return frozenset(found)
-
-
-class _NullSink(io.RawIOBase):
-    def write(self, b: Any) -> int:
-        return len(b)
-
-
-@dataclass(frozen=True, slots=True)
-class Sharing:
-    """What parts of one batch share, found before it is pickled."""
-
-    storages: frozenset[int] = frozenset()  # storages (by address) several tensors view
-    starts: tuple[int, ...] = ()  # where each tensor on one of them begins
-    repeated: frozenset[int] = frozenset()  # ids of arrays and tensors held more than once
-    # For each storage the batch's tensors view, the address ranges they cover,
-    # overlapping ones merged, ascending (NOTE [ Views ]).
-    spans: Mapping[int, tuple[tuple[int, int], ...]] = dataclasses.field(default_factory=dict)
-    overlapping: frozenset[int] = frozenset()  # ids of arrays whose memory overlaps
-
-
-_NOTHING_SHARED = Sharing()
-
-
-def sharing(batch: Any) -> Sharing:
-    """What the tensors and arrays of ``batch`` share (NOTE [ Views ])."""
-    if isinstance(batch, torch.Tensor):  # the most common batch: nothing to share
-        return _NOTHING_SHARED
-    counter = _StorageCounter()
-    try:
-        counter.dump(batch)
-    except Exception:
-        return _NOTHING_SHARED  # the real pickling will say what is wrong
-    shared = frozenset(ptr for ptr, met in counter.tensors.items() if len(met) > 1 and ptr)
-    repeated = frozenset(key for key, count in counter.objects.items() if count > 1)
-    if not shared and not repeated and len(counter.arrays) < 2:
-        return _NOTHING_SHARED  # the usual batch: no need to know what its tensors read
-    ranges = {ptr: [extent(t) for t in counter.tensors[ptr]] for ptr in shared}
-    return Sharing(
-        shared,
-        tuple(start for ptr in shared for start, _ in ranges[ptr]),
-        repeated,
-        {ptr: _merged(found) for ptr, found in ranges.items()},
-        counter.overlapping_arrays(),
-    )
-
-
-def address(tensor: torch.Tensor) -> int:
-    """Where ``tensor``'s first element is: ``data_ptr()``, which says 0 for a tensor
-    with no elements (``x[5:5]``) wherever it lies in its storage."""
-    found = tensor.data_ptr()
-    if found or tensor.numel():
-        return found
-    offset = int(tensor.storage_offset()) * tensor.element_size()
-    return tensor.untyped_storage().data_ptr() + offset
-
-
-def extent(tensor: torch.Tensor) -> tuple[int, int]:
-    """The addresses ``[start, end)`` of the bytes a strided tensor reads."""
-    start = address(tensor)
-    if tensor.numel() == 0:
-        return start, start
-    last = sum((n - 1) * step for n, step in zip(tensor.shape, tensor.stride(), strict=True))
-    return start, start + (last + 1) * tensor.element_size()
-
-
-def _merged(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
-    """``ranges`` sorted, overlapping (or touching) ones made one."""
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(ranges):
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return tuple(merged)
 
 
 def aligned(n: int, to: int = ALIGN) -> int:

@@ -41,6 +41,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from multiprocessing.reduction import recvfds
 from typing import Any
 
@@ -98,6 +99,7 @@ class SlabTransport:
         self._socks: dict[Hashable, Any] = {}
         self._slabs: dict[int, _Slab] = {}
         self._grants: dict[tuple[Hashable, int], int] = {}  # (worker, seq) -> slab
+        self._lending: set[tuple[Hashable, int]] = set()  # grants the slab's descriptor went with
         # Slabs announced but not mapped, with why: their batches fail.
         self._unmapped: dict[int, BaseException] = {}
         self._released: deque[int] = deque()  # slabs whose batch died (any thread)
@@ -133,6 +135,7 @@ class SlabTransport:
         with self._lock:
             for task in [t for t in self._grants if t[0] == key]:
                 self._free(self._grants.pop(task))
+                self._lending.discard(task)
             for slab in self._slabs.values():
                 slab.holders.discard(key)
 
@@ -158,6 +161,7 @@ class SlabTransport:
             if key in slab.holders:
                 return Grant(slab.id)
             slab.holders.add(key)
+            self._lending.add((key, seq))
             return Grant(slab.id, slab.size, True, slab.fd)
 
     def _close_idle(self) -> None:
@@ -202,16 +206,17 @@ class SlabTransport:
 
     # -- replies
 
-    def receive(self, key: Hashable, seq: int, payload: Any) -> None:
+    def receive(self, key: Hashable, seq: int, payload: Any, sentinel: int | None = None) -> None:
         """Task ``seq`` of worker ``key`` is done: read a new slab's descriptor, which
         follows the ``Done``, and settle what the task was given (I/O thread).
+        ``sentinel`` becomes ready when the worker exits.
 
         Never raises: a slab that cannot be mapped is remembered, its batch fails
         in :meth:`unpack`, and the worker is told to forget it."""
         made = None
         if isinstance(payload, InSlab) and payload.new_size:
             try:
-                made = self._adopt(key, payload)
+                made = self._adopt(key, payload, sentinel)
             except Exception as exc:
                 self._unmapped[payload.slab] = exc
                 self._forgets.append((key, Forget((payload.slab,))))
@@ -219,20 +224,35 @@ class SlabTransport:
             if made is not None:
                 self._slabs[made.id] = made
             granted = self._grants.pop((key, seq), 0)
+            self._lending.discard((key, seq))
             if isinstance(payload, InSlab):
                 self._largest = max(self._largest, payload.used)
                 if granted == payload.slab:
                     return  # the batch holds it now
             self._free(granted)
 
-    def settle(self, key: Hashable, seq: int) -> None:
-        """Task ``seq`` of worker ``key`` ended without a batch (failed, exhausted, or
-        never reached the worker): what it was given is free."""
+    def settle(self, key: Hashable, seq: int, sent: bool = True) -> None:
+        """Task ``seq`` of worker ``key`` ended without a batch: what it was given is
+        free. ``sent=False``: the task never reached the worker (it could not be
+        pickled, or an interrupt kept it back), and neither did a slab lent with it,
+        which the worker does not map then."""
         with self._lock:
-            self._free(self._grants.pop((key, seq), 0))
+            slab_id = self._grants.pop((key, seq), 0)
+            self._free(slab_id)
+            if (key, seq) in self._lending:
+                self._lending.discard((key, seq))
+                slab = self._slabs.get(slab_id)
+                if slab is not None and not sent:
+                    slab.holders.discard(key)
 
-    def _adopt(self, key: Hashable, payload: InSlab) -> _Slab:
-        (fd,) = recvfds(self._socks[key], 1)
+    def _adopt(self, key: Hashable, payload: InSlab, sentinel: int | None) -> _Slab:
+        sock = self._socks[key]
+        # The descriptor follows the Done in a write of its own. A worker killed
+        # between the two never sends it, and its connection need not reach end of
+        # file: a process the dataset started may hold it open for ever.
+        if sentinel is not None and sock not in wait([sock, sentinel]):
+            raise EOFError("the worker exited before it sent the new slab's descriptor")
+        (fd,) = recvfds(sock, 1)
         try:
             array = map_shared(fd, payload.new_size).numpy()
         except BaseException:

@@ -17,10 +17,10 @@ import threading
 import weakref
 from dataclasses import replace
 from multiprocessing.connection import Connection, wait
-from multiprocessing.reduction import recvfds, sendfds
+from multiprocessing.reduction import sendfds
 from typing import Any
 
-from . import _replay, _worker
+from . import _proctree, _replay, _worker
 from ._messages import (
     Advance,
     Advanced,
@@ -36,7 +36,7 @@ from ._messages import (
     TemplateUnsafe,
     Update,
 )
-from ._packing import descriptor_socket
+from ._packing import descriptor_socket, receive_fd
 from ._pickling import DATASET_PART
 
 #: The template's process name (``ps -o comm``, ``top``): a template is told from
@@ -359,8 +359,13 @@ class _Template:
             self.sock.close()
 
     def _serve(self) -> None:
+        main = (self.setup.main_pid, self.setup.main_started)
         while True:
-            ready = wait([self.conn, *self.children])
+            # Not only end of file says the main process is gone: a process it
+            # forked may hold the connection open after it died.
+            ready = wait([self.conn, *self.children], _worker.PARENT_CHECK_INTERVAL)
+            if not ready and not _proctree.still_running(*main):
+                return
             for sentinel in ready:
                 if sentinel in self.children:
                     self._reap(self.children.pop(sentinel))
@@ -371,7 +376,8 @@ class _Template:
             except (EOFError, OSError):
                 return  # the main process is gone; the workers notice it themselves
             if isinstance(message, ForkWorker):
-                self._fork(message)
+                if not self._fork(message):
+                    return
             elif isinstance(message, Advance):
                 watch = _OwnStateWatch()
                 with watch:
@@ -384,8 +390,13 @@ class _Template:
             elif isinstance(message, Stop):
                 return
 
-    def _fork(self, message: ForkWorker) -> None:
-        (fd,) = recvfds(self.sock, 1)
+    def _fork(self, message: ForkWorker) -> bool:
+        """Fork the worker ``message`` asks for; ``False`` if the main process died
+        before it sent the worker's connection."""
+        main = (self.setup.main_pid, self.setup.main_started)
+        fd = receive_fd(self.sock, main, _worker.PARENT_CHECK_INTERVAL)
+        if fd is None:
+            return False
         worker_conn = Connection(fd)
         setup = replace(self.setup, worker_id=message.worker_id, base_seed=message.base_seed)
         process = self.fork.Process(
@@ -405,6 +416,7 @@ class _Template:
         sendfds(self.sock, [pidfd])
         os.close(pidfd)
         self.children[process.sentinel] = process
+        return True
 
     def _fds(self) -> tuple[int, ...]:
         """The template's own descriptors, which a forked worker closes."""

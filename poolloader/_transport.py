@@ -259,10 +259,10 @@ class PickleTransport:
 
     granting = False
 
-    def receive(self, key: Hashable, seq: int, payload: Any) -> None:
+    def receive(self, key: Hashable, seq: int, payload: Any, sentinel: int | None = None) -> None:
         pass
 
-    def settle(self, key: Hashable, seq: int) -> None:
+    def settle(self, key: Hashable, seq: int, sent: bool = True) -> None:
         pass
 
     def unpack(self, key: Hashable, payload: Any) -> Any:

@@ -39,7 +39,6 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import recvfds
 from typing import Any, cast
 
 import numpy as np
@@ -72,7 +71,7 @@ from ._messages import (
     Task,
     Update,
 )
-from ._packing import descriptor_socket
+from ._packing import descriptor_socket, receive_fd
 from ._threads import helper_thread
 from ._wire import decode, encode, recv, send
 from .errors import _map_style_stop_iteration
@@ -397,11 +396,17 @@ def _collate_privately(batch: Any) -> Any:
     already mapped, where the main process reads them in place: the batch is
     written once. What does not fit is stacked into private memory and copied.
     """
+    global _hidden_worker_info
     saved, torch_worker._worker_info = torch_worker._worker_info, None
+    _hidden_worker_info = saved
     try:
         return collate(batch, collate_fn_map=_slab_collate_map())
     finally:
-        torch_worker._worker_info = saved
+        torch_worker._worker_info, _hidden_worker_info = saved, None
+
+
+#: torch's worker info while :func:`_collate_privately` hides it from torch's collate.
+_hidden_worker_info: Any = None
 
 
 @functools.cache
@@ -416,6 +421,15 @@ def _stack_into_slab(batch: list[torch.Tensor], *, collate_fn_map: Any = None) -
     plain = elem.layout == torch.strided and not elem.is_nested and elem.device.type == "cpu"
     if _state is None or not plain:  # (a slab holds CPU memory)
         return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+    if type(elem) is not torch.Tensor:
+        # A subclass travels by torch's reducers (a skeleton describes only plain
+        # tensors), which must not meet a slab (NOTE [ Slab fallback ] in
+        # _packing.py): stacked as torch's workers stack it, into fresh shared memory.
+        torch_worker._worker_info = _hidden_worker_info
+        try:
+            return collate_tensor_fn(batch, collate_fn_map=collate_fn_map)
+        finally:
+            torch_worker._worker_info = None
     out = _state.packer.allocate(elem.dtype, (len(batch), *elem.shape))
     if out is None:  # no slab (yet): stacked as torch's workers stack, not as its main
         # process does (their out= fixes the first item's dtype and a contiguous layout)
@@ -541,7 +555,7 @@ class _Inbox:
         """Map the shared memory that follows :class:`StartedSlot` (first of all
         messages, so before any task is queued)."""
         global _started_slot
-        (fd,) = recvfds(self._descriptors(), 1)
+        fd = self._receive_fd()
         try:
             _started_slot = mmap.mmap(fd, STARTED_SLOT_BYTES)
         finally:
@@ -549,12 +563,18 @@ class _Inbox:
 
     def _receive_lent(self, slab: int) -> None:
         """Take the descriptor of a slab lent with a task (it follows the task)."""
-        (fd,) = recvfds(self._descriptors(), 1)
+        fd = self._receive_fd()
         with self._lent_lock:
             old = self._lent.pop(slab, None)
             self._lent[slab] = fd
         if old is not None:
             os.close(old)
+
+    def _receive_fd(self) -> int:
+        fd = receive_fd(self._descriptors(), self._main, PARENT_CHECK_INTERVAL)
+        if fd is None:
+            _proctree.exit_orphaned()
+        return fd
 
     def _descriptors(self) -> socket.socket:
         """The socket the inbox receives descriptors on (a second handle on the

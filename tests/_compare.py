@@ -34,3 +34,25 @@ def assert_same_epochs(ours, theirs, epochs: int = 2) -> None:
         assert len(got) == len(want), f"epoch {epoch}: {len(got)} batches, torch {len(want)}"
         for i, (x, y) in enumerate(zip(got, want)):
             assert_same(x, y, f"epoch {epoch} batch {i}")
+
+
+def assert_like_torch_batch_by_batch(ours, theirs: list, epochs: int = 2) -> None:
+    """Iterate ``ours`` ``epochs`` times, comparing each batch with torch's batches
+    ``theirs`` as it arrives (grad flags too) and letting it go before the next, so
+    that the loader reuses its memory."""
+    for epoch in range(epochs):
+        count = 0
+        for i, batch in enumerate(ours):
+            assert_same(batch, theirs[i], f"epoch {epoch} batch {i}")
+            flags = [getattr(part, "requires_grad", None) for part in _parts(batch)]
+            assert flags == [getattr(part, "requires_grad", None) for part in _parts(theirs[i])]
+            count += 1
+        assert count == len(theirs), f"epoch {epoch}: {count} batches, torch {len(theirs)}"
+
+
+def _parts(batch) -> list:
+    if isinstance(batch, dict):
+        return [part for value in batch.values() for part in _parts(value)]
+    if isinstance(batch, (list, tuple)):
+        return [part for value in batch for part in _parts(value)]
+    return [batch]

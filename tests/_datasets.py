@@ -978,3 +978,57 @@ class SlowEvery(Dataset):
     def __getitem__(self, i: int):
         time.sleep(self.slow if i % self.every == 0 else self.fast)
         return torch.full((self.kib * 256,), float(i))
+
+
+class SubclassAndPlain(Dataset):
+    """Item i: the same 30,000 floats of value i as a :class:`TensorSubclass` and as a
+    plain tensor (which makes the batch travel through a slab), and i."""
+
+    def __init__(self, n: int = 24) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        values = torch.full((30_000,), float(i))
+        return {"sub": values.as_subclass(TensorSubclass), "plain": values.clone(), "i": i}
+
+
+def into_batch_buffer_as_is(items):
+    """A collate_fn that writes into poolloader.batch_buffer and returns what the
+    skeleton cannot describe: a tensor that needs grad, and a subclass view with an
+    attribute (plus a plain stack, so that the batch travels through a slab)."""
+    import poolloader
+
+    values = [item["plain"] for item in items]
+    shape = (len(values), *values[0].shape)
+    grad = poolloader.batch_buffer(shape, values[0].dtype)
+    torch.stack(values, out=grad)
+    sub = poolloader.batch_buffer(shape, values[0].dtype)
+    torch.stack(values, out=sub)
+    sub = sub.as_subclass(TensorSubclass)
+    sub.note = [item["i"] for item in items]
+    return {"grad": grad.requires_grad_(), "sub": sub, "plain": torch.stack(values)}
+
+
+def share_by_file_system(worker_id: int) -> None:
+    """worker_init_fn: torch's ``file_system`` sharing strategy in the worker."""
+    torch.multiprocessing.set_sharing_strategy("file_system")
+
+
+class OneUnpicklableIndex:
+    """A batch sampler of one-index batches over ``range(n)``, except that batch
+    ``position`` of epoch ``epoch`` is an index that cannot be pickled."""
+
+    def __init__(self, n: int, epoch: int, position: int) -> None:
+        self.n, self.epoch, self.position = n, epoch, position
+        self.epochs = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        epoch, self.epochs = self.epochs, self.epochs + 1
+        for i in range(self.n):
+            yield [lambda: i] if (epoch, i) == (self.epoch, self.position) else [i]

@@ -17,6 +17,8 @@ fault                      where it strikes           what the user should see
 ``Faulty("hang")``         worker, ``__getitem__``    sleeps forever: only ``timeout`` ends it
 ``Faulty("grandchild")``   worker, ``__getitem__``    starts a process of its own, then goes on
 ``Faulty("orphan")``       worker, ``__getitem__``    starts a grandchild, then SIGKILLs itself
+``Faulty("before_descriptor")`` worker, after a batch  forks a helper, SIGKILLed between a
+                                                     batch in a new slab and its descriptor
 ``Faulty("huge")``         worker, ``__getitem__``    an item over ``max_batch_bytes``
 ``Faulty("deaf")``         worker, its next message   its message thread fails: replaced
 ``FaultyStream``           worker, ``__iter__``       a deadly fault mid-shard: the epoch ends
@@ -212,6 +214,30 @@ def orphan_then_die(index: int, where: str) -> None:
     kill_self(index, where)
 
 
+def die_before_descriptor(index: int, where: str) -> None:
+    """Fork a helper process (it keeps every descriptor of the worker, its
+    connection to the main process among them, as a ``multiprocessing`` pool's
+    fork workers do), then die by SIGKILL once the worker has sent the ``Done`` of
+    a batch in a new slab and not yet the slab's descriptor, which follows it."""
+    from poolloader import _packing
+
+    helper = os.fork()
+    if helper == 0:
+        try:
+            time.sleep(300)
+        finally:
+            os._exit(0)
+    record_pid(where, "helper", helper)
+    send = _packing.SlabPacker.after_send
+
+    def after_send(packer: Any, payload: Any) -> None:
+        if isinstance(payload, _packing.InSlab) and payload.new_size:
+            os.kill(os.getpid(), signal.SIGKILL)
+        send(packer, payload)
+
+    _packing.SlabPacker.after_send = after_send  # type: ignore[method-assign]
+
+
 def huge(index: int, where: str) -> None:
     """Marks the item as huge; :meth:`Faulty.__getitem__` makes it :data:`HUGE_FLOATS` long."""
 
@@ -242,6 +268,7 @@ FAULTS: dict[str, Callable[[int, str], None]] = {
     "grandchild": start_grandchild,
     "orphan": orphan_then_die,
     "huge": huge,
+    "before_descriptor": die_before_descriptor,
     "deaf": deafen,
     "exit4": exit_as_deafened,
 }
@@ -292,7 +319,9 @@ class Faulty(Dataset):
             time.sleep(self.delay)
         floats = ITEM_FLOATS
         if self.trigger.fires(i):
-            if self.where and (self.fault in DEADLY or self.fault in ("hang", "orphan")):
+            if self.where and (
+                self.fault in DEADLY or self.fault in ("hang", "orphan", "before_descriptor")
+            ):
                 record_pid(self.where, "victim", os.getpid())
             FAULTS[self.fault](i, self.where)
             floats = HUGE_FLOATS if self.fault == "huge" else floats

@@ -497,6 +497,95 @@ def test_grandchildren_of_a_dead_worker_are_reaped(where: Path) -> None:
     assert not wait_gone(grandchildren, timeout=3.0), "the dead worker's child outlived close()"
 
 
+def test_a_worker_killed_before_its_new_slabs_descriptor_is_replaced_not_waited_for(
+    where: Path,
+) -> None:
+    """A worker's batch in a slab it just made announces the slab in its ``Done``;
+    the slab's descriptor follows in a write of its own. Killed between the two,
+    with a process it forked still holding its connection open (no end of file
+    ever comes), the worker was waited for without end: no batch, no death seen.
+    Its death is seen, the batch runs again, the epoch is torch's and the helper
+    process is gone after close()."""
+    dataset = Faulty(24, "before_descriptor", once(where, 0), where=where)
+    with fault_loader(dataset, batch_size=4, timeout=HANG) as loader:
+        assert_batches(list(loader), torch_batches(dataset, batch_size=4))
+        assert loader.statistics().restarts == 1
+    assert len(recorded_pids(where, "victim")) == 1
+    assert len(recorded_pids(where, "helper")) == 1
+    helpers = handles(recorded_pids(where, "helper"))
+    assert not wait_gone(helpers, timeout=3.0), "the helper outlived close()"
+
+
+MAIN_DIES_BEFORE_DESCRIPTOR = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+from _datasets import Filled
+from poolloader import DataLoader, _outbox
+
+WHERE = {where!r}
+
+
+def note(kind, pid):
+    with open(os.path.join(WHERE, kind + "-" + str(pid)), "w"):
+        pass
+
+
+def die_before_descriptor(descriptor):
+    helper = os.fork()  # keeps the main process's end of the workers' connections
+    if helper == 0:
+        time.sleep(300)
+        os._exit(0)
+    note("helper", helper)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    loader = DataLoader(Filled(), batch_size=4, num_workers=1, multiprocessing_context="fork",
+                        worker_init_fn=lambda worker_id: note("worker", os.getpid()))
+    for batch in loader:  # the worker makes the slabs
+        pass
+    _outbox.Descriptor.send = die_before_descriptor
+    for batch in loader:  # a fresh worker is lent them, each with its descriptor
+        pass
+"""
+
+
+def test_a_worker_whose_main_process_died_before_a_slabs_descriptor_exits(where: Path) -> None:
+    """The other way round: a slab lent with a task has its descriptor follow the
+    task in a write of its own. A main process killed between the two, with a
+    process it forked holding the connections open, left the worker waiting for
+    the descriptor for ever, and the template processes waiting for messages:
+    they look in on the main process now, and exit."""
+    import subprocess
+    import sys
+
+    script = MAIN_DIES_BEFORE_DESCRIPTOR.format(tests=str(Path(__file__).parent), where=str(where))
+    with open(where / "stderr", "w+") as stderr:  # (a pipe: the helper would keep it open)
+        done = subprocess.run([sys.executable, "-c", script], stderr=stderr, timeout=120)
+        stderr.seek(0)
+        assert done.returncode == -signal.SIGKILL, stderr.read()
+    helpers = handles(recorded_pids(where, "helper"))
+    # The workers and the templates they were forked from (the script's forks)
+    left = [p for p in _running_script(str(where)) if p.pid not in {h.pid for h in helpers}]
+    try:
+        assert len(recorded_pids(where, "worker")) == 2 and len(helpers) == 1
+        assert not wait_gone(left, timeout=15.0), "outlived their main process"
+    finally:
+        kill_all(left + helpers)
+
+
+def _running_script(text: str) -> list[psutil.Process]:
+    """The processes whose command line holds ``text``."""
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if any(text in part for part in proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
 def test_workers_killed_together_do_not_make_a_batch_look_poisonous() -> None:
     """Every worker killed at once, mid-epoch, each epoch: a batch runs during one
     kill only, so it must never count two deaths, although the first death found
