@@ -219,7 +219,10 @@ class Dispatcher:
 
     def _send_task(self, w: Worker, record: TaskRecord, at: int) -> None:
         """Give ``w`` the task of ``record``, ``at`` its place among the pending."""
-        grant = self._transport.grant(w.identity, record.seq) if self._transport.granting else None
+        # Only the I/O thread hands out slabs (NOTE [ One pool of slabs ]); the
+        # consumer's dispatch found no slab batch yet, but one may have come since.
+        granting = self._transport.granting and self._outbox.on_io_thread()
+        grant = self._transport.grant(w.identity, record.seq) if granting else None
         try:
             task = encode(self._task(record, grant))
         except Exception as exc:
