@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import torch.multiprocessing
 from torch.utils.data.dataloader import _DatasetKind
 
 from . import _pickling, _proctree, _segment
@@ -54,6 +55,7 @@ def start_pool(loader: DataLoader[Any], base_seed: int) -> Pool:
         collate_privately=isinstance(transport, SlabTransport),
         main_pid=os.getpid(),
         main_started=_proctree.created(os.getpid()),
+        sharing_strategy=torch.multiprocessing.get_sharing_strategy(),
     )
     pool = Pool(
         context=context,

@@ -148,6 +148,9 @@ class WorkerSetup:
     collate_privately: bool
     main_pid: int  # the process that owns the loader: a worker exits when it is gone
     main_started: float  # its start on psutil's create_time() clock
+    #: torch's sharing strategy in the main process when the pool started: a spawn
+    #: or forkserver worker uses it as torch's fork workers inherit it.
+    sharing_strategy: str = "file_descriptor"
 
 
 def materialize(obj: Any) -> Any:
@@ -159,7 +162,7 @@ def run(setup: WorkerSetup, conn: Connection, catch_up: tuple[Update, ...] = ())
     """The worker process's entry point: started directly, or forked from the
     template process (which has materialized ``setup``) with the changes it must
     ``catch_up`` on before ``worker_init_fn`` runs."""
-    _prepare_process()
+    _prepare_process(setup)
     inbox = _Inbox(conn, setup)
     global _state
     try:
@@ -173,7 +176,7 @@ def run(setup: WorkerSetup, conn: Connection, catch_up: tuple[Update, ...] = ())
     _proctree.exit_with_tree(0)
 
 
-def _prepare_process() -> None:
+def _prepare_process(setup: WorkerSetup) -> None:
     # Its own process group: the processes dataset code starts join it, so they
     # can be found and ended even after this worker dies and they are orphaned
     # (see NOTE [ Process trees ] in _proctree.py). Ctrl-C at a terminal reaches the
@@ -184,6 +187,7 @@ def _prepare_process() -> None:
         pass  # already a group or session leader
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
+    torch.multiprocessing.set_sharing_strategy(setup.sharing_strategy)
     from torch.utils.data._utils import signal_handling
 
     signal_handling._set_worker_signal_handlers()

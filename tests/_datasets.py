@@ -1032,3 +1032,15 @@ class OneUnpicklableIndex:
         epoch, self.epochs = self.epochs, self.epochs + 1
         for i in range(self.n):
             yield [lambda: i] if (epoch, i) == (self.epoch, self.position) else [i]
+
+
+class SharingStrategySeen(Dataset):
+    """Item i: 30,000 floats of value i, and torch's sharing strategy in the
+    process that loaded it."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        strategy = torch.multiprocessing.get_sharing_strategy()
+        return {"x": torch.full((30_000,), float(i)), "strategy": strategy}

@@ -573,3 +573,38 @@ def test_torch_file_system_sharing_in_workers_neither_moves_a_slab_nor_ends_torc
     while (left := set(os.listdir("/dev/shm")) - before) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [name for name in left if name.startswith("torch_")], left
+
+
+STRATEGY_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from _datasets import SharingStrategySeen
+from poolloader import DataLoader
+
+if __name__ == "__main__":
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    with DataLoader(SharingStrategySeen(), batch_size=4, num_workers=2, transport="pickle",
+                    multiprocessing_context="spawn") as loader:
+        for k, batch in enumerate(loader):
+            values = batch["x"][:, 0].tolist()
+            print(batch["strategy"], values == [4.0 * k + j for j in range(4)])
+"""
+
+
+def test_workers_share_by_the_strategy_the_main_process_set_as_torchs_fork_workers_do():
+    """Running out of descriptors, the error (and torch's own advice) says to call
+    ``torch.multiprocessing.set_sharing_strategy("file_system")``. torch's fork
+    workers inherit that from the main process; spawn and forkserver workers
+    started with the default, so the advice did nothing. Each worker now shares
+    tensors by the strategy the main process had when the pool started."""
+    import os
+    import subprocess
+    import sys
+
+    script = STRATEGY_SCRIPT.format(tests=os.path.dirname(__file__))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    want = ["['file_system', 'file_system', 'file_system', 'file_system'] True"] * 2
+    assert done.stdout.splitlines() == want, done.stdout + done.stderr
