@@ -167,4 +167,7 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
             return self._dataset_fetcher.fetch(index)
         with _seeding.own_random_state():
             _seeding.seed_batch(int(self._base_seed), self._epoch, position)
-            return self._dataset_fetcher.fetch(index)
+            try:
+                return self._dataset_fetcher.fetch(index)
+            finally:
+                _seeding.end_batch()

@@ -166,6 +166,9 @@ class Resumable:
         """
         check_state(state)
         check_order(state, order_of(self._index_sampler))
+        in_epoch, validated = state["in_epoch"], getattr(self._index_sampler, "_validated", None)
+        if in_epoch is not None and in_epoch["sampler"] is not None and callable(validated):
+            validated(in_epoch["sampler"])  # a poolloader sampler's: refused now, not at iter()
         for iterator in list(self._iterators):
             iterator.close()
         self._position = None

@@ -7,7 +7,9 @@ Two policies (the loader's ``seeding`` option):
     and torch's default generator are seeded from ``(base_seed, epoch,
     position)``. A batch's random augmentations then depend neither on which
     worker loaded it nor on how many workers there are, and a resumed run
-    continues exactly.
+    continues exactly. A batch the loader splits over the workers (a
+    ``StreamDataset`` step) is seeded again for each of its parts
+    (:func:`seed_part`), so that it too draws the same for any number of workers.
 
 ``"worker"``
     torch's policy: each worker is seeded once with ``base_seed + worker_id``
@@ -69,12 +71,43 @@ def batch_digest(base_seed: int, epoch: int, position: int) -> bytes:
 GENERATORS = ("random", "numpy", "torch")
 
 
+#: The seed of the batch being loaded and the generators left alone, between
+#: :func:`seed_batch` and :func:`end_batch` (for :func:`seed_part`).
+_loading: tuple[bytes, frozenset[str]] | None = None
+
+
 def seed_batch(
     base_seed: int, epoch: int, position: int, leave: frozenset[str] = frozenset()
 ) -> None:
     """Seed ``random``, NumPy and torch for batch ``position`` of ``epoch``, except
-    the generators named in ``leave`` (those ``worker_init_fn`` took over)."""
+    the generators named in ``leave`` (those ``worker_init_fn`` took over), until
+    :func:`end_batch`."""
+    global _loading
     digest = batch_digest(base_seed, epoch, position)
+    _loading = digest, leave
+    _seed(digest, leave)
+
+
+def end_batch() -> None:
+    """The batch :func:`seed_batch` seeded for is loaded."""
+    global _loading
+    _loading = None
+
+
+def seed_part(*key: int) -> None:
+    """While a batch loads under per-batch seeding, seed its generators again from
+    the batch's seed and ``key``, which names a part of the batch (a chunk a
+    ``StreamDataset`` reads): the part's random draws then depend on the batch and
+    the part only, not on which process loads which parts of the batch, in what
+    order. Otherwise (``seeding="worker"``, no loader) it does nothing."""
+    if _loading is None:
+        return
+    digest, leave = _loading
+    named = digest + b"".join(k.to_bytes(16, "little", signed=True) for k in key)
+    _seed(hashlib.blake2b(named, digest_size=16).digest(), leave)
+
+
+def _seed(digest: bytes, leave: frozenset[str]) -> None:
     # 63 bits, as torch's worker seeds have: code that puts torch.initial_seed()
     # into a tensor (int64) keeps working.
     seed64 = int.from_bytes(digest[:8], "little") & SEED_MASK

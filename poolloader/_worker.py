@@ -370,11 +370,19 @@ class _State:
         if self.pending_error is not None:
             error, self.pending_error = self.pending_error, None
             raise _ControlFailure(error)
-        if self.setup.seeding == "batch":
-            _seeding.seed_batch(self.base_seed, task.epoch, task.position, self.user_seeded)
+        if self.setup.seeding != "batch":
+            return self._fetcher().fetch(task.index)
+        # (Seeded first: an iterable dataset's __iter__ runs as the fetcher is made.)
+        _seeding.seed_batch(self.base_seed, task.epoch, task.position, self.user_seeded)
+        try:
+            return self._fetcher().fetch(task.index)
+        finally:
+            _seeding.end_batch()
+
+    def _fetcher(self) -> Any:
         if self.fetcher is None:
             self.fetcher = _make_fetcher(self.setup, self.dataset, self.collate_fn)
-        return self.fetcher.fetch(task.index)
+        return self.fetcher
 
 
 _ITERABLE = 1  # torch.utils.data.dataloader._DatasetKind.Iterable

@@ -1044,3 +1044,17 @@ class SharingStrategySeen(Dataset):
     def __getitem__(self, i: int):
         strategy = torch.multiprocessing.get_sharing_strategy()
         return {"x": torch.full((30_000,), float(i)), "strategy": strategy}
+
+
+class SlowAt(Dataset):
+    """Item i is i; item ``slow`` takes ``seconds``, the others 5 ms."""
+
+    def __init__(self, n: int = 60, slow: int = 12, seconds: float = 1.0) -> None:
+        self.n, self.slow, self.seconds = n, slow, seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        time.sleep(self.seconds if i == self.slow else 0.005)
+        return i

@@ -608,6 +608,29 @@ def test_a_damaged_state_is_refused_when_loaded(change, says):
     assert [b[0, 0].item() for b in loader][:1] == [0.0]  # nothing half-loaded
 
 
+@pytest.mark.parametrize("change", [{"seed": 2}, {"world_size": 2}])
+def test_a_sampler_state_the_sampler_cannot_load_is_refused_when_loaded(change):
+    """A poolloader sampler's state saved with another seed or world size: the
+    loader's load_state_dict() says so, as it says the order differs, rather than
+    taking it and failing at every later iter() until another state is loaded."""
+
+    def loader(seed=1, world_size=1):
+        sampler = DynamicBatchSampler([1.0] * 24, max_duration=3.0, seed=seed, rank=0,
+                                      world_size=world_size)  # fmt: skip
+        return DataLoader(Tagged(24), batch_sampler=sampler)
+
+    saving = loader()
+    iterator = iter(saving)
+    next(iterator)
+    state = saving.state_dict()
+    other = loader(**change)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=f"saved with {key}=1, but this DynamicBatchSampler"):
+        other.load_state_dict(state)
+    got = [batch[:, 0].tolist() for batch in other]  # nothing half-loaded
+    assert got == [batch[:, 0].tolist() for batch in loader(**change)]
+
+
 def test_a_state_saved_with_other_generators_is_refused():
     """A state from a loader with a generator, loaded where there is none: said, not
     silently ignored (the resumed epochs would be drawn differently)."""

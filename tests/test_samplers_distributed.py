@@ -229,3 +229,32 @@ def test_a_limit_changed_mid_epoch_lands_in_the_same_round_on_every_rank() -> No
     assert items == list(range(len(MIDCHANGE_LENGTHS))), "an item was lost or duplicated"
     after = [b for b in late[3 + 2 * 2 :]]  # past the window drawn before the change
     assert all(sum(MIDCHANGE_LENGTHS[i] for i in b) <= 6.0 for b in after)
+
+
+def _sizes_with_a_curriculum_step(loader: Any) -> list:
+    sizes = []
+    for step, batch in enumerate(loader):
+        sizes.append(len(batch))
+        if step == 6:  # the slow item's batch
+            loader.batch_sampler.max_duration = 4.0
+    return sizes
+
+
+def test_on_one_rank_too_a_limit_change_lands_where_torchs_loader_lands_it() -> None:
+    """With one rank as with several: behind a slow batch the loader drew further
+    ahead of the loop, cutting batches under the old limit, so a curriculum step
+    landed at a batch that depended on timing (or not at all that epoch), and the
+    epoch's batches changed from run to run. It lands where torch's loader lands
+    it, ``prefetch_factor * num_workers`` batches after the step."""
+
+    from _datasets import SlowAt
+
+    def options() -> dict[str, Any]:
+        sampler = DynamicBatchSampler([1.0] * 60, max_duration=2.0, num_buckets=1, shuffle=False)
+        return {"batch_sampler": sampler, "num_workers": 2, "prefetch_factor": 2,
+                "multiprocessing_context": "forkserver"}  # fmt: skip
+
+    want = _sizes_with_a_curriculum_step(torch.utils.data.DataLoader(SlowAt(60, 12), **options()))
+    assert want == [2] * 11 + [4] * 9 + [2]
+    with DataLoader(SlowAt(60, 12), **options()) as loader:
+        assert _sizes_with_a_curriculum_step(loader) == want

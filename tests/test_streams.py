@@ -51,6 +51,21 @@ def read_wide(stream: int, start: int, stop: int) -> torch.Tensor:
     return torch.arange(start, stop, dtype=torch.float32)[:, None].expand(-1, 1024) + stream
 
 
+def read_noisy(stream: int, start: int, stop: int) -> torch.Tensor:
+    """:func:`read_pairs` with a random augmentation: one draw of each of ``random``,
+    NumPy and torch per chunk, added to the time steps."""
+    import random
+
+    noise = random.random() + float(np.random.rand()) + float(torch.rand(()))
+    return read_pairs(stream, start, stop).double() + torch.tensor([0.0, noise])
+
+
+def iterate_noisy(stream: int):
+    """Iterator-style :func:`read_noisy`: the draws happen as each chunk is taken."""
+    for start in range(0, LENGTHS[stream], 4):
+        yield read_noisy(stream, start, min(start + 4, LENGTHS[stream]))
+
+
 class LoggedStreams:
     """``iterate(stream)``: chunks of ``(stream, t)`` rows; logs opens and closes per pid."""
 
@@ -531,6 +546,29 @@ def test_batches_are_identical_for_0_1_2_and_4_workers(style, tmp_path) -> None:
     for n in (1, 2, 4):
         check_batches_coherent(results[n], LENGTHS, 4)
         assert_same(results[0], results[n])
+
+
+@MANY_WORKERS
+@pytest.mark.parametrize("style", ["read", "iterate"])
+def test_random_augmentation_in_reading_is_the_same_for_any_num_workers(style) -> None:
+    """A step is split into one part per worker, and each part was seeded as the
+    whole step: with 4 workers every row of a step drew the same "random" noise,
+    and the noise changed with num_workers. Each chunk is seeded for itself now:
+    the same batches for 0, 1, 2 and 4 workers, and noise that differs per chunk."""
+    sampler = StreamSampler(LENGTHS, batch_size=4, chunk_size=4, shuffle=True)
+    reader = {"read": read_noisy} if style == "read" else {"iterate": iterate_noisy}
+    dataset = StreamDataset(**reader, pad_value=PAD)
+    seeded = torch.Generator().manual_seed
+    results = {n: load(dataset, sampler, n, generator=seeded(0)) for n in (0, 1, 2, 4)}
+    for n in (1, 2, 4):
+        assert_same(results[0], results[n])
+    noise = [
+        round(float(b.data[0, row, 1] - b.data[0, row, 1].floor()), 6)
+        for b in results[0]
+        for row in range(b.data.shape[1])
+        if b.mask[0, row]
+    ]
+    assert len(set(noise)) == len(noise), "two chunks drew the same noise"
 
 
 def test_iterator_streams_stay_in_one_worker_and_are_never_reread(tmp_path) -> None:

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from poolloader import _seeding
 from poolloader.samplers import StreamChunk, StreamPart, StreamStep
 
 from ._stream_batch import StreamBatch
@@ -139,14 +140,20 @@ class StreamDataset(Dataset[StreamBatch]):
             )
         self._source.retain(index.slot_ids)
         chunks = [
-            self._source.read(slot_id, slot, index.chunk_size)
-            if isinstance(slot, StreamChunk)
-            else None
+            self._read(slot_id, slot, index.chunk_size) if isinstance(slot, StreamChunk) else None
             for slot_id, slot in zip(index.slot_ids, index.slots, strict=True)
         ]
         if index.final:  # streams cut by the end of the epoch end here
             self._source.retain(())
         return self._assemble(index, chunks)
+
+    def _read(self, slot_id: int, chunk: StreamChunk, chunk_size: int) -> torch.Tensor:
+        # A step's chunks are split over the workers, as many parts as there are
+        # workers, each part seeded as the whole step is: each chunk is seeded for
+        # itself, so that random augmentation in ``read`` draws the same numbers
+        # for any num_workers, and different ones in each chunk.
+        _seeding.seed_part(chunk.stream, chunk.start)
+        return self._source.read(slot_id, chunk, chunk_size)
 
     def __getitems__(self, indices: list[Any]) -> NoReturn:
         raise TypeError(

@@ -218,15 +218,22 @@ class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
             ValueError: Keys are unknown or missing, or the state belongs to another kind
                 of sampler, seed or world size, or a value is out of range.
         """
-        self._check_keys(state)
-        self._check_identity(state)
-        epoch = check_non_negative_int("state['epoch']", state["epoch"])
-        limits = self._parse_limits(state)
-        pending = self._begin_epoch(epoch, self._parse_position(state))
+        epoch, limits, pending = self._validated(state)
         self._apply_limits(limits)
         self._epoch = epoch
         self._active = None
         self._pending = pending
+
+    def _validated(self, state: Mapping[str, Any]) -> tuple[int, Any, EpochIterator]:
+        """What :meth:`load_state_dict` puts in effect for ``state``: its epoch, its
+        limits and the epoch's iterator at its position, each checked (raising as
+        :meth:`load_state_dict` does); nothing changes. A loader's
+        ``load_state_dict`` asks too, so that a state is refused when it is loaded."""
+        self._check_keys(state)
+        self._check_identity(state)
+        epoch = check_non_negative_int("state['epoch']", state["epoch"])
+        limits = self._parse_limits(state)
+        return epoch, limits, self._begin_epoch(epoch, self._parse_position(state))
 
     def _state_at(self, iterator: EpochIterator) -> State:
         state: State = {
@@ -287,11 +294,12 @@ class SamplerBase(SeededRanked, Sampler[list[int]], abc.ABC):
     def paced(self) -> bool:
         """Whether a loader must read this sampler exactly ``prefetch_factor *
         num_workers`` batches ahead of the training loop, as torch's does: its limits
-        may change mid-epoch, and with several ranks a change made at the same step
-        on every rank must land in the same round on every rank. (poolloader's
-        loader otherwise draws further ahead behind a slow batch, by an amount that
-        depends on timing.)"""
-        return bool(self._LIMIT_KEYS) and self._world_size > 1
+        may change mid-epoch, and a change made after batch ``k`` must land at the
+        same batch in every run (as torch's loader lands it), and with several ranks
+        in the same round on every rank. (poolloader's loader otherwise draws
+        further ahead behind a slow batch, by an amount that depends on timing: the
+        epoch's batches, and their number, would change from run to run.)"""
+        return bool(self._LIMIT_KEYS)
 
     @abc.abstractmethod
     def _begin_epoch(self, epoch: int, position: Mapping[str, Any] | None) -> EpochIterator:
