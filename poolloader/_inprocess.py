@@ -18,6 +18,7 @@ from torch.utils.data.dataloader import (
 
 from . import _seeding
 from ._deaths import short
+from ._loader_resume import replaced_error
 from ._packing import check_size
 from ._skeleton import nbytes
 from .errors import ResultTooLargeError, _map_style_stop_iteration
@@ -111,6 +112,8 @@ class InProcessIterator(_SingleProcessDataLoaderIter):
         if handed is not None:  # an interrupt took it on its way to the caller
             self._ledger.consumed(handed[1])
             return handed[0]
+        if self._position.replaced:
+            raise replaced_error(self._epoch, self._position.ledger.yielded)
         started = time.perf_counter()  # loading in place is the consumer's wait
         if self._settling:  # what C code wrote into loader.dataset's lists reaches the
             self._settling.settle()  # dataset before the batch (as a worker's stamp)

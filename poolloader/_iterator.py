@@ -25,6 +25,7 @@ import torch
 from torch.utils.data.dataloader import _BaseDataLoaderIter, _DatasetKind
 
 from ._deaths import indices_words
+from ._loader_resume import replaced_error
 from ._pin_memory import pin_when_done, start_pinner
 from ._resume import EpochBeginning, sampler_length
 from ._tasks import (
@@ -472,6 +473,8 @@ class PoolIterator(Waiting, _BaseDataLoaderIter):
                     "had been given up, and the new one did not begin. Call iter(loader) "
                     "again to begin it."
                 )
+            elif self._position.replaced and not self._position.finished:
+                raise replaced_error(self._epoch, self._position.ledger.yielded)
             elif self._loader_closed and not self._position.finished:
                 raise LoaderClosedError(
                     f"the DataLoader was closed during epoch {self._epoch}, after "

@@ -171,6 +171,8 @@ class Resumable:
             validated(in_epoch["sampler"])  # a poolloader sampler's: refused now, not at iter()
         for iterator in list(self._iterators):
             iterator.close()
+        if self._position is not None:  # a loop still in it raises (replaced_error)
+            self._position.replaced = True
         self._position = None
         self._epoch_index = int(state["epoch"])
         self._resume = dict(state["in_epoch"]) if state["in_epoch"] is not None else None
@@ -201,3 +203,12 @@ class Place:
     rng: RngState  # the generators orders are drawn from, and torch's global one
     limits: dict[str, Any] | None  # a poolloader sampler's limits
     iterator: Any  # the persistent iterator
+
+
+def replaced_error(epoch: int, yielded: int) -> RuntimeError:
+    """What a loop over an epoch that ``load_state_dict()`` left raises."""
+    return RuntimeError(
+        f"loader.load_state_dict() was called during epoch {epoch}, after {yielded} of its "
+        "batches: this loop's epoch was left there, the rest of its batches not loaded. "
+        "Iterate the loader again (for batch in loader) to continue from the state loaded"
+    )

@@ -455,6 +455,7 @@ class EpochPosition:
     ledger: EpochLedger
     base_seed: int
     finished: bool = False  # the consumer was told the epoch ended (StopIteration)
+    replaced: bool = False  # load_state_dict() gave the loader another place meanwhile
 
     def state(self) -> dict[str, Any]:
         return self.ledger.state(self.base_seed)

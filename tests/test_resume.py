@@ -631,6 +631,27 @@ def test_a_sampler_state_the_sampler_cannot_load_is_refused_when_loaded(change):
     assert got == [batch[:, 0].tolist() for batch in loader(**change)]
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_loop_over_an_epoch_that_load_state_dict_left_says_so(num_workers):
+    """load_state_dict() in the middle of a loop over the loader: with workers the
+    loop ended as if its epoch were done, its other batches silently missing;
+    without, it went on with the epoch the state replaced. Either way it now
+    raises at its next batch, saying what happened, and iterating again
+    continues from the state loaded."""
+    with _loader(lambda: {"batch_size": 4}, num_workers) as loader:
+        reference = [b[:, 0].tolist() for b in loader]
+        got = []
+        with pytest.raises(RuntimeError, match=r"load_state_dict\(\) was called during epoch 1"):
+            for k, batch in enumerate(loader):
+                got.append(batch[:, 0].tolist())
+                if k == 1:
+                    state = loader.state_dict()
+                if k == 4:
+                    loader.load_state_dict(state)
+        assert len(got) == 5
+        assert [b[:, 0].tolist() for b in loader] == reference[2:]
+
+
 def test_a_state_saved_with_other_generators_is_refused():
     """A state from a loader with a generator, loaded where there is none: said, not
     silently ignored (the resumed epochs would be drawn differently)."""
