@@ -98,8 +98,8 @@ class SlabTransport:
         self._lock = threading.Lock()
         self._socks: dict[Hashable, Any] = {}
         self._slabs: dict[int, _Slab] = {}
-        self._grants: dict[tuple[Hashable, int], int] = {}  # (worker, seq) -> slab
-        self._lending: set[tuple[Hashable, int]] = set()  # grants the slab's descriptor went with
+        # (worker, seq) -> (slab, whether the slab's descriptor went with the task)
+        self._grants: dict[tuple[Hashable, int], tuple[int, bool]] = {}
         # Slabs announced but not mapped, with why: their batches fail.
         self._unmapped: dict[int, BaseException] = {}
         self._released: deque[int] = deque()  # slabs whose batch died (any thread)
@@ -134,8 +134,7 @@ class SlabTransport:
             sock.close()
         with self._lock:
             for task in [t for t in self._grants if t[0] == key]:
-                self._free(self._grants.pop(task))
-                self._lending.discard(task)
+                self._free(self._grants.pop(task)[0])
             for slab in self._slabs.values():
                 slab.holders.discard(key)
 
@@ -157,11 +156,11 @@ class SlabTransport:
             # idle and age out.
             slab = min(free, key=lambda s: (key not in s.holders, s.size, -s.last_used))
             slab.taken, slab.last_used = True, self._grants_made
-            self._grants[(key, seq)] = slab.id
-            if key in slab.holders:
+            lent = key not in slab.holders
+            self._grants[(key, seq)] = slab.id, lent
+            if not lent:
                 return Grant(slab.id)
             slab.holders.add(key)
-            self._lending.add((key, seq))
             return Grant(slab.id, slab.size, True, slab.fd)
 
     def _close_idle(self) -> None:
@@ -223,8 +222,7 @@ class SlabTransport:
         with self._lock:
             if made is not None:
                 self._slabs[made.id] = made
-            granted = self._grants.pop((key, seq), 0)
-            self._lending.discard((key, seq))
+            granted, _ = self._grants.pop((key, seq), (0, False))
             if isinstance(payload, InSlab):
                 self._largest = max(self._largest, payload.used)
                 if granted == payload.slab:
@@ -237,13 +235,11 @@ class SlabTransport:
         pickled, or an interrupt kept it back), and neither did a slab lent with it,
         which the worker does not map then."""
         with self._lock:
-            slab_id = self._grants.pop((key, seq), 0)
+            slab_id, lent = self._grants.pop((key, seq), (0, False))
             self._free(slab_id)
-            if (key, seq) in self._lending:
-                self._lending.discard((key, seq))
-                slab = self._slabs.get(slab_id)
-                if slab is not None and not sent:
-                    slab.holders.discard(key)
+            slab = self._slabs.get(slab_id) if lent and not sent else None
+            if slab is not None:
+                slab.holders.discard(key)
 
     def _adopt(self, key: Hashable, payload: InSlab, sentinel: int | None) -> _Slab:
         sock = self._socks[key]

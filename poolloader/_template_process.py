@@ -347,6 +347,7 @@ class _Template:
         self.sock = descriptor_socket(conn)
         self.children: dict[int, Any] = {}
         self.fork = multiprocessing.get_context("fork")
+        self.main = (setup.main_pid, setup.main_started)  # the process that owns the loader
 
     def serve(self) -> None:
         """Fork workers and follow the dataset's changes as the main process asks,
@@ -359,12 +360,11 @@ class _Template:
             self.sock.close()
 
     def _serve(self) -> None:
-        main = (self.setup.main_pid, self.setup.main_started)
         while True:
             # Not only end of file says the main process is gone: a process it
             # forked may hold the connection open after it died.
             ready = wait([self.conn, *self.children], _worker.PARENT_CHECK_INTERVAL)
-            if not ready and not _proctree.still_running(*main):
+            if not ready and not _proctree.still_running(*self.main):
                 return
             for sentinel in ready:
                 if sentinel in self.children:
@@ -393,8 +393,7 @@ class _Template:
     def _fork(self, message: ForkWorker) -> bool:
         """Fork the worker ``message`` asks for; ``False`` if the main process died
         before it sent the worker's connection."""
-        main = (self.setup.main_pid, self.setup.main_started)
-        fd = receive_fd(self.sock, main, _worker.PARENT_CHECK_INTERVAL)
+        fd = receive_fd(self.sock, self.main, _worker.PARENT_CHECK_INTERVAL)
         if fd is None:
             return False
         worker_conn = Connection(fd)

@@ -7,10 +7,12 @@ import torch
 
 
 def assert_same(a, b, where: str = "batch") -> None:
-    """Assert two (nested) batches are equal, including tensor dtypes and shapes."""
+    """Assert two (nested) batches are equal, including tensor dtypes, shapes and
+    grad flags."""
     assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype and a.shape == b.shape, f"{where}: {a!r} != {b!r}"
+        assert a.requires_grad == b.requires_grad, f"{where}: requires_grad differs"
         assert torch.equal(a, b), f"{where}: {a!r} != {b!r}"
     elif isinstance(a, np.ndarray):
         assert a.dtype == b.dtype and a.strides == b.strides, f"{where}: {a!r} != {b!r}"
@@ -38,21 +40,11 @@ def assert_same_epochs(ours, theirs, epochs: int = 2) -> None:
 
 def assert_like_torch_batch_by_batch(ours, theirs: list, epochs: int = 2) -> None:
     """Iterate ``ours`` ``epochs`` times, comparing each batch with torch's batches
-    ``theirs`` as it arrives (grad flags too) and letting it go before the next, so
-    that the loader reuses its memory."""
+    ``theirs`` as it arrives and letting it go before the next, so that the loader
+    reuses its memory."""
     for epoch in range(epochs):
         count = 0
         for i, batch in enumerate(ours):
             assert_same(batch, theirs[i], f"epoch {epoch} batch {i}")
-            flags = [getattr(part, "requires_grad", None) for part in _parts(batch)]
-            assert flags == [getattr(part, "requires_grad", None) for part in _parts(theirs[i])]
             count += 1
         assert count == len(theirs), f"epoch {epoch}: {count} batches, torch {len(theirs)}"
-
-
-def _parts(batch) -> list:
-    if isinstance(batch, dict):
-        return [part for value in batch.values() for part in _parts(value)]
-    if isinstance(batch, (list, tuple)):
-        return [part for value in batch for part in _parts(value)]
-    return [batch]
