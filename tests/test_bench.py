@@ -8,6 +8,7 @@ import faulthandler
 import io
 import json
 import mmap
+import multiprocessing
 import os
 import re
 import subprocess
@@ -236,7 +237,7 @@ def test_a_peer_not_installed_is_skipped_with_one_line(views, tmp_path):
         "(pip install 'poolloader[bench]')",
     ]
     header = done.stdout.splitlines()[len(skipped)]
-    assert header.split() == ["torch", "poolloader", "poolloader(fork)"]
+    assert header.split() == ["torch", "torch(spawn)", "poolloader", "poolloader(fork)"]
 
 
 class _Breaks:
@@ -362,6 +363,29 @@ def test_verdicts_judge_each_round_of_the_alternating_runs():
     level = "level          poolloader  nodes(thread)  1.40x  0.88-1.40x  level (within noise): "
     assert level in text
     assert "memory within  poolloader  torch          0.91x  one sample  within 1.1x" in text
+
+
+def test_memory_is_judged_against_torchs_and_against_torchs_with_the_same_start_method():
+    """poolloader's spawn column pays one more interpreter than a fork loader: it is
+    judged against the stock loader and against torch's spawn loader, each stated;
+    the fork column against the torch column that forks."""
+    columns = ["torch", "torch(spawn)", "nodes(thread)", "poolloader", "poolloader(fork)"]
+    values = {"torch": 100.0, "torch(spawn)": 180.0, "nodes(thread)": 90.0,
+              "poolloader": 150.0, "poolloader(fork)": 105.0}  # fmt: skip
+    row = _report.PeerRow("tensor_19mb", "held", "peak held", values)
+    found = [(v.column, v.other, v.verdict) for v in _report.peer_verdicts([row], columns)]
+    assert found == [("poolloader", "torch", "over 1.1x torch's (1.50x)"),
+                     ("poolloader", "torch(spawn)", "within 1.1x of torch(spawn)'s"),
+                     ("poolloader(fork)", "torch", "within 1.1x of torch's")]  # fmt: skip
+    assert _peers.torch_alike("poolloader", columns) == "torch(spawn)"
+    # the stock column forks where Python's default start method does (before 3.14)
+    default_forks = multiprocessing.get_all_start_methods()[0] == "fork"
+    assert _peers.torch_alike("poolloader(fork)", columns) == ("torch" if default_forks else None)
+    # Without the spawn column, the stock loader alone
+    del values["torch(spawn)"]
+    columns.remove("torch(spawn)")
+    found = [(v.column, v.other) for v in _report.peer_verdicts([row], columns)]
+    assert found == [("poolloader", "torch"), ("poolloader(fork)", "torch")]
 
 
 def test_one_round_says_ahead_or_behind():

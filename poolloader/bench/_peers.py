@@ -4,7 +4,10 @@ recommends, over the same dataset objects and the same index batches.
 
 Columns, in the table's order:
 
-- ``torch``: ``torch.utils.data.DataLoader`` (fork workers, Linux's default).
+- ``torch``: ``torch.utils.data.DataLoader`` with Python's default start method
+  (fork on Linux before Python 3.14, forkserver from 3.14).
+- ``torch(spawn)``: the same with ``multiprocessing_context="spawn"``, the start
+  method of poolloader's own column: its workers start from fresh interpreters.
 - ``StatefulDataLoader``: torchdata's drop-in, with torch's arguments.
 - ``nodes(process)``, ``nodes(thread)``: torchdata.nodes, the recipe of its
   "Migrating to torchdata.nodes" guide: a sampler of index batches, a
@@ -98,6 +101,8 @@ class Loader:
     column: str
     package: str | None
     build: Callable[[Workload, int], Any]
+    #: How torch's and poolloader's columns start workers (None: the peers')
+    start_method: str | None = None
 
 
 # ------------------------------------------------------------ what each epoch runs
@@ -157,6 +162,13 @@ def _torch(workload: Workload, num_workers: int) -> Any:
     return torch.utils.data.DataLoader(
         workload.dataset, num_workers=num_workers, persistent_workers=True,
         **workload.loader_kwargs,
+    )  # fmt: skip
+
+
+def _torch_spawn(workload: Workload, num_workers: int) -> Any:
+    return torch.utils.data.DataLoader(
+        workload.dataset, num_workers=num_workers, persistent_workers=True,
+        multiprocessing_context="spawn", **workload.loader_kwargs,
     )  # fmt: skip
 
 
@@ -294,15 +306,16 @@ def _payload_bytes(batches: list[Any]) -> int:
 
 #: Every column, in the table's order.
 LOADERS: tuple[Loader, ...] = (
-    Loader("torch", None, _torch),
+    Loader("torch", None, _torch, multiprocessing.get_all_start_methods()[0]),
+    Loader("torch(spawn)", None, _torch_spawn, "spawn"),
     Loader("StatefulDataLoader", "torchdata", _stateful),
     Loader("nodes(process)", "torchdata", _nodes("process")),
     Loader("nodes(thread)", "torchdata", _nodes("thread")),
     Loader("SPDL(process)", "spdl", lambda w, n: SpdlLoader(w, n, processes=True)),
     Loader("SPDL(thread)", "spdl", lambda w, n: SpdlLoader(w, n, processes=False)),
     Loader("SPDL(subprocess+shm)", "spdl", SpdlSubprocess),
-    Loader("poolloader", None, _poolloader),
-    Loader("poolloader(fork)", None, _poolloader_fork),
+    Loader("poolloader", None, _poolloader, "spawn"),
+    Loader("poolloader(fork)", None, _poolloader_fork, "fork"),
 )
 _BY_COLUMN = {loader.column: loader for loader in LOADERS}
 #: The packages the peers need, as the ``bench`` extra names them.
@@ -349,6 +362,15 @@ def versions(missing: list[str]) -> dict[str, str]:
 
 def build(column: str, workload: Workload, num_workers: int) -> Any:
     return _BY_COLUMN[column].build(workload, num_workers)
+
+
+def torch_alike(column: str, columns: list[str]) -> str | None:
+    """The torch column among ``columns`` that starts workers as ``column`` does."""
+    method = _BY_COLUMN[column].start_method
+    return next(
+        (c for c in columns if c.startswith("torch") and _BY_COLUMN[c].start_method == method),
+        None,
+    )
 
 
 def is_peer(column: str) -> bool:

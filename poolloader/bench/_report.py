@@ -11,7 +11,7 @@ import psutil
 import torch
 
 from .._version import __version__
-from . import _control_cost
+from . import _control_cost, _peers
 from ._runner import PeerResult
 
 
@@ -354,7 +354,7 @@ class Verdict:
 
 def peer_verdicts(rows: list[PeerRow], columns: list[str]) -> list[Verdict]:
     """Each poolloader column against the fastest other loader on every throughput
-    row, and against torch on every memory row."""
+    row, and against torch on every memory row (NOTE [ Memory by start method ])."""
     ours = [c for c in columns if c.startswith("poolloader")]
     others = [c for c in columns if not c.startswith("poolloader")]
     found = []
@@ -365,13 +365,37 @@ def peer_verdicts(rows: list[PeerRow], columns: list[str]) -> list[Verdict]:
         for column in [c for c in ours if c in row.values]:
             if row.measure == "batches/s":
                 found.append(_throughput_verdict(row, column, present))
-            elif "torch" in row.values:
-                ratio = row.relative[column]
-                within = ratio * MEMORY_BOUND >= 1
-                verdict = (f"within {MEMORY_BOUND}x of torch's" if within
-                           else f"over {MEMORY_BOUND}x torch's ({1 / ratio:.2f}x)")  # fmt: skip
-                found.append(Verdict(row.label, column, "torch", ratio, None, None, verdict))
+            else:
+                found += _memory_verdicts(row, column, present)
     return found
+
+
+def _memory_verdicts(row: PeerRow, column: str, others: list[str]) -> list[Verdict]:
+    """``column``'s memory against torch's (the stock loader), and against torch's
+    with the same start method where that is another column (NOTE [ Memory by
+    start method ])."""
+    torches = list(dict.fromkeys(c for c in ("torch", _peers.torch_alike(column, others))
+                                 if c in row.values))  # fmt: skip
+    found = []
+    for other in torches:
+        ratio = row.values[other] / row.values[column] if row.values[column] else float("inf")
+        verdict = (f"within {MEMORY_BOUND}x of {other}'s" if ratio * MEMORY_BOUND >= 1
+                   else f"over {MEMORY_BOUND}x {other}'s ({1 / ratio:.2f}x)")  # fmt: skip
+        found.append(Verdict(row.label, column, other, ratio, None, None, verdict))
+    return found
+
+
+# NOTE [ Memory by start method ]: a worker started by spawn or forkserver
+# imports torch in an interpreter of its own, where fork workers share the
+# pages of the main process's import: ``import torch`` alone makes about 143 MB
+# of anonymous memory on the benchmark's machine, and nothing can share it with
+# a process that did not fork from the one that made it. poolloader's default
+# (spawn) therefore pays one more import than a fork loader, whatever it does
+# with batches; its template process shares its own import with the workers it
+# forks, where torch's spawn workers import torch once each. Each poolloader
+# column is judged against the stock loader (``torch``) and against torch's
+# with the same start method, so that both the price of the start method and
+# that of the transport are stated.
 
 
 def _throughput_verdict(row: PeerRow, column: str, others: list[str]) -> Verdict:
