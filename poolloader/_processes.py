@@ -356,8 +356,9 @@ class Workforce:
         _send(w, Stop())
 
     def release(self, w: Worker) -> None:
-        """Forget a worker whose exit was handled."""
-        self._transport.detach(w.identity)
+        """Forget a worker whose exit was handled, or one its template never
+        reported (``w.process`` is None), which may still run."""
+        self._transport.detach(w.identity, exited=w.process is not None)
         self.close_connection(w.conn)
         if w.started_slot is not None:
             w.started_slot.close()

@@ -127,16 +127,26 @@ class SlabTransport:
         """The socket that passes descriptors on worker ``key``'s connection."""
         return self._socks[key]
 
-    def detach(self, key: Hashable) -> None:
-        """Worker ``key`` is gone: what was given to its tasks is free again."""
+    def detach(self, key: Hashable, exited: bool = True) -> None:
+        """Worker ``key`` is gone: what was given to its tasks is free again.
+
+        ``exited=False``: a worker whose process the main process never learned
+        (its template died between forking it and reporting it) may still run, and
+        write into the slabs its tasks were given: those are closed, never given
+        to another task."""
         sock = self._socks.pop(key, None)
         if sock is not None:
             sock.close()
         with self._lock:
-            for task in [t for t in self._grants if t[0] == key]:
-                self._free(self._grants.pop(task)[0])
             for slab in self._slabs.values():
                 slab.holders.discard(key)
+            for task in [t for t in self._grants if t[0] == key]:
+                slab_id = self._grants.pop(task)[0]
+                slab = self._slabs.get(slab_id) if slab_id else None
+                if slab is not None and not exited:
+                    self._close(slab)
+                else:
+                    self._free(slab_id)
 
     # -- handing out
 

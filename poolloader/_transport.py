@@ -254,7 +254,7 @@ class PickleTransport:
     def attach(self, key: Hashable, conn: Any) -> None:
         pass
 
-    def detach(self, key: Hashable) -> None:
+    def detach(self, key: Hashable, exited: bool = True) -> None:
         pass
 
     granting = False

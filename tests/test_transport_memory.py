@@ -276,3 +276,47 @@ def test_fork_templates_do_not_keep_the_slabs_of_an_idle_loader():
         wait_until(lambda: slab_maps() == 0)  # idle: the pool closed its slabs
         wait_until(lambda: child_slab_maps() == 0)
         assert loader.statistics().slab_bytes == 0
+
+
+def _pool_with_one_free_slab(key):
+    """A slab pool with one slab worker ``key`` made (a real memfd, its descriptor
+    passed on the worker's connection), whose batch has died: the slab is free."""
+    from multiprocessing import Pipe
+    from multiprocessing.reduction import sendfds
+
+    from poolloader._packing import InSlab, Slab, descriptor_socket, new_slab_id
+    from poolloader._slab_transport import SlabTransport
+
+    transport = SlabTransport(max_slabs=8, max_batch_bytes=None)
+    ours, theirs = Pipe()
+    transport.attach(key, ours)
+    made = Slab(new_slab_id(), 1 << 16)
+    with descriptor_socket(theirs) as sock:
+        sendfds(sock, [made.fd])
+    payload = InSlab(made.id, made.size, made.size, b"")
+    transport.receive(key, 1, payload)
+    transport.discard(key, payload)
+    return transport, made, (ours, theirs)
+
+
+def test_slabs_given_to_a_worker_its_template_never_reported_are_closed_not_given_again():
+    """A worker whose template died between forking it and reporting its pid may
+    still run and write into the slab its task was given: the slab leaves the pool.
+    A worker known to have exited gives its slab back for the next task."""
+    for exited in (True, False):
+        transport, made, pipes = _pool_with_one_free_slab("orphan")
+        try:
+            assert transport.grant("orphan", 2).slab == made.id
+            transport.detach("orphan", exited=exited)
+            transport.attach("next", pipes[0])
+            given = transport.grant("next", 1)
+            if exited:
+                assert given.slab == made.id and given.slab_size == made.size  # lent to it
+            else:
+                assert given.slab == 0 and given.may_make  # a new slab, made by "next"
+                assert transport.mapped_bytes == 0
+        finally:
+            transport.close()
+            made.close()
+            for conn in pipes:
+                conn.close()
