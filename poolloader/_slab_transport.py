@@ -142,9 +142,9 @@ class SlabTransport:
                 slab.holders.discard(key)
             for task in [t for t in self._grants if t[0] == key]:
                 slab_id = self._grants.pop(task)[0]
-                slab = self._slabs.get(slab_id) if slab_id else None
-                if slab is not None and not exited:
-                    self._close(slab)
+                given = self._slabs.get(slab_id) if slab_id else None
+                if given is not None and not exited:
+                    self._close(given)
                 else:
                     self._free(slab_id)
 
