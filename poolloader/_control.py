@@ -32,83 +32,6 @@ changes it lacks up to g, and only those. So:
 A change whose value cannot be pickled fails where it is made, before the main
 process's dataset is touched, naming the attribute.
 
-NOTE [ What is carried ]
-
-Everything done through ``loader.dataset`` that changes it, and nothing that
-does not:
-
-* assigning or deleting an attribute or an item, at any depth
-  (``loader.dataset.transform.p = 0.3``, ``loader.dataset.cfg["crop"] = 2.0``);
-* calling a method written in Python, on the dataset or on anything reached
-  through it (``loader.dataset.set_epoch(5)``, ``loader.dataset.sub.set(0.5)``;
-  also a Python ``__iter__``, ``__call__``, ``__enter__``/``__exit__``,
-  in-place operator, property setter or descriptor ``__set__``: an assignment
-  ``loader.dataset.epoch = 3`` to a property runs its setter here, once, and
-  what it assigns travels). The method runs in the main process with the view as
-  ``self``, so what it assigns is recorded as the assignments above, what it
-  only reads is recorded nowhere, and it is not run again in the workers.
-  Measured against the alternatives on the benchmark's 1,000,000-row dataset:
-  recording the call and running it again in every worker cannot tell a
-  reading method from a changing one, so every worker would repeat each
-  ``durations()``-style call (45 ms each here) and whatever else the method
-  does (logging, files, random draws); comparing the dataset's state before
-  and after the call misses ``self.items.append(x)`` when shallow, and costs a
-  deep copy (290 ms) when deep. Running against the view costs a reading
-  method about 1.2 µs per attribute or item it reads, and nothing per item of
-  a list of numbers or strings it iterates (45 ms became 56 ms);
-* the mutating methods of lists, dicts, sets, deques and bytearrays
-  (``items.append(4)``, ``cfg.update(crop=2.5)``, ``items += [4]``), in-place
-  writes into NumPy arrays (``w[0] = 7``, ``w += 1``, ``w.fill(0)``,
-  ``np.add(w, 1, out=w)``, ``np.copyto``) and tensors (``t[0] = 7``,
-  ``t += 1``, ``t.fill_(0)``, ``torch.nn.init.*``), also through what they
-  return that shares their memory (``w.reshape(2, 3)[1] = 0``,
-  ``t.view(2, 2)[0].add_(1)``, ``t.numpy()[0] = 9``): these run in C, so the
-  call itself is recorded (:class:`~._messages.Call`) and replayed in the
-  workers (``x += 1`` is that call, not also a pickled ``x``). A call whose
-  arguments do not pickle (``sort(key=lambda ...)``) carries the container's
-  contents instead; so does an in-place random fill of a tensor
-  (``uniform_``, ``torch.nn.init``), whose replay would draw other numbers,
-  and a tensor of at most 4 KiB. A call that changes nothing is not recorded
-  (``pop(k, None)`` of a missing key, ``extend([])``, ``discard`` of an absent
-  element);
-* item writes of numbers and strings (NumPy's scalars too) into one container
-  between two batches (``random.shuffle(loader.dataset.items)``,
-  ``np.random.shuffle(loader.dataset.arr)``) travel together, a few bytes each
-  (:class:`~._messages.SetItems`), and once they outnumber a quarter of its
-  items, its whole contents travel instead.
-
-Changes made between two batch submissions travel as one message
-(:class:`~._messages.Changes`): a method that sets ten attributes, or a
-shuffle, costs one message per worker.
-
-Not carried, and said so where it can be seen cheaply:
-
-* a C-implemented method of an object of a Python class (a class built on a
-  C type, ``array.array`` for one): poolloader cannot see what it changes, so
-  the first call warns (``RuntimeWarning``), naming the attribute and
-  ``loader.broadcast``;
-* a Python method that hands ``self`` to code needing the real object
-  (``super().update(...)`` into ``dict`` from a dict subclass's method,
-  ``type(self)(...)``, ``type(self).level = 3``) raises ``TypeError``: call it
-  through ``loader.broadcast``. (``dataclasses`` functions work on a view of a
-  dataclass instance: its type carries the fields);
-* C code that writes into a large list's memory directly rather than through
-  its methods: a list of more than ``MIRROR_LIMIT`` items comes back as a
-  proxy, which such code refuses (``heapq`` raises ``TypeError``): pass
-  ``poolloader.unwrap(...)`` and carry the change with ``loader.broadcast``.
-  (Smaller lists and dicts come back as real ones, whose own items such code
-  writes into; those writes are carried, NOTE [ Writes into a view's own
-  items ] in ``_tracking_containers.py``);
-* changes made through a reference obtained outside the view (the dataset
-  object you kept, ``poolloader.unwrap(...)``) or through objects the view
-  hands out raw: C objects other than containers, arrays and tensors (files,
-  locks, ``random.Random`` and other generators, whose draws are each
-  process's own), and class attributes. Use ``loader.broadcast`` for those.
-
-Values travel by value: an object assigned into the dataset arrives in each
-worker as its own copy, so two attributes that hold the same object in the
-main process hold equal but separate objects in a worker after an assignment.
-
 NOTE [ Control log ]
 
 The log holds what some worker may still need: the changes after the base
@@ -122,6 +45,20 @@ changes hold, NOTE [ Pinned segments ]). Snapshots are only ever the
 start of *new* workers: a live worker is never sent one (that would replace
 its dataset object and run ``worker_init_fn`` again). Finding a worker's
 changes is a binary search on generation.
+
+NOTE [ Two bases ]
+
+Workers forked from a template start where the template is, the base
+generation: the pool sends it the changes no unfinished task predates
+(:meth:`Channel.advance_base`). Workers started directly (no template, or
+after it died) start from a pickle, the base's pickle, and catch up on the
+changes after it. With a template the two part: the template moves on, the
+pickle stays until a snapshot replaces it. So the log keeps the changes after
+the pickle, not only after the template's generation, and a worker started
+directly from it is told the pickle's generation: told the template's, it ran
+on the pickled dataset as if it had every change up to there (a template
+killed by the out-of-memory killer left the workers started after it loading
+the dataset as it was before every change).
 
 NOTE [ Pinned segments ]
 
@@ -217,9 +154,13 @@ class Channel:
         self._entries: list[_Entry] = []
         self._trimmed = 0  # changes at or below this generation were dropped
         self._base_generation = 0
+        # The pickle a worker started directly begins from, and its generation:
+        # behind the base generation once a template takes changes (NOTE [ Two
+        # bases ]).
         self._base: bytes | None = None
+        self._base_pickled_at = 0
         self._base_pins: list[_segment.Segment] = []
-        self._snapshots: list[_Snapshot] = []  # newer than the base
+        self._snapshots: list[_Snapshot] = []  # newer than the base's pickle
         # NOTE [ Pinned segments ]: named by what is recorded but not yet sealed,
         # and by what was dropped, until receivers acknowledge the generation.
         self._open_pins: list[_segment.Segment] = []
@@ -258,11 +199,12 @@ class Channel:
 
     @property
     def base(self) -> tuple[int, bytes]:
-        """``(generation, pickled dataset)`` that a newly started worker begins from."""
+        """``(generation, pickled dataset)`` that a worker started directly begins
+        from; the changes after that generation bring it up to date."""
         with self._lock:
             if self._base is None:
                 raise RuntimeError("the control channel has no snapshot: no pool is running")
-            return self._base_generation, self._base
+            return self._base_pickled_at, self._base
 
     @property
     def log_entries(self) -> int:
@@ -309,6 +251,7 @@ class Channel:
         with self._lock:
             self._seal()
             self._base, self._base_generation = dataset, self._generation
+            self._base_pickled_at = self._generation
             self._started, self._snapshotting = True, snapshots and dataset is not None
             self._drop_log()
 
@@ -552,7 +495,8 @@ class Channel:
         return None
 
     def advance_base(self, upto: int) -> list[Update]:
-        """Move the base to ``upto`` (a template takes the changes returned)."""
+        """Move the base to ``upto`` (a template takes the changes returned). The
+        base's pickle stays where it was (NOTE [ Two bases ])."""
         with self._lock:
             after = self._base_generation
         if upto <= after:
@@ -560,7 +504,6 @@ class Channel:
         found = self.updates(after, upto)
         with self._lock:
             self._base_generation = max(self._base_generation, upto)
-            self._snapshots = [s for s in self._snapshots if s.generation > self._base_generation]
         return found
 
     def move_base(self, generation: int) -> None:
@@ -568,6 +511,7 @@ class Channel:
         with self._lock:
             self._retire(self._base_generation, self._base_pins)
             self._base, self._base_generation, self._snapshots = None, generation, []
+            self._base_pickled_at = generation
             self._base_pins, self._snapshotting = [], False
 
     def compact(self, oldest_needed: int, live: list[int]) -> None:
@@ -580,11 +524,15 @@ class Channel:
             usable = [s for s in self._snapshots if s.generation <= oldest_needed]
             if usable:
                 self._retire(self._base_generation, self._base_pins)
-                self._base_generation, self._base, self._base_pins = usable[-1]
+                self._base_pickled_at, self._base, self._base_pins = usable[-1]
+                # (a template's base may be ahead of the snapshot, never behind)
+                self._base_generation = max(self._base_generation, self._base_pickled_at)
                 self._snapshots = [
-                    s for s in self._snapshots if s.generation > self._base_generation
+                    s for s in self._snapshots if s.generation > self._base_pickled_at
                 ]
-            floor = min([self._base_generation, *live])
+            # What a worker started from the base's pickle must catch up on stays.
+            start = self._base_pickled_at if self._base is not None else self._base_generation
+            floor = min([start, *live])
             cut = bisect.bisect_right(self._entries, floor, key=_generation_of)
             if cut:
                 dropped = self._entries[:cut]

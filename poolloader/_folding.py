@@ -4,7 +4,7 @@ The control channel (``_control.py``) groups the changes recorded between two
 batch submissions. Writes into one container that follow each other there form
 a :class:`Run`; once they outnumber a fraction of its items, one call that sets
 the container's whole contents (:func:`contents_call`) replaces them
-(NOTE [ What is carried ] in ``_control.py``). A recorded call whose arguments
+(NOTE [ What is carried ] in ``_tracking_record.py``). A recorded call whose arguments
 do not pickle carries the same call instead.
 """
 

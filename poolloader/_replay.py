@@ -2,7 +2,7 @@
 
 Workers and the template process replay what the main process's
 :class:`~poolloader._control.Channel` recorded (NOTE [ What is carried ] in
-``_control.py``): each message names the object it changes by a path from the
+``_tracking_record.py``): each message names the object it changes by a path from the
 dataset, and carries its values pickled, so only the receiver unpickles them.
 """
 

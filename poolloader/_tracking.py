@@ -5,7 +5,7 @@ the dataset (``dataset.transform``, ``dataset.cfg['crop']``). Reading through
 it reads the object; changing something through it changes the object and
 records the change (``_tracking_record.py``) in the control channel
 (``_control.py``), which replays it in every worker. What is carried:
-NOTE [ What is carried ] in ``_control.py``.
+NOTE [ What is carried ] in ``_tracking_record.py``.
 
 NOTE [ View forms ]
 

@@ -253,7 +253,9 @@ class _State:
         # Epochs this worker served and may serve again (two live iterators of one
         # loader alternate on it): their iterable-dataset stream and random state.
         self.paused: collections.OrderedDict[int, _Paused] = collections.OrderedDict()
-        self.pending_error: RemoteError | None = None
+        # A change that failed here: this copy of the dataset no longer matches the
+        # main process's, and every batch fails until a whole copy replaces it.
+        self.diverged: RemoteError | None = None
         self.user_seeded: frozenset[str] = frozenset()  # generators worker_init_fn took over
         self.dataset = materialize(setup.dataset)
         for update in catch_up:  # the changes since the template's copy, before worker_init_fn
@@ -332,10 +334,11 @@ class _State:
         try:
             if isinstance(update, Replace):
                 self.install(pickle.loads(update.dataset))
+                self.diverged = None  # a whole copy of the main process's dataset
             else:
                 _replay.apply_update(self.dataset, update)
         except Exception as exc:
-            self.pending_error = RemoteError.capture(exc)
+            self.diverged = RemoteError.capture(exc)
 
     def run(self, task: Task) -> Done | Failed | Exhausted:
         if _started_slot is not None:  # NOTE [ Started tasks ] in _iothread.py
@@ -367,9 +370,8 @@ class _State:
             ) from exc
 
     def _fetch(self, task: Task) -> Any:
-        if self.pending_error is not None:
-            error, self.pending_error = self.pending_error, None
-            raise _ControlFailure(error)
+        if self.diverged is not None:
+            raise _ControlFailure(self.diverged)
         if self.setup.seeding != "batch":
             return self._fetcher().fetch(task.index)
         # (Seeded first: an iterable dataset's __iter__ runs as the fetcher is made.)
@@ -483,12 +485,20 @@ def batch_buffer(shape: Sequence[int], dtype: Any) -> Any:
 
 
 class _ControlFailure(RuntimeError):
-    """A change made in the main process failed to apply in this worker."""
+    """A change made in the main process failed to apply in this worker, whose copy
+    of the dataset no longer matches the main process's."""
 
     def __init__(self, error: RemoteError) -> None:
         super().__init__(
             "applying a change made through loader.dataset or loader.broadcast() failed in "
-            f"this worker with {error.type_name}: {error.message}\n{error.traceback}"
+            f"this worker with {error.type_name}: {error.message}\n"
+            "This worker's copy of the dataset no longer matches the main process's, so "
+            "every batch it loads fails with this error until a whole copy replaces it "
+            "(each epoch with persistent_workers=False; with persistent workers, a new "
+            "DataLoader). Make the change in a form the workers can apply: a value they "
+            "can unpickle (a class defined at module level of an importable module, not "
+            "under `if __name__ == '__main__':`), or a function sent with "
+            f"loader.broadcast().\n{error.traceback}"
         )
 
 

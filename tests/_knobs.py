@@ -8,6 +8,7 @@ import array
 import heapq
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -106,3 +107,21 @@ def wait_for_gate(worker_id: int) -> None:
 def keep(item):
     """collate_fn that hands items over as they are (tuples stay tuples)."""
     return item
+
+
+def _only_in(value: Any, pid: int) -> OnlyInMain:
+    if os.getpid() != pid:
+        raise RuntimeError(f"OnlyInMain({value!r}) unpickles only in process {pid}")
+    return OnlyInMain(value)
+
+
+class OnlyInMain:
+    """A value that pickles, and unpickles only in the process that pickled it: a
+    change assigning one fails in every worker (as an object of a class defined
+    under the main guard does with spawn)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _only_in, (self.value, os.getpid())
