@@ -109,11 +109,26 @@ def _apply_all(dataset: Any, updates: tuple[Update, ...]) -> None:
 
 def assign_contents(obj: Any, value: Any) -> None:
     """Give ``obj`` the contents ``value`` (as :func:`~._folding.contents_call` took them)."""
+    # An in-place operation may have changed the shape (``resize_(1)``,
+    # ``unsqueeze_(0)``): the copy takes the new one, where writing the values in
+    # would broadcast them over the old shape.
     if isinstance(obj, np.ndarray):
+        if obj.shape != value.shape:
+            try:
+                obj.resize(value.shape, refcheck=False)
+            except ValueError as exc:
+                raise ValueError(
+                    f"an array changed shape in place, {obj.shape} to {value.shape}, which "
+                    f"this process's copy cannot follow ({exc}): assign a new array through "
+                    "loader.dataset instead"
+                ) from exc
         obj[...] = value
     elif isinstance(obj, torch.Tensor):
         with torch.no_grad():
-            obj.copy_(value)
+            if obj.shape == value.shape:
+                obj.copy_(value)
+            else:
+                obj.set_(value)
     elif isinstance(obj, dict):
         obj.clear()
         for key, item in value:

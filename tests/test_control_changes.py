@@ -248,3 +248,17 @@ def test_a_write_that_would_be_lost_raises_instead():
     view = DataLoader(Knobs(n=4)).dataset
     with pytest.raises(ValueError, match="read-only"):
         np.asarray(view.w)[0] = 1
+
+
+def test_an_in_place_change_of_a_tensors_shape_reaches_the_workers():
+    """``t.resize_(1)`` and ``t.unsqueeze_(0)`` through loader.dataset: a small
+    tensor's new contents travel, and the workers' copies take its new shape, where
+    writing the values into the old shape broadcast them (three zeros in every
+    batch while the main process held one)."""
+    dataset = Knobs(n=4)
+    with _loader(dataset) as loader:
+        list(loader)
+        for change in (lambda t: t.resize_(1), lambda t: t.unsqueeze_(0)):
+            change(loader.dataset.t)
+            want = unwrap(loader.dataset).summary()
+            assert [row[2] for row in loader] == [want] * 4

@@ -149,6 +149,10 @@ ARRAY_CHANGES = [
     lambda ds: torch.nn.init.uniform_(ds.big),  # random: the values drawn travel
     lambda ds: ds.big[:10].normal_(),
     lambda ds: torch.add(ds.t, 1, out=ds.t),
+    # A new shape: the copy takes it (writing the values in would broadcast them).
+    lambda ds: ds.t.resize_(1),
+    lambda ds: ds.t.unsqueeze_(0),
+    lambda ds: ds.t.resize_(6).fill_(2),
 ]
 
 
