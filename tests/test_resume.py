@@ -742,3 +742,40 @@ def test_worker_seeding_is_torchs():
 def _worker_seed(item):
     info = torch.utils.data.get_worker_info()
     return (info.id, info.seed)
+
+
+def _epochs_of_knobs(loader, stop: int | None = None, change_at: int = 2) -> list[int]:
+    """The dataset's ``epoch`` each batch saw; ``set_epoch(5)`` (landing at once)
+    after batch ``change_at``; ``stop``: leave after that many batches."""
+    seen = []
+    for k, (_, _, summary) in enumerate(loader):
+        seen.append(summary[0])
+        if k == change_at:
+            loader.dataset.set_epoch(5)
+            loader.reload_prefetched()
+        if stop is not None and k + 1 == stop:
+            break
+    return seen
+
+
+def test_a_change_that_lands_at_once_resumes_as_the_run_not_interrupted():
+    """README: the state holds the sampler's place, not the dataset; a change made
+    to land at once (reload_prefetched) lands on the next batch in the run that is
+    interrupted and resumed as in the one that is not."""
+    from _knobs import Knobs, keep
+
+    def loader_of(dataset):
+        return DataLoader(dataset, batch_size=None, collate_fn=keep, num_workers=2,
+                          reorder_buffer=0, multiprocessing_context="forkserver")  # fmt: skip
+
+    with loader_of(Knobs(n=12)) as loader:
+        whole = _epochs_of_knobs(loader)
+    assert whole == [0] * 3 + [5] * 9
+    dataset = Knobs(n=12)
+    with loader_of(dataset) as loader:
+        first = _epochs_of_knobs(loader, stop=4)
+        state = loader.state_dict()
+    with loader_of(dataset) as loader:
+        loader.load_state_dict(state)
+        rest = [summary[0] for _, _, summary in loader]
+    assert first + rest == whole
