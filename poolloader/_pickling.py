@@ -194,7 +194,11 @@ def _dumps_sharing_the_gil(obj: object, on_part: OnPart | None) -> bytes:
 
 
 #: Why most objects must pickle, for the error when one does not.
-WORKER_PICKLING = "workers started with spawn or forkserver receive it by pickling"
+WORKER_PICKLING = (
+    "workers started with spawn or forkserver receive it by pickling (spawn is "
+    "poolloader's default; with multiprocessing_context='fork', torch's default on "
+    "Linux, workers inherit it instead)"
+)
 #: Why a change made through ``loader.dataset`` must pickle (whatever the start method).
 CHANGE_PICKLING = (
     "a change made through loader.dataset reaches running workers by pickling, with "
