@@ -161,7 +161,9 @@ def test_a_class_defined_in_a_function_is_named_with_the_fix():
         iter(_loader(Local(), multiprocessing_context="forkserver"))
     message = str(info.value)
     assert message.startswith("dataset cannot be pickled, but workers started with spawn or ")
-    assert "with multiprocessing_context='fork', torch's default on Linux, workers inherit" in message
+    assert (
+        "with multiprocessing_context='fork', torch's default on Linux, workers inherit" in message
+    )
     assert "test_a_class_defined_in_a_function_is_named_with_the_fix.<locals>.Local" in message
     assert "define it at module level" in message and "Open files" not in message
     with pytest.raises(NotPicklableError) as info:
