@@ -136,6 +136,8 @@ class IOThread:
             unread = [t for t in [*self._workforce.retired_templates, template] if t and t.has_news]
         for t in unread:
             self._on_template(t)
+        if template is not None and not template.ready:
+            template.check_start()  # NOTE [ A template that does not start ] in _template.py
         if by_role.get("template-exit") and not self._closing:
             error = None
             with self._lock:  # (unless it was replaced meanwhile: then it was stopped)

@@ -61,11 +61,23 @@ first, so cycles in the old copy do not stay.
 If unpickling the dataset left the template with other threads running, or with
 CUDA initialised, forking it would not be safe: it says so and exits, and the
 pool starts each worker directly instead (each unpickles the dataset itself).
+
+NOTE [ A template that does not start ]
+
+A spawn or forkserver process imports the script's main module before it runs
+anything of poolloader's. A script without a main guard runs its top level there
+again: most often it then fails, and the template's error reaches the consumer
+with the advice to add the guard. But code that waits instead
+(``init_process_group`` under torchrun, waiting for ranks that never come; an
+``input()``) leaves the template silent, and the loader waiting for a batch with
+no error and no deadline but ``timeout``. The I/O thread therefore says so once
+the template has not reported ready for :data:`TEMPLATE_SLOW_START` seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import pickle
@@ -95,6 +107,11 @@ from ._threads import helper_thread, inherited_signal_mask
 
 #: Seconds the template gets to exit after Stop before it is terminated.
 TEMPLATE_STOP_GRACE = 2.0
+#: Seconds after which a template that has not reported ready is said to be
+#: slow (a warning, once): a few seconds are usual, a million records included.
+TEMPLATE_SLOW_START = 60.0
+
+logger = logging.getLogger("poolloader")
 
 # ------------------------------------------------------------ in the main process
 
@@ -133,6 +150,8 @@ class Template:
         self.acknowledged = -1
         self._start_generation = generation
         self.ready = False
+        self._created = time.monotonic()
+        self._said_slow = False
         self.stopped = False
         self._lock = threading.Lock()  # the I/O thread reads; a worker's join() may too
         self._exits: dict[int, int] = {}
@@ -220,6 +239,27 @@ class Template:
         if sending is not None:
             sending.join()
             self._sending = None
+
+    def check_start(self) -> None:
+        """Say once, as a warning, that the template is slow to start. Most often
+        the script's top level runs there again and waits (NOTE [ A template that
+        does not start ])."""
+        if self.ready or self._said_slow:
+            return
+        waited = time.monotonic() - self._created
+        if waited < TEMPLATE_SLOW_START:
+            return
+        self._said_slow = True
+        logger.warning(
+            "poolloader: the process DataLoader workers are forked from (pid %s) has not "
+            "started after %.0f s. With spawn and forkserver it first imports your main "
+            "module: code at the top level of the script, outside `if __name__ == "
+            "'__main__':` (init_process_group, a training loop, input()), runs there "
+            "again and may wait for ever. Guard it, or pass "
+            "multiprocessing_context='fork'. (Unpickling a very large dataset also "
+            "takes a while: then this warning is all there is to it.)",
+            self.process.pid, waited,
+        )  # fmt: skip
 
     def on_ready(self) -> None:
         """It reported :class:`TemplateReady`: it holds the dataset it started with."""

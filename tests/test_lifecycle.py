@@ -615,3 +615,43 @@ def test_worker_pids_are_real_children():
                     multiprocessing_context="forkserver") as loader:  # fmt: skip
         seen = set(loader)
         assert seen <= set(loader._pool.worker_pids)
+
+
+WAITS_AT_TOP_LEVEL = textwrap.dedent(
+    """
+    import logging, os, sys, time
+    import poolloader._template
+    from poolloader import DataLoader
+
+    if __name__ == "__mp_main__":  # spawn's import of this script, in the template
+        print("TEMPLATE", os.getpid(), flush=True)
+        time.sleep(600)  # as init_process_group waits for ranks that never come
+
+    if __name__ == "__main__":
+        logging.basicConfig(format="%(message)s")
+        poolloader._template.TEMPLATE_SLOW_START = 1.0
+        loader = DataLoader(list(range(8)), batch_size=2, num_workers=1, timeout=6)
+        try:
+            list(loader)
+        except Exception as exc:
+            print("RAISED", type(exc).__name__, flush=True)
+        loader.close()
+        print("CLOSED", flush=True)
+    """
+)
+
+
+def test_a_template_stuck_in_the_scripts_top_level_is_named_and_closed(tmp_path):
+    """A script whose top level waits for ever outside the main guard (torchrun's
+    init_process_group): spawn's template runs it and never starts. The loader says
+    so, naming the fix, rather than wait in silence; close() ends the template."""
+    script = tmp_path / "waits_at_top_level.py"
+    script.write_text(WAITS_AT_TOP_LEVEL)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert lines[-2:] == ["RAISED LoaderTimeoutError", "CLOSED"], done.stdout + done.stderr
+    assert "has not started after 1 s" in done.stderr
+    assert "outside `if __name__ == '__main__':`" in done.stderr
+    (template,) = [int(line.split()[1]) for line in lines if line.startswith("TEMPLATE")]
+    assert _gone([template]), "the stuck template outlived close()"
