@@ -178,7 +178,10 @@ class TorchPickler(ForkingPickler):
     ) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
         self.slab_bases = slab_bases
-        self.slab_copies: dict[int, torch.UntypedStorage] = {}  # slab base → its copy
+        # For the batch being pickled: the slabs' addresses, asked once, and a copy
+        # of each slab a storage of the batch is in (slab base → its copy).
+        self.slab_bases_now: Collection[int] | None = None
+        self.slab_copies: dict[int, torch.UntypedStorage] = {}
 
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is torch.UntypedStorage and self.slab_bases is not None:
@@ -198,8 +201,13 @@ class TorchPickler(ForkingPickler):
         """A copy of ``storage`` if it is a slab's (one per slab and batch, so that
         tensors sharing the slab still share a storage on arrival), else ``None``."""
         assert self.slab_bases is not None
+        if storage.device.type != "cpu":
+            return None
+        bases = self.slab_bases_now
+        if bases is None:
+            bases = self.slab_bases_now = self.slab_bases()
         base = storage.data_ptr()
-        if storage.device.type != "cpu" or base not in self.slab_bases():
+        if base not in bases:
             return None
         copy = self.slab_copies.get(base)
         if copy is None:
@@ -273,8 +281,8 @@ class SkeletonPickler(TorchPickler):
         """Let go of the batch: the memo and the blocks hold its objects."""
         self.clear_memo()
         self.staging, self.blocks = None, []
-        if self.slab_copies:
-            self.slab_copies = {}
+        if self.slab_bases_now is not None:
+            self.slab_bases_now, self.slab_copies = None, {}
 
     def persistent_id(self, obj: Any) -> Any:
         if type(obj) in _NEVER_DESCRIBED:
