@@ -10,6 +10,7 @@ import time
 
 import pytest
 from _knobs import Growing, Knobs, OnlyInMain, keep, wait_for_gate
+from _procs import wait_until
 
 from poolloader import DataLoader
 from poolloader._control import SNAPSHOT_FLOOR
@@ -119,8 +120,6 @@ def test_workers_started_after_the_template_died_see_every_change(context):
     killer); then the workers died too. Their replacements start directly from the
     base's pickle, which is older than the change: they must catch up on it, not load
     the dataset as it was before it (NOTE [ Two bases ] in poolloader/_control.py)."""
-    from _procs import wait_until
-
     with _loader(Growing(n=6), multiprocessing_context=context) as loader:
         list(loader)
         loader.dataset.value = 7

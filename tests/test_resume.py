@@ -13,6 +13,7 @@ import pytest
 import torch
 from _compare import assert_same
 from _datasets import Random
+from _knobs import Knobs, keep
 from torch.utils.data import BatchSampler, RandomSampler
 
 from poolloader import DataLoader
@@ -762,7 +763,6 @@ def test_a_change_that_lands_at_once_resumes_as_the_run_not_interrupted():
     """README: the state holds the sampler's place, not the dataset; a change made
     to land at once (reload_prefetched) lands on the next batch in the run that is
     interrupted and resumed as in the one that is not."""
-    from _knobs import Knobs, keep
 
     def loader_of(dataset):
         return DataLoader(dataset, batch_size=None, collate_fn=keep, num_workers=2,
